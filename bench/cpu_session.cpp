@@ -1,0 +1,69 @@
+#include "bench/cpu_session.hpp"
+
+#include <chrono>
+#include <sstream>
+
+#include "graph/error.hpp"
+
+namespace moeflow {
+
+int64_t CpuSession::bytes_needed(const Plan& plan) {
+  return plan.bytes(Arena::weights) + plan.bytes(Arena::inputs) + plan.bytes(Arena::workspace);
+}
+
+CpuSession::CpuSession(std::shared_ptr<const Graph> graph, const SessionOptions& options,
+                       const CpuSession* share_weights)
+    : plan_(make_plan(std::move(graph), options.plan)), options_(options) {
+  if (share_weights && share_weights->plan_.graph != plan_.graph)
+    fail_input("CpuSession: weights can only be shared between plans of one graph");
+  std::ostringstream what;
+  what.setf(std::ios::fixed);
+  what.precision(2);
+  what << "'" << plan_.graph->name() << "' (weights " << static_cast<double>(plan_.bytes(Arena::weights)) / (1 << 30)
+       << " GiB in f32 + inputs and workspace at T=" << plan_.graph->max_tokens() << ")";
+  require_host_bytes(bytes_needed(plan_) - (share_weights ? plan_.bytes(Arena::weights) : 0), what.str());
+  if (share_weights) weights_ = share_weights->weights_;
+  else weights_ = std::make_shared<HostArena>(plan_, Arena::weights);
+  inputs_ = std::make_unique<HostArena>(plan_, Arena::inputs);
+  executor_ = std::make_unique<CpuExecutor>(plan_, options.threads);
+  if (!share_weights) fill_random(plan_, *weights_, plan_.graph->max_tokens(), options.seed);
+}
+
+void CpuSession::set_tokens(int64_t tokens) {
+  if (tokens <= 0 || tokens > plan_.graph->max_tokens())
+    fail_input("tokens = " + std::to_string(tokens) + " must be in [1, " + std::to_string(plan_.graph->max_tokens()) +
+               "] (the maximum the graph was built for)");
+  tokens_ = tokens;
+  fill_random(plan_, *inputs_, tokens, options_.seed);
+}
+
+double CpuSession::run(Trace* trace) {
+  if (tokens_ == 0) fail_input("CpuSession::run: call set_tokens first");
+  const auto t0 = std::chrono::steady_clock::now();
+  executor_->run(*inputs_, *weights_, tokens_, trace);
+  return std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+}
+
+const void* CpuSession::value_data(ValueId v) const {
+  const Value& val = plan_.graph->value(v);
+  if (val.role == ValueRole::weight) return weights_->data(v);
+  if (val.role == ValueRole::input) return inputs_->data(v);
+  return executor_->data(v);
+}
+
+CheckReport CpuSession::check(double tolerance) const {
+  auto data = [this](ValueId v) { return value_data(v); };
+  ReferenceResult ref = reference_run(*plan_.graph, tokens_, data, data);
+  return check_output(output(), ref, tolerance);
+}
+
+Floor CpuSession::floor(const MachineRates& rates) const {
+  const Graph& g = *plan_.graph;
+  const int32_t* ids = nullptr;
+  for (const Node& n : g.nodes())
+    if (n.op->kind() == "dispatch") ids = static_cast<const int32_t*>(value_data(n.inputs[1]));
+  if (!ids) fail_input("floor: graph '" + g.name() + "' has no dispatch node");
+  return roofline_floor(g, tokens_, ids, rates);
+}
+
+}  // namespace moeflow

@@ -1,0 +1,56 @@
+#pragma once
+// Everything one CPU run of a graph needs, in the order a user needs it: the plan, a memory check
+// before anything large is allocated, random weights and inputs from the seed, the executor, and
+// then runs, timings, a trace and the reference check. `moeflow run`, `moeflow bench`, the tests
+// and the examples all go through it.
+#include <memory>
+
+#include "bench/measure.hpp"
+#include "bench/reference_run.hpp"
+#include "scheduler/cpu_executor.hpp"
+
+namespace moeflow {
+
+struct SessionOptions {
+  PlanOptions plan;
+  int threads = 1;
+  uint64_t seed = 0;
+};
+
+class CpuSession {
+ public:
+  // Refuses (Error resource) before allocating when weights + inputs + workspace exceed host memory.
+  // `share_weights` (a session of the same graph under another plan) lends its weights instead of
+  // drawing them again: the weights' layout depends on the graph only.
+  CpuSession(std::shared_ptr<const Graph> graph, const SessionOptions& options,
+             const CpuSession* share_weights = nullptr);
+
+  // Draws the inputs for T tokens (from the seed; the same T gives the same inputs).
+  void set_tokens(int64_t tokens);
+  int64_t tokens() const { return tokens_; }
+  // One run; returns its wall time in seconds.
+  double run(Trace* trace = nullptr);
+  // Runs the reference on the last run's inputs and compares with its output.
+  CheckReport check(double tolerance) const;
+  // Floor of the last run's routing.
+  Floor floor(const MachineRates& rates) const;
+
+  const Plan& plan() const { return plan_; }
+  const Graph& graph() const { return *plan_.graph; }
+  const float* output() const { return executor_->output(); }
+  const void* value_data(ValueId v) const;
+  // A per-run input's buffer, to overwrite what set_tokens drew (tests build routing by hand).
+  void* input_data(ValueId v) { return inputs_->data(v); }
+  // Bytes the session holds: weights + inputs + workspace.
+  static int64_t bytes_needed(const Plan& plan);
+
+ private:
+  Plan plan_;
+  SessionOptions options_;
+  std::shared_ptr<HostArena> weights_;
+  std::unique_ptr<HostArena> inputs_;
+  std::unique_ptr<CpuExecutor> executor_;
+  int64_t tokens_ = 0;
+};
+
+}  // namespace moeflow

@@ -1,0 +1,72 @@
+#include "bench/measure.hpp"
+
+#include <algorithm>
+#include <fstream>
+#include <set>
+#include <vector>
+
+#include "ops/experts_op.hpp"
+
+namespace moeflow {
+
+Timing time_runs(const std::function<double(int)>& run_once, int warmup, int min_runs, int max_runs, double budget_s) {
+  int i = 0;
+  for (; i < warmup; ++i) run_once(i);
+  std::vector<double> times;
+  double spent = 0.0;
+  while (static_cast<int>(times.size()) < min_runs || (spent < budget_s && static_cast<int>(times.size()) < max_runs)) {
+    const double s = run_once(i++);
+    times.push_back(s);
+    spent += s;
+  }
+  std::sort(times.begin(), times.end());
+  Timing t;
+  t.runs = static_cast<int>(times.size());
+  const std::size_t mid = times.size() / 2;
+  t.median_s = times.size() % 2 ? times[mid] : 0.5 * (times[mid - 1] + times[mid]);
+  t.min_s = times.front();
+  t.max_s = times.back();
+  return t;
+}
+
+Floor roofline_floor(const Graph& g, int64_t T, const int32_t* ids, const MachineRates& rates) {
+  Floor f;
+  for (ValueId v : g.graph_inputs())
+    if (g.value(v).role == ValueRole::input) f.bytes += static_cast<double>(g.value(v).bytes(T));
+  for (ValueId v : g.outputs()) f.bytes += static_cast<double>(g.value(v).bytes(T));
+  auto weight_bytes = [&](ValueId v) { return static_cast<double>(g.value(v).bytes(T)); };
+  for (const Node& n : g.nodes()) {
+    const std::string kind = n.op->kind();
+    const double H = static_cast<double>(g.value(n.inputs[0]).shape()[1].fixed);
+    if (kind == "experts") {
+      const auto& op = static_cast<const ExpertsOp&>(*n.op);
+      std::set<int32_t> touched(ids, ids + T * op.top_k());
+      f.touched_experts = static_cast<int64_t>(touched.size());
+      const double per_expert = (weight_bytes(n.inputs[2]) + weight_bytes(n.inputs[3])) / op.experts();
+      f.bytes += per_expert * static_cast<double>(touched.size());
+      f.flops += 6.0 * static_cast<double>(T) * op.top_k() * H * op.intermediate();
+    } else if (kind == "gate" || kind == "shared_expert") {
+      for (std::size_t i = 1; i < n.inputs.size(); ++i) f.bytes += weight_bytes(n.inputs[i]);
+      const auto in = g.input_values(n);
+      const auto out = g.output_values(n);
+      f.flops += n.op->cost({in, out}, T).flops;
+    }
+  }
+  const double memory_s = f.bytes / rates.bytes_per_s, compute_s = f.flops / rates.flops_per_s;
+  f.memory_bound = memory_s >= compute_s;
+  f.seconds = std::max(memory_s, compute_s);
+  return f;
+}
+
+std::string cpu_name(int threads) {
+  std::ifstream f("/proc/cpuinfo");
+  std::string line, name = "cpu";
+  while (std::getline(f, line))
+    if (line.rfind("model name", 0) == 0) {
+      name = line.substr(line.find(':') + 2);
+      break;
+    }
+  return name + " (" + std::to_string(threads) + " threads)";
+}
+
+}  // namespace moeflow

@@ -1,0 +1,39 @@
+#pragma once
+// Timing and the roofline floor of DESIGN.md ("Benchmarks: scope, floor, method"), shared by
+// `moeflow run` and `moeflow bench`.
+#include <cstdint>
+#include <functional>
+#include <string>
+
+#include "graph/graph.hpp"
+#include "scheduler/cost_model.hpp"
+
+namespace moeflow {
+
+struct Timing {
+  double median_s = 0.0;
+  double min_s = 0.0;
+  double max_s = 0.0;
+  int runs = 0;
+};
+
+// Warm-up runs, then at least `min_runs` timed runs, more while the budget lasts (up to max_runs).
+// `run_once(i)` runs iteration i (so callers can rotate over input sets) and returns its seconds.
+Timing time_runs(const std::function<double(int)>& run_once, int warmup, int min_runs, int max_runs, double budget_s);
+
+// floor = max(B / BW, F / P). B: bytes of the distinct experts routed to (counted from `ids`, [T, k])
+// plus the graph's inputs and outputs once (and, for a whole layer, the router and shared-expert
+// weights); intermediates never count. F: 6·T·k·H·I (+ 2·T·H·E gate, + 6·T·H·I_s shared experts).
+struct Floor {
+  double bytes = 0.0;
+  double flops = 0.0;
+  int64_t touched_experts = 0;
+  double seconds = 0.0;
+  bool memory_bound = false;
+};
+Floor roofline_floor(const Graph& g, int64_t tokens, const int32_t* ids, const MachineRates& rates);
+
+// "Intel(R) Xeon(R) ..." from /proc/cpuinfo, with the thread count.
+std::string cpu_name(int threads);
+
+}  // namespace moeflow

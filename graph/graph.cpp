@@ -1,0 +1,130 @@
+#include "graph/graph.hpp"
+
+#include <algorithm>
+
+#include "graph/error.hpp"
+#include "graph/validate.hpp"
+
+namespace moeflow {
+
+std::string Value::type_str() const {
+  if (!type) return "?";
+  return type->shape.str() + " " + to_string(type->dtype);
+}
+
+std::string Value::type_str(int64_t tokens) const {
+  if (!type) return "?";
+  return type->shape.str(tokens) + " " + to_string(type->dtype);
+}
+
+std::vector<Distribution> OpSchema::distribute(const Node& node, std::span<const Value* const> inputs) const {
+  for (const Value* v : inputs)
+    if (v->type && v->type->dist.kind == Distribution::Kind::partial)
+      fail_input("node '" + node.name + "' (" + kind() + ") reads value '" + v->name +
+                 "' which is Partial (a sum still owed): reduce it first");
+  return std::vector<Distribution>(output_names().size(), Distribution::replicated());
+}
+
+Graph::Graph(std::string name, int64_t max_tokens) : name_(std::move(name)), max_tokens_(max_tokens) {
+  if (max_tokens_ <= 0)
+    fail_input("graph '" + name_ + "': maximum tokens must be > 0, got " + std::to_string(max_tokens_));
+}
+
+std::optional<ValueId> Graph::find_value(std::string_view name) const {
+  auto it = value_index_.find(name);
+  if (it == value_index_.end()) return std::nullopt;
+  return it->second;
+}
+
+std::optional<NodeId> Graph::find_node(std::string_view name) const {
+  for (const Node& n : nodes_)
+    if (n.name == name) return n.id;
+  return std::nullopt;
+}
+
+std::vector<ValueId> Graph::graph_inputs() const {
+  std::vector<ValueId> ids;
+  for (const Value& v : values_)
+    if (v.is_graph_input()) ids.push_back(v.id);
+  return ids;
+}
+
+std::vector<const Value*> Graph::input_values(const Node& n) const {
+  std::vector<const Value*> vs;
+  for (ValueId id : n.inputs) vs.push_back(&value(id));
+  return vs;
+}
+
+std::vector<const Value*> Graph::output_values(const Node& n) const {
+  std::vector<const Value*> vs;
+  for (ValueId id : n.outputs) vs.push_back(&value(id));
+  return vs;
+}
+
+std::vector<NodeId> Graph::predecessors(NodeId n) const {
+  std::vector<NodeId> preds;
+  for (ValueId v : node(n).inputs)
+    if (value(v).producer != kNoNode) preds.push_back(value(v).producer);
+  std::sort(preds.begin(), preds.end());
+  preds.erase(std::unique(preds.begin(), preds.end()), preds.end());
+  return preds;
+}
+
+ValueId Graph::add_input(std::string name, ValueType type, ValueRole role, float init_scale) {
+  ValueId id = add_value(std::move(name));
+  Value& v = values_.back();
+  v.role = role;
+  v.type = std::move(type);
+  v.init_scale = init_scale;
+  return id;
+}
+
+ValueId Graph::add_value(std::string name) {
+  if (name.empty()) fail_input("graph '" + name_ + "': a value needs a name");
+  if (value_index_.count(name)) fail_input("graph '" + name_ + "': two values are named '" + name + "'");
+  validated_ = false;
+  Value v;
+  v.id = static_cast<ValueId>(values_.size());
+  v.name = std::move(name);
+  value_index_.emplace(v.name, v.id);
+  values_.push_back(std::move(v));
+  return values_.back().id;
+}
+
+NodeId Graph::add_node(std::string name, std::shared_ptr<const OpSchema> op, std::vector<ValueId> inputs,
+                       std::vector<ValueId> outputs) {
+  if (!op) fail_input("node '" + name + "' has no op");
+  if (node_index_.count(name)) fail_input("graph '" + name_ + "': two nodes are named '" + name + "'");
+  validated_ = false;
+  Node n;
+  n.id = static_cast<NodeId>(nodes_.size());
+  n.name = std::move(name);
+  n.op = std::move(op);
+  for (ValueId v : inputs) value(v);  // throws std::out_of_range on a bad id before anything changes
+  for (ValueId v : outputs) {
+    Value& out = values_.at(static_cast<std::size_t>(v));
+    if (out.is_graph_input())
+      construction_errors_.push_back("node '" + n.name + "' writes value '" + out.name + "', which is a graph input");
+    else if (out.producer != kNoNode)
+      construction_errors_.push_back("value '" + out.name + "' is written twice (by '" + node(out.producer).name +
+                                     "' and '" + n.name + "'): values are single-assignment");
+    else
+      out.producer = n.id;
+  }
+  for (ValueId v : inputs) values_[static_cast<std::size_t>(v)].consumers.push_back(n.id);
+  n.inputs = std::move(inputs);
+  n.outputs = std::move(outputs);
+  node_index_.emplace(n.name, n.id);
+  nodes_.push_back(std::move(n));
+  return nodes_.back().id;
+}
+
+void Graph::mark_output(ValueId v) {
+  value(v);
+  if (std::find(outputs_.begin(), outputs_.end(), v) == outputs_.end()) outputs_.push_back(v);
+  validated_ = false;
+}
+
+void Graph::validate() { validate_graph(*this); }
+
+}  // namespace moeflow

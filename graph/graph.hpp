@@ -1,0 +1,66 @@
+#pragma once
+// The dataflow graph of one layer. Built by GraphBuilder (or, for passes and tests, through the
+// low-level add_* calls, which allow any wiring) and then checked by validate(), which renumbers
+// nodes in topological order so that a node's id is its topological index.
+#include <map>
+#include <memory>
+#include <optional>
+#include <string>
+#include <string_view>
+#include <vector>
+
+#include "graph/node.hpp"
+
+namespace moeflow {
+
+class Graph {
+ public:
+  Graph(std::string name, int64_t max_tokens);
+
+  const std::string& name() const { return name_; }
+  int64_t max_tokens() const { return max_tokens_; }
+  // Free-form facts shown in dumps ("H=2048 E=60 k=4").
+  const std::string& description() const { return description_; }
+  void set_description(std::string d) { description_ = std::move(d); }
+
+  const std::vector<Node>& nodes() const { return nodes_; }
+  const std::vector<Value>& values() const { return values_; }
+  const Node& node(NodeId id) const { return nodes_.at(static_cast<std::size_t>(id)); }
+  const Value& value(ValueId id) const { return values_.at(static_cast<std::size_t>(id)); }
+  Value& mutable_value(ValueId id) { return values_.at(static_cast<std::size_t>(id)); }
+  std::optional<ValueId> find_value(std::string_view name) const;
+  std::optional<NodeId> find_node(std::string_view name) const;
+  const std::vector<ValueId>& outputs() const { return outputs_; }
+  // Inputs and weights, in the order they were declared.
+  std::vector<ValueId> graph_inputs() const;
+  std::vector<const Value*> input_values(const Node& n) const;
+  std::vector<const Value*> output_values(const Node& n) const;
+  // Nodes that produce an input of n (each once, ascending).
+  std::vector<NodeId> predecessors(NodeId n) const;
+  bool validated() const { return validated_; }
+
+  // Low-level construction. Names must be unique among values and among nodes.
+  ValueId add_input(std::string name, ValueType type, ValueRole role, float init_scale);
+  ValueId add_value(std::string name);  // an activation, typed later by inference
+  NodeId add_node(std::string name, std::shared_ptr<const OpSchema> op, std::vector<ValueId> inputs,
+                  std::vector<ValueId> outputs);
+  void mark_output(ValueId v);
+
+  // Checks the graph and infers every activation's type (see validate.hpp).
+  void validate();
+
+ private:
+  friend void validate_graph(Graph&);
+  std::string name_;
+  int64_t max_tokens_;
+  std::string description_;
+  std::vector<Node> nodes_;
+  std::vector<Value> values_;
+  std::vector<ValueId> outputs_;
+  std::map<std::string, ValueId, std::less<>> value_index_;
+  std::map<std::string, NodeId, std::less<>> node_index_;
+  std::vector<std::string> construction_errors_;  // reported by validate (e.g. a value written twice)
+  bool validated_ = false;
+};
+
+}  // namespace moeflow

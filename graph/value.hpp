@@ -1,0 +1,57 @@
+#pragma once
+// A value of the dataflow graph: SSA (written by at most one node), typed by shape and dtype,
+// with a distribution over the parallel group. Graph inputs and weights are values without a
+// producer, bound by name when a graph runs.
+#include <cstdint>
+#include <optional>
+#include <string>
+#include <vector>
+
+#include "graph/distribution.hpp"
+#include "graph/dtype.hpp"
+#include "graph/shape.hpp"
+
+namespace moeflow {
+
+using ValueId = int32_t;
+using NodeId = int32_t;
+inline constexpr NodeId kNoNode = -1;
+
+// How random data for an input or weight is drawn, keyed by the value's name (DESIGN.md):
+// uniform: U(-1, 1) × init_scale; unit_interval: U(0, 1) (routing weights of an experts-only run);
+// expert_ids: per token, init_choices distinct expert ids drawn uniformly (ids of an experts-only run).
+enum class ValueInit { uniform, unit_interval, expert_ids };
+
+enum class ValueRole {
+  input,       // bound per run (x; ids and weights for an experts-only graph)
+  weight,      // bound once (router, expert and shared-expert weights)
+  activation,  // produced by a node
+};
+
+struct ValueType {
+  Shape shape;
+  DType dtype = DType::f32;
+  Distribution dist;
+};
+
+struct Value {
+  ValueId id = -1;
+  std::string name;
+  ValueRole role = ValueRole::activation;
+  std::optional<ValueType> type;  // empty until inferred (activations) or declared (inputs)
+  ValueInit init = ValueInit::uniform;
+  float init_scale = 1.0f;  // uniform: U(-1, 1) × init_scale
+  int init_choices = 0;     // expert_ids: the number of experts to draw from
+  NodeId producer = kNoNode;
+  std::vector<NodeId> consumers;
+
+  const Shape& shape() const { return type.value().shape; }
+  DType dtype() const { return type.value().dtype; }
+  bool is_graph_input() const { return role != ValueRole::activation; }
+  // "[T,2048] f32", or "?" before inference.
+  std::string type_str() const;
+  std::string type_str(int64_t tokens) const;
+  int64_t bytes(int64_t tokens) const { return shape().elements(tokens) * static_cast<int64_t>(dtype_size(dtype())); }
+};
+
+}  // namespace moeflow

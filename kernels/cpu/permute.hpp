@@ -1,0 +1,21 @@
+#pragma once
+// Dispatch and combine in one process: rows grouped by expert, and back.
+// Permuted order: expert-major; within an expert, by (token, slot j) ascending. Deterministic.
+#include <cstdint>
+
+namespace moeflow::cpu {
+
+// offsets[E + 1]: offsets[e] = first permuted row of expert e; offsets[E] = T * k.
+// slot_of[T, k]: the permuted row that holds (token t, choice j).
+// Throws moeflow::Error (bad_input) naming the token if an id is outside [0, E).
+void build_permutation(const int32_t* ids, int64_t tokens, int top_k, int experts, int32_t* offsets,
+                       int32_t* slot_of);
+
+// rows[slot_of[t, j], :] = x[t, :] for every (t, j); rows is [T * k, H].
+void gather_rows(const float* x, const int32_t* slot_of, int64_t tokens, int top_k, int hidden, float* rows);
+
+// out[t, :] = Σ_j weights[t, j] · y_rows[slot_of[t, j], :]; out is [T, H]. Summed in j order.
+void combine_rows(const float* y_rows, const int32_t* slot_of, const float* weights, int64_t tokens, int top_k,
+                  int hidden, float* out);
+
+}  // namespace moeflow::cpu

@@ -1,0 +1,37 @@
+#include "ops/combine_op.hpp"
+
+#include "kernels/cpu/permute.hpp"
+#include "ops/kernel_registry.hpp"
+#include "ops/op_checks.hpp"
+
+namespace moeflow {
+
+CombineOp::CombineOp(int top_k) : top_k_(top_k) {
+  if (top_k_ <= 0) fail_input("combine: top_k = " + std::to_string(top_k_) + " must be > 0");
+}
+
+std::vector<ValueType> CombineOp::infer(const Node& n, std::span<const Value* const> in) const {
+  const Value& y = *in[0];
+  expect_token_rows(n, y, top_k_);
+  expect_type(n, *in[1], Shape{Dim::tokens(), Dim::of(top_k_)}, DType::i32);
+  expect_type(n, *in[2], Shape{Dim::tokens(), Dim::of(top_k_)}, DType::f32);
+  return {ValueType{Shape{Dim::tokens(), y.shape()[1]}, y.dtype(), {}}};
+}
+
+Cost CombineOp::cost(const OpOperands& ops, int64_t tokens) const {
+  const double T = static_cast<double>(tokens), k = top_k_;
+  const double H = static_cast<double>(ops.inputs[0]->shape()[1].fixed);
+  const double b = static_cast<double>(dtype_size(ops.inputs[0]->dtype()));
+  return {2.0 * k * T * H, b * (k * T * H + T * H) + 8.0 * k * T};
+}
+
+void register_combine_kernels(KernelRegistry& r) {
+  r.add({"combine", Backend::cpu, "cpu.weighted_sum", 0, cpu_supports_f32, [](const KernelCall& c) {
+           const auto& op = static_cast<const CombineOp&>(*c.node.op);
+           const int hidden = static_cast<int>(c.input_value(0).shape()[1].fixed);
+           cpu::combine_rows(c.in<float>(0), c.in<int32_t>(1), c.in<float>(2), c.tokens, op.top_k(), hidden,
+                             c.out<float>(0));
+         }});
+}
+
+}  // namespace moeflow

@@ -1,0 +1,72 @@
+#include "ops/kernel_registry.hpp"
+
+#include <algorithm>
+
+#include "graph/error.hpp"
+
+namespace moeflow {
+
+const char* to_string(Backend b) { return b == Backend::cpu ? "cpu" : "cuda"; }
+
+const KernelRegistry& KernelRegistry::builtin() {
+  static const KernelRegistry registry = [] {
+    KernelRegistry r;
+    register_gate_kernels(r);
+    register_shared_expert_kernels(r);
+    register_dispatch_kernels(r);
+    register_experts_kernels(r);
+    register_combine_kernels(r);
+    register_reduce_kernels(r);
+    return r;
+  }();
+  return registry;
+}
+
+void KernelRegistry::add(KernelEntry entry) { entries_.push_back(std::move(entry)); }
+
+std::vector<const KernelEntry*> KernelRegistry::candidates(const std::string& op_kind, Backend backend) const {
+  std::vector<const KernelEntry*> list;
+  for (const KernelEntry& e : entries_)
+    if (e.op_kind == op_kind && e.backend == backend) list.push_back(&e);
+  std::stable_sort(list.begin(), list.end(), [](auto* a, auto* b) { return a->priority > b->priority; });
+  return list;
+}
+
+KernelChoice KernelRegistry::select(const Graph& g, const Node& n, Backend backend,
+                                    const std::map<std::string, std::string>& forced) const {
+  const std::vector<const KernelEntry*> list = candidates(n.op->kind(), backend);
+  if (list.empty())
+    fail_input("node '" + n.name + "': no " + std::string(to_string(backend)) + " kernel for op '" + n.op->kind() + "'");
+  auto it = forced.find(n.op->kind());
+  if (it != forced.end()) {
+    for (const KernelEntry* k : list) {
+      if (k->name != it->second) continue;
+      Support s = k->supports(g, n);
+      if (!s.ok) fail_input("node '" + n.name + "': forced kernel '" + k->name + "' cannot run it: " + s.reason);
+      return {k, "forced by --kernel " + n.op->kind() + "=" + k->name + " (" + s.reason + ")"};
+    }
+    std::string names;
+    for (const KernelEntry* k : list) names += (names.empty() ? "" : ", ") + k->name;
+    fail_input("--kernel " + n.op->kind() + "=" + it->second + ": no such " + to_string(backend) +
+               " kernel; known: " + names);
+  }
+  std::string refusals;
+  for (const KernelEntry* k : list) {
+    Support s = k->supports(g, n);
+    if (s.ok) return {k, s.reason};
+    refusals += "; " + k->name + ": " + s.reason;
+  }
+  fail_input("node '" + n.name + "': no " + std::string(to_string(backend)) + " kernel supports it" + refusals);
+}
+
+Support cpu_supports_f32(const Graph& g, const Node& n) {
+  for (const auto* list : {&n.inputs, &n.outputs})
+    for (ValueId id : *list) {
+      const Value& v = g.value(id);
+      if (v.dtype() == DType::bf16)
+        return Support::no("CPU kernels compute in f32; '" + v.name + "' is " + v.type_str());
+    }
+  return Support::yes("the CPU kernel (f32, oneTBB)");
+}
+
+}  // namespace moeflow

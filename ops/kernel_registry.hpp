@@ -1,0 +1,90 @@
+#pragma once
+// Kernels per op and backend, in priority order, each with supports(node) saying whether it can run
+// the node and why. Selection walks the list and records the first kernel that supports the node
+// with its reason, so the plan can say "3 tokens/expert -> grouped_batched" (vLLM's "oracle" made
+// explicit, see DESIGN.md). `--kernel op=name` forces one, and is refused if it cannot run the node.
+#include <cstdint>
+#include <functional>
+#include <map>
+#include <optional>
+#include <span>
+#include <string>
+#include <vector>
+
+#include "graph/graph.hpp"
+
+namespace moeflow {
+
+enum class Backend { cpu, cuda };
+const char* to_string(Backend b);
+
+// One call of a kernel: the node, its operands' buffers in node order, and the run's T.
+struct KernelCall {
+  const Graph& graph;
+  const Node& node;
+  std::span<void* const> inputs;
+  std::span<void* const> outputs;
+  int64_t tokens = 0;
+  void* stream = nullptr;     // backend-specific (a cudaStream_t on CUDA)
+  void* workspace = nullptr;  // the kernel's own scratch, as large as its workspace() said
+
+  template <class T> const T* in(std::size_t i) const { return static_cast<const T*>(inputs[i]); }
+  template <class T> T* out(std::size_t i) const { return static_cast<T*>(outputs[i]); }
+  const Value& input_value(std::size_t i) const { return graph.value(node.inputs[i]); }
+};
+
+// Whether a kernel can run a node; `reason` is shown in plans either way.
+struct Support {
+  bool ok = false;
+  std::string reason;
+  static Support yes(std::string r) { return {true, std::move(r)}; }
+  static Support no(std::string r) { return {false, std::move(r)}; }
+};
+
+struct KernelEntry {
+  std::string op_kind;
+  Backend backend = Backend::cpu;
+  std::string name;
+  int priority = 0;  // higher is tried first
+  // can_implement -> workspace -> run, as CUTLASS splits it: supports() says whether the kernel can
+  // run the node; workspace() how many bytes of scratch it needs at T tokens (the plan allocates
+  // them with every other buffer, once); run() does the work.
+  std::function<Support(const Graph&, const Node&)> supports;
+  std::function<void(const KernelCall&)> run;
+  std::function<int64_t(const Graph&, const Node&, int64_t tokens)> workspace;  // empty: none
+};
+
+struct KernelChoice {
+  const KernelEntry* kernel = nullptr;
+  std::string reason;
+};
+
+class KernelRegistry {
+ public:
+  // Every kernel moeflow ships, registered once.
+  static const KernelRegistry& builtin();
+
+  void add(KernelEntry entry);
+  std::vector<const KernelEntry*> candidates(const std::string& op_kind, Backend backend) const;
+  // The highest-priority kernel that supports the node, or the forced one. Throws Error(bad_input)
+  // naming the node and every candidate's reason when none can run it.
+  KernelChoice select(const Graph& g, const Node& n, Backend backend,
+                      const std::map<std::string, std::string>& forced = {}) const;
+
+ private:
+  std::vector<KernelEntry> entries_;
+};
+
+// Each op's translation unit registers its kernels here (explicit calls: static registration is
+// dropped by the linker from static libraries).
+void register_gate_kernels(KernelRegistry& r);
+void register_shared_expert_kernels(KernelRegistry& r);
+void register_dispatch_kernels(KernelRegistry& r);
+void register_experts_kernels(KernelRegistry& r);
+void register_combine_kernels(KernelRegistry& r);
+void register_reduce_kernels(KernelRegistry& r);
+
+// The common supports() of CPU kernels: every float operand must be f32.
+Support cpu_supports_f32(const Graph& g, const Node& n);
+
+}  // namespace moeflow

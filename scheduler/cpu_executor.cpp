@@ -1,0 +1,136 @@
+#include "scheduler/cpu_executor.hpp"
+
+#include <tbb/flow_graph.h>
+#include <tbb/task_arena.h>
+
+#include <chrono>
+#include <exception>
+#include <mutex>
+
+#include "graph/error.hpp"
+#include "kernels/cpu/elementwise.hpp"
+
+namespace moeflow {
+
+using Clock = std::chrono::steady_clock;
+
+// Built once per executor, inside its arena, so every task it spawns runs there.
+struct CpuExecutor::FlowGraph {
+  tbb::task_arena arena;
+  std::unique_ptr<tbb::flow::graph> graph;  // made inside `arena`: a flow graph runs its tasks in the arena it was made in
+  std::vector<std::unique_ptr<tbb::flow::continue_node<tbb::flow::continue_msg>>> nodes;  // by step
+  std::vector<std::size_t> roots;
+
+  // State of the run in flight.
+  const HostArena* inputs = nullptr;
+  const HostArena* weights = nullptr;
+  int64_t tokens = 0;
+  Clock::time_point start;
+  std::vector<TraceEvent>* events = nullptr;
+  std::mutex error_mutex;
+  std::exception_ptr error;
+
+  explicit FlowGraph(int threads) : arena(threads) {}
+};
+
+CpuExecutor::CpuExecutor(const Plan& plan, int threads)
+    : plan_(plan), threads_(threads), workspace_(plan, Arena::workspace) {
+  if (plan.options.backend != Backend::cpu) fail_input("CpuExecutor: the plan was made for the cuda backend");
+  if (threads <= 0) fail_input("--threads must be > 0, got " + std::to_string(threads));
+  flow_ = std::make_unique<FlowGraph>(threads);
+  FlowGraph& f = *flow_;
+  const Graph& g = *plan.graph;
+  f.arena.execute([&] {
+    cpu::use_single_threaded_blas();
+    f.graph = std::make_unique<tbb::flow::graph>();
+    for (std::size_t i = 0; i < plan.steps.size(); ++i) {
+      f.nodes.push_back(std::make_unique<tbb::flow::continue_node<tbb::flow::continue_msg>>(
+          *f.graph, [this, i, &g](const tbb::flow::continue_msg&) {
+            FlowGraph& fl = *flow_;
+            if (fl.error) return tbb::flow::continue_msg();  // a node failed: let the rest drain
+            const PlanStep& s = plan_.steps[i];
+            const Node& n = g.node(s.node);
+            std::vector<void*> in, out;
+            for (ValueId v : n.inputs) {
+              const Value& val = g.value(v);
+              in.push_back(val.role == ValueRole::weight ? fl.weights->data(v)
+                           : val.role == ValueRole::input ? fl.inputs->data(v)
+                                                          : workspace_.data(v));
+            }
+            for (ValueId v : n.outputs) out.push_back(workspace_.data(v));
+            const auto t0 = Clock::now();
+            try {
+              s.kernel->run(KernelCall{g, n, in, out, fl.tokens, nullptr,
+                                       s.workspace_bytes ? workspace_.base() + s.workspace_offset : nullptr});
+            } catch (...) {
+              std::lock_guard<std::mutex> lock(fl.error_mutex);
+              if (!fl.error) fl.error = std::current_exception();
+            }
+            if (fl.events) {
+              const auto t1 = Clock::now();
+              TraceEvent& e = (*fl.events)[i];
+              e.name = n.name;
+              e.op = n.op->kind();
+              e.kernel = s.kernel->name;
+              e.lane = s.lane;
+              e.chunk = n.chunk;
+              e.start_us = std::chrono::duration<double, std::micro>(t0 - fl.start).count();
+              e.duration_us = std::chrono::duration<double, std::micro>(t1 - t0).count();
+            }
+            return tbb::flow::continue_msg();
+          }));
+    }
+    // Edges: each lane in issue order, plus the cross-lane waits.
+    std::vector<int> last_on_lane(plan.lanes.size(), -1);
+    for (std::size_t i = 0; i < plan.steps.size(); ++i) {
+      const PlanStep& s = plan.steps[i];
+      bool has_pred = false;
+      int& last = last_on_lane[static_cast<std::size_t>(s.lane)];
+      if (last >= 0) {
+        tbb::flow::make_edge(*f.nodes[static_cast<std::size_t>(last)], *f.nodes[i]);
+        has_pred = true;
+      }
+      last = static_cast<int>(i);
+      for (NodeId w : s.waits) {
+        tbb::flow::make_edge(*f.nodes[static_cast<std::size_t>(plan.step_of_node[static_cast<std::size_t>(w)])], *f.nodes[i]);
+        has_pred = true;
+      }
+      if (!has_pred) f.roots.push_back(i);
+    }
+  });
+}
+
+CpuExecutor::~CpuExecutor() = default;
+
+void CpuExecutor::run(const HostArena& inputs, const HostArena& weights, int64_t tokens, Trace* trace) {
+  const Graph& g = *plan_.graph;
+  if (tokens <= 0 || tokens > g.max_tokens())
+    fail_input("tokens = " + std::to_string(tokens) + " must be in [1, " + std::to_string(g.max_tokens()) +
+               "] (the plan's maximum; plan with --max-tokens for more)");
+  FlowGraph& f = *flow_;
+  f.inputs = &inputs;
+  f.weights = &weights;
+  f.tokens = tokens;
+  f.error = nullptr;
+  std::vector<TraceEvent> events(trace ? plan_.steps.size() : 0);
+  f.events = trace ? &events : nullptr;
+  f.start = Clock::now();
+  f.arena.execute([&] {
+    for (std::size_t r : f.roots) f.nodes[r]->try_put(tbb::flow::continue_msg());
+    f.graph->wait_for_all();
+  });
+  if (f.error) std::rethrow_exception(f.error);
+  if (trace) {
+    trace->tokens = tokens;
+    trace->lanes.clear();
+    for (const Lane& l : plan_.lanes) trace->lanes.push_back(l.name);
+    for (std::size_t i = 0; i < events.size(); ++i) events[i].predicted_us = plan_.steps[i].predicted_s * 1e6;
+    trace->events = std::move(events);
+  }
+}
+
+const float* CpuExecutor::output(std::size_t i) const {
+  return static_cast<const float*>(workspace_.data(plan_.graph->outputs().at(i)));
+}
+
+}  // namespace moeflow

@@ -1,0 +1,37 @@
+#pragma once
+// Runs a Plan on the host: one oneTBB arena of `threads`; each lane's nodes run in issue order, lanes
+// run concurrently as tasks (a oneTBB flow graph whose edges are the lane order and the plan's
+// cross-lane waits), and kernels parallelise inside the same arena. The workspace is allocated once,
+// at the plan's size; inputs and weights are bound per run, so several plans share one set of weights.
+#include <memory>
+
+#include "scheduler/host_memory.hpp"
+#include "scheduler/plan.hpp"
+#include "scheduler/trace.hpp"
+
+namespace moeflow {
+
+class CpuExecutor {
+ public:
+  CpuExecutor(const Plan& plan, int threads);
+  ~CpuExecutor();
+  CpuExecutor(const CpuExecutor&) = delete;
+  CpuExecutor& operator=(const CpuExecutor&) = delete;
+
+  // Runs the plan for `tokens` ≤ the graph's maximum. When `trace` is given, records every node.
+  void run(const HostArena& inputs, const HostArena& weights, int64_t tokens, Trace* trace = nullptr);
+
+  // A value of the last run (activations live in the workspace).
+  const void* data(ValueId v) const { return workspace_.data(v); }
+  const float* output(std::size_t i = 0) const;
+  int threads() const { return threads_; }
+
+ private:
+  struct FlowGraph;
+  const Plan& plan_;
+  int threads_;
+  HostArena workspace_;
+  std::unique_ptr<FlowGraph> flow_;
+};
+
+}  // namespace moeflow

@@ -1,0 +1,92 @@
+#pragma once
+// A Plan: every node's lane, the global issue order, the cross-lane waits, the kernel chosen for it
+// and why, and the buffer table (offset and size of every value at the graph's maximum T). One plan
+// serves any T ≤ that maximum. Lanes are logical: a CUDA stream on the GPU; on the host, a lane's
+// nodes run in issue order and different lanes run concurrently as tasks in one oneTBB arena.
+#include <map>
+#include <memory>
+#include <ostream>
+#include <string>
+#include <vector>
+
+#include "graph/graph.hpp"
+#include "ops/kernel_registry.hpp"
+#include "scheduler/cost_model.hpp"
+
+namespace moeflow {
+
+enum class Policy {
+  serial,      // one lane, topological order: the baseline every benchmark compares against
+  concurrent,  // list scheduling on the critical path; independent branches on their own lanes
+};
+const char* to_string(Policy p);
+Policy parse_policy(const std::string& text);
+
+struct PlanOptions {
+  Policy policy = Policy::serial;
+  Backend backend = Backend::cpu;
+  int max_lanes = 4;
+  std::map<std::string, std::string> forced_kernels;  // op kind -> kernel name (--kernel)
+  MachineRates rates;                                 // for the cost model
+  int64_t cost_tokens = 0;                            // T the costs are evaluated at; 0: the maximum
+  const KernelRegistry* registry = nullptr;           // kernels to choose from; null: the built-in ones
+};
+
+struct Lane {
+  std::string name;  // "lane0 (routed)", "lane1 (shared_expert)"
+  std::string why;   // why this lane exists
+};
+
+struct PlanStep {
+  NodeId node = kNoNode;
+  int lane = 0;
+  int order = 0;                // position in the global issue order
+  std::vector<NodeId> waits;    // cross-lane predecessors to wait for (an event / a task edge)
+  const KernelEntry* kernel = nullptr;
+  std::string reason;           // why that kernel
+  Cost cost;                    // at cost_tokens
+  double predicted_s = 0.0;     // cost model at cost_tokens
+  double start_estimate_s = 0.0;
+  int64_t workspace_offset = 0;  // the kernel's scratch in the workspace arena
+  int64_t workspace_bytes = 0;   // at the maximum T
+};
+
+// Which allocation a buffer lives in.
+enum class Arena { inputs, weights, workspace };
+const char* to_string(Arena a);
+
+struct Buffer {
+  ValueId value = -1;
+  Arena arena = Arena::workspace;
+  int64_t offset = 0;  // bytes from the arena's start, 256-byte aligned
+  int64_t bytes = 0;   // at the maximum T
+};
+
+class Plan {
+ public:
+  std::shared_ptr<const Graph> graph;
+  PlanOptions options;
+  std::vector<Lane> lanes;
+  std::vector<PlanStep> steps;      // in issue order
+  std::vector<int> step_of_node;    // node id -> index into steps
+  std::vector<Buffer> buffers;      // indexed by value id; kernels' scratch is in PlanStep
+  std::map<Arena, int64_t> arena_bytes;
+  double predicted_makespan_s = 0.0;
+  double predicted_serial_s = 0.0;  // sum of every node's prediction
+
+  const PlanStep& step_for(NodeId n) const { return steps.at(static_cast<std::size_t>(step_of_node.at(static_cast<std::size_t>(n)))); }
+  const Buffer& buffer(ValueId v) const { return buffers.at(static_cast<std::size_t>(v)); }
+  int64_t bytes(Arena a) const;
+
+  // One line per step: order, lane, node, kernel, reason, predicted time.
+  void write_summary(std::ostream& out) const;
+  // The buffer table and the size of every arena.
+  void write_memory(std::ostream& out) const;
+  // The schedule as DOT (lanes as clusters, issue order, cross-lane waits), deterministic.
+  void write_dot(std::ostream& out) const;
+};
+
+// Checks the graph is validated, chooses kernels, assigns lanes and order, lays out buffers.
+Plan make_plan(std::shared_ptr<const Graph> graph, const PlanOptions& options);
+
+}  // namespace moeflow

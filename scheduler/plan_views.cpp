@@ -1,0 +1,106 @@
+// The ways a Plan shows itself: a text summary, the buffer table, and DOT.
+#include <iomanip>
+#include <sstream>
+
+#include "graph/dot_document.hpp"
+#include "scheduler/plan.hpp"
+
+namespace moeflow {
+
+namespace {
+
+std::string mib(int64_t bytes) {
+  std::ostringstream o;
+  o << std::fixed << std::setprecision(2) << static_cast<double>(bytes) / (1024.0 * 1024.0) << " MiB";
+  return o.str();
+}
+
+std::string us(double s) {
+  std::ostringstream o;
+  o << std::fixed << std::setprecision(1) << s * 1e6 << " us";
+  return o.str();
+}
+
+}  // namespace
+
+void Plan::write_summary(std::ostream& out) const {
+  const Graph& g = *graph;
+  out << "plan " << g.name() << ": " << to_string(options.policy) << ", backend " << to_string(options.backend) << ", "
+      << lanes.size() << " lane(s), T<=" << g.max_tokens() << "\n";
+  for (std::size_t l = 0; l < lanes.size(); ++l) out << "  " << lanes[l].name << ": " << lanes[l].why << "\n";
+  out << "  " << std::left << std::setw(4) << "#" << std::setw(6) << "lane" << std::setw(22) << "node" << std::setw(24)
+      << "kernel" << std::setw(14) << "predicted" << "waits / why this kernel\n";
+  for (const PlanStep& s : steps) {
+    std::string waits;
+    for (NodeId w : s.waits) waits += (waits.empty() ? "waits " : ", ") + g.node(w).name;
+    out << "  " << std::setw(4) << s.order << std::setw(6) << s.lane << std::setw(22) << g.node(s.node).name
+        << std::setw(24) << s.kernel->name << std::setw(14) << us(s.predicted_s) << (waits.empty() ? "" : waits + "; ")
+        << s.reason << "\n";
+  }
+  out << "  predicted: " << us(predicted_makespan_s) << " (serial sum " << us(predicted_serial_s) << "); workspace "
+      << mib(bytes(Arena::workspace)) << ", weights " << mib(bytes(Arena::weights)) << ", inputs "
+      << mib(bytes(Arena::inputs)) << "\n";
+}
+
+void Plan::write_memory(std::ostream& out) const {
+  const Graph& g = *graph;
+  out << "buffers of " << g.name() << " at T=" << g.max_tokens() << " (no reuse: every value has its own range)\n";
+  out << "  " << std::left << std::setw(10) << "arena" << std::setw(28) << "value" << std::setw(22) << "shape"
+      << std::right << std::setw(14) << "offset" << std::setw(14) << "bytes" << "\n";
+  for (Arena a : {Arena::inputs, Arena::weights, Arena::workspace})
+    for (const Buffer& b : buffers) {
+      if (b.arena != a) continue;
+      const Value& v = g.value(b.value);
+      out << "  " << std::left << std::setw(10) << to_string(a) << std::setw(28) << v.name << std::setw(22)
+          << v.type_str(g.max_tokens()) << std::right << std::setw(14) << b.offset << std::setw(14) << b.bytes << "\n";
+    }
+  for (const PlanStep& s : steps) {
+    if (s.workspace_bytes == 0) continue;
+    out << "  " << std::left << std::setw(10) << "workspace" << std::setw(28) << (g.node(s.node).name + " (scratch)")
+        << std::setw(22) << s.kernel->name << std::right << std::setw(14) << s.workspace_offset << std::setw(14)
+        << s.workspace_bytes << "\n";
+  }
+  for (Arena a : {Arena::inputs, Arena::weights, Arena::workspace})
+    out << "  " << std::left << std::setw(10) << to_string(a) << " total " << bytes(a) << " bytes (" << mib(bytes(a))
+        << ")\n";
+  out << "  peak workspace " << bytes(Arena::workspace) << " bytes (" << mib(bytes(Arena::workspace)) << ")\n";
+}
+
+void Plan::write_dot(std::ostream& out) const {
+  const Graph& g = *graph;
+  DotDocument doc(g.name() + ".plan");
+  std::ostringstream label;
+  label << "plan: " << to_string(options.backend) << " " << to_string(options.policy) << ", " << lanes.size()
+        << " lane(s), T<=" << g.max_tokens() << ", workspace " << mib(bytes(Arena::workspace))
+        << "; #k = issue order, red = cross-lane wait";
+  doc.graph_attrs({{"rankdir", "LR"}, {"newrank", "true"}, {"fontname", "Helvetica"}, {"label", label.str()}});
+  doc.node_defaults({{"shape", "box"}, {"style", "rounded,filled"}, {"fillcolor", "white"}, {"fontname", "Helvetica"},
+                     {"fontsize", "10"}, {"label", "\\N"}});
+  doc.edge_defaults({{"fontname", "Helvetica"}, {"fontsize", "9"}, {"label", ""}});
+  std::vector<std::vector<const PlanStep*>> per_lane(lanes.size());
+  for (const PlanStep& s : steps) per_lane[static_cast<std::size_t>(s.lane)].push_back(&s);
+  auto key = [](const PlanStep& s) { return "s" + std::to_string(s.order); };
+  for (std::size_t l = 0; l < lanes.size(); ++l) {
+    const std::string cluster = "cluster_lane" + std::to_string(l);
+    doc.subgraph(cluster, {{"label", std::string(to_string(options.backend)) + " " + lanes[l].name},
+                           {"color", options.backend == Backend::cuda ? "steelblue" : "gray50"}});
+    for (const PlanStep* s : per_lane[l]) {
+      const Node& n = g.node(s->node);
+      std::string text = "#" + std::to_string(s->order) + " " + n.name;
+      if (n.chunk >= 0) text += " c" + std::to_string(n.chunk);
+      text += "\\n" + s->kernel->name + "\\n" + s->reason + "\\npredicted " + us(s->predicted_s);
+      doc.node(key(*s), {{"label", text}, {"fillcolor", n.op->fill_color()}}, cluster);
+    }
+    for (std::size_t i = 1; i < per_lane[l].size(); ++i)
+      doc.edge(key(*per_lane[l][i - 1]), key(*per_lane[l][i]),
+               {{"color", "gray70"}, {"arrowhead", "none"}, {"weight", "100"}}, cluster);
+  }
+  int event = 0;
+  for (const PlanStep& s : steps)
+    for (NodeId w : s.waits)
+      doc.edge(key(step_for(w)), key(s),
+               {{"style", "dashed"}, {"color", "red"}, {"label", "ev" + std::to_string(event++)}});
+  doc.write(out);
+}
+
+}  // namespace moeflow

@@ -1,0 +1,252 @@
+// make_plan: kernel selection, lane assignment and issue order, buffer layout.
+#include <algorithm>
+#include <cmath>
+#include <sstream>
+
+#include "graph/error.hpp"
+#include "scheduler/plan.hpp"
+
+namespace moeflow {
+
+const char* to_string(Policy p) { return p == Policy::serial ? "serial" : "concurrent"; }
+
+Policy parse_policy(const std::string& text) {
+  if (text == "serial") return Policy::serial;
+  if (text == "concurrent") return Policy::concurrent;
+  fail_input("--plan '" + text + "': expected serial or concurrent");
+}
+
+const char* to_string(Arena a) {
+  switch (a) {
+    case Arena::inputs: return "inputs";
+    case Arena::weights: return "weights";
+    case Arena::workspace: return "workspace";
+  }
+  return "?";
+}
+
+int64_t Plan::bytes(Arena a) const {
+  auto it = arena_bytes.find(a);
+  return it == arena_bytes.end() ? 0 : it->second;
+}
+
+namespace {
+
+constexpr int64_t kAlignment = 256;
+int64_t align_up(int64_t n) { return (n + kAlignment - 1) / kAlignment * kAlignment; }
+
+// No reuse yet: every value gets its own range in its arena (the memory planner comes later).
+void lay_out_buffers(Plan& plan) {
+  const Graph& g = *plan.graph;
+  plan.buffers.resize(g.values().size());
+  for (const Value& v : g.values()) {
+    Buffer& b = plan.buffers[static_cast<std::size_t>(v.id)];
+    b.value = v.id;
+    b.arena = v.role == ValueRole::weight ? Arena::weights
+              : v.role == ValueRole::input ? Arena::inputs
+                                           : Arena::workspace;
+    b.bytes = v.bytes(g.max_tokens());
+    b.offset = plan.arena_bytes[b.arena];
+    plan.arena_bytes[b.arena] += align_up(b.bytes);
+  }
+  for (PlanStep& s : plan.steps) {
+    s.workspace_offset = plan.arena_bytes[Arena::workspace];
+    plan.arena_bytes[Arena::workspace] += align_up(s.workspace_bytes);
+  }
+}
+
+std::vector<std::vector<NodeId>> successors_of(const Graph& g) {
+  std::vector<std::vector<NodeId>> succ(g.nodes().size());
+  for (const Node& n : g.nodes())
+    for (NodeId p : g.predecessors(n.id)) succ[static_cast<std::size_t>(p)].push_back(n.id);
+  return succ;
+}
+
+// Longest predicted path from each node to a sink, the node included: the list-scheduling priority.
+std::vector<double> bottom_levels(const Graph& g, const std::vector<PlanStep>& by_node) {
+  const auto succ = successors_of(g);
+  std::vector<double> level(g.nodes().size(), 0.0);
+  for (auto n = static_cast<NodeId>(g.nodes().size()) - 1; n >= 0; --n) {
+    double tail = 0.0;
+    for (NodeId s : succ[static_cast<std::size_t>(n)]) tail = std::max(tail, level[static_cast<std::size_t>(s)]);
+    level[static_cast<std::size_t>(n)] = by_node[static_cast<std::size_t>(n)].predicted_s + tail;
+  }
+  return level;
+}
+
+std::string micros(double s) {
+  std::ostringstream o;
+  o.setf(std::ios::fixed);
+  o.precision(s < 1e-3 ? 1 : 0);
+  o << s * 1e6 << " us";
+  return o.str();
+}
+
+// Serial: one lane in topological order (node ids are topological indices).
+void schedule_serial(Plan& plan, std::vector<PlanStep>& by_node) {
+  plan.lanes = {{"lane0", "serial plan: one lane in topological order (the baseline)"}};
+  double t = 0.0;
+  for (PlanStep& s : by_node) {
+    s.lane = 0;
+    s.start_estimate_s = t;
+    t += s.predicted_s;
+  }
+  plan.predicted_makespan_s = t;
+}
+
+// Concurrent: list scheduling by bottom level. A node continues the lane of the predecessor that
+// finishes last when that predecessor is still the lane's tail (no wait needed); otherwise it opens a
+// lane while fewer than max_lanes exist, or takes the lane that frees up first.
+void schedule_concurrent(Plan& plan, std::vector<PlanStep>& by_node) {
+  const Graph& g = *plan.graph;
+  const std::vector<double> level = bottom_levels(g, by_node);
+  const double critical = *std::max_element(level.begin(), level.end());
+  const std::size_t count = g.nodes().size();
+  std::vector<double> finish(count, 0.0);
+  std::vector<bool> placed(count, false);
+  std::vector<NodeId> lane_tail;      // last node on each lane
+  std::vector<double> lane_free;      // when each lane's last node finishes
+  std::vector<std::vector<NodeId>> lane_nodes;
+
+  for (std::size_t done = 0; done < count; ++done) {
+    // Ready node with the highest bottom level (ties: lower id, so plans are deterministic).
+    NodeId best = kNoNode;
+    for (const Node& n : g.nodes()) {
+      if (placed[static_cast<std::size_t>(n.id)]) continue;
+      bool ready = true;
+      for (NodeId p : g.predecessors(n.id)) ready = ready && placed[static_cast<std::size_t>(p)];
+      if (ready && (best == kNoNode || level[static_cast<std::size_t>(n.id)] > level[static_cast<std::size_t>(best)] + 1e-15))
+        best = n.id;
+    }
+    const auto preds = g.predecessors(best);
+    double ready_at = 0.0;
+    for (NodeId p : preds) ready_at = std::max(ready_at, finish[static_cast<std::size_t>(p)]);
+
+    int lane = -1;
+    double latest_pred = -1.0;
+    for (NodeId p : preds) {
+      const int pl = by_node[static_cast<std::size_t>(p)].lane;
+      if (lane_tail[static_cast<std::size_t>(pl)] == p && finish[static_cast<std::size_t>(p)] > latest_pred) {
+        lane = pl;
+        latest_pred = finish[static_cast<std::size_t>(p)];
+      }
+    }
+    std::string why;
+    if (lane < 0 && static_cast<int>(lane_tail.size()) < plan.options.max_lanes) {
+      lane = static_cast<int>(lane_tail.size());
+      lane_tail.push_back(kNoNode);
+      lane_free.push_back(0.0);
+      lane_nodes.emplace_back();
+      const Node& n = g.node(best);
+      if (lane == 0) {
+        plan.lanes.push_back({"lane0 (" + n.name + ")", "the critical path: " + n.name + " starts the longest chain (" +
+                                                            micros(level[static_cast<std::size_t>(best)]) + " predicted)"});
+      } else {
+        plan.lanes.push_back({"lane" + std::to_string(lane) + " (" + n.name + ")",
+                              n.name + " does not depend on the work already on other lanes, so it runs beside them (" +
+                                  micros(level[static_cast<std::size_t>(best)]) + " on its chain vs " +
+                                  micros(critical) + " on the critical path)"});
+      }
+    } else if (lane < 0) {
+      lane = static_cast<int>(std::min_element(lane_free.begin(), lane_free.end()) - lane_free.begin());
+    }
+    PlanStep& s = by_node[static_cast<std::size_t>(best)];
+    s.lane = lane;
+    s.start_estimate_s = std::max(ready_at, lane_free[static_cast<std::size_t>(lane)]);
+    finish[static_cast<std::size_t>(best)] = s.start_estimate_s + s.predicted_s;
+    lane_free[static_cast<std::size_t>(lane)] = finish[static_cast<std::size_t>(best)];
+    lane_tail[static_cast<std::size_t>(lane)] = best;
+    lane_nodes[static_cast<std::size_t>(lane)].push_back(best);
+    placed[static_cast<std::size_t>(best)] = true;
+  }
+  plan.predicted_makespan_s = *std::max_element(finish.begin(), finish.end());
+}
+
+// Issue order by estimated start (then lane, then id); cross-lane waits, skipping a wait already
+// implied by an earlier wait of the same lane on a later node of the other lane.
+void order_and_wait(Plan& plan, std::vector<PlanStep>& by_node) {
+  const Graph& g = *plan.graph;
+  std::vector<NodeId> order(by_node.size());
+  for (std::size_t i = 0; i < order.size(); ++i) order[i] = static_cast<NodeId>(i);
+  std::stable_sort(order.begin(), order.end(), [&](NodeId a, NodeId b) {
+    const PlanStep& x = by_node[static_cast<std::size_t>(a)];
+    const PlanStep& y = by_node[static_cast<std::size_t>(b)];
+    if (x.start_estimate_s != y.start_estimate_s) return x.start_estimate_s < y.start_estimate_s;
+    return a < b;
+  });
+  // A node never issues before a predecessor: predicted starts respect dependencies, but make it certain.
+  std::vector<int> position(by_node.size(), -1);
+  std::vector<NodeId> issued;
+  std::vector<bool> done(by_node.size(), false);
+  while (issued.size() < order.size()) {
+    for (NodeId n : order) {
+      if (done[static_cast<std::size_t>(n)]) continue;
+      bool ready = true;
+      for (NodeId p : g.predecessors(n)) ready = ready && done[static_cast<std::size_t>(p)];
+      if (!ready) continue;
+      done[static_cast<std::size_t>(n)] = true;
+      position[static_cast<std::size_t>(n)] = static_cast<int>(issued.size());
+      issued.push_back(n);
+      break;
+    }
+  }
+  const std::size_t lanes = plan.lanes.size();
+  std::vector<std::vector<int>> synced(lanes, std::vector<int>(lanes, -1));  // [lane][other] = last position covered
+  for (NodeId n : issued) {
+    PlanStep& s = by_node[static_cast<std::size_t>(n)];
+    s.order = position[static_cast<std::size_t>(n)];
+    for (NodeId p : g.predecessors(n)) {
+      const PlanStep& ps = by_node[static_cast<std::size_t>(p)];
+      if (ps.lane == s.lane) continue;
+      int& covered = synced[static_cast<std::size_t>(s.lane)][static_cast<std::size_t>(ps.lane)];
+      if (position[static_cast<std::size_t>(p)] <= covered) continue;
+      s.waits.push_back(p);
+      covered = position[static_cast<std::size_t>(p)];
+    }
+  }
+  plan.steps.clear();
+  for (NodeId n : issued) plan.steps.push_back(by_node[static_cast<std::size_t>(n)]);
+  plan.step_of_node.assign(by_node.size(), -1);
+  for (std::size_t i = 0; i < plan.steps.size(); ++i)
+    plan.step_of_node[static_cast<std::size_t>(plan.steps[i].node)] = static_cast<int>(i);
+}
+
+}  // namespace
+
+Plan make_plan(std::shared_ptr<const Graph> graph, const PlanOptions& options) {
+  if (!graph) fail_input("make_plan: no graph");
+  if (!graph->validated()) fail_input("make_plan: graph '" + graph->name() + "' is not validated");
+  if (options.max_lanes < 1) fail_input("make_plan: max_lanes must be >= 1");
+  Plan plan;
+  plan.graph = graph;
+  plan.options = options;
+  const int64_t T = options.cost_tokens > 0 ? std::min(options.cost_tokens, graph->max_tokens()) : graph->max_tokens();
+  const KernelRegistry& registry = options.registry ? *options.registry : KernelRegistry::builtin();
+  for (const auto& [op, name] : options.forced_kernels) {
+    bool known = false;
+    for (const Node& n : graph->nodes()) known = known || n.op->kind() == op;
+    if (!known) fail_input("--kernel " + op + "=" + name + ": the graph has no '" + op + "' node");
+  }
+
+  std::vector<PlanStep> by_node(graph->nodes().size());
+  for (const Node& n : graph->nodes()) {
+    PlanStep& s = by_node[static_cast<std::size_t>(n.id)];
+    s.node = n.id;
+    const KernelChoice choice = registry.select(*graph, n, options.backend, options.forced_kernels);
+    s.kernel = choice.kernel;
+    s.reason = choice.reason;
+    const auto in = graph->input_values(n);
+    const auto out = graph->output_values(n);
+    s.cost = n.op->cost({in, out}, T);
+    s.predicted_s = predict_seconds(s.cost, options.rates);
+    if (s.kernel->workspace) s.workspace_bytes = s.kernel->workspace(*graph, n, graph->max_tokens());
+    plan.predicted_serial_s += s.predicted_s;
+  }
+  if (options.policy == Policy::serial) schedule_serial(plan, by_node);
+  else schedule_concurrent(plan, by_node);
+  order_and_wait(plan, by_node);
+  lay_out_buffers(plan);
+  return plan;
+}
+
+}  // namespace moeflow

@@ -1,0 +1,33 @@
+#pragma once
+// A measured run: start and duration of every node on its lane, written as Chrome-trace JSON
+// (opens in Perfetto and chrome://tracing): one thread row per lane.
+#include <cstdint>
+#include <ostream>
+#include <string>
+#include <vector>
+
+namespace moeflow {
+
+struct TraceEvent {
+  std::string name;    // node name
+  std::string op;      // op kind
+  std::string kernel;  // kernel name
+  int lane = 0;
+  int chunk = -1;
+  double start_us = 0.0;  // from the run's start
+  double duration_us = 0.0;
+  double predicted_us = 0.0;
+};
+
+struct Trace {
+  std::string process;  // "moeflow cpu qwen1.5-moe-a2.7b serial"
+  std::vector<std::string> lanes;
+  int64_t tokens = 0;
+  std::vector<TraceEvent> events;
+
+  void write_chrome_json(std::ostream& out) const;
+  // Reads what write_chrome_json wrote (for `moeflow trace`); throws Error(bad_input) otherwise.
+  static Trace read_chrome_json(const std::string& path);
+};
+
+}  // namespace moeflow

@@ -1,0 +1,282 @@
+// Plans and the oneTBB executor: random DAGs (every dependency respected, results right), real
+// overlap of independent branches, the buffer table, kernel selection, golden plan DOT.
+#include <gmock/gmock.h>
+#include <gtest/gtest.h>
+
+#include <chrono>
+#include <fstream>
+#include <random>
+#include <sstream>
+#include <thread>
+
+#include "graph/builder.hpp"
+#include "graph/dot.hpp"
+#include "graph/error.hpp"
+#include "ops/moe_layer.hpp"
+#include "scheduler/cpu_executor.hpp"
+
+using namespace moeflow;
+using testing::HasSubstr;
+
+namespace {
+
+// out = 1 + Σ inputs, after sleeping `sleep_us`: slow enough that overlap is measurable.
+class ProbeOp final : public OpSchema {
+ public:
+  explicit ProbeOp(int sleep_us) : sleep_us_(sleep_us) {}
+  int sleep_us() const { return sleep_us_; }
+  std::string kind() const override { return "probe"; }
+  std::string summary() const override { return "1 + sum, sleeps " + std::to_string(sleep_us_) + " us"; }
+  std::vector<std::string> output_names() const override { return {"out"}; }
+  std::vector<ValueType> infer(const Node&, std::span<const Value* const> in) const override {
+    return {ValueType{in[0]->shape(), in[0]->dtype(), {}}};
+  }
+  Cost cost(const OpOperands&, int64_t) const override { return {0.0, sleep_us_ * 1e-6 * 10e9}; }
+  bool token_parallel() const override { return true; }
+  int min_inputs() const override { return 1; }
+  int max_inputs() const override { return 8; }
+
+ private:
+  int sleep_us_;
+};
+
+KernelRegistry probe_registry() {
+  KernelRegistry r;
+  r.add({"probe", Backend::cpu, "test.probe", 0, [](const Graph&, const Node&) { return Support::yes("test kernel"); },
+         [](const KernelCall& c) {
+           std::this_thread::sleep_for(
+               std::chrono::microseconds(static_cast<const ProbeOp&>(*c.node.op).sleep_us()));
+           const int64_t n = c.input_value(0).shape().elements(c.tokens);
+           float* out = c.out<float>(0);
+           for (int64_t i = 0; i < n; ++i) {
+             float s = 1.0f;
+             for (std::size_t a = 0; a < c.inputs.size(); ++a) s += c.in<float>(a)[i];
+             out[i] = s;
+           }
+         }});
+  return r;
+}
+
+struct RandomDag {
+  std::shared_ptr<const Graph> graph;
+  std::vector<std::vector<int>> inputs_of;  // per node, indices into values (0 = x, i + 1 = node i)
+};
+
+RandomDag random_dag(std::mt19937& rng, int nodes) {
+  GraphBuilder b("random", 8);
+  std::vector<ValueId> values{b.input("x", {tokens(), Dim::of(4)}, DType::f32)};
+  RandomDag dag;
+  std::vector<int> consumers(1, 0);
+  for (int i = 0; i < nodes; ++i) {
+    std::uniform_int_distribution<int> count(1, 3), pick(0, static_cast<int>(values.size()) - 1);
+    std::vector<int> chosen;
+    const int c = count(rng);
+    for (int j = 0; j < c; ++j) {
+      int v = pick(rng);
+      if (std::find(chosen.begin(), chosen.end(), v) == chosen.end()) chosen.push_back(v);
+    }
+    std::vector<ValueId> in;
+    for (int v : chosen) {
+      in.push_back(values[static_cast<std::size_t>(v)]);
+      ++consumers[static_cast<std::size_t>(v)];
+    }
+    values.push_back(b.add("n" + std::to_string(i), std::make_shared<ProbeOp>(200 + 100 * (i % 3)), in)[0]);
+    consumers.push_back(0);
+    dag.inputs_of.push_back(chosen);
+  }
+  // Every sink feeds one final node, so the whole DAG is live.
+  std::vector<ValueId> sinks;
+  std::vector<int> sink_indices;
+  for (std::size_t v = 1; v < values.size(); ++v)
+    if (consumers[v] == 0) {
+      sinks.push_back(values[v]);
+      sink_indices.push_back(static_cast<int>(v));
+    }
+  if (sinks.size() > 8) sinks.resize(8), sink_indices.resize(8);
+  ValueId out = b.add("final", std::make_shared<ProbeOp>(100), sinks)[0];
+  dag.inputs_of.push_back(sink_indices);
+  dag.graph = std::make_shared<const Graph>(std::move(b).finish({out}));
+  return dag;
+}
+
+}  // namespace
+
+TEST(CpuExecutor, RandomDagsRespectEveryDependencyAndComputeTheRightValues) {
+  const KernelRegistry registry = probe_registry();
+  std::mt19937 rng(1234);
+  for (int trial = 0; trial < 12; ++trial) {
+    const int nodes = 4 + trial;
+    RandomDag dag = random_dag(rng, nodes);
+    PlanOptions po;
+    po.registry = &registry;
+    po.policy = trial % 3 == 0 ? Policy::serial : Policy::concurrent;
+    po.max_lanes = 1 + trial % 4;
+    Plan plan = make_plan(dag.graph, po);
+    HostArena inputs(plan, Arena::inputs), weights(plan, Arena::weights);
+    const int64_t T = 1 + trial % 8;
+    fill_random(plan, inputs, T, static_cast<uint64_t>(trial));
+    CpuExecutor exec(plan, 2);
+    Trace trace;
+    exec.run(inputs, weights, T, &trace);
+    SCOPED_TRACE("trial " + std::to_string(trial) + " " + to_string(po.policy) + " lanes " +
+                 std::to_string(plan.lanes.size()));
+    // Every dependency respected: a node starts after each producer of its inputs ended.
+    const Graph& g = *dag.graph;
+    for (std::size_t i = 0; i < plan.steps.size(); ++i) {
+      const TraceEvent& e = trace.events[i];
+      for (NodeId p : g.predecessors(plan.steps[i].node)) {
+        const TraceEvent& pe = trace.events[static_cast<std::size_t>(plan.step_of_node[static_cast<std::size_t>(p)])];
+        EXPECT_GE(e.start_us, pe.start_us + pe.duration_us) << e.name << " started before " << pe.name << " ended";
+      }
+    }
+    // Values: evaluate the same DAG directly.
+    const float* x = inputs.as<float>(*g.find_value("x"));
+    std::vector<std::vector<float>> expected{std::vector<float>(x, x + T * 4)};
+    for (const auto& in : dag.inputs_of) {
+      std::vector<float> v(static_cast<std::size_t>(T * 4), 1.0f);
+      for (int src : in)
+        for (std::size_t k = 0; k < v.size(); ++k) v[k] += expected[static_cast<std::size_t>(src)][k];
+      expected.push_back(v);
+    }
+    const float* out = exec.output();
+    for (std::size_t k = 0; k < expected.back().size(); ++k) ASSERT_EQ(out[k], expected.back()[k]) << k;
+  }
+}
+
+TEST(CpuExecutor, IndependentBranchesOverlapInTimeOnlyUnderTheConcurrentPlan) {
+  const KernelRegistry registry = probe_registry();
+  GraphBuilder b("branches", 4);
+  ValueId x = b.input("x", {tokens(), Dim::of(4)}, DType::f32);
+  ValueId a = b.add("left", std::make_shared<ProbeOp>(30000), {x})[0];
+  ValueId c = b.add("right", std::make_shared<ProbeOp>(30000), {x})[0];
+  auto g = std::make_shared<const Graph>(std::move(b).finish({b.add("join", std::make_shared<ProbeOp>(0), {a, c})[0]}));
+  for (Policy policy : {Policy::serial, Policy::concurrent}) {
+    PlanOptions po;
+    po.registry = &registry;
+    po.policy = policy;
+    Plan plan = make_plan(g, po);
+    HostArena inputs(plan, Arena::inputs), weights(plan, Arena::weights);
+    fill_random(plan, inputs, 4, 1);
+    CpuExecutor exec(plan, 2);
+    Trace trace;
+    exec.run(inputs, weights, 4, &trace);
+    auto event = [&](const std::string& name) {
+      for (const TraceEvent& e : trace.events)
+        if (e.name == name) return e;
+      throw std::runtime_error("no event " + name);
+    };
+    const TraceEvent l = event("left"), r = event("right");
+    const double overlap = std::min(l.start_us + l.duration_us, r.start_us + r.duration_us) - std::max(l.start_us, r.start_us);
+    if (policy == Policy::serial) {
+      EXPECT_EQ(plan.lanes.size(), 1u);
+      EXPECT_LE(overlap, 0.0);
+    } else {
+      EXPECT_EQ(plan.lanes.size(), 2u);
+      EXPECT_NE(l.lane, r.lane);
+      EXPECT_GT(overlap, 15000.0) << "the branches should run together for most of their 30 ms";
+    }
+  }
+}
+
+TEST(Plan, ConcurrentPlanPutsSharedExpertBesideTheRoutedPath) {
+  MoEConfig c = load_config("qwen1.5-moe-a2.7b", {"hidden_size=256", "moe_intermediate_size=64",
+                                                  "shared_expert_intermediate_size=256"});
+  auto g = std::make_shared<const Graph>(build_moe_layer(c, {.max_tokens = 64}));
+  PlanOptions po;
+  po.policy = Policy::concurrent;
+  Plan plan = make_plan(g, po);
+  const PlanStep& shared = plan.step_for(*g->find_node("shared_expert"));
+  const PlanStep& experts = plan.step_for(*g->find_node("experts"));
+  const PlanStep& reduce = plan.step_for(*g->find_node("reduce"));
+  EXPECT_NE(shared.lane, experts.lane);
+  // The reduce waits for whichever branch is not on its own lane, and nothing else.
+  const NodeId other = reduce.lane == shared.lane ? *g->find_node("combine") : *g->find_node("shared_expert");
+  EXPECT_THAT(reduce.waits, testing::ElementsAre(other));
+  EXPECT_THAT(plan.lanes[static_cast<std::size_t>(shared.lane)].why + plan.lanes[0].why, HasSubstr("shared_expert"));
+  // Issue order is a topological order.
+  for (const PlanStep& s : plan.steps)
+    for (NodeId p : g->predecessors(s.node)) EXPECT_LT(plan.step_for(p).order, s.order);
+}
+
+TEST(Plan, SerialPlanIsOneLaneInTopologicalOrder) {
+  MoEConfig c = load_config("deepseek-v3", {"hidden_size=128", "moe_intermediate_size=32"});
+  auto g = std::make_shared<const Graph>(build_moe_layer(c, {.max_tokens = 16}));
+  Plan plan = make_plan(g, {});
+  ASSERT_EQ(plan.lanes.size(), 1u);
+  for (std::size_t i = 0; i < plan.steps.size(); ++i) {
+    EXPECT_EQ(plan.steps[i].node, static_cast<NodeId>(i));
+    EXPECT_EQ(plan.steps[i].order, static_cast<int>(i));
+    EXPECT_TRUE(plan.steps[i].waits.empty());
+  }
+}
+
+TEST(Plan, BufferTableGivesEveryValueItsOwnAlignedRangeAtMaximumT) {
+  MoEConfig c = load_config("qwen3-30b-a3b", {"hidden_size=128", "moe_intermediate_size=32", "num_experts=16"});
+  auto g = std::make_shared<const Graph>(build_moe_layer(c, {.max_tokens = 100}));
+  Plan plan = make_plan(g, {.policy = Policy::concurrent});
+  std::map<Arena, std::vector<std::pair<int64_t, int64_t>>> ranges;
+  for (const Value& v : g->values()) {
+    const Buffer& b = plan.buffer(v.id);
+    EXPECT_EQ(b.bytes, v.bytes(100)) << v.name;
+    EXPECT_EQ(b.offset % 256, 0) << v.name;
+    ranges[b.arena].push_back({b.offset, b.offset + b.bytes});
+  }
+  for (const PlanStep& s : plan.steps)
+    if (s.workspace_bytes) ranges[Arena::workspace].push_back({s.workspace_offset, s.workspace_offset + s.workspace_bytes});
+  for (auto& [arena, list] : ranges) {
+    std::sort(list.begin(), list.end());
+    for (std::size_t i = 1; i < list.size(); ++i) EXPECT_LE(list[i - 1].second, list[i].first) << to_string(arena);
+    EXPECT_LE(list.back().second, plan.bytes(arena));
+  }
+  EXPECT_EQ(plan.buffer(*g->find_value("dispatch.rows")).bytes, 100 * 8 * 128 * 4);
+}
+
+TEST(Plan, ForcedKernelsAreCheckedByName) {
+  MoEConfig c = load_config("mixtral-8x7b", {"hidden_size=64", "intermediate_size=32"});
+  auto g = std::make_shared<const Graph>(build_moe_layer(c, {.max_tokens = 8}));
+  PlanOptions po;
+  po.forced_kernels["experts"] = "cpu.grouped_swiglu";
+  EXPECT_THAT(make_plan(g, po).step_for(*g->find_node("experts")).reason, HasSubstr("forced"));
+  po.forced_kernels["experts"] = "no.such.kernel";
+  try {
+    make_plan(g, po);
+    FAIL();
+  } catch (const Error& e) {
+    EXPECT_THAT(e.what(), HasSubstr("no.such.kernel"));
+    EXPECT_THAT(e.what(), HasSubstr("cpu.grouped_swiglu"));
+  }
+}
+
+TEST(Plan, GoldenDotFiles) {
+  MoEConfig c = load_config("qwen1.5-moe-a2.7b", {"hidden_size=256", "moe_intermediate_size=64",
+                                                  "shared_expert_intermediate_size=256"});
+  auto g = std::make_shared<const Graph>(build_moe_layer(c, {.max_tokens = 64}));
+  std::ostringstream plan_dot;
+  make_plan(g, {.policy = Policy::concurrent}).write_dot(plan_dot);
+  const std::pair<std::string, std::string> files[] = {{"qwen2_moe_small.graph.dot", graph_dot(*g)},
+                                                       {"qwen2_moe_small.plan_concurrent.dot", plan_dot.str()}};
+  for (const auto& [name, text] : files) {
+    const std::string path = std::string(MOEFLOW_SOURCE_DIR) + "/tests/golden/" + name;
+    if (std::getenv("MOEFLOW_UPDATE_GOLDEN")) std::ofstream(path) << text;
+    std::ifstream f(path);
+    ASSERT_TRUE(f) << "missing " << path << " (run once with MOEFLOW_UPDATE_GOLDEN=1)";
+    std::stringstream golden;
+    golden << f.rdbuf();
+    EXPECT_EQ(text, golden.str()) << name << " differs from its golden file";
+  }
+}
+
+TEST(CpuExecutor, RefusesTokensAboveThePlansMaximum) {
+  MoEConfig c = load_config("mixtral-8x7b", {"hidden_size=64", "intermediate_size=32"});
+  auto g = std::make_shared<const Graph>(build_moe_layer(c, {.max_tokens = 8}));
+  Plan plan = make_plan(g, {});
+  HostArena inputs(plan, Arena::inputs), weights(plan, Arena::weights);
+  CpuExecutor exec(plan, 1);
+  try {
+    exec.run(inputs, weights, 9);
+    FAIL();
+  } catch (const Error& e) {
+    EXPECT_EQ(e.kind(), ErrorKind::bad_input);
+    EXPECT_THAT(e.what(), HasSubstr("[1, 8]"));
+  }
+}

@@ -1,0 +1,61 @@
+// `moeflow bench`: the benchmark sweep (bench/cpu_bench.hpp) from the command line.
+#include <fstream>
+#include <iostream>
+#include <tbb/info.h>
+
+#include "bench/cpu_bench.hpp"
+#include "graph/error.hpp"
+#include "tools/commands.hpp"
+
+namespace moeflow::cli {
+
+Command add_bench_command(CLI::App& app) {
+  struct Flags {
+    std::vector<std::string> models{"qwen1.5-moe-a2.7b", "qwen3-30b-a3b"};
+    std::vector<std::string> sets;
+    std::vector<int64_t> tokens{1, 8, 64};
+    std::vector<std::string> plans{"serial", "concurrent"};
+    std::string scope = "both";
+    std::string backend = "cpu";
+    int threads = 0;
+    uint64_t seed = 0;
+    int min_runs = 10;
+    double budget_s = 1.0;
+    std::string json;
+  };
+  auto f = std::make_shared<Flags>();
+  CLI::App* sub = app.add_subcommand("bench", "time models x T x plans x scopes against the roofline floor");
+  sub->add_option("--models", f->models, "presets or config.json paths, comma-separated")->delimiter(',');
+  sub->add_option("--set", f->sets, "override a field of every model: field=value (repeatable)");
+  sub->add_option("--tokens", f->tokens, "T values, comma-separated")->delimiter(',');
+  sub->add_option("--plans", f->plans, "serial,concurrent")->delimiter(',')->check(CLI::IsMember({"serial", "concurrent"}));
+  sub->add_option("--scope", f->scope, "experts | layer | both")->check(CLI::IsMember({"experts", "layer", "both"}));
+  sub->add_option("--backend", f->backend, "cpu | cuda")->check(CLI::IsMember({"cpu", "cuda"}));
+  sub->add_option("--threads", f->threads, "oneTBB threads (default: every core)")->check(CLI::PositiveNumber);
+  sub->add_option("--seed", f->seed, "seed of the random weights and inputs");
+  sub->add_option("--runs", f->min_runs, "timed runs per row at least")->check(CLI::PositiveNumber);
+  sub->add_option("--budget", f->budget_s, "seconds of timed runs per row to aim for")->check(CLI::NonNegativeNumber);
+  sub->add_option("--json", f->json, "write the rows as a JSON array");
+  return [f] {
+    if (f->backend == "cuda") fail_resource("bench --backend cuda: this build has no CUDA backend yet");
+    BenchOptions o;
+    o.models = f->models;
+    o.sets = f->sets;
+    o.tokens = f->tokens;
+    for (const std::string& p : f->plans) o.plans.push_back(parse_policy(p));
+    o.scopes = f->scope == "both" ? std::vector<std::string>{"experts", "layer"} : std::vector<std::string>{f->scope};
+    o.threads = f->threads > 0 ? f->threads : tbb::info::default_concurrency();
+    o.seed = f->seed;
+    o.min_runs = f->min_runs;
+    o.budget_s = f->budget_s;
+    const std::vector<nlohmann::json> rows = run_cpu_bench(o, std::cout);
+    if (!f->json.empty()) {
+      std::ofstream out(f->json);
+      if (!out) fail_input("--json: cannot write '" + f->json + "'");
+      out << nlohmann::json(rows).dump(1) << "\n";
+    }
+    return 0;
+  };
+}
+
+}  // namespace moeflow::cli

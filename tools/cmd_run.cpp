@@ -1,0 +1,167 @@
+// `moeflow run`: build, plan, run, time, check and trace one layer.
+#include <fstream>
+#include <iomanip>
+#include <iostream>
+#include <nlohmann/json.hpp>
+#include <tbb/info.h>
+
+#include "bench/cpu_session.hpp"
+#include "graph/error.hpp"
+#include "tools/commands.hpp"
+#include "tools/model_flags.hpp"
+
+namespace moeflow::cli {
+
+namespace {
+
+struct RunFlags {
+  ModelFlags model;
+  PlanFlags plan;
+  int64_t tokens = 64;
+  int64_t max_tokens = 0;  // 0: = tokens
+  int threads = 0;         // 0: every core
+  uint64_t seed = 0;
+  std::string trace;
+  bool json = false;
+  bool check = false;
+  int warmup = 1;
+  int min_runs = 5;
+  double budget_s = 2.0;
+};
+
+std::string fixed(double v, int digits) {
+  std::ostringstream o;
+  o << std::fixed << std::setprecision(digits) << v;
+  return o.str();
+}
+
+std::string sci(double v) {
+  std::ostringstream o;
+  o << std::scientific << std::setprecision(3) << v;
+  return o.str();
+}
+
+}  // namespace
+
+Command add_run_command(CLI::App& app) {
+  auto f = std::make_shared<RunFlags>();
+  CLI::App* sub = app.add_subcommand("run", "run a layer: time it, and with --check compare with the fp64 reference");
+  f->model.add_to(*sub);
+  f->plan.add_to(*sub);
+  sub->add_option("--tokens", f->tokens, "tokens T of this run");
+  sub->add_option("--max-tokens", f->max_tokens, "maximum T the graph and plan are built for (default: --tokens)");
+  sub->add_option("--threads", f->threads, "oneTBB threads (default: every core)")->check(CLI::PositiveNumber);
+  sub->add_option("--seed", f->seed, "seed of the random weights and inputs");
+  sub->add_option("--trace", f->trace, "write the last run as Chrome-trace JSON (Perfetto)");
+  sub->add_flag("--json", f->json, "print the result as JSON");
+  sub->add_flag("--check", f->check, "compare with the fp64 reference; exit 1 on failure");
+  sub->add_option("--warmup", f->warmup, "untimed runs first")->check(CLI::NonNegativeNumber);
+  sub->add_option("--runs", f->min_runs, "timed runs at least (more while --budget lasts, up to 200)")
+      ->check(CLI::PositiveNumber);
+  sub->add_option("--budget", f->budget_s, "seconds of timed runs to aim for")->check(CLI::NonNegativeNumber);
+  return [f] {
+    const int64_t max_tokens = f->max_tokens > 0 ? f->max_tokens : f->tokens;
+    if (f->max_tokens < 0) fail_input("--max-tokens = " + std::to_string(f->max_tokens) + " must be > 0");
+    check_tokens(f->tokens, max_tokens);
+    const MoEConfig config = f->model.config();
+    const int threads = f->threads > 0 ? f->threads : tbb::info::default_concurrency();
+    SessionOptions options;
+    options.plan = f->plan.options();
+    options.threads = threads;
+    options.seed = f->seed;
+    auto graph = build_graph(config, f->model.scope, max_tokens);
+    // The session refuses a model too large for the machine before allocating anything; the
+    // planner orders work with nominal rates, and the table below predicts with measured ones.
+    CpuSession session(graph, options);
+    const MachineRates rates = measure_cpu_rates(threads);
+    session.set_tokens(f->tokens);
+    const Timing timing = time_runs([&](int) { return session.run(); }, f->warmup, f->min_runs, 200, f->budget_s);
+    Trace trace;
+    trace.process = "moeflow cpu " + config.name + " " + f->plan.plan + " T=" + std::to_string(f->tokens);
+    session.run(&trace);
+    if (!f->trace.empty()) {
+      std::ofstream out(f->trace);
+      if (!out) fail_input("--trace: cannot write '" + f->trace + "'");
+      trace.write_chrome_json(out);
+    }
+    const Floor floor = session.floor(rates);
+    const Plan& plan = session.plan();
+    const Graph& g = session.graph();
+    double predicted_total = 0.0;
+    nlohmann::json nodes = nlohmann::json::array();
+    for (std::size_t i = 0; i < plan.steps.size(); ++i) {
+      const PlanStep& s = plan.steps[i];
+      const Node& n = g.node(s.node);
+      const auto in = g.input_values(n);
+      const auto out = g.output_values(n);
+      const double predicted = predict_seconds(n.op->cost({in, out}, f->tokens), rates);
+      predicted_total += predicted;
+      nodes.push_back({{"order", s.order}, {"lane", s.lane}, {"node", n.name}, {"kernel", s.kernel->name},
+                       {"why", s.reason}, {"measured_us", trace.events[i].duration_us},
+                       {"predicted_us", predicted * 1e6}});
+    }
+    nlohmann::json result{{"model", config.name},
+                          {"scope", f->model.scope},
+                          {"backend", "cpu"},
+                          {"plan", f->plan.plan},
+                          {"lanes", plan.lanes.size()},
+                          {"threads", threads},
+                          {"tokens", f->tokens},
+                          {"max_tokens", max_tokens},
+                          {"seed", f->seed},
+                          {"median_us", timing.median_s * 1e6},
+                          {"min_us", timing.min_s * 1e6},
+                          {"max_us", timing.max_s * 1e6},
+                          {"runs", timing.runs},
+                          {"floor_us", floor.seconds * 1e6},
+                          {"ratio_floor", timing.median_s / floor.seconds},
+                          {"touched_experts", floor.touched_experts},
+                          {"nodes", nodes}};
+    CheckReport report;
+    if (f->check) {
+      report = session.check(1e-5);
+      result["check"] = {{"rel_norm", report.comparison.rel_norm},
+                         {"rel_max", report.comparison.rel_max},
+                         {"tolerance", report.tolerance},
+                         {"tokens_differing", report.agreement.tokens_differing},
+                         {"tokens_adopted", report.agreement.tokens_adopted},
+                         {"max_adopted_gap", report.agreement.max_adopted_gap},
+                         {"pass", report.pass}};
+    }
+    if (f->json) {
+      std::cout << result.dump(2) << "\n";
+    } else {
+      std::cout << "moeflow run: " << config.name << " (" << f->model.scope << ")  backend cpu  plan " << f->plan.plan
+                << " (" << plan.lanes.size() << " lane(s))  threads " << threads << "  seed " << f->seed << "\n";
+      std::cout << std::left << "  " << std::setw(22) << "model" << std::setw(7) << "T" << std::setw(7) << "max T"
+                << std::setw(7) << "runs" << std::setw(12) << "median ms" << std::setw(10) << "min ms" << std::setw(14)
+                << "predicted ms" << std::setw(10) << "floor ms" << "x floor\n";
+      std::cout << "  " << std::setw(22) << config.name << std::setw(7) << f->tokens << std::setw(7) << max_tokens
+                << std::setw(7) << timing.runs << std::setw(12) << fixed(timing.median_s * 1e3, 3) << std::setw(10)
+                << fixed(timing.min_s * 1e3, 3) << std::setw(14) << fixed(predicted_total * 1e3, 3) << std::setw(10)
+                << fixed(floor.seconds * 1e3, 3) << fixed(timing.median_s / floor.seconds, 2) << "\n";
+      std::cout << "  per node (one traced run; predicted = cost model at T=" << f->tokens << " on measured rates "
+                << fixed(rates.flops_per_s / 1e9, 1) << " GFLOP/s, "
+                << fixed(rates.bytes_per_s / 1e9, 1) << " GB/s):\n";
+      std::cout << "    " << std::setw(4) << "#" << std::setw(6) << "lane" << std::setw(20) << "node" << std::setw(22)
+                << "kernel" << std::setw(13) << "measured us" << std::setw(14) << "predicted us" << "why\n";
+      for (const auto& n : nodes)
+        std::cout << "    " << std::setw(4) << n["order"].get<int>() << std::setw(6) << n["lane"].get<int>()
+                  << std::setw(20) << n["node"].get<std::string>() << std::setw(22) << n["kernel"].get<std::string>()
+                  << std::setw(13) << fixed(n["measured_us"].get<double>(), 1) << std::setw(14)
+                  << fixed(n["predicted_us"].get<double>(), 1) << n["why"].get<std::string>() << "\n";
+      if (f->check) {
+        std::cout << "  check vs fp64 reference: rel_norm " << sci(report.comparison.rel_norm) << "  rel_max "
+                  << sci(report.comparison.rel_max) << "  (pass: rel_norm < " << sci(report.tolerance) << ")  routing: "
+                  << report.agreement.tokens_differing << " of " << f->tokens << " tokens differ, "
+                  << report.agreement.tokens_adopted << " near-ties adopted";
+        if (report.agreement.tokens_adopted > 0) std::cout << " (max gap " << sci(report.agreement.max_adopted_gap) << ")";
+        std::cout << "  " << (report.pass ? "PASS" : "FAIL") << "\n";
+      }
+      if (!f->trace.empty()) std::cout << "  trace: " << f->trace << "\n";
+    }
+    return f->check && !report.pass ? 1 : 0;
+  };
+}
+
+}  // namespace moeflow::cli

@@ -1,0 +1,58 @@
+#include "tools/model_flags.hpp"
+
+#include "graph/error.hpp"
+#include "ops/moe_layer.hpp"
+
+namespace moeflow::cli {
+
+void ModelFlags::add_to(CLI::App& app) {
+  std::string presets;
+  for (const std::string& p : preset_names()) presets += (presets.empty() ? "" : ", ") + p;
+  app.add_option("--model", model, "preset: " + presets + " (default " + kDefaultModel + ")");
+  app.add_option("--hf-config", hf_config, "a Hugging Face config.json");
+  app.add_option("--set", sets, "override a config field: field=value (repeatable)")->take_all();
+  app.add_option("--scope", scope, "layer (x -> output) or experts (x, top-k ids, weights -> output)")
+      ->check(CLI::IsMember({"layer", "experts"}));
+}
+
+MoEConfig ModelFlags::config() const {
+  if (!model.empty() && !hf_config.empty()) fail_input("give --model or --hf-config, not both");
+  return load_config(!hf_config.empty() ? hf_config : model.empty() ? kDefaultModel : model, sets);
+}
+
+void PlanFlags::add_to(CLI::App& app) {
+  app.add_option("--plan", plan, "serial | concurrent")->check(CLI::IsMember({"serial", "concurrent"}));
+  app.add_option("--backend", backend, "cpu | cuda")->check(CLI::IsMember({"cpu", "cuda"}));
+  app.add_option("--kernel", kernels, "force a kernel: op=name (repeatable)");
+  app.add_option("--max-lanes", max_lanes, "most lanes the concurrent planner opens")->check(CLI::PositiveNumber);
+}
+
+PlanOptions PlanFlags::options() const {
+  PlanOptions o;
+  o.policy = parse_policy(plan);
+  if (backend == "cuda")
+    fail_resource("--backend cuda: this build has no CUDA backend yet (CPU engine only); use --backend cpu");
+  o.backend = Backend::cpu;
+  o.max_lanes = max_lanes;
+  for (const std::string& k : kernels) {
+    const auto eq = k.find('=');
+    if (eq == std::string::npos || eq == 0 || eq + 1 == k.size())
+      fail_input("--kernel '" + k + "': expected op=name, e.g. experts=cpu.grouped_swiglu");
+    o.forced_kernels[k.substr(0, eq)] = k.substr(eq + 1);
+  }
+  return o;
+}
+
+std::shared_ptr<const Graph> build_graph(const MoEConfig& config, const std::string& scope, int64_t max_tokens) {
+  LayerOptions o{.max_tokens = max_tokens, .dtype = DType::f32};
+  return std::make_shared<const Graph>(scope == "experts" ? build_experts_graph(config, o) : build_moe_layer(config, o));
+}
+
+void check_tokens(int64_t tokens, int64_t max_tokens) {
+  if (max_tokens <= 0) fail_input("--max-tokens = " + std::to_string(max_tokens) + " must be > 0");
+  if (tokens <= 0) fail_input("--tokens = " + std::to_string(tokens) + " must be > 0");
+  if (tokens > max_tokens)
+    fail_input("--tokens = " + std::to_string(tokens) + " exceeds --max-tokens = " + std::to_string(max_tokens));
+}
+
+}  // namespace moeflow::cli

@@ -1,0 +1,43 @@
+#pragma once
+// Flags shared by run, dot, plan and bench: which model, which graph, which plan.
+#include <CLI/CLI.hpp>
+#include <map>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "ops/model_config.hpp"
+#include "scheduler/plan.hpp"
+
+namespace moeflow::cli {
+
+struct ModelFlags {
+  std::string model;
+  std::string hf_config;
+  std::vector<std::string> sets;
+  std::string scope = "layer";  // layer | experts
+
+  void add_to(CLI::App& app);
+  // Exactly one of --model / --hf-config (a default preset when neither is given).
+  MoEConfig config() const;
+};
+
+struct PlanFlags {
+  std::string plan = "serial";
+  std::string backend = "cpu";
+  std::vector<std::string> kernels;  // op=name
+  int max_lanes = 4;
+
+  void add_to(CLI::App& app);
+  PlanOptions options() const;
+};
+
+// The graph of `scope` for a config at a maximum T.
+std::shared_ptr<const Graph> build_graph(const MoEConfig& config, const std::string& scope, int64_t max_tokens);
+
+// Refuses T <= 0 and T above the maximum, naming both.
+void check_tokens(int64_t tokens, int64_t max_tokens);
+
+inline constexpr const char* kDefaultModel = "qwen1.5-moe-a2.7b";
+
+}  // namespace moeflow::cli
