@@ -6,6 +6,7 @@
 #include <cstdlib>
 #include <map>
 #include <sstream>
+#include <vector>
 
 #include "graph/error.hpp"
 
@@ -14,6 +15,60 @@ namespace moeflow {
 namespace {
 // cgraph takes char* it never writes through.
 char* cstr(const std::string& s) { return const_cast<char*>(s.c_str()); }
+
+// libcgraph's default ID discipline uses the address of a name's interned string as the object's
+// ID, and writes subgraphs in ID order: the order would follow malloc, not the program. This one
+// numbers names in the order they are first seen (even IDs) and anonymous objects apart (odd IDs),
+// so every dump is the same byte for byte.
+struct SequentialIds {
+  Agraph_t* root = nullptr;
+  std::map<std::string, IDTYPE> ids;
+  std::vector<std::string> names;
+  std::vector<char*> interned;  // cgraph's own copies: agwrite inspects the header of what print returns
+  IDTYPE next_anonymous = 1;
+};
+
+void* ids_open(Agraph_t* g, Agdisc_t*) {
+  auto* s = new SequentialIds;
+  s->root = g;
+  return s;
+}
+
+long ids_map(void* state, int, char* name, IDTYPE* id, int create) {
+  auto* s = static_cast<SequentialIds*>(state);
+  if (!name) {
+    *id = s->next_anonymous;
+    s->next_anonymous += 2;
+    return 1;
+  }
+  auto it = s->ids.find(name);
+  if (it != s->ids.end()) {
+    *id = it->second;
+    return 1;
+  }
+  if (!create) return 0;
+  *id = 2 * static_cast<IDTYPE>(s->names.size() + 1);
+  s->names.emplace_back(name);
+  s->ids.emplace(name, *id);
+  return 1;
+}
+
+long ids_alloc(void*, int, IDTYPE) { return 0; }  // no caller-chosen IDs
+void ids_free(void*, int, IDTYPE) {}
+char* ids_print(void* state, int, IDTYPE id) {
+  auto* s = static_cast<SequentialIds*>(state);
+  if (id % 2 == 1 || id == 0 || id / 2 > s->names.size()) return nullptr;
+  const std::size_t index = id / 2 - 1;
+  if (s->interned.size() <= index) s->interned.resize(s->names.size(), nullptr);
+  if (!s->interned[index]) s->interned[index] = agstrdup(s->root, s->names[index].data());
+  return s->interned[index];
+}
+void ids_close(void* state) { delete static_cast<SequentialIds*>(state); }
+void ids_register(void*, int, void*) {}
+
+Agiddisc_t sequential_id_disc{ids_open, ids_map, ids_alloc, ids_free, ids_print, ids_close, ids_register};
+Agdisc_t deterministic_disc{&AgMemDisc, &sequential_id_disc, &AgIoDisc};
+
 }  // namespace
 
 struct DotDocument::Impl {
@@ -39,7 +94,7 @@ struct DotDocument::Impl {
 };
 
 DotDocument::DotDocument(const std::string& name) : impl_(std::make_unique<Impl>()) {
-  impl_->root = agopen(cstr(name), Agdirected, nullptr);
+  impl_->root = agopen(cstr(name), Agdirected, &deterministic_disc);
   if (!impl_->root) throw Error(ErrorKind::resource, "dot: libcgraph could not open a graph");
 }
 

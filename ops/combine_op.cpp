@@ -31,7 +31,8 @@ void register_combine_kernels(KernelRegistry& r) {
            const int hidden = static_cast<int>(c.input_value(0).shape()[1].fixed);
            cpu::combine_rows(c.in<float>(0), c.in<int32_t>(1), c.in<float>(2), c.tokens, op.top_k(), hidden,
                              c.out<float>(0));
-         }});
+         },
+         {}});
 }
 
 }  // namespace moeflow

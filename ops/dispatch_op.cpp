@@ -39,7 +39,8 @@ void register_dispatch_kernels(KernelRegistry& r) {
            cpu::build_permutation(c.in<int32_t>(1), c.tokens, op.top_k(), op.experts(), c.out<int32_t>(1),
                                   c.out<int32_t>(2));
            cpu::gather_rows(c.in<float>(0), c.out<int32_t>(2), c.tokens, op.top_k(), hidden, c.out<float>(0));
-         }});
+         },
+         {}});
 }
 
 }  // namespace moeflow

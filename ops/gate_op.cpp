@@ -63,7 +63,8 @@ void register_gate_kernels(KernelRegistry& r) {
            cpu::router_logits(c.in<float>(0), c.in<float>(1), c.tokens, hidden, op.rule().experts, logits);
            cpu::route_tokens(op.rule(), logits, op.rule().use_bias ? c.in<float>(2) : nullptr, c.tokens,
                              c.out<int32_t>(0), c.out<float>(1));
-         }});
+         },
+         {}});
 }
 
 }  // namespace moeflow

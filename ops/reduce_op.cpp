@@ -29,7 +29,8 @@ void register_reduce_kernels(KernelRegistry& r) {
            std::vector<const float*> addends;
            for (std::size_t i = 0; i < c.inputs.size(); ++i) addends.push_back(c.in<float>(i));
            cpu::sum_arrays(addends.data(), static_cast<int>(addends.size()), n, c.out<float>(0));
-         }});
+         },
+         {}});
 }
 
 }  // namespace moeflow

@@ -99,6 +99,12 @@ RandomDag random_dag(std::mt19937& rng, int nodes) {
   return dag;
 }
 
+PlanOptions concurrent_options() {
+  PlanOptions o;
+  o.policy = Policy::concurrent;
+  return o;
+}
+
 }  // namespace
 
 TEST(CpuExecutor, RandomDagsRespectEveryDependencyAndComputeTheRightValues) {
@@ -213,7 +219,7 @@ TEST(Plan, SerialPlanIsOneLaneInTopologicalOrder) {
 TEST(Plan, BufferTableGivesEveryValueItsOwnAlignedRangeAtMaximumT) {
   MoEConfig c = load_config("qwen3-30b-a3b", {"hidden_size=128", "moe_intermediate_size=32", "num_experts=16"});
   auto g = std::make_shared<const Graph>(build_moe_layer(c, {.max_tokens = 100}));
-  Plan plan = make_plan(g, {.policy = Policy::concurrent});
+  Plan plan = make_plan(g, concurrent_options());
   std::map<Arena, std::vector<std::pair<int64_t, int64_t>>> ranges;
   for (const Value& v : g->values()) {
     const Buffer& b = plan.buffer(v.id);
@@ -252,7 +258,7 @@ TEST(Plan, GoldenDotFiles) {
                                                   "shared_expert_intermediate_size=256"});
   auto g = std::make_shared<const Graph>(build_moe_layer(c, {.max_tokens = 64}));
   std::ostringstream plan_dot;
-  make_plan(g, {.policy = Policy::concurrent}).write_dot(plan_dot);
+  make_plan(g, concurrent_options()).write_dot(plan_dot);
   const std::pair<std::string, std::string> files[] = {{"qwen2_moe_small.graph.dot", graph_dot(*g)},
                                                        {"qwen2_moe_small.plan_concurrent.dot", plan_dot.str()}};
   for (const auto& [name, text] : files) {

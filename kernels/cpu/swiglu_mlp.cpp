@@ -10,13 +10,14 @@
 #include <cmath>
 #include <vector>
 
+#include "kernels/cpu/small_rows_gemm.hpp"
+
 namespace moeflow::cpu {
 namespace {
 
-// Rows per GEMM: enough for OpenBLAS's kernels to reach speed.
+// Rows per block: at most what small_rows_gemm streams in one pass over the weights, so small
+// blocks read each weight once; larger blocks go to CBLAS, whose packing then pays off.
 constexpr int kRowBlock = 64;
-// Rows up to which a matrix-vector product per row beats a packed GEMM.
-constexpr int kGemvRows = 2;
 
 // Rows of one expert (or of the shared MLP) handled together.
 struct RowBlock {
@@ -28,13 +29,8 @@ struct RowBlock {
 
 // y[n, cols] = x[n, k] · w[cols, k]ᵀ (w rows with stride ldw), y with stride ldy.
 void project(const float* x, int n, int k, const float* w, int cols, int ldw, float* y, int ldy) {
-  if (n <= kGemvRows) {
-    for (int r = 0; r < n; ++r)
-      cblas_sgemv(CblasRowMajor, CblasNoTrans, cols, k, 1.0f, w, ldw, x + static_cast<int64_t>(r) * k, 1, 0.0f,
-                  y + static_cast<int64_t>(r) * ldy, 1);
-  } else {
-    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, n, cols, k, 1.0f, x, k, w, ldw, 0.0f, y, ldy);
-  }
+  if (n <= kSmallRowsMax) small_rows_gemm(x, n, k, w, cols, ldw, y, ldy);
+  else cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, n, cols, k, 1.0f, x, k, w, ldw, 0.0f, y, ldy);
 }
 
 // Slabs per row block so that blocks × slabs gives every thread several tasks, never slabs

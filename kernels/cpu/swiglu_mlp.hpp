@@ -5,8 +5,8 @@
 // Two phases, so that even one small block of rows keeps every thread busy: (1) per (row block,
 // slab of I) the activation silu(x·W1ᵀ) ⊙ x·W3ᵀ into `act`; (2) per (row block, slab of H) the
 // down projection act·W2ᵀ. Each output element is computed by exactly one task: deterministic.
-// Blocks of one or two rows use sgemv: OpenBLAS's sgemm packs the weights first, which for so few
-// rows costs several times the weight read itself.
+// Blocks of up to kSmallRowsMax rows use small_rows_gemm: OpenBLAS's sgemm packs the weights
+// first, which for so few rows costs several times the weight read itself (small_rows_gemm.cpp).
 #include <cstdint>
 
 namespace moeflow::cpu {

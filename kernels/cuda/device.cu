@@ -1,0 +1,29 @@
+#include "kernels/cuda/check.cuh"
+#include "kernels/cuda/device.hpp"
+
+namespace moeflow::cuda {
+
+int device_count() {
+  int n = 0;
+  if (cudaGetDeviceCount(&n) != cudaSuccess) {
+    cudaGetLastError();  // clear the sticky "no driver" error so later calls start clean
+    return 0;
+  }
+  return n;
+}
+
+std::string device_name(int device) {
+  cudaDeviceProp p{};
+  MOEFLOW_CUDA_CHECK(cudaGetDeviceProperties(&p, device));
+  return std::string(p.name) + " (sm_" + std::to_string(p.major) + std::to_string(p.minor) + ")";
+}
+
+void device_memory(int device, int64_t& free_bytes, int64_t& total_bytes) {
+  MOEFLOW_CUDA_CHECK(cudaSetDevice(device));
+  size_t f = 0, t = 0;
+  MOEFLOW_CUDA_CHECK(cudaMemGetInfo(&f, &t));
+  free_bytes = static_cast<int64_t>(f);
+  total_bytes = static_cast<int64_t>(t);
+}
+
+}  // namespace moeflow::cuda
