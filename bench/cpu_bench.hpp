@@ -21,7 +21,9 @@ struct BenchOptions {
   int warmup = 1;
   int min_runs = 10;
   double budget_s = 1.0;
+  int input_sets = 8;  // rotated run by run (DESIGN.md: >= 8, so caches do not hold the touched weights)
 };
+
 
 // Runs the sweep, printing one table line per row to `log`; returns the rows. A model that does not
 // fit in memory is reported in `log` and skipped.

@@ -24,30 +24,42 @@ CpuSession::CpuSession(std::shared_ptr<const Graph> graph, const SessionOptions&
   require_host_bytes(bytes_needed(plan_) - (share_weights ? plan_.bytes(Arena::weights) : 0), what.str());
   if (share_weights) weights_ = share_weights->weights_;
   else weights_ = std::make_shared<HostArena>(plan_, Arena::weights);
-  inputs_ = std::make_unique<HostArena>(plan_, Arena::inputs);
   executor_ = std::make_unique<CpuExecutor>(plan_, options.threads);
   if (!share_weights) fill_random(plan_, *weights_, plan_.graph->max_tokens(), options.seed);
 }
 
-void CpuSession::set_tokens(int64_t tokens) {
+void CpuSession::set_tokens(int64_t tokens, int input_sets) {
+  if (input_sets < 1) fail_input("CpuSession: input_sets must be >= 1");
   if (tokens <= 0 || tokens > plan_.graph->max_tokens())
     fail_input("tokens = " + std::to_string(tokens) + " must be in [1, " + std::to_string(plan_.graph->max_tokens()) +
                "] (the maximum the graph was built for)");
   tokens_ = tokens;
-  fill_random(plan_, *inputs_, tokens, options_.seed);
+  require_host_bytes(input_sets * plan_.bytes(Arena::inputs), "input sets of '" + plan_.graph->name() + "'");
+  inputs_.resize(static_cast<std::size_t>(input_sets));
+  for (int s = 0; s < input_sets; ++s) {
+    if (!inputs_[static_cast<std::size_t>(s)]) inputs_[static_cast<std::size_t>(s)] = std::make_unique<HostArena>(plan_, Arena::inputs);
+    // Set 0 is drawn from the seed itself, so `run --seed S` and tests see the same inputs.
+    fill_random(plan_, *inputs_[static_cast<std::size_t>(s)], tokens, options_.seed + 0x9e3779b9ull * static_cast<uint64_t>(s));
+  }
+  set_ = 0;
+}
+
+void CpuSession::use_input_set(int set) {
+  if (set < 0 || set >= input_sets()) fail_input("CpuSession: no input set " + std::to_string(set));
+  set_ = set;
 }
 
 double CpuSession::run(Trace* trace) {
   if (tokens_ == 0) fail_input("CpuSession::run: call set_tokens first");
   const auto t0 = std::chrono::steady_clock::now();
-  executor_->run(*inputs_, *weights_, tokens_, trace);
+  executor_->run(*inputs_[static_cast<std::size_t>(set_)], *weights_, tokens_, trace);
   return std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
 }
 
 const void* CpuSession::value_data(ValueId v) const {
   const Value& val = plan_.graph->value(v);
   if (val.role == ValueRole::weight) return weights_->data(v);
-  if (val.role == ValueRole::input) return inputs_->data(v);
+  if (val.role == ValueRole::input) return inputs_.at(static_cast<std::size_t>(set_))->data(v);
   return executor_->data(v);
 }
 
@@ -57,13 +69,30 @@ CheckReport CpuSession::check(double tolerance) const {
   return check_output(output(), ref, tolerance);
 }
 
-Floor CpuSession::floor(const MachineRates& rates) const {
+Floor CpuSession::floor(const MachineRates& rates) {
   const Graph& g = *plan_.graph;
-  const int32_t* ids = nullptr;
+  ValueId ids = -1;
   for (const Node& n : g.nodes())
-    if (n.op->kind() == "dispatch") ids = static_cast<const int32_t*>(value_data(n.inputs[1]));
-  if (!ids) fail_input("floor: graph '" + g.name() + "' has no dispatch node");
-  return roofline_floor(g, tokens_, ids, rates);
+    if (n.op->kind() == "dispatch") ids = n.inputs[1];
+  if (ids < 0) fail_input("floor: graph '" + g.name() + "' has no dispatch node");
+  const bool ids_are_input = g.value(ids).role == ValueRole::input;
+  const int current = set_;
+  Floor mean;
+  const double sets = static_cast<double>(inputs_.size());
+  for (int s = 0; s < input_sets(); ++s) {
+    use_input_set(s);
+    if (!ids_are_input) run();  // a whole layer's routing exists once its gate has run on this set
+    const Floor f = roofline_floor(g, tokens_, static_cast<const int32_t*>(value_data(ids)), rates);
+    mean.bytes += f.bytes / sets;
+    mean.flops += f.flops / sets;
+    mean.seconds += f.seconds / sets;
+    mean.touched_experts += f.touched_experts;
+    mean.memory_bound = f.memory_bound;
+  }
+  mean.touched_experts /= input_sets();
+  use_input_set(current);
+  if (!ids_are_input) run();
+  return mean;
 }
 
 }  // namespace moeflow

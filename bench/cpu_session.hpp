@@ -25,22 +25,27 @@ class CpuSession {
   CpuSession(std::shared_ptr<const Graph> graph, const SessionOptions& options,
              const CpuSession* share_weights = nullptr);
 
-  // Draws the inputs for T tokens (from the seed; the same T gives the same inputs).
-  void set_tokens(int64_t tokens);
+  // Draws `input_sets` sets of inputs for T tokens (from the seed; the same T gives the same inputs)
+  // and selects set 0. Benchmarks rotate over several sets so that caches do not keep the weights
+  // of the experts one routing touches from run to run.
+  void set_tokens(int64_t tokens, int input_sets = 1);
+  void use_input_set(int set);
+  int input_sets() const { return static_cast<int>(inputs_.size()); }
   int64_t tokens() const { return tokens_; }
-  // One run; returns its wall time in seconds.
+  // One run on the selected input set; returns its wall time in seconds.
   double run(Trace* trace = nullptr);
   // Runs the reference on the last run's inputs and compares with its output.
   CheckReport check(double tolerance) const;
-  // Floor of the last run's routing.
-  Floor floor(const MachineRates& rates) const;
+  // The roofline floor, averaged over the input sets (each routes to its own experts). For a whole
+  // layer the routing is the gate's, so each set runs once more (untimed) to produce it.
+  Floor floor(const MachineRates& rates);
 
   const Plan& plan() const { return plan_; }
   const Graph& graph() const { return *plan_.graph; }
   const float* output() const { return executor_->output(); }
   const void* value_data(ValueId v) const;
   // A per-run input's buffer, to overwrite what set_tokens drew (tests build routing by hand).
-  void* input_data(ValueId v) { return inputs_->data(v); }
+  void* input_data(ValueId v) { return inputs_.at(static_cast<std::size_t>(set_))->data(v); }
   // Bytes the session holds: weights + inputs + workspace.
   static int64_t bytes_needed(const Plan& plan);
 
@@ -48,7 +53,8 @@ class CpuSession {
   Plan plan_;
   SessionOptions options_;
   std::shared_ptr<HostArena> weights_;
-  std::unique_ptr<HostArena> inputs_;
+  std::vector<std::unique_ptr<HostArena>> inputs_;
+  int set_ = 0;
   std::unique_ptr<CpuExecutor> executor_;
   int64_t tokens_ = 0;
 };

@@ -15,8 +15,9 @@ struct MachineRates {
 
 double predict_seconds(const Cost& cost, const MachineRates& rates);
 
-// Measures this machine with `threads` oneTBB threads: a CBLAS SwiGLU MLP (flops) and a parallel copy
-// (bytes read plus written). Takes about a quarter of a second.
+// Measures this machine with `threads` oneTBB threads, medians of a few repetitions: one large
+// single-threaded SGEMM per thread (flops) and a parallel 128 MiB copy (bytes read plus written).
+// Takes about half a second.
 MachineRates measure_cpu_rates(int threads);
 
 }  // namespace moeflow

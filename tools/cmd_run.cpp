@@ -27,6 +27,7 @@ struct RunFlags {
   int warmup = 1;
   int min_runs = 5;
   double budget_s = 2.0;
+  int input_sets = 8;
 };
 
 std::string fixed(double v, int digits) {
@@ -59,6 +60,8 @@ Command add_run_command(CLI::App& app) {
   sub->add_option("--runs", f->min_runs, "timed runs at least (more while --budget lasts, up to 200)")
       ->check(CLI::PositiveNumber);
   sub->add_option("--budget", f->budget_s, "seconds of timed runs to aim for")->check(CLI::NonNegativeNumber);
+  sub->add_option("--input-sets", f->input_sets, "input sets the timed runs rotate over (caches do not keep the touched weights)")
+      ->check(CLI::PositiveNumber);
   return [f] {
     const int64_t max_tokens = f->max_tokens > 0 ? f->max_tokens : f->tokens;
     if (f->max_tokens < 0) fail_input("--max-tokens = " + std::to_string(f->max_tokens) + " must be > 0");
@@ -74,8 +77,15 @@ Command add_run_command(CLI::App& app) {
     // planner orders work with nominal rates, and the table below predicts with measured ones.
     CpuSession session(graph, options);
     const MachineRates rates = measure_cpu_rates(threads);
-    session.set_tokens(f->tokens);
-    const Timing timing = time_runs([&](int) { return session.run(); }, f->warmup, f->min_runs, 200, f->budget_s);
+    session.set_tokens(f->tokens, f->input_sets);
+    const Timing timing = time_runs(
+        [&](int run) {
+          session.use_input_set(run % f->input_sets);
+          return session.run();
+        },
+        f->warmup, f->min_runs, 200, f->budget_s);
+    const Floor floor = session.floor(rates);
+    session.use_input_set(0);  // the traced run and the check use the inputs of --seed itself
     Trace trace;
     trace.process = "moeflow cpu " + config.name + " " + f->plan.plan + " T=" + std::to_string(f->tokens);
     session.run(&trace);
@@ -84,7 +94,6 @@ Command add_run_command(CLI::App& app) {
       if (!out) fail_input("--trace: cannot write '" + f->trace + "'");
       trace.write_chrome_json(out);
     }
-    const Floor floor = session.floor(rates);
     const Plan& plan = session.plan();
     const Graph& g = session.graph();
     double predicted_total = 0.0;
@@ -113,6 +122,7 @@ Command add_run_command(CLI::App& app) {
                           {"min_us", timing.min_s * 1e6},
                           {"max_us", timing.max_s * 1e6},
                           {"runs", timing.runs},
+                          {"input_sets", f->input_sets},
                           {"floor_us", floor.seconds * 1e6},
                           {"ratio_floor", timing.median_s / floor.seconds},
                           {"touched_experts", floor.touched_experts},

@@ -49,8 +49,8 @@ std::shared_ptr<const Graph> build_graph(const MoEConfig& config, const std::str
 }
 
 void check_tokens(int64_t tokens, int64_t max_tokens) {
-  if (max_tokens <= 0) fail_input("--max-tokens = " + std::to_string(max_tokens) + " must be > 0");
   if (tokens <= 0) fail_input("--tokens = " + std::to_string(tokens) + " must be > 0");
+  if (max_tokens <= 0) fail_input("--max-tokens = " + std::to_string(max_tokens) + " must be > 0");
   if (tokens > max_tokens)
     fail_input("--tokens = " + std::to_string(tokens) + " exceeds --max-tokens = " + std::to_string(max_tokens));
 }

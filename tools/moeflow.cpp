@@ -22,7 +22,7 @@ int main(int argc, char** argv) {
   } catch (const CLI::CallForAllHelp& e) {
     return app.exit(e);
   } catch (const CLI::ParseError& e) {
-    app.exit(e);
+    std::cerr << "moeflow: error: " << e.what() << " (see --help)\n";  // one line, like every other error
     return 2;
   }
   try {

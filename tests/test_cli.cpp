@@ -1,0 +1,183 @@
+// The `moeflow` command as a user meets it: exit statuses (0 ok, 1 check failed, 2 bad input,
+// 3 resources), one-line errors that name what is wrong, and the files it writes.
+#include <gmock/gmock.h>
+#include <gtest/gtest.h>
+
+#include <array>
+#include <cstdio>
+#include <filesystem>
+#include <fstream>
+#include <sstream>
+#include <sys/wait.h>
+
+#include "bench/cpu_session.hpp"
+#include "ops/moe_layer.hpp"
+
+using testing::HasSubstr;
+namespace fs = std::filesystem;
+
+namespace {
+
+struct Result {
+  int status = -1;
+  std::string output;  // stdout and stderr
+};
+
+Result run_moeflow(const std::string& args) {
+  const std::string command = std::string(MOEFLOW_BINARY) + " " + args + " 2>&1";
+  FILE* pipe = popen(command.c_str(), "r");
+  Result r;
+  std::array<char, 4096> buffer{};
+  while (pipe && fgets(buffer.data(), buffer.size(), pipe)) r.output += buffer.data();
+  const int raw = pipe ? pclose(pipe) : -1;
+  r.status = WIFEXITED(raw) ? WEXITSTATUS(raw) : -1;
+  return r;
+}
+
+const char* kSmallQwen =
+    "--model qwen1.5-moe-a2.7b --set hidden_size=128 --set moe_intermediate_size=32 "
+    "--set shared_expert_intermediate_size=64 --threads 2 --runs 1 --budget 0";
+
+fs::path temp_dir() {
+  fs::path d = fs::temp_directory_path() / ("moeflow_cli_" + std::to_string(::getpid()));
+  fs::create_directories(d);
+  return d;
+}
+
+void expect_bad_input(const std::string& args, const std::string& mentions) {
+  const Result r = run_moeflow(args);
+  EXPECT_EQ(r.status, 2) << args << "\n" << r.output;
+  EXPECT_THAT(r.output, HasSubstr(mentions)) << args;
+  EXPECT_EQ(std::count(r.output.begin(), r.output.end(), '\n'), 1) << "one line expected:\n" << r.output;
+}
+
+}  // namespace
+
+TEST(Cli, RunWithCheckPassesAndPrintsTheTable) {
+  const Result r = run_moeflow(std::string("run ") + kSmallQwen + " --tokens 17 --plan concurrent --check");
+  EXPECT_EQ(r.status, 0) << r.output;
+  EXPECT_THAT(r.output, HasSubstr("PASS"));
+  EXPECT_THAT(r.output, HasSubstr("median ms"));
+  EXPECT_THAT(r.output, HasSubstr("predicted us"));
+  EXPECT_THAT(r.output, HasSubstr("shared_expert"));
+}
+
+TEST(Cli, RunJsonCarriesTheCheckAndEveryNode) {
+  const Result r = run_moeflow(std::string("run ") + kSmallQwen + " --tokens 5 --max-tokens 9 --check --json");
+  ASSERT_EQ(r.status, 0) << r.output;
+  const auto j = nlohmann::json::parse(r.output);
+  EXPECT_EQ(j["tokens"], 5);
+  EXPECT_EQ(j["max_tokens"], 9);
+  EXPECT_TRUE(j["check"]["pass"].get<bool>());
+  EXPECT_LT(j["check"]["rel_norm"].get<double>(), 1e-5);
+  EXPECT_EQ(j["nodes"].size(), 6u);
+}
+
+TEST(Cli, TraceOfConcurrentPlanShowsSharedExpertBesideRoutedPath) {
+  const fs::path dir = temp_dir();
+  const std::string trace = (dir / "run.json").string();
+  const Result r = run_moeflow("run --model qwen1.5-moe-a2.7b --set hidden_size=512 --set moe_intermediate_size=256 "
+                           "--set shared_expert_intermediate_size=2048 --threads 2 --runs 1 --budget 0 --tokens 256 "
+                           "--plan concurrent --trace " + trace);
+  ASSERT_EQ(r.status, 0) << r.output;
+  const moeflow::Trace t = moeflow::Trace::read_chrome_json(trace);
+  const moeflow::TraceEvent* shared = nullptr;
+  double routed_start = 1e30, routed_end = 0;
+  for (const auto& e : t.events) {
+    if (e.name == "shared_expert") shared = &e;
+    if (e.name == "dispatch" || e.name == "experts" || e.name == "combine" || e.name == "gate") {
+      routed_start = std::min(routed_start, e.start_us);
+      routed_end = std::max(routed_end, e.start_us + e.duration_us);
+    }
+  }
+  ASSERT_NE(shared, nullptr);
+  const double overlap = std::min(shared->start_us + shared->duration_us, routed_end) - std::max(shared->start_us, routed_start);
+  EXPECT_GT(overlap, 0.0) << "the shared expert should run while the routed path runs";
+  const std::string svg = (dir / "timeline.svg").string();
+  if (std::system("command -v neato >/dev/null") == 0) {
+    const Result tr = run_moeflow("trace " + trace + " --svg " + svg);
+    EXPECT_EQ(tr.status, 0) << tr.output;
+    EXPECT_TRUE(fs::file_size(svg) > 0);
+  }
+}
+
+TEST(Cli, DotIsIdenticalAcrossRunsAndRendersWithGraphviz) {
+  const fs::path dir = temp_dir();
+  const std::string a = (dir / "a.dot").string(), b = (dir / "b.dot").string();
+  ASSERT_EQ(run_moeflow("dot --model qwen1.5-moe-a2.7b --max-tokens 64 -o " + a).status, 0);
+  ASSERT_EQ(run_moeflow("dot --model qwen1.5-moe-a2.7b --max-tokens 64 -o " + b).status, 0);
+  std::stringstream sa, sb;
+  sa << std::ifstream(a).rdbuf();
+  sb << std::ifstream(b).rdbuf();
+  EXPECT_EQ(sa.str(), sb.str());
+  for (const char* op : {"gate", "shared_expert", "dispatch", "experts", "combine", "reduce"})
+    EXPECT_THAT(sa.str(), HasSubstr(std::string("{") + op + "|"));
+  const std::string plan = (dir / "plan.dot").string();
+  const Result p = run_moeflow("plan --model deepseek-v3 --max-tokens 8192 --plan concurrent --memory -o " + plan);
+  EXPECT_EQ(p.status, 0) << p.output;  // planning never allocates weights, so any preset plans here
+  EXPECT_THAT(p.output, HasSubstr("peak workspace"));
+  if (std::system("command -v dot >/dev/null") == 0) {
+    EXPECT_EQ(std::system(("dot -Tsvg " + a + " -o " + (dir / "a.svg").string()).c_str()), 0);
+    EXPECT_EQ(std::system(("dot -Tsvg " + plan + " -o " + (dir / "plan.svg").string()).c_str()), 0);
+  }
+}
+
+TEST(Cli, BadInputIsOneLineAndStatusTwo) {
+  expect_bad_input("run --model no-such-model --tokens 4", "no-such-model");
+  expect_bad_input(std::string("run ") + kSmallQwen + " --tokens 0", "--tokens = 0");
+  expect_bad_input(std::string("run ") + kSmallQwen + " --tokens -3", "--tokens = -3");
+  expect_bad_input(std::string("run ") + kSmallQwen + " --tokens abc", "abc");
+  expect_bad_input(std::string("run ") + kSmallQwen + " --tokens 65 --max-tokens 64", "exceeds --max-tokens = 64");
+  expect_bad_input(std::string("run ") + kSmallQwen + " --set no_such_field=1", "no_such_field");
+  expect_bad_input(std::string("run ") + kSmallQwen + " --set num_experts_per_tok=61", "num_experts_per_tok");
+  expect_bad_input(std::string("run ") + kSmallQwen + " --set num_experts_per_tok=0", "num_experts_per_tok");
+  expect_bad_input(std::string("run ") + kSmallQwen + " --set hidden_size=0", "hidden_size");
+  expect_bad_input(std::string("run ") + kSmallQwen + " --set moe_intermediate_size=-5", "moe_intermediate_size");
+  expect_bad_input("run --model deepseek-v3 --set n_group=7 --tokens 4", "n_group");
+  expect_bad_input("run --model deepseek-v3 --set topk_group=9 --tokens 4", "topk_group");
+  expect_bad_input(std::string("run ") + kSmallQwen + " --tokens 4 --no-such-flag", "no-such-flag");
+  expect_bad_input(std::string("run ") + kSmallQwen + " --tokens 4 --plan sideways", "sideways");
+  expect_bad_input(std::string("run ") + kSmallQwen + " --tokens 4 --kernel experts=nope", "nope");
+  expect_bad_input("dot --model mixtral-8x7b --hf-config x.json", "not both");
+}
+
+TEST(Cli, MalformedIncompleteAndUnsupportedConfigsAreRefusedByField) {
+  const fs::path dir = temp_dir();
+  auto write = [&](const std::string& name, const std::string& text) {
+    std::ofstream((dir / name).string()) << text;
+    return (dir / name).string();
+  };
+  expect_bad_input("dot --hf-config " + write("broken.json", "{\"model_type\": \"mixtral\", "), "broken.json");
+  expect_bad_input("dot --hf-config " + write("partial.json", R"({"model_type": "mixtral", "hidden_size": 64})"),
+                   "is missing");
+  expect_bad_input("dot --hf-config " +
+                       write("gelu.json", R"({"model_type": "mixtral", "hidden_size": 64, "intermediate_size": 32,
+                                             "num_local_experts": 4, "num_experts_per_tok": 2, "hidden_act": "gelu"})"),
+                   "hidden_act");
+  expect_bad_input("dot --hf-config " +
+                       write("scoring.json", R"({"model_type": "deepseek_v3", "hidden_size": 64, "moe_intermediate_size": 32,
+                                                "n_routed_experts": 16, "num_experts_per_tok": 2, "scoring_func": "tanh"})"),
+                   "scoring_func");
+  expect_bad_input("dot --hf-config " + (dir / "missing.json").string(), "missing.json");
+  const Result ok = run_moeflow("dot --hf-config " +
+                            write("ok.json", R"({"model_type": "qwen3_moe", "hidden_size": 64, "moe_intermediate_size": 32,
+                                                "num_experts": 8, "num_experts_per_tok": 2, "norm_topk_prob": true,
+                                                "num_hidden_layers": 48, "vocab_size": 151936})"));
+  EXPECT_EQ(ok.status, 0) << ok.output;  // fields that do not affect one MoE layer are ignored
+}
+
+TEST(Cli, WeightsThatDoNotFitAreRefusedWithStatusThree) {
+  const moeflow::MoEConfig c = moeflow::load_config("deepseek-v3");
+  auto g = std::make_shared<const moeflow::Graph>(moeflow::build_moe_layer(c, {.max_tokens = 64}));
+  const int64_t need = moeflow::CpuSession::bytes_needed(moeflow::make_plan(g, {}));
+  if (moeflow::available_host_bytes() > need) GTEST_SKIP() << "this machine can hold deepseek-v3 in fp32";
+  const Result r = run_moeflow("run --model deepseek-v3 --tokens 64 --check");
+  EXPECT_EQ(r.status, 3) << r.output;
+  EXPECT_THAT(r.output, HasSubstr("GiB"));
+  EXPECT_THAT(r.output, HasSubstr("deepseek-v3"));
+}
+
+TEST(Cli, CudaBackendWithoutCudaIsAResourceError) {
+  const Result r = run_moeflow(std::string("run ") + kSmallQwen + " --tokens 4 --backend cuda");
+  EXPECT_EQ(r.status, 3) << r.output;
+}
