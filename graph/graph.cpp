@@ -125,6 +125,16 @@ void Graph::mark_output(ValueId v) {
   validated_ = false;
 }
 
+void Graph::replace_input(NodeId n, std::size_t index, ValueId v) {
+  Node& node = nodes_.at(static_cast<std::size_t>(n));
+  Value& old = values_.at(static_cast<std::size_t>(node.inputs.at(index)));
+  auto it = std::find(old.consumers.begin(), old.consumers.end(), n);
+  if (it != old.consumers.end()) old.consumers.erase(it);
+  node.inputs[index] = v;
+  values_.at(static_cast<std::size_t>(v)).consumers.push_back(n);
+  validated_ = false;
+}
+
 void Graph::validate() { validate_graph(*this); }
 
 }  // namespace moeflow

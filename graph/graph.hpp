@@ -45,6 +45,8 @@ class Graph {
   NodeId add_node(std::string name, std::shared_ptr<const OpSchema> op, std::vector<ValueId> inputs,
                   std::vector<ValueId> outputs);
   void mark_output(ValueId v);
+  // Makes input `index` of node n read `v` instead (passes use it to reroute a value).
+  void replace_input(NodeId n, std::size_t index, ValueId v);
 
   // Checks the graph and infers every activation's type (see validate.hpp).
   void validate();

@@ -32,6 +32,7 @@ struct ValueType {
   Shape shape;
   DType dtype = DType::f32;
   Distribution dist;
+  bool host_memory = false;  // lives in (pinned) host memory even on a GPU backend (to_host's output)
 };
 
 struct Value {

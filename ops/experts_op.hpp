@@ -1,6 +1,8 @@
 #pragma once
 // experts: the grouped SwiGLU MLP of the routed experts over rows grouped by expert.
 // Inputs: rows [kT,H], offsets [E+1] i32, w13 [E,2I,H], w2 [E,H,I]. Output: y [kT,H].
+// A kernel that needs the offsets on the host reads them through a to_host copy that the planner
+// puts in place of input 1.
 #include "graph/op_schema.hpp"
 
 namespace moeflow {

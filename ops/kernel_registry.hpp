@@ -52,6 +52,9 @@ struct KernelEntry {
   std::function<Support(const Graph&, const Node&)> supports;
   std::function<void(const KernelCall&)> run;
   std::function<int64_t(const Graph&, const Node&, int64_t tokens)> workspace;  // empty: none
+  // Inputs the kernel reads on the host (cuBLAS loops need row counts there). The planner puts a
+  // to_host node in front of each, so the synchronisation is visible in the plan.
+  std::vector<int> host_inputs = {};
 };
 
 struct KernelChoice {

@@ -52,7 +52,7 @@ struct PlanStep {
 };
 
 // Which allocation a buffer lives in.
-enum class Arena { inputs, weights, workspace };
+enum class Arena { inputs, weights, workspace, host };  // host: pinned host memory on a GPU backend
 const char* to_string(Arena a);
 
 struct Buffer {
@@ -76,6 +76,8 @@ class Plan {
 
   const PlanStep& step_for(NodeId n) const { return steps.at(static_cast<std::size_t>(step_of_node.at(static_cast<std::size_t>(n)))); }
   const Buffer& buffer(ValueId v) const { return buffers.at(static_cast<std::size_t>(v)); }
+  // True when some node waits for the device on the host (a to_host node): no CUDA-graph capture.
+  bool has_host_sync() const;
   int64_t bytes(Arena a) const;
 
   // One line per step: order, lane, node, kernel, reason, predicted time.

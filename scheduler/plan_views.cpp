@@ -47,7 +47,7 @@ void Plan::write_memory(std::ostream& out) const {
   out << "buffers of " << g.name() << " at T=" << g.max_tokens() << " (no reuse: every value has its own range)\n";
   out << "  " << std::left << std::setw(10) << "arena" << std::setw(28) << "value" << std::setw(22) << "shape"
       << std::right << std::setw(14) << "offset" << std::setw(14) << "bytes" << "\n";
-  for (Arena a : {Arena::inputs, Arena::weights, Arena::workspace})
+  for (Arena a : {Arena::inputs, Arena::weights, Arena::workspace, Arena::host})
     for (const Buffer& b : buffers) {
       if (b.arena != a) continue;
       const Value& v = g.value(b.value);
@@ -60,7 +60,7 @@ void Plan::write_memory(std::ostream& out) const {
         << std::setw(22) << s.kernel->name << std::right << std::setw(14) << s.workspace_offset << std::setw(14)
         << s.workspace_bytes << "\n";
   }
-  for (Arena a : {Arena::inputs, Arena::weights, Arena::workspace})
+  for (Arena a : {Arena::inputs, Arena::weights, Arena::workspace, Arena::host})
     out << "  " << std::left << std::setw(10) << to_string(a) << " total " << bytes(a) << " bytes (" << mib(bytes(a))
         << ")\n";
   out << "  peak workspace " << bytes(Arena::workspace) << " bytes (" << mib(bytes(Arena::workspace)) << ")\n";

@@ -4,6 +4,7 @@
 #include <sstream>
 
 #include "graph/error.hpp"
+#include "ops/to_host_op.hpp"
 #include "scheduler/plan.hpp"
 
 namespace moeflow {
@@ -21,6 +22,7 @@ const char* to_string(Arena a) {
     case Arena::inputs: return "inputs";
     case Arena::weights: return "weights";
     case Arena::workspace: return "workspace";
+    case Arena::host: return "host";
   }
   return "?";
 }
@@ -42,8 +44,9 @@ void lay_out_buffers(Plan& plan) {
   for (const Value& v : g.values()) {
     Buffer& b = plan.buffers[static_cast<std::size_t>(v.id)];
     b.value = v.id;
-    b.arena = v.role == ValueRole::weight ? Arena::weights
+    b.arena = v.role == ValueRole::weight  ? Arena::weights
               : v.role == ValueRole::input ? Arena::inputs
+              : v.type->host_memory        ? Arena::host
                                            : Arena::workspace;
     b.bytes = v.bytes(g.max_tokens());
     b.offset = plan.arena_bytes[b.arena];
@@ -211,7 +214,33 @@ void order_and_wait(Plan& plan, std::vector<PlanStep>& by_node) {
     plan.step_of_node[static_cast<std::size_t>(plan.steps[i].node)] = static_cast<int>(i);
 }
 
+// Where a chosen kernel reads an input on the host, route that input through a to_host node.
+// Returns null when no kernel needs one.
+std::shared_ptr<const Graph> with_host_copies(const Graph& g, const std::vector<const KernelEntry*>& chosen) {
+  std::vector<std::pair<NodeId, int>> wanted;
+  for (const Node& n : g.nodes())
+    for (int index : chosen[static_cast<std::size_t>(n.id)]->host_inputs)
+      if (!g.value(n.inputs.at(static_cast<std::size_t>(index))).type->host_memory) wanted.push_back({n.id, index});
+  if (wanted.empty()) return nullptr;
+  auto copy = std::make_shared<Graph>(g);
+  for (const auto& [node, index] : wanted) {
+    const std::string name = copy->node(node).name + ".to_host" + std::to_string(index);
+    const ValueId source = copy->node(node).inputs[static_cast<std::size_t>(index)];
+    const ValueId host = copy->add_value(name + ".host");
+    copy->add_node(name, std::make_shared<ToHostOp>(), {source}, {host});
+    copy->replace_input(node, static_cast<std::size_t>(index), host);
+  }
+  copy->validate();
+  return copy;
+}
+
 }  // namespace
+
+bool Plan::has_host_sync() const {
+  for (const Node& n : graph->nodes())
+    if (n.op->kind() == "to_host") return true;
+  return false;
+}
 
 Plan make_plan(std::shared_ptr<const Graph> graph, const PlanOptions& options) {
   if (!graph) fail_input("make_plan: no graph");
@@ -228,11 +257,19 @@ Plan make_plan(std::shared_ptr<const Graph> graph, const PlanOptions& options) {
     if (!known) fail_input("--kernel " + op + "=" + name + ": the graph has no '" + op + "' node");
   }
 
+  std::vector<KernelChoice> choices;
+  for (const Node& n : graph->nodes()) choices.push_back(registry.select(*graph, n, options.backend, options.forced_kernels));
+  {
+    std::vector<const KernelEntry*> chosen;
+    for (const KernelChoice& c : choices) chosen.push_back(c.kernel);
+    if (auto rewritten = with_host_copies(*graph, chosen)) return make_plan(rewritten, options);
+  }
+
   std::vector<PlanStep> by_node(graph->nodes().size());
   for (const Node& n : graph->nodes()) {
     PlanStep& s = by_node[static_cast<std::size_t>(n.id)];
     s.node = n.id;
-    const KernelChoice choice = registry.select(*graph, n, options.backend, options.forced_kernels);
+    const KernelChoice& choice = choices[static_cast<std::size_t>(n.id)];
     s.kernel = choice.kernel;
     s.reason = choice.reason;
     const auto in = graph->input_values(n);

@@ -287,3 +287,35 @@ TEST(CpuExecutor, RefusesTokensAboveThePlansMaximum) {
     EXPECT_THAT(e.what(), HasSubstr("[1, 8]"));
   }
 }
+
+TEST(Plan, KernelThatReadsAnInputOnTheHostGetsAToHostNodeInFrontOfIt) {
+  // A test registry: the consumer's only kernel reads its second input on the host.
+  KernelRegistry registry = probe_registry();
+  KernelEntry host_reader = *registry.candidates("probe", Backend::cpu).front();
+  host_reader.name = "test.host_reader";
+  host_reader.priority = 1;
+  host_reader.host_inputs = {1};
+  host_reader.supports = [](const Graph&, const Node& n) {
+    return n.name == "consumer" ? Support::yes("reads input 1 on the host") : Support::no("only the consumer");
+  };
+  registry.add(host_reader);
+  registry.add({"to_host", Backend::cpu, "test.copy", 0, [](const Graph&, const Node&) { return Support::yes("copy"); },
+                [](const KernelCall&) {}, {}});
+  GraphBuilder b("host_inputs", 4);
+  ValueId x = b.input("x", {Dim::of(4)}, DType::i32);
+  ValueId y = b.input("y", {tokens(), Dim::of(4)}, DType::f32);
+  ValueId out = b.add("consumer", std::make_shared<ProbeOp>(0), {y, x})[0];
+  auto g = std::make_shared<const Graph>(std::move(b).finish({out}));
+  PlanOptions po;
+  po.registry = &registry;
+  const Plan plan = make_plan(g, po);
+  EXPECT_TRUE(plan.has_host_sync());
+  ASSERT_EQ(plan.graph->nodes().size(), 2u);
+  const Node& copy = plan.graph->node(0);
+  const Node& consumer = plan.graph->node(1);
+  EXPECT_EQ(copy.op->kind(), "to_host");
+  EXPECT_EQ(plan.graph->value(consumer.inputs[1]).name, "consumer.to_host1.host");
+  EXPECT_EQ(plan.buffer(consumer.inputs[1]).arena, Arena::host);
+  EXPECT_EQ(plan.step_for(consumer.id).kernel->name, "test.host_reader");
+  EXPECT_EQ(g->nodes().size(), 1u);  // the caller's graph is left as it was
+}

@@ -1,0 +1,28 @@
+#pragma once
+// What a CUDA kernel call gets besides its operands: the lane's stream and that stream's own cuBLAS
+// handle and workspace (one per stream, so lanes never share cuBLAS state). No CUDA headers here:
+// CUstream_st and cublasContext are the runtime's own opaque types, forward-declared.
+#include <cstddef>
+#include <cstdint>
+
+struct CUstream_st;
+struct cublasContext;
+
+namespace moeflow::cuda {
+
+using Stream = CUstream_st*;
+using BlasHandle = cublasContext*;
+
+struct LaneContext {
+  Stream stream = nullptr;
+  BlasHandle blas = nullptr;            // bound to `stream`, workspace set
+  void* blas_workspace = nullptr;       // device memory owned by the executor
+  std::size_t blas_workspace_bytes = 0;
+  int device = 0;
+  int* error_flag = nullptr;            // device int: kernels set bits on overflow; checked after a run
+};
+
+// Bits of LaneContext::error_flag.
+inline constexpr int kErrorCapacityOverflow = 1;  // a padded strategy saw more rows than its capacity
+
+}  // namespace moeflow::cuda
