@@ -17,6 +17,9 @@ const KernelRegistry& KernelRegistry::builtin() {
     register_experts_kernels(r);
     register_combine_kernels(r);
     register_reduce_kernels(r);
+#ifdef MOEFLOW_HAVE_CUDA
+    register_cuda_kernels(r);
+#endif
     return r;
   }();
   return registry;
@@ -33,7 +36,7 @@ std::vector<const KernelEntry*> KernelRegistry::candidates(const std::string& op
 }
 
 KernelChoice KernelRegistry::select(const Graph& g, const Node& n, Backend backend,
-                                    const std::map<std::string, std::string>& forced) const {
+                                    const std::map<std::string, std::string>& forced, bool capturable) const {
   const std::vector<const KernelEntry*> list = candidates(n.op->kind(), backend);
   if (list.empty())
     fail_input("node '" + n.name + "': no " + std::string(to_string(backend)) + " kernel for op '" + n.op->kind() + "'");
@@ -43,6 +46,9 @@ KernelChoice KernelRegistry::select(const Graph& g, const Node& n, Backend backe
       if (k->name != it->second) continue;
       Support s = k->supports(g, n);
       if (!s.ok) fail_input("node '" + n.name + "': forced kernel '" + k->name + "' cannot run it: " + s.reason);
+      if (capturable && !k->host_inputs.empty())
+        fail_input("node '" + n.name + "': forced kernel '" + k->name +
+                   "' reads sizes on the host, which a CUDA graph cannot capture (drop --cuda-graph or the --kernel)");
       return {k, "forced by --kernel " + n.op->kind() + "=" + k->name + " (" + s.reason + ")"};
     }
     std::string names;
@@ -52,6 +58,10 @@ KernelChoice KernelRegistry::select(const Graph& g, const Node& n, Backend backe
   }
   std::string refusals;
   for (const KernelEntry* k : list) {
+    if (capturable && !k->host_inputs.empty()) {
+      refusals += "; " + k->name + ": needs a host sync, not capturable in a CUDA graph";
+      continue;
+    }
     Support s = k->supports(g, n);
     if (s.ok) return {k, s.reason};
     refusals += "; " + k->name + ": " + s.reason;

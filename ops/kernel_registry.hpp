@@ -25,8 +25,9 @@ struct KernelCall {
   std::span<void* const> inputs;
   std::span<void* const> outputs;
   int64_t tokens = 0;
-  void* stream = nullptr;     // backend-specific (a cudaStream_t on CUDA)
-  void* workspace = nullptr;  // the kernel's own scratch, as large as its workspace() said
+  void* lane = nullptr;            // backend lane state: a cuda::LaneContext* on CUDA, null on the CPU
+  void* workspace = nullptr;       // the kernel's own scratch, as large as its workspace() said
+  void* host_workspace = nullptr;  // pinned host scratch, as large as its host_workspace() said
 
   template <class T> const T* in(std::size_t i) const { return static_cast<const T*>(inputs[i]); }
   template <class T> T* out(std::size_t i) const { return static_cast<T*>(outputs[i]); }
@@ -55,6 +56,8 @@ struct KernelEntry {
   // Inputs the kernel reads on the host (cuBLAS loops need row counts there). The planner puts a
   // to_host node in front of each, so the synchronisation is visible in the plan.
   std::vector<int> host_inputs = {};
+  // Bytes of pinned host scratch (pointer arrays staged for the device); empty: none.
+  std::function<int64_t(const Graph&, const Node&, int64_t tokens)> host_workspace = {};
 };
 
 struct KernelChoice {
@@ -71,8 +74,10 @@ class KernelRegistry {
   std::vector<const KernelEntry*> candidates(const std::string& op_kind, Backend backend) const;
   // The highest-priority kernel that supports the node, or the forced one. Throws Error(bad_input)
   // naming the node and every candidate's reason when none can run it.
+  // With `capturable`, kernels that read inputs on the host are passed over (a CUDA graph cannot
+  // contain a host synchronisation).
   KernelChoice select(const Graph& g, const Node& n, Backend backend,
-                      const std::map<std::string, std::string>& forced = {}) const;
+                      const std::map<std::string, std::string>& forced = {}, bool capturable = false) const;
 
  private:
   std::vector<KernelEntry> entries_;
@@ -86,6 +91,9 @@ void register_dispatch_kernels(KernelRegistry& r);
 void register_experts_kernels(KernelRegistry& r);
 void register_combine_kernels(KernelRegistry& r);
 void register_reduce_kernels(KernelRegistry& r);
+#ifdef MOEFLOW_HAVE_CUDA
+void register_cuda_kernels(KernelRegistry& r);  // ops/cuda/cuda_kernels.cpp
+#endif
 
 // The common supports() of CPU kernels: every float operand must be f32.
 Support cpu_supports_f32(const Graph& g, const Node& n);

@@ -61,7 +61,7 @@ CpuExecutor::CpuExecutor(const Plan& plan, int threads)
             const auto t0 = Clock::now();
             try {
               s.kernel->run(KernelCall{g, n, in, out, fl.tokens, nullptr,
-                                       s.workspace_bytes ? workspace_.base() + s.workspace_offset : nullptr});
+                                       s.workspace_bytes ? workspace_.base() + s.workspace_offset : nullptr, nullptr});
             } catch (...) {
               std::lock_guard<std::mutex> lock(fl.error_mutex);
               if (!fl.error) fl.error = std::current_exception();

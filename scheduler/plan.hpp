@@ -30,6 +30,8 @@ struct PlanOptions {
   MachineRates rates;                                 // for the cost model
   int64_t cost_tokens = 0;                            // T the costs are evaluated at; 0: the maximum
   const KernelRegistry* registry = nullptr;           // kernels to choose from; null: the built-in ones
+  bool capturable = false;                            // only kernels a CUDA graph can capture (--cuda-graph)
+  int device = 0;                                     // CUDA device (backend cuda)
 };
 
 struct Lane {
@@ -49,6 +51,8 @@ struct PlanStep {
   double start_estimate_s = 0.0;
   int64_t workspace_offset = 0;  // the kernel's scratch in the workspace arena
   int64_t workspace_bytes = 0;   // at the maximum T
+  int64_t host_workspace_offset = 0;  // the kernel's pinned host scratch in the host arena
+  int64_t host_workspace_bytes = 0;
 };
 
 // Which allocation a buffer lives in.

@@ -55,6 +55,8 @@ void lay_out_buffers(Plan& plan) {
   for (PlanStep& s : plan.steps) {
     s.workspace_offset = plan.arena_bytes[Arena::workspace];
     plan.arena_bytes[Arena::workspace] += align_up(s.workspace_bytes);
+    s.host_workspace_offset = plan.arena_bytes[Arena::host];
+    plan.arena_bytes[Arena::host] += align_up(s.host_workspace_bytes);
   }
 }
 
@@ -258,7 +260,7 @@ Plan make_plan(std::shared_ptr<const Graph> graph, const PlanOptions& options) {
   }
 
   std::vector<KernelChoice> choices;
-  for (const Node& n : graph->nodes()) choices.push_back(registry.select(*graph, n, options.backend, options.forced_kernels));
+  for (const Node& n : graph->nodes()) choices.push_back(registry.select(*graph, n, options.backend, options.forced_kernels, options.capturable));
   {
     std::vector<const KernelEntry*> chosen;
     for (const KernelChoice& c : choices) chosen.push_back(c.kernel);
@@ -277,6 +279,7 @@ Plan make_plan(std::shared_ptr<const Graph> graph, const PlanOptions& options) {
     s.cost = n.op->cost({in, out}, T);
     s.predicted_s = predict_seconds(s.cost, options.rates);
     if (s.kernel->workspace) s.workspace_bytes = s.kernel->workspace(*graph, n, graph->max_tokens());
+    if (s.kernel->host_workspace) s.host_workspace_bytes = s.kernel->host_workspace(*graph, n, graph->max_tokens());
     plan.predicted_serial_s += s.predicted_s;
   }
   if (options.policy == Policy::serial) schedule_serial(plan, by_node);

@@ -4,6 +4,10 @@
 #include <tbb/info.h>
 
 #include "bench/cpu_bench.hpp"
+#ifdef MOEFLOW_HAVE_CUDA
+#include "bench/cuda/cuda_bench.hpp"
+#include "kernels/cuda/device.hpp"
+#endif
 #include "graph/error.hpp"
 #include "tools/commands.hpp"
 
@@ -15,6 +19,8 @@ Command add_bench_command(CLI::App& app) {
     std::vector<std::string> sets;
     std::vector<int64_t> tokens{1, 8, 64};
     std::vector<std::string> plans{"serial", "concurrent"};
+    std::vector<std::string> experts_kernels;
+    int input_sets = 8;
     std::string scope = "both";
     std::string backend = "cpu";
     int threads = 0;
@@ -28,7 +34,12 @@ Command add_bench_command(CLI::App& app) {
   sub->add_option("--models", f->models, "presets or config.json paths, comma-separated")->delimiter(',');
   sub->add_option("--set", f->sets, "override a field of every model: field=value (repeatable)");
   sub->add_option("--tokens", f->tokens, "T values, comma-separated")->delimiter(',');
-  sub->add_option("--plans", f->plans, "serial,concurrent")->delimiter(',')->check(CLI::IsMember({"serial", "concurrent"}));
+  sub->add_option("--plans", f->plans, "serial,concurrent (and graph = concurrent + CUDA graph, backend cuda)")
+      ->delimiter(',')
+      ->check(CLI::IsMember({"serial", "concurrent", "graph"}));
+  sub->add_option("--experts-kernels", f->experts_kernels, "experts kernels to force in turn, comma-separated (cuda)")
+      ->delimiter(',');
+  sub->add_option("--input-sets", f->input_sets, "input sets the runs rotate over")->check(CLI::PositiveNumber);
   sub->add_option("--scope", f->scope, "experts | layer | both")->check(CLI::IsMember({"experts", "layer", "both"}));
   sub->add_option("--backend", f->backend, "cpu | cuda")->check(CLI::IsMember({"cpu", "cuda"}));
   sub->add_option("--threads", f->threads, "oneTBB threads (default: every core)")->check(CLI::PositiveNumber);
@@ -37,18 +48,42 @@ Command add_bench_command(CLI::App& app) {
   sub->add_option("--budget", f->budget_s, "seconds of timed runs per row to aim for")->check(CLI::NonNegativeNumber);
   sub->add_option("--json", f->json, "write the rows as a JSON array");
   return [f] {
-    if (f->backend == "cuda") fail_resource("bench --backend cuda: this build has no CUDA backend yet");
+    const std::vector<std::string> scopes =
+        f->scope == "both" ? std::vector<std::string>{"experts", "layer"} : std::vector<std::string>{f->scope};
+    std::vector<nlohmann::json> rows;
+    if (f->backend == "cuda") {
+#ifdef MOEFLOW_HAVE_CUDA
+      CudaBenchOptions o;
+      o.models = f->models;
+      o.sets = f->sets;
+      o.tokens = f->tokens;
+      o.plans = f->plans;
+      o.experts_kernels = f->experts_kernels;
+      o.scopes = scopes;
+      o.seed = f->seed;
+      o.min_runs = std::max(f->min_runs, 50);
+      o.input_sets = std::max(f->input_sets, 8);
+      if (cuda::device_count() == 0) fail_resource("bench --backend cuda: no CUDA device here");
+      rows = run_cuda_bench(o, std::cout);
+#else
+      fail_resource("bench --backend cuda: this build has no CUDA backend");
+#endif
+    } else {
+    if (std::find(f->plans.begin(), f->plans.end(), "graph") != f->plans.end())
+      fail_input("bench: plan 'graph' (CUDA graph replay) needs --backend cuda");
     BenchOptions o;
+    o.input_sets = f->input_sets;
     o.models = f->models;
     o.sets = f->sets;
     o.tokens = f->tokens;
     for (const std::string& p : f->plans) o.plans.push_back(parse_policy(p));
-    o.scopes = f->scope == "both" ? std::vector<std::string>{"experts", "layer"} : std::vector<std::string>{f->scope};
+    o.scopes = scopes;
     o.threads = f->threads > 0 ? f->threads : tbb::info::default_concurrency();
     o.seed = f->seed;
     o.min_runs = f->min_runs;
     o.budget_s = f->budget_s;
-    const std::vector<nlohmann::json> rows = run_cpu_bench(o, std::cout);
+    rows = run_cpu_bench(o, std::cout);
+    }
     if (!f->json.empty()) {
       std::ofstream out(f->json);
       if (!out) fail_input("--json: cannot write '" + f->json + "'");

@@ -59,9 +59,10 @@ Command add_plan_command(CLI::App& app) {
   sub->add_flag("--memory", flags->memory, "print the buffer table and the peak workspace");
   return [flags] {
     check_tokens(flags->max_tokens, flags->max_tokens);
-    auto g = build_graph(flags->model.config(), flags->model.scope, flags->max_tokens);
+    const PlanOptions options = flags->plan.options();
+    auto g = build_graph(flags->model.config(), flags->model.scope, flags->max_tokens, options.backend);
     // Nominal machine rates (not measured) keep `plan` instant and its output reproducible.
-    const Plan plan = make_plan(g, flags->plan.options());
+    const Plan plan = make_plan(g, options);
     plan.write_summary(std::cout);
     if (flags->memory) plan.write_memory(std::cout);
     if (!flags->output.empty()) {

@@ -6,6 +6,10 @@
 #include <tbb/info.h>
 
 #include "bench/cpu_session.hpp"
+#ifdef MOEFLOW_HAVE_CUDA
+#include "bench/cuda/cuda_session.hpp"
+#include "kernels/cuda/device.hpp"
+#endif
 #include "graph/error.hpp"
 #include "tools/commands.hpp"
 #include "tools/model_flags.hpp"
@@ -28,7 +32,50 @@ struct RunFlags {
   int min_runs = 5;
   double budget_s = 2.0;
   int input_sets = 8;
+  bool cuda_graph = false;
 };
+
+// What one `run` measured, whichever backend ran it.
+struct Measured {
+  std::string device;
+  MachineRates rates;
+  Timing timing;
+  Floor floor;
+  Trace trace;
+  CheckReport report;
+  std::shared_ptr<const Plan> plan;
+};
+
+// Warm-up and timed runs rotating over the input sets (CUDA-graph replays with --cuda-graph), the
+// floor over those sets, then one traced run and the check on the inputs of --seed itself.
+template <class Session>
+Measured measure(Session& session, const RunFlags& f, const MachineRates& rates, double tolerance) {
+  Measured m;
+  m.rates = rates;
+  session.set_tokens(f.tokens, f.input_sets);
+  m.timing = time_runs(
+      [&](int run) {
+        session.use_input_set(run % f.input_sets);
+        if constexpr (requires { session.capture(); }) {
+          if (f.cuda_graph) {
+            // A graph holds the buffers of the set it was captured on: recapture per set to keep
+            // the rotation. Capture is host work; replay() times the replay alone, with events.
+            session.capture();
+            return session.replay();
+          }
+        }
+        return session.run();
+      },
+      f.warmup, f.min_runs, 200, f.budget_s);
+  m.floor = session.floor(rates);
+  session.use_input_set(0);
+  m.trace.process = "moeflow " + f.plan.backend + " " + session.graph().name() + " " + f.plan.plan + " T=" +
+                    std::to_string(f.tokens);
+  session.run(&m.trace);
+  if (f.check) m.report = session.check(tolerance);
+  m.plan = std::make_shared<const Plan>(session.plan());
+  return m;
+}
 
 std::string fixed(double v, int digits) {
   std::ostringstream o;
@@ -62,40 +109,50 @@ Command add_run_command(CLI::App& app) {
   sub->add_option("--budget", f->budget_s, "seconds of timed runs to aim for")->check(CLI::NonNegativeNumber);
   sub->add_option("--input-sets", f->input_sets, "input sets the timed runs rotate over (caches do not keep the touched weights)")
       ->check(CLI::PositiveNumber);
+  sub->add_flag("--cuda-graph", f->cuda_graph, "capture the plan as a CUDA graph and time its replays (backend cuda)");
   return [f] {
     const int64_t max_tokens = f->max_tokens > 0 ? f->max_tokens : f->tokens;
     if (f->max_tokens < 0) fail_input("--max-tokens = " + std::to_string(f->max_tokens) + " must be > 0");
     check_tokens(f->tokens, max_tokens);
     const MoEConfig config = f->model.config();
+    PlanOptions plan_options = f->plan.options();
+    if (f->cuda_graph && plan_options.backend != Backend::cuda) fail_input("--cuda-graph needs --backend cuda");
+    plan_options.capturable = f->cuda_graph;
+    auto graph = build_graph(config, f->model.scope, max_tokens, plan_options.backend);
     const int threads = f->threads > 0 ? f->threads : tbb::info::default_concurrency();
-    SessionOptions options;
-    options.plan = f->plan.options();
-    options.threads = threads;
-    options.seed = f->seed;
-    auto graph = build_graph(config, f->model.scope, max_tokens);
-    // The session refuses a model too large for the machine before allocating anything; the
-    // planner orders work with nominal rates, and the table below predicts with measured ones.
-    CpuSession session(graph, options);
-    const MachineRates rates = measure_cpu_rates(threads);
-    session.set_tokens(f->tokens, f->input_sets);
-    const Timing timing = time_runs(
-        [&](int run) {
-          session.use_input_set(run % f->input_sets);
-          return session.run();
-        },
-        f->warmup, f->min_runs, 200, f->budget_s);
-    const Floor floor = session.floor(rates);
-    session.use_input_set(0);  // the traced run and the check use the inputs of --seed itself
-    Trace trace;
-    trace.process = "moeflow cpu " + config.name + " " + f->plan.plan + " T=" + std::to_string(f->tokens);
-    session.run(&trace);
+    Measured m;
+    if (plan_options.backend == Backend::cuda) {
+#ifdef MOEFLOW_HAVE_CUDA
+      CudaSessionOptions options;
+      options.plan = plan_options;
+      options.seed = f->seed;
+      CudaSession session(graph, options);
+      const MachineRates rates = measure_cuda_rates(plan_options.device);
+      m = measure(session, *f, rates, 1e-2);
+      m.device = cuda::device_name(plan_options.device);
+#endif
+    } else {
+      SessionOptions options;
+      options.plan = plan_options;
+      options.threads = threads;
+      options.seed = f->seed;
+      // The session refuses a model too large for the machine before allocating anything.
+      CpuSession session(graph, options);
+      m = measure(session, *f, measure_cpu_rates(threads), 1e-5);
+      m.device = cpu_name(threads);
+    }
+    const MachineRates& rates = m.rates;
+    const Timing& timing = m.timing;
+    const Floor& floor = m.floor;
+    const Trace& trace = m.trace;
+    const CheckReport& report = m.report;
     if (!f->trace.empty()) {
       std::ofstream out(f->trace);
       if (!out) fail_input("--trace: cannot write '" + f->trace + "'");
       trace.write_chrome_json(out);
     }
-    const Plan& plan = session.plan();
-    const Graph& g = session.graph();
+    const Plan& plan = *m.plan;
+    const Graph& g = *plan.graph;
     double predicted_total = 0.0;
     nlohmann::json nodes = nlohmann::json::array();
     for (std::size_t i = 0; i < plan.steps.size(); ++i) {
@@ -111,7 +168,9 @@ Command add_run_command(CLI::App& app) {
     }
     nlohmann::json result{{"model", config.name},
                           {"scope", f->model.scope},
-                          {"backend", "cpu"},
+                          {"backend", f->plan.backend},
+                          {"device", m.device},
+                          {"cuda_graph", f->cuda_graph},
                           {"plan", f->plan.plan},
                           {"lanes", plan.lanes.size()},
                           {"threads", threads},
@@ -127,9 +186,7 @@ Command add_run_command(CLI::App& app) {
                           {"ratio_floor", timing.median_s / floor.seconds},
                           {"touched_experts", floor.touched_experts},
                           {"nodes", nodes}};
-    CheckReport report;
     if (f->check) {
-      report = session.check(1e-5);
       result["check"] = {{"rel_norm", report.comparison.rel_norm},
                          {"rel_max", report.comparison.rel_max},
                          {"tolerance", report.tolerance},
@@ -141,8 +198,9 @@ Command add_run_command(CLI::App& app) {
     if (f->json) {
       std::cout << result.dump(2) << "\n";
     } else {
-      std::cout << "moeflow run: " << config.name << " (" << f->model.scope << ")  backend cpu  plan " << f->plan.plan
-                << " (" << plan.lanes.size() << " lane(s))  threads " << threads << "  seed " << f->seed << "\n";
+      std::cout << "moeflow run: " << config.name << " (" << f->model.scope << ")  backend " << f->plan.backend
+                << (f->cuda_graph ? " (CUDA graph replay)" : "") << " on " << m.device << "  plan " << f->plan.plan
+                << " (" << plan.lanes.size() << " lane(s))  seed " << f->seed << "\n";
       std::cout << std::left << "  " << std::setw(22) << "model" << std::setw(7) << "T" << std::setw(7) << "max T"
                 << std::setw(7) << "runs" << std::setw(12) << "median ms" << std::setw(10) << "min ms" << std::setw(14)
                 << "predicted ms" << std::setw(10) << "floor ms" << "x floor\n";

@@ -30,9 +30,10 @@ void PlanFlags::add_to(CLI::App& app) {
 PlanOptions PlanFlags::options() const {
   PlanOptions o;
   o.policy = parse_policy(plan);
-  if (backend == "cuda")
-    fail_resource("--backend cuda: this build has no CUDA backend yet (CPU engine only); use --backend cpu");
-  o.backend = Backend::cpu;
+#ifndef MOEFLOW_HAVE_CUDA
+  if (backend == "cuda") fail_resource("--backend cuda: this build has no CUDA backend (configured without CUDA)");
+#endif
+  o.backend = backend == "cuda" ? Backend::cuda : Backend::cpu;
   o.max_lanes = max_lanes;
   for (const std::string& k : kernels) {
     const auto eq = k.find('=');
@@ -43,8 +44,10 @@ PlanOptions PlanFlags::options() const {
   return o;
 }
 
-std::shared_ptr<const Graph> build_graph(const MoEConfig& config, const std::string& scope, int64_t max_tokens) {
-  LayerOptions o{.max_tokens = max_tokens, .dtype = DType::f32};
+std::shared_ptr<const Graph> build_graph(const MoEConfig& config, const std::string& scope, int64_t max_tokens,
+                                        Backend backend) {
+  // The CPU computes in f32; the GPU stores bf16 and accumulates in f32.
+  LayerOptions o{.max_tokens = max_tokens, .dtype = backend == Backend::cuda ? DType::bf16 : DType::f32};
   return std::make_shared<const Graph>(scope == "experts" ? build_experts_graph(config, o) : build_moe_layer(config, o));
 }
 

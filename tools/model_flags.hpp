@@ -33,7 +33,8 @@ struct PlanFlags {
 };
 
 // The graph of `scope` for a config at a maximum T.
-std::shared_ptr<const Graph> build_graph(const MoEConfig& config, const std::string& scope, int64_t max_tokens);
+std::shared_ptr<const Graph> build_graph(const MoEConfig& config, const std::string& scope, int64_t max_tokens,
+                                        Backend backend = Backend::cpu);
 
 // Refuses T <= 0 and T above the maximum, naming both.
 void check_tokens(int64_t tokens, int64_t max_tokens);

@@ -1,0 +1,28 @@
+#pragma once
+// `moeflow bench --backend cuda`: presets × T × plans (serial, concurrent, concurrent + CUDA graph) ×
+// experts kernels × scopes, each row timed with CUDA events (warm-up, median of >= 50 runs rotating
+// over >= 8 input sets) next to the floor of DESIGN.md on the device's measured ceilings.
+#include <nlohmann/json.hpp>
+#include <ostream>
+#include <string>
+#include <vector>
+
+namespace moeflow {
+
+struct CudaBenchOptions {
+  std::vector<std::string> models;
+  std::vector<std::string> sets;
+  std::vector<int64_t> tokens;
+  std::vector<std::string> plans;            // serial | concurrent | graph (concurrent + CUDA graph)
+  std::vector<std::string> experts_kernels;  // empty: the planner's choice; else each forced in turn
+  std::vector<std::string> scopes;
+  uint64_t seed = 0;
+  int warmup = 3;
+  int min_runs = 50;
+  int input_sets = 8;
+  int device = 0;
+};
+
+std::vector<nlohmann::json> run_cuda_bench(const CudaBenchOptions& options, std::ostream& log);
+
+}  // namespace moeflow

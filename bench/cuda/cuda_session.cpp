@@ -1,0 +1,263 @@
+#include "bench/cuda/cuda_session.hpp"
+
+#include <cuda_runtime.h>
+
+#include <algorithm>
+#include <sstream>
+
+#include "graph/error.hpp"
+#include "kernels/common/random.hpp"
+#include "kernels/cpu/random_fill.hpp"
+#include "kernels/cuda/bf16.hpp"
+#include "kernels/cuda/check.cuh"
+#include "kernels/cuda/cublas_gemm.hpp"
+#include "kernels/cuda/random_fill.hpp"
+#include "scheduler/host_memory.hpp"
+
+namespace moeflow {
+
+namespace {
+
+// Draws one input or weight on the device: uniform values by the device generator (f32 or bf16),
+// ids and unit-interval weights on the host (small) and copied.
+void fill_device_value(const Value& v, void* dst, int64_t tokens, uint64_t seed) {
+  const int64_t n = v.shape().elements(tokens);
+  const uint64_t key = rng::name_key(v.name);
+  if (v.init == ValueInit::uniform) {
+    if (v.dtype() == DType::bf16) cuda::fill_uniform_bf16(static_cast<uint16_t*>(dst), n, seed, key, v.init_scale, 0, nullptr);
+    else cuda::fill_uniform_f32(static_cast<float*>(dst), n, seed, key, v.init_scale, 0, nullptr);
+    return;
+  }
+  std::vector<std::byte> host(static_cast<std::size_t>(v.bytes(tokens)));
+  fill_random_value(v, host.data(), tokens, seed);
+  MOEFLOW_CUDA_CHECK(cudaMemcpy(dst, host.data(), host.size(), cudaMemcpyHostToDevice));
+}
+
+// The host fp32 view of a value as the device holds it: the host generator's values, rounded
+// through bf16 where the device stores bf16 (so the reference reads exactly the device's numbers).
+std::vector<float> host_copy_of_input(const Value& v, int64_t tokens, uint64_t seed) {
+  const int64_t n = v.shape().elements(tokens);
+  std::vector<float> out(static_cast<std::size_t>(n));
+  if (v.dtype() == DType::i32) {
+    fill_random_value(v, out.data(), tokens, seed);  // int32 bits in a float-sized buffer
+    return out;
+  }
+  Value as_f32 = v;
+  as_f32.type->dtype = DType::f32;
+  fill_random_value(as_f32, out.data(), tokens, seed);
+  if (v.dtype() == DType::bf16)
+    for (float& f : out) f = bf16_to_float(float_to_bf16(f));
+  return out;
+}
+
+template <class T> std::vector<T> to_host(const void* device, int64_t count) {
+  std::vector<T> h(static_cast<std::size_t>(count));
+  MOEFLOW_CUDA_CHECK(cudaMemcpy(h.data(), device, h.size() * sizeof(T), cudaMemcpyDeviceToHost));
+  return h;
+}
+
+uint64_t set_seed(uint64_t seed, int set) { return seed + 0x9e3779b9ull * static_cast<uint64_t>(set); }
+
+}  // namespace
+
+MachineRates measure_cuda_rates(int device) {
+  MOEFLOW_CUDA_CHECK(cudaSetDevice(device));
+  MachineRates r;
+  cudaStream_t stream = nullptr;
+  MOEFLOW_CUDA_CHECK(cudaStreamCreate(&stream));
+  cudaEvent_t a, b;
+  MOEFLOW_CUDA_CHECK(cudaEventCreate(&a));
+  MOEFLOW_CUDA_CHECK(cudaEventCreate(&b));
+  auto median_ms = [&](int reps, auto&& body) {
+    body();  // warm-up
+    std::vector<float> t;
+    for (int i = 0; i < reps; ++i) {
+      MOEFLOW_CUDA_CHECK(cudaEventRecord(a, stream));
+      body();
+      MOEFLOW_CUDA_CHECK(cudaEventRecord(b, stream));
+      MOEFLOW_CUDA_CHECK(cudaEventSynchronize(b));
+      float ms = 0;
+      MOEFLOW_CUDA_CHECK(cudaEventElapsedTime(&ms, a, b));
+      t.push_back(ms);
+    }
+    std::sort(t.begin(), t.end());
+    return static_cast<double>(t[t.size() / 2]);
+  };
+  {
+    const std::size_t bytes = std::size_t{2} << 30;
+    void *src = nullptr, *dst = nullptr;
+    MOEFLOW_CUDA_CHECK(cudaMalloc(&src, bytes));
+    MOEFLOW_CUDA_CHECK(cudaMalloc(&dst, bytes));
+    cuda::fill_uniform_f32(static_cast<float*>(src), static_cast<int64_t>(bytes / 4), 1, rng::name_key("calib.copy"), 1.0f, 0, stream);
+    const double ms = median_ms(10, [&] { MOEFLOW_CUDA_CHECK(cudaMemcpyAsync(dst, src, bytes, cudaMemcpyDeviceToDevice, stream)); });
+    r.bytes_per_s = 2.0 * static_cast<double>(bytes) / (ms * 1e-3);
+    cudaFree(src);
+    cudaFree(dst);
+  }
+  {
+    const int64_t n = 8192;
+    uint16_t *x = nullptr, *w = nullptr, *c = nullptr;
+    MOEFLOW_CUDA_CHECK(cudaMalloc(&x, n * n * 2));
+    MOEFLOW_CUDA_CHECK(cudaMalloc(&w, n * n * 2));
+    MOEFLOW_CUDA_CHECK(cudaMalloc(&c, n * n * 2));
+    cuda::fill_uniform_bf16(x, n * n, 1, rng::name_key("calib.a"), 1.0f, 0, stream);
+    cuda::fill_uniform_bf16(w, n * n, 1, rng::name_key("calib.b"), 1.0f, 0, stream);
+    void* ws = nullptr;
+    const std::size_t ws_bytes = cuda::recommended_blas_workspace_bytes();
+    MOEFLOW_CUDA_CHECK(cudaMalloc(&ws, ws_bytes));
+    cuda::LaneContext ctx;
+    ctx.stream = stream;
+    ctx.blas = cuda::create_blas_handle(stream, ws, ws_bytes);
+    const double ms = median_ms(10, [&] { cuda::gemm_bf16_nt(ctx, n, n, n, x, w, c, false); });
+    r.flops_per_s = 2.0 * static_cast<double>(n) * n * n / (ms * 1e-3);
+    cuda::destroy_blas_handle(ctx.blas);
+    cudaFree(ws);
+    cudaFree(x);
+    cudaFree(w);
+    cudaFree(c);
+  }
+  cudaEventDestroy(a);
+  cudaEventDestroy(b);
+  cudaStreamDestroy(stream);
+  r.overhead_s = 3e-6;
+  r.measured = true;
+  return r;
+}
+
+CudaSession::CudaSession(std::shared_ptr<const Graph> graph, CudaSessionOptions options, CudaSession* share_weights)
+    : plan_([&] {
+        options.plan.backend = Backend::cuda;
+        return make_plan(std::move(graph), options.plan);
+      }()),
+      options_(options) {
+  const int device = options_.plan.device;
+  std::ostringstream what;
+  what.setf(std::ios::fixed);
+  what.precision(2);
+  what << "'" << plan_.graph->name() << "' (weights " << static_cast<double>(plan_.bytes(Arena::weights)) / (1 << 30)
+       << " GiB in bf16 + workspace at T=" << plan_.graph->max_tokens() << ")";
+  if (share_weights) {
+    const Plan& other = share_weights->plan_;
+    bool same = other.bytes(Arena::weights) == plan_.bytes(Arena::weights) && share_weights->options_.seed == options_.seed;
+    for (const Buffer& b : plan_.buffers) {
+      if (!same || b.arena != Arena::weights) continue;
+      const auto twin = other.graph->find_value(plan_.graph->value(b.value).name);
+      same = twin && other.buffer(*twin).offset == b.offset && other.buffer(*twin).bytes == b.bytes;
+    }
+    if (!same) fail_input("CudaSession: weights can only be shared between plans of one layer and seed");
+    weights_ = share_weights->weights_;
+  }
+  require_device_bytes(device,
+                       (weights_ ? 0 : plan_.bytes(Arena::weights)) + plan_.bytes(Arena::workspace) + plan_.bytes(Arena::inputs),
+                       what.str());
+  if (!weights_) {
+    weights_ = std::make_shared<DeviceArena>(plan_, Arena::weights, device);
+    for (const Buffer& b : plan_.buffers)
+      if (b.arena == Arena::weights)
+        fill_device_value(plan_.graph->value(b.value), weights_->data(b.value), plan_.graph->max_tokens(), options_.seed);
+  }
+  executor_ = std::make_unique<CudaExecutor>(plan_);
+  MOEFLOW_CUDA_CHECK(cudaDeviceSynchronize());
+}
+
+CudaSession::~CudaSession() = default;
+
+void CudaSession::set_tokens(int64_t tokens, int input_sets) {
+  if (tokens <= 0 || tokens > plan_.graph->max_tokens())
+    fail_input("tokens = " + std::to_string(tokens) + " must be in [1, " + std::to_string(plan_.graph->max_tokens()) + "]");
+  if (input_sets < 1) fail_input("CudaSession: input_sets must be >= 1");
+  tokens_ = tokens;
+  inputs_.resize(static_cast<std::size_t>(input_sets));
+  for (int s = 0; s < input_sets; ++s) {
+    auto& arena = inputs_[static_cast<std::size_t>(s)];
+    if (!arena) arena = std::make_unique<DeviceArena>(plan_, Arena::inputs, options_.plan.device);
+    for (const Buffer& b : plan_.buffers)
+      if (b.arena == Arena::inputs) fill_device_value(plan_.graph->value(b.value), arena->data(b.value), tokens, set_seed(options_.seed, s));
+  }
+  MOEFLOW_CUDA_CHECK(cudaDeviceSynchronize());
+  set_ = 0;
+}
+
+void CudaSession::use_input_set(int set) {
+  if (set < 0 || set >= input_sets()) fail_input("CudaSession: no input set " + std::to_string(set));
+  set_ = set;
+}
+
+double CudaSession::run(Trace* trace) {
+  if (tokens_ == 0) fail_input("CudaSession::run: call set_tokens first");
+  return executor_->run(*inputs_[static_cast<std::size_t>(set_)], *weights_, tokens_, trace);
+}
+
+void CudaSession::capture() {
+  if (tokens_ == 0) fail_input("CudaSession::capture: call set_tokens first");
+  executor_->capture(*inputs_[static_cast<std::size_t>(set_)], *weights_, tokens_);
+}
+
+double CudaSession::replay() { return executor_->replay(); }
+
+std::vector<float> CudaSession::output() {
+  const Value& out = plan_.graph->value(plan_.graph->outputs().at(0));
+  const int64_t n = out.shape().elements(tokens_);
+  std::vector<float> y(static_cast<std::size_t>(n));
+  if (out.dtype() == DType::bf16) {
+    const std::vector<uint16_t> bits = to_host<uint16_t>(executor_->data(out.id), n);
+    for (int64_t i = 0; i < n; ++i) y[static_cast<std::size_t>(i)] = bf16_to_float(bits[static_cast<std::size_t>(i)]);
+  } else {
+    y = to_host<float>(executor_->data(out.id), n);
+  }
+  return y;
+}
+
+CheckReport CudaSession::check(double tolerance) {
+  const Graph& g = *plan_.graph;
+  // Host fp32 copies of exactly what the device read, and the engine's ids for the near-tie rule.
+  std::map<ValueId, std::vector<float>> host;
+  for (ValueId v : g.graph_inputs()) {
+    const Value& val = g.value(v);
+    host[v] = host_copy_of_input(val, val.role == ValueRole::weight ? g.max_tokens() : tokens_,
+                                 val.role == ValueRole::weight ? options_.seed : set_seed(options_.seed, set_));
+  }
+  std::map<ValueId, std::vector<int32_t>> engine;
+  for (const Node& n : g.nodes())
+    if (n.op->kind() == "gate") engine[n.outputs[0]] = to_host<int32_t>(executor_->data(n.outputs[0]), g.value(n.outputs[0]).shape().elements(tokens_));
+  const int64_t host_bytes = [&] {
+    int64_t b = 0;
+    for (auto& [v, data] : host) b += static_cast<int64_t>(data.size() * 4);
+    return b;
+  }();
+  require_host_bytes(host_bytes, "the reference check of '" + g.name() + "'");
+  auto graph_data = [&](ValueId v) -> const void* { return host.at(v).data(); };
+  auto engine_data = [&](ValueId v) -> const void* { return engine.at(v).data(); };
+  const ReferenceResult ref = reference_run(g, tokens_, graph_data, engine_data);
+  const std::vector<float> y = output();
+  return check_output(y.data(), ref, tolerance);
+}
+
+Floor CudaSession::floor(const MachineRates& rates) {
+  const Graph& g = *plan_.graph;
+  ValueId ids = -1;
+  for (const Node& n : g.nodes())
+    if (n.op->kind() == "dispatch") ids = n.inputs[1];
+  if (ids < 0) fail_input("floor: graph '" + g.name() + "' has no dispatch node");
+  const bool ids_are_input = g.value(ids).role == ValueRole::input;
+  const int current = set_;
+  Floor mean;
+  const double sets = static_cast<double>(inputs_.size());
+  for (int s = 0; s < input_sets(); ++s) {
+    use_input_set(s);
+    if (!ids_are_input) run();
+    const void* device_ids = ids_are_input ? inputs_[static_cast<std::size_t>(s)]->data(ids) : executor_->data(ids);
+    const std::vector<int32_t> h = to_host<int32_t>(device_ids, g.value(ids).shape().elements(tokens_));
+    const Floor f = roofline_floor(g, tokens_, h.data(), rates);
+    mean.bytes += f.bytes / sets;
+    mean.flops += f.flops / sets;
+    mean.seconds += f.seconds / sets;
+    mean.touched_experts += f.touched_experts;
+    mean.memory_bound = f.memory_bound;
+  }
+  mean.touched_experts /= input_sets();
+  use_input_set(current);
+  return mean;
+}
+
+}  // namespace moeflow

@@ -1,0 +1,61 @@
+#pragma once
+// CpuSession's counterpart on one GPU: plan, device-memory check, weights drawn on the device by
+// the counter-based generator (bf16, the same bits the host would round to), input sets, eager runs
+// or CUDA-graph replays timed with events, the reference check on the same bf16-rounded data, and
+// the roofline floor on measured device ceilings.
+#include <memory>
+#include <vector>
+
+#include "bench/measure.hpp"
+#include "bench/reference_run.hpp"
+#include "scheduler/cuda/cuda_executor.hpp"
+
+namespace moeflow {
+
+struct CudaSessionOptions {
+  PlanOptions plan;  // backend is set to cuda
+  uint64_t seed = 0;
+};
+
+// The device's two ceilings (DESIGN.md): median device-to-device copy of 2 GiB (bytes read +
+// written) and median cuBLAS bf16 8192^3 product on random data.
+MachineRates measure_cuda_rates(int device);
+
+class CudaSession {
+ public:
+  // `share_weights`: a session of the same layer under another plan lends its weights (the plans'
+  // graphs may differ by to_host nodes, never in their weights, which is checked).
+  CudaSession(std::shared_ptr<const Graph> graph, CudaSessionOptions options, CudaSession* share_weights = nullptr);
+  ~CudaSession();
+
+  void set_tokens(int64_t tokens, int input_sets = 1);
+  void use_input_set(int set);
+  int input_sets() const { return static_cast<int>(inputs_.size()); }
+  int64_t tokens() const { return tokens_; }
+
+  double run(Trace* trace = nullptr);  // device seconds
+  // Captures the plan for the current T and input set; replay() runs it (device seconds).
+  void capture();
+  double replay();
+  double replay_launch_seconds(int launches) { return executor_->replay_launch_seconds(launches); }
+
+  // Copies what the reference needs to the host and compares (bf16: tolerance 1e-2).
+  CheckReport check(double tolerance);
+  Floor floor(const MachineRates& rates);
+  // The first output, copied to the host as fp32.
+  std::vector<float> output();
+
+  const Plan& plan() const { return plan_; }
+  const Graph& graph() const { return *plan_.graph; }
+
+ private:
+  Plan plan_;
+  CudaSessionOptions options_;
+  std::shared_ptr<DeviceArena> weights_;
+  std::vector<std::unique_ptr<DeviceArena>> inputs_;
+  std::unique_ptr<CudaExecutor> executor_;
+  int64_t tokens_ = 0;
+  int set_ = 0;
+};
+
+}  // namespace moeflow

@@ -1,0 +1,331 @@
+#include <cuda_bf16.h>
+#include <cuda_runtime.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <limits>
+#include <string>
+
+#include "graph/error.hpp"
+#include "kernels/cuda/check.cuh"
+#include "kernels/cuda/permute.hpp"
+
+namespace moeflow::cuda {
+
+namespace {
+
+// ---- permutation: a one-digit counting sort over expert ids -------------------------------------
+//
+// The n = T*k ids are cut into tiles, one warp per tile. (1) Each warp counts its tile per expert
+// into hist[e][tile] (expert-major). (2) One block scans hist exclusively in that order, which gives
+// for every (expert, tile) the first permuted row of that expert's ids in that tile, and offsets[e]
+// = hist[e][0]. (3) Each warp walks its tile again in flat order, 32 ids at a time, and ranks each
+// id among equal ids (__match_any_sync) on top of a running per-expert count in shared memory: the
+// order within an expert is the flat order, exactly the CPU's counting sort. Only integer counts,
+// no atomics on the output: deterministic. Invalid ids count as expert E, a bucket after all others.
+
+constexpr int64_t kMinTile = 1024;      // ids per warp at least (32 steps of 32)
+constexpr int64_t kMaxScan = 65536;     // hist entries the single-block scan handles comfortably
+constexpr int kMaxWarpsPerBlock = 4;
+constexpr size_t kSharedBudget = 48 * 1024;  // per block, without opting in to more
+constexpr int kScanThreads = 1024;
+constexpr int kScanItems = 4;
+
+int64_t cap_tiles(int experts) { return std::max<int64_t>(1, kMaxScan / (static_cast<int64_t>(experts) + 1)); }
+
+// Tile length for n ids: at least kMinTile, long enough that the tiles stay within cap_tiles; a
+// multiple of 32 so that every warp step but the tile's last is full.
+int64_t tile_length(int64_t n, int experts) {
+  const int64_t cap = cap_tiles(experts);
+  const int64_t t = std::max<int64_t>(kMinTile, (n + cap - 1) / cap);
+  return (t + 31) / 32 * 32;
+}
+
+// Upper bound of the tile count for any n <= max_n: min(cap, ceil(n / kMinTile)) is monotone in n.
+int64_t max_tiles(int64_t max_n, int experts) {
+  return std::min<int64_t>(cap_tiles(experts), (max_n + kMinTile - 1) / kMinTile);
+}
+
+int warps_per_block(int experts) {
+  const size_t per_warp = sizeof(int32_t) * (static_cast<size_t>(experts) + 1);
+  return static_cast<int>(std::min<size_t>(kMaxWarpsPerBlock, kSharedBudget / per_warp));
+}
+
+__device__ __forceinline__ int bucket_of(int32_t id, int experts) { return (id >= 0 && id < experts) ? id : experts; }
+
+__global__ void perm_count_kernel(const int32_t* __restrict__ ids, int64_t n, int experts, int64_t tile,
+                                  int64_t num_tiles, int32_t* __restrict__ hist) {
+  extern __shared__ int32_t counts_smem[];
+  const int warp = static_cast<int>(threadIdx.x) / 32;
+  const int lane = static_cast<int>(threadIdx.x) % 32;
+  const int64_t w = static_cast<int64_t>(blockIdx.x) * (blockDim.x / 32) + warp;
+  if (w >= num_tiles) return;
+  int32_t* cnt = counts_smem + static_cast<size_t>(warp) * (experts + 1);
+  for (int e = lane; e <= experts; e += 32) cnt[e] = 0;
+  __syncwarp();
+  const int64_t begin = w * tile;
+  const int64_t end = begin + tile < n ? begin + tile : n;
+  for (int64_t i = begin + lane; i < end; i += 32) atomicAdd(&cnt[bucket_of(ids[i], experts)], 1);  // integer: exact
+  __syncwarp();
+  for (int e = lane; e <= experts; e += 32) hist[static_cast<int64_t>(e) * num_tiles + w] = cnt[e];
+}
+
+// Exclusive scan of data[0, m) in place by one block, in chunks of kScanThreads * kScanItems with a
+// carry; offsets[idx / num_tiles] takes every entry whose idx is a multiple of num_tiles.
+__global__ void __launch_bounds__(kScanThreads)
+    perm_scan_kernel(int32_t* __restrict__ data, int64_t m, int64_t num_tiles, int32_t* __restrict__ offsets) {
+  __shared__ int32_t warp_sums[kScanThreads / 32];
+  const int tid = static_cast<int>(threadIdx.x);
+  const int lane = tid % 32;
+  const int warp = tid / 32;
+  int32_t carry = 0;
+  for (int64_t base = 0; base < m; base += static_cast<int64_t>(kScanThreads) * kScanItems) {
+    int32_t v[kScanItems];
+    int32_t local = 0;
+#pragma unroll
+    for (int q = 0; q < kScanItems; ++q) {
+      const int64_t idx = base + static_cast<int64_t>(tid) * kScanItems + q;
+      v[q] = idx < m ? data[idx] : 0;
+      local += v[q];
+    }
+    int32_t incl = local;
+#pragma unroll
+    for (int o = 1; o < 32; o *= 2) {
+      const int32_t y = __shfl_up_sync(0xffffffffu, incl, o);
+      if (lane >= o) incl += y;
+    }
+    if (lane == 31) warp_sums[warp] = incl;
+    __syncthreads();
+    if (warp == 0) {
+      int32_t s = warp_sums[lane];
+#pragma unroll
+      for (int o = 1; o < 32; o *= 2) {
+        const int32_t y = __shfl_up_sync(0xffffffffu, s, o);
+        if (lane >= o) s += y;
+      }
+      warp_sums[lane] = s;
+    }
+    __syncthreads();
+    int32_t prefix = carry + (warp > 0 ? warp_sums[warp - 1] : 0) + incl - local;
+#pragma unroll
+    for (int q = 0; q < kScanItems; ++q) {
+      const int64_t idx = base + static_cast<int64_t>(tid) * kScanItems + q;
+      if (idx < m) {
+        data[idx] = prefix;
+        if (idx % num_tiles == 0) offsets[idx / num_tiles] = prefix;
+      }
+      prefix += v[q];
+    }
+    carry += warp_sums[kScanThreads / 32 - 1];
+    __syncthreads();  // warp_sums is rewritten by the next chunk
+  }
+}
+
+__global__ void perm_rank_kernel(const int32_t* __restrict__ ids, int64_t n, int experts, int64_t tile,
+                                 int64_t num_tiles, const int32_t* __restrict__ base, int32_t* __restrict__ slot_of,
+                                 int32_t* __restrict__ row_source) {
+  extern __shared__ int32_t counts_smem[];
+  const int warp = static_cast<int>(threadIdx.x) / 32;
+  const int lane = static_cast<int>(threadIdx.x) % 32;
+  const int64_t w = static_cast<int64_t>(blockIdx.x) * (blockDim.x / 32) + warp;
+  if (w >= num_tiles) return;
+  int32_t* cnt = counts_smem + static_cast<size_t>(warp) * (experts + 1);
+  for (int e = lane; e <= experts; e += 32) cnt[e] = 0;
+  __syncwarp();
+  const int64_t begin = w * tile;
+  const int64_t end = begin + tile < n ? begin + tile : n;
+  const uint32_t lower_lanes = (1u << lane) - 1u;
+  for (int64_t c = begin; c < end; c += 32) {  // the same trip count on every lane
+    const int64_t i = c + lane;
+    const bool valid = i < end;
+    const int key = valid ? bucket_of(ids[i], experts) : experts + 1;  // padding lanes match only each other
+    const uint32_t peers = __match_any_sync(0xffffffffu, key);
+    if (valid) {
+      const int32_t slot = base[static_cast<int64_t>(key) * num_tiles + w] + cnt[key] + __popc(peers & lower_lanes);
+      slot_of[i] = slot;
+      row_source[slot] = static_cast<int32_t>(i);
+    }
+    __syncwarp();
+    if (valid && lane == __ffs(peers) - 1) cnt[key] += __popc(peers);
+    __syncwarp();
+  }
+}
+
+// ---- rows: gather and combine ---------------------------------------------------------------------
+
+constexpr int kRowThreads = 256;
+constexpr int kRowThreadsLog2 = 8;
+static_assert(kRowThreads == 1 << kRowThreadsLog2);
+
+// Threads per row (a power of two, up to the block) and rows per block for `per_row` work items.
+struct RowGrid {
+  int shift;  // log2(threads per row)
+  int rows_per_block;
+  unsigned blocks;
+};
+
+RowGrid row_grid(int64_t rows, int64_t per_row, const char* what) {
+  int shift = 0;
+  while ((int64_t{1} << shift) < per_row && (1 << shift) < kRowThreads) ++shift;
+  const int rpb = kRowThreads >> shift;
+  const int64_t blocks = (rows + rpb - 1) / rpb;
+  if (blocks > 0x7fffffff) fail_input(std::string(what) + ": " + std::to_string(rows) + " rows exceed one grid");
+  return {shift, rpb, static_cast<unsigned>(blocks)};
+}
+
+bool aligned16(const void* p) { return (reinterpret_cast<uintptr_t>(p) & 15u) == 0; }
+
+__device__ __forceinline__ void unpack8(const uint4& v, float f[8]) {
+  const __nv_bfloat162* h = reinterpret_cast<const __nv_bfloat162*>(&v);
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    const float2 t = __bfloat1622float2(h[i]);
+    f[2 * i] = t.x;
+    f[2 * i + 1] = t.y;
+  }
+}
+
+__device__ __forceinline__ uint4 pack8(const float f[8]) {
+  uint4 v;
+  __nv_bfloat162* h = reinterpret_cast<__nv_bfloat162*>(&v);
+#pragma unroll
+  for (int i = 0; i < 4; ++i) h[i] = __floats2bfloat162_rn(f[2 * i], f[2 * i + 1]);
+  return v;
+}
+
+__device__ __forceinline__ float bf16_bits_to_float(uint16_t b) { return __uint_as_float(static_cast<uint32_t>(b) << 16); }
+
+// One row per 2^shift threads; kVec: 8 bf16 (16 bytes) per access.
+template <bool kVec>
+__global__ void __launch_bounds__(kRowThreads)
+    gather_kernel(const uint16_t* __restrict__ x, const int32_t* __restrict__ row_source, int64_t rows, int top_k,
+                  int hidden, int shift, uint16_t* __restrict__ out) {
+  const int64_t r = (static_cast<int64_t>(blockIdx.x) << (kRowThreadsLog2 - shift)) + (threadIdx.x >> shift);
+  if (r >= rows) return;
+  const int sub = static_cast<int>(threadIdx.x) & ((1 << shift) - 1);
+  const int64_t src = row_source[r] / top_k;
+  if constexpr (kVec) {
+    const uint4* s = reinterpret_cast<const uint4*>(x + src * hidden);
+    uint4* d = reinterpret_cast<uint4*>(out + r * hidden);
+    for (int v = sub; v < hidden / 8; v += 1 << shift) d[v] = s[v];
+  } else {
+    const uint16_t* s = x + src * hidden;
+    uint16_t* d = out + r * hidden;
+    for (int h = sub; h < hidden; h += 1 << shift) d[h] = s[h];
+  }
+}
+
+template <bool kVec>
+__global__ void __launch_bounds__(kRowThreads)
+    combine_kernel(const uint16_t* __restrict__ y_rows, const int32_t* __restrict__ slot_of,
+                   const float* __restrict__ weights, int64_t tokens, int top_k, int hidden, int shift,
+                   uint16_t* __restrict__ out) {
+  const int64_t t = (static_cast<int64_t>(blockIdx.x) << (kRowThreadsLog2 - shift)) + (threadIdx.x >> shift);
+  if (t >= tokens) return;
+  const int sub = static_cast<int>(threadIdx.x) & ((1 << shift) - 1);
+  const int32_t* slots = slot_of + t * top_k;
+  const float* w = weights + t * top_k;
+  if constexpr (kVec) {
+    for (int v = sub; v < hidden / 8; v += 1 << shift) {
+      float acc[8];
+#pragma unroll
+      for (int i = 0; i < 8; ++i) acc[i] = 0.0f;
+#pragma unroll 4
+      for (int j = 0; j < top_k; ++j) {
+        const uint4 q = *reinterpret_cast<const uint4*>(y_rows + static_cast<int64_t>(slots[j]) * hidden + 8 * v);
+        float f[8];
+        unpack8(q, f);
+        const float wj = w[j];
+#pragma unroll
+        for (int i = 0; i < 8; ++i) acc[i] = fmaf(wj, f[i], acc[i]);
+      }
+      *reinterpret_cast<uint4*>(out + t * hidden + 8 * v) = pack8(acc);
+    }
+  } else {
+    for (int h = sub; h < hidden; h += 1 << shift) {
+      float acc = 0.0f;
+      for (int j = 0; j < top_k; ++j)
+        acc = fmaf(w[j], bf16_bits_to_float(y_rows[static_cast<int64_t>(slots[j]) * hidden + h]), acc);
+      out[t * hidden + h] = __bfloat16_as_ushort(__float2bfloat16_rn(acc));
+    }
+  }
+}
+
+}  // namespace
+
+std::size_t permutation_workspace_bytes(int64_t max_tokens, int top_k, int experts) {
+  if (max_tokens < 0 || top_k <= 0 || experts <= 0)
+    fail_input("permutation_workspace_bytes: max_tokens = " + std::to_string(max_tokens) + ", top_k = " +
+               std::to_string(top_k) + ", experts = " + std::to_string(experts));
+  const int64_t n = max_tokens * top_k;
+  const int64_t entries = (static_cast<int64_t>(experts) + 1) * max_tiles(n, experts);
+  return (static_cast<std::size_t>(entries) * sizeof(int32_t) + 255) / 256 * 256;
+}
+
+void build_permutation(const int32_t* ids, int64_t tokens, int top_k, int experts, int32_t* offsets,
+                       int32_t* slot_of, int32_t* row_source, void* workspace, std::size_t workspace_bytes,
+                       Stream stream) {
+  if (tokens < 0 || top_k <= 0 || experts <= 0)
+    fail_input("cuda build_permutation: tokens = " + std::to_string(tokens) + ", top_k = " + std::to_string(top_k) +
+               ", experts = " + std::to_string(experts));
+  const int64_t n = tokens * top_k;
+  if (n > std::numeric_limits<int32_t>::max())
+    fail_input("cuda build_permutation: " + std::to_string(tokens) + " tokens x top_k " + std::to_string(top_k) +
+               " rows do not fit 32-bit offsets");
+  const int wpb = warps_per_block(experts);
+  if (wpb < 1)
+    fail_input("cuda build_permutation: experts = " + std::to_string(experts) +
+               " need more shared memory per warp than a block has");
+  if (n == 0) {
+    MOEFLOW_CUDA_CHECK(cudaMemsetAsync(offsets, 0, sizeof(int32_t) * (static_cast<size_t>(experts) + 1), stream));
+    return;
+  }
+  const int64_t tile = tile_length(n, experts);
+  const int64_t num_tiles = (n + tile - 1) / tile;
+  const int64_t entries = (static_cast<int64_t>(experts) + 1) * num_tiles;
+  if (workspace == nullptr || workspace_bytes < sizeof(int32_t) * static_cast<size_t>(entries))
+    fail_input("cuda build_permutation: workspace of " + std::to_string(workspace_bytes) + " bytes, " +
+               std::to_string(sizeof(int32_t) * static_cast<size_t>(entries)) + " needed for " +
+               std::to_string(tokens) + " tokens (see permutation_workspace_bytes)");
+  auto* hist = static_cast<int32_t*>(workspace);
+  const unsigned blocks = static_cast<unsigned>((num_tiles + wpb - 1) / wpb);
+  const size_t smem = sizeof(int32_t) * (static_cast<size_t>(experts) + 1) * wpb;
+  perm_count_kernel<<<blocks, wpb * 32, smem, stream>>>(ids, n, experts, tile, num_tiles, hist);
+  MOEFLOW_CUDA_LAUNCH_CHECK();
+  perm_scan_kernel<<<1, kScanThreads, 0, stream>>>(hist, entries, num_tiles, offsets);
+  MOEFLOW_CUDA_LAUNCH_CHECK();
+  perm_rank_kernel<<<blocks, wpb * 32, smem, stream>>>(ids, n, experts, tile, num_tiles, hist, slot_of, row_source);
+  MOEFLOW_CUDA_LAUNCH_CHECK();
+}
+
+void gather_rows(const uint16_t* x, const int32_t* row_source, int64_t rows, int top_k, int hidden, uint16_t* out,
+                 Stream stream) {
+  if (rows < 0 || top_k <= 0 || hidden < 0)
+    fail_input("cuda gather_rows: rows = " + std::to_string(rows) + ", top_k = " + std::to_string(top_k) +
+               ", hidden = " + std::to_string(hidden));
+  if (rows == 0 || hidden == 0) return;
+  const bool vec = hidden % 8 == 0 && aligned16(x) && aligned16(out);
+  const RowGrid g = row_grid(rows, vec ? hidden / 8 : hidden, "cuda gather_rows");
+  if (vec) gather_kernel<true><<<g.blocks, kRowThreads, 0, stream>>>(x, row_source, rows, top_k, hidden, g.shift, out);
+  else gather_kernel<false><<<g.blocks, kRowThreads, 0, stream>>>(x, row_source, rows, top_k, hidden, g.shift, out);
+  MOEFLOW_CUDA_LAUNCH_CHECK();
+}
+
+void combine_rows(const uint16_t* y_rows, const int32_t* slot_of, const float* weights, int64_t tokens, int top_k,
+                  int hidden, uint16_t* out, Stream stream) {
+  if (tokens < 0 || top_k <= 0 || hidden < 0)
+    fail_input("cuda combine_rows: tokens = " + std::to_string(tokens) + ", top_k = " + std::to_string(top_k) +
+               ", hidden = " + std::to_string(hidden));
+  if (tokens == 0 || hidden == 0) return;
+  const bool vec = hidden % 8 == 0 && aligned16(y_rows) && aligned16(out);
+  const RowGrid g = row_grid(tokens, vec ? hidden / 8 : hidden, "cuda combine_rows");
+  if (vec)
+    combine_kernel<true><<<g.blocks, kRowThreads, 0, stream>>>(y_rows, slot_of, weights, tokens, top_k, hidden,
+                                                               g.shift, out);
+  else
+    combine_kernel<false><<<g.blocks, kRowThreads, 0, stream>>>(y_rows, slot_of, weights, tokens, top_k, hidden,
+                                                                g.shift, out);
+  MOEFLOW_CUDA_LAUNCH_CHECK();
+}
+
+}  // namespace moeflow::cuda

@@ -1,0 +1,36 @@
+#pragma once
+// Dispatch and combine on the GPU: the permutation of cpu::build_permutation (expert-major; within
+// an expert by flat index t*k + j ascending), built on the device without floating-point atomics
+// or host synchronisation, so one captured CUDA graph serves any T. Pointers are device pointers.
+#include <cstddef>
+#include <cstdint>
+
+#include "kernels/cuda/lane_context.hpp"
+
+namespace moeflow::cuda {
+
+// Device workspace build_permutation needs for up to max_tokens tokens (a pure host computation).
+std::size_t permutation_workspace_bytes(int64_t max_tokens, int top_k, int experts);
+
+// offsets [E + 1]: offsets[e] = first permuted row of expert e, offsets[E] = rows of valid ids.
+// slot_of [T, k]: the permuted row of (t, j). row_source [T * k]: the flat index t*k + j each
+// permuted row holds (the inverse of slot_of).
+// Ids outside [0, E) are not an error here (the device cannot throw): they are moved out of the
+// way, sorted after every valid row, to rows [offsets[E], T*k) in flat-index order; their slot_of and
+// row_source entries are set like any other (so every later read stays in bounds) and no expert
+// counts them. With valid ids offsets[E] = T*k and the result equals cpu::build_permutation's.
+// Throws Error(bad_input) if T*k does not fit int32, or if workspace_bytes is too small.
+void build_permutation(const int32_t* ids, int64_t tokens, int top_k, int experts, int32_t* offsets,
+                       int32_t* slot_of, int32_t* row_source, void* workspace, std::size_t workspace_bytes,
+                       Stream stream);
+
+// out[r, :] = x[row_source[r] / k, :] for r < rows; x bf16 [T, H], out bf16 [rows, H]. A copy.
+void gather_rows(const uint16_t* x, const int32_t* row_source, int64_t rows, int top_k, int hidden, uint16_t* out,
+                 Stream stream);
+
+// out[t, :] = Σ_j weights[t, j] · y_rows[slot_of[t, j], :], fp32 accumulation in j order and one
+// rounding to bf16 at the end. y_rows bf16 [T*k, H], out bf16 [T, H].
+void combine_rows(const uint16_t* y_rows, const int32_t* slot_of, const float* weights, int64_t tokens, int top_k,
+                  int hidden, uint16_t* out, Stream stream);
+
+}  // namespace moeflow::cuda

@@ -1,0 +1,214 @@
+// The CUDA kernels of every op (bf16 storage, fp32 accumulation), with their priorities, supports()
+// and the reason each gives the plan. Built only with MOEFLOW_CUDA.
+#include <cuda_runtime.h>
+
+#include <sstream>
+
+#include "kernels/cuda/check.cuh"
+#include "kernels/cuda/cublas_gemm.hpp"
+#include "kernels/cuda/elementwise.hpp"
+#include "kernels/cuda/lane_context.hpp"
+#include "kernels/cuda/permute.hpp"
+#include "kernels/cuda/routing.hpp"
+#include "ops/combine_op.hpp"
+#include "ops/dispatch_op.hpp"
+#include "ops/experts_op.hpp"
+#include "ops/gate_op.hpp"
+#include "ops/kernel_registry.hpp"
+#include "ops/shared_expert_op.hpp"
+
+namespace moeflow {
+
+namespace {
+
+const cuda::LaneContext& lane(const KernelCall& c) { return *static_cast<const cuda::LaneContext*>(c.lane); }
+const uint16_t* bf16_in(const KernelCall& c, std::size_t i) { return c.in<uint16_t>(i); }
+uint16_t* bf16_out(const KernelCall& c, std::size_t i) { return c.out<uint16_t>(i); }
+int hidden_of(const KernelCall& c) { return static_cast<int>(c.input_value(0).shape()[1].fixed); }
+constexpr int64_t align256(int64_t n) { return (n + 255) / 256 * 256; }
+
+// Activations and weights in bf16 (gate bias, routing weights and logits stay fp32).
+Support cuda_supports_bf16(const Graph& g, const Node& n) {
+  for (const auto* list : {&n.inputs, &n.outputs})
+    for (ValueId id : *list) {
+      const Value& v = g.value(id);
+      if (v.dtype() == DType::f32 && v.shape().rank() >= 2 && v.shape()[v.shape().rank() - 1].fixed > 64 &&
+          n.op->kind() != "gate" && n.op->kind() != "combine")
+        return Support::no("CUDA kernels store activations in bf16; '" + v.name + "' is " + v.type_str());
+    }
+  return Support::yes("bf16 storage, fp32 accumulation");
+}
+
+double rows_per_expert(const Node& n, int64_t tokens) {
+  const auto& op = static_cast<const ExpertsOp&>(*n.op);
+  return static_cast<double>(tokens) * op.top_k() / op.experts();
+}
+
+std::string fmt(double v) {
+  std::ostringstream o;
+  o.precision(v < 10 ? 2 : 0);
+  o << std::fixed << v;
+  return o.str();
+}
+
+// h [R, 2I] and act [R, I] in bf16 for the experts strategies that run on the permuted rows.
+int64_t experts_scratch_bytes(const Node& n, int64_t tokens) {
+  const auto& op = static_cast<const ExpertsOp&>(*n.op);
+  const int64_t rows = tokens * op.top_k();
+  return align256(rows * 2 * op.intermediate() * 2) + align256(rows * op.intermediate() * 2);
+}
+
+void register_experts(KernelRegistry& r) {
+  auto scratch = [](const KernelCall& c, uint16_t*& h, uint16_t*& act) {
+    const auto& op = static_cast<const ExpertsOp&>(*c.node.op);
+    const int64_t rows = c.graph.max_tokens() * op.top_k();
+    h = static_cast<uint16_t*>(c.workspace);
+    act = reinterpret_cast<uint16_t*>(static_cast<std::byte*>(c.workspace) + align256(rows * 2 * op.intermediate() * 2));
+  };
+  r.add({"experts", Backend::cuda, "cuda.cublas_grouped_batched", 2,
+         [](const Graph& g, const Node& n) {
+           Support s = cuda_supports_bf16(g, n);
+           if (!s.ok) return s;
+           return Support::yes(fmt(rows_per_expert(n, g.max_tokens())) +
+                               " rows/expert at max T -> grouped_batched: one cuBLAS call per GEMM layer (host sync)");
+         },
+         [scratch](const KernelCall& c) {
+           const auto& op = static_cast<const ExpertsOp&>(*c.node.op);
+           uint16_t *h, *act;
+           scratch(c, h, act);
+           const std::size_t ptr = cuda::grouped_pointer_bytes(op.experts());
+           auto* ws = static_cast<std::byte*>(c.workspace) + experts_scratch_bytes(c.node, c.graph.max_tokens());
+           cuda::experts_grouped_batched(lane(c), bf16_in(c, 0), c.in<int32_t>(1), op.experts(), hidden_of(c),
+                                         op.intermediate(), bf16_in(c, 2), bf16_in(c, 3), h, act, bf16_out(c, 0), ws,
+                                         c.host_workspace);
+           (void)ptr;
+         },
+         [](const Graph& g, const Node& n, int64_t tokens) {
+           (void)g;
+           return experts_scratch_bytes(n, tokens) +
+                  align256(static_cast<int64_t>(cuda::grouped_pointer_bytes(static_cast<const ExpertsOp&>(*n.op).experts())));
+         },
+         {1},
+         [](const Graph&, const Node& n, int64_t) {
+           return static_cast<int64_t>(cuda::grouped_pointer_bytes(static_cast<const ExpertsOp&>(*n.op).experts()));
+         }});
+  r.add({"experts", Backend::cuda, "cuda.cublas_per_expert_loop", 1,
+         [](const Graph& g, const Node& n) {
+           Support s = cuda_supports_bf16(g, n);
+           if (!s.ok) return s;
+           return Support::yes("one cuBLAS GEMM per touched expert and layer (host sync)");
+         },
+         [scratch](const KernelCall& c) {
+           const auto& op = static_cast<const ExpertsOp&>(*c.node.op);
+           uint16_t *h, *act;
+           scratch(c, h, act);
+           cuda::experts_per_expert_loop(lane(c), bf16_in(c, 0), c.in<int32_t>(1), op.experts(), hidden_of(c),
+                                         op.intermediate(), bf16_in(c, 2), bf16_in(c, 3), h, act, bf16_out(c, 0));
+         },
+         [](const Graph&, const Node& n, int64_t tokens) { return experts_scratch_bytes(n, tokens); },
+         {1}});
+  r.add({"experts", Backend::cuda, "cuda.cublas_padded_strided", 0,
+         [](const Graph& g, const Node& n) {
+           Support s = cuda_supports_bf16(g, n);
+           if (!s.ok) return s;
+           const auto& op = static_cast<const ExpertsOp&>(*n.op);
+           const int64_t H = g.value(n.inputs[0]).shape()[1].fixed;
+           const int64_t capacity = g.max_tokens();  // distinct ids per token: no expert gets more rows than T
+           const std::size_t bytes = cuda::padded_scratch_bytes(op.experts(), capacity, static_cast<int>(H), op.intermediate());
+           if (bytes > (std::size_t{16} << 30))
+             return Support::no("padding every expert to " + std::to_string(capacity) + " rows needs " +
+                                fmt(static_cast<double>(bytes) / (1 << 30)) + " GiB of scratch");
+           return Support::yes("every expert padded to " + std::to_string(capacity) + " rows (" +
+                               fmt(static_cast<double>(op.experts()) * capacity / (capacity * op.top_k())) +
+                               "x the routed rows): no host sync, capturable");
+         },
+         [](const KernelCall& c) {
+           const auto& op = static_cast<const ExpertsOp&>(*c.node.op);
+           cuda::experts_padded_strided_batched(lane(c), bf16_in(c, 0), c.in<int32_t>(1), op.experts(),
+                                                c.graph.max_tokens(), hidden_of(c), op.intermediate(), bf16_in(c, 2),
+                                                bf16_in(c, 3), c.workspace, bf16_out(c, 0));
+         },
+         [](const Graph& g, const Node& n, int64_t tokens) {
+           const auto& op = static_cast<const ExpertsOp&>(*n.op);
+           return static_cast<int64_t>(cuda::padded_scratch_bytes(
+               op.experts(), tokens, static_cast<int>(g.value(n.inputs[0]).shape()[1].fixed), op.intermediate()));
+         }});
+}
+
+}  // namespace
+
+void register_cuda_kernels(KernelRegistry& r) {
+  r.add({"gate", Backend::cuda, "cuda.router_topk", 0,
+         [](const Graph& g, const Node& n) {
+           if (g.value(n.inputs[0]).dtype() != DType::bf16) return Support::no("x must be bf16 on CUDA");
+           return Support::yes("cuBLAS bf16 logits in fp32, one warp per token for top-k");
+         },
+         [](const KernelCall& c) {
+           const auto& op = static_cast<const GateOp&>(*c.node.op);
+           float* logits = c.out<float>(2);
+           cuda::gemm_bf16_nt(lane(c), c.tokens, op.rule().experts, hidden_of(c), bf16_in(c, 0), bf16_in(c, 1), logits, true);
+           cuda::route_tokens(op.rule(), logits, op.rule().use_bias ? c.in<float>(2) : nullptr, c.tokens,
+                              c.out<int32_t>(0), c.out<float>(1), lane(c).stream);
+         },
+         {}});
+  r.add({"shared_expert", Backend::cuda, "cuda.cublas_swiglu", 0, cuda_supports_bf16,
+         [](const KernelCall& c) {
+           const auto& op = static_cast<const SharedExpertOp&>(*c.node.op);
+           const int H = hidden_of(c), I = op.intermediate();
+           auto* h = static_cast<uint16_t*>(c.workspace);
+           auto* act = reinterpret_cast<uint16_t*>(static_cast<std::byte*>(c.workspace) +
+                                                   align256(c.graph.max_tokens() * 2 * I * 2));
+           cuda::gemm_bf16_nt(lane(c), c.tokens, 2 * I, H, bf16_in(c, 0), bf16_in(c, 1), h, false);
+           cuda::swiglu(h, c.tokens, I, act, lane(c).stream);
+           cuda::gemm_bf16_nt(lane(c), c.tokens, H, I, act, bf16_in(c, 2), bf16_out(c, 0), false);
+           if (op.gated()) cuda::scale_rows_by_sigmoid_gate(bf16_in(c, 0), bf16_in(c, 3), c.tokens, H, bf16_out(c, 0), lane(c).stream);
+         },
+         [](const Graph&, const Node& n, int64_t tokens) {
+           const int64_t I = static_cast<const SharedExpertOp&>(*n.op).intermediate();
+           return align256(tokens * 2 * I * 2) + align256(tokens * I * 2);
+         }});
+  r.add({"dispatch", Backend::cuda, "cuda.permute_rows", 0, cuda_supports_bf16,
+         [](const KernelCall& c) {
+           const auto& op = static_cast<const DispatchOp&>(*c.node.op);
+           const int64_t rows = c.graph.max_tokens() * op.top_k();
+           auto* row_source = static_cast<int32_t*>(c.workspace);
+           void* sort_ws = static_cast<std::byte*>(c.workspace) + align256(rows * 4);
+           const std::size_t sort_bytes = cuda::permutation_workspace_bytes(c.graph.max_tokens(), op.top_k(), op.experts());
+           cuda::build_permutation(c.in<int32_t>(1), c.tokens, op.top_k(), op.experts(), c.out<int32_t>(1),
+                                   c.out<int32_t>(2), row_source, sort_ws, sort_bytes, lane(c).stream);
+           cuda::gather_rows(bf16_in(c, 0), row_source, c.tokens * op.top_k(), op.top_k(), hidden_of(c), bf16_out(c, 0),
+                             lane(c).stream);
+         },
+         [](const Graph&, const Node& n, int64_t tokens) {
+           const auto& op = static_cast<const DispatchOp&>(*n.op);
+           return align256(tokens * op.top_k() * 4) +
+                  static_cast<int64_t>(cuda::permutation_workspace_bytes(tokens, op.top_k(), op.experts()));
+         }});
+  register_experts(r);
+  r.add({"combine", Backend::cuda, "cuda.weighted_sum", 0, cuda_supports_bf16,
+         [](const KernelCall& c) {
+           const auto& op = static_cast<const CombineOp&>(*c.node.op);
+           cuda::combine_rows(bf16_in(c, 0), c.in<int32_t>(1), c.in<float>(2), c.tokens, op.top_k(), hidden_of(c),
+                              bf16_out(c, 0), lane(c).stream);
+         },
+         {}});
+  r.add({"reduce", Backend::cuda, "cuda.sum", 0, cuda_supports_bf16,
+         [](const KernelCall& c) {
+           std::vector<const uint16_t*> addends;
+           for (std::size_t i = 0; i < c.inputs.size(); ++i) addends.push_back(bf16_in(c, i));
+           cuda::sum_rows(addends.data(), static_cast<int>(addends.size()), c.input_value(0).shape().elements(c.tokens),
+                          bf16_out(c, 0), lane(c).stream);
+         },
+         {}});
+  r.add({"to_host", Backend::cuda, "cuda.copy_and_wait", 0,
+         [](const Graph&, const Node&) { return Support::yes("cudaMemcpyAsync to pinned memory, then the host waits"); },
+         [](const KernelCall& c) {
+           const int64_t bytes = c.input_value(0).bytes(c.tokens);
+           MOEFLOW_CUDA_CHECK(cudaMemcpyAsync(c.outputs[0], c.inputs[0], static_cast<std::size_t>(bytes),
+                                              cudaMemcpyDeviceToHost, lane(c).stream));
+           MOEFLOW_CUDA_CHECK(cudaStreamSynchronize(lane(c).stream));
+         },
+         {}});
+}
+
+}  // namespace moeflow

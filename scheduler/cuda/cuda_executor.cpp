@@ -1,0 +1,247 @@
+#include "scheduler/cuda/cuda_executor.hpp"
+
+#include <cuda_runtime.h>
+
+#include <algorithm>
+#include <chrono>
+
+#include "graph/error.hpp"
+#include "kernels/cuda/check.cuh"
+#include "kernels/cuda/cublas_gemm.hpp"
+#include "kernels/cuda/lane_context.hpp"
+
+namespace moeflow {
+
+struct CudaExecutor::State {
+  int device = 0;
+  std::unique_ptr<DeviceArena> workspace, host;
+  std::vector<cudaStream_t> streams;
+  std::vector<cuda::LaneContext> lanes;
+  std::vector<void*> blas_workspaces;
+  std::vector<cudaEvent_t> done;                   // per step: recorded when another lane waits on it
+  std::vector<bool> needs_done;
+  std::vector<cudaEvent_t> node_start, node_end;   // per step, for traces
+  cudaEvent_t run_start = nullptr, run_end = nullptr;
+  std::vector<cudaEvent_t> lane_end;
+  int* error_flag = nullptr;                       // device
+  cudaGraph_t graph = nullptr;
+  cudaGraphExec_t graph_exec = nullptr;
+  int64_t captured_tokens = 0;
+};
+
+CudaExecutor::CudaExecutor(const Plan& plan) : plan_(plan), s_(std::make_unique<State>()) {
+  if (plan.options.backend != Backend::cuda) fail_input("CudaExecutor: the plan was made for the cpu backend");
+  State& s = *s_;
+  s.device = plan.options.device;
+  const std::size_t blas_bytes = cuda::recommended_blas_workspace_bytes();
+  require_device_bytes(s.device,
+                       plan.bytes(Arena::workspace) + static_cast<int64_t>(blas_bytes * plan.lanes.size()) + 4096,
+                       "plan '" + plan.graph->name() + "' (workspace and cuBLAS workspaces)");
+  MOEFLOW_CUDA_CHECK(cudaSetDevice(s.device));
+  s.workspace = std::make_unique<DeviceArena>(plan, Arena::workspace, s.device);
+  s.host = std::make_unique<DeviceArena>(plan, Arena::host, s.device);
+  MOEFLOW_CUDA_CHECK(cudaMalloc(&s.error_flag, sizeof(int)));
+  MOEFLOW_CUDA_CHECK(cudaMemset(s.error_flag, 0, sizeof(int)));
+  int least = 0, greatest = 0;
+  MOEFLOW_CUDA_CHECK(cudaDeviceGetStreamPriorityRange(&least, &greatest));
+  for (std::size_t l = 0; l < plan.lanes.size(); ++l) {
+    cudaStream_t stream = nullptr;
+    // The critical path (lane 0) goes first when lanes compete for the machine.
+    MOEFLOW_CUDA_CHECK(cudaStreamCreateWithPriority(&stream, cudaStreamNonBlocking, l == 0 ? greatest : least));
+    void* ws = nullptr;
+    MOEFLOW_CUDA_CHECK(cudaMalloc(&ws, blas_bytes));
+    s.streams.push_back(stream);
+    s.blas_workspaces.push_back(ws);
+    cuda::LaneContext ctx;
+    ctx.stream = stream;
+    ctx.blas = cuda::create_blas_handle(stream, ws, blas_bytes);
+    ctx.blas_workspace = ws;
+    ctx.blas_workspace_bytes = blas_bytes;
+    ctx.device = s.device;
+    ctx.error_flag = s.error_flag;
+    s.lanes.push_back(ctx);
+    cudaEvent_t e = nullptr;
+    MOEFLOW_CUDA_CHECK(cudaEventCreateWithFlags(&e, cudaEventDisableTiming));
+    s.lane_end.push_back(e);
+  }
+  const std::size_t n = plan.steps.size();
+  s.done.resize(n, nullptr);
+  s.needs_done.assign(n, false);
+  for (const PlanStep& step : plan.steps)
+    for (NodeId w : step.waits) s.needs_done[static_cast<std::size_t>(plan.step_of_node[static_cast<std::size_t>(w)])] = true;
+  for (std::size_t i = 0; i < n; ++i) {
+    if (s.needs_done[i]) MOEFLOW_CUDA_CHECK(cudaEventCreateWithFlags(&s.done[i], cudaEventDisableTiming));
+    cudaEvent_t a = nullptr, b = nullptr;
+    MOEFLOW_CUDA_CHECK(cudaEventCreate(&a));
+    MOEFLOW_CUDA_CHECK(cudaEventCreate(&b));
+    s.node_start.push_back(a);
+    s.node_end.push_back(b);
+  }
+  MOEFLOW_CUDA_CHECK(cudaEventCreate(&s.run_start));
+  MOEFLOW_CUDA_CHECK(cudaEventCreate(&s.run_end));
+}
+
+CudaExecutor::~CudaExecutor() {
+  State& s = *s_;
+  cudaSetDevice(s.device);
+  for (cudaStream_t st : s.streams) cudaStreamSynchronize(st);
+  if (s.graph_exec) cudaGraphExecDestroy(s.graph_exec);
+  if (s.graph) cudaGraphDestroy(s.graph);
+  for (auto* list : {&s.done, &s.node_start, &s.node_end, &s.lane_end})
+    for (cudaEvent_t e : *list)
+      if (e) cudaEventDestroy(e);
+  if (s.run_start) cudaEventDestroy(s.run_start);
+  if (s.run_end) cudaEventDestroy(s.run_end);
+  for (cuda::LaneContext& l : s.lanes) cuda::destroy_blas_handle(l.blas);
+  for (void* p : s.blas_workspaces) cudaFree(p);
+  for (cudaStream_t st : s.streams) cudaStreamDestroy(st);
+  if (s.error_flag) cudaFree(s.error_flag);
+}
+
+// Issues every step on its lane's stream in the plan's order. Lane 0's stream starts and ends the
+// run: the other lanes fork from it (wait on run_start) and join into it (lane_end events), so
+// the whole run is one region of one stream, which is also what stream capture needs.
+void CudaExecutor::issue(const DeviceArena& inputs, const DeviceArena& weights, int64_t tokens, bool timed_nodes) {
+  State& s = *s_;
+  const Graph& g = *plan_.graph;
+  cudaStream_t main = s.streams[0];
+  MOEFLOW_CUDA_CHECK(cudaEventRecord(s.run_start, main));
+  for (std::size_t l = 1; l < s.streams.size(); ++l) MOEFLOW_CUDA_CHECK(cudaStreamWaitEvent(s.streams[l], s.run_start, 0));
+  std::vector<void*> in, out;
+  for (std::size_t i = 0; i < plan_.steps.size(); ++i) {
+    const PlanStep& step = plan_.steps[i];
+    const Node& n = g.node(step.node);
+    cuda::LaneContext& lane = s.lanes[static_cast<std::size_t>(step.lane)];
+    for (NodeId w : step.waits)
+      MOEFLOW_CUDA_CHECK(cudaStreamWaitEvent(lane.stream, s.done[static_cast<std::size_t>(plan_.step_of_node[static_cast<std::size_t>(w)])], 0));
+    in.clear();
+    out.clear();
+    auto locate = [&](ValueId v) -> void* {
+      switch (plan_.buffer(v).arena) {
+        case Arena::inputs: return inputs.data(v);
+        case Arena::weights: return weights.data(v);
+        case Arena::workspace: return s.workspace->data(v);
+        case Arena::host: return s.host->data(v);
+      }
+      return nullptr;
+    };
+    for (ValueId v : n.inputs) in.push_back(locate(v));
+    for (ValueId v : n.outputs) out.push_back(locate(v));
+    if (timed_nodes) MOEFLOW_CUDA_CHECK(cudaEventRecord(s.node_start[i], lane.stream));
+    step.kernel->run(KernelCall{g, n, in, out, tokens, &lane,
+                                step.workspace_bytes ? s.workspace->base() + step.workspace_offset : nullptr,
+                                step.host_workspace_bytes ? s.host->base() + step.host_workspace_offset : nullptr});
+    if (timed_nodes) MOEFLOW_CUDA_CHECK(cudaEventRecord(s.node_end[i], lane.stream));
+    if (s.needs_done[i]) MOEFLOW_CUDA_CHECK(cudaEventRecord(s.done[i], lane.stream));
+  }
+  for (std::size_t l = 1; l < s.streams.size(); ++l) {
+    MOEFLOW_CUDA_CHECK(cudaEventRecord(s.lane_end[l], s.streams[l]));
+    MOEFLOW_CUDA_CHECK(cudaStreamWaitEvent(main, s.lane_end[l], 0));
+  }
+  MOEFLOW_CUDA_CHECK(cudaEventRecord(s.run_end, main));
+}
+
+void CudaExecutor::check_device_flags() {
+  int flag = 0;
+  MOEFLOW_CUDA_CHECK(cudaMemcpy(&flag, s_->error_flag, sizeof(int), cudaMemcpyDeviceToHost));
+  if (flag != 0) {
+    MOEFLOW_CUDA_CHECK(cudaMemset(s_->error_flag, 0, sizeof(int)));
+    if (flag & cuda::kErrorCapacityOverflow)
+      throw Error(ErrorKind::check_failed,
+                  "an expert received more rows than the padded strategy's capacity (device flag raised); its output "
+                  "is incomplete: choose another experts kernel (--kernel experts=...)");
+    throw Error(ErrorKind::check_failed, "a device kernel raised error flag " + std::to_string(flag));
+  }
+}
+
+double CudaExecutor::run(const DeviceArena& inputs, const DeviceArena& weights, int64_t tokens, Trace* trace) {
+  const Graph& g = *plan_.graph;
+  if (tokens <= 0 || tokens > g.max_tokens())
+    fail_input("tokens = " + std::to_string(tokens) + " must be in [1, " + std::to_string(g.max_tokens()) + "]");
+  MOEFLOW_CUDA_CHECK(cudaSetDevice(s_->device));
+  issue(inputs, weights, tokens, trace != nullptr);
+  MOEFLOW_CUDA_CHECK(cudaEventSynchronize(s_->run_end));
+  MOEFLOW_CUDA_CHECK(cudaGetLastError());
+  check_device_flags();
+  float ms = 0.0f;
+  MOEFLOW_CUDA_CHECK(cudaEventElapsedTime(&ms, s_->run_start, s_->run_end));
+  if (trace) {
+    trace->tokens = tokens;
+    trace->lanes.clear();
+    for (const Lane& l : plan_.lanes) trace->lanes.push_back(l.name);
+    trace->events.clear();
+    for (std::size_t i = 0; i < plan_.steps.size(); ++i) {
+      const PlanStep& step = plan_.steps[i];
+      float start = 0.0f, end = 0.0f;
+      MOEFLOW_CUDA_CHECK(cudaEventElapsedTime(&start, s_->run_start, s_->node_start[i]));
+      MOEFLOW_CUDA_CHECK(cudaEventElapsedTime(&end, s_->run_start, s_->node_end[i]));
+      const Node& n = g.node(step.node);
+      trace->events.push_back({n.name, n.op->kind(), step.kernel->name, step.lane, n.chunk, start * 1e3,
+                               (end - start) * 1e3, step.predicted_s * 1e6});
+    }
+  }
+  return ms * 1e-3;
+}
+
+void CudaExecutor::capture(const DeviceArena& inputs, const DeviceArena& weights, int64_t tokens) {
+  if (plan_.has_host_sync())
+    fail_input("--cuda-graph: plan '" + plan_.graph->name() +
+               "' waits on the host (a to_host node, for a kernel that needs row counts there); a CUDA graph cannot "
+               "contain that. Plan with capturable kernels (the planner does so under --cuda-graph)");
+  if (tokens <= 0 || tokens > plan_.graph->max_tokens())
+    fail_input("tokens = " + std::to_string(tokens) + " must be in [1, " + std::to_string(plan_.graph->max_tokens()) + "]");
+  State& s = *s_;
+  MOEFLOW_CUDA_CHECK(cudaSetDevice(s.device));
+  if (s.graph_exec) MOEFLOW_CUDA_CHECK(cudaGraphExecDestroy(s.graph_exec));
+  if (s.graph) MOEFLOW_CUDA_CHECK(cudaGraphDestroy(s.graph));
+  s.graph_exec = nullptr;
+  s.graph = nullptr;
+  MOEFLOW_CUDA_CHECK(cudaStreamSynchronize(s.streams[0]));
+  MOEFLOW_CUDA_CHECK(cudaStreamBeginCapture(s.streams[0], cudaStreamCaptureModeThreadLocal));
+  try {
+    issue(inputs, weights, tokens, false);
+  } catch (...) {
+    cudaGraph_t broken = nullptr;
+    cudaStreamEndCapture(s.streams[0], &broken);
+    if (broken) cudaGraphDestroy(broken);
+    cudaGetLastError();
+    throw;
+  }
+  MOEFLOW_CUDA_CHECK(cudaStreamEndCapture(s.streams[0], &s.graph));
+  MOEFLOW_CUDA_CHECK(cudaGraphInstantiate(&s.graph_exec, s.graph, 0));
+  s.captured_tokens = tokens;
+}
+
+bool CudaExecutor::captured() const { return s_->graph_exec != nullptr; }
+
+double CudaExecutor::replay() {
+  State& s = *s_;
+  if (!s.graph_exec) fail_input("replay: nothing captured");
+  MOEFLOW_CUDA_CHECK(cudaGraphLaunch(s.graph_exec, s.streams[0]));
+  MOEFLOW_CUDA_CHECK(cudaStreamSynchronize(s.streams[0]));
+  check_device_flags();
+  float ms = 0.0f;
+  // run_start / run_end were captured into the graph: they time the replay itself.
+  MOEFLOW_CUDA_CHECK(cudaEventElapsedTime(&ms, s.run_start, s.run_end));
+  return ms * 1e-3;
+}
+
+double CudaExecutor::replay_launch_seconds(int launches) {
+  State& s = *s_;
+  if (!s.graph_exec) fail_input("replay: nothing captured");
+  std::vector<double> times;
+  for (int i = 0; i < launches; ++i) {
+    const auto t0 = std::chrono::steady_clock::now();
+    MOEFLOW_CUDA_CHECK(cudaGraphLaunch(s.graph_exec, s.streams[0]));
+    times.push_back(std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count());
+    MOEFLOW_CUDA_CHECK(cudaStreamSynchronize(s.streams[0]));
+  }
+  std::sort(times.begin(), times.end());
+  return times[times.size() / 2];
+}
+
+const void* CudaExecutor::data(ValueId v) const {
+  return plan_.buffer(v).arena == Arena::host ? s_->host->data(v) : s_->workspace->data(v);
+}
+
+}  // namespace moeflow

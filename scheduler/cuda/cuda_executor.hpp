@@ -1,0 +1,47 @@
+#pragma once
+// Runs a Plan on one GPU: each lane is a CUDA stream (the critical lane at the highest priority, the
+// others lowest), each cross-lane wait an event, every activation in one device allocation sized by
+// the plan's buffer table, one cuBLAS handle and workspace per stream. A run can be issued eagerly
+// or captured once as a CUDA graph and replayed. Per-node CUDA-event timing goes into the same
+// Chrome-trace format as the CPU executor's.
+#include <memory>
+#include <vector>
+
+#include "scheduler/cuda/device_arena.hpp"
+#include "scheduler/plan.hpp"
+#include "scheduler/trace.hpp"
+
+namespace moeflow {
+
+class CudaExecutor {
+ public:
+  // Checks free device memory for the workspace, pinned host scratch and cuBLAS workspaces first.
+  explicit CudaExecutor(const Plan& plan);
+  ~CudaExecutor();
+  CudaExecutor(const CudaExecutor&) = delete;
+  CudaExecutor& operator=(const CudaExecutor&) = delete;
+
+  // Issues the plan for `tokens` and waits for it; returns the device time in seconds (events).
+  // With `trace`, records every node's start and duration.
+  double run(const DeviceArena& inputs, const DeviceArena& weights, int64_t tokens, Trace* trace = nullptr);
+
+  // Captures the plan for `tokens` as a CUDA graph (refused for a plan with a host sync).
+  void capture(const DeviceArena& inputs, const DeviceArena& weights, int64_t tokens);
+  bool captured() const;
+  // Replays the captured graph and waits; returns the device time in seconds.
+  double replay();
+  // Host-side cost of launching the captured graph once (no wait): seconds, median of `launches`.
+  double replay_launch_seconds(int launches);
+
+  const void* data(ValueId v) const;
+  const Plan& plan() const { return plan_; }
+
+ private:
+  struct State;
+  void issue(const DeviceArena& inputs, const DeviceArena& weights, int64_t tokens, bool timed_nodes);
+  void check_device_flags();
+  const Plan& plan_;
+  std::unique_ptr<State> s_;
+};
+
+}  // namespace moeflow

@@ -1,0 +1,448 @@
+// cuBLAS GEMMs and the three routed-experts strategies against a plain fp64 loop over the same
+// bf16-rounded inputs (gpu label: each test skips cleanly on a machine without a GPU).
+#include <cuda_runtime.h>
+#include <gtest/gtest.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstdio>
+#include <memory>
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+#include "kernels/common/random.hpp"
+#include "kernels/cuda/bf16.hpp"
+#include "kernels/cuda/cublas_gemm.hpp"
+#include "kernels/cuda/device.hpp"
+#include "kernels/cuda/lane_context.hpp"
+
+using namespace moeflow;
+
+namespace {
+
+void ok(cudaError_t status, const char* what) {
+  if (status != cudaSuccess) throw std::runtime_error(std::string(what) + ": " + cudaGetErrorString(status));
+}
+
+class DeviceBuffer {
+ public:
+  explicit DeviceBuffer(std::size_t bytes) {
+    if (bytes > 0) ok(cudaMalloc(&ptr_, bytes), "cudaMalloc");
+  }
+  ~DeviceBuffer() {
+    if (ptr_ != nullptr) cudaFree(ptr_);
+  }
+  DeviceBuffer(const DeviceBuffer&) = delete;
+  DeviceBuffer& operator=(const DeviceBuffer&) = delete;
+  template <class T> T* as() const { return static_cast<T*>(ptr_); }
+  void* get() const { return ptr_; }
+
+ private:
+  void* ptr_ = nullptr;
+};
+
+class PinnedBuffer {
+ public:
+  explicit PinnedBuffer(std::size_t bytes) {
+    if (bytes > 0) ok(cudaMallocHost(&ptr_, bytes), "cudaMallocHost");
+  }
+  ~PinnedBuffer() {
+    if (ptr_ != nullptr) cudaFreeHost(ptr_);
+  }
+  PinnedBuffer(const PinnedBuffer&) = delete;
+  PinnedBuffer& operator=(const PinnedBuffer&) = delete;
+  void* get() const { return ptr_; }
+
+ private:
+  void* ptr_ = nullptr;
+};
+
+template <class T> std::unique_ptr<DeviceBuffer> upload(const std::vector<T>& host) {
+  auto buffer = std::make_unique<DeviceBuffer>(host.size() * sizeof(T));
+  if (!host.empty()) ok(cudaMemcpy(buffer->get(), host.data(), host.size() * sizeof(T), cudaMemcpyHostToDevice), "upload");
+  return buffer;
+}
+
+template <class T> std::vector<T> download(const DeviceBuffer& buffer, std::size_t n) {
+  std::vector<T> host(n);
+  if (n > 0) ok(cudaMemcpy(host.data(), buffer.get(), n * sizeof(T), cudaMemcpyDeviceToHost), "download");
+  return host;
+}
+
+// One lane as the executor builds it: a stream, its own cuBLAS handle and workspace, an error flag.
+class Lane {
+ public:
+  Lane() : workspace_(cuda::recommended_blas_workspace_bytes()), flag_(sizeof(int)) {
+    ok(cudaStreamCreateWithFlags(&stream_, cudaStreamNonBlocking), "cudaStreamCreate");
+    ctx.stream = stream_;
+    ctx.blas = cuda::create_blas_handle(stream_, workspace_.get(), cuda::recommended_blas_workspace_bytes());
+    ctx.blas_workspace = workspace_.get();
+    ctx.blas_workspace_bytes = cuda::recommended_blas_workspace_bytes();
+    ctx.error_flag = flag_.as<int>();
+    ok(cudaMemset(ctx.error_flag, 0, sizeof(int)), "cudaMemset flag");
+  }
+  ~Lane() {
+    cuda::destroy_blas_handle(ctx.blas);
+    cudaStreamDestroy(stream_);
+  }
+  Lane(const Lane&) = delete;
+  Lane& operator=(const Lane&) = delete;
+
+  void sync() const { ok(cudaStreamSynchronize(stream_), "cudaStreamSynchronize"); }
+  int flag() const {
+    sync();
+    int value = 0;
+    ok(cudaMemcpy(&value, ctx.error_flag, sizeof(int), cudaMemcpyDeviceToHost), "read flag");
+    return value;
+  }
+  void clear_flag() const { ok(cudaMemset(ctx.error_flag, 0, sizeof(int)), "clear flag"); }
+
+  cuda::LaneContext ctx;
+
+ private:
+  cudaStream_t stream_ = nullptr;
+  DeviceBuffer workspace_;
+  DeviceBuffer flag_;
+};
+
+// U(-1, 1)·scale from the counter-based generator, rounded to bf16: never zero.
+std::vector<uint16_t> random_bf16(std::size_t n, const char* name, float scale, uint64_t seed) {
+  const uint64_t key = rng::stream_key(seed, rng::name_key(name));
+  std::vector<uint16_t> v(n);
+  for (std::size_t i = 0; i < n; ++i) v[i] = float_to_bf16(rng::uniform_pm1(key, i) * scale);
+  return v;
+}
+
+struct Problem {
+  int experts = 0, hidden = 0, inter = 0;
+  std::vector<int32_t> offsets;  // [E+1]
+  std::vector<uint16_t> rows, w13, w2;
+  int64_t total() const { return offsets.back(); }
+  int max_count() const {
+    int m = 0;
+    for (int e = 0; e < experts; ++e) m = std::max(m, offsets[e + 1] - offsets[e]);
+    return m;
+  }
+};
+
+Problem make_problem(const std::vector<int>& counts, int hidden, int inter, uint64_t seed = 7) {
+  Problem p;
+  p.experts = static_cast<int>(counts.size());
+  p.hidden = hidden;
+  p.inter = inter;
+  p.offsets.assign(1, 0);
+  for (int c : counts) p.offsets.push_back(p.offsets.back() + c);
+  const std::size_t E = counts.size(), H = hidden, I = inter, R = static_cast<std::size_t>(p.total());
+  p.rows = random_bf16(R * H, "x", 1.0f, seed);
+  p.w13 = random_bf16(E * 2 * I * H, "experts.w13", 1.0f / std::sqrt(static_cast<float>(H)), seed);
+  p.w2 = random_bf16(E * H * I, "experts.w2", 1.0f / std::sqrt(static_cast<float>(I)), seed);
+  return p;
+}
+
+// fp64 accumulation over the bf16 values; h and act are not rounded (the tolerance covers that).
+std::vector<double> reference(const Problem& p) {
+  const std::size_t H = p.hidden, I = p.inter;
+  std::vector<double> out(static_cast<std::size_t>(p.total()) * H, 0.0), act(I);
+  for (int e = 0; e < p.experts; ++e) {
+    const uint16_t* w13 = p.w13.data() + static_cast<std::size_t>(e) * 2 * I * H;
+    const uint16_t* w2 = p.w2.data() + static_cast<std::size_t>(e) * H * I;
+    for (int32_t r = p.offsets[e]; r < p.offsets[e + 1]; ++r) {
+      const uint16_t* x = p.rows.data() + static_cast<std::size_t>(r) * H;
+      for (std::size_t j = 0; j < I; ++j) {
+        double g = 0, u = 0;
+        for (std::size_t k = 0; k < H; ++k) {
+          g += static_cast<double>(bf16_to_float(x[k])) * bf16_to_float(w13[j * H + k]);
+          u += static_cast<double>(bf16_to_float(x[k])) * bf16_to_float(w13[(I + j) * H + k]);
+        }
+        act[j] = g / (1.0 + std::exp(-g)) * u;
+      }
+      for (std::size_t o = 0; o < H; ++o) {
+        double s = 0;
+        for (std::size_t j = 0; j < I; ++j) s += act[j] * bf16_to_float(w2[o * I + j]);
+        out[static_cast<std::size_t>(r) * H + o] = s;
+      }
+    }
+  }
+  return out;
+}
+
+// ‖y − r‖₂ / ‖r‖₂ over [first, last) (whole vectors by default); NaN anywhere gives NaN, which fails.
+double rel_error(const std::vector<double>& y, const std::vector<double>& r, std::size_t first = 0,
+                 std::size_t last = SIZE_MAX) {
+  last = std::min(last, r.size());
+  double num = 0, den = 0, max_diff = 0, max_ref = 0;
+  for (std::size_t i = first; i < last; ++i) {
+    num += (y[i] - r[i]) * (y[i] - r[i]);
+    den += r[i] * r[i];
+    max_diff = std::max(max_diff, std::abs(y[i] - r[i]));
+    max_ref = std::max(max_ref, std::abs(r[i]));
+  }
+  std::printf("    rel norm error %.3e, max|y-r|/max|r| %.3e\n", std::sqrt(num / den), max_diff / max_ref);
+  return std::sqrt(num / den);
+}
+
+std::vector<double> widen(const std::vector<uint16_t>& bits) {
+  std::vector<double> v(bits.size());
+  for (std::size_t i = 0; i < bits.size(); ++i) v[i] = bf16_to_float(bits[i]);
+  return v;
+}
+
+// Device copies of a problem's operands and an output pre-filled with bf16 NaNs (0xFFFF), so a row
+// that a strategy leaves unwritten fails the comparison.
+struct DeviceProblem {
+  explicit DeviceProblem(const Problem& p)
+      : rows(upload(p.rows)), w13(upload(p.w13)), w2(upload(p.w2)), offsets(upload(p.offsets)),
+        out(static_cast<std::size_t>(p.total()) * p.hidden * 2), out_count(static_cast<std::size_t>(p.total()) * p.hidden) {
+    if (out_count > 0) ok(cudaMemset(out.get(), 0xff, out_count * 2), "poison out");
+  }
+  std::unique_ptr<DeviceBuffer> rows, w13, w2, offsets;
+  DeviceBuffer out;
+  std::size_t out_count;
+};
+
+std::vector<uint16_t> run_loop(const Lane& lane, const Problem& p) {
+  DeviceProblem d(p);
+  const std::size_t R = static_cast<std::size_t>(p.total());
+  DeviceBuffer h(R * 2 * p.inter * 2), act(R * p.inter * 2);
+  cuda::experts_per_expert_loop(lane.ctx, d.rows->as<uint16_t>(), p.offsets.data(), p.experts, p.hidden, p.inter,
+                                d.w13->as<uint16_t>(), d.w2->as<uint16_t>(), h.as<uint16_t>(), act.as<uint16_t>(),
+                                d.out.as<uint16_t>());
+  lane.sync();
+  return download<uint16_t>(d.out, d.out_count);
+}
+
+std::vector<uint16_t> run_grouped(const Lane& lane, const Problem& p, const DeviceBuffer& dev_ptrs,
+                                  const PinnedBuffer& host_ptrs) {
+  DeviceProblem d(p);
+  const std::size_t R = static_cast<std::size_t>(p.total());
+  DeviceBuffer h(R * 2 * p.inter * 2), act(R * p.inter * 2);
+  cuda::experts_grouped_batched(lane.ctx, d.rows->as<uint16_t>(), p.offsets.data(), p.experts, p.hidden, p.inter,
+                                d.w13->as<uint16_t>(), d.w2->as<uint16_t>(), h.as<uint16_t>(), act.as<uint16_t>(),
+                                d.out.as<uint16_t>(), dev_ptrs.get(), host_ptrs.get());
+  lane.sync();
+  return download<uint16_t>(d.out, d.out_count);
+}
+
+std::vector<uint16_t> run_grouped(const Lane& lane, const Problem& p) {
+  DeviceBuffer dev_ptrs(cuda::grouped_pointer_bytes(p.experts));
+  PinnedBuffer host_ptrs(cuda::grouped_pointer_bytes(p.experts));
+  return run_grouped(lane, p, dev_ptrs, host_ptrs);
+}
+
+std::vector<uint16_t> run_padded(const Lane& lane, const Problem& p, int64_t capacity) {
+  DeviceProblem d(p);
+  DeviceBuffer scratch(cuda::padded_scratch_bytes(p.experts, capacity, p.hidden, p.inter));
+  cuda::experts_padded_strided_batched(lane.ctx, d.rows->as<uint16_t>(), d.offsets->as<int32_t>(), p.experts, capacity,
+                                       p.hidden, p.inter, d.w13->as<uint16_t>(), d.w2->as<uint16_t>(), scratch.get(),
+                                       d.out.as<uint16_t>());
+  lane.sync();
+  return download<uint16_t>(d.out, d.out_count);
+}
+
+constexpr double kBf16Tolerance = 1e-2;
+
+// Each strategy against the reference, and the strategies against each other.
+void check_all_strategies(const std::vector<int>& counts, int hidden, int inter) {
+  const Problem p = make_problem(counts, hidden, inter);
+  ASSERT_GT(p.total(), 0);
+  const std::vector<double> ref = reference(p);
+  Lane lane;
+  const std::vector<double> loop = widen(run_loop(lane, p));
+  const std::vector<double> grouped = widen(run_grouped(lane, p));
+  const std::vector<double> padded_max = widen(run_padded(lane, p, p.total()));  // capacity = max tokens
+  const std::vector<double> padded_tight = widen(run_padded(lane, p, p.max_count()));
+  EXPECT_EQ(lane.flag(), 0);
+  EXPECT_LT(rel_error(loop, ref), kBf16Tolerance) << "per-expert loop";
+  EXPECT_LT(rel_error(grouped, ref), kBf16Tolerance) << "grouped batched";
+  EXPECT_LT(rel_error(padded_max, ref), kBf16Tolerance) << "padded, capacity = total rows";
+  EXPECT_LT(rel_error(padded_tight, ref), kBf16Tolerance) << "padded, capacity = largest expert";
+  EXPECT_LT(rel_error(grouped, loop), kBf16Tolerance) << "grouped vs loop";
+  EXPECT_LT(rel_error(padded_max, loop), kBf16Tolerance) << "padded vs loop";
+  EXPECT_LT(rel_error(padded_tight, grouped), kBf16Tolerance) << "padded vs grouped";
+}
+
+}  // namespace
+
+TEST(CublasExperts, ZeroTokenExperts) {
+  if (moeflow::cuda::device_count() == 0) GTEST_SKIP() << "no CUDA device";
+  check_all_strategies({5, 0, 17, 0, 3, 9}, 72, 40);
+}
+
+TEST(CublasExperts, AllRowsOnOneExpert) {
+  if (moeflow::cuda::device_count() == 0) GTEST_SKIP() << "no CUDA device";
+  check_all_strategies({0, 0, 23, 0}, 72, 40);
+}
+
+TEST(CublasExperts, SingleToken) {
+  if (moeflow::cuda::device_count() == 0) GTEST_SKIP() << "no CUDA device";
+  check_all_strategies({0, 1, 0}, 72, 40);
+}
+
+TEST(CublasExperts, HiddenNotAMultipleOfEight) {
+  if (moeflow::cuda::device_count() == 0) GTEST_SKIP() << "no CUDA device";
+  check_all_strategies({4, 0, 7, 1}, 36, 20);  // padded strategy takes its scalar (2-byte) copy path
+}
+
+TEST(CublasExperts, CiSizedRandomCounts) {
+  if (moeflow::cuda::device_count() == 0) GTEST_SKIP() << "no CUDA device";
+  check_all_strategies({7, 0, 31, 2, 0, 12, 1, 19}, 256, 128);
+}
+
+TEST(CublasExperts, NoRowsAtAllIsANoOp) {
+  if (moeflow::cuda::device_count() == 0) GTEST_SKIP() << "no CUDA device";
+  const Problem p = make_problem({0, 0, 0}, 72, 40);
+  Lane lane;
+  EXPECT_TRUE(run_loop(lane, p).empty());
+  EXPECT_TRUE(run_grouped(lane, p).empty());
+  EXPECT_TRUE(run_padded(lane, p, 4).empty());
+  EXPECT_EQ(lane.flag(), 0);
+}
+
+TEST(CublasExperts, GroupedReusesItsPointerScratchAcrossCalls) {
+  if (moeflow::cuda::device_count() == 0) GTEST_SKIP() << "no CUDA device";
+  // Two calls back to back through the same host and device scratch: the second rewrites the host
+  // scratch as soon as the first returns, which the function's own fence makes safe.
+  const Problem a = make_problem({3, 0, 8, 5}, 72, 40, 11);
+  const Problem b = make_problem({0, 9, 1, 0}, 72, 40, 12);
+  Lane lane;
+  DeviceBuffer dev_ptrs(cuda::grouped_pointer_bytes(4));
+  PinnedBuffer host_ptrs(cuda::grouped_pointer_bytes(4));
+  DeviceProblem da(a), db(b);
+  DeviceBuffer ha(static_cast<std::size_t>(a.total()) * 2 * 40 * 2), acta(static_cast<std::size_t>(a.total()) * 40 * 2);
+  DeviceBuffer hb(static_cast<std::size_t>(b.total()) * 2 * 40 * 2), actb(static_cast<std::size_t>(b.total()) * 40 * 2);
+  cuda::experts_grouped_batched(lane.ctx, da.rows->as<uint16_t>(), a.offsets.data(), 4, 72, 40, da.w13->as<uint16_t>(),
+                                da.w2->as<uint16_t>(), ha.as<uint16_t>(), acta.as<uint16_t>(), da.out.as<uint16_t>(),
+                                dev_ptrs.get(), host_ptrs.get());
+  cuda::experts_grouped_batched(lane.ctx, db.rows->as<uint16_t>(), b.offsets.data(), 4, 72, 40, db.w13->as<uint16_t>(),
+                                db.w2->as<uint16_t>(), hb.as<uint16_t>(), actb.as<uint16_t>(), db.out.as<uint16_t>(),
+                                dev_ptrs.get(), host_ptrs.get());
+  lane.sync();
+  EXPECT_LT(rel_error(widen(download<uint16_t>(da.out, da.out_count)), reference(a)), kBf16Tolerance);
+  EXPECT_LT(rel_error(widen(download<uint16_t>(db.out, db.out_count)), reference(b)), kBf16Tolerance);
+}
+
+TEST(CublasExperts, PaddedOverflowRaisesTheFlag) {
+  if (moeflow::cuda::device_count() == 0) GTEST_SKIP() << "no CUDA device";
+  const Problem p = make_problem({5, 2, 9}, 72, 40);
+  const std::vector<double> ref = reference(p);
+  Lane lane;
+  const std::vector<double> y = widen(run_padded(lane, p, 6));  // expert 2 has 9 > 6 rows
+  EXPECT_EQ(lane.flag() & cuda::kErrorCapacityOverflow, cuda::kErrorCapacityOverflow);
+  // The experts within capacity, and expert 2's first 6 rows, are still computed.
+  const std::size_t H = 72;
+  EXPECT_LT(rel_error(y, ref, 0, static_cast<std::size_t>(p.offsets[2] + 6) * H), kBf16Tolerance);
+
+  lane.clear_flag();
+  (void)run_padded(lane, p, 0);  // no capacity at all: still flagged, nothing computed
+  EXPECT_EQ(lane.flag() & cuda::kErrorCapacityOverflow, cuda::kErrorCapacityOverflow);
+
+  lane.clear_flag();
+  (void)run_padded(lane, p, 9);  // exactly enough
+  EXPECT_EQ(lane.flag(), 0);
+}
+
+TEST(CublasExperts, PaddedReplaysFromOneCapturedGraphForAnyRouting) {
+  if (moeflow::cuda::device_count() == 0) GTEST_SKIP() << "no CUDA device";
+  // The padded strategy reads its offsets on the device: one graph, captured once, serves a new
+  // routing written into the same buffers. The grouped strategy, captured too, replays as recorded.
+  const Problem a = make_problem({6, 0, 11, 3}, 72, 40, 5);
+  const Problem b = make_problem({1, 9, 0, 12}, 72, 40, 5);  // same weights (same seed and shapes)
+  ASSERT_EQ(a.w13, b.w13);
+  const int64_t capacity = 12, max_rows = 22;
+  const std::size_t H = 72, I = 40;
+  Lane lane;
+  DeviceProblem d(a);
+  DeviceBuffer rows(max_rows * H * 2), out(max_rows * H * 2), grouped_out(max_rows * H * 2);
+  DeviceBuffer scratch(cuda::padded_scratch_bytes(4, capacity, 72, 40));
+  DeviceBuffer h(max_rows * 2 * I * 2), act(max_rows * I * 2);
+  DeviceBuffer dev_ptrs(cuda::grouped_pointer_bytes(4));
+  PinnedBuffer host_ptrs(cuda::grouped_pointer_bytes(4));
+  ok(cudaMemcpy(rows.get(), a.rows.data(), a.rows.size() * 2, cudaMemcpyHostToDevice), "rows");
+  auto issue = [&] {
+    cuda::experts_padded_strided_batched(lane.ctx, rows.as<uint16_t>(), d.offsets->as<int32_t>(), 4, capacity, 72, 40,
+                                         d.w13->as<uint16_t>(), d.w2->as<uint16_t>(), scratch.get(), out.as<uint16_t>());
+    cuda::experts_grouped_batched(lane.ctx, rows.as<uint16_t>(), a.offsets.data(), 4, 72, 40, d.w13->as<uint16_t>(),
+                                  d.w2->as<uint16_t>(), h.as<uint16_t>(), act.as<uint16_t>(),
+                                  grouped_out.as<uint16_t>(), dev_ptrs.get(), host_ptrs.get());
+  };
+  issue();  // eager first: loads cuBLAS's kernels outside the capture
+  lane.sync();
+  ok(cudaMemset(out.get(), 0xff, max_rows * H * 2), "poison");
+  ok(cudaMemset(grouped_out.get(), 0xff, max_rows * H * 2), "poison");
+  cudaGraph_t graph = nullptr;
+  cudaGraphExec_t exec = nullptr;
+  ok(cudaStreamBeginCapture(lane.ctx.stream, cudaStreamCaptureModeThreadLocal), "begin capture");
+  issue();
+  ok(cudaStreamEndCapture(lane.ctx.stream, &graph), "end capture");
+  ok(cudaGraphInstantiate(&exec, graph, 0), "instantiate");
+  ok(cudaGraphLaunch(exec, lane.ctx.stream), "launch");
+  lane.sync();
+  const std::size_t na = static_cast<std::size_t>(a.total()) * H;
+  EXPECT_LT(rel_error(widen(download<uint16_t>(out, na)), reference(a)), kBf16Tolerance) << "padded, routing a";
+  EXPECT_LT(rel_error(widen(download<uint16_t>(grouped_out, na)), reference(a)), kBf16Tolerance) << "grouped replay";
+
+  // A new routing in the same buffers, the same graph.
+  ok(cudaMemcpy(rows.get(), b.rows.data(), b.rows.size() * 2, cudaMemcpyHostToDevice), "rows b");
+  ok(cudaMemcpy(d.offsets->get(), b.offsets.data(), b.offsets.size() * 4, cudaMemcpyHostToDevice), "offsets b");
+  ok(cudaMemset(out.get(), 0xff, max_rows * H * 2), "poison");
+  ok(cudaGraphLaunch(exec, lane.ctx.stream), "relaunch");
+  lane.sync();
+  const std::size_t nb = static_cast<std::size_t>(b.total()) * H;
+  EXPECT_LT(rel_error(widen(download<uint16_t>(out, nb)), reference(b)), kBf16Tolerance) << "padded, routing b";
+  EXPECT_EQ(lane.flag(), 0);
+  cudaGraphExecDestroy(exec);
+  cudaGraphDestroy(graph);
+}
+
+namespace {
+
+void check_dense(int64_t m, int64_t n, int64_t k, bool f32, double tolerance) {
+  const std::vector<uint16_t> a = random_bf16(static_cast<std::size_t>(m * k), "x", 1.0f, 3);
+  const std::vector<uint16_t> b = random_bf16(static_cast<std::size_t>(n * k), "gate.weight",
+                                              1.0f / std::sqrt(static_cast<float>(k)), 3);
+  std::vector<double> ref(static_cast<std::size_t>(m * n));
+  for (int64_t i = 0; i < m; ++i)
+    for (int64_t j = 0; j < n; ++j) {
+      double s = 0;
+      for (int64_t l = 0; l < k; ++l)
+        s += static_cast<double>(bf16_to_float(a[i * k + l])) * bf16_to_float(b[j * k + l]);
+      ref[i * n + j] = s;
+    }
+  Lane lane;
+  auto da = upload(a), db = upload(b);
+  DeviceBuffer c(static_cast<std::size_t>(m * n) * (f32 ? 4 : 2));
+  cuda::gemm_bf16_nt(lane.ctx, m, n, k, da->as<uint16_t>(), db->as<uint16_t>(), c.get(), f32);
+  lane.sync();
+  std::vector<double> y;
+  if (f32) {
+    const std::vector<float> host = download<float>(c, ref.size());
+    y.assign(host.begin(), host.end());
+  } else {
+    y = widen(download<uint16_t>(c, ref.size()));
+  }
+  EXPECT_LT(rel_error(y, ref), tolerance) << "m=" << m << " n=" << n << " k=" << k << (f32 ? " fp32" : " bf16");
+}
+
+}  // namespace
+
+TEST(CublasGemm, RouterLogitsInFp32) {
+  if (moeflow::cuda::device_count() == 0) GTEST_SKIP() << "no CUDA device";
+  check_dense(33, 8, 72, true, 1e-5);
+  check_dense(1, 60, 256, true, 1e-5);
+}
+
+TEST(CublasGemm, SharedExpertShapesInBf16) {
+  if (moeflow::cuda::device_count() == 0) GTEST_SKIP() << "no CUDA device";
+  check_dense(5, 200, 256, false, kBf16Tolerance);
+  check_dense(37, 80, 72, false, kBf16Tolerance);
+}
+
+TEST(CublasGemm, NoRowsIsANoOp) {
+  if (moeflow::cuda::device_count() == 0) GTEST_SKIP() << "no CUDA device";
+  Lane lane;
+  DeviceBuffer b(8 * 72 * 2);
+  EXPECT_NO_THROW(cuda::gemm_bf16_nt(lane.ctx, 0, 8, 72, nullptr, b.as<uint16_t>(), nullptr, true));
+  lane.sync();
+}
