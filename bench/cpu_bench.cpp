@@ -10,7 +10,8 @@
 
 namespace moeflow {
 
-std::vector<nlohmann::json> run_cpu_bench(const BenchOptions& o, std::ostream& log) {
+std::vector<nlohmann::json> run_cpu_bench(const BenchOptions& o, std::ostream& log,
+                                          const std::function<void(const nlohmann::json&)>& on_row) {
   if (o.tokens.empty() || o.plans.empty() || o.scopes.empty() || o.models.empty())
     fail_input("bench: need at least one model, T, plan and scope");
   for (int64_t t : o.tokens)
@@ -84,6 +85,7 @@ std::vector<nlohmann::json> run_cpu_bench(const BenchOptions& o, std::ostream& l
               << floor.seconds * 1e6 << std::setw(9) << std::setprecision(2) << t.median_s / floor.seconds
               << (row["ratio_serial"].is_null() ? std::string("-") : std::to_string(row["ratio_serial"].get<double>()))
               << "\n";
+          if (on_row) on_row(row);
           rows.push_back(std::move(row));
         }
       }

@@ -1,6 +1,7 @@
 #pragma once
 // `moeflow bench --backend cpu`: models × T × plans × scopes, each row timed (warm-up, median of
 // repeated runs) next to the roofline floor on this machine's measured rates, as JSON rows.
+#include <functional>
 #include <nlohmann/json.hpp>
 #include <ostream>
 #include <string>
@@ -27,6 +28,8 @@ struct BenchOptions {
 
 // Runs the sweep, printing one table line per row to `log`; returns the rows. A model that does not
 // fit in memory is reported in `log` and skipped.
-std::vector<nlohmann::json> run_cpu_bench(const BenchOptions& options, std::ostream& log);
+// `on_row` (optional) sees each row as soon as it is measured.
+std::vector<nlohmann::json> run_cpu_bench(const BenchOptions& options, std::ostream& log,
+                                          const std::function<void(const nlohmann::json&)>& on_row = {});
 
 }  // namespace moeflow

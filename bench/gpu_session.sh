@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # One call on the GPU machine (see the device README): unpack the carried .deb files, build there,
 # run the gpu tests (plain, memcheck, racecheck), the CLI checks of every preset, the CUDA-graph
-# host cost, and the benchmark sweep. Everything lands in $OUT. Usage: bash bench/gpu_session.sh [quick]
+# host cost (mode `tests`), or the benchmark sweep (mode `bench`). Everything lands in $OUT.
+# Usage: bash bench/gpu_session.sh tests|bench [models]
 set -uo pipefail
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 mkdir -p /opt/deps && for f in .deps/*.deb; do dpkg -x "$f" /opt/deps; done
@@ -11,11 +12,19 @@ b=/tmp/b
 { cmake -S . -B $b -G Ninja -DCMAKE_PREFIX_PATH=/opt/deps/usr -DCMAKE_CUDA_ARCHITECTURES=90a -DMOEFLOW_CUDA=ON \
   && ninja -C $b moeflow moeflow_gpu_tests; } > "$OUT/build.log" 2>&1 || { tail -40 "$OUT/build.log"; exit 1; }
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/gpu.txt"
+mode=${1:-tests}
+if [[ $mode == bench ]]; then
+  models=${2:-qwen1.5-moe-a2.7b,deepseek-v3,mixtral-8x7b,qwen3-30b-a3b}
+  echo "== bench $models"
+  timeout 560 $b/moeflow bench --backend cuda --models "$models" --tokens 1,8,32,128,512,2048,8192 \
+    --plans serial,concurrent,graph --experts-kernels cuda.cublas_grouped_batched,cuda.cublas_per_expert_loop,cuda.cublas_padded_strided \
+    --scope both --json "$OUT/bench.jsonl" > "$OUT/bench.log" 2>&1; echo "rc=$?"; grep -v "^skipped" "$OUT/bench.log" | tail -60
+  exit 0
+fi
 echo "== gpu tests"; timeout 300 $b/moeflow_gpu_tests --gtest_brief=1 > "$OUT/gpu_tests.log" 2>&1; echo "rc=$?"; tail -3 "$OUT/gpu_tests.log"
 filter='CudaKernels*:CublasGemm*:Families/CudaLayer.*qwen2_moe_concurrent*:Families/CudaLayer.*deepseek_v3_serial_grouped*:CudaLayerGraph*'
 echo "== memcheck"; timeout 240 compute-sanitizer --tool memcheck --error-exitcode 9 $b/moeflow_gpu_tests --gtest_brief=1 --gtest_filter="$filter" > "$OUT/memcheck.log" 2>&1; echo "rc=$?"; tail -2 "$OUT/memcheck.log"
 echo "== racecheck"; timeout 240 compute-sanitizer --tool racecheck --error-exitcode 9 $b/moeflow_gpu_tests --gtest_brief=1 --gtest_filter="$filter" > "$OUT/racecheck.log" 2>&1; echo "rc=$?"; tail -2 "$OUT/racecheck.log"
-[[ ${1:-} == quick ]] && exit 0
 echo "== run --check per preset"
 for m in qwen1.5-moe-a2.7b mixtral-8x7b qwen3-30b-a3b deepseek-v3; do
   for p in serial concurrent; do
@@ -23,7 +32,4 @@ for m in qwen1.5-moe-a2.7b mixtral-8x7b qwen3-30b-a3b deepseek-v3; do
   done
 done > "$OUT/run_checks.log"; cat "$OUT/run_checks.log" | grep -E "check|error" | head -20
 $b/moeflow run --backend cuda --model qwen1.5-moe-a2.7b --tokens 1 --plan concurrent --cuda-graph --check --json > "$OUT/graph_t1.json" 2>&1
-echo "== bench"
-timeout 420 $b/moeflow bench --backend cuda --models qwen1.5-moe-a2.7b,deepseek-v3,mixtral-8x7b,qwen3-30b-a3b --tokens 1,8,32,128,512,2048,8192 \
-  --plans serial,concurrent,graph --experts-kernels cuda.cublas_grouped_batched,cuda.cublas_per_expert_loop,cuda.cublas_padded_strided \
-  --scope both --json "$OUT/bench.json" > "$OUT/bench.log" 2>&1; echo "rc=$?"; tail -5 "$OUT/bench.log"
+cat "$OUT/graph_t1.json" | head -40

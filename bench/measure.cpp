@@ -37,6 +37,7 @@ Floor roofline_floor(const Graph& g, int64_t T, const int32_t* ids, const Machin
   auto weight_bytes = [&](ValueId v) { return static_cast<double>(g.value(v).bytes(T)); };
   for (const Node& n : g.nodes()) {
     const std::string kind = n.op->kind();
+    if (kind != "experts" && kind != "gate" && kind != "shared_expert") continue;
     const double H = static_cast<double>(g.value(n.inputs[0]).shape()[1].fixed);
     if (kind == "experts") {
       const auto& op = static_cast<const ExpertsOp&>(*n.op);

@@ -46,10 +46,18 @@ Command add_bench_command(CLI::App& app) {
   sub->add_option("--seed", f->seed, "seed of the random weights and inputs");
   sub->add_option("--runs", f->min_runs, "timed runs per row at least")->check(CLI::PositiveNumber);
   sub->add_option("--budget", f->budget_s, "seconds of timed runs per row to aim for")->check(CLI::NonNegativeNumber);
-  sub->add_option("--json", f->json, "write the rows as a JSON array");
+  sub->add_option("--json", f->json, "write the rows, one JSON object per line, as they are measured");
   return [f] {
     const std::vector<std::string> scopes =
         f->scope == "both" ? std::vector<std::string>{"experts", "layer"} : std::vector<std::string>{f->scope};
+    std::ofstream json_out;
+    if (!f->json.empty()) {
+      json_out.open(f->json);
+      if (!json_out) fail_input("--json: cannot write '" + f->json + "'");
+    }
+    auto on_row = [&](const nlohmann::json& row) {
+      if (json_out.is_open()) json_out << row.dump() << std::endl;
+    };
     std::vector<nlohmann::json> rows;
     if (f->backend == "cuda") {
 #ifdef MOEFLOW_HAVE_CUDA
@@ -64,7 +72,7 @@ Command add_bench_command(CLI::App& app) {
       o.min_runs = std::max(f->min_runs, 50);
       o.input_sets = std::max(f->input_sets, 8);
       if (cuda::device_count() == 0) fail_resource("bench --backend cuda: no CUDA device here");
-      rows = run_cuda_bench(o, std::cout);
+      rows = run_cuda_bench(o, std::cout, on_row);
 #else
       fail_resource("bench --backend cuda: this build has no CUDA backend");
 #endif
@@ -82,12 +90,7 @@ Command add_bench_command(CLI::App& app) {
     o.seed = f->seed;
     o.min_runs = f->min_runs;
     o.budget_s = f->budget_s;
-    rows = run_cpu_bench(o, std::cout);
-    }
-    if (!f->json.empty()) {
-      std::ofstream out(f->json);
-      if (!out) fail_input("--json: cannot write '" + f->json + "'");
-      out << nlohmann::json(rows).dump(1) << "\n";
+    rows = run_cpu_bench(o, std::cout, on_row);
     }
     return 0;
   };

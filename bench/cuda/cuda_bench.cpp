@@ -11,7 +11,8 @@
 
 namespace moeflow {
 
-std::vector<nlohmann::json> run_cuda_bench(const CudaBenchOptions& o, std::ostream& log) {
+std::vector<nlohmann::json> run_cuda_bench(const CudaBenchOptions& o, std::ostream& log,
+                                          const std::function<void(const nlohmann::json&)>& on_row) {
   if (o.tokens.empty() || o.plans.empty() || o.scopes.empty() || o.models.empty())
     fail_input("bench: need at least one model, T, plan and scope");
   const int64_t max_tokens = *std::max_element(o.tokens.begin(), o.tokens.end());
@@ -98,6 +99,7 @@ std::vector<nlohmann::json> run_cuda_bench(const CudaBenchOptions& o, std::ostre
               << std::setprecision(2) << t.median_s / floor.seconds
               << (row["ratio_serial"].is_null() ? std::string("-") : std::to_string(row["ratio_serial"].get<double>()))
               << std::endl;
+          if (on_row) on_row(row);
           rows.push_back(std::move(row));
         }
       }

@@ -2,6 +2,7 @@
 // `moeflow bench --backend cuda`: presets × T × plans (serial, concurrent, concurrent + CUDA graph) ×
 // experts kernels × scopes, each row timed with CUDA events (warm-up, median of >= 50 runs rotating
 // over >= 8 input sets) next to the floor of DESIGN.md on the device's measured ceilings.
+#include <functional>
 #include <nlohmann/json.hpp>
 #include <ostream>
 #include <string>
@@ -23,6 +24,8 @@ struct CudaBenchOptions {
   int device = 0;
 };
 
-std::vector<nlohmann::json> run_cuda_bench(const CudaBenchOptions& options, std::ostream& log);
+// `on_row` (optional) sees each row as soon as it is measured.
+std::vector<nlohmann::json> run_cuda_bench(const CudaBenchOptions& options, std::ostream& log,
+                                          const std::function<void(const nlohmann::json&)>& on_row = {});
 
 }  // namespace moeflow
