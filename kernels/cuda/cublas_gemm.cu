@@ -353,4 +353,64 @@ void experts_padded_strided_batched(const LaneContext& ctx, const uint16_t* rows
   launch_gather(padded_out, offsets, experts, capacity, hidden, out, ctx.stream);
 }
 
+namespace {
+
+// Pointer arrays of experts_rows_batched, one entry per permuted row r: the expert owning r is the
+// last e with offsets[e] <= r (binary search). Rows past offsets[E] (ids the permutation set aside)
+// point at a real expert and are computed harmlessly; nothing reads them afterwards.
+__global__ void row_pointers_kernel(const int32_t* offsets, int experts, int64_t rows, int64_t hidden,
+                                    int64_t intermediate, const uint16_t* x_rows, const uint16_t* w13, const uint16_t* w2,
+                                    uint16_t* h, uint16_t* act, uint16_t* out, const void** ptrs) {
+  const int64_t r = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
+  if (r >= rows) return;
+  int lo = 0, hi = experts - 1;
+  while (lo < hi) {
+    const int mid = (lo + hi + 1) / 2;
+    if (offsets[mid] <= r) lo = mid;
+    else hi = mid - 1;
+  }
+  const int64_t e = lo, H = hidden, I = intermediate;
+  ptrs[0 * rows + r] = x_rows + r * H;
+  ptrs[1 * rows + r] = w13 + e * 2 * I * H;
+  ptrs[2 * rows + r] = h + r * 2 * I;
+  ptrs[3 * rows + r] = act + r * I;
+  ptrs[4 * rows + r] = w2 + e * H * I;
+  ptrs[5 * rows + r] = out + r * H;
+}
+
+}  // namespace
+
+std::size_t rows_batched_pointer_bytes(int64_t rows) { return 6 * static_cast<std::size_t>(std::max<int64_t>(rows, 0)) * sizeof(void*); }
+
+void experts_rows_batched(const LaneContext& ctx, const uint16_t* rows, const int32_t* offsets, int experts,
+                          int64_t total_rows, int hidden, int intermediate, const uint16_t* w13, const uint16_t* w2,
+                          uint16_t* h, uint16_t* act, uint16_t* out, void* pointer_scratch) {
+  check_shape("experts_rows_batched", experts, hidden, intermediate);
+  if (experts == 0 || total_rows == 0) return;
+  if (!aligned(pointer_scratch, 8)) fail_input("experts_rows_batched: pointer scratch must be 8-byte aligned");
+  const int batch = to_int(total_rows, "rows");
+  auto** ptrs = static_cast<const void**>(pointer_scratch);
+  const int threads = 256;
+  row_pointers_kernel<<<static_cast<unsigned>((total_rows + threads - 1) / threads), threads, 0, ctx.stream>>>(
+      offsets, experts, total_rows, hidden, intermediate, rows, w13, w2, h, act, out, ptrs);
+  MOEFLOW_CUDA_LAUNCH_CHECK();
+  cublasHandle_t handle = handle_of(ctx);
+  const float alpha = 1.0f, beta = 0.0f;
+  const int two_i = to_int(2 * static_cast<int64_t>(intermediate), "2I");
+  const void* const* a1 = ptrs + 0 * total_rows;
+  const void* const* b1 = ptrs + 1 * total_rows;
+  void* const* c1 = const_cast<void* const*>(ptrs + 2 * total_rows);
+  const void* const* a2 = ptrs + 3 * total_rows;
+  const void* const* b2 = ptrs + 4 * total_rows;
+  void* const* c2 = const_cast<void* const*>(ptrs + 5 * total_rows);
+  // Per row, column-major: h_rᵀ[2I, 1] = W13ₑ(as H×2I, transposed) · x_rᵀ; then out_rᵀ[H, 1] likewise.
+  MOEFLOW_CUBLAS_CHECK(cublasGemmBatchedEx(handle, CUBLAS_OP_T, CUBLAS_OP_N, two_i, 1, hidden, &alpha, b1, CUDA_R_16BF,
+                                           hidden, a1, CUDA_R_16BF, hidden, &beta, c1, CUDA_R_16BF, two_i, batch,
+                                           CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
+  swiglu(h, total_rows, intermediate, act, ctx.stream);
+  MOEFLOW_CUBLAS_CHECK(cublasGemmBatchedEx(handle, CUBLAS_OP_T, CUBLAS_OP_N, hidden, 1, intermediate, &alpha, b2,
+                                           CUDA_R_16BF, intermediate, a2, CUDA_R_16BF, intermediate, &beta, c2,
+                                           CUDA_R_16BF, hidden, batch, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
+}
+
 }  // namespace moeflow::cuda

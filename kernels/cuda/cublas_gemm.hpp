@@ -69,4 +69,14 @@ void experts_padded_strided_batched(const LaneContext& ctx, const uint16_t* rows
                                     int64_t capacity, int hidden, int intermediate, const uint16_t* w13,
                                     const uint16_t* w2, void* scratch, uint16_t* out);
 
+// Bytes of the device pointer scratch of experts_rows_batched for `rows` permuted rows.
+std::size_t rows_batched_pointer_bytes(int64_t rows);
+// (d) For decode-sized batches: one cublasGemmBatchedEx per layer whose batch is the routed rows,
+// each a 1-row product with its expert's weights; the pointer arrays are built on the device from
+// `offsets` (DEVICE [E+1]), so there is no host sync and the call can be captured. Each row reads
+// its expert's weights, so it pays when rows rarely share an expert (T·k <= E or so).
+void experts_rows_batched(const LaneContext& ctx, const uint16_t* rows, const int32_t* offsets, int experts,
+                          int64_t total_rows, int hidden, int intermediate, const uint16_t* w13, const uint16_t* w2,
+                          uint16_t* h, uint16_t* act, uint16_t* out, void* pointer_scratch);
+
 }  // namespace moeflow::cuda

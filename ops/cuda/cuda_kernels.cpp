@@ -59,6 +59,33 @@ int64_t experts_scratch_bytes(const Node& n, int64_t tokens) {
 }
 
 void register_experts(KernelRegistry& r) {
+  r.add({"experts", Backend::cuda, "cuda.cublas_rows_batched", 3,
+         [](const Graph& g, const Node& n) {
+           Support s = cuda_supports_bf16(g, n);
+           if (!s.ok) return s;
+           const auto& op = static_cast<const ExpertsOp&>(*n.op);
+           const int64_t rows = g.max_tokens() * op.top_k();
+           if (rows > 2 * op.experts())
+             return Support::no("T*k = " + std::to_string(rows) + " > 2E = " + std::to_string(2 * op.experts()) +
+                                ": rows share experts, and each row would read its expert's weights again");
+           return Support::yes("T*k = " + std::to_string(rows) + " <= 2E: one batched 1-row GEMM per layer, pointers "
+                               "built on the device (no host sync, capturable)");
+         },
+         [](const KernelCall& c) {
+           const auto& op = static_cast<const ExpertsOp&>(*c.node.op);
+           const int64_t max_rows = c.graph.max_tokens() * op.top_k();
+           auto* h = static_cast<uint16_t*>(c.workspace);
+           auto* act = reinterpret_cast<uint16_t*>(static_cast<std::byte*>(c.workspace) + align256(max_rows * 2 * op.intermediate() * 2));
+           void* ptrs = static_cast<std::byte*>(c.workspace) + experts_scratch_bytes(c.node, c.graph.max_tokens());
+           cuda::experts_rows_batched(lane(c), bf16_in(c, 0), c.in<int32_t>(1), op.experts(), c.tokens * op.top_k(),
+                                      hidden_of(c), op.intermediate(), bf16_in(c, 2), bf16_in(c, 3), h, act,
+                                      bf16_out(c, 0), ptrs);
+         },
+         [](const Graph&, const Node& n, int64_t tokens) {
+           const auto& op = static_cast<const ExpertsOp&>(*n.op);
+           return experts_scratch_bytes(n, tokens) +
+                  align256(static_cast<int64_t>(cuda::rows_batched_pointer_bytes(tokens * op.top_k())));
+         }});
   auto scratch = [](const KernelCall& c, uint16_t*& h, uint16_t*& act) {
     const auto& op = static_cast<const ExpertsOp&>(*c.node.op);
     const int64_t rows = c.graph.max_tokens() * op.top_k();
@@ -124,8 +151,9 @@ void register_experts(KernelRegistry& r) {
          },
          [](const KernelCall& c) {
            const auto& op = static_cast<const ExpertsOp&>(*c.node.op);
+           // Distinct ids per token: no expert gets more rows than this run's T.
            cuda::experts_padded_strided_batched(lane(c), bf16_in(c, 0), c.in<int32_t>(1), op.experts(),
-                                                c.graph.max_tokens(), hidden_of(c), op.intermediate(), bf16_in(c, 2),
+                                                c.tokens, hidden_of(c), op.intermediate(), bf16_in(c, 2),
                                                 bf16_in(c, 3), c.workspace, bf16_out(c, 0));
          },
          [](const Graph& g, const Node& n, int64_t tokens) {
