@@ -2,7 +2,7 @@
 # One call on the GPU machine (see the device README): unpack the carried .deb files, build there,
 # run the gpu tests (plain, memcheck, racecheck), the CLI checks of every preset, the CUDA-graph
 # host cost (mode `tests`), or the benchmark sweep (mode `bench`). Everything lands in $OUT.
-# Usage: bash bench/gpu_session.sh tests|bench [models]
+# Usage: bash bench/gpu_session.sh tests|bench|probe [models] [experts kernels] [tokens]
 set -uo pipefail
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 mkdir -p /opt/deps && for f in .deps/*.deb; do dpkg -x "$f" /opt/deps; done
@@ -19,6 +19,15 @@ if [[ $mode == bench ]]; then
   timeout 560 $b/moeflow bench --backend cuda --models "$models" --tokens ${4:-1,8,32,128,512,2048,8192} \
     --plans serial,concurrent,graph --experts-kernels ${3:-cuda.cublas_grouped_batched,cuda.cublas_per_expert_loop,cuda.cublas_padded_strided,cuda.cublas_rows_batched} \
     --scope both --json "$OUT/bench.jsonl" > "$OUT/bench.log" 2>&1; echo "rc=$?"; grep -v "^skipped" "$OUT/bench.log" | tail -60
+  exit 0
+fi
+if [[ $mode == probe ]]; then
+  echo "== CUDA-graph whole layer at T=1 (host-side launch cost), per-node trace of qwen3 experts path at T=8192"
+  for m in qwen1.5-moe-a2.7b deepseek-v3 mixtral-8x7b qwen3-30b-a3b; do
+    $b/moeflow run --backend cuda --model $m --tokens 1 --plan concurrent --cuda-graph --check 2>&1 | grep -E "^  $m|CUDA graph|check|error"
+  done | tee "$OUT/graph_launch.txt"
+  $b/moeflow run --backend cuda --model qwen3-30b-a3b --scope experts --tokens 8192 --plan concurrent \
+    --trace "$OUT/qwen3_t8192_trace.json" 2>&1 | tee "$OUT/qwen3_t8192.txt" | head -20
   exit 0
 fi
 echo "== gpu tests"; timeout 300 $b/moeflow_gpu_tests --gtest_brief=1 > "$OUT/gpu_tests.log" 2>&1; echo "rc=$?"; tail -3 "$OUT/gpu_tests.log"

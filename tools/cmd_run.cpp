@@ -44,6 +44,7 @@ struct Measured {
   Trace trace;
   CheckReport report;
   std::shared_ptr<const Plan> plan;
+  double graph_launch_us = -1.0;  // host-side cost of one CUDA-graph launch (--cuda-graph)
 };
 
 // Warm-up and timed runs rotating over the input sets (CUDA-graph replays with --cuda-graph), the
@@ -69,6 +70,12 @@ Measured measure(Session& session, const RunFlags& f, const MachineRates& rates,
       f.warmup, f.min_runs, 200, f.budget_s);
   m.floor = session.floor(rates);
   session.use_input_set(0);
+  if constexpr (requires { session.capture(); }) {
+    if (f.cuda_graph) {
+      session.capture();
+      m.graph_launch_us = session.replay_launch_seconds(50) * 1e6;
+    }
+  }
   m.trace.process = "moeflow " + f.plan.backend + " " + session.graph().name() + " " + f.plan.plan + " T=" +
                     std::to_string(f.tokens);
   session.run(&m.trace);
@@ -182,6 +189,7 @@ Command add_run_command(CLI::App& app) {
                           {"max_us", timing.max_s * 1e6},
                           {"runs", timing.runs},
                           {"input_sets", f->input_sets},
+                          {"graph_launch_us", m.graph_launch_us},
                           {"floor_us", floor.seconds * 1e6},
                           {"ratio_floor", timing.median_s / floor.seconds},
                           {"touched_experts", floor.touched_experts},
@@ -226,6 +234,8 @@ Command add_run_command(CLI::App& app) {
         if (report.agreement.tokens_adopted > 0) std::cout << " (max gap " << sci(report.agreement.max_adopted_gap) << ")";
         std::cout << "  " << (report.pass ? "PASS" : "FAIL") << "\n";
       }
+      if (m.graph_launch_us >= 0)
+        std::cout << "  CUDA graph: host-side launch cost " << fixed(m.graph_launch_us, 1) << " us (median of 50)\n";
       if (!f->trace.empty()) std::cout << "  trace: " << f->trace << "\n";
     }
     return f->check && !report.pass ? 1 : 0;
