@@ -60,25 +60,11 @@ std::vector<nlohmann::json> run_cpu_bench(const BenchOptions& o, std::ostream& l
           const Floor floor = s.floor(rates);
           std::string kernels;
           for (const PlanStep& step : s.plan().steps) kernels += (kernels.empty() ? "" : ",") + step.kernel->name;
-          nlohmann::json row{{"scope", scope},
-                             {"preset", config.name},
-                             {"T", T},
-                             {"plan", to_string(o.plans[i])},
-                             {"lanes", s.plan().lanes.size()},
-                             {"kernels", kernels},
-                             {"time_us", t.median_s * 1e6},
-                             {"min_us", t.min_s * 1e6},
-                             {"runs", t.runs},
-                             {"input_sets", o.input_sets},
-                             {"floor_us", floor.seconds * 1e6},
-                             {"ratio_floor", t.median_s / floor.seconds},
-                             {"ratio_serial", nullptr},
-                             {"tflops", floor.flops / t.median_s / 1e12},
-                             {"gbps", floor.bytes / t.median_s / 1e9},
-                             {"touched_experts", floor.touched_experts},
-                             {"gpu", nullptr},
-                             {"device", machine},
-                             {"overrides", o.sets}};
+          nlohmann::json row = bench_row(scope, config.name, T, to_string(o.plans[i]), s.plan().lanes.size(),
+                                         kernels, t, floor, o.input_sets);
+          row["device"] = machine;
+          row["gpu"] = nullptr;
+          row["overrides"] = o.sets;
           if (times.count(Policy::serial)) row["ratio_serial"] = t.median_s / times[Policy::serial];
           log << std::setw(9) << scope << std::setw(20) << config.name << std::setw(7) << T << std::setw(12)
               << to_string(o.plans[i]) << std::setw(12) << std::setprecision(1) << t.median_s * 1e6 << std::setw(12)

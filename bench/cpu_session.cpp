@@ -71,28 +71,18 @@ CheckReport CpuSession::check(double tolerance) const {
 
 Floor CpuSession::floor(const MachineRates& rates) {
   const Graph& g = *plan_.graph;
-  ValueId ids = -1;
-  for (const Node& n : g.nodes())
-    if (n.op->kind() == "dispatch") ids = n.inputs[1];
-  if (ids < 0) fail_input("floor: graph '" + g.name() + "' has no dispatch node");
-  const bool ids_are_input = g.value(ids).role == ValueRole::input;
+  const ValueId ids = routing_ids(g);
   const int current = set_;
-  Floor mean;
-  const double sets = static_cast<double>(inputs_.size());
-  for (int s = 0; s < input_sets(); ++s) {
-    use_input_set(s);
-    if (!ids_are_input) run();  // a whole layer's routing exists once its gate has run on this set
-    const Floor f = roofline_floor(g, tokens_, static_cast<const int32_t*>(value_data(ids)), rates);
-    mean.bytes += f.bytes / sets;
-    mean.flops += f.flops / sets;
-    mean.seconds += f.seconds / sets;
-    mean.touched_experts += f.touched_experts;
-    mean.memory_bound = f.memory_bound;
-  }
-  mean.touched_experts /= input_sets();
+  const int64_t count = g.value(ids).shape().elements(tokens_);
+  const Floor f = mean_floor(g, tokens_, input_sets(), [&](int set) {
+    use_input_set(set);
+    if (!routing_is_input(g)) run();  // a whole layer's routing exists once its gate has run on this set
+    const auto* data = static_cast<const int32_t*>(value_data(ids));
+    return std::vector<int32_t>(data, data + count);
+  }, rates);
   use_input_set(current);
-  if (!ids_are_input) run();
-  return mean;
+  if (!routing_is_input(g)) run();
+  return f;
 }
 
 }  // namespace moeflow

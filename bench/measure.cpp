@@ -5,6 +5,7 @@
 #include <set>
 #include <vector>
 
+#include "graph/error.hpp"
 #include "ops/experts_op.hpp"
 
 namespace moeflow {
@@ -57,6 +58,49 @@ Floor roofline_floor(const Graph& g, int64_t T, const int32_t* ids, const Machin
   f.memory_bound = memory_s >= compute_s;
   f.seconds = std::max(memory_s, compute_s);
   return f;
+}
+
+ValueId routing_ids(const Graph& g) {
+  for (const Node& n : g.nodes())
+    if (n.op->kind() == "dispatch") return n.inputs[1];
+  fail_input("floor: graph '" + g.name() + "' has no dispatch node");
+}
+
+Floor mean_floor(const Graph& g, int64_t tokens, int sets, const std::function<std::vector<int32_t>(int set)>& ids_of,
+                 const MachineRates& rates) {
+  Floor mean;
+  for (int s = 0; s < sets; ++s) {
+    const std::vector<int32_t> ids = ids_of(s);
+    const Floor f = roofline_floor(g, tokens, ids.data(), rates);
+    mean.bytes += f.bytes / sets;
+    mean.flops += f.flops / sets;
+    mean.seconds += f.seconds / sets;
+    mean.touched_experts += f.touched_experts;
+    mean.memory_bound = f.memory_bound;
+  }
+  mean.touched_experts /= sets;
+  return mean;
+}
+
+nlohmann::json bench_row(const std::string& scope, const std::string& preset, int64_t tokens, const std::string& plan,
+                         std::size_t lanes, const std::string& kernels, const Timing& t, const Floor& floor,
+                         int input_sets) {
+  return {{"scope", scope},
+          {"preset", preset},
+          {"T", tokens},
+          {"plan", plan},
+          {"lanes", lanes},
+          {"kernels", kernels},
+          {"time_us", t.median_s * 1e6},
+          {"min_us", t.min_s * 1e6},
+          {"runs", t.runs},
+          {"input_sets", input_sets},
+          {"floor_us", floor.seconds * 1e6},
+          {"ratio_floor", t.median_s / floor.seconds},
+          {"ratio_serial", nullptr},
+          {"tflops", floor.flops / t.median_s / 1e12},
+          {"gbps", floor.bytes / t.median_s / 1e9},
+          {"touched_experts", floor.touched_experts}};
 }
 
 std::string cpu_name(int threads) {

@@ -3,7 +3,9 @@
 // `moeflow run` and `moeflow bench`.
 #include <cstdint>
 #include <functional>
+#include <nlohmann/json.hpp>
 #include <string>
+#include <vector>
 
 #include "graph/graph.hpp"
 #include "scheduler/cost_model.hpp"
@@ -32,6 +34,22 @@ struct Floor {
   bool memory_bound = false;
 };
 Floor roofline_floor(const Graph& g, int64_t tokens, const int32_t* ids, const MachineRates& rates);
+
+// The floor averaged over a session's input sets, each routing to its own experts. `ids_of(set)`
+// selects that set and returns its routing ([T, k] ids in host memory): an input of an experts-only
+// graph, or what the gate produced when the set last ran.
+Floor mean_floor(const Graph& g, int64_t tokens, int sets, const std::function<std::vector<int32_t>(int set)>& ids_of,
+                 const MachineRates& rates);
+// The value holding the routing the floor counts: the dispatch node's ids.
+ValueId routing_ids(const Graph& g);
+// Whether the routing is a graph input (experts-only graph) rather than the gate's output.
+inline bool routing_is_input(const Graph& g) { return g.value(routing_ids(g)).role == ValueRole::input; }
+
+// One benchmark row as DESIGN.md lists its fields (scope, preset, T, plan, kernels, time_us,
+// floor_us, ratio_floor, ratio_serial (null here), tflops, gbps, gpu) plus what explains it.
+nlohmann::json bench_row(const std::string& scope, const std::string& preset, int64_t tokens, const std::string& plan,
+                         std::size_t lanes, const std::string& kernels, const Timing& t, const Floor& floor,
+                         int input_sets);
 
 // "Intel(R) Xeon(R) ..." from /proc/cpuinfo, with the thread count.
 std::string cpu_name(int threads);

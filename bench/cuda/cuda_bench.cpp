@@ -79,24 +79,10 @@ std::vector<nlohmann::json> run_cuda_bench(const CudaBenchOptions& o, std::ostre
               if (s.graph().node(step.node).op->kind() == "experts") experts_kernel = step.kernel->name;
             }
             if (plan == "serial") serial_time[kernel] = t.median_s;
-            nlohmann::json row{{"scope", scope},
-                               {"preset", config.name},
-                               {"T", T},
-                               {"plan", graph_replay ? "concurrent+cuda_graph" : plan},
-                               {"lanes", s.plan().lanes.size()},
-                               {"kernels", kernel_names},
-                               {"experts_kernel", experts_kernel},
-                               {"time_us", t.median_s * 1e6},
-                               {"min_us", t.min_s * 1e6},
-                               {"runs", t.runs},
-                               {"input_sets", o.input_sets},
-                               {"floor_us", floor.seconds * 1e6},
-                               {"ratio_floor", t.median_s / floor.seconds},
-                               {"ratio_serial", nullptr},
-                               {"tflops", floor.flops / t.median_s / 1e12},
-                               {"gbps", floor.bytes / t.median_s / 1e9},
-                               {"touched_experts", floor.touched_experts},
-                               {"gpu", gpu}};
+            nlohmann::json row = bench_row(scope, config.name, T, graph_replay ? "concurrent+cuda_graph" : plan,
+                                           s.plan().lanes.size(), kernel_names, t, floor, o.input_sets);
+            row["experts_kernel"] = experts_kernel;
+            row["gpu"] = gpu;
             if (serial_time.count(kernel)) row["ratio_serial"] = t.median_s / serial_time[kernel];
             log << std::setw(8) << scope << std::setw(19) << config.name << std::setw(6) << T << std::setw(12)
                 << (graph_replay ? "conc+graph" : plan) << std::setw(30) << experts_kernel << std::setw(11)

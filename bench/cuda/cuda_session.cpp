@@ -235,29 +235,16 @@ CheckReport CudaSession::check(double tolerance) {
 
 Floor CudaSession::floor(const MachineRates& rates) {
   const Graph& g = *plan_.graph;
-  ValueId ids = -1;
-  for (const Node& n : g.nodes())
-    if (n.op->kind() == "dispatch") ids = n.inputs[1];
-  if (ids < 0) fail_input("floor: graph '" + g.name() + "' has no dispatch node");
-  const bool ids_are_input = g.value(ids).role == ValueRole::input;
+  const ValueId ids = routing_ids(g);
   const int current = set_;
-  Floor mean;
-  const double sets = static_cast<double>(inputs_.size());
-  for (int s = 0; s < input_sets(); ++s) {
-    use_input_set(s);
-    if (!ids_are_input) run();
-    const void* device_ids = ids_are_input ? inputs_[static_cast<std::size_t>(s)]->data(ids) : executor_->data(ids);
-    const std::vector<int32_t> h = to_host<int32_t>(device_ids, g.value(ids).shape().elements(tokens_));
-    const Floor f = roofline_floor(g, tokens_, h.data(), rates);
-    mean.bytes += f.bytes / sets;
-    mean.flops += f.flops / sets;
-    mean.seconds += f.seconds / sets;
-    mean.touched_experts += f.touched_experts;
-    mean.memory_bound = f.memory_bound;
-  }
-  mean.touched_experts /= input_sets();
+  const Floor f = mean_floor(g, tokens_, input_sets(), [&](int set) {
+    use_input_set(set);
+    if (!routing_is_input(g)) run();
+    const void* device_ids = routing_is_input(g) ? inputs_[static_cast<std::size_t>(set)]->data(ids) : executor_->data(ids);
+    return to_host<int32_t>(device_ids, g.value(ids).shape().elements(tokens_));
+  }, rates);
   use_input_set(current);
-  return mean;
+  return f;
 }
 
 }  // namespace moeflow
