@@ -3,6 +3,7 @@
 #include <cuda_runtime.h>
 
 #include <algorithm>
+#include <cstring>
 #include <sstream>
 
 #include "graph/error.hpp"
@@ -175,6 +176,7 @@ void CudaSession::set_tokens(int64_t tokens, int input_sets) {
       if (b.arena == Arena::inputs) fill_device_value(plan_.graph->value(b.value), arena->data(b.value), tokens, set_seed(options_.seed, s));
   }
   MOEFLOW_CUDA_CHECK(cudaDeviceSynchronize());
+  overwritten_.clear();
   set_ = 0;
 }
 
@@ -186,6 +188,13 @@ void CudaSession::use_input_set(int set) {
 double CudaSession::run(Trace* trace) {
   if (tokens_ == 0) fail_input("CudaSession::run: call set_tokens first");
   return executor_->run(*inputs_[static_cast<std::size_t>(set_)], *weights_, tokens_, trace);
+}
+
+void CudaSession::write_input(ValueId v, const void* host, std::size_t bytes) {
+  if (plan_.buffer(v).arena != Arena::inputs || static_cast<int64_t>(bytes) > plan_.buffer(v).bytes)
+    fail_input("write_input: '" + plan_.graph->value(v).name + "' is not an input of that size");
+  MOEFLOW_CUDA_CHECK(cudaMemcpy(inputs_[static_cast<std::size_t>(set_)]->data(v), host, bytes, cudaMemcpyHostToDevice));
+  overwritten_[{set_, v}] = std::vector<std::byte>(static_cast<const std::byte*>(host), static_cast<const std::byte*>(host) + bytes);
 }
 
 void CudaSession::capture() {
@@ -214,6 +223,18 @@ CheckReport CudaSession::check(double tolerance) {
   std::map<ValueId, std::vector<float>> host;
   for (ValueId v : g.graph_inputs()) {
     const Value& val = g.value(v);
+    auto written = overwritten_.find({set_, v});
+    if (written != overwritten_.end()) {  // written as the device holds it (ids, fp32 or bf16 bits)
+      std::vector<float> f(written->second.size() / dtype_size(val.dtype()));
+      if (val.dtype() == DType::bf16) {
+        const auto* bits = reinterpret_cast<const uint16_t*>(written->second.data());
+        for (std::size_t i = 0; i < f.size(); ++i) f[i] = bf16_to_float(bits[i]);
+      } else {
+        std::memcpy(f.data(), written->second.data(), written->second.size());
+      }
+      host[v] = std::move(f);
+      continue;
+    }
     host[v] = host_copy_of_input(val, val.role == ValueRole::weight ? g.max_tokens() : tokens_,
                                  val.role == ValueRole::weight ? options_.seed : set_seed(options_.seed, set_));
   }

@@ -3,6 +3,7 @@
 // the counter-based generator (bf16, the same bits the host would round to), input sets, eager runs
 // or CUDA-graph replays timed with events, the reference check on the same bf16-rounded data, and
 // the roofline floor on measured device ceilings.
+#include <map>
 #include <memory>
 #include <vector>
 
@@ -34,6 +35,8 @@ class CudaSession {
   int64_t tokens() const { return tokens_; }
 
   double run(Trace* trace = nullptr);  // device seconds
+  // Overwrites an input of the selected set (tests build routings by hand). `check` reads it back.
+  void write_input(ValueId v, const void* host, std::size_t bytes);
   // Captures the plan for the current T and input set; replay() runs it (device seconds).
   void capture();
   double replay();
@@ -56,6 +59,7 @@ class CudaSession {
   std::unique_ptr<CudaExecutor> executor_;
   int64_t tokens_ = 0;
   int set_ = 0;
+  std::map<std::pair<int, ValueId>, std::vector<std::byte>> overwritten_;  // by (set, value); cleared by set_tokens
 };
 
 }  // namespace moeflow

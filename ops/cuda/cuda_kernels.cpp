@@ -119,6 +119,67 @@ void register_experts(KernelRegistry& r) {
          [](const Graph&, const Node& n, int64_t) {
            return static_cast<int64_t>(cuda::grouped_pointer_bytes(static_cast<const ExpertsOp&>(*n.op).experts()));
          }});
+  // Large batches: the host already waits for the counts, so size one uniform strided-batched GEMM
+  // to this run's largest expert (about 1.1-1.3x the mean once experts get hundreds of rows)
+  // instead of cuBLAS's grouped GEMM over ragged groups. Scratch is planned for 1.5x the mean at
+  // the maximum T; a run whose routing is more skewed than that takes the grouped path instead.
+  auto planned_capacity = [](const Graph& g, const Node& n) {
+    const auto& op = static_cast<const ExpertsOp&>(*n.op);
+    const int64_t mean = (g.max_tokens() * op.top_k() + op.experts() - 1) / op.experts();
+    return std::min<int64_t>(g.max_tokens(), mean + mean / 2 + 64);
+  };
+  auto padded_part = [planned_capacity](const Graph& g, const Node& n) {
+    const auto& op = static_cast<const ExpertsOp&>(*n.op);
+    return align256(static_cast<int64_t>(cuda::padded_scratch_bytes(
+        op.experts(), planned_capacity(g, n), static_cast<int>(g.value(n.inputs[0]).shape()[1].fixed), op.intermediate())));
+  };
+  r.add({"experts", Backend::cuda, "cuda.cublas_padded_to_max", 4,
+         [planned_capacity, padded_part](const Graph& g, const Node& n) {
+           Support s = cuda_supports_bf16(g, n);
+           if (!s.ok) return s;
+           const double mean = rows_per_expert(n, g.max_tokens());
+           if (mean < 128)
+             return Support::no(fmt(mean) + " rows/expert at max T: padding to the largest expert wastes too much");
+           if (padded_part(g, n) > (int64_t{16} << 30)) return Support::no("padded scratch above 16 GiB");
+           return Support::yes(fmt(mean) + " rows/expert at max T -> one strided-batched GEMM per layer padded to the "
+                               "largest expert of the run (host sync); grouped when routing is more skewed than " +
+                               std::to_string(planned_capacity(g, n)) + " rows");
+         },
+         [planned_capacity, padded_part, scratch](const KernelCall& c) {
+           const auto& op = static_cast<const ExpertsOp&>(*c.node.op);
+           const int32_t* host_offsets = c.in<int32_t>(1);
+           int64_t largest = 0;
+           for (int e = 0; e < op.experts(); ++e) largest = std::max<int64_t>(largest, host_offsets[e + 1] - host_offsets[e]);
+           auto* ws = static_cast<std::byte*>(c.workspace);
+           const int64_t padded_bytes = padded_part(c.graph, c.node);
+           if (largest <= planned_capacity(c.graph, c.node)) {
+             auto* device_offsets = reinterpret_cast<int32_t*>(ws + padded_bytes);
+             MOEFLOW_CUDA_CHECK(cudaMemcpyAsync(device_offsets, host_offsets, sizeof(int32_t) * (op.experts() + 1),
+                                                cudaMemcpyHostToDevice, lane(c).stream));
+             cuda::experts_padded_strided_batched(lane(c), bf16_in(c, 0), device_offsets, op.experts(), largest,
+                                                  hidden_of(c), op.intermediate(), bf16_in(c, 2), bf16_in(c, 3), ws,
+                                                  bf16_out(c, 0));
+             return;
+           }
+           // Skewed routing: the grouped path, with the scratch that follows the padded region.
+           KernelCall grouped = c;
+           grouped.workspace = ws + padded_bytes + align256(4 * (op.experts() + 1));
+           uint16_t *h, *act;
+           scratch(grouped, h, act);
+           void* pointers = static_cast<std::byte*>(grouped.workspace) + experts_scratch_bytes(c.node, c.graph.max_tokens());
+           cuda::experts_grouped_batched(lane(c), bf16_in(c, 0), host_offsets, op.experts(), hidden_of(c),
+                                         op.intermediate(), bf16_in(c, 2), bf16_in(c, 3), h, act, bf16_out(c, 0),
+                                         pointers, c.host_workspace);
+         },
+         [padded_part](const Graph& g, const Node& n, int64_t tokens) {
+           const auto& op = static_cast<const ExpertsOp&>(*n.op);
+           return padded_part(g, n) + align256(4 * (op.experts() + 1)) + experts_scratch_bytes(n, tokens) +
+                  align256(static_cast<int64_t>(cuda::grouped_pointer_bytes(op.experts())));
+         },
+         {1},
+         [](const Graph&, const Node& n, int64_t) {
+           return static_cast<int64_t>(cuda::grouped_pointer_bytes(static_cast<const ExpertsOp&>(*n.op).experts()));
+         }});
   r.add({"experts", Backend::cuda, "cuda.cublas_per_expert_loop", 1,
          [](const Graph& g, const Node& n) {
            Support s = cuda_supports_bf16(g, n);

@@ -125,3 +125,24 @@ TEST(CudaLayerGraph, CaptureIsRefusedForAPlanWithAHostSync) {
     EXPECT_NE(std::string(e.what()).find("host"), std::string::npos);
   }
 }
+
+TEST(CudaExpertsPaddedToMax, MatchesReferenceAndFallsBackToGroupedOnSkewedRouting) {
+  if (cuda::device_count() == 0) GTEST_SKIP() << "no CUDA device";
+  // 1024 tokens, k=2, E=8: 256 rows per expert on average, so the strategy is supported.
+  const MoEConfig config = load_config("mixtral-8x7b", {"hidden_size=256", "intermediate_size=96"});
+  auto g = std::make_shared<const Graph>(build_experts_graph(config, {.max_tokens = 1024, .dtype = DType::bf16}));
+  CudaSessionOptions so;
+  so.plan.forced_kernels["experts"] = "cuda.cublas_padded_to_max";
+  CudaSession s(g, so);
+  s.set_tokens(1024);
+  s.run();
+  CheckReport r = s.check(1e-2);
+  EXPECT_TRUE(r.pass) << "uniform routing: rel_norm " << r.comparison.rel_norm;
+  // Every token on experts 0 and 1: 1024 rows each, beyond the planned capacity -> grouped fallback.
+  std::vector<int32_t> ids(2048);
+  for (std::size_t i = 0; i < ids.size(); ++i) ids[i] = static_cast<int32_t>(i % 2);
+  s.write_input(*g->find_value("route.ids"), ids.data(), ids.size() * sizeof(int32_t));
+  s.run();
+  r = s.check(1e-2);
+  EXPECT_TRUE(r.pass) << "skewed routing: rel_norm " << r.comparison.rel_norm;
+}
