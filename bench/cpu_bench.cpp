@@ -28,8 +28,7 @@ std::vector<nlohmann::json> run_cpu_bench(const BenchOptions& o, std::ostream& l
     const MoEConfig config = load_config(model, o.sets);
     for (const std::string& scope : o.scopes) {
       LayerOptions lo{.max_tokens = max_tokens, .dtype = DType::f32};
-      auto graph = std::make_shared<const Graph>(scope == "experts" ? build_experts_graph(config, lo)
-                                                                    : build_moe_layer(config, lo));
+      auto graph = std::make_shared<const Graph>(build_scope_graph(config, scope, lo));
       // One session per plan; all share the first one's weights.
       std::vector<std::unique_ptr<CpuSession>> sessions;
       try {

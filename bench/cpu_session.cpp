@@ -72,6 +72,7 @@ CheckReport CpuSession::check(double tolerance) const {
 Floor CpuSession::floor(const MachineRates& rates) {
   const Graph& g = *plan_.graph;
   const ValueId ids = routing_ids(g);
+  if (ids < 0) return roofline_floor(g, tokens_, nullptr, rates);  // nothing routed (shared experts alone)
   const int current = set_;
   const int64_t count = g.value(ids).shape().elements(tokens_);
   const Floor f = mean_floor(g, tokens_, input_sets(), [&](int set) {

@@ -42,6 +42,7 @@ Floor roofline_floor(const Graph& g, int64_t T, const int32_t* ids, const Machin
     const double H = static_cast<double>(g.value(n.inputs[0]).shape()[1].fixed);
     if (kind == "experts") {
       const auto& op = static_cast<const ExpertsOp&>(*n.op);
+      if (!ids) fail_input("floor: graph '" + g.name() + "' routes rows but no routing was given");
       std::set<int32_t> touched(ids, ids + T * op.top_k());
       f.touched_experts = static_cast<int64_t>(touched.size());
       const double per_expert = (weight_bytes(n.inputs[2]) + weight_bytes(n.inputs[3])) / op.experts();
@@ -63,11 +64,12 @@ Floor roofline_floor(const Graph& g, int64_t T, const int32_t* ids, const Machin
 ValueId routing_ids(const Graph& g) {
   for (const Node& n : g.nodes())
     if (n.op->kind() == "dispatch") return n.inputs[1];
-  fail_input("floor: graph '" + g.name() + "' has no dispatch node");
+  return -1;
 }
 
 Floor mean_floor(const Graph& g, int64_t tokens, int sets, const std::function<std::vector<int32_t>(int set)>& ids_of,
                  const MachineRates& rates) {
+  if (routing_ids(g) < 0) return roofline_floor(g, tokens, nullptr, rates);  // no routed experts
   Floor mean;
   for (int s = 0; s < sets; ++s) {
     const std::vector<int32_t> ids = ids_of(s);

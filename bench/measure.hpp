@@ -40,10 +40,10 @@ Floor roofline_floor(const Graph& g, int64_t tokens, const int32_t* ids, const M
 // graph, or what the gate produced when the set last ran.
 Floor mean_floor(const Graph& g, int64_t tokens, int sets, const std::function<std::vector<int32_t>(int set)>& ids_of,
                  const MachineRates& rates);
-// The value holding the routing the floor counts: the dispatch node's ids.
+// The value holding the routing the floor counts: the dispatch node's ids (-1: nothing is routed).
 ValueId routing_ids(const Graph& g);
 // Whether the routing is a graph input (experts-only graph) rather than the gate's output.
-inline bool routing_is_input(const Graph& g) { return g.value(routing_ids(g)).role == ValueRole::input; }
+inline bool routing_is_input(const Graph& g) { return routing_ids(g) >= 0 && g.value(routing_ids(g)).role == ValueRole::input; }
 
 // One benchmark row as DESIGN.md lists its fields (scope, preset, T, plan, kernels, time_us,
 // floor_us, ratio_floor, ratio_serial (null here), tflops, gbps, gpu) plus what explains it.

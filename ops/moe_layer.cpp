@@ -21,19 +21,38 @@ void check_tokens(const MoEConfig& c, const LayerOptions& o) {
 
 }  // namespace
 
-Graph build_moe_layer(const MoEConfig& c, const LayerOptions& o) {
+namespace {
+
+enum class Branches { all, routed, shared };
+
+Graph build_layer(const MoEConfig& c, const LayerOptions& o, Branches branches, const std::string& name) {
   check_tokens(c, o);
-  LayerBuilder b(c.name, o.max_tokens);
+  if (branches == Branches::shared && !c.has_shared_expert())
+    fail_input(c.name + ": scope 'shared' needs a shared expert, and this model has none");
+  LayerBuilder b(name, o.max_tokens);
   b.describe(describe(c));
   const ValueId x = b.input("x", Shape{Dim::tokens(), Dim::of(c.hidden)}, o.dtype);
-  const Route route = b.gate(x, c.routing());
+  Route route;
+  if (branches != Branches::shared) route = b.gate(x, c.routing());
   std::vector<ValueId> shared;
-  if (c.has_shared_expert())
+  if (c.has_shared_expert() && branches != Branches::routed)
     shared.push_back(b.shared_expert(x, {.intermediate = c.shared_intermediate, .gated = c.shared_gate}));
-  const Dispatched rows = b.dispatch(x, route);
-  const ExpertRows y = b.experts(rows, {.intermediate = c.intermediate});
+  if (branches == Branches::shared) return std::move(b).finish({shared.front()});
+  const ExpertRows y = b.experts(b.dispatch(x, route), {.intermediate = c.intermediate});
   const ValueId out = b.reduce(b.combine(y, route), shared);
   return std::move(b).finish({out});
+}
+
+}  // namespace
+
+Graph build_moe_layer(const MoEConfig& c, const LayerOptions& o) { return build_layer(c, o, Branches::all, c.name); }
+
+Graph build_scope_graph(const MoEConfig& c, const std::string& scope, const LayerOptions& o) {
+  if (scope == "layer") return build_moe_layer(c, o);
+  if (scope == "experts") return build_experts_graph(c, o);
+  if (scope == "routed") return build_layer(c, o, Branches::routed, c.name + ".routed");
+  if (scope == "shared") return build_layer(c, o, Branches::shared, c.name + ".shared");
+  fail_input("unknown scope '" + scope + "': expected layer, experts, routed or shared");
 }
 
 Graph build_experts_graph(const MoEConfig& c, const LayerOptions& o) {

@@ -18,4 +18,10 @@ Graph build_moe_layer(const MoEConfig& config, const LayerOptions& options = {})
 // x, route.ids, route.weights -> dispatch -> experts -> combine.
 Graph build_experts_graph(const MoEConfig& config, const LayerOptions& options = {});
 
+// The graph a benchmark or run scope names: "layer" (the whole layer), "experts" (the experts path),
+// "routed" (the layer without its shared experts) or "shared" (the shared experts alone). The last
+// two time each branch alone, which is what shared-expert overlap is judged against.
+Graph build_scope_graph(const MoEConfig& config, const std::string& scope, const LayerOptions& options = {});
+inline constexpr const char* kScopes[] = {"layer", "experts", "routed", "shared"};
+
 }  // namespace moeflow

@@ -3,6 +3,7 @@
 #include <gtest/gtest.h>
 
 #include "bench/cpu_session.hpp"
+#include "graph/error.hpp"
 #include "ops/moe_layer.hpp"
 
 using namespace moeflow;
@@ -80,4 +81,25 @@ TEST(WholeLayer, OnePlanServesEveryTUpToItsMaximum) {
     session.run();
     EXPECT_TRUE(session.check(1e-5).pass) << "T=" << T;
   }
+}
+
+TEST(Scopes, RoutedAndSharedBranchesRunAloneAndMatchTheReference) {
+  const MoEConfig config = load_config("qwen1.5-moe-a2.7b", {"hidden_size=128", "moe_intermediate_size=48",
+                                                             "shared_expert_intermediate_size=96"});
+  for (const char* scope : {"routed", "shared"}) {
+    auto g = std::make_shared<const Graph>(build_scope_graph(config, scope, {.max_tokens = 24}));
+    EXPECT_EQ(g->find_node("shared_expert").has_value(), std::string(scope) == "shared") << scope;
+    EXPECT_EQ(g->find_node("experts").has_value(), std::string(scope) == "routed") << scope;
+    SessionOptions so;
+    so.plan.policy = Policy::concurrent;
+    so.threads = 2;
+    CpuSession session(g, so);
+    session.set_tokens(24, 2);
+    session.run();
+    EXPECT_TRUE(session.check(1e-5).pass) << scope;
+    EXPECT_GT(session.floor(MachineRates{}).seconds, 0.0) << scope;
+  }
+  const MoEConfig no_shared = load_config("mixtral-8x7b", {"hidden_size=64", "intermediate_size=32"});
+  EXPECT_THROW(build_scope_graph(no_shared, "shared", {.max_tokens = 8}), Error);
+  EXPECT_THROW(build_scope_graph(no_shared, "sideways", {.max_tokens = 8}), Error);
 }

@@ -21,7 +21,7 @@ Command add_bench_command(CLI::App& app) {
     std::vector<std::string> plans{"serial", "concurrent"};
     std::vector<std::string> experts_kernels;
     int input_sets = 8;
-    std::string scope = "both";
+    std::vector<std::string> scope{"both"};
     std::string backend = "cpu";
     int threads = 0;
     uint64_t seed = 0;
@@ -40,7 +40,9 @@ Command add_bench_command(CLI::App& app) {
   sub->add_option("--experts-kernels", f->experts_kernels, "experts kernels to force in turn, comma-separated (cuda)")
       ->delimiter(',');
   sub->add_option("--input-sets", f->input_sets, "input sets the runs rotate over")->check(CLI::PositiveNumber);
-  sub->add_option("--scope", f->scope, "experts | layer | both")->check(CLI::IsMember({"experts", "layer", "both"}));
+  sub->add_option("--scope", f->scope, "experts | layer | both (= experts,layer) | routed | shared, comma-separated")
+      ->delimiter(',')
+      ->check(CLI::IsMember({"experts", "layer", "both", "routed", "shared"}));
   sub->add_option("--backend", f->backend, "cpu | cuda")->check(CLI::IsMember({"cpu", "cuda"}));
   sub->add_option("--threads", f->threads, "oneTBB threads (default: every core)")->check(CLI::PositiveNumber);
   sub->add_option("--seed", f->seed, "seed of the random weights and inputs");
@@ -48,8 +50,11 @@ Command add_bench_command(CLI::App& app) {
   sub->add_option("--budget", f->budget_s, "seconds of timed runs per row to aim for")->check(CLI::NonNegativeNumber);
   sub->add_option("--json", f->json, "write the rows, one JSON object per line, as they are measured");
   return [f] {
-    const std::vector<std::string> scopes =
-        f->scope == "both" ? std::vector<std::string>{"experts", "layer"} : std::vector<std::string>{f->scope};
+    std::vector<std::string> scopes;
+    for (const std::string& sc : f->scope) {
+      if (sc == "both") scopes.insert(scopes.end(), {"experts", "layer"});
+      else scopes.push_back(sc);
+    }
     std::ofstream json_out;
     if (!f->json.empty()) {
       json_out.open(f->json);

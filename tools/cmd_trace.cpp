@@ -69,7 +69,7 @@ Command add_trace_command(CLI::App& app) {
     }
     if (f->svg.empty() && f->dot.empty()) std::cout << dot;
     if (!f->svg.empty()) {
-      const std::string command = "neato -n2 -Tsvg -o '" + f->svg + "'";
+      const std::string command = "neato -q -n2 -Tsvg -o '" + f->svg + "'";  // -q: nodes narrower than their label are fine
       FILE* pipe = popen(command.c_str(), "w");
       if (!pipe) fail_resource("cannot start '" + command + "'");
       std::fwrite(dot.data(), 1, dot.size(), pipe);

@@ -11,8 +11,10 @@ void ModelFlags::add_to(CLI::App& app) {
   app.add_option("--model", model, "preset: " + presets + " (default " + kDefaultModel + ")");
   app.add_option("--hf-config", hf_config, "a Hugging Face config.json");
   app.add_option("--set", sets, "override a config field: field=value (repeatable)")->take_all();
-  app.add_option("--scope", scope, "layer (x -> output) or experts (x, top-k ids, weights -> output)")
-      ->check(CLI::IsMember({"layer", "experts"}));
+  app.add_option("--scope", scope,
+                 "layer (x -> output), experts (x, top-k ids, weights -> output), routed (layer without shared "
+                 "experts) or shared (shared experts alone)")
+      ->check(CLI::IsMember({"layer", "experts", "routed", "shared"}));
 }
 
 MoEConfig ModelFlags::config() const {
@@ -48,7 +50,7 @@ std::shared_ptr<const Graph> build_graph(const MoEConfig& config, const std::str
                                         Backend backend) {
   // The CPU computes in f32; the GPU stores bf16 and accumulates in f32.
   LayerOptions o{.max_tokens = max_tokens, .dtype = backend == Backend::cuda ? DType::bf16 : DType::f32};
-  return std::make_shared<const Graph>(scope == "experts" ? build_experts_graph(config, o) : build_moe_layer(config, o));
+  return std::make_shared<const Graph>(build_scope_graph(config, scope, o));
 }
 
 void check_tokens(int64_t tokens, int64_t max_tokens) {

@@ -32,14 +32,12 @@ std::vector<nlohmann::json> run_cuda_bench(const CudaBenchOptions& o, std::ostre
       std::unique_ptr<CudaSession> owner;
       auto build = [&](int64_t max_tokens) {
         LayerOptions lo{.max_tokens = max_tokens, .dtype = DType::bf16};
-        return std::make_shared<const Graph>(scope == "experts" ? build_experts_graph(config, lo)
-                                                                : build_moe_layer(config, lo));
+        return std::make_shared<const Graph>(build_scope_graph(config, scope, lo));
       };
       {
         CudaSessionOptions so;
         so.plan.device = o.device;
         so.seed = o.seed;
-        so.plan.forced_kernels["experts"] = "cuda.cublas_grouped_batched";
         owner = std::make_unique<CudaSession>(build(1), so);
       }
       for (int64_t T : o.tokens) {
@@ -51,7 +49,9 @@ std::vector<nlohmann::json> run_cuda_bench(const CudaBenchOptions& o, std::ostre
             so.plan.policy = plan == "serial" ? Policy::serial : Policy::concurrent;
             so.plan.capturable = plan == "graph";
             so.plan.device = o.device;
-            if (!kernel.empty()) so.plan.forced_kernels["experts"] = kernel;
+            const bool has_experts = scope != "shared";
+            if (!kernel.empty() && has_experts) so.plan.forced_kernels["experts"] = kernel;
+            if (!has_experts && kernel != kernels.front()) continue;  // no experts node: one run per plan
             so.seed = o.seed;
             std::unique_ptr<CudaSession> session;
             try {

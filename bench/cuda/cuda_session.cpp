@@ -257,6 +257,7 @@ CheckReport CudaSession::check(double tolerance) {
 Floor CudaSession::floor(const MachineRates& rates) {
   const Graph& g = *plan_.graph;
   const ValueId ids = routing_ids(g);
+  if (ids < 0) return roofline_floor(g, tokens_, nullptr, rates);  // nothing routed (shared experts alone)
   const int current = set_;
   const Floor f = mean_floor(g, tokens_, input_sets(), [&](int set) {
     use_input_set(set);
