@@ -24,15 +24,15 @@ int64_t read_number(const std::string& path) {
   }
 }
 
-std::string gib(int64_t b) {
+}  // namespace
+
+std::string format_gib(int64_t b) {
   std::ostringstream o;
   o.setf(std::ios::fixed);
   o.precision(2);
   o << static_cast<double>(b) / (1024.0 * 1024.0 * 1024.0) << " GiB";
   return o.str();
 }
-
-}  // namespace
 
 int64_t available_host_bytes() {
   int64_t available = -1;
@@ -59,7 +59,7 @@ int64_t available_host_bytes() {
 void require_host_bytes(int64_t bytes, const std::string& what) {
   const int64_t available = available_host_bytes();
   if (available >= 0 && bytes > available)
-    fail_resource(what + " needs " + gib(bytes) + " of host memory but only " + gib(available) +
+    fail_resource(what + " needs " + format_gib(bytes) + " of host memory but only " + format_gib(available) +
                   " is available (MemAvailable / cgroup limit)");
 }
 
@@ -68,7 +68,7 @@ void HostArena::Free::operator()(std::byte* p) const { std::free(p); }
 HostArena::HostArena(const Plan& plan, Arena arena) : plan_(&plan), arena_(arena), bytes_(plan.bytes(arena)) {
   const std::size_t size = static_cast<std::size_t>(std::max<int64_t>(bytes_, 256));
   memory_.reset(static_cast<std::byte*>(std::aligned_alloc(256, (size + 255) / 256 * 256)));
-  if (!memory_) fail_resource("cannot allocate " + gib(bytes_) + " for the " + to_string(arena) + " arena");
+  if (!memory_) fail_resource("cannot allocate " + format_gib(bytes_) + " for the " + to_string(arena) + " arena");
 }
 
 void* HostArena::data(ValueId v) const {

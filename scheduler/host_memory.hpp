@@ -9,6 +9,9 @@
 
 namespace moeflow {
 
+// "1.25 GiB": how every memory message states a size.
+std::string format_gib(int64_t bytes);
+
 // Bytes this process may still allocate: min(MemAvailable, cgroup limit - cgroup usage).
 int64_t available_host_bytes();
 // Throws Error(resource) saying what needs how much and what is available, when bytes exceed it.

@@ -3,6 +3,7 @@
 #include <gtest/gtest.h>
 
 #include "bench/cpu_session.hpp"
+#include "tests/family_cases.hpp"
 #include "graph/error.hpp"
 #include "ops/moe_layer.hpp"
 
@@ -10,26 +11,7 @@ using namespace moeflow;
 
 namespace {
 
-struct LayerCase {
-  std::string name;
-  std::string preset;
-  std::vector<std::string> sets;
-};
-
-const std::vector<LayerCase>& layer_cases() {
-  static const std::vector<LayerCase> cases{
-      {"mixtral", "mixtral-8x7b", {"hidden_size=256", "intermediate_size=128"}},
-      {"qwen2_moe_gated_shared", "qwen1.5-moe-a2.7b",
-       {"hidden_size=256", "moe_intermediate_size=96", "shared_expert_intermediate_size=192"}},
-      {"qwen3_moe", "qwen3-30b-a3b", {"hidden_size=192", "moe_intermediate_size=64", "num_experts=32"}},
-      {"deepseek_v2_group_limited", "deepseek-v3",
-       {"model_type=deepseek_v2", "scoring_func=softmax", "topk_method=group_limited_greedy", "n_routed_experts=32",
-        "n_group=8", "topk_group=3", "num_experts_per_tok=6", "norm_topk_prob=false", "routed_scaling_factor=16",
-        "n_shared_experts=2", "hidden_size=256", "moe_intermediate_size=64"}},
-      {"deepseek_v3_noaux_tc", "deepseek-v3", {"hidden_size=512", "moe_intermediate_size=128"}},
-  };
-  return cases;
-}
+using testing_cases::family_cases;
 
 using LayerParam = std::tuple<int, Policy, int64_t>;  // case index, plan, T
 
@@ -39,7 +21,7 @@ class WholeLayer : public testing::TestWithParam<LayerParam> {};
 
 TEST_P(WholeLayer, MatchesReference) {
   const auto& [index, policy, T] = GetParam();
-  const LayerCase& lc = layer_cases()[static_cast<std::size_t>(index)];
+  const testing_cases::FamilyCase& lc = family_cases()[static_cast<std::size_t>(index)];
   const MoEConfig config = load_config(lc.preset, lc.sets);
   auto g = std::make_shared<const Graph>(build_moe_layer(config, {.max_tokens = 96}));
   SessionOptions so;
@@ -65,7 +47,7 @@ INSTANTIATE_TEST_SUITE_P(
     testing::Combine(testing::Range(0, 5), testing::Values(Policy::serial, Policy::concurrent),
                      testing::Values<int64_t>(1, 37, 96)),
     [](const testing::TestParamInfo<LayerParam>& info) {
-      return layer_cases()[static_cast<std::size_t>(std::get<0>(info.param))].name + "_" +
+      return family_cases()[static_cast<std::size_t>(std::get<0>(info.param))].name + "_" +
              to_string(std::get<1>(info.param)) + "_T" + std::to_string(std::get<2>(info.param));
     });
 

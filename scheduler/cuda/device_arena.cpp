@@ -7,26 +7,17 @@
 #include "graph/error.hpp"
 #include "kernels/cuda/check.cuh"
 #include "kernels/cuda/device.hpp"
+#include "scheduler/host_memory.hpp"
 
 namespace moeflow {
-
-namespace {
-std::string gib(int64_t b) {
-  std::ostringstream o;
-  o.setf(std::ios::fixed);
-  o.precision(2);
-  o << static_cast<double>(b) / (1024.0 * 1024.0 * 1024.0) << " GiB";
-  return o.str();
-}
-}  // namespace
 
 void require_device_bytes(int device, int64_t bytes, const std::string& what) {
   if (cuda::device_count() <= device) fail_resource(what + ": no CUDA device " + std::to_string(device) + " here");
   int64_t free_bytes = 0, total = 0;
   cuda::device_memory(device, free_bytes, total);
   if (bytes > free_bytes)
-    fail_resource(what + " needs " + gib(bytes) + " of device memory but " + cuda::device_name(device) + " has " +
-                  gib(free_bytes) + " free of " + gib(total));
+    fail_resource(what + " needs " + format_gib(bytes) + " of device memory but " + cuda::device_name(device) + " has " +
+                  format_gib(free_bytes) + " free of " + format_gib(total));
 }
 
 DeviceArena::DeviceArena(const Plan& plan, Arena arena, int device)
@@ -37,7 +28,7 @@ DeviceArena::DeviceArena(const Plan& plan, Arena arena, int device)
   const cudaError_t status = arena == Arena::host ? cudaMallocHost(&p, size) : cudaMalloc(&p, size);
   if (status != cudaSuccess) {
     cudaGetLastError();
-    fail_resource("cannot allocate " + gib(bytes_) + " for the " + to_string(arena) + " arena: " +
+    fail_resource("cannot allocate " + format_gib(bytes_) + " for the " + to_string(arena) + " arena: " +
                   cudaGetErrorString(status));
   }
   base_ = static_cast<std::byte*>(p);

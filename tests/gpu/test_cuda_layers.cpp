@@ -6,6 +6,7 @@
 #include <cstring>
 
 #include "bench/cuda/cuda_session.hpp"
+#include "tests/family_cases.hpp"
 #include "graph/error.hpp"
 #include "kernels/cuda/device.hpp"
 #include "ops/moe_layer.hpp"
@@ -14,24 +15,7 @@ using namespace moeflow;
 
 namespace {
 
-struct LayerCase {
-  std::string name, preset;
-  std::vector<std::string> sets;
-};
-
-const std::vector<LayerCase>& cases() {
-  static const std::vector<LayerCase> c{
-      {"mixtral", "mixtral-8x7b", {"hidden_size=256", "intermediate_size=128"}},
-      {"qwen2_moe", "qwen1.5-moe-a2.7b", {"hidden_size=256", "moe_intermediate_size=96", "shared_expert_intermediate_size=192"}},
-      {"qwen3_moe", "qwen3-30b-a3b", {"hidden_size=192", "moe_intermediate_size=64", "num_experts=32"}},
-      {"deepseek_v2", "deepseek-v3",
-       {"model_type=deepseek_v2", "scoring_func=softmax", "topk_method=group_limited_greedy", "n_routed_experts=32",
-        "n_group=8", "topk_group=3", "num_experts_per_tok=6", "norm_topk_prob=false", "routed_scaling_factor=16",
-        "n_shared_experts=2", "hidden_size=256", "moe_intermediate_size=64"}},
-      {"deepseek_v3", "deepseek-v3", {"hidden_size=512", "moe_intermediate_size=128"}},
-  };
-  return c;
-}
+using testing_cases::family_cases;
 
 using Param = std::tuple<int, std::string, std::string>;  // case, plan, experts kernel
 
@@ -42,7 +26,7 @@ class CudaLayer : public testing::TestWithParam<Param> {};
 TEST_P(CudaLayer, MatchesReferenceAndRepeatsBitForBit) {
   if (cuda::device_count() == 0) GTEST_SKIP() << "no CUDA device";
   const auto& [index, plan, kernel] = GetParam();
-  const LayerCase& lc = cases()[static_cast<std::size_t>(index)];
+  const testing_cases::FamilyCase& lc = family_cases()[static_cast<std::size_t>(index)];
   const MoEConfig config = load_config(lc.preset, lc.sets);
   CudaSessionOptions so;
   so.plan.policy = plan == "serial" ? Policy::serial : Policy::concurrent;
@@ -83,7 +67,7 @@ INSTANTIATE_TEST_SUITE_P(
                                      "cuda.cublas_padded_strided", "cuda.cublas_rows_batched")),
     [](const testing::TestParamInfo<Param>& i) {
       std::string k = std::get<2>(i.param).substr(std::string("cuda.cublas_").size());
-      return cases()[static_cast<std::size_t>(std::get<0>(i.param))].name + "_" + std::get<1>(i.param) + "_" + k;
+      return family_cases()[static_cast<std::size_t>(std::get<0>(i.param))].name + "_" + std::get<1>(i.param) + "_" + k;
     });
 
 TEST(CudaLayerGraph, ReplayEqualsStreamExecutionBitForBitAndServesEachT) {
