@@ -25,7 +25,10 @@ CpuSession::CpuSession(std::shared_ptr<const Graph> graph, const SessionOptions&
   if (share_weights) weights_ = share_weights->weights_;
   else weights_ = std::make_shared<HostArena>(plan_, Arena::weights);
   executor_ = std::make_unique<CpuExecutor>(plan_, options.threads);
-  if (!share_weights) fill_random(plan_, *weights_, plan_.graph->max_tokens(), options.seed);
+  if (!share_weights && options.load_weights)
+    options.load_weights(*plan_.graph, [this](ValueId v) { return weights_->as<float>(v); });
+  else if (!share_weights)
+    fill_random(plan_, *weights_, plan_.graph->max_tokens(), options.seed);
 }
 
 void CpuSession::set_tokens(int64_t tokens, int input_sets) {

@@ -3,6 +3,7 @@
 // before anything large is allocated, random weights and inputs from the seed, the executor, and
 // then runs, timings, a trace and the reference check. `moeflow run`, `moeflow bench`, the tests
 // and the examples all go through it.
+#include <functional>
 #include <memory>
 
 #include "bench/measure.hpp"
@@ -15,6 +16,9 @@ struct SessionOptions {
   PlanOptions plan;
   int threads = 1;
   uint64_t seed = 0;
+  // Fills the weights instead of the random generator (a checkpoint): called with the plan's graph
+  // and where each weight's fp32 data goes.
+  std::function<void(const Graph&, const std::function<float*(ValueId)>&)> load_weights;
 };
 
 class CpuSession {
