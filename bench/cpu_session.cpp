@@ -13,7 +13,7 @@ int64_t CpuSession::bytes_needed(const Plan& plan) {
 
 CpuSession::CpuSession(std::shared_ptr<const Graph> graph, const SessionOptions& options,
                        const CpuSession* share_weights)
-    : plan_(make_plan(std::move(graph), options.plan)), options_(options) {
+    : plan_(make_plan(graph, observing(*graph, options.plan))), options_(options) {
   if (share_weights && share_weights->plan_.graph != plan_.graph)
     fail_input("CpuSession: weights can only be shared between plans of one graph");
   std::ostringstream what;

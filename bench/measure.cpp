@@ -67,6 +67,12 @@ ValueId routing_ids(const Graph& g) {
   return -1;
 }
 
+PlanOptions observing(const Graph& g, PlanOptions options) {
+  for (const Node& n : g.nodes())
+    if (n.op->kind() == "gate") options.keep_values.push_back(g.value(n.outputs[0]).name);
+  return options;
+}
+
 Floor mean_floor(const Graph& g, int64_t tokens, int sets, const std::function<std::vector<int32_t>(int set)>& ids_of,
                  const MachineRates& rates) {
   if (routing_ids(g) < 0) return roofline_floor(g, tokens, nullptr, rates);  // no routed experts

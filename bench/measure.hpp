@@ -9,6 +9,7 @@
 
 #include "graph/graph.hpp"
 #include "scheduler/cost_model.hpp"
+#include "scheduler/plan.hpp"
 
 namespace moeflow {
 
@@ -42,6 +43,9 @@ Floor mean_floor(const Graph& g, int64_t tokens, int sets, const std::function<s
                  const MachineRates& rates);
 // The value holding the routing the floor counts: the dispatch node's ids (-1: nothing is routed).
 ValueId routing_ids(const Graph& g);
+// Plan options that keep alive what a session reads after a run: every gate's top-k ids (the
+// reference check's near-tie rule and the floor read them).
+PlanOptions observing(const Graph& g, PlanOptions options);
 // Whether the routing is a graph input (experts-only graph) rather than the gate's output.
 inline bool routing_is_input(const Graph& g) { return routing_ids(g) >= 0 && g.value(routing_ids(g)).role == ValueRole::input; }
 

@@ -44,7 +44,9 @@ void Plan::write_summary(std::ostream& out) const {
 
 void Plan::write_memory(std::ostream& out) const {
   const Graph& g = *graph;
-  out << "buffers of " << g.name() << " at T=" << g.max_tokens() << " (no reuse: every value has its own range)\n";
+  out << "buffers of " << g.name() << " at T=" << g.max_tokens()
+      << (options.reuse_memory ? " (workspace reused where the plan's order and waits allow)\n"
+                               : " (no reuse: every value has its own range)\n");
   out << "  " << std::left << std::setw(10) << "arena" << std::setw(28) << "value" << std::setw(22) << "shape"
       << std::right << std::setw(14) << "offset" << std::setw(14) << "bytes" << "\n";
   for (Arena a : {Arena::inputs, Arena::weights, Arena::workspace, Arena::host})

@@ -5,6 +5,7 @@
 
 #include "graph/error.hpp"
 #include "ops/to_host_op.hpp"
+#include "scheduler/memory_planner.hpp"
 #include "scheduler/plan.hpp"
 
 namespace moeflow {
@@ -286,6 +287,7 @@ Plan make_plan(std::shared_ptr<const Graph> graph, const PlanOptions& options) {
   else schedule_concurrent(plan, by_node);
   order_and_wait(plan, by_node);
   lay_out_buffers(plan);
+  if (options.reuse_memory) plan_workspace_reuse(plan);
   return plan;
 }
 

@@ -85,3 +85,24 @@ TEST(Scopes, RoutedAndSharedBranchesRunAloneAndMatchTheReference) {
   EXPECT_THROW(build_scope_graph(no_shared, "shared", {.max_tokens = 8}), Error);
   EXPECT_THROW(build_scope_graph(no_shared, "sideways", {.max_tokens = 8}), Error);
 }
+
+TEST(WholeLayer, ReusedWorkspaceGivesTheSameBytesAndASmallerPeak) {
+  const MoEConfig config = load_config("deepseek-v3", {"hidden_size=256", "moe_intermediate_size=64"});
+  auto g = std::make_shared<const Graph>(build_moe_layer(config, {.max_tokens = 64}));
+  std::vector<std::vector<float>> outputs;
+  std::vector<int64_t> peaks;
+  for (bool reuse : {false, true}) {
+    SessionOptions so;
+    so.plan.policy = Policy::concurrent;
+    so.plan.reuse_memory = reuse;
+    so.threads = 2;
+    CpuSession s(g, so);
+    s.set_tokens(64);
+    s.run();
+    EXPECT_TRUE(s.check(1e-5).pass) << "reuse " << reuse;
+    outputs.emplace_back(s.output(), s.output() + 64 * config.hidden);
+    peaks.push_back(s.plan().bytes(Arena::workspace));
+  }
+  EXPECT_EQ(outputs[0], outputs[1]);
+  EXPECT_LT(peaks[1], peaks[0]);
+}

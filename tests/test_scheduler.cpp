@@ -320,3 +320,106 @@ TEST(Plan, KernelThatReadsAnInputOnTheHostGetsAToHostNodeInFrontOfIt) {
   EXPECT_EQ(plan.step_for(consumer.id).kernel->name, "test.host_reader");
   EXPECT_EQ(g->nodes().size(), 1u);  // the caller's graph is left as it was
 }
+
+namespace {
+
+// Independent of the memory planner: does step a finish before step b starts, following only the
+// plan's lane order and waits (a breadth-first search backwards from b)?
+bool finishes_before(const Plan& plan, std::size_t a, std::size_t b) {
+  std::vector<bool> seen(plan.steps.size(), false);
+  std::vector<std::size_t> todo{b};
+  while (!todo.empty()) {
+    const std::size_t s = todo.back();
+    todo.pop_back();
+    std::vector<std::size_t> preds;
+    for (std::size_t p = s; p-- > 0;)
+      if (plan.steps[p].lane == plan.steps[s].lane) {
+        preds.push_back(p);
+        break;
+      }
+    for (NodeId w : plan.steps[s].waits) preds.push_back(static_cast<std::size_t>(plan.step_of_node[static_cast<std::size_t>(w)]));
+    for (std::size_t p : preds) {
+      if (p == a) return true;
+      if (!seen[p]) {
+        seen[p] = true;
+        todo.push_back(p);
+      }
+    }
+  }
+  return false;
+}
+
+}  // namespace
+
+TEST(MemoryPlanner, OverlappingBuffersAreNeverLiveTogetherAndTheyAddUpToThePeak) {
+  const KernelRegistry registry = probe_registry();
+  std::mt19937 rng(99);
+  for (int trial = 0; trial < 20; ++trial) {
+    RandomDag dag = random_dag(rng, 5 + trial);
+    PlanOptions po;
+    po.registry = &registry;
+    po.policy = trial % 4 == 0 ? Policy::serial : Policy::concurrent;
+    po.max_lanes = 1 + trial % 4;
+    po.reuse_memory = true;
+    const Plan plan = make_plan(dag.graph, po);
+    const Plan plain = make_plan(dag.graph, [&] { PlanOptions p = po; p.reuse_memory = false; return p; }());
+    const Graph& g = *plan.graph;
+    struct Use {
+      std::string name;
+      int64_t lo, hi;
+      std::vector<std::size_t> steps;
+      bool output;
+    };
+    std::vector<Use> uses;
+    for (const Value& v : g.values()) {
+      const Buffer& b = plan.buffer(v.id);
+      if (b.arena != Arena::workspace) continue;
+      Use u{v.name, b.offset, b.offset + b.bytes, {static_cast<std::size_t>(plan.step_of_node[static_cast<std::size_t>(v.producer)])}, false};
+      for (NodeId c : v.consumers) u.steps.push_back(static_cast<std::size_t>(plan.step_of_node[static_cast<std::size_t>(c)]));
+      u.output = std::find(g.outputs().begin(), g.outputs().end(), v.id) != g.outputs().end();
+      uses.push_back(u);
+      EXPECT_LE(u.hi, plan.bytes(Arena::workspace)) << v.name;
+    }
+    int64_t highest = 0;
+    for (const Use& u : uses) highest = std::max(highest, u.hi);
+    EXPECT_LE(plan.bytes(Arena::workspace), plain.bytes(Arena::workspace));
+    EXPECT_GE(plan.bytes(Arena::workspace), highest);
+    for (std::size_t i = 0; i < uses.size(); ++i)
+      for (std::size_t j = i + 1; j < uses.size(); ++j) {
+        const Use& a = uses[i];
+        const Use& b = uses[j];
+        if (a.hi <= b.lo || b.hi <= a.lo) continue;  // no shared bytes
+        auto dead_before = [&](const Use& x, const Use& y) {
+          for (std::size_t s : x.steps)
+            if (!finishes_before(plan, s, y.steps.front())) return false;
+          return true;
+        };
+        EXPECT_FALSE(a.output || b.output) << a.name << " / " << b.name << ": an output shares bytes";
+        EXPECT_TRUE(dead_before(a, b) || dead_before(b, a))
+            << "trial " << trial << ": " << a.name << " and " << b.name << " share bytes but may be live together";
+      }
+  }
+}
+
+TEST(MemoryPlanner, RandomDagsComputeTheSameValuesWithReuse) {
+  const KernelRegistry registry = probe_registry();
+  std::mt19937 rng(7);
+  for (int trial = 0; trial < 10; ++trial) {
+    RandomDag dag = random_dag(rng, 6 + trial);
+    std::vector<std::vector<float>> results;
+    for (bool reuse : {false, true}) {
+      PlanOptions po;
+      po.registry = &registry;
+      po.policy = Policy::concurrent;
+      po.max_lanes = 2 + trial % 3;
+      po.reuse_memory = reuse;
+      Plan plan = make_plan(dag.graph, po);
+      HostArena inputs(plan, Arena::inputs), weights(plan, Arena::weights);
+      fill_random(plan, inputs, 8, static_cast<uint64_t>(trial));
+      CpuExecutor exec(plan, 2);
+      exec.run(inputs, weights, 8);
+      results.emplace_back(exec.output(), exec.output() + 8 * 4);
+    }
+    EXPECT_EQ(results[0], results[1]) << "trial " << trial;
+  }
+}

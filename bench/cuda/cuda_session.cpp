@@ -128,7 +128,7 @@ MachineRates measure_cuda_rates(int device) {
 CudaSession::CudaSession(std::shared_ptr<const Graph> graph, CudaSessionOptions options, CudaSession* share_weights)
     : plan_([&] {
         options.plan.backend = Backend::cuda;
-        return make_plan(std::move(graph), options.plan);
+        return make_plan(graph, observing(*graph, options.plan));
       }()),
       options_(options) {
   const int device = options_.plan.device;

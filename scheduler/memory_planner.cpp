@@ -1,0 +1,111 @@
+#include "scheduler/memory_planner.hpp"
+
+#include <algorithm>
+#include <cstdint>
+#include <vector>
+
+#include "scheduler/plan.hpp"
+
+namespace moeflow {
+
+namespace {
+
+constexpr int64_t kAlignment = 256;
+int64_t align_up(int64_t n) { return (n + kAlignment - 1) / kAlignment * kAlignment; }
+
+// before[i][j]: step j finishes before step i starts (by lane order and waits, transitively).
+// Issue order is topological for both kinds of edge, so one forward pass closes it.
+std::vector<std::vector<bool>> happens_before(const Plan& plan) {
+  const std::size_t n = plan.steps.size();
+  std::vector<std::vector<bool>> before(n, std::vector<bool>(n, false));
+  std::vector<int> last_on_lane(plan.lanes.size(), -1);
+  for (std::size_t i = 0; i < n; ++i) {
+    const PlanStep& s = plan.steps[i];
+    std::vector<std::size_t> preds;
+    int& last = last_on_lane[static_cast<std::size_t>(s.lane)];
+    if (last >= 0) preds.push_back(static_cast<std::size_t>(last));
+    last = static_cast<int>(i);
+    for (NodeId w : s.waits) preds.push_back(static_cast<std::size_t>(plan.step_of_node[static_cast<std::size_t>(w)]));
+    for (std::size_t p : preds) {
+      before[i][p] = true;
+      for (std::size_t j = 0; j < n; ++j)
+        if (before[p][j]) before[i][j] = true;
+    }
+  }
+  return before;
+}
+
+// A workspace buffer and the steps that touch it (the first one writes it).
+struct Item {
+  int64_t bytes = 0;
+  std::vector<std::size_t> steps;  // steps[0] writes it
+  bool pinned = false;             // a graph output: never shares
+  int64_t* offset = nullptr;       // where the result goes
+  int64_t placed = -1;
+};
+
+// True when all of a's uses are over before b is written.
+bool dead_before(const Item& a, const Item& b, const std::vector<std::vector<bool>>& before) {
+  const std::size_t birth = b.steps.front();
+  for (std::size_t s : a.steps)
+    if (!before[birth][s]) return false;
+  return true;
+}
+
+}  // namespace
+
+void plan_workspace_reuse(Plan& plan) {
+  const Graph& g = *plan.graph;
+  const auto before = happens_before(plan);
+  std::vector<Item> items;
+  for (Buffer& b : plan.buffers) {
+    if (b.arena != Arena::workspace) continue;
+    const Value& v = g.value(b.value);
+    Item it;
+    it.bytes = b.bytes;
+    it.offset = &b.offset;
+    it.steps.push_back(static_cast<std::size_t>(plan.step_of_node.at(static_cast<std::size_t>(v.producer))));
+    for (NodeId c : v.consumers) it.steps.push_back(static_cast<std::size_t>(plan.step_of_node[static_cast<std::size_t>(c)]));
+    const auto& keep = plan.options.keep_values;
+    it.pinned = std::find(g.outputs().begin(), g.outputs().end(), v.id) != g.outputs().end() ||
+                std::find(keep.begin(), keep.end(), v.name) != keep.end();
+    items.push_back(it);
+  }
+  for (std::size_t i = 0; i < plan.steps.size(); ++i) {
+    PlanStep& s = plan.steps[i];
+    if (s.workspace_bytes == 0) continue;
+    Item it;
+    it.bytes = s.workspace_bytes;
+    it.offset = &s.workspace_offset;
+    it.steps = {i};
+    items.push_back(it);
+  }
+  // Issue order of the first write, then larger first: big buffers settle low and small ones fill gaps.
+  std::stable_sort(items.begin(), items.end(), [](const Item& a, const Item& b) {
+    if (a.steps.front() != b.steps.front()) return a.steps.front() < b.steps.front();
+    return a.bytes > b.bytes;
+  });
+  int64_t peak = 0;
+  for (std::size_t k = 0; k < items.size(); ++k) {
+    Item& it = items[k];
+    std::vector<std::pair<int64_t, int64_t>> taken;  // byte ranges of placed items it may not share with
+    for (std::size_t j = 0; j < k; ++j) {
+      const Item& other = items[j];
+      const bool disjoint_in_time =
+          !it.pinned && !other.pinned && (dead_before(other, it, before) || dead_before(it, other, before));
+      if (!disjoint_in_time) taken.push_back({other.placed, other.placed + align_up(other.bytes)});
+    }
+    std::sort(taken.begin(), taken.end());
+    int64_t offset = 0;
+    for (const auto& [lo, hi] : taken) {
+      if (offset + align_up(it.bytes) <= lo) break;
+      offset = std::max(offset, hi);
+    }
+    it.placed = offset;
+    *it.offset = offset;
+    peak = std::max(peak, offset + align_up(it.bytes));
+  }
+  plan.arena_bytes[Arena::workspace] = peak;
+}
+
+}  // namespace moeflow
