@@ -10,6 +10,7 @@
 #include "ops/moe_layer.hpp"
 #include "ops/reduce_op.hpp"
 #include "ops/shared_expert_op.hpp"
+#include "tests/expect_error.hpp"
 
 using namespace moeflow;
 using testing::HasSubstr;
@@ -24,17 +25,7 @@ RoutingRule softmax_rule(int experts, int k) {
   return r;
 }
 
-// Runs f, expects Error(bad_input), returns its message.
-template <class F> std::string bad_input_message(F&& f) {
-  try {
-    f();
-  } catch (const Error& e) {
-    EXPECT_EQ(e.kind(), ErrorKind::bad_input) << e.what();
-    return e.what();
-  }
-  ADD_FAILURE() << "no error was raised";
-  return "";
-}
+using testing_errors::bad_input_message;
 
 }  // namespace
 

@@ -17,6 +17,7 @@
 #include "ops/hf_weights.hpp"
 #include "ops/moe_layer.hpp"
 #include "ops/safetensors.hpp"
+#include "tests/safetensors_writer.hpp"
 
 using namespace moeflow;
 namespace fs = std::filesystem;
@@ -24,24 +25,18 @@ using testing::HasSubstr;
 
 namespace {
 
-// A minimal F32 safetensors writer: header JSON, then the tensors back to back.
+// An F32 checkpoint of the given tensors, each element value(name, index).
 void write_safetensors(const fs::path& path, const std::vector<std::pair<std::string, std::vector<int64_t>>>& tensors,
                        const std::function<float(const std::string&, int64_t)>& value) {
-  nlohmann::json header = nlohmann::json::object();
-  header["__metadata__"] = {{"format", "pt"}};
-  std::vector<float> data;
+  std::vector<testing_safetensors::Tensor> ts;
   for (const auto& [name, shape] : tensors) {
     int64_t n = 1;
     for (int64_t d : shape) n *= d;
-    header[name] = {{"dtype", "F32"}, {"shape", shape}, {"data_offsets", {data.size() * 4, (data.size() + n) * 4}}};
-    for (int64_t i = 0; i < n; ++i) data.push_back(value(name, i));
+    std::vector<float> data(static_cast<std::size_t>(n));
+    for (int64_t i = 0; i < n; ++i) data[static_cast<std::size_t>(i)] = value(name, i);
+    ts.push_back({name, "F32", shape, testing_safetensors::raw(data)});
   }
-  const std::string h = header.dump();
-  const uint64_t len = h.size();
-  std::ofstream f(path, std::ios::binary);
-  f.write(reinterpret_cast<const char*>(&len), 8);
-  f.write(h.data(), static_cast<std::streamsize>(h.size()));
-  f.write(reinterpret_cast<const char*>(data.data()), static_cast<std::streamsize>(data.size() * 4));
+  testing_safetensors::write_st(path, ts, {{"format", "pt"}});
 }
 
 // Distinct, small, never-zero values keyed by tensor name and index.

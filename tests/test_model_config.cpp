@@ -11,6 +11,7 @@
 
 #include "graph/error.hpp"
 #include "ops/model_config.hpp"
+#include "tests/expect_error.hpp"
 
 namespace moeflow {
 namespace {
@@ -18,19 +19,7 @@ namespace {
 using nlohmann::json;
 using testing::HasSubstr;
 
-// Runs `f`, which must refuse its input; returns the message for the caller's matchers.
-std::string bad_input_message(const std::function<void()>& f) {
-  try {
-    f();
-  } catch (const Error& e) {
-    EXPECT_EQ(e.kind(), ErrorKind::bad_input) << e.what();
-    const std::string msg = e.what();
-    EXPECT_EQ(msg.find('\n'), std::string::npos) << "message must be one line: " << msg;
-    return msg;
-  }
-  ADD_FAILURE() << "expected Error(bad_input), nothing was thrown";
-  return "";
-}
+using testing_errors::bad_input_message;
 
 // A config.json in a per-test temporary folder, removed with the fixture.
 class TempDir {

@@ -18,6 +18,8 @@
 
 #include "graph/error.hpp"
 #include "ops/safetensors.hpp"
+#include "tests/expect_error.hpp"
+#include "tests/safetensors_writer.hpp"
 
 namespace moeflow {
 namespace {
@@ -26,55 +28,8 @@ namespace fs = std::filesystem;
 using nlohmann::json;
 using testing::HasSubstr;
 
-// Runs `f`, which must refuse its input with one bad_input line; returns the message.
-std::string bad_input_message(const std::function<void()>& f) {
-  try {
-    f();
-  } catch (const Error& e) {
-    EXPECT_EQ(e.kind(), ErrorKind::bad_input) << e.what();
-    const std::string msg = e.what();
-    EXPECT_EQ(msg.find('\n'), std::string::npos) << "message must be one line: " << msg;
-    return msg;
-  }
-  ADD_FAILURE() << "expected Error(bad_input), nothing was thrown";
-  return "";
-}
-
-// ---- the tiny writer ----
-
-struct Tensor {
-  std::string name, dtype;
-  std::vector<int64_t> shape;
-  std::string bytes;  // raw little-endian data
-};
-
-template <class T>
-std::string raw(const std::vector<T>& v) {
-  std::string s(v.size() * sizeof(T), '\0');
-  if (!v.empty()) std::memcpy(s.data(), v.data(), s.size());
-  return s;
-}
-
-// 8-byte little-endian header length, the header, then the data section.
-void write_raw(const fs::path& p, const std::string& header, const std::string& data, uint64_t declared_len) {
-  std::string len(8, '\0');
-  for (int i = 0; i < 8; ++i) len[i] = static_cast<char>((declared_len >> (8 * i)) & 0xff);
-  std::ofstream(p, std::ios::binary) << len << header << data;
-}
-void write_raw(const fs::path& p, const std::string& header, const std::string& data) {
-  write_raw(p, header, data, header.size());
-}
-
-void write_st(const fs::path& p, const std::vector<Tensor>& ts, const json& metadata = json()) {
-  json h = json::object();
-  if (!metadata.is_null()) h["__metadata__"] = metadata;
-  std::string data;
-  for (const Tensor& t : ts) {
-    h[t.name] = {{"dtype", t.dtype}, {"shape", t.shape}, {"data_offsets", {data.size(), data.size() + t.bytes.size()}}};
-    data += t.bytes;
-  }
-  write_raw(p, h.dump(), data);
-}
+using testing_errors::bad_input_message;
+using namespace testing_safetensors;
 
 class Safetensors : public testing::Test {
  protected:

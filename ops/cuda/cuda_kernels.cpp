@@ -58,6 +58,34 @@ int64_t experts_scratch_bytes(const Node& n, int64_t tokens) {
   return align256(rows * 2 * op.intermediate() * 2) + align256(rows * op.intermediate() * 2);
 }
 
+// Where the bf16 scratch h [R, 2I] and act [R, I] sit in a workspace sized for the plan's maximum T.
+void experts_scratch(const KernelCall& c, std::byte* workspace, uint16_t*& h, uint16_t*& act) {
+  const auto& op = static_cast<const ExpertsOp&>(*c.node.op);
+  const int64_t rows = c.graph.max_tokens() * op.top_k();
+  h = reinterpret_cast<uint16_t*>(workspace);
+  act = reinterpret_cast<uint16_t*>(workspace + align256(rows * 2 * op.intermediate() * 2));
+}
+
+// The grouped strategy's device workspace (scratch, then its pointer arrays) and pinned host scratch.
+int64_t grouped_workspace_bytes(const Node& n, int64_t tokens) {
+  return experts_scratch_bytes(n, tokens) +
+         align256(static_cast<int64_t>(cuda::grouped_pointer_bytes(static_cast<const ExpertsOp&>(*n.op).experts())));
+}
+int64_t grouped_host_bytes(const Graph&, const Node& n, int64_t) {
+  return static_cast<int64_t>(cuda::grouped_pointer_bytes(static_cast<const ExpertsOp&>(*n.op).experts()));
+}
+
+// Runs the grouped strategy with its workspace starting at `workspace`.
+void run_grouped(const KernelCall& c, std::byte* workspace) {
+  const auto& op = static_cast<const ExpertsOp&>(*c.node.op);
+  uint16_t *h, *act;
+  experts_scratch(c, workspace, h, act);
+  std::byte* pointers = workspace + experts_scratch_bytes(c.node, c.graph.max_tokens());
+  cuda::experts_grouped_batched(lane(c), bf16_in(c, 0), c.in<int32_t>(1), op.experts(), hidden_of(c),
+                                op.intermediate(), bf16_in(c, 2), bf16_in(c, 3), h, act, bf16_out(c, 0), pointers,
+                                c.host_workspace);
+}
+
 void register_experts(KernelRegistry& r) {
   r.add({"experts", Backend::cuda, "cuda.cublas_rows_batched", 3,
          [](const Graph& g, const Node& n) {
@@ -73,9 +101,8 @@ void register_experts(KernelRegistry& r) {
          },
          [](const KernelCall& c) {
            const auto& op = static_cast<const ExpertsOp&>(*c.node.op);
-           const int64_t max_rows = c.graph.max_tokens() * op.top_k();
-           auto* h = static_cast<uint16_t*>(c.workspace);
-           auto* act = reinterpret_cast<uint16_t*>(static_cast<std::byte*>(c.workspace) + align256(max_rows * 2 * op.intermediate() * 2));
+           uint16_t *h, *act;
+           experts_scratch(c, static_cast<std::byte*>(c.workspace), h, act);
            void* ptrs = static_cast<std::byte*>(c.workspace) + experts_scratch_bytes(c.node, c.graph.max_tokens());
            cuda::experts_rows_batched(lane(c), bf16_in(c, 0), c.in<int32_t>(1), op.experts(), c.tokens * op.top_k(),
                                       hidden_of(c), op.intermediate(), bf16_in(c, 2), bf16_in(c, 3), h, act,
@@ -86,12 +113,6 @@ void register_experts(KernelRegistry& r) {
            return experts_scratch_bytes(n, tokens) +
                   align256(static_cast<int64_t>(cuda::rows_batched_pointer_bytes(tokens * op.top_k())));
          }});
-  auto scratch = [](const KernelCall& c, uint16_t*& h, uint16_t*& act) {
-    const auto& op = static_cast<const ExpertsOp&>(*c.node.op);
-    const int64_t rows = c.graph.max_tokens() * op.top_k();
-    h = static_cast<uint16_t*>(c.workspace);
-    act = reinterpret_cast<uint16_t*>(static_cast<std::byte*>(c.workspace) + align256(rows * 2 * op.intermediate() * 2));
-  };
   r.add({"experts", Backend::cuda, "cuda.cublas_grouped_batched", 2,
          [](const Graph& g, const Node& n) {
            Support s = cuda_supports_bf16(g, n);
@@ -99,26 +120,9 @@ void register_experts(KernelRegistry& r) {
            return Support::yes(fmt(rows_per_expert(n, g.max_tokens())) +
                                " rows/expert at max T -> grouped_batched: one cuBLAS call per GEMM layer (host sync)");
          },
-         [scratch](const KernelCall& c) {
-           const auto& op = static_cast<const ExpertsOp&>(*c.node.op);
-           uint16_t *h, *act;
-           scratch(c, h, act);
-           const std::size_t ptr = cuda::grouped_pointer_bytes(op.experts());
-           auto* ws = static_cast<std::byte*>(c.workspace) + experts_scratch_bytes(c.node, c.graph.max_tokens());
-           cuda::experts_grouped_batched(lane(c), bf16_in(c, 0), c.in<int32_t>(1), op.experts(), hidden_of(c),
-                                         op.intermediate(), bf16_in(c, 2), bf16_in(c, 3), h, act, bf16_out(c, 0), ws,
-                                         c.host_workspace);
-           (void)ptr;
-         },
-         [](const Graph& g, const Node& n, int64_t tokens) {
-           (void)g;
-           return experts_scratch_bytes(n, tokens) +
-                  align256(static_cast<int64_t>(cuda::grouped_pointer_bytes(static_cast<const ExpertsOp&>(*n.op).experts())));
-         },
-         {1},
-         [](const Graph&, const Node& n, int64_t) {
-           return static_cast<int64_t>(cuda::grouped_pointer_bytes(static_cast<const ExpertsOp&>(*n.op).experts()));
-         }});
+         [](const KernelCall& c) { run_grouped(c, static_cast<std::byte*>(c.workspace)); },
+         [](const Graph&, const Node& n, int64_t tokens) { return grouped_workspace_bytes(n, tokens); }, {1},
+         grouped_host_bytes});
   // Large batches: the host already waits for the counts, so size one uniform strided-batched GEMM
   // to this run's largest expert (about 1.1-1.3x the mean once experts get hundreds of rows)
   // instead of cuBLAS's grouped GEMM over ragged groups. Scratch is planned for 1.5x the mean at
@@ -145,7 +149,7 @@ void register_experts(KernelRegistry& r) {
                                "largest expert of the run (host sync); grouped when routing is more skewed than " +
                                std::to_string(planned_capacity(g, n)) + " rows");
          },
-         [planned_capacity, padded_part, scratch](const KernelCall& c) {
+         [planned_capacity, padded_part](const KernelCall& c) {
            const auto& op = static_cast<const ExpertsOp&>(*c.node.op);
            const int32_t* host_offsets = c.in<int32_t>(1);
            int64_t largest = 0;
@@ -161,35 +165,24 @@ void register_experts(KernelRegistry& r) {
                                                   bf16_out(c, 0));
              return;
            }
-           // Skewed routing: the grouped path, with the scratch that follows the padded region.
-           KernelCall grouped = c;
-           grouped.workspace = ws + padded_bytes + align256(4 * (op.experts() + 1));
-           uint16_t *h, *act;
-           scratch(grouped, h, act);
-           void* pointers = static_cast<std::byte*>(grouped.workspace) + experts_scratch_bytes(c.node, c.graph.max_tokens());
-           cuda::experts_grouped_batched(lane(c), bf16_in(c, 0), host_offsets, op.experts(), hidden_of(c),
-                                         op.intermediate(), bf16_in(c, 2), bf16_in(c, 3), h, act, bf16_out(c, 0),
-                                         pointers, c.host_workspace);
+           // Skewed routing: the grouped path, in the workspace that follows the padded region.
+           run_grouped(c, ws + padded_bytes + align256(4 * (op.experts() + 1)));
          },
          [padded_part](const Graph& g, const Node& n, int64_t tokens) {
            const auto& op = static_cast<const ExpertsOp&>(*n.op);
-           return padded_part(g, n) + align256(4 * (op.experts() + 1)) + experts_scratch_bytes(n, tokens) +
-                  align256(static_cast<int64_t>(cuda::grouped_pointer_bytes(op.experts())));
+           return padded_part(g, n) + align256(4 * (op.experts() + 1)) + grouped_workspace_bytes(n, tokens);
          },
-         {1},
-         [](const Graph&, const Node& n, int64_t) {
-           return static_cast<int64_t>(cuda::grouped_pointer_bytes(static_cast<const ExpertsOp&>(*n.op).experts()));
-         }});
+         {1}, grouped_host_bytes});
   r.add({"experts", Backend::cuda, "cuda.cublas_per_expert_loop", 1,
          [](const Graph& g, const Node& n) {
            Support s = cuda_supports_bf16(g, n);
            if (!s.ok) return s;
            return Support::yes("one cuBLAS GEMM per touched expert and layer (host sync)");
          },
-         [scratch](const KernelCall& c) {
+         [](const KernelCall& c) {
            const auto& op = static_cast<const ExpertsOp&>(*c.node.op);
            uint16_t *h, *act;
-           scratch(c, h, act);
+           experts_scratch(c, static_cast<std::byte*>(c.workspace), h, act);
            cuda::experts_per_expert_loop(lane(c), bf16_in(c, 0), c.in<int32_t>(1), op.experts(), hidden_of(c),
                                          op.intermediate(), bf16_in(c, 2), bf16_in(c, 3), h, act, bf16_out(c, 0));
          },
