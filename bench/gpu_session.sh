@@ -2,7 +2,7 @@
 # One call on the GPU machine (see the device README): unpack the carried .deb files, build there,
 # run the gpu tests (plain, memcheck, racecheck), the CLI checks of every preset, the CUDA-graph
 # host cost (mode `tests`), or the benchmark sweep (mode `bench`). Everything lands in $OUT.
-# Usage: bash bench/gpu_session.sh tests|bench|probe|sanitize [models] [experts kernels] [tokens] [scopes]
+# Usage: bash bench/gpu_session.sh tests|bench|overlap|probe|sanitize [models] [experts kernels] [tokens] [scopes]
 set -uo pipefail
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 mkdir -p /opt/deps && for f in .deps/*.deb; do dpkg -x "$f" /opt/deps; done
@@ -27,6 +27,23 @@ if [[ $mode == sanitize ]]; then
     timeout 270 compute-sanitizer --tool $tool --error-exitcode 9 $b/moeflow_gpu_tests --gtest_brief=1 > "$OUT/$tool.log" 2>&1
     echo "rc=$?"; tail -n 3 "$OUT/$tool.log"
   done
+  exit 0
+fi
+if [[ $mode == overlap ]]; then
+  # gpu tests first (plain), then shared-expert overlap: layer vs its two branches, every plan.
+  echo "== gpu tests"; timeout 200 $b/moeflow_gpu_tests --gtest_brief=1 > "$OUT/gpu_tests.log" 2>&1; echo "rc=$?"; tail -3 "$OUT/gpu_tests.log"
+  echo "== overlap bench"
+  timeout 330 $b/moeflow bench --backend cuda --models ${2:-qwen1.5-moe-a2.7b,deepseek-v3} --tokens ${4:-1,8,32,128,256} \
+    --plans serial,concurrent,graph --experts-kernels ${3:-cuda.cublas_rows_batched,cuda.cublas_grouped_batched,cuda.cublas_padded_strided} \
+    --scope layer,routed,shared --json "$OUT/bench.jsonl" > "$OUT/bench.log" 2>&1; echo "rc=$?"; tail -5 "$OUT/bench.log"
+  nsys=$(command -v nsys || ls /usr/local/cuda*/bin/nsys /opt/nvidia/nsight-systems*/*/bin/nsys 2>/dev/null | head -1)
+  echo "nsys: ${nsys:-none}"
+  if [[ -n $nsys ]]; then
+    timeout 90 $nsys profile -o /tmp/ov --cuda-graph-trace=node -t cuda $b/moeflow bench --backend cuda --models qwen1.5-moe-a2.7b \
+      --tokens 1 --plans graph --experts-kernels cuda.cublas_rows_batched --scope layer > /dev/null 2>&1
+    timeout 60 $nsys stats -q --report cuda_gpu_trace --format csv -o /tmp/ovs /tmp/ov.nsys-rep > /dev/null 2>&1
+    tail -n 400 /tmp/ovs*.csv > "$OUT/nsys_trace.csv" 2>/dev/null; wc -l "$OUT/nsys_trace.csv"
+  fi
   exit 0
 fi
 if [[ $mode == probe ]]; then

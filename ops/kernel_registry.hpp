@@ -58,6 +58,10 @@ struct KernelEntry {
   std::vector<int> host_inputs = {};
   // Bytes of pinned host scratch (pointer arrays staged for the device); empty: none.
   std::function<int64_t(const Graph&, const Node&, int64_t tokens)> host_workspace = {};
+  // Kernel launches (host: tasks) one run issues: each costs the machine's per-launch overhead in
+  // the cost model, which is what lets the planner see that a chain of small launches leaves the
+  // device idle enough for another lane's work.
+  int launches = 1;
 };
 
 struct KernelChoice {

@@ -50,6 +50,7 @@ struct PlanStep {
   std::string reason;           // why that kernel
   Cost cost;                    // at cost_tokens
   double predicted_s = 0.0;     // cost model at cost_tokens
+  double work_s = 0.0;          // the part of predicted_s bound by a machine ceiling (cost_model.hpp)
   double start_estimate_s = 0.0;
   int64_t workspace_offset = 0;  // the kernel's scratch in the workspace arena
   int64_t workspace_bytes = 0;   // at the maximum T
@@ -73,6 +74,7 @@ class Plan {
   std::shared_ptr<const Graph> graph;
   PlanOptions options;
   std::vector<Lane> lanes;
+  std::vector<std::string> notes;   // planner decisions worth reading (a branch kept in line, and why)
   std::vector<PlanStep> steps;      // in issue order
   std::vector<int> step_of_node;    // node id -> index into steps
   std::vector<Buffer> buffers;      // indexed by value id; kernels' scratch is in PlanStep

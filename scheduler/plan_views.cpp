@@ -28,6 +28,7 @@ void Plan::write_summary(std::ostream& out) const {
   out << "plan " << g.name() << ": " << to_string(options.policy) << ", backend " << to_string(options.backend) << ", "
       << lanes.size() << " lane(s), T<=" << g.max_tokens() << "\n";
   for (std::size_t l = 0; l < lanes.size(); ++l) out << "  " << lanes[l].name << ": " << lanes[l].why << "\n";
+  for (const std::string& note : notes) out << "  note: " << note << "\n";
   out << "  " << std::left << std::setw(4) << "#" << std::setw(6) << "lane" << std::setw(22) << "node" << std::setw(24)
       << "kernel" << std::setw(14) << "predicted" << "waits / why this kernel\n";
   for (const PlanStep& s : steps) {
@@ -75,6 +76,7 @@ void Plan::write_dot(std::ostream& out) const {
   label << "plan: " << to_string(options.backend) << " " << to_string(options.policy) << ", " << lanes.size()
         << " lane(s), T<=" << g.max_tokens() << ", workspace " << mib(bytes(Arena::workspace))
         << "; #k = issue order, red = cross-lane wait";
+  for (const std::string& note : notes) label << "\\n" << note;
   doc.graph_attrs({{"rankdir", "LR"}, {"newrank", "true"}, {"fontname", "Helvetica"}, {"label", label.str()}});
   doc.node_defaults({{"shape", "box"}, {"style", "rounded,filled"}, {"fillcolor", "white"}, {"fontname", "Helvetica"},
                      {"fontsize", "10"}, {"label", "\\N"}});

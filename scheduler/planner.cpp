@@ -102,8 +102,11 @@ void schedule_serial(Plan& plan, std::vector<PlanStep>& by_node) {
 
 // Concurrent: list scheduling by bottom level. A node continues the lane of the predecessor that
 // finishes last when that predecessor is still the lane's tail (no wait needed); otherwise it opens a
-// lane while fewer than max_lanes exist, or takes the lane that frees up first.
-void schedule_concurrent(Plan& plan, std::vector<PlanStep>& by_node) {
+// lane while fewer than max_lanes exist, or takes the lane that frees up first. Nodes marked
+// `in_line` never open a lane: they follow their latest predecessor's lane (lane 0 without one).
+// Returns, per lane, its nodes in placement order.
+std::vector<std::vector<NodeId>> schedule_lanes(Plan& plan, std::vector<PlanStep>& by_node,
+                                                const std::vector<bool>& in_line) {
   const Graph& g = *plan.graph;
   const std::vector<double> level = bottom_levels(g, by_node);
   const double critical = *std::max_element(level.begin(), level.end());
@@ -113,6 +116,7 @@ void schedule_concurrent(Plan& plan, std::vector<PlanStep>& by_node) {
   std::vector<NodeId> lane_tail;      // last node on each lane
   std::vector<double> lane_free;      // when each lane's last node finishes
   std::vector<std::vector<NodeId>> lane_nodes;
+  plan.lanes.clear();
 
   for (std::size_t done = 0; done < count; ++done) {
     // Ready node with the highest bottom level (ties: lower id, so plans are deterministic).
@@ -126,7 +130,11 @@ void schedule_concurrent(Plan& plan, std::vector<PlanStep>& by_node) {
     }
     const auto preds = g.predecessors(best);
     double ready_at = 0.0;
-    for (NodeId p : preds) ready_at = std::max(ready_at, finish[static_cast<std::size_t>(p)]);
+    NodeId latest = kNoNode;
+    for (NodeId p : preds) {
+      if (finish[static_cast<std::size_t>(p)] >= ready_at) latest = p;
+      ready_at = std::max(ready_at, finish[static_cast<std::size_t>(p)]);
+    }
 
     int lane = -1;
     double latest_pred = -1.0;
@@ -137,8 +145,10 @@ void schedule_concurrent(Plan& plan, std::vector<PlanStep>& by_node) {
         latest_pred = finish[static_cast<std::size_t>(p)];
       }
     }
-    std::string why;
-    if (lane < 0 && static_cast<int>(lane_tail.size()) < plan.options.max_lanes) {
+    const bool may_open = !in_line[static_cast<std::size_t>(best)] || lane_tail.empty();
+    if (lane < 0 && !may_open) {
+      lane = latest == kNoNode ? 0 : by_node[static_cast<std::size_t>(latest)].lane;
+    } else if (lane < 0 && static_cast<int>(lane_tail.size()) < plan.options.max_lanes) {
       lane = static_cast<int>(lane_tail.size());
       lane_tail.push_back(kNoNode);
       lane_free.push_back(0.0);
@@ -166,6 +176,76 @@ void schedule_concurrent(Plan& plan, std::vector<PlanStep>& by_node) {
     placed[static_cast<std::size_t>(best)] = true;
   }
   plan.predicted_makespan_s = *std::max_element(finish.begin(), finish.end());
+  return lane_nodes;
+}
+
+// Concurrent lanes share the machine: nodes bound by the same ceiling (flops or bytes) only split
+// it, while launch overheads on different lanes hide behind each other. So a schedule takes at
+// least its list-scheduled makespan, and at least all the work plus the busiest lane's overheads.
+// Where one kernel does not fill the machine (MachineRates::kernels_fill_machine), the list-scheduled
+// makespan stands alone.
+double contended_makespan(const Plan& plan, const std::vector<PlanStep>& by_node) {
+  if (!plan.options.rates.kernels_fill_machine) return plan.predicted_makespan_s;
+  double work = 0.0;
+  std::vector<double> overhead(plan.lanes.size(), 0.0);
+  for (const PlanStep& s : by_node) {
+    work += s.work_s;
+    overhead[static_cast<std::size_t>(s.lane)] += s.predicted_s - s.work_s;
+  }
+  return std::max(plan.predicted_makespan_s, work + *std::max_element(overhead.begin(), overhead.end()));
+}
+
+// A lane must save at least this much to exist: its fork and join (an event each way) cost about a
+// launch, and savings within a percent are below what runs can tell apart.
+bool saving_counts(double saved_s, double makespan_s, const MachineRates& rates) {
+  return saved_s > std::max(rates.overhead_s, 0.01 * makespan_s);
+}
+
+// Concurrent plan: lanes from list scheduling, then each side lane is kept only when the cost model
+// says overlap pays. A lane whose branch, run in line instead, would cost about the same (both
+// branches bound by the same ceiling) is folded back, and the plan says so.
+void schedule_concurrent(Plan& plan, std::vector<PlanStep>& by_node) {
+  const std::size_t count = by_node.size();
+  std::vector<bool> in_line(count, false);
+  std::vector<NodeId> first_heads;  // the branches list scheduling put beside the critical path
+  for (;;) {
+    auto lane_nodes = schedule_lanes(plan, by_node, in_line);
+    if (first_heads.empty())
+      for (const auto& nodes : lane_nodes) first_heads.push_back(nodes.front());
+    const double with_lanes = contended_makespan(plan, by_node);
+    // Each side lane's branch run in line instead; fold the one whose folding costs least, if that
+    // costs too little to keep it.
+    std::vector<double> folded(lane_nodes.size(), 0.0);
+    int fold = -1;
+    for (std::size_t l = 1; l < lane_nodes.size(); ++l) {
+      Plan trial;
+      trial.graph = plan.graph;
+      trial.options = plan.options;
+      std::vector<PlanStep> trial_steps = by_node;
+      std::vector<bool> trial_in_line = in_line;
+      for (NodeId n : lane_nodes[l]) trial_in_line[static_cast<std::size_t>(n)] = true;
+      schedule_lanes(trial, trial_steps, trial_in_line);
+      folded[l] = contended_makespan(trial, trial_steps);
+      if (saving_counts(folded[l] - with_lanes, with_lanes, plan.options.rates)) continue;
+      if (fold < 0 || folded[l] < folded[static_cast<std::size_t>(fold)]) fold = static_cast<int>(l);
+    }
+    if (fold < 0) {
+      for (std::size_t l = 1; l < lane_nodes.size(); ++l)
+        plan.lanes[l].why += "; overlap pays: predicted " + micros(with_lanes) + " with this lane vs " +
+                             micros(folded[l]) + " with its branch in line (launch overheads hide behind each other)";
+      plan.predicted_makespan_s = with_lanes;
+      return;
+    }
+    const double fold_makespan = folded[static_cast<std::size_t>(fold)];
+    const Graph& g = *plan.graph;
+    const NodeId head = lane_nodes[static_cast<std::size_t>(fold)].front();
+    // A lane that only appeared because an earlier branch was folded in front of it needs no note.
+    if (std::find(first_heads.begin() + 1, first_heads.end(), head) != first_heads.end())
+      plan.notes.push_back(g.node(head).name + " runs in line, not on a lane of its own: overlap does not pay (predicted " +
+                         micros(fold_makespan) + " in line vs " + micros(with_lanes) +
+                         " beside the other lanes; its work is bound by the same ceiling as theirs)");
+    for (NodeId n : lane_nodes[static_cast<std::size_t>(fold)]) in_line[static_cast<std::size_t>(n)] = true;
+  }
 }
 
 // Issue order by estimated start (then lane, then id); cross-lane waits, skipping a wait already
@@ -278,7 +358,9 @@ Plan make_plan(std::shared_ptr<const Graph> graph, const PlanOptions& options) {
     const auto in = graph->input_values(n);
     const auto out = graph->output_values(n);
     s.cost = n.op->cost({in, out}, T);
-    s.predicted_s = predict_seconds(s.cost, options.rates);
+    const Prediction predicted = predict(s.cost, options.rates, s.kernel->launches);
+    s.predicted_s = predicted.total_s();
+    s.work_s = predicted.work_s;
     if (s.kernel->workspace) s.workspace_bytes = s.kernel->workspace(*graph, n, graph->max_tokens());
     if (s.kernel->host_workspace) s.host_workspace_bytes = s.kernel->host_workspace(*graph, n, graph->max_tokens());
     plan.predicted_serial_s += s.predicted_s;

@@ -206,6 +206,53 @@ TEST(Plan, ConcurrentPlanPutsSharedExpertBesideTheRoutedPath) {
     for (NodeId p : g->predecessors(s.node)) EXPECT_LT(plan.step_for(p).order, s.order);
 }
 
+// The built-in CPU kernels, each declaring the launches its GPU counterpart issues, and rates like an
+// H100's (one kernel fills the machine): what the CUDA planner sees, without a GPU.
+struct GpuLikePlanning {
+  KernelRegistry registry;
+  PlanOptions options;
+  GpuLikePlanning() {
+    for (const char* kind : {"gate", "shared_expert", "dispatch", "experts", "combine", "reduce"})
+      for (const KernelEntry* e : KernelRegistry::builtin().candidates(kind, Backend::cpu)) {
+        KernelEntry copy = *e;
+        copy.launches = std::string(kind) == "shared_expert" || std::string(kind) == "dispatch" ? 4 : 2;
+        registry.add(copy);
+      }
+    options.policy = Policy::concurrent;
+    options.registry = &registry;
+    options.rates = {.flops_per_s = 800e12, .bytes_per_s = 3e12, .overhead_s = 5e-6, .kernels_fill_machine = true};
+  }
+};
+
+TEST(Plan, SharedExpertGetsALaneWhenItsLaunchesHideBehindTheRoutedChain) {
+  GpuLikePlanning p;
+  // T=1: both branches read ~69 MB; the routed one is a chain of a dozen launches.
+  auto g = std::make_shared<const Graph>(build_moe_layer(load_config("qwen1.5-moe-a2.7b"), {.max_tokens = 1}));
+  Plan plan = make_plan(g, p.options);
+  const PlanStep& shared = plan.step_for(*g->find_node("shared_expert"));
+  ASSERT_EQ(plan.lanes.size(), 2u);
+  EXPECT_NE(shared.lane, plan.step_for(*g->find_node("experts")).lane);
+  EXPECT_THAT(plan.lanes[static_cast<std::size_t>(shared.lane)].why, HasSubstr("overlap pays"));
+  EXPECT_TRUE(plan.notes.empty());
+  EXPECT_LT(plan.predicted_makespan_s, plan.predicted_serial_s);
+}
+
+TEST(Plan, SharedExpertStaysInLineWhenBothBranchesAreBoundByTheSameCeiling) {
+  GpuLikePlanning p;
+  // T=64: the routed experts stream gigabytes; the shared expert's 88 MB would only share that bandwidth.
+  auto g = std::make_shared<const Graph>(build_moe_layer(load_config("deepseek-v3"), {.max_tokens = 64}));
+  Plan plan = make_plan(g, p.options);
+  EXPECT_EQ(plan.lanes.size(), 1u);
+  ASSERT_EQ(plan.notes.size(), 1u) << testing::PrintToString(plan.notes);
+  EXPECT_THAT(plan.notes[0], HasSubstr("shared_expert runs in line"));
+  EXPECT_THAT(plan.notes[0], HasSubstr("overlap does not pay"));
+  std::ostringstream summary;
+  plan.write_summary(summary);
+  EXPECT_THAT(summary.str(), HasSubstr("note: shared_expert runs in line"));
+  for (const PlanStep& s : plan.steps)
+    for (NodeId q : g->predecessors(s.node)) EXPECT_LT(plan.step_for(q).order, s.order);
+}
+
 TEST(Plan, SerialPlanIsOneLaneInTopologicalOrder) {
   MoEConfig c = load_config("deepseek-v3", {"hidden_size=128", "moe_intermediate_size=32"});
   auto g = std::make_shared<const Graph>(build_moe_layer(c, {.max_tokens = 16}));

@@ -49,6 +49,7 @@ std::vector<nlohmann::json> run_cuda_bench(const CudaBenchOptions& o, std::ostre
             so.plan.policy = plan == "serial" ? Policy::serial : Policy::concurrent;
             so.plan.capturable = plan == "graph";
             so.plan.device = o.device;
+            so.plan.rates = rates;  // the planner's cost model on this GPU's measured ceilings
             const bool has_experts = scope != "shared";
             if (!kernel.empty() && has_experts) so.plan.forced_kernels["experts"] = kernel;
             if (!has_experts && kernel != kernels.front()) continue;  // no experts node: one run per plan

@@ -27,8 +27,16 @@ uint16_t* bf16_out(const KernelCall& c, std::size_t i) { return c.out<uint16_t>(
 int hidden_of(const KernelCall& c) { return static_cast<int>(c.input_value(0).shape()[1].fixed); }
 constexpr int64_t align256(int64_t n) { return (n + 255) / 256 * 256; }
 
+// The entry with its launch count set (see KernelEntry::launches): the positional registrations
+// below stay readable without spelling out every optional member before it.
+KernelEntry launching(int launches, KernelEntry e) {
+  e.launches = launches;
+  return e;
+}
+
 // Activations and weights in bf16 (gate bias, routing weights and logits stay fp32).
-Support cuda_supports_bf16(const Graph& g, const Node& n) {
+// `how` says what the kernel does when it can run the node.
+Support cuda_supports_bf16(const Graph& g, const Node& n, const std::string& how) {
   for (const auto* list : {&n.inputs, &n.outputs})
     for (ValueId id : *list) {
       const Value& v = g.value(id);
@@ -36,7 +44,12 @@ Support cuda_supports_bf16(const Graph& g, const Node& n) {
           n.op->kind() != "gate" && n.op->kind() != "combine")
         return Support::no("CUDA kernels store activations in bf16; '" + v.name + "' is " + v.type_str());
     }
-  return Support::yes("bf16 storage, fp32 accumulation");
+  return Support::yes(how);
+}
+
+// supports() for a kernel whose only requirement is bf16 storage.
+std::function<Support(const Graph&, const Node&)> bf16_kernel(std::string how) {
+  return [how = std::move(how)](const Graph& g, const Node& n) { return cuda_supports_bf16(g, n, how); };
 }
 
 double rows_per_expert(const Node& n, int64_t tokens) {
@@ -87,9 +100,9 @@ void run_grouped(const KernelCall& c, std::byte* workspace) {
 }
 
 void register_experts(KernelRegistry& r) {
-  r.add({"experts", Backend::cuda, "cuda.cublas_rows_batched", 3,
+  r.add(launching(4, {"experts", Backend::cuda, "cuda.cublas_rows_batched", 3,
          [](const Graph& g, const Node& n) {
-           Support s = cuda_supports_bf16(g, n);
+           Support s = cuda_supports_bf16(g, n, "");
            if (!s.ok) return s;
            const auto& op = static_cast<const ExpertsOp&>(*n.op);
            const int64_t rows = g.max_tokens() * op.top_k();
@@ -112,17 +125,17 @@ void register_experts(KernelRegistry& r) {
            const auto& op = static_cast<const ExpertsOp&>(*n.op);
            return experts_scratch_bytes(n, tokens) +
                   align256(static_cast<int64_t>(cuda::rows_batched_pointer_bytes(tokens * op.top_k())));
-         }});
-  r.add({"experts", Backend::cuda, "cuda.cublas_grouped_batched", 2,
+         }}));
+  r.add(launching(4, {"experts", Backend::cuda, "cuda.cublas_grouped_batched", 2,
          [](const Graph& g, const Node& n) {
-           Support s = cuda_supports_bf16(g, n);
+           Support s = cuda_supports_bf16(g, n, "");
            if (!s.ok) return s;
            return Support::yes(fmt(rows_per_expert(n, g.max_tokens())) +
                                " rows/expert at max T -> grouped_batched: one cuBLAS call per GEMM layer (host sync)");
          },
          [](const KernelCall& c) { run_grouped(c, static_cast<std::byte*>(c.workspace)); },
          [](const Graph&, const Node& n, int64_t tokens) { return grouped_workspace_bytes(n, tokens); }, {1},
-         grouped_host_bytes});
+         grouped_host_bytes}));
   // Large batches: the host already waits for the counts, so size one uniform strided-batched GEMM
   // to this run's largest expert (about 1.1-1.3x the mean once experts get hundreds of rows)
   // instead of cuBLAS's grouped GEMM over ragged groups. Scratch is planned for 1.5x the mean at
@@ -137,9 +150,9 @@ void register_experts(KernelRegistry& r) {
     return align256(static_cast<int64_t>(cuda::padded_scratch_bytes(
         op.experts(), planned_capacity(g, n), static_cast<int>(g.value(n.inputs[0]).shape()[1].fixed), op.intermediate())));
   };
-  r.add({"experts", Backend::cuda, "cuda.cublas_padded_to_max", 4,
+  r.add(launching(6, {"experts", Backend::cuda, "cuda.cublas_padded_to_max", 4,
          [planned_capacity, padded_part](const Graph& g, const Node& n) {
-           Support s = cuda_supports_bf16(g, n);
+           Support s = cuda_supports_bf16(g, n, "");
            if (!s.ok) return s;
            const double mean = rows_per_expert(n, g.max_tokens());
            if (mean < 128)
@@ -172,10 +185,11 @@ void register_experts(KernelRegistry& r) {
            const auto& op = static_cast<const ExpertsOp&>(*n.op);
            return padded_part(g, n) + align256(4 * (op.experts() + 1)) + grouped_workspace_bytes(n, tokens);
          },
-         {1}, grouped_host_bytes});
-  r.add({"experts", Backend::cuda, "cuda.cublas_per_expert_loop", 1,
+         {1}, grouped_host_bytes}));
+  // Three launches per touched expert; the planner counts one expert's worth.
+  r.add(launching(3, {"experts", Backend::cuda, "cuda.cublas_per_expert_loop", 1,
          [](const Graph& g, const Node& n) {
-           Support s = cuda_supports_bf16(g, n);
+           Support s = cuda_supports_bf16(g, n, "");
            if (!s.ok) return s;
            return Support::yes("one cuBLAS GEMM per touched expert and layer (host sync)");
          },
@@ -187,10 +201,10 @@ void register_experts(KernelRegistry& r) {
                                          op.intermediate(), bf16_in(c, 2), bf16_in(c, 3), h, act, bf16_out(c, 0));
          },
          [](const Graph&, const Node& n, int64_t tokens) { return experts_scratch_bytes(n, tokens); },
-         {1}});
-  r.add({"experts", Backend::cuda, "cuda.cublas_padded_strided", 0,
+         {1}}));
+  r.add(launching(5, {"experts", Backend::cuda, "cuda.cublas_padded_strided", 0,
          [](const Graph& g, const Node& n) {
-           Support s = cuda_supports_bf16(g, n);
+           Support s = cuda_supports_bf16(g, n, "");
            if (!s.ok) return s;
            const auto& op = static_cast<const ExpertsOp&>(*n.op);
            const int64_t H = g.value(n.inputs[0]).shape()[1].fixed;
@@ -214,13 +228,13 @@ void register_experts(KernelRegistry& r) {
            const auto& op = static_cast<const ExpertsOp&>(*n.op);
            return static_cast<int64_t>(cuda::padded_scratch_bytes(
                op.experts(), tokens, static_cast<int>(g.value(n.inputs[0]).shape()[1].fixed), op.intermediate()));
-         }});
+         }}));
 }
 
 }  // namespace
 
 void register_cuda_kernels(KernelRegistry& r) {
-  r.add({"gate", Backend::cuda, "cuda.router_topk", 0,
+  r.add(launching(2, {"gate", Backend::cuda, "cuda.router_topk", 0,
          [](const Graph& g, const Node& n) {
            if (g.value(n.inputs[0]).dtype() != DType::bf16) return Support::no("x must be bf16 on CUDA");
            return Support::yes("cuBLAS bf16 logits in fp32, one warp per token for top-k");
@@ -232,8 +246,10 @@ void register_cuda_kernels(KernelRegistry& r) {
            cuda::route_tokens(op.rule(), logits, op.rule().use_bias ? c.in<float>(2) : nullptr, c.tokens,
                               c.out<int32_t>(0), c.out<float>(1), lane(c).stream);
          },
-         {}});
-  r.add({"shared_expert", Backend::cuda, "cuda.cublas_swiglu", 0, cuda_supports_bf16,
+         {}}));
+  // Four launches with Qwen2-MoE's sigmoid gate, three without.
+  r.add(launching(4, {"shared_expert", Backend::cuda, "cuda.cublas_swiglu", 0,
+         bf16_kernel("cuBLAS GEMM x*w13^T, SwiGLU kernel, cuBLAS GEMM act*w2^T (sigmoid gate kernel when gated)"),
          [](const KernelCall& c) {
            const auto& op = static_cast<const SharedExpertOp&>(*c.node.op);
            const int H = hidden_of(c), I = op.intermediate();
@@ -248,8 +264,9 @@ void register_cuda_kernels(KernelRegistry& r) {
          [](const Graph&, const Node& n, int64_t tokens) {
            const int64_t I = static_cast<const SharedExpertOp&>(*n.op).intermediate();
            return align256(tokens * 2 * I * 2) + align256(tokens * I * 2);
-         }});
-  r.add({"dispatch", Backend::cuda, "cuda.permute_rows", 0, cuda_supports_bf16,
+         }}));
+  r.add(launching(4, {"dispatch", Backend::cuda, "cuda.permute_rows", 0,
+         bf16_kernel("counting sort on the device (per-expert counts, offsets, stable ranks), then a row gather (16-byte loads where rows allow)"),
          [](const KernelCall& c) {
            const auto& op = static_cast<const DispatchOp&>(*c.node.op);
            const int64_t rows = c.graph.max_tokens() * op.top_k();
@@ -265,16 +282,17 @@ void register_cuda_kernels(KernelRegistry& r) {
            const auto& op = static_cast<const DispatchOp&>(*n.op);
            return align256(tokens * op.top_k() * 4) +
                   static_cast<int64_t>(cuda::permutation_workspace_bytes(tokens, op.top_k(), op.experts()));
-         }});
+         }}));
   register_experts(r);
-  r.add({"combine", Backend::cuda, "cuda.weighted_sum", 0, cuda_supports_bf16,
+  r.add({"combine", Backend::cuda, "cuda.weighted_sum", 0,
+         bf16_kernel("one pass per token: its top-k expert rows weighted in fp32, no atomics"),
          [](const KernelCall& c) {
            const auto& op = static_cast<const CombineOp&>(*c.node.op);
            cuda::combine_rows(bf16_in(c, 0), c.in<int32_t>(1), c.in<float>(2), c.tokens, op.top_k(), hidden_of(c),
                               bf16_out(c, 0), lane(c).stream);
          },
          {}});
-  r.add({"reduce", Backend::cuda, "cuda.sum", 0, cuda_supports_bf16,
+  r.add({"reduce", Backend::cuda, "cuda.sum", 0, bf16_kernel("elementwise sum of the addends in fp32"),
          [](const KernelCall& c) {
            std::vector<const uint16_t*> addends;
            for (std::size_t i = 0; i < c.inputs.size(); ++i) addends.push_back(bf16_in(c, i));

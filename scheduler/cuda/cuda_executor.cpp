@@ -213,7 +213,9 @@ void CudaExecutor::capture(const DeviceArena& inputs, const DeviceArena& weights
     throw;
   }
   MOEFLOW_CUDA_CHECK(cudaStreamEndCapture(s.streams[0], &s.graph));
-  MOEFLOW_CUDA_CHECK(cudaGraphInstantiate(&s.graph_exec, s.graph, 0));
+  // Captured kernel nodes carry their stream's priority, but a graph runs at the priority of the
+  // stream it is launched into unless told otherwise: keep the critical lane ahead on replay too.
+  MOEFLOW_CUDA_CHECK(cudaGraphInstantiateWithFlags(&s.graph_exec, s.graph, cudaGraphInstantiateFlagUseNodePriority));
   s.captured_tokens = tokens;
 }
 
