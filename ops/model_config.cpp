@@ -45,7 +45,8 @@ enum class SharedKind { none, qwen_gated, deepseek };
 //   MixtralConfig: no routing fields at all; softmax top-k, always renormalised, no shared expert.
 //   Qwen2MoeConfig: norm_topk_prob=False, shared_expert_intermediate_size=5632.
 //   Qwen3MoeConfig: norm_topk_prob=False (the released checkpoints set it true in config.json),
-//     no shared expert.
+//     no shared expert. Its attribute_map stores num_experts as num_local_experts, so a config.json
+//     that transformers 5.x writes says "num_local_experts" (read here as the same field).
 //   DeepseekV2Config: scoring_func="softmax", topk_method="greedy" (the class default; full V2
 //     sets "group_limited_greedy" in its config.json), n_group/topk_group=None (read as 1),
 //     norm_topk_prob=False, routed_scaling_factor=1.0, n_shared_experts=None (read as 0).
@@ -104,6 +105,10 @@ bool family_ignores(ModelFamily f, const std::string& field) {
   if (field == "shared_expert_intermediate_size") return fam.shared != SharedKind::qwen_gated;
   return false;
 }
+
+// Another name under which transformers writes a family's expert count (its config's attribute_map):
+// accepted from a config.json, while --set keeps the one name of the family.
+const char* experts_alias(ModelFamily f) { return f == ModelFamily::qwen3_moe ? "num_local_experts" : nullptr; }
 
 std::string join(auto begin, auto end) {
   std::string out;
@@ -278,7 +283,15 @@ MoEConfig config_from_fields(const json& fields, const std::string& name) {
   c.fields = fields;
   c.hidden = r.required_int("hidden_size");
   c.intermediate = r.required_int(fam->intermediate_field, family_note);
-  c.experts = r.required_int(fam->experts_field, family_note);
+  const char* alias = experts_alias(fam->family);
+  const char* experts_field = fam->experts_field;
+  if (alias && r.find(alias)) {
+    if (r.find(experts_field) && *r.find(experts_field) != *r.find(alias))
+      r.fail(alias, std::string("contradicts '") + experts_field + "' = " + r.shown(experts_field) +
+                        " (both name the expert count of model_type " + fam->model_type + ")");
+    if (!r.find(experts_field)) experts_field = alias;
+  }
+  c.experts = r.required_int(experts_field, family_note);
   c.top_k = r.required_int("num_experts_per_tok");
   c.scoring = parse_scoring(r, fam->scoring);
   c.method = parse_method(r, fam->method);
@@ -290,10 +303,10 @@ MoEConfig config_from_fields(const json& fields, const std::string& name) {
 
   if (c.hidden <= 0) r.fail("hidden_size", "must be > 0");
   if (c.intermediate <= 0) r.fail(fam->intermediate_field, "must be > 0");
-  if (c.experts <= 0) r.fail(fam->experts_field, "must be > 0");
+  if (c.experts <= 0) r.fail(experts_field, "must be > 0");
   if (c.top_k < 1 || c.top_k > c.experts)
     r.fail("num_experts_per_tok",
-           "must be in [1, " + std::string(fam->experts_field) + " = " + std::to_string(c.experts) + "]");
+           "must be in [1, " + std::string(experts_field) + " = " + std::to_string(c.experts) + "]");
   if (!std::isfinite(c.routed_scaling_factor) || c.routed_scaling_factor <= 0 || c.routed_scaling_factor > FLT_MAX)
     r.fail("routed_scaling_factor", "must be a finite number > 0");
 
@@ -301,7 +314,7 @@ MoEConfig config_from_fields(const json& fields, const std::string& name) {
     // Group fields mean nothing to a plain top-k; V2-Lite writes n_group 1 anyway.
     c.n_group = c.topk_group = 1;
   } else {
-    const std::string e = std::string(fam->experts_field) + " = " + std::to_string(c.experts);
+    const std::string e = std::string(experts_field) + " = " + std::to_string(c.experts);
     if (c.n_group < 1 || c.experts % c.n_group != 0) r.fail("n_group", "must be >= 1 and divide " + e);
     if (c.topk_group < 1 || c.topk_group > c.n_group)
       r.fail("topk_group", "must be in [1, n_group = " + std::to_string(c.n_group) + "]");

@@ -297,6 +297,19 @@ TEST(ModelConfigHf, Qwen3MoeConfigJson) {
   EXPECT_TRUE(c.routing().renormalize);
 }
 
+// transformers 5.x writes Qwen3-MoE's expert count under its attribute_map name (num_local_experts).
+TEST(ModelConfigHf, Qwen3MoeExpertCountAsTransformers5WritesIt) {
+  TempDir dir;
+  const std::string common = R"("model_type": "qwen3_moe", "hidden_size": 64, "moe_intermediate_size": 24,
+    "num_experts_per_tok": 8, "norm_topk_prob": true, )";
+  EXPECT_EQ(load_config(dir.write("a.json", "{" + common + R"("num_local_experts": 32})")).experts, 32);
+  EXPECT_EQ(load_config(dir.write("b.json", "{" + common + R"("num_local_experts": 32, "num_experts": 32})")).experts, 32);
+  const std::string msg =
+      bad_input_message([&] { load_config(dir.write("c.json", "{" + common + R"("num_local_experts": 32, "num_experts": 16})")); });
+  EXPECT_THAT(msg, HasSubstr("num_local_experts"));
+  EXPECT_THAT(msg, HasSubstr("contradicts 'num_experts' = 16"));
+}
+
 TEST(ModelConfigHf, DeepseekV2LiteConfigJson) {
   TempDir dir;
   // As DeepSeek-V2-Lite writes it, nulls included (HF's None means "use the default").
