@@ -65,6 +65,9 @@ ReferenceResult reference_run(const Graph& g, int64_t T, const std::function<con
       result.agreement.max_adopted_gap = std::max(result.agreement.max_adopted_gap, a.max_adopted_gap);
       if (a.min_rejected_gap > 0 && (result.agreement.min_rejected_gap == 0 || a.min_rejected_gap < result.agreement.min_rejected_gap))
         result.agreement.min_rejected_gap = a.min_rejected_gap;
+      if (a.min_margin >= 0 && (result.agreement.min_margin < 0 || a.min_margin < result.agreement.min_margin))
+        result.agreement.min_margin = a.min_margin;
+      result.agreement.tokens_within_tie_gap += a.tokens_within_tie_gap;
       vals[n.outputs[0]].ids = std::move(r.ids);
       vals[n.outputs[1]].data = std::move(r.weights);
       vals[n.outputs[2]].data = std::move(logits);

@@ -342,6 +342,26 @@ TEST(ReferenceNearTie, GroupGapBeyondTieGapIsRejected) {
   EXPECT_NEAR(agreement.min_rejected_gap, 0.1, 1e-12);
 }
 
+TEST(ReferenceNearTie, MarginIsTheClosestCallOfTheReferencesOwnChoice) {
+  // Greedy k = 2. Token 0, scores {0.9, 0.6, 0.5, 0.2}: e1 beats e2 by 0.1. Token 1,
+  // {0.9, 0.6, 0.59999, 0.2}: by 1e-5, inside the tie gap. No engine ids are needed for this.
+  std::vector<double> logits = logit_of({0.9, 0.6, 0.5, 0.2});
+  const std::vector<double> close = logit_of({0.9, 0.6, 0.59999, 0.2});
+  logits.insert(logits.end(), close.begin(), close.end());
+  RoutingAgreement agreement;
+  reference::route(near_tie_rule(), logits, nullptr, 2, nullptr, 1e-3, &agreement);
+  EXPECT_NEAR(agreement.min_margin, 1e-5, 1e-12);
+  EXPECT_EQ(agreement.tokens_within_tie_gap, 1);
+  EXPECT_EQ(agreement.tokens_differing, 0);
+  // Group-limited, topk_group = 1: g0 (best 0.9) is kept over g1 (best 0.8) by 0.1, and both of g0's
+  // experts are taken, so no expert was passed over: the margin is the group gap.
+  RoutingAgreement groups;
+  reference::route(group_near_tie_rule(), logit_of({0.9, 0.3, 0.8, 0.7, 0.1, 0.2, 0.1, 0.2}), nullptr, 1, nullptr,
+                   1e-3, &groups);
+  EXPECT_NEAR(groups.min_margin, 0.1, 1e-12);
+  EXPECT_EQ(groups.tokens_within_tie_gap, 0);
+}
+
 // ---- Experts, shared MLP, layer, compare ----------------------------------------------------------
 
 // H = 2, I = 1, E = 2.

@@ -232,6 +232,8 @@ Command add_run_command(CLI::App& app) {
                          {"tokens_adopted", report.agreement.tokens_adopted},
                          {"max_adopted_gap", report.agreement.max_adopted_gap},
                          {"min_rejected_gap", report.agreement.min_rejected_gap},
+                         {"min_routing_margin", report.agreement.min_margin},
+                         {"tokens_within_tie_gap", report.agreement.tokens_within_tie_gap},
                          {"pass", report.pass}};
     }
     if (f->json) {
@@ -260,13 +262,18 @@ Command add_run_command(CLI::App& app) {
       if (f->check) {
         std::cout << "  check vs fp64 reference: rel_norm " << sci(report.comparison.rel_norm) << "  rel_max "
                   << sci(report.comparison.rel_max) << "  (pass: rel_norm < " << sci(report.tolerance) << ")  routing: "
-                  << report.agreement.tokens_differing << " of " << f->tokens << " tokens differ, "
+                  << report.agreement.tokens_differing << " of " << f->tokens << " tokens' top-k sets differ, "
                   << report.agreement.tokens_adopted << " near-ties adopted";
         if (report.agreement.tokens_adopted > 0) std::cout << " (max gap " << sci(report.agreement.max_adopted_gap) << ")";
         if (report.agreement.tokens_differing > report.agreement.tokens_adopted)
           std::cout << ", " << report.agreement.tokens_differing - report.agreement.tokens_adopted
                     << " beyond a near-tie (smallest gap " << sci(report.agreement.min_rejected_gap) << ")";
         std::cout << "  " << (report.pass ? "PASS" : "FAIL") << "\n";
+        // How robust the routing of this layer and input is: the reference's closest call.
+        if (report.agreement.min_margin >= 0)
+          std::cout << "  routing margin: closest top-k decision by a score gap of " << sci(report.agreement.min_margin)
+                    << "; " << report.agreement.tokens_within_tie_gap << " of " << f->tokens
+                    << " tokens within the near-tie gap 1e-3 (a flip there is accepted)\n";
       }
       if (m.graph_launch_us >= 0)
         std::cout << "  CUDA graph: host-side launch cost " << fixed(m.graph_launch_us, 1) << " us (median of 50)\n";

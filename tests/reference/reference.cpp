@@ -212,6 +212,34 @@ double near_tie_gap(const RoutingRule& rule, const TokenScores& s, const int32_t
   return best;
 }
 
+// How far a token's own choice `chosen` is from a tie (RoutingAgreement::min_margin); +inf when
+// nothing was passed over.
+double routing_margin(const RoutingRule& rule, const TokenScores& s, const std::vector<int32_t>& chosen) {
+  const int E = rule.experts;
+  std::vector<char> in_chosen(E, 0);
+  double weakest_chosen = k_inf;
+  for (int32_t e : chosen) {
+    in_chosen[e] = 1;
+    weakest_chosen = std::min(weakest_chosen, s.choice[e]);
+  }
+  double margin = k_inf;
+  std::vector<char> allowed(E, 1);
+  if (is_group_method(rule)) {
+    std::vector<char> kept(rule.n_group, 0);
+    for (int g : best_n(s.group, rule.topk_group, std::vector<char>(rule.n_group, 1))) kept[g] = 1;
+    double weakest_kept = k_inf, best_dropped = -k_inf;
+    for (int g = 0; g < rule.n_group; ++g) {
+      if (kept[g]) weakest_kept = std::min(weakest_kept, s.group[g]);
+      else best_dropped = std::max(best_dropped, s.group[g]);
+    }
+    if (best_dropped > -k_inf) margin = weakest_kept - best_dropped;
+    allowed = experts_of_groups(rule, kept);
+  }
+  for (int e = 0; e < E; ++e)
+    if (allowed[e] && !in_chosen[e]) margin = std::min(margin, weakest_chosen - s.choice[e]);
+  return margin;
+}
+
 // One token's outcome before the serial tally of RoutingAgreement.
 enum class TokenOutcome : char { same, adopted, rejected };
 
@@ -247,11 +275,13 @@ Routing route(const RoutingRule& rule, const std::vector<double>& logits, const 
   out.weights.resize(static_cast<size_t>(tokens) * k);
   std::vector<TokenOutcome> outcome(tokens, TokenOutcome::same);
   std::vector<double> gap(tokens, 0.0);
+  std::vector<double> margin(agreement != nullptr ? tokens : 0, k_inf);
 
   tbb::parallel_for(tbb::blocked_range<int64_t>(0, tokens), [&](const tbb::blocked_range<int64_t>& r) {
     for (int64_t t = r.begin(); t < r.end(); ++t) {
       const TokenScores s = token_scores(rule, logits.data() + t * E, bias);
       const std::vector<int32_t> mine = select_experts(rule, s);
+      if (agreement != nullptr) margin[t] = routing_margin(rule, s, mine);
       int32_t* ids = out.ids.data() + t * k;
       std::copy(mine.begin(), mine.end(), ids);
       if (engine_ids != nullptr) {
@@ -277,6 +307,10 @@ Routing route(const RoutingRule& rule, const std::vector<double>& logits, const 
     RoutingAgreement a;
     bool any_rejected = false;
     for (int64_t t = 0; t < tokens; ++t) {
+      if (std::isfinite(margin[t])) {
+        a.min_margin = a.min_margin < 0 ? margin[t] : std::min(a.min_margin, margin[t]);
+        if (margin[t] < tie_gap) ++a.tokens_within_tie_gap;
+      }
       if (outcome[t] == TokenOutcome::same) continue;
       ++a.tokens_differing;
       if (outcome[t] == TokenOutcome::adopted) {

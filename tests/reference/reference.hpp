@@ -34,6 +34,12 @@ struct RoutingAgreement {
   int64_t tokens_adopted = 0;    // ... of which near-ties, where the engine's ids were taken
   double max_adopted_gap = 0.0;  // largest score gap among adopted differences
   double min_rejected_gap = 0.0; // smallest gap among differences that were not near-ties (0 if none)
+  // How close the reference's own choices came to a tie (the engine's aside): per token, the score gap
+  // between its weakest chosen expert and the best allowed one passed over, and between its weakest
+  // kept group and the best dropped one; the smallest over tokens (-1: no token routed), and how many
+  // tokens lie within tie_gap, where a flip would be a legitimate near-tie.
+  double min_margin = -1.0;
+  int64_t tokens_within_tie_gap = 0;
 };
 
 struct Routing {
