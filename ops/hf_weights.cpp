@@ -1,5 +1,7 @@
 #include "ops/hf_weights.hpp"
 
+#include <memory>
+
 #include "graph/error.hpp"
 #include "ops/safetensors.hpp"
 
@@ -60,10 +62,19 @@ void load_hf_layer(const MoEConfig& c, const SafetensorsCheckpoint& checkpoint, 
   for (ValueId v : g.graph_inputs()) {
     const Value& w = g.value(v);
     if (w.role != ValueRole::weight) continue;
-    if (w.dtype() != DType::f32) fail_input("checkpoint: weights load as f32; '" + w.name + "' is " + w.type_str());
+    if (w.dtype() != DType::f32 && w.dtype() != DType::bf16)
+      fail_input("checkpoint: weights load as f32 or bf16; '" + w.name + "' is " + w.type_str());
     float* dst = data_of(v);
     for (const HfTensorPart& part : hf_parts(c, layer, w.name)) checkpoint.read_f32(part.hf_name, part.shape, dst + part.offset);
   }
+}
+
+WeightLoader hf_layer_loader(const MoEConfig& config, const std::string& weights_path, int layer) {
+  if (layer < 0) fail_input("--layer " + std::to_string(layer) + " must be >= 0");
+  auto checkpoint = std::make_shared<const SafetensorsCheckpoint>(SafetensorsCheckpoint::open(weights_path));
+  return [checkpoint, config, layer](const Graph& g, const std::function<float*(ValueId)>& data_of) {
+    load_hf_layer(config, *checkpoint, layer, g, data_of);
+  };
 }
 
 }  // namespace moeflow

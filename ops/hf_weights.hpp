@@ -30,8 +30,14 @@ struct HfTensorPart {
 std::vector<HfTensorPart> hf_parts(const MoEConfig& config, int layer, const std::string& weight_name);
 
 // Fills every weight of `graph` (a standard layer) from the checkpoint; data_of(v) is where weight
-// v's fp32 data goes. Throws Error(bad_input) naming the file and tensor that is missing or mis-shaped.
+// v's fp32 data goes (a bf16 graph's session stages fp32 and rounds after). Throws Error(bad_input)
+// naming the file and tensor that is missing or mis-shaped.
 void load_hf_layer(const MoEConfig& config, const SafetensorsCheckpoint& checkpoint, int layer, const Graph& graph,
                    const std::function<float*(ValueId)>& data_of);
+
+// What `run --weights PATH --layer L` hands a session (CPU or CUDA) as its weight source: opens the
+// checkpoint now, so a bad file is refused before anything is allocated, and loads layer L when called.
+using WeightLoader = std::function<void(const Graph&, const std::function<float*(ValueId)>&)>;
+WeightLoader hf_layer_loader(const MoEConfig& config, const std::string& weights_path, int layer);
 
 }  // namespace moeflow

@@ -8,7 +8,6 @@
 
 #include "bench/cpu_session.hpp"
 #include "ops/hf_weights.hpp"
-#include "ops/safetensors.hpp"
 #ifdef MOEFLOW_HAVE_CUDA
 #include "bench/cuda/cuda_session.hpp"
 #include "kernels/cuda/device.hpp"
@@ -141,11 +140,11 @@ Command add_run_command(CLI::App& app) {
       f->model.hf_config = checkpoint_config_path(f->weights);
     const MoEConfig config = f->model.config();
     PlanOptions plan_options = f->plan.options();
-    if (!f->weights.empty() && plan_options.backend != Backend::cpu)
-      fail_input("--weights: loading checkpoints is implemented for --backend cpu only so far");
     if (!f->weights.empty() && f->model.scope != "layer") fail_input("--weights needs --scope layer");
     if (f->cuda_graph && plan_options.backend != Backend::cuda) fail_input("--cuda-graph needs --backend cuda");
     plan_options.capturable = f->cuda_graph;
+    // The checkpoint opens (and is validated) before anything is allocated; the session loads it.
+    const WeightLoader load_weights = f->weights.empty() ? WeightLoader{} : hf_layer_loader(config, f->weights, f->layer);
     auto graph = build_graph(config, f->model.scope, max_tokens, plan_options.backend);
     const int threads = f->threads > 0 ? f->threads : tbb::info::default_concurrency();
     Measured m;
@@ -154,6 +153,7 @@ Command add_run_command(CLI::App& app) {
       CudaSessionOptions options;
       options.plan = plan_options;
       options.seed = f->seed;
+      options.load_weights = load_weights;
       CudaSession session(graph, options);
       const MachineRates rates = measure_cuda_rates(plan_options.device);
       m = measure(session, *f, rates, 1e-2);
@@ -164,14 +164,7 @@ Command add_run_command(CLI::App& app) {
       options.plan = plan_options;
       options.threads = threads;
       options.seed = f->seed;
-      std::shared_ptr<SafetensorsCheckpoint> checkpoint;
-      if (!f->weights.empty()) {
-        checkpoint = std::make_shared<SafetensorsCheckpoint>(SafetensorsCheckpoint::open(f->weights));
-        options.load_weights = [checkpoint, config, layer = f->layer](const Graph& g,
-                                                                      const std::function<float*(ValueId)>& data_of) {
-          load_hf_layer(config, *checkpoint, layer, g, data_of);
-        };
-      }
+      options.load_weights = load_weights;
       // The session refuses a model too large for the machine before allocating anything.
       CpuSession session(graph, options);
       m = measure(session, *f, measure_cpu_rates(threads), 1e-5);

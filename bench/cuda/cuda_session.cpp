@@ -147,21 +147,59 @@ CudaSession::CudaSession(std::shared_ptr<const Graph> graph, CudaSessionOptions 
     }
     if (!same) fail_input("CudaSession: weights can only be shared between plans of one layer and seed");
     weights_ = share_weights->weights_;
+    loaded_ = share_weights->loaded_;
   }
   require_device_bytes(device,
                        (weights_ ? 0 : plan_.bytes(Arena::weights)) + plan_.bytes(Arena::workspace) + plan_.bytes(Arena::inputs),
                        what.str());
   if (!weights_) {
     weights_ = std::make_shared<DeviceArena>(plan_, Arena::weights, device);
-    for (const Buffer& b : plan_.buffers)
-      if (b.arena == Arena::weights)
-        fill_device_value(plan_.graph->value(b.value), weights_->data(b.value), plan_.graph->max_tokens(), options_.seed);
+    if (options_.load_weights) {
+      upload_loaded_weights();
+    } else {
+      for (const Buffer& b : plan_.buffers)
+        if (b.arena == Arena::weights)
+          fill_device_value(plan_.graph->value(b.value), weights_->data(b.value), plan_.graph->max_tokens(), options_.seed);
+    }
   }
   executor_ = std::make_unique<CudaExecutor>(plan_);
   MOEFLOW_CUDA_CHECK(cudaDeviceSynchronize());
 }
 
 CudaSession::~CudaSession() = default;
+
+void CudaSession::upload_loaded_weights() {
+  const Graph& g = *plan_.graph;
+  auto host = std::make_shared<std::map<ValueId, std::vector<float>>>();
+  int64_t bytes = 0;
+  for (const Buffer& b : plan_.buffers)
+    if (b.arena == Arena::weights) bytes += g.value(b.value).shape().elements(g.max_tokens()) * 4;
+  require_host_bytes(bytes, "the fp32 host copy of the loaded weights of '" + g.name() + "'");
+  for (const Buffer& b : plan_.buffers)
+    if (b.arena == Arena::weights)
+      (*host)[b.value].assign(static_cast<std::size_t>(g.value(b.value).shape().elements(g.max_tokens())), 0.0f);
+  options_.load_weights(g, [&](ValueId v) {
+    auto it = host->find(v);
+    if (it == host->end()) fail_input("load_weights: '" + g.value(v).name + "' is not a weight of '" + g.name() + "'");
+    return it->second.data();
+  });
+  for (auto& [v, data] : *host) {
+    const Value& val = g.value(v);
+    if (val.dtype() == DType::bf16) {
+      std::vector<uint16_t> bits(data.size());
+      for (std::size_t i = 0; i < data.size(); ++i) {
+        bits[i] = float_to_bf16(data[i]);
+        data[i] = bf16_to_float(bits[i]);  // what the device holds, for the check
+      }
+      MOEFLOW_CUDA_CHECK(cudaMemcpy(weights_->data(v), bits.data(), bits.size() * 2, cudaMemcpyHostToDevice));
+    } else if (val.dtype() == DType::f32) {
+      MOEFLOW_CUDA_CHECK(cudaMemcpy(weights_->data(v), data.data(), data.size() * 4, cudaMemcpyHostToDevice));
+    } else {
+      fail_input("load_weights: weight '" + val.name + "' is " + val.type_str() + "; only f32 and bf16 load");
+    }
+  }
+  loaded_ = std::move(host);
+}
 
 void CudaSession::set_tokens(int64_t tokens, int input_sets) {
   if (tokens <= 0 || tokens > plan_.graph->max_tokens())
@@ -223,6 +261,7 @@ CheckReport CudaSession::check(double tolerance) {
   std::map<ValueId, std::vector<float>> host;
   for (ValueId v : g.graph_inputs()) {
     const Value& val = g.value(v);
+    if (loaded_ && loaded_->count(v)) continue;  // a checkpoint's weights: their host copy, as uploaded
     auto written = overwritten_.find({set_, v});
     if (written != overwritten_.end()) {  // written as the device holds it (ids, fp32 or bf16 bits)
       std::vector<float> f(written->second.size() / dtype_size(val.dtype()));
@@ -247,7 +286,10 @@ CheckReport CudaSession::check(double tolerance) {
     return b;
   }();
   require_host_bytes(host_bytes, "the reference check of '" + g.name() + "'");
-  auto graph_data = [&](ValueId v) -> const void* { return host.at(v).data(); };
+  auto graph_data = [&](ValueId v) -> const void* {
+    if (loaded_ && loaded_->count(v)) return loaded_->at(v).data();
+    return host.at(v).data();
+  };
   auto engine_data = [&](ValueId v) -> const void* { return engine.at(v).data(); };
   const ReferenceResult ref = reference_run(g, tokens_, graph_data, engine_data);
   const std::vector<float> y = output();

@@ -3,6 +3,7 @@
 // the counter-based generator (bf16, the same bits the host would round to), input sets, eager runs
 // or CUDA-graph replays timed with events, the reference check on the same bf16-rounded data, and
 // the roofline floor on measured device ceilings.
+#include <functional>
 #include <map>
 #include <memory>
 #include <vector>
@@ -16,6 +17,10 @@ namespace moeflow {
 struct CudaSessionOptions {
   PlanOptions plan;  // backend is set to cuda
   uint64_t seed = 0;
+  // Fills the weights instead of the device generator (a checkpoint): called with the plan's graph
+  // and where each weight's fp32 data goes (host staging); bf16 weights are rounded to nearest even
+  // on upload, and the check reads exactly those rounded values.
+  std::function<void(const Graph&, const std::function<float*(ValueId)>&)> load_weights;
 };
 
 // The device's two ceilings (DESIGN.md): median device-to-device copy of 2 GiB (bytes read +
@@ -55,11 +60,15 @@ class CudaSession {
   Plan plan_;
   CudaSessionOptions options_;
   std::shared_ptr<DeviceArena> weights_;
+  // Host fp32 copies of loaded weights as the device holds them (load_weights); null when drawn.
+  std::shared_ptr<const std::map<ValueId, std::vector<float>>> loaded_;
   std::vector<std::unique_ptr<DeviceArena>> inputs_;
   std::unique_ptr<CudaExecutor> executor_;
   int64_t tokens_ = 0;
   int set_ = 0;
   std::map<std::pair<int, ValueId>, std::vector<std::byte>> overwritten_;  // by (set, value); cleared by set_tokens
+
+  void upload_loaded_weights();
 };
 
 }  // namespace moeflow
