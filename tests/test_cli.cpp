@@ -181,3 +181,31 @@ TEST(Cli, CudaBackendWithoutCudaIsAResourceError) {
   const Result r = run_moeflow(std::string("run ") + kSmallQwen + " --tokens 4 --backend cuda");
   EXPECT_EQ(r.status, 3) << r.output;
 }
+
+// `run --weights` on the golden layers of tests/golden_hf (checkpoints written by transformers):
+// the config.json beside the checkpoint is read, --check passes, and the routing against the
+// reference is reported (top-k sets that differ, and the closest call's score gap).
+TEST(Cli, RunWeightsOfTheGoldenLayersChecks) {
+  const std::vector<std::pair<std::string, int>> layers{
+      {"mixtral", 1}, {"qwen2_moe", 0}, {"qwen3_moe", 2}, {"deepseek_v2", 1}, {"deepseek_v3", 3}};
+  for (const auto& [family, layer] : layers) {
+    const std::string dir = std::string(MOEFLOW_SOURCE_DIR) + "/tests/golden_hf/" + family;
+    const Result r = run_moeflow("run --weights " + dir + " --layer " + std::to_string(layer) +
+                                 " --tokens 32 --check --threads 2 --runs 1 --budget 0");
+    EXPECT_EQ(r.status, 0) << r.output;
+    EXPECT_THAT(r.output, HasSubstr("PASS"));
+    EXPECT_THAT(r.output, HasSubstr("tokens' top-k sets differ"));
+    EXPECT_THAT(r.output, HasSubstr("routing margin: closest top-k decision by a score gap of"));
+    const Result j = run_moeflow("run --weights " + dir + "/model.safetensors --layer " + std::to_string(layer) +
+                                 " --tokens 7 --check --json --threads 2 --runs 1 --budget 0");
+    ASSERT_EQ(j.status, 0) << j.output;
+    const auto check = nlohmann::json::parse(j.output)["check"];
+    EXPECT_EQ(check["tokens_differing"], 0);
+    EXPECT_GT(check["min_routing_margin"].get<double>(), 0.0);
+  }
+  // A layer the checkpoint does not hold is refused by tensor name.
+  const Result missing = run_moeflow("run --weights " + std::string(MOEFLOW_SOURCE_DIR) +
+                                     "/tests/golden_hf/mixtral --layer 0 --tokens 4 --runs 1 --budget 0");
+  EXPECT_EQ(missing.status, 2) << missing.output;
+  EXPECT_THAT(missing.output, HasSubstr("model.layers.0.block_sparse_moe."));
+}
