@@ -5,6 +5,7 @@
 #include <map>
 
 #include "bench/cpu_session.hpp"
+#include "graph/chunk.hpp"
 #include "graph/error.hpp"
 #include "ops/moe_layer.hpp"
 
@@ -21,14 +22,17 @@ std::vector<nlohmann::json> run_cpu_bench(const BenchOptions& o, std::ostream& l
   const std::string machine = cpu_name(o.threads);
   log << "bench on " << machine << ": measured " << std::fixed << std::setprecision(1) << rates.flops_per_s / 1e9
       << " GFLOP/s (one SGEMM per thread), " << rates.bytes_per_s / 1e9 << " GB/s (copy, read + write)\n";
-  log << std::left << std::setw(9) << "scope" << std::setw(20) << "model" << std::setw(7) << "T" << std::setw(12) << "plan"
+  log << std::left << std::setw(9) << "scope" << std::setw(20) << "model" << std::setw(7) << "T" << std::setw(4) << "ch" << std::setw(12) << "plan"
       << std::setw(12) << "median us" << std::setw(12) << "floor us" << std::setw(9) << "x floor" << "x serial\n";
   std::vector<nlohmann::json> rows;
   for (const std::string& model : o.models) {
     const MoEConfig config = load_config(model, o.sets);
-    for (const std::string& scope : o.scopes) {
+    for (const std::string& scope : o.scopes)
+    for (const int chunks : o.chunks) {
       LayerOptions lo{.max_tokens = max_tokens, .dtype = DType::f32};
-      auto graph = std::make_shared<const Graph>(build_scope_graph(config, scope, lo));
+      Graph built = build_scope_graph(config, scope, lo);
+      if (chunks > 1) built = chunk_tokens(built, {.chunks = chunks});
+      auto graph = std::make_shared<const Graph>(std::move(built));
       // One session per plan; all share the first one's weights.
       std::vector<std::unique_ptr<CpuSession>> sessions;
       try {
@@ -65,8 +69,9 @@ std::vector<nlohmann::json> run_cpu_bench(const BenchOptions& o, std::ostream& l
           row["device"] = machine;
           row["gpu"] = nullptr;
           row["overrides"] = o.sets;
+          row["chunks"] = chunks;
           if (times.count(Policy::serial)) row["ratio_serial"] = t.median_s / times[Policy::serial];
-          log << std::setw(9) << scope << std::setw(20) << config.name << std::setw(7) << T << std::setw(12)
+          log << std::setw(9) << scope << std::setw(20) << config.name << std::setw(7) << T << std::setw(4) << chunks << std::setw(12)
               << to_string(o.plans[i]) << std::setw(12) << std::setprecision(1) << t.median_s * 1e6 << std::setw(12)
               << floor.seconds * 1e6 << std::setw(9) << std::setprecision(2) << t.median_s / floor.seconds
               << (row["ratio_serial"].is_null() ? std::string("-") : std::to_string(row["ratio_serial"].get<double>()))

@@ -17,6 +17,7 @@ struct BenchOptions {
   std::vector<int64_t> tokens;
   std::vector<Policy> plans;
   std::vector<std::string> scopes;  // "experts", "layer"
+  std::vector<int> chunks{1};       // chunk counts (graph/chunk.hpp) measured in turn
   int threads = 1;
   uint64_t seed = 0;
   int warmup = 1;

@@ -74,15 +74,15 @@ CheckReport CpuSession::check(double tolerance) const {
 
 Floor CpuSession::floor(const MachineRates& rates) {
   const Graph& g = *plan_.graph;
-  const ValueId ids = routing_ids(g);
-  if (ids < 0) return roofline_floor(g, tokens_, nullptr, rates);  // nothing routed (shared experts alone)
+  if (routing_ids(g).empty()) return roofline_floor(g, tokens_, nullptr, rates);  // nothing routed (shared experts alone)
   const int current = set_;
-  const int64_t count = g.value(ids).shape().elements(tokens_);
   const Floor f = mean_floor(g, tokens_, input_sets(), [&](int set) {
     use_input_set(set);
     if (!routing_is_input(g)) run();  // a whole layer's routing exists once its gate has run on this set
-    const auto* data = static_cast<const int32_t*>(value_data(ids));
-    return std::vector<int32_t>(data, data + count);
+    return gather_routing(g, tokens_, [&](ValueId v, int64_t count) {
+      const auto* data = static_cast<const int32_t*>(value_data(v));
+      return std::vector<int32_t>(data, data + count);
+    });
   }, rates);
   use_input_set(current);
   if (!routing_is_input(g)) run();

@@ -2,7 +2,7 @@
 # One call on the GPU machine (see the device README): unpack the carried .deb files, build there,
 # run the gpu tests (plain, memcheck, racecheck), the CLI checks of every preset, the CUDA-graph
 # host cost (mode `tests`), or the benchmark sweep (mode `bench`). Everything lands in $OUT.
-# Usage: bash bench/gpu_session.sh tests|bench|overlap|probe|sanitize [models] [experts kernels] [tokens] [scopes]
+# Usage: bash bench/gpu_session.sh tests|bench|overlap|chunks|probe|sanitize [models] [experts kernels] [tokens] [scopes]
 set -uo pipefail
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 mkdir -p /opt/deps && for f in .deps/*.deb; do dpkg -x "$f" /opt/deps; done
@@ -27,6 +27,16 @@ if [[ $mode == sanitize ]]; then
     timeout 270 compute-sanitizer --tool $tool --error-exitcode 9 $b/moeflow_gpu_tests --gtest_brief=1 > "$OUT/$tool.log" 2>&1
     echo "rc=$?"; tail -n 3 "$OUT/$tool.log"
   done
+  exit 0
+fi
+if [[ $mode == chunks ]]; then
+  # gpu tests (plain), then time(chunked) / time(unchunked) per preset at large T.
+  echo "== gpu tests"; timeout 240 $b/moeflow_gpu_tests --gtest_brief=1 > "$OUT/gpu_tests.log" 2>&1; echo "rc=$?"; tail -3 "$OUT/gpu_tests.log"
+  grep -E "FAILED|Failure" "$OUT/gpu_tests.log" | head -20
+  echo "== chunk bench"
+  timeout 300 $b/moeflow bench --backend cuda --models ${2:-mixtral-8x7b,qwen3-30b-a3b,qwen1.5-moe-a2.7b,deepseek-v3} \
+    --tokens ${4:-2048,8192} --chunks 1,2,4 --plans serial,concurrent --scope layer --json "$OUT/bench.jsonl" \
+    > "$OUT/bench.log" 2>&1; echo "rc=$?"; grep -v "^skipped" "$OUT/bench.log" | tail -50
   exit 0
 fi
 if [[ $mode == overlap ]]; then

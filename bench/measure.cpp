@@ -39,6 +39,9 @@ Floor roofline_floor(const Graph& g, int64_t T, const int32_t* ids, const Machin
   for (const Node& n : g.nodes()) {
     const std::string kind = n.op->kind();
     if (kind != "experts" && kind != "gate" && kind != "shared_expert") continue;
+    // The floor is the layer's, however it is scheduled: a chunked graph counts each op once, for
+    // all T tokens (its chunk-0 copy stands for it), with every chunk's routing in `ids`.
+    if (n.chunk > 0) continue;
     const double H = static_cast<double>(g.value(n.inputs[0]).shape()[1].fixed);
     if (kind == "experts") {
       const auto& op = static_cast<const ExpertsOp&>(*n.op);
@@ -61,21 +64,35 @@ Floor roofline_floor(const Graph& g, int64_t T, const int32_t* ids, const Machin
   return f;
 }
 
-ValueId routing_ids(const Graph& g) {
-  for (const Node& n : g.nodes())
-    if (n.op->kind() == "dispatch") return n.inputs[1];
-  return -1;
+std::vector<ValueId> routing_ids(const Graph& g) {
+  std::vector<ValueId> ids;
+  for (const Node& n : g.nodes())  // topological order keeps chunk order
+    if (n.op->kind() == "dispatch") ids.push_back(n.inputs[1]);
+  return ids;
+}
+
+std::vector<int32_t> gather_routing(const Graph& g, int64_t tokens,
+                                    const std::function<std::vector<int32_t>(ValueId, int64_t count)>& data) {
+  std::vector<int32_t> all;
+  for (ValueId v : routing_ids(g)) {
+    const Value& val = g.value(v);
+    const std::vector<int32_t> part = data(v, val.shape().elements(val.tokens_in(tokens)));
+    all.insert(all.end(), part.begin(), part.end());
+  }
+  return all;
 }
 
 PlanOptions observing(const Graph& g, PlanOptions options) {
   for (const Node& n : g.nodes())
     if (n.op->kind() == "gate") options.keep_values.push_back(g.value(n.outputs[0]).name);
+  for (ValueId v : routing_ids(g))
+    if (!g.value(v).is_graph_input()) options.keep_values.push_back(g.value(v).name);
   return options;
 }
 
 Floor mean_floor(const Graph& g, int64_t tokens, int sets, const std::function<std::vector<int32_t>(int set)>& ids_of,
                  const MachineRates& rates) {
-  if (routing_ids(g) < 0) return roofline_floor(g, tokens, nullptr, rates);  // no routed experts
+  if (routing_ids(g).empty()) return roofline_floor(g, tokens, nullptr, rates);  // no routed experts
   Floor mean;
   for (int s = 0; s < sets; ++s) {
     const std::vector<int32_t> ids = ids_of(s);

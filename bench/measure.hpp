@@ -41,13 +41,20 @@ Floor roofline_floor(const Graph& g, int64_t tokens, const int32_t* ids, const M
 // graph, or what the gate produced when the set last ran.
 Floor mean_floor(const Graph& g, int64_t tokens, int sets, const std::function<std::vector<int32_t>(int set)>& ids_of,
                  const MachineRates& rates);
-// The value holding the routing the floor counts: the dispatch node's ids (-1: nothing is routed).
-ValueId routing_ids(const Graph& g);
-// Plan options that keep alive what a session reads after a run: every gate's top-k ids (the
-// reference check's near-tie rule and the floor read them).
+// The values holding the routing the floor counts: the ids each dispatch node reads, in chunk order
+// (one for an unchunked graph; none when nothing is routed).
+std::vector<ValueId> routing_ids(const Graph& g);
+// The routing of a run of `tokens` tokens as one [T, k] array: each chunk's rows in order, read
+// through `data` (a session's view of a value's buffer on the host).
+std::vector<int32_t> gather_routing(const Graph& g, int64_t tokens, const std::function<std::vector<int32_t>(ValueId, int64_t count)>& data);
+// Plan options that keep alive what a session reads after a run: every gate's top-k ids and every
+// dispatch's (the reference check's near-tie rule and the floor read them).
 PlanOptions observing(const Graph& g, PlanOptions options);
-// Whether the routing is a graph input (experts-only graph) rather than the gate's output.
-inline bool routing_is_input(const Graph& g) { return routing_ids(g) >= 0 && g.value(routing_ids(g)).role == ValueRole::input; }
+// Whether the routing is a graph input (unchunked experts-only graph) rather than computed by a run.
+inline bool routing_is_input(const Graph& g) {
+  const auto ids = routing_ids(g);
+  return ids.size() == 1 && g.value(ids[0]).role == ValueRole::input;
+}
 
 // One benchmark row as DESIGN.md lists its fields (scope, preset, T, plan, kernels, time_us,
 // floor_us, ratio_floor, ratio_serial (null here), tflops, gbps, gpu) plus what explains it.

@@ -3,6 +3,7 @@
 #include <map>
 
 #include "graph/error.hpp"
+#include "graph/row_ops.hpp"
 #include "ops/combine_op.hpp"
 #include "ops/dispatch_op.hpp"
 #include "ops/experts_op.hpp"
@@ -24,7 +25,7 @@ struct RefValue {
 
 }  // namespace
 
-ReferenceResult reference_run(const Graph& g, int64_t T, const std::function<const void*(ValueId)>& graph_data,
+ReferenceResult reference_run(const Graph& g, int64_t run_tokens, const std::function<const void*(ValueId)>& graph_data,
                               const std::function<const void*(ValueId)>& engine_data) {
   std::map<ValueId, RefValue> vals;
   ReferenceResult result;
@@ -42,7 +43,7 @@ ReferenceResult reference_run(const Graph& g, int64_t T, const std::function<con
   auto weights_of = [&](ValueId v) -> std::vector<double> {
     if (g.value(v).is_graph_input()) {
       const float* w = static_cast<const float*>(graph_data(v));
-      return std::vector<double>(w, w + g.value(v).shape().elements(T));
+      return std::vector<double>(w, w + g.value(v).shape().elements(run_tokens));
     }
     return vals.at(v).data;
   };
@@ -50,6 +51,31 @@ ReferenceResult reference_run(const Graph& g, int64_t T, const std::function<con
   for (const Node& n : g.nodes()) {
     const std::string kind = n.op->kind();
     if (kind == "to_host") continue;  // a copy: the reference's values live on the host already
+    const int64_t T = g.tokens_of(n, run_tokens);  // a chunk's rows in a chunked graph
+    if (kind == "slice_rows") {
+      const auto& op = static_cast<const SliceRowsOp&>(*n.op);
+      const Value& in = g.value(n.inputs[0]);
+      const int64_t per_token = in.shape().elements(1);
+      const int64_t first = op.chunk() * op.rows() * per_token, count = T * per_token;
+      RefValue& part = vals[n.outputs[0]];
+      if (in.dtype() == DType::i32) {
+        const int32_t* ids = ids_of(n.inputs[0]);
+        part.ids.assign(ids + first, ids + first + count);
+      } else {
+        const float* x = floats(n.inputs[0]);
+        part.data.assign(x + first, x + first + count);
+      }
+      continue;
+    }
+    if (kind == "concat_rows") {
+      std::vector<double>& joined = vals[n.outputs[0]].data;
+      for (ValueId v : n.inputs) joined.insert(joined.end(), vals.at(v).data.begin(), vals.at(v).data.end());
+      continue;
+    }
+    if (T == 0) {  // an empty chunk: nothing to compute
+      for (ValueId v : n.outputs) vals[v] = RefValue{};
+      continue;
+    }
     const int64_t H = g.value(n.inputs[0]).shape()[1].fixed;
     if (kind == "gate") {
       const auto& op = static_cast<const GateOp&>(*n.op);

@@ -33,7 +33,7 @@ std::string edge_label(const Graph& g, const Value& v) {
     const std::string& prefix = g.node(v.producer).name;
     if (name.rfind(prefix + ".", 0) == 0) name = name.substr(prefix.size() + 1);
   }
-  return name + " " + human_bytes(static_cast<double>(v.bytes(g.max_tokens())));
+  return name + " " + human_bytes(static_cast<double>(v.bytes(v.tokens_in(g.max_tokens()))));
 }
 
 }  // namespace

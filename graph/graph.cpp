@@ -30,6 +30,29 @@ Graph::Graph(std::string name, int64_t max_tokens) : name_(std::move(name)), max
     fail_input("graph '" + name_ + "': maximum tokens must be > 0, got " + std::to_string(max_tokens_));
 }
 
+void Graph::set_chunking(int chunks, int64_t rows) {
+  if (chunks < 1 || rows < 1) fail_input("graph '" + name_ + "': chunking needs chunks >= 1 and rows >= 1");
+  chunks_ = chunks;
+  chunk_rows_ = rows;
+}
+
+void Graph::set_chunk(NodeId n, int chunk) {
+  if (chunk < 0 || chunk >= chunks_)
+    fail_input("graph '" + name_ + "': chunk " + std::to_string(chunk) + " of " + std::to_string(chunks_));
+  Node& node = nodes_.at(static_cast<std::size_t>(n));
+  node.chunk = chunk;
+  for (ValueId v : node.outputs) {
+    values_.at(static_cast<std::size_t>(v)).chunk = chunk;
+    values_.at(static_cast<std::size_t>(v)).chunk_rows = chunk_rows_;
+  }
+}
+
+int64_t Graph::tokens_of(const Node& n, int64_t tokens) const {
+  if (n.chunk < 0) return tokens;
+  const int64_t first = n.chunk * chunk_rows_;
+  return std::clamp<int64_t>(tokens - first, 0, chunk_rows_);
+}
+
 std::optional<ValueId> Graph::find_value(std::string_view name) const {
   auto it = value_index_.find(name);
   if (it == value_index_.end()) return std::nullopt;

@@ -48,6 +48,16 @@ class Graph {
   // Makes input `index` of node n read `v` instead (passes use it to reroute a value).
   void replace_input(NodeId n, std::size_t index, ValueId v);
 
+  // Chunking (graph/chunk.hpp): a node tagged with a chunk works on that chunk's share of the token
+  // rows, at most chunk_rows() of them; untagged nodes work on all of them.
+  int64_t chunk_rows() const { return chunk_rows_; }
+  int chunks() const { return chunks_; }
+  void set_chunking(int chunks, int64_t rows);
+  // Tags node n and its outputs with chunk `chunk` (set_chunking first).
+  void set_chunk(NodeId n, int chunk);
+  // Token rows node n works on when the graph runs `tokens` tokens (0 for an empty chunk).
+  int64_t tokens_of(const Node& n, int64_t tokens) const;
+  int64_t max_tokens_of(const Node& n) const { return tokens_of(n, max_tokens_); }
   // Checks the graph and infers every activation's type (see validate.hpp).
   void validate();
 
@@ -55,6 +65,8 @@ class Graph {
   friend void validate_graph(Graph&);
   std::string name_;
   int64_t max_tokens_;
+  int chunks_ = 0;
+  int64_t chunk_rows_ = 0;
   std::string description_;
   std::vector<Node> nodes_;
   std::vector<Value> values_;

@@ -45,6 +45,10 @@ struct Value {
   int init_choices = 0;     // expert_ids: the number of experts to draw from
   NodeId producer = kNoNode;
   std::vector<NodeId> consumers;
+  // Set by the chunk pass (graph/chunk.hpp): the value holds chunk `chunk`'s rows of the token
+  // dimension, at most `chunk_rows` of them, starting at token chunk * chunk_rows.
+  int chunk = -1;
+  int64_t chunk_rows = 0;
 
   const Shape& shape() const { return type.value().shape; }
   DType dtype() const { return type.value().dtype; }
@@ -52,7 +56,15 @@ struct Value {
   // "[T,2048] f32", or "?" before inference.
   std::string type_str() const;
   std::string type_str(int64_t tokens) const;
-  int64_t bytes(int64_t tokens) const { return shape().elements(tokens) * static_cast<int64_t>(dtype_size(dtype())); }
+  // The token rows this value holds when the graph runs `tokens` tokens (a chunk's share: possibly
+  // 0). bytes() and shape().elements() take rows, not the graph's T: size a buffer with
+  // bytes(tokens_in(T)).
+  int64_t tokens_in(int64_t tokens) const {
+    if (chunk < 0) return tokens;
+    const int64_t first = chunk * chunk_rows;
+    return tokens <= first ? 0 : (tokens - first < chunk_rows ? tokens - first : chunk_rows);
+  }
+  int64_t bytes(int64_t rows) const { return shape().elements(rows) * static_cast<int64_t>(dtype_size(dtype())); }
 };
 
 }  // namespace moeflow

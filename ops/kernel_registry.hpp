@@ -18,7 +18,8 @@ namespace moeflow {
 enum class Backend { cpu, cuda };
 const char* to_string(Backend b);
 
-// One call of a kernel: the node, its operands' buffers in node order, and the run's T.
+// One call of a kernel: the node, its operands' buffers in node order, and the token rows it works
+// on (the run's T, or its chunk's share of it: Graph::tokens_of).
 struct KernelCall {
   const Graph& graph;
   const Node& node;
@@ -29,6 +30,8 @@ struct KernelCall {
   void* workspace = nullptr;       // the kernel's own scratch, as large as its workspace() said
   void* host_workspace = nullptr;  // pinned host scratch, as large as its host_workspace() said
 
+  // The most rows this node ever gets (its chunk's size in a chunked graph): what scratch is sized for.
+  int64_t max_tokens() const { return graph.max_tokens_of(node); }
   template <class T> const T* in(std::size_t i) const { return static_cast<const T*>(inputs[i]); }
   template <class T> T* out(std::size_t i) const { return static_cast<T*>(outputs[i]); }
   const Value& input_value(std::size_t i) const { return graph.value(node.inputs[i]); }
@@ -95,6 +98,7 @@ void register_dispatch_kernels(KernelRegistry& r);
 void register_experts_kernels(KernelRegistry& r);
 void register_combine_kernels(KernelRegistry& r);
 void register_reduce_kernels(KernelRegistry& r);
+void register_row_kernels(KernelRegistry& r);  // slice_rows, concat_rows (the chunk pass's ops)
 #ifdef MOEFLOW_HAVE_CUDA
 void register_cuda_kernels(KernelRegistry& r);  // ops/cuda/cuda_kernels.cpp
 #endif

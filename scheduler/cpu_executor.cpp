@@ -60,8 +60,10 @@ CpuExecutor::CpuExecutor(const Plan& plan, int threads)
             for (ValueId v : n.outputs) out.push_back(workspace_.data(v));
             const auto t0 = Clock::now();
             try {
-              s.kernel->run(KernelCall{g, n, in, out, fl.tokens, nullptr,
-                                       s.workspace_bytes ? workspace_.base() + s.workspace_offset : nullptr, nullptr});
+              // A chunk the run's tokens do not reach has no rows: it runs and produces nothing.
+              if (const int64_t rows = g.tokens_of(n, fl.tokens); rows > 0)
+                s.kernel->run(KernelCall{g, n, in, out, rows, nullptr,
+                                         s.workspace_bytes ? workspace_.base() + s.workspace_offset : nullptr, nullptr});
             } catch (...) {
               std::lock_guard<std::mutex> lock(fl.error_mutex);
               if (!fl.error) fl.error = std::current_exception();

@@ -49,7 +49,7 @@ void lay_out_buffers(Plan& plan) {
               : v.role == ValueRole::input ? Arena::inputs
               : v.type->host_memory        ? Arena::host
                                            : Arena::workspace;
-    b.bytes = v.bytes(g.max_tokens());
+    b.bytes = v.bytes(v.tokens_in(g.max_tokens()));
     b.offset = plan.arena_bytes[b.arena];
     plan.arena_bytes[b.arena] += align_up(b.bytes);
   }
@@ -357,12 +357,12 @@ Plan make_plan(std::shared_ptr<const Graph> graph, const PlanOptions& options) {
     s.reason = choice.reason;
     const auto in = graph->input_values(n);
     const auto out = graph->output_values(n);
-    s.cost = n.op->cost({in, out}, T);
+    s.cost = n.op->cost({in, out}, graph->tokens_of(n, T));
     const Prediction predicted = predict(s.cost, options.rates, s.kernel->launches);
     s.predicted_s = predicted.total_s();
     s.work_s = predicted.work_s;
-    if (s.kernel->workspace) s.workspace_bytes = s.kernel->workspace(*graph, n, graph->max_tokens());
-    if (s.kernel->host_workspace) s.host_workspace_bytes = s.kernel->host_workspace(*graph, n, graph->max_tokens());
+    if (s.kernel->workspace) s.workspace_bytes = s.kernel->workspace(*graph, n, graph->max_tokens_of(n));
+    if (s.kernel->host_workspace) s.host_workspace_bytes = s.kernel->host_workspace(*graph, n, graph->max_tokens_of(n));
     plan.predicted_serial_s += s.predicted_s;
   }
   if (options.policy == Policy::serial) schedule_serial(plan, by_node);

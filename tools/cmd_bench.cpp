@@ -22,6 +22,7 @@ Command add_bench_command(CLI::App& app) {
     std::vector<std::string> experts_kernels;
     int input_sets = 8;
     std::vector<std::string> scope{"both"};
+    std::vector<int> chunks{1};
     std::string backend = "cpu";
     int threads = 0;
     uint64_t seed = 0;
@@ -43,6 +44,9 @@ Command add_bench_command(CLI::App& app) {
   sub->add_option("--scope", f->scope, "experts | layer | both (= experts,layer) | routed | shared, comma-separated")
       ->delimiter(',')
       ->check(CLI::IsMember({"experts", "layer", "both", "routed", "shared"}));
+  sub->add_option("--chunks", f->chunks, "chunk counts to measure in turn, comma-separated (1 = unchunked)")
+      ->delimiter(',')
+      ->check(CLI::PositiveNumber);
   sub->add_option("--backend", f->backend, "cpu | cuda")->check(CLI::IsMember({"cpu", "cuda"}));
   sub->add_option("--threads", f->threads, "oneTBB threads (default: every core)")->check(CLI::PositiveNumber);
   sub->add_option("--seed", f->seed, "seed of the random weights and inputs");
@@ -73,6 +77,7 @@ Command add_bench_command(CLI::App& app) {
       o.plans = f->plans;
       o.experts_kernels = f->experts_kernels;
       o.scopes = scopes;
+      o.chunks = f->chunks;
       o.seed = f->seed;
       o.min_runs = std::max(f->min_runs, 50);
       o.input_sets = std::max(f->input_sets, 8);
@@ -91,6 +96,7 @@ Command add_bench_command(CLI::App& app) {
     o.tokens = f->tokens;
     for (const std::string& p : f->plans) o.plans.push_back(parse_policy(p));
     o.scopes = scopes;
+    o.chunks = f->chunks;
     o.threads = f->threads > 0 ? f->threads : tbb::info::default_concurrency();
     o.seed = f->seed;
     o.min_runs = f->min_runs;

@@ -39,7 +39,7 @@ Command add_dot_command(CLI::App& app) {
   sub->add_option("-o,--output", flags->output, "output file (default stdout)");
   return [flags] {
     check_tokens(flags->max_tokens, flags->max_tokens);
-    auto g = build_graph(flags->model.config(), flags->model.scope, flags->max_tokens);
+    auto g = build_graph(flags->model.config(), flags->model.scope, flags->max_tokens, Backend::cpu, flags->model.chunking());
     write_output(flags->output, graph_dot(*g));
     return 0;
   };
@@ -60,7 +60,7 @@ Command add_plan_command(CLI::App& app) {
   return [flags] {
     check_tokens(flags->max_tokens, flags->max_tokens);
     const PlanOptions options = flags->plan.options();
-    auto g = build_graph(flags->model.config(), flags->model.scope, flags->max_tokens, options.backend);
+    auto g = build_graph(flags->model.config(), flags->model.scope, flags->max_tokens, options.backend, flags->model.chunking());
     // Nominal machine rates (not measured) keep `plan` instant and its output reproducible.
     const Plan plan = make_plan(g, options);
     plan.write_summary(std::cout);

@@ -145,7 +145,7 @@ Command add_run_command(CLI::App& app) {
     plan_options.capturable = f->cuda_graph;
     // The checkpoint opens (and is validated) before anything is allocated; the session loads it.
     const WeightLoader load_weights = f->weights.empty() ? WeightLoader{} : hf_layer_loader(config, f->weights, f->layer);
-    auto graph = build_graph(config, f->model.scope, max_tokens, plan_options.backend);
+    auto graph = build_graph(config, f->model.scope, max_tokens, plan_options.backend, f->model.chunking());
     const int threads = f->threads > 0 ? f->threads : tbb::info::default_concurrency();
     Measured m;
     if (plan_options.backend == Backend::cuda) {

@@ -15,6 +15,11 @@ void ModelFlags::add_to(CLI::App& app) {
                  "layer (x -> output), experts (x, top-k ids, weights -> output), routed (layer without shared "
                  "experts) or shared (shared experts alone)")
       ->check(CLI::IsMember({"layer", "experts", "routed", "shared"}));
+  auto* n = app.add_option("--chunks", chunks, "split the token dimension into N chunks (sub-DAGs the planner pipelines)")
+                ->check(CLI::PositiveNumber);
+  auto* c = app.add_option("--chunk-tokens", chunk_tokens, "split the token dimension into chunks of C tokens")
+                ->check(CLI::PositiveNumber);
+  n->excludes(c);
 }
 
 MoEConfig ModelFlags::config() const {
@@ -49,10 +54,12 @@ PlanOptions PlanFlags::options() const {
 }
 
 std::shared_ptr<const Graph> build_graph(const MoEConfig& config, const std::string& scope, int64_t max_tokens,
-                                        Backend backend) {
+                                        Backend backend, const ChunkOptions& chunking) {
   // The CPU computes in f32; the GPU stores bf16 and accumulates in f32.
   LayerOptions o{.max_tokens = max_tokens, .dtype = backend == Backend::cuda ? DType::bf16 : DType::f32};
-  return std::make_shared<const Graph>(build_scope_graph(config, scope, o));
+  Graph g = build_scope_graph(config, scope, o);
+  if (chunking.chunks > 0 || chunking.chunk_tokens > 0) g = chunk_tokens(g, chunking);
+  return std::make_shared<const Graph>(std::move(g));
 }
 
 void check_tokens(int64_t tokens, int64_t max_tokens) {

@@ -6,6 +6,7 @@
 #include <string>
 #include <vector>
 
+#include "graph/chunk.hpp"
 #include "ops/model_config.hpp"
 #include "scheduler/plan.hpp"
 
@@ -16,8 +17,11 @@ struct ModelFlags {
   std::string hf_config;
   std::vector<std::string> sets;
   std::string scope = "layer";  // layer | experts
+  int chunks = 0;               // --chunks N (the chunk pass, graph/chunk.hpp); 0: none
+  int64_t chunk_tokens = 0;     // --chunk-tokens C
 
   void add_to(CLI::App& app);
+  ChunkOptions chunking() const { return {chunks, chunk_tokens}; }
   // Exactly one of --model / --hf-config (a default preset when neither is given).
   MoEConfig config() const;
 };
@@ -33,9 +37,9 @@ struct PlanFlags {
   PlanOptions options() const;
 };
 
-// The graph of `scope` for a config at a maximum T.
+// The graph of `scope` for a config at a maximum T, split into chunks when `chunking` asks for it.
 std::shared_ptr<const Graph> build_graph(const MoEConfig& config, const std::string& scope, int64_t max_tokens,
-                                        Backend backend = Backend::cpu);
+                                        Backend backend = Backend::cpu, const ChunkOptions& chunking = {});
 
 // Refuses T <= 0 and T above the maximum, naming both.
 void check_tokens(int64_t tokens, int64_t max_tokens);

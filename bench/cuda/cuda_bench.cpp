@@ -5,6 +5,7 @@
 #include <map>
 
 #include "bench/cuda/cuda_session.hpp"
+#include "graph/chunk.hpp"
 #include "graph/error.hpp"
 #include "kernels/cuda/device.hpp"
 #include "ops/moe_layer.hpp"
@@ -19,7 +20,7 @@ std::vector<nlohmann::json> run_cuda_bench(const CudaBenchOptions& o, std::ostre
   const MachineRates rates = measure_cuda_rates(o.device);
   log << "bench on " << gpu << ": measured " << std::fixed << std::setprecision(1) << rates.flops_per_s / 1e12
       << " TFLOP/s (cuBLAS bf16 8192^3), " << rates.bytes_per_s / 1e12 << " TB/s (2 GiB copy, read + write)\n";
-  log << std::left << std::setw(8) << "scope" << std::setw(19) << "model" << std::setw(6) << "T" << std::setw(12) << "plan"
+  log << std::left << std::setw(8) << "scope" << std::setw(19) << "model" << std::setw(6) << "T" << std::setw(4) << "ch" << std::setw(12) << "plan"
       << std::setw(30) << "experts kernel" << std::setw(11) << "median us" << std::setw(10) << "floor us" << std::setw(9)
       << "x floor" << "x serial\n";
   std::vector<nlohmann::json> rows;
@@ -29,10 +30,13 @@ std::vector<nlohmann::json> run_cuda_bench(const CudaBenchOptions& o, std::ostre
     for (const std::string& scope : o.scopes) {
       // One graph and plan per T (best plan per point; a plan's kernels are chosen for its maximum
       // T); every session shares the weights of the first, drawn once.
+      for (const int chunks : o.chunks) {
       std::unique_ptr<CudaSession> owner;
       auto build = [&](int64_t max_tokens) {
         LayerOptions lo{.max_tokens = max_tokens, .dtype = DType::bf16};
-        return std::make_shared<const Graph>(build_scope_graph(config, scope, lo));
+        Graph g = build_scope_graph(config, scope, lo);
+        if (chunks > 1) g = chunk_tokens(g, {.chunks = chunks});
+        return std::make_shared<const Graph>(std::move(g));
       };
       {
         CudaSessionOptions so;
@@ -83,10 +87,11 @@ std::vector<nlohmann::json> run_cuda_bench(const CudaBenchOptions& o, std::ostre
             nlohmann::json row = bench_row(scope, config.name, T, graph_replay ? "concurrent+cuda_graph" : plan,
                                            s.plan().lanes.size(), kernel_names, t, floor, o.input_sets);
             row["experts_kernel"] = experts_kernel;
+            row["chunks"] = chunks;
             row["gpu"] = gpu;
             if (serial_time.count(kernel)) row["ratio_serial"] = t.median_s / serial_time[kernel];
-            log << std::setw(8) << scope << std::setw(19) << config.name << std::setw(6) << T << std::setw(12)
-                << (graph_replay ? "conc+graph" : plan) << std::setw(30) << experts_kernel << std::setw(11)
+            log << std::setw(8) << scope << std::setw(19) << config.name << std::setw(6) << T << std::setw(4) << chunks
+                << std::setw(12) << (graph_replay ? "conc+graph" : plan) << std::setw(30) << experts_kernel << std::setw(11)
                 << std::setprecision(1) << t.median_s * 1e6 << std::setw(10) << floor.seconds * 1e6 << std::setw(9)
                 << std::setprecision(2) << t.median_s / floor.seconds
                 << (row["ratio_serial"].is_null() ? std::string("-") : std::to_string(row["ratio_serial"].get<double>()))
@@ -94,6 +99,7 @@ std::vector<nlohmann::json> run_cuda_bench(const CudaBenchOptions& o, std::ostre
             if (on_row) on_row(row);
             rows.push_back(std::move(row));
           }
+      }
       }
     }
   }

@@ -17,6 +17,7 @@ struct CudaBenchOptions {
   std::vector<std::string> plans;            // serial | concurrent | graph (concurrent + CUDA graph)
   std::vector<std::string> experts_kernels;  // empty: the planner's choice; else each forced in turn
   std::vector<std::string> scopes;
+  std::vector<int> chunks{1};                // chunk counts (graph/chunk.hpp) measured in turn
   uint64_t seed = 0;
   int warmup = 3;
   int min_runs = 50;

@@ -301,14 +301,15 @@ CheckReport CudaSession::check(double tolerance) {
 
 Floor CudaSession::floor(const MachineRates& rates) {
   const Graph& g = *plan_.graph;
-  const ValueId ids = routing_ids(g);
-  if (ids < 0) return roofline_floor(g, tokens_, nullptr, rates);  // nothing routed (shared experts alone)
+  if (routing_ids(g).empty()) return roofline_floor(g, tokens_, nullptr, rates);  // nothing routed (shared experts alone)
   const int current = set_;
   const Floor f = mean_floor(g, tokens_, input_sets(), [&](int set) {
     use_input_set(set);
     if (!routing_is_input(g)) run();
-    const void* device_ids = routing_is_input(g) ? inputs_[static_cast<std::size_t>(set)]->data(ids) : executor_->data(ids);
-    return to_host<int32_t>(device_ids, g.value(ids).shape().elements(tokens_));
+    return gather_routing(g, tokens_, [&](ValueId v, int64_t count) {
+      const void* device_ids = g.value(v).is_graph_input() ? inputs_[static_cast<std::size_t>(set)]->data(v) : executor_->data(v);
+      return to_host<int32_t>(device_ids, count);
+    });
   }, rates);
   use_input_set(current);
   return f;

@@ -10,6 +10,7 @@
 #include "kernels/cuda/lane_context.hpp"
 #include "kernels/cuda/permute.hpp"
 #include "kernels/cuda/routing.hpp"
+#include "graph/row_ops.hpp"
 #include "ops/combine_op.hpp"
 #include "ops/dispatch_op.hpp"
 #include "ops/experts_op.hpp"
@@ -74,7 +75,7 @@ int64_t experts_scratch_bytes(const Node& n, int64_t tokens) {
 // Where the bf16 scratch h [R, 2I] and act [R, I] sit in a workspace sized for the plan's maximum T.
 void experts_scratch(const KernelCall& c, std::byte* workspace, uint16_t*& h, uint16_t*& act) {
   const auto& op = static_cast<const ExpertsOp&>(*c.node.op);
-  const int64_t rows = c.graph.max_tokens() * op.top_k();
+  const int64_t rows = c.max_tokens() * op.top_k();
   h = reinterpret_cast<uint16_t*>(workspace);
   act = reinterpret_cast<uint16_t*>(workspace + align256(rows * 2 * op.intermediate() * 2));
 }
@@ -93,7 +94,7 @@ void run_grouped(const KernelCall& c, std::byte* workspace) {
   const auto& op = static_cast<const ExpertsOp&>(*c.node.op);
   uint16_t *h, *act;
   experts_scratch(c, workspace, h, act);
-  std::byte* pointers = workspace + experts_scratch_bytes(c.node, c.graph.max_tokens());
+  std::byte* pointers = workspace + experts_scratch_bytes(c.node, c.max_tokens());
   cuda::experts_grouped_batched(lane(c), bf16_in(c, 0), c.in<int32_t>(1), op.experts(), hidden_of(c),
                                 op.intermediate(), bf16_in(c, 2), bf16_in(c, 3), h, act, bf16_out(c, 0), pointers,
                                 c.host_workspace);
@@ -105,7 +106,7 @@ void register_experts(KernelRegistry& r) {
            Support s = cuda_supports_bf16(g, n, "");
            if (!s.ok) return s;
            const auto& op = static_cast<const ExpertsOp&>(*n.op);
-           const int64_t rows = g.max_tokens() * op.top_k();
+           const int64_t rows = g.max_tokens_of(n) * op.top_k();
            if (rows > 2 * op.experts())
              return Support::no("T*k = " + std::to_string(rows) + " > 2E = " + std::to_string(2 * op.experts()) +
                                 ": rows share experts, and each row would read its expert's weights again");
@@ -116,7 +117,7 @@ void register_experts(KernelRegistry& r) {
            const auto& op = static_cast<const ExpertsOp&>(*c.node.op);
            uint16_t *h, *act;
            experts_scratch(c, static_cast<std::byte*>(c.workspace), h, act);
-           void* ptrs = static_cast<std::byte*>(c.workspace) + experts_scratch_bytes(c.node, c.graph.max_tokens());
+           void* ptrs = static_cast<std::byte*>(c.workspace) + experts_scratch_bytes(c.node, c.max_tokens());
            cuda::experts_rows_batched(lane(c), bf16_in(c, 0), c.in<int32_t>(1), op.experts(), c.tokens * op.top_k(),
                                       hidden_of(c), op.intermediate(), bf16_in(c, 2), bf16_in(c, 3), h, act,
                                       bf16_out(c, 0), ptrs);
@@ -130,7 +131,7 @@ void register_experts(KernelRegistry& r) {
          [](const Graph& g, const Node& n) {
            Support s = cuda_supports_bf16(g, n, "");
            if (!s.ok) return s;
-           return Support::yes(fmt(rows_per_expert(n, g.max_tokens())) +
+           return Support::yes(fmt(rows_per_expert(n, g.max_tokens_of(n))) +
                                " rows/expert at max T -> grouped_batched: one cuBLAS call per GEMM layer (host sync)");
          },
          [](const KernelCall& c) { run_grouped(c, static_cast<std::byte*>(c.workspace)); },
@@ -142,8 +143,8 @@ void register_experts(KernelRegistry& r) {
   // the maximum T; a run whose routing is more skewed than that takes the grouped path instead.
   auto planned_capacity = [](const Graph& g, const Node& n) {
     const auto& op = static_cast<const ExpertsOp&>(*n.op);
-    const int64_t mean = (g.max_tokens() * op.top_k() + op.experts() - 1) / op.experts();
-    return std::min<int64_t>(g.max_tokens(), mean + mean / 2 + 64);
+    const int64_t mean = (g.max_tokens_of(n) * op.top_k() + op.experts() - 1) / op.experts();
+    return std::min<int64_t>(g.max_tokens_of(n), mean + mean / 2 + 64);
   };
   auto padded_part = [planned_capacity](const Graph& g, const Node& n) {
     const auto& op = static_cast<const ExpertsOp&>(*n.op);
@@ -154,7 +155,7 @@ void register_experts(KernelRegistry& r) {
          [planned_capacity, padded_part](const Graph& g, const Node& n) {
            Support s = cuda_supports_bf16(g, n, "");
            if (!s.ok) return s;
-           const double mean = rows_per_expert(n, g.max_tokens());
+           const double mean = rows_per_expert(n, g.max_tokens_of(n));
            if (mean < 128)
              return Support::no(fmt(mean) + " rows/expert at max T: padding to the largest expert wastes too much");
            if (padded_part(g, n) > (int64_t{16} << 30)) return Support::no("padded scratch above 16 GiB");
@@ -208,7 +209,7 @@ void register_experts(KernelRegistry& r) {
            if (!s.ok) return s;
            const auto& op = static_cast<const ExpertsOp&>(*n.op);
            const int64_t H = g.value(n.inputs[0]).shape()[1].fixed;
-           const int64_t capacity = g.max_tokens();  // distinct ids per token: no expert gets more rows than T
+           const int64_t capacity = g.max_tokens_of(n);  // distinct ids per token: no expert gets more rows than T
            const std::size_t bytes = cuda::padded_scratch_bytes(op.experts(), capacity, static_cast<int>(H), op.intermediate());
            if (bytes > (std::size_t{16} << 30))
              return Support::no("padding every expert to " + std::to_string(capacity) + " rows needs " +
@@ -255,7 +256,7 @@ void register_cuda_kernels(KernelRegistry& r) {
            const int H = hidden_of(c), I = op.intermediate();
            auto* h = static_cast<uint16_t*>(c.workspace);
            auto* act = reinterpret_cast<uint16_t*>(static_cast<std::byte*>(c.workspace) +
-                                                   align256(c.graph.max_tokens() * 2 * I * 2));
+                                                   align256(c.max_tokens() * 2 * I * 2));
            cuda::gemm_bf16_nt(lane(c), c.tokens, 2 * I, H, bf16_in(c, 0), bf16_in(c, 1), h, false);
            cuda::swiglu(h, c.tokens, I, act, lane(c).stream);
            cuda::gemm_bf16_nt(lane(c), c.tokens, H, I, act, bf16_in(c, 2), bf16_out(c, 0), false);
@@ -269,10 +270,10 @@ void register_cuda_kernels(KernelRegistry& r) {
          bf16_kernel("counting sort on the device (per-expert counts, offsets, stable ranks), then a row gather (16-byte loads where rows allow)"),
          [](const KernelCall& c) {
            const auto& op = static_cast<const DispatchOp&>(*c.node.op);
-           const int64_t rows = c.graph.max_tokens() * op.top_k();
+           const int64_t rows = c.max_tokens() * op.top_k();
            auto* row_source = static_cast<int32_t*>(c.workspace);
            void* sort_ws = static_cast<std::byte*>(c.workspace) + align256(rows * 4);
-           const std::size_t sort_bytes = cuda::permutation_workspace_bytes(c.graph.max_tokens(), op.top_k(), op.experts());
+           const std::size_t sort_bytes = cuda::permutation_workspace_bytes(c.max_tokens(), op.top_k(), op.experts());
            cuda::build_permutation(c.in<int32_t>(1), c.tokens, op.top_k(), op.experts(), c.out<int32_t>(1),
                                    c.out<int32_t>(2), row_source, sort_ws, sort_bytes, lane(c).stream);
            cuda::gather_rows(bf16_in(c, 0), row_source, c.tokens * op.top_k(), op.top_k(), hidden_of(c), bf16_out(c, 0),
@@ -298,6 +299,30 @@ void register_cuda_kernels(KernelRegistry& r) {
            for (std::size_t i = 0; i < c.inputs.size(); ++i) addends.push_back(bf16_in(c, i));
            cuda::sum_rows(addends.data(), static_cast<int>(addends.size()), c.input_value(0).shape().elements(c.tokens),
                           bf16_out(c, 0), lane(c).stream);
+         },
+         {}});
+  r.add({"slice_rows", Backend::cuda, "cuda.copy_rows",
+         0, [](const Graph&, const Node&) { return Support::yes("one device-to-device copy of the chunk's rows"); },
+         [](const KernelCall& c) {
+           const auto& op = static_cast<const SliceRowsOp&>(*c.node.op);
+           const int64_t row_bytes = c.input_value(0).bytes(1);
+           MOEFLOW_CUDA_CHECK(cudaMemcpyAsync(c.outputs[0], static_cast<const std::byte*>(c.inputs[0]) + op.chunk() * op.rows() * row_bytes,
+                                              static_cast<std::size_t>(c.tokens * row_bytes), cudaMemcpyDeviceToDevice,
+                                              lane(c).stream));
+         },
+         {}});
+  r.add({"concat_rows", Backend::cuda, "cuda.copy_rows",
+         0, [](const Graph&, const Node&) { return Support::yes("one device-to-device copy per chunk"); },
+         [](const KernelCall& c) {
+           const auto& op = static_cast<const ConcatRowsOp&>(*c.node.op);
+           const int64_t row_bytes = c.input_value(0).bytes(1);
+           for (std::size_t i = 0; i < c.inputs.size(); ++i) {
+             const int64_t rows = c.input_value(i).tokens_in(c.tokens);
+             if (rows == 0) continue;
+             MOEFLOW_CUDA_CHECK(cudaMemcpyAsync(static_cast<std::byte*>(c.outputs[0]) + static_cast<int64_t>(i) * op.rows() * row_bytes,
+                                                c.inputs[i], static_cast<std::size_t>(rows * row_bytes),
+                                                cudaMemcpyDeviceToDevice, lane(c).stream));
+           }
          },
          {}});
   r.add({"to_host", Backend::cuda, "cuda.copy_and_wait", 0,

@@ -133,9 +133,12 @@ void CudaExecutor::issue(const DeviceArena& inputs, const DeviceArena& weights, 
     for (ValueId v : n.inputs) in.push_back(locate(v));
     for (ValueId v : n.outputs) out.push_back(locate(v));
     if (timed_nodes) MOEFLOW_CUDA_CHECK(cudaEventRecord(s.node_start[i], lane.stream));
-    step.kernel->run(KernelCall{g, n, in, out, tokens, &lane,
-                                step.workspace_bytes ? s.workspace->base() + step.workspace_offset : nullptr,
-                                step.host_workspace_bytes ? s.host->base() + step.host_workspace_offset : nullptr});
+    // A chunk the run's tokens do not reach has no rows: it runs (its events still fire) and
+    // produces nothing.
+    if (const int64_t rows = g.tokens_of(n, tokens); rows > 0)
+      step.kernel->run(KernelCall{g, n, in, out, rows, &lane,
+                                  step.workspace_bytes ? s.workspace->base() + step.workspace_offset : nullptr,
+                                  step.host_workspace_bytes ? s.host->base() + step.host_workspace_offset : nullptr});
     if (timed_nodes) MOEFLOW_CUDA_CHECK(cudaEventRecord(s.node_end[i], lane.stream));
     if (s.needs_done[i]) MOEFLOW_CUDA_CHECK(cudaEventRecord(s.done[i], lane.stream));
   }
