@@ -2,7 +2,7 @@
 # One call on the GPU machine (see the device README): unpack the carried .deb files, build there,
 # run the gpu tests (plain, memcheck, racecheck), the CLI checks of every preset, the CUDA-graph
 # host cost (mode `tests`), or the benchmark sweep (mode `bench`). Everything lands in $OUT.
-# Usage: bash bench/gpu_session.sh tests|bench|overlap|chunks|probe|sanitize [models] [experts kernels] [tokens] [scopes]
+# Usage: bash bench/gpu_session.sh tests|full|racecheck|bench|overlap|chunks|probe|sanitize [models] [experts kernels] [tokens] [scopes]
 set -uo pipefail
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 mkdir -p /opt/deps && for f in .deps/*.deb; do dpkg -x "$f" /opt/deps; done
@@ -27,6 +27,27 @@ if [[ $mode == sanitize ]]; then
     timeout 270 compute-sanitizer --tool $tool --error-exitcode 9 $b/moeflow_gpu_tests --gtest_brief=1 > "$OUT/$tool.log" 2>&1
     echo "rc=$?"; tail -n 3 "$OUT/$tool.log"
   done
+  exit 0
+fi
+if [[ $mode == full ]]; then
+  # Every gpu test, memcheck over the whole suite, and run --check of every preset and plan.
+  echo "== gpu tests"; timeout 240 $b/moeflow_gpu_tests --gtest_brief=1 > "$OUT/gpu_tests.log" 2>&1; echo "rc=$?"; tail -2 "$OUT/gpu_tests.log"
+  grep -E "FAILED|Failure" "$OUT/gpu_tests.log" | head -20
+  echo "== memcheck, whole gpu suite"
+  timeout 300 compute-sanitizer --tool memcheck --error-exitcode 9 $b/moeflow_gpu_tests --gtest_brief=1 > "$OUT/memcheck.log" 2>&1
+  echo "rc=$?"; tail -n 3 "$OUT/memcheck.log"
+  echo "== run --check per preset"
+  for m in qwen1.5-moe-a2.7b mixtral-8x7b qwen3-30b-a3b deepseek-v3; do
+    for p in serial concurrent; do
+      $b/moeflow run --backend cuda --model $m --tokens 64 --plan $p --check 2>&1 | grep -E "moeflow run|^  $m|check|error"
+    done
+  done > "$OUT/run_checks.log"; grep -E "check|error" "$OUT/run_checks.log" | cut -c1-150
+  exit 0
+fi
+if [[ $mode == racecheck ]]; then
+  echo "== racecheck, whole gpu suite"
+  timeout ${2:-400} compute-sanitizer --tool racecheck --error-exitcode 9 $b/moeflow_gpu_tests --gtest_brief=1 > "$OUT/racecheck.log" 2>&1
+  echo "rc=$?"; tail -n 3 "$OUT/racecheck.log"; grep -c "^\[       OK\|PASSED" "$OUT/racecheck.log"
   exit 0
 fi
 if [[ $mode == chunks ]]; then

@@ -32,7 +32,7 @@ struct PlanOptions {
   const KernelRegistry* registry = nullptr;           // kernels to choose from; null: the built-in ones
   bool capturable = false;                            // only kernels a CUDA graph can capture (--cuda-graph)
   int device = 0;                                     // CUDA device (backend cuda)
-  bool reuse_memory = false;                          // let workspace buffers share bytes (memory_planner.hpp)
+  bool reuse_memory = true;                           // let workspace buffers share bytes (memory_planner.hpp)
   std::vector<std::string> keep_values;               // read after a run (checks, floors): never share bytes
 };
 

@@ -91,7 +91,10 @@ void Plan::write_dot(std::ostream& out) const {
     for (const PlanStep* s : per_lane[l]) {
       const Node& n = g.node(s->node);
       std::string text = "#" + std::to_string(s->order) + " " + n.name;
-      if (n.chunk >= 0) text += " c" + std::to_string(n.chunk);
+      // The chunk pass names its nodes `op·cK`; tag only nodes whose name does not say it already.
+      const std::string tag = "\u00b7c" + std::to_string(n.chunk);
+      if (n.chunk >= 0 && (n.name.size() < tag.size() || n.name.compare(n.name.size() - tag.size(), tag.size(), tag) != 0))
+        text += " c" + std::to_string(n.chunk);
       text += "\\n" + s->kernel->name + "\\n" + s->reason + "\\npredicted " + us(s->predicted_s);
       doc.node(key(*s), {{"label", text}, {"fillcolor", n.op->fill_color()}}, cluster);
     }

@@ -10,6 +10,7 @@
 #include <thread>
 
 #include "graph/builder.hpp"
+#include "graph/chunk.hpp"
 #include "graph/dot.hpp"
 #include "graph/error.hpp"
 #include "ops/moe_layer.hpp"
@@ -268,7 +269,9 @@ TEST(Plan, SerialPlanIsOneLaneInTopologicalOrder) {
 TEST(Plan, BufferTableGivesEveryValueItsOwnAlignedRangeAtMaximumT) {
   MoEConfig c = load_config("qwen3-30b-a3b", {"hidden_size=128", "moe_intermediate_size=32", "num_experts=16"});
   auto g = std::make_shared<const Graph>(build_moe_layer(c, {.max_tokens = 100}));
-  Plan plan = make_plan(g, concurrent_options());
+  PlanOptions po = concurrent_options();
+  po.reuse_memory = false;  // --no-reuse-memory: the layout the memory planner starts from
+  Plan plan = make_plan(g, po);
   std::map<Arena, std::vector<std::pair<int64_t, int64_t>>> ranges;
   for (const Value& v : g->values()) {
     const Buffer& b = plan.buffer(v.id);
@@ -306,10 +309,16 @@ TEST(Plan, GoldenDotFiles) {
   MoEConfig c = load_config("qwen1.5-moe-a2.7b", {"hidden_size=256", "moe_intermediate_size=64",
                                                   "shared_expert_intermediate_size=256"});
   auto g = std::make_shared<const Graph>(build_moe_layer(c, {.max_tokens = 64}));
-  std::ostringstream plan_dot;
+  std::ostringstream plan_dot, chunked_dot;
   make_plan(g, concurrent_options()).write_dot(plan_dot);
-  const std::pair<std::string, std::string> files[] = {{"qwen2_moe_small.graph.dot", graph_dot(*g)},
-                                                       {"qwen2_moe_small.plan_concurrent.dot", plan_dot.str()}};
+  // Two chunks: lanes as clusters, chunk indices and the cross-lane waits of a pipelined plan.
+  auto chunked = std::make_shared<const Graph>(chunk_tokens(*g, {.chunks = 2}));
+  make_plan(chunked, concurrent_options()).write_dot(chunked_dot);
+  const std::pair<std::string, std::string> files[] = {
+      {"qwen2_moe_small.graph.dot", graph_dot(*g)},
+      {"qwen2_moe_small.plan_concurrent.dot", plan_dot.str()},
+      {"qwen2_moe_small_2chunks.graph.dot", graph_dot(*chunked)},
+      {"qwen2_moe_small_2chunks.plan_concurrent.dot", chunked_dot.str()}};
   for (const auto& [name, text] : files) {
     const std::string path = std::string(MOEFLOW_SOURCE_DIR) + "/tests/golden/" + name;
     if (std::getenv("MOEFLOW_UPDATE_GOLDEN")) std::ofstream(path) << text;

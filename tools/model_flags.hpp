@@ -31,7 +31,7 @@ struct PlanFlags {
   std::string backend = "cpu";
   std::vector<std::string> kernels;  // op=name
   int max_lanes = 4;
-  bool reuse_memory = false;
+  bool no_reuse_memory = false;
 
   void add_to(CLI::App& app);
   PlanOptions options() const;
