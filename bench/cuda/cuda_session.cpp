@@ -282,7 +282,10 @@ CheckReport CudaSession::check(double tolerance) {
   }
   std::map<ValueId, std::vector<int32_t>> engine;
   for (const Node& n : g.nodes())
-    if (n.op->kind() == "gate") engine[n.outputs[0]] = to_host<int32_t>(executor_->data(n.outputs[0]), g.value(n.outputs[0]).shape().elements(tokens_));
+    if (n.op->kind() == "gate") {
+      const Value& ids = g.value(n.outputs[0]);  // a chunk's gate holds only its rows
+      engine[ids.id] = to_host<int32_t>(executor_->data(ids.id), ids.shape().elements(ids.tokens_in(tokens_)));
+    }
   const int64_t host_bytes = [&] {
     int64_t b = 0;
     for (auto& [v, data] : host) b += static_cast<int64_t>(data.size() * 4);
