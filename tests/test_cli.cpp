@@ -6,6 +6,7 @@
 #include <array>
 #include <cstdio>
 #include <filesystem>
+#include <set>
 #include <fstream>
 #include <sstream>
 #include <sys/wait.h>
@@ -139,6 +140,23 @@ TEST(Cli, BadInputIsOneLineAndStatusTwo) {
   expect_bad_input(std::string("run ") + kSmallQwen + " --tokens 4 --plan sideways", "sideways");
   expect_bad_input(std::string("run ") + kSmallQwen + " --tokens 4 --kernel experts=nope", "nope");
   expect_bad_input("dot --model mixtral-8x7b --hf-config x.json", "not both");
+  expect_bad_input(std::string("run ") + kSmallQwen + " --tokens 4 --chunks 0", "--chunks");
+  expect_bad_input(std::string("run ") + kSmallQwen + " --tokens 4 --chunk-tokens -2", "--chunk-tokens");
+  expect_bad_input(std::string("run ") + kSmallQwen + " --tokens 4 --chunks 2 --chunk-tokens 2", "excludes");
+}
+
+TEST(Cli, ChunkedRunChecksWithEmptyChunksAndNamesItsNodes) {
+  // T = 3 of at most 16 in 4 chunks of 4 tokens: chunks 1..3 are empty and still run.
+  const Result r =
+      run_moeflow(std::string("run ") + kSmallQwen + " --tokens 3 --max-tokens 16 --chunks 4 --plan concurrent --check --json");
+  ASSERT_EQ(r.status, 0) << r.output;
+  const auto j = nlohmann::json::parse(r.output);
+  EXPECT_TRUE(j["check"]["pass"].get<bool>());
+  std::set<std::string> names;
+  for (const auto& n : j["nodes"]) names.insert(n["node"].get<std::string>());
+  EXPECT_TRUE(names.count("experts\u00b7c3")) << r.output;
+  EXPECT_TRUE(names.count("concat_reduce.out")) << r.output;
+  EXPECT_EQ(j["nodes"].size(), 4u * 7u + 1u);  // slice + six ops per chunk, one concat
 }
 
 TEST(Cli, MalformedIncompleteAndUnsupportedConfigsAreRefusedByField) {
