@@ -2,7 +2,7 @@
 # One call on the GPU machine (see the device README): unpack the carried .deb files, build there,
 # run the gpu tests (plain, memcheck, racecheck), the CLI checks of every preset, the CUDA-graph
 # host cost (mode `tests`), or the benchmark sweep (mode `bench`). Everything lands in $OUT.
-# Usage: bash bench/gpu_session.sh tests|full|racecheck|bench|overlap|chunks|probe|sanitize [models] [experts kernels] [tokens] [scopes]
+# Usage: bash bench/gpu_session.sh tests|full|racecheck|bench|overlap|chunks|decode|probe|sanitize [models] [experts kernels] [tokens] [scopes]
 set -uo pipefail
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 mkdir -p /opt/deps && for f in .deps/*.deb; do dpkg -x "$f" /opt/deps; done
@@ -46,8 +46,25 @@ if [[ $mode == full ]]; then
 fi
 if [[ $mode == racecheck ]]; then
   echo "== racecheck, whole gpu suite"
-  timeout ${2:-400} compute-sanitizer --tool racecheck --error-exitcode 9 $b/moeflow_gpu_tests --gtest_brief=1 > "$OUT/racecheck.log" 2>&1
-  echo "rc=$?"; tail -n 3 "$OUT/racecheck.log"; grep -c "^\[       OK\|PASSED" "$OUT/racecheck.log"
+  # ${3}: extra compute-sanitizer flags, e.g. --kernel-name-exclude kns=nvjet (cuBLAS's own kernels).
+  timeout ${2:-400} compute-sanitizer --tool racecheck --error-exitcode 9 ${3:-} $b/moeflow_gpu_tests --gtest_brief=1 > "$OUT/racecheck.log" 2>&1
+  echo "rc=$?"; tail -n 3 "$OUT/racecheck.log"; grep -c "Race reported" "$OUT/racecheck.log"
+  [[ ${4:-} == chunks ]] && timeout 150 $b/moeflow bench --backend cuda --models mixtral-8x7b,qwen3-30b-a3b,qwen1.5-moe-a2.7b,deepseek-v3 \
+    --tokens 2048,8192 --chunks 1,2,4 --plans serial,concurrent --scope layer --json "$OUT/bench.jsonl" > "$OUT/bench.log" 2>&1
+  exit 0
+fi
+if [[ $mode == decode ]]; then
+  # The gpu tests, then our decode kernel against cuBLAS's batched and grouped GEMMs (experts scope),
+  # and the whole layer with the shared expert at small T.
+  echo "== gpu tests"; timeout 240 $b/moeflow_gpu_tests --gtest_brief=1 > "$OUT/gpu_tests.log" 2>&1; echo "rc=$?"; tail -2 "$OUT/gpu_tests.log"
+  grep -E "FAILED|Failure|decode" "$OUT/gpu_tests.log" | head -20
+  echo "== decode bench"
+  timeout 200 $b/moeflow bench --backend cuda --models mixtral-8x7b,qwen3-30b-a3b,qwen1.5-moe-a2.7b,deepseek-v3 --tokens 1,8,32 \
+    --plans serial,graph --experts-kernels cuda.decode_gemv,cuda.cublas_rows_batched,cuda.cublas_grouped_batched \
+    --scope experts --json "$OUT/decode.jsonl" > "$OUT/decode.log" 2>&1; echo "rc=$?"; grep -v "^skipped" "$OUT/decode.log" | tail -40
+  timeout 200 $b/moeflow bench --backend cuda --models qwen1.5-moe-a2.7b,deepseek-v3 --tokens 1,8,32 \
+    --plans serial,concurrent,graph --experts-kernels cuda.decode_gemv --scope layer,routed,shared \
+    --json "$OUT/overlap.jsonl" > "$OUT/overlap.log" 2>&1; echo "rc=$?"
   exit 0
 fi
 if [[ $mode == chunks ]]; then

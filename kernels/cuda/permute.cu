@@ -7,6 +7,7 @@
 #include <string>
 
 #include "graph/error.hpp"
+#include "kernels/cuda/bf16_vec.cuh"
 #include "kernels/cuda/check.cuh"
 #include "kernels/cuda/permute.hpp"
 
@@ -175,25 +176,8 @@ RowGrid row_grid(int64_t rows, int64_t per_row, const char* what) {
 
 bool aligned16(const void* p) { return (reinterpret_cast<uintptr_t>(p) & 15u) == 0; }
 
-__device__ __forceinline__ void unpack8(const uint4& v, float f[8]) {
-  const __nv_bfloat162* h = reinterpret_cast<const __nv_bfloat162*>(&v);
-#pragma unroll
-  for (int i = 0; i < 4; ++i) {
-    const float2 t = __bfloat1622float2(h[i]);
-    f[2 * i] = t.x;
-    f[2 * i + 1] = t.y;
-  }
-}
 
-__device__ __forceinline__ uint4 pack8(const float f[8]) {
-  uint4 v;
-  __nv_bfloat162* h = reinterpret_cast<__nv_bfloat162*>(&v);
-#pragma unroll
-  for (int i = 0; i < 4; ++i) h[i] = __floats2bfloat162_rn(f[2 * i], f[2 * i + 1]);
-  return v;
-}
 
-__device__ __forceinline__ float bf16_bits_to_float(uint16_t b) { return __uint_as_float(static_cast<uint32_t>(b) << 16); }
 
 // One row per 2^shift threads; kVec: 8 bf16 (16 bytes) per access.
 template <bool kVec>

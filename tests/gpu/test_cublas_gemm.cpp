@@ -15,6 +15,7 @@
 #include "kernels/common/random.hpp"
 #include "kernels/cuda/bf16.hpp"
 #include "kernels/cuda/cublas_gemm.hpp"
+#include "kernels/cuda/decode_experts.hpp"
 #include "kernels/cuda/device.hpp"
 #include "kernels/cuda/lane_context.hpp"
 
@@ -241,6 +242,24 @@ std::vector<uint16_t> run_padded(const Lane& lane, const Problem& p, int64_t cap
   return download<uint16_t>(d.out, d.out_count);
 }
 
+// Our decode kernel (not cuBLAS, held to the same reference): `extra_rows` unrouted rows past
+// offsets[E] must come back as zeros.
+std::vector<uint16_t> run_decode(const Lane& lane, const Problem& p, int64_t extra_rows = 0) {
+  DeviceProblem d(p);
+  const int64_t R = p.total() + extra_rows;
+  DeviceBuffer act(static_cast<std::size_t>(std::max<int64_t>(R, 1)) * p.inter * 2),
+      out(static_cast<std::size_t>(std::max<int64_t>(R, 1)) * p.hidden * 2);
+  ok(cudaMemset(out.get(), 0xff, static_cast<std::size_t>(R) * p.hidden * 2), "poison out");
+  DeviceBuffer rows(static_cast<std::size_t>(std::max<int64_t>(R, 1)) * p.hidden * 2);
+  ok(cudaMemset(rows.get(), 0, static_cast<std::size_t>(R) * p.hidden * 2), "rows");
+  if (p.total() > 0)
+    ok(cudaMemcpy(rows.get(), d.rows->get(), static_cast<std::size_t>(p.total()) * p.hidden * 2, cudaMemcpyDeviceToDevice), "rows");
+  cuda::experts_decode(lane.ctx, rows.as<uint16_t>(), d.offsets->as<int32_t>(), p.experts, R, p.hidden, p.inter,
+                       d.w13->as<uint16_t>(), d.w2->as<uint16_t>(), act.as<uint16_t>(), out.as<uint16_t>());
+  lane.sync();
+  return download<uint16_t>(out, static_cast<std::size_t>(R) * p.hidden);
+}
+
 constexpr double kBf16Tolerance = 1e-2;
 
 // Each strategy against the reference, and the strategies against each other.
@@ -261,6 +280,14 @@ void check_all_strategies(const std::vector<int>& counts, int hidden, int inter)
   EXPECT_LT(rel_error(grouped, loop), kBf16Tolerance) << "grouped vs loop";
   EXPECT_LT(rel_error(padded_max, loop), kBf16Tolerance) << "padded vs loop";
   EXPECT_LT(rel_error(padded_tight, grouped), kBf16Tolerance) << "padded vs grouped";
+  if (cuda::decode_experts_supported(hidden, inter)) {
+    const std::vector<uint16_t> decode_bits = run_decode(lane, p, /*extra_rows=*/3);
+    const std::vector<uint16_t> routed(decode_bits.begin(), decode_bits.begin() + static_cast<std::ptrdiff_t>(ref.size()));
+    EXPECT_LT(rel_error(widen(routed), ref), kBf16Tolerance) << "decode kernel";
+    EXPECT_LT(rel_error(widen(routed), grouped), kBf16Tolerance) << "decode vs grouped";
+    for (std::size_t i = ref.size(); i < decode_bits.size(); ++i) ASSERT_EQ(decode_bits[i], 0) << "unrouted row element " << i;
+    EXPECT_EQ(decode_bits, run_decode(lane, p, 3)) << "decode rerun differs";
+  }
 }
 
 }  // namespace
