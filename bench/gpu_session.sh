@@ -2,7 +2,7 @@
 # One call on the GPU machine (see the device README): unpack the carried .deb files, build there,
 # run the gpu tests (plain, memcheck, racecheck), the CLI checks of every preset, the CUDA-graph
 # host cost (mode `tests`), or the benchmark sweep (mode `bench`). Everything lands in $OUT.
-# Usage: bash bench/gpu_session.sh tests|full|racecheck|bench|overlap|chunks|decode|probe|sanitize [models] [experts kernels] [tokens] [scopes]
+# Usage: bash bench/gpu_session.sh tests|full|racecheck|bench|overlap|chunks|decode|timeline|probe|sanitize [models] [experts kernels] [tokens] [scopes]
 set -uo pipefail
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 mkdir -p /opt/deps && for f in .deps/*.deb; do dpkg -x "$f" /opt/deps; done
@@ -51,6 +51,21 @@ if [[ $mode == racecheck ]]; then
   echo "rc=$?"; tail -n 3 "$OUT/racecheck.log"; grep -c "Race reported" "$OUT/racecheck.log"
   [[ ${4:-} == chunks ]] && timeout 150 $b/moeflow bench --backend cuda --models mixtral-8x7b,qwen3-30b-a3b,qwen1.5-moe-a2.7b,deepseek-v3 \
     --tokens 2048,8192 --chunks 1,2,4 --plans serial,concurrent --scope layer --json "$OUT/bench.jsonl" > "$OUT/bench.log" 2>&1
+  exit 0
+fi
+if [[ $mode == timeline ]]; then
+  # Node-by-node timelines of CUDA-graph replays (GPU clock stamps) of whole layers at small T.
+  echo "== gpu tests"; timeout 240 $b/moeflow_gpu_tests --gtest_brief=1 > "$OUT/gpu_tests.log" 2>&1; echo "rc=$?"; tail -2 "$OUT/gpu_tests.log"
+  for m in ${2:-qwen1.5-moe-a2.7b deepseek-v3}; do for t in ${3:-1 8}; do for sc in layer routed shared; do
+    $b/moeflow run --backend cuda --model $m --scope $sc --tokens $t --plan concurrent --cuda-graph --trace "$OUT/tl_${m}_${t}_$sc.json" > /dev/null 2>&1
+    python3 -c "
+import json,sys
+ev=[e for e in json.load(open(sys.argv[1]))['traceEvents'] if e.get('ph')=='X']
+end=max(e['ts']+e['dur'] for e in ev)
+print(sys.argv[2], 'span %.1f us' % (end-min(e['ts'] for e in ev)))
+for e in sorted(ev,key=lambda e:e['ts']): print('   tid %s %-22s %7.1f +%6.1f' % (e['tid'], e['name'], e['ts'], e['dur']))
+" "$OUT/tl_${m}_${t}_$sc.json" "$m T=$t $sc"
+  done; done; done | tee "$OUT/timelines.txt"
   exit 0
 fi
 if [[ $mode == decode ]]; then

@@ -89,7 +89,16 @@ Measured measure(Session& session, const RunFlags& f, const MachineRates& rates,
   }
   m.trace.process = "moeflow " + f.plan.backend + " " + session.graph().name() + " " + f.plan.plan + " T=" +
                     std::to_string(f.tokens);
-  session.run(&m.trace);
+  bool traced = false;
+  if constexpr (requires { session.capture(); }) {
+    if (f.cuda_graph) {  // the traced run is a replay too, stamped by the GPU clock node by node
+      m.trace.process += " (CUDA graph, clock stamps)";
+      session.capture(true);
+      session.replay(&m.trace);
+      traced = true;
+    }
+  }
+  if (!traced) session.run(&m.trace);
   if (f.check) m.report = session.check(tolerance);
   m.plan = std::make_shared<const Plan>(session.plan());
   return m;
@@ -150,24 +159,30 @@ Command add_run_command(CLI::App& app) {
     Measured m;
     if (plan_options.backend == Backend::cuda) {
 #ifdef MOEFLOW_HAVE_CUDA
+      if (cuda::device_count() <= plan_options.device)
+        fail_resource("--backend cuda: no CUDA device " + std::to_string(plan_options.device) + " here");
+      // The planner weighs lanes and kernels on this GPU's measured ceilings.
+      const MachineRates rates = measure_cuda_rates(plan_options.device);
       CudaSessionOptions options;
       options.plan = plan_options;
+      options.plan.rates = rates;
       options.seed = f->seed;
       options.load_weights = load_weights;
       CudaSession session(graph, options);
-      const MachineRates rates = measure_cuda_rates(plan_options.device);
       m = measure(session, *f, rates, 1e-2);
       m.device = cuda::device_name(plan_options.device);
 #endif
     } else {
+      const MachineRates rates = measure_cpu_rates(threads);
       SessionOptions options;
       options.plan = plan_options;
+      options.plan.rates = rates;
       options.threads = threads;
       options.seed = f->seed;
       options.load_weights = load_weights;
       // The session refuses a model too large for the machine before allocating anything.
       CpuSession session(graph, options);
-      m = measure(session, *f, measure_cpu_rates(threads), 1e-5);
+      m = measure(session, *f, rates, 1e-5);
       m.device = cpu_name(threads);
     }
     const MachineRates& rates = m.rates;

@@ -238,12 +238,12 @@ void CudaSession::write_input(ValueId v, const void* host, std::size_t bytes) {
   overwritten_[{set_, v}] = std::vector<std::byte>(static_cast<const std::byte*>(host), static_cast<const std::byte*>(host) + bytes);
 }
 
-void CudaSession::capture() {
+void CudaSession::capture(bool stamped) {
   if (tokens_ == 0) fail_input("CudaSession::capture: call set_tokens first");
-  executor_->capture(*inputs_[static_cast<std::size_t>(set_)], *weights_, tokens_);
+  executor_->capture(*inputs_[static_cast<std::size_t>(set_)], *weights_, tokens_, stamped);
 }
 
-double CudaSession::replay() { return executor_->replay(); }
+double CudaSession::replay(Trace* trace) { return executor_->replay(trace); }
 
 std::vector<float> CudaSession::output() {
   const Value& out = plan_.graph->value(plan_.graph->outputs().at(0));

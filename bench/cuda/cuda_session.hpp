@@ -42,9 +42,10 @@ class CudaSession {
   double run(Trace* trace = nullptr);  // device seconds
   // Overwrites an input of the selected set (tests build routings by hand). `check` reads it back.
   void write_input(ValueId v, const void* host, std::size_t bytes);
-  // Captures the plan for the current T and input set; replay() runs it (device seconds).
-  void capture();
-  double replay();
+  // Captures the plan for the current T and input set; replay() runs it (device seconds). A
+  // stamped capture can be traced node by node on replay (CudaExecutor::capture).
+  void capture(bool stamped = false);
+  double replay(Trace* trace = nullptr);
   double replay_launch_seconds(int launches) { return executor_->replay_launch_seconds(launches); }
 
   // Copies what the reference needs to the host and compares (bf16: tolerance 1e-2).

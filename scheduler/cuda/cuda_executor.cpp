@@ -9,6 +9,7 @@
 #include "kernels/cuda/check.cuh"
 #include "kernels/cuda/cublas_gemm.hpp"
 #include "kernels/cuda/lane_context.hpp"
+#include "kernels/cuda/timestamp.hpp"
 
 namespace moeflow {
 
@@ -25,6 +26,8 @@ struct CudaExecutor::State {
   cudaEvent_t replay_start = nullptr, replay_end = nullptr;
   std::vector<cudaEvent_t> lane_end;
   int* error_flag = nullptr;                       // device
+  uint64_t* stamps = nullptr;                      // device: [2 per step] GPU clock (ns), stamped captures
+  bool captured_stamped = false;
   cudaGraph_t graph = nullptr;
   cudaGraphExec_t graph_exec = nullptr;
   int64_t captured_tokens = 0;
@@ -42,6 +45,7 @@ CudaExecutor::CudaExecutor(const Plan& plan) : plan_(plan), s_(std::make_unique<
   s.workspace = std::make_unique<DeviceArena>(plan, Arena::workspace, s.device);
   s.host = std::make_unique<DeviceArena>(plan, Arena::host, s.device);
   MOEFLOW_CUDA_CHECK(cudaMalloc(&s.error_flag, sizeof(int)));
+  MOEFLOW_CUDA_CHECK(cudaMalloc(&s.stamps, sizeof(uint64_t) * 2 * std::max<std::size_t>(plan.steps.size(), 1)));
   MOEFLOW_CUDA_CHECK(cudaMemset(s.error_flag, 0, sizeof(int)));
   int least = 0, greatest = 0;
   MOEFLOW_CUDA_CHECK(cudaDeviceGetStreamPriorityRange(&least, &greatest));
@@ -101,12 +105,13 @@ CudaExecutor::~CudaExecutor() {
   for (void* p : s.blas_workspaces) cudaFree(p);
   for (cudaStream_t st : s.streams) cudaStreamDestroy(st);
   if (s.error_flag) cudaFree(s.error_flag);
+  if (s.stamps) cudaFree(s.stamps);
 }
 
 // Issues every step on its lane's stream in the plan's order. Lane 0's stream starts and ends the
 // run: the other lanes fork from it (wait on run_start) and join into it (lane_end events), so
 // the whole run is one region of one stream, which is also what stream capture needs.
-void CudaExecutor::issue(const DeviceArena& inputs, const DeviceArena& weights, int64_t tokens, bool timed_nodes) {
+void CudaExecutor::issue(const DeviceArena& inputs, const DeviceArena& weights, int64_t tokens, NodeTiming timing) {
   State& s = *s_;
   const Graph& g = *plan_.graph;
   cudaStream_t main = s.streams[0];
@@ -132,14 +137,16 @@ void CudaExecutor::issue(const DeviceArena& inputs, const DeviceArena& weights, 
     };
     for (ValueId v : n.inputs) in.push_back(locate(v));
     for (ValueId v : n.outputs) out.push_back(locate(v));
-    if (timed_nodes) MOEFLOW_CUDA_CHECK(cudaEventRecord(s.node_start[i], lane.stream));
+    if (timing == NodeTiming::events) MOEFLOW_CUDA_CHECK(cudaEventRecord(s.node_start[i], lane.stream));
+    if (timing == NodeTiming::stamps) cuda::record_global_time(s.stamps + 2 * i, lane.stream);
     // A chunk the run's tokens do not reach has no rows: it runs (its events still fire) and
     // produces nothing.
     if (const int64_t rows = g.tokens_of(n, tokens); rows > 0)
       step.kernel->run(KernelCall{g, n, in, out, rows, &lane,
                                   step.workspace_bytes ? s.workspace->base() + step.workspace_offset : nullptr,
                                   step.host_workspace_bytes ? s.host->base() + step.host_workspace_offset : nullptr});
-    if (timed_nodes) MOEFLOW_CUDA_CHECK(cudaEventRecord(s.node_end[i], lane.stream));
+    if (timing == NodeTiming::events) MOEFLOW_CUDA_CHECK(cudaEventRecord(s.node_end[i], lane.stream));
+    if (timing == NodeTiming::stamps) cuda::record_global_time(s.stamps + 2 * i + 1, lane.stream);
     if (s.needs_done[i]) MOEFLOW_CUDA_CHECK(cudaEventRecord(s.done[i], lane.stream));
   }
   for (std::size_t l = 1; l < s.streams.size(); ++l) {
@@ -167,31 +174,42 @@ double CudaExecutor::run(const DeviceArena& inputs, const DeviceArena& weights, 
   if (tokens <= 0 || tokens > g.max_tokens())
     fail_input("tokens = " + std::to_string(tokens) + " must be in [1, " + std::to_string(g.max_tokens()) + "]");
   MOEFLOW_CUDA_CHECK(cudaSetDevice(s_->device));
-  issue(inputs, weights, tokens, trace != nullptr);
+  issue(inputs, weights, tokens, trace ? NodeTiming::events : NodeTiming::none);
   MOEFLOW_CUDA_CHECK(cudaEventSynchronize(s_->run_end));
   MOEFLOW_CUDA_CHECK(cudaGetLastError());
   check_device_flags();
   float ms = 0.0f;
   MOEFLOW_CUDA_CHECK(cudaEventElapsedTime(&ms, s_->run_start, s_->run_end));
   if (trace) {
-    trace->tokens = tokens;
-    trace->lanes.clear();
-    for (const Lane& l : plan_.lanes) trace->lanes.push_back(l.name);
-    trace->events.clear();
+    std::vector<double> start_us, end_us;
     for (std::size_t i = 0; i < plan_.steps.size(); ++i) {
-      const PlanStep& step = plan_.steps[i];
       float start = 0.0f, end = 0.0f;
       MOEFLOW_CUDA_CHECK(cudaEventElapsedTime(&start, s_->run_start, s_->node_start[i]));
       MOEFLOW_CUDA_CHECK(cudaEventElapsedTime(&end, s_->run_start, s_->node_end[i]));
-      const Node& n = g.node(step.node);
-      trace->events.push_back({n.name, n.op->kind(), step.kernel->name, step.lane, n.chunk, start * 1e3,
-                               (end - start) * 1e3, step.predicted_s * 1e6});
+      start_us.push_back(start * 1e3);
+      end_us.push_back(end * 1e3);
     }
+    fill_trace(*trace, tokens, start_us, end_us);
   }
   return ms * 1e-3;
 }
 
-void CudaExecutor::capture(const DeviceArena& inputs, const DeviceArena& weights, int64_t tokens) {
+void CudaExecutor::fill_trace(Trace& trace, int64_t tokens, const std::vector<double>& start_us,
+                              const std::vector<double>& end_us) const {
+  const Graph& g = *plan_.graph;
+  trace.tokens = tokens;
+  trace.lanes.clear();
+  for (const Lane& l : plan_.lanes) trace.lanes.push_back(l.name);
+  trace.events.clear();
+  for (std::size_t i = 0; i < plan_.steps.size(); ++i) {
+    const PlanStep& step = plan_.steps[i];
+    const Node& n = g.node(step.node);
+    trace.events.push_back({n.name, n.op->kind(), step.kernel->name, step.lane, n.chunk, start_us[i],
+                            end_us[i] - start_us[i], step.predicted_s * 1e6});
+  }
+}
+
+void CudaExecutor::capture(const DeviceArena& inputs, const DeviceArena& weights, int64_t tokens, bool stamped) {
   if (plan_.has_host_sync())
     fail_input("--cuda-graph: plan '" + plan_.graph->name() +
                "' waits on the host (a to_host node, for a kernel that needs row counts there); a CUDA graph cannot "
@@ -207,7 +225,7 @@ void CudaExecutor::capture(const DeviceArena& inputs, const DeviceArena& weights
   MOEFLOW_CUDA_CHECK(cudaStreamSynchronize(s.streams[0]));
   MOEFLOW_CUDA_CHECK(cudaStreamBeginCapture(s.streams[0], cudaStreamCaptureModeThreadLocal));
   try {
-    issue(inputs, weights, tokens, false);
+    issue(inputs, weights, tokens, stamped ? NodeTiming::stamps : NodeTiming::none);
   } catch (...) {
     cudaGraph_t broken = nullptr;
     cudaStreamEndCapture(s.streams[0], &broken);
@@ -220,13 +238,15 @@ void CudaExecutor::capture(const DeviceArena& inputs, const DeviceArena& weights
   // stream it is launched into unless told otherwise: keep the critical lane ahead on replay too.
   MOEFLOW_CUDA_CHECK(cudaGraphInstantiateWithFlags(&s.graph_exec, s.graph, cudaGraphInstantiateFlagUseNodePriority));
   s.captured_tokens = tokens;
+  s.captured_stamped = stamped;
 }
 
 bool CudaExecutor::captured() const { return s_->graph_exec != nullptr; }
 
-double CudaExecutor::replay() {
+double CudaExecutor::replay(Trace* trace) {
   State& s = *s_;
   if (!s.graph_exec) fail_input("replay: nothing captured");
+  if (trace && !s.captured_stamped) fail_input("replay: tracing a replay needs a stamped capture");
   // Events recorded during capture become graph nodes, not timing records: time around the launch.
   MOEFLOW_CUDA_CHECK(cudaEventRecord(s.replay_start, s.streams[0]));
   MOEFLOW_CUDA_CHECK(cudaGraphLaunch(s.graph_exec, s.streams[0]));
@@ -235,6 +255,18 @@ double CudaExecutor::replay() {
   check_device_flags();
   float ms = 0.0f;
   MOEFLOW_CUDA_CHECK(cudaEventElapsedTime(&ms, s.replay_start, s.replay_end));
+  if (trace) {
+    const std::size_t n = plan_.steps.size();
+    std::vector<uint64_t> stamps(2 * n);
+    MOEFLOW_CUDA_CHECK(cudaMemcpy(stamps.data(), s.stamps, sizeof(uint64_t) * 2 * n, cudaMemcpyDeviceToHost));
+    const uint64_t origin = n ? *std::min_element(stamps.begin(), stamps.end()) : 0;
+    std::vector<double> start_us(n), end_us(n);
+    for (std::size_t i = 0; i < n; ++i) {
+      start_us[i] = static_cast<double>(stamps[2 * i] - origin) * 1e-3;
+      end_us[i] = static_cast<double>(stamps[2 * i + 1] - origin) * 1e-3;
+    }
+    fill_trace(*trace, s.captured_tokens, start_us, end_us);
+  }
   return ms * 1e-3;
 }
 

@@ -25,11 +25,14 @@ class CudaExecutor {
   // With `trace`, records every node's start and duration.
   double run(const DeviceArena& inputs, const DeviceArena& weights, int64_t tokens, Trace* trace = nullptr);
 
-  // Captures the plan for `tokens` as a CUDA graph (refused for a plan with a host sync).
-  void capture(const DeviceArena& inputs, const DeviceArena& weights, int64_t tokens);
+  // Captures the plan for `tokens` as a CUDA graph (refused for a plan with a host sync). With
+  // `stamped`, a one-thread kernel records the GPU clock before and after every node, so replay()
+  // can trace the graph (each stamp is a launch and shifts the timeline by about one).
+  void capture(const DeviceArena& inputs, const DeviceArena& weights, int64_t tokens, bool stamped = false);
   bool captured() const;
-  // Replays the captured graph and waits; returns the device time in seconds.
-  double replay();
+  // Replays the captured graph and waits; returns the device time in seconds. With `trace` (a
+  // stamped capture), records every node's start and duration.
+  double replay(Trace* trace = nullptr);
   // Host-side cost of launching the captured graph once (no wait): seconds, median of `launches`.
   double replay_launch_seconds(int launches);
 
@@ -38,7 +41,9 @@ class CudaExecutor {
 
  private:
   struct State;
-  void issue(const DeviceArena& inputs, const DeviceArena& weights, int64_t tokens, bool timed_nodes);
+  enum class NodeTiming { none, events, stamps };
+  void issue(const DeviceArena& inputs, const DeviceArena& weights, int64_t tokens, NodeTiming timing);
+  void fill_trace(Trace& trace, int64_t tokens, const std::vector<double>& start_us, const std::vector<double>& end_us) const;
   void check_device_flags();
   const Plan& plan_;
   std::unique_ptr<State> s_;

@@ -93,6 +93,38 @@ TEST(CudaLayerGraph, ReplayEqualsStreamExecutionBitForBitAndServesEachT) {
   }
 }
 
+TEST(CudaLayerGraph, StampedReplayTracesEveryNodeAndComputesTheSameBytes) {
+  if (cuda::device_count() == 0) GTEST_SKIP() << "no CUDA device";
+  const MoEConfig config = load_config("qwen1.5-moe-a2.7b", {"hidden_size=256", "moe_intermediate_size=96",
+                                                             "shared_expert_intermediate_size=192"});
+  auto g = std::make_shared<const Graph>(build_moe_layer(config, {.max_tokens = 16, .dtype = DType::bf16}));
+  CudaSessionOptions so;
+  so.plan.policy = Policy::concurrent;
+  so.plan.capturable = true;
+  CudaSession s(g, so);
+  s.set_tokens(11);
+  s.capture();
+  s.replay();
+  const std::vector<float> plain = s.output();
+  Trace trace;
+  EXPECT_THROW(s.replay(&trace), Error);  // an unstamped capture cannot be traced
+  s.capture(/*stamped=*/true);
+  s.replay(&trace);
+  EXPECT_EQ(0, std::memcmp(plain.data(), s.output().data(), plain.size() * 4));
+  ASSERT_EQ(trace.events.size(), s.plan().steps.size());
+  EXPECT_EQ(trace.lanes.size(), s.plan().lanes.size());
+  for (const PlanStep& step : s.plan().steps) {
+    const TraceEvent& e = trace.events[static_cast<std::size_t>(&step - s.plan().steps.data())];
+    EXPECT_GE(e.start_us, 0.0) << e.name;
+    EXPECT_GT(e.duration_us, 0.0) << e.name;
+    // A node starts after every node it depends on has ended.
+    for (NodeId p : g->predecessors(step.node)) {
+      const TraceEvent& before = trace.events[static_cast<std::size_t>(s.plan().step_of_node[static_cast<std::size_t>(p)])];
+      EXPECT_GE(e.start_us, before.start_us + before.duration_us) << before.name << " -> " << e.name;
+    }
+  }
+}
+
 TEST(CudaLayerGraph, CaptureIsRefusedForAPlanWithAHostSync) {
   if (cuda::device_count() == 0) GTEST_SKIP() << "no CUDA device";
   const MoEConfig config = load_config("mixtral-8x7b", {"hidden_size=128", "intermediate_size=64"});
