@@ -65,6 +65,10 @@ struct KernelEntry {
   // the cost model, which is what lets the planner see that a chain of small launches leaves the
   // device idle enough for another lane's work.
   int launches = 1;
+  // (output, input) pairs the kernel may compute in place: output o written over input i's bytes,
+  // every element read before it is written. The memory planner uses one only where input i is
+  // read by nothing after this node and both live in the workspace.
+  std::vector<std::pair<int, int>> in_place = {};
 };
 
 struct KernelChoice {

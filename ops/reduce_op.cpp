@@ -24,13 +24,15 @@ Cost ReduceOp::cost(const OpOperands& ops, int64_t tokens) const {
 }
 
 void register_reduce_kernels(KernelRegistry& r) {
-  r.add({"reduce", Backend::cpu, "cpu.sum", 0, cpu_supports_f32, [](const KernelCall& c) {
-           const int64_t n = c.input_value(0).shape().elements(c.tokens);
-           std::vector<const float*> addends;
-           for (std::size_t i = 0; i < c.inputs.size(); ++i) addends.push_back(c.in<float>(i));
-           cpu::sum_arrays(addends.data(), static_cast<int>(addends.size()), n, c.out<float>(0));
-         },
-         {}});
+  KernelEntry sum{"reduce", Backend::cpu, "cpu.sum", 0, cpu_supports_f32, [](const KernelCall& c) {
+                     const int64_t n = c.input_value(0).shape().elements(c.tokens);
+                     std::vector<const float*> addends;
+                     for (std::size_t i = 0; i < c.inputs.size(); ++i) addends.push_back(c.in<float>(i));
+                     cpu::sum_arrays(addends.data(), static_cast<int>(addends.size()), n, c.out<float>(0));
+                   },
+                   {}};
+  sum.in_place = {{0, 0}};  // sum_arrays accumulates into the first addend's bytes when out is it
+  r.add(std::move(sum));
 }
 
 }  // namespace moeflow

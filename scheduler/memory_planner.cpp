@@ -37,6 +37,7 @@ std::vector<std::vector<bool>> happens_before(const Plan& plan) {
 
 // A workspace buffer and the steps that touch it (the first one writes it).
 struct Item {
+  ValueId value = -1;              // -1: a kernel's scratch
   int64_t bytes = 0;
   std::vector<std::size_t> steps;  // steps[0] writes it
   bool pinned = false;             // a graph output: never shares
@@ -62,6 +63,7 @@ void plan_workspace_reuse(Plan& plan) {
     if (b.arena != Arena::workspace) continue;
     const Value& v = g.value(b.value);
     Item it;
+    it.value = v.id;
     it.bytes = b.bytes;
     it.offset = &b.offset;
     it.steps.push_back(static_cast<std::size_t>(plan.step_of_node.at(static_cast<std::size_t>(v.producer))));
@@ -85,9 +87,41 @@ void plan_workspace_reuse(Plan& plan) {
     if (a.steps.front() != b.steps.front()) return a.steps.front() < b.steps.front();
     return a.bytes > b.bytes;
   });
+  // The placed item of each value, for in-place outputs.
+  std::vector<int> item_of(g.values().size(), -1);
+  // Whether value `out`, written by step s, may take over the bytes of input item `in`: the kernel
+  // declares it, `in` is an unpinned workspace value at least as large, and every other use of `in`
+  // is over before s (so nothing reads it after s starts writing).
+  auto in_place_source = [&](const Item& out) -> int {
+    if (out.value < 0) return -1;
+    const std::size_t s = out.steps.front();
+    const PlanStep& step = plan.steps[s];
+    const Node& n = g.node(step.node);
+    for (const auto& [o, i] : step.kernel->in_place) {
+      if (n.outputs.at(static_cast<std::size_t>(o)) != out.value) continue;
+      const int source = item_of[static_cast<std::size_t>(n.inputs.at(static_cast<std::size_t>(i)))];
+      if (source < 0) continue;
+      const Item& in = items[static_cast<std::size_t>(source)];
+      if (in.pinned || in.bytes < out.bytes) continue;
+      bool last_use = true;
+      for (std::size_t u : in.steps)
+        if (u != s && !before[s][u]) last_use = false;
+      if (last_use) return source;
+    }
+    return -1;
+  };
   int64_t peak = 0;
   for (std::size_t k = 0; k < items.size(); ++k) {
     Item& it = items[k];
+    if (const int source = in_place_source(it); source >= 0) {
+      // Earlier items that share the source's bytes died before it was written, so they are dead
+      // for this one too; later items see this item's own uses.
+      it.placed = items[static_cast<std::size_t>(source)].placed;
+      *it.offset = it.placed;
+      plan.buffers[static_cast<std::size_t>(it.value)].in_place_of = items[static_cast<std::size_t>(source)].value;
+      item_of[static_cast<std::size_t>(it.value)] = static_cast<int>(k);
+      continue;
+    }
     std::vector<std::pair<int64_t, int64_t>> taken;  // byte ranges of placed items it may not share with
     for (std::size_t j = 0; j < k; ++j) {
       const Item& other = items[j];
@@ -103,6 +137,7 @@ void plan_workspace_reuse(Plan& plan) {
     }
     it.placed = offset;
     *it.offset = offset;
+    if (it.value >= 0) item_of[static_cast<std::size_t>(it.value)] = static_cast<int>(k);
     peak = std::max(peak, offset + align_up(it.bytes));
   }
   plan.arena_bytes[Arena::workspace] = peak;

@@ -67,6 +67,7 @@ struct Buffer {
   Arena arena = Arena::workspace;
   int64_t offset = 0;  // bytes from the arena's start, 256-byte aligned
   int64_t bytes = 0;   // at the maximum T
+  ValueId in_place_of = -1;  // the input whose bytes this value overwrites (memory planner), or -1
 };
 
 class Plan {

@@ -9,6 +9,7 @@
 #include <sstream>
 #include <thread>
 
+#include "bench/cpu_session.hpp"
 #include "graph/builder.hpp"
 #include "graph/chunk.hpp"
 #include "graph/dot.hpp"
@@ -478,4 +479,39 @@ TEST(MemoryPlanner, RandomDagsComputeTheSameValuesWithReuse) {
     }
     EXPECT_EQ(results[0], results[1]) << "trial " << trial;
   }
+}
+
+TEST(MemoryPlanner, ReduceWritesOverItsFirstAddendOnlyWhenNothingReadsItAfterwards) {
+  MoEConfig c = load_config("qwen1.5-moe-a2.7b", {"hidden_size=256", "moe_intermediate_size=64",
+                                                  "shared_expert_intermediate_size=256"});
+  auto g = std::make_shared<const Graph>(build_moe_layer(c, {.max_tokens = 32}));
+  const Node& reduce = g->node(*g->find_node("reduce"));
+  const ValueId sum = reduce.outputs[0], first = reduce.inputs[0];
+  for (Policy policy : {Policy::serial, Policy::concurrent}) {
+    PlanOptions po;
+    po.policy = policy;
+    const Plan plan = make_plan(g, po);
+    EXPECT_EQ(plan.buffer(sum).in_place_of, first) << to_string(policy);
+    EXPECT_EQ(plan.buffer(sum).offset, plan.buffer(first).offset) << to_string(policy);
+    std::ostringstream table;
+    plan.write_memory(table);
+    EXPECT_THAT(table.str(), HasSubstr("in place over " + g->value(first).name));
+    // Read after the run (kept), the addend keeps its own bytes.
+    po.keep_values = {g->value(first).name};
+    const Plan kept = make_plan(g, po);
+    EXPECT_EQ(kept.buffer(sum).in_place_of, -1);
+    EXPECT_NE(kept.buffer(sum).offset, kept.buffer(first).offset);
+  }
+  // And the layer computes the same bytes either way.
+  auto output_of = [&](bool reuse) {
+    SessionOptions so;
+    so.plan.policy = Policy::concurrent;
+    so.plan.reuse_memory = reuse;
+    so.threads = 2;
+    CpuSession s(g, so);
+    s.set_tokens(29);
+    s.run();
+    return std::vector<float>(s.output(), s.output() + 29 * 256);
+  };
+  EXPECT_EQ(output_of(true), output_of(false));
 }

@@ -323,14 +323,16 @@ void register_cuda_kernels(KernelRegistry& r) {
                               bf16_out(c, 0), lane(c).stream);
          },
          {}});
-  r.add({"reduce", Backend::cuda, "cuda.sum", 0, bf16_kernel("elementwise sum of the addends in fp32"),
-         [](const KernelCall& c) {
-           std::vector<const uint16_t*> addends;
-           for (std::size_t i = 0; i < c.inputs.size(); ++i) addends.push_back(bf16_in(c, i));
-           cuda::sum_rows(addends.data(), static_cast<int>(addends.size()), c.input_value(0).shape().elements(c.tokens),
-                          bf16_out(c, 0), lane(c).stream);
-         },
-         {}});
+  KernelEntry sum{"reduce", Backend::cuda, "cuda.sum", 0, bf16_kernel("elementwise sum of the addends in fp32"),
+                   [](const KernelCall& c) {
+                     std::vector<const uint16_t*> addends;
+                     for (std::size_t i = 0; i < c.inputs.size(); ++i) addends.push_back(bf16_in(c, i));
+                     cuda::sum_rows(addends.data(), static_cast<int>(addends.size()),
+                                    c.input_value(0).shape().elements(c.tokens), bf16_out(c, 0), lane(c).stream);
+                   },
+                   {}};
+  sum.in_place = {{0, 0}};  // sum_rows: each element of the first addend is read by the thread that writes it
+  r.add(std::move(sum));
   r.add({"slice_rows", Backend::cuda, "cuda.copy_rows",
          0, [](const Graph&, const Node&) { return Support::yes("one device-to-device copy of the chunk's rows"); },
          [](const KernelCall& c) {
