@@ -23,6 +23,9 @@ Graph chunk_tokens(const Graph& g, const ChunkOptions& o) {
     fail_input("chunk: give exactly one of --chunks N (>= 1) and --chunk-tokens C (>= 1); got chunks = " +
                std::to_string(o.chunks) + ", chunk tokens = " + std::to_string(o.chunk_tokens));
   const int64_t max_tokens = g.max_tokens();
+  if (o.chunk_tokens > max_tokens)
+    fail_input("chunk: --chunk-tokens = " + std::to_string(o.chunk_tokens) + " exceeds the maximum tokens " +
+               std::to_string(max_tokens) + " of graph '" + g.name() + "' (one chunk would hold them all)");
   const int64_t rows = o.chunks > 0 ? (max_tokens + o.chunks - 1) / o.chunks : o.chunk_tokens;
   // --chunks N keeps all N chunks, even where the last ones can never see a token (N > max T).
   const int chunks = o.chunks > 0 ? o.chunks : static_cast<int>((max_tokens + rows - 1) / rows);

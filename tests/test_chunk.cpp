@@ -96,6 +96,8 @@ TEST(Chunk, RefusesBadRequestsByName) {
   EXPECT_THAT(bad_input_message([&] { chunk_tokens(g, {}); }), HasSubstr("exactly one of --chunks"));
   EXPECT_THAT(bad_input_message([&] { chunk_tokens(g, {.chunks = 2, .chunk_tokens = 4}); }), HasSubstr("exactly one"));
   EXPECT_THAT(bad_input_message([&] { chunk_tokens(g, {.chunks = -1}); }), HasSubstr("chunks = -1"));
+  EXPECT_THAT(bad_input_message([&] { chunk_tokens(g, {.chunk_tokens = 17}); }),
+              HasSubstr("--chunk-tokens = 17 exceeds the maximum tokens 16"));
   const Graph c = chunk_tokens(g, {.chunks = 2});
   EXPECT_THAT(bad_input_message([&] { chunk_tokens(c, {.chunks = 2}); }), HasSubstr("already split into 2 chunks"));
 }

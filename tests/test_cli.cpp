@@ -143,6 +143,8 @@ TEST(Cli, BadInputIsOneLineAndStatusTwo) {
   expect_bad_input(std::string("run ") + kSmallQwen + " --tokens 4 --chunks 0", "--chunks");
   expect_bad_input(std::string("run ") + kSmallQwen + " --tokens 4 --chunk-tokens -2", "--chunk-tokens");
   expect_bad_input(std::string("run ") + kSmallQwen + " --tokens 4 --chunks 2 --chunk-tokens 2", "excludes");
+  expect_bad_input(std::string("run ") + kSmallQwen + " --tokens 4 --chunks two", "two");
+  expect_bad_input(std::string("run ") + kSmallQwen + " --tokens 4 --max-tokens 8 --chunk-tokens 9", "exceeds the maximum tokens 8");
 }
 
 TEST(Cli, ChunkedRunChecksWithEmptyChunksAndNamesItsNodes) {
