@@ -11,7 +11,7 @@ cd "$(dirname "$0")"
 build=${BUILD_DIR:-build}
 
 packages=(build-essential cmake ninja-build pkg-config libtbb-dev libopenblas-dev libgraphviz-dev graphviz
-          libcli11-dev nlohmann-json3-dev libgtest-dev libgmock-dev)
+          libcli11-dev nlohmann-json3-dev libgtest-dev libgmock-dev libopenmpi-dev openmpi-bin)
 missing=()
 for p in "${packages[@]}"; do dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p"); done
 if ((${#missing[@]})); then

@@ -1,0 +1,43 @@
+#pragma once
+// One group of ranks and the collectives moeflow's parallel lowering needs, behind one interface for
+// every transport (DESIGN.md: NCCL between GPUs, MPI between CPU ranks and for bootstrapping NCCL).
+// Buffers are host memory for the MPI transport. Every call is collective: each rank of the group
+// enters it with matching counts. A failure throws Error(resource) naming the call, the rank and
+// the transport's own message; nothing is retried or dropped.
+#include <cstdint>
+#include <memory>
+#include <string>
+
+namespace moeflow::comm {
+
+// Element types the collectives move (kernels/ sees no graph types).
+enum class Element { f32, i32 };
+std::size_t element_bytes(Element e);
+
+class Communicator {
+ public:
+  virtual ~Communicator() = default;
+  virtual int rank() const = 0;
+  virtual int size() const = 0;
+  virtual std::string transport() const = 0;  // "mpi", "nccl"
+
+  // out [size() * count]: every rank's `count` elements of `in`, in rank order.
+  virtual void all_gather(const void* in, void* out, int64_t count, Element e) = 0;
+  // in [size() * count]: rank r receives in `out` [count] the sum over ranks of their block r.
+  virtual void reduce_scatter_sum(const void* in, void* out, int64_t count, Element e) = 0;
+  // out [count]: the sum over ranks of `in` [count] (out may equal in).
+  virtual void all_reduce_sum(const void* in, void* out, int64_t count, Element e) = 0;
+  // Sends send_counts[r] elements from in + send_offsets[r] to rank r and receives recv_counts[r]
+  // elements from rank r into out + recv_offsets[r] (counts and offsets in elements, size() each).
+  virtual void all_to_all_v(const void* in, const int64_t* send_counts, const int64_t* send_offsets, void* out,
+                            const int64_t* recv_counts, const int64_t* recv_offsets, Element e) = 0;
+  virtual void barrier() = 0;
+  // The ranks that pass the same `color`, ordered by `key` (then by rank here): TP, DP and EP groups.
+  virtual std::unique_ptr<Communicator> split(int color, int key) = 0;
+};
+
+// MPI's world (MPI must be initialised: moeflow's command line does it under mpirun). Throws
+// Error(resource) when this build has no MPI or MPI is not initialised.
+std::unique_ptr<Communicator> mpi_world();
+
+}  // namespace moeflow::comm

@@ -1,0 +1,94 @@
+// The MPI transport of comm::Communicator (host buffers). Errors come back as return codes
+// (MPI_ERRORS_RETURN on every communicator made here) and are thrown with MPI's own message.
+#include <mpi.h>
+
+#include <limits>
+#include <string>
+#include <vector>
+
+#include "graph/error.hpp"
+#include "kernels/comm/communicator.hpp"
+
+namespace moeflow::comm {
+
+std::size_t element_bytes(Element) { return 4; }  // f32 and i32
+
+namespace {
+
+MPI_Datatype mpi_type(Element e) { return e == Element::f32 ? MPI_FLOAT : MPI_INT32_T; }
+
+int mpi_count(int64_t count, const char* call) {
+  if (count < 0 || count > std::numeric_limits<int>::max())
+    fail_input(std::string("MPI ") + call + ": count " + std::to_string(count) + " outside [0, INT_MAX]");
+  return static_cast<int>(count);
+}
+
+class MpiCommunicator final : public Communicator {
+ public:
+  explicit MpiCommunicator(MPI_Comm comm) : comm_(comm) {
+    check(MPI_Comm_set_errhandler(comm_, MPI_ERRORS_RETURN), "MPI_Comm_set_errhandler");
+    check(MPI_Comm_rank(comm_, &rank_), "MPI_Comm_rank");
+    check(MPI_Comm_size(comm_, &size_), "MPI_Comm_size");
+  }
+  ~MpiCommunicator() override {
+    if (comm_ != MPI_COMM_WORLD) MPI_Comm_free(&comm_);
+  }
+  int rank() const override { return rank_; }
+  int size() const override { return size_; }
+  std::string transport() const override { return "mpi"; }
+
+  void all_gather(const void* in, void* out, int64_t count, Element e) override {
+    const int n = mpi_count(count, "all_gather");
+    check(MPI_Allgather(in, n, mpi_type(e), out, n, mpi_type(e), comm_), "MPI_Allgather");
+  }
+  void reduce_scatter_sum(const void* in, void* out, int64_t count, Element e) override {
+    const int n = mpi_count(count, "reduce_scatter");
+    check(MPI_Reduce_scatter_block(in, out, n, mpi_type(e), MPI_SUM, comm_), "MPI_Reduce_scatter_block");
+  }
+  void all_reduce_sum(const void* in, void* out, int64_t count, Element e) override {
+    const int n = mpi_count(count, "all_reduce");
+    check(MPI_Allreduce(in == out ? MPI_IN_PLACE : in, out, n, mpi_type(e), MPI_SUM, comm_), "MPI_Allreduce");
+  }
+  void all_to_all_v(const void* in, const int64_t* send_counts, const int64_t* send_offsets, void* out,
+                    const int64_t* recv_counts, const int64_t* recv_offsets, Element e) override {
+    std::vector<int> sc(static_cast<std::size_t>(size_)), so(sc.size()), rc(sc.size()), ro(sc.size());
+    for (std::size_t r = 0; r < sc.size(); ++r) {
+      sc[r] = mpi_count(send_counts[r], "all_to_all_v send count");
+      so[r] = mpi_count(send_offsets[r], "all_to_all_v send offset");
+      rc[r] = mpi_count(recv_counts[r], "all_to_all_v receive count");
+      ro[r] = mpi_count(recv_offsets[r], "all_to_all_v receive offset");
+    }
+    check(MPI_Alltoallv(in, sc.data(), so.data(), mpi_type(e), out, rc.data(), ro.data(), mpi_type(e), comm_),
+          "MPI_Alltoallv");
+  }
+  void barrier() override { check(MPI_Barrier(comm_), "MPI_Barrier"); }
+  std::unique_ptr<Communicator> split(int color, int key) override {
+    MPI_Comm sub = MPI_COMM_NULL;
+    check(MPI_Comm_split(comm_, color, key, &sub), "MPI_Comm_split");
+    return std::make_unique<MpiCommunicator>(sub);
+  }
+
+ private:
+  void check(int status, const char* call) const {
+    if (status == MPI_SUCCESS) return;
+    char text[MPI_MAX_ERROR_STRING];
+    int length = 0;
+    MPI_Error_string(status, text, &length);
+    fail_resource(std::string(call) + " failed on rank " + std::to_string(rank_) + " of " + std::to_string(size_) +
+                  ": " + std::string(text, static_cast<std::size_t>(length)));
+  }
+
+  MPI_Comm comm_;
+  int rank_ = -1, size_ = 0;
+};
+
+}  // namespace
+
+std::unique_ptr<Communicator> mpi_world() {
+  int initialised = 0;
+  MPI_Initialized(&initialised);
+  if (!initialised) fail_resource("MPI is not initialised (run under mpirun through moeflow's command line)");
+  return std::make_unique<MpiCommunicator>(MPI_COMM_WORLD);
+}
+
+}  // namespace moeflow::comm
