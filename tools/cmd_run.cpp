@@ -204,7 +204,8 @@ Command add_run_command(CLI::App& app) {
       const Node& n = g.node(s.node);
       const auto in = g.input_values(n);
       const auto out = g.output_values(n);
-      const double predicted = predict_seconds(n.op->cost({in, out}, f->tokens), rates);
+      // At this run's T (a chunk's share for a chunk's node), with the kernel's launches.
+      const double predicted = predict_seconds(n.op->cost({in, out}, g.tokens_of(n, f->tokens)), rates, s.kernel->launches);
       predicted_total += predicted;
       nodes.push_back({{"order", s.order}, {"lane", s.lane}, {"node", n.name}, {"kernel", s.kernel->name},
                        {"why", s.reason}, {"measured_us", trace.events[i].duration_us},
@@ -217,7 +218,7 @@ Command add_run_command(CLI::App& app) {
                           {"cuda_graph", f->cuda_graph},
                           {"plan", f->plan.plan},
                           {"lanes", plan.lanes.size()},
-                          {"threads", threads},
+                          {"threads", plan_options.backend == Backend::cpu ? nlohmann::json(threads) : nlohmann::json(nullptr)},
                           {"tokens", f->tokens},
                           {"max_tokens", max_tokens},
                           {"seed", f->seed},
