@@ -232,7 +232,10 @@ void schedule_concurrent(Plan& plan, std::vector<PlanStep>& by_node) {
     if (fold < 0) {
       for (std::size_t l = 1; l < lane_nodes.size(); ++l)
         plan.lanes[l].why += "; overlap pays: predicted " + micros(with_lanes) + " with this lane vs " +
-                             micros(folded[l]) + " with its branch in line (launch overheads hide behind each other)";
+                             micros(folded[l]) + " with its branch in line" +
+                             (plan.options.rates.kernels_fill_machine
+                                  ? " (launch overheads hide behind each other)"
+                                  : " (one node's kernel leaves cores for the other lane)");
       plan.predicted_makespan_s = with_lanes;
       return;
     }
