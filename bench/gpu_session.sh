@@ -17,7 +17,7 @@ if [[ $mode == bench ]]; then
   models=${2:-qwen1.5-moe-a2.7b,deepseek-v3,mixtral-8x7b,qwen3-30b-a3b}
   echo "== bench $models"
   timeout 560 $b/moeflow bench --backend cuda --models "$models" --tokens ${4:-1,8,32,128,512,2048,8192} \
-    --plans serial,concurrent,graph --experts-kernels ${3:-cuda.cublas_grouped_batched,cuda.cublas_per_expert_loop,cuda.cublas_padded_strided,cuda.cublas_rows_batched} \
+    --plans serial,concurrent,graph --experts-kernels ${3:-cuda.decode_gemv,cuda.cublas_grouped_batched,cuda.cublas_per_expert_loop,cuda.cublas_padded_strided,cuda.cublas_rows_batched,cuda.cublas_padded_to_max} \
     --scope ${5:-both} --json "$OUT/bench.jsonl" > "$OUT/bench.log" 2>&1; echo "rc=$?"; grep -v "^skipped" "$OUT/bench.log" | tail -60
   exit 0
 fi
