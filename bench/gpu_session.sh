@@ -2,7 +2,7 @@
 # One call on the GPU machine (see the device README): unpack the carried .deb files, build there,
 # run the gpu tests (plain, memcheck, racecheck), the CLI checks of every preset, the CUDA-graph
 # host cost (mode `tests`), or the benchmark sweep (mode `bench`). Everything lands in $OUT.
-# Usage: bash bench/gpu_session.sh tests|full|racecheck|bench|overlap|chunks|decode|timeline|probe|sanitize [models] [experts kernels] [tokens] [scopes]
+# Usage: bash bench/gpu_session.sh tests|full|racecheck|bench|overlap|chunks|decode|timeline|probe [models] [experts kernels] [tokens] [scopes]
 set -uo pipefail
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 mkdir -p /opt/deps && for f in .deps/*.deb; do dpkg -x "$f" /opt/deps; done
@@ -19,14 +19,6 @@ if [[ $mode == bench ]]; then
   timeout 560 $b/moeflow bench --backend cuda --models "$models" --tokens ${4:-1,8,32,128,512,2048,8192} \
     --plans serial,concurrent,graph --experts-kernels ${3:-cuda.decode_gemv,cuda.cublas_grouped_batched,cuda.cublas_per_expert_loop,cuda.cublas_padded_strided,cuda.cublas_rows_batched,cuda.cublas_padded_to_max} \
     --scope ${5:-both} --json "$OUT/bench.jsonl" > "$OUT/bench.log" 2>&1; echo "rc=$?"; grep -v "^skipped" "$OUT/bench.log" | tail -60
-  exit 0
-fi
-if [[ $mode == sanitize ]]; then
-  for tool in ${2:-memcheck racecheck}; do
-    echo "== $tool, whole gpu suite"
-    timeout 270 compute-sanitizer --tool $tool --error-exitcode 9 $b/moeflow_gpu_tests --gtest_brief=1 > "$OUT/$tool.log" 2>&1
-    echo "rc=$?"; tail -n 3 "$OUT/$tool.log"
-  done
   exit 0
 fi
 if [[ $mode == full ]]; then

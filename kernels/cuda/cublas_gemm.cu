@@ -88,6 +88,16 @@ class CopyFence {
 // V is the access unit: uint4 (8 bf16) when rows are 16-byte aligned, else one bf16. A flat index
 // walks (expert, slot, vector) so each warp reads and writes contiguous bytes.
 
+// The routed row held by flat padded index i (expert e, slot s, vector v), or -1 for a padding slot.
+__device__ __forceinline__ int64_t routed_row_of(int64_t i, const int32_t* offsets, int64_t capacity,
+                                                 int64_t vecs_per_row) {
+  const int64_t slot = i / vecs_per_row;
+  const int64_t e = slot / capacity;
+  const int64_t s = slot - e * capacity;
+  const int64_t begin = offsets[e];
+  return s < offsets[e + 1] - begin ? begin + s : -1;
+}
+
 template <class V>
 __global__ void scatter_padded_kernel(const V* __restrict__ rows, const int32_t* __restrict__ offsets, int experts,
                                       int64_t capacity, int64_t vecs_per_row, V* __restrict__ padded,
@@ -98,13 +108,8 @@ __global__ void scatter_padded_kernel(const V* __restrict__ rows, const int32_t*
     if (static_cast<int64_t>(offsets[e + 1]) - offsets[e] > capacity) atomicOr(error_flag, overflow_bit);
   const int64_t total = experts * capacity * vecs_per_row;
   for (int64_t i = start; i < total; i += stride) {
-    const int64_t slot = i / vecs_per_row;
-    const int64_t v = i - slot * vecs_per_row;
-    const int64_t e = slot / capacity;
-    const int64_t s = slot - e * capacity;
-    const int64_t begin = offsets[e];
-    const int64_t count = offsets[e + 1] - begin;
-    padded[i] = s < count ? rows[(begin + s) * vecs_per_row + v] : V{};
+    const int64_t row = routed_row_of(i, offsets, capacity, vecs_per_row);
+    padded[i] = row >= 0 ? rows[row * vecs_per_row + i % vecs_per_row] : V{};
   }
 }
 
@@ -115,12 +120,8 @@ __global__ void gather_padded_kernel(const V* __restrict__ padded, const int32_t
   const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
   const int64_t total = experts * capacity * vecs_per_row;
   for (int64_t i = start; i < total; i += stride) {
-    const int64_t slot = i / vecs_per_row;
-    const int64_t v = i - slot * vecs_per_row;
-    const int64_t e = slot / capacity;
-    const int64_t s = slot - e * capacity;
-    const int64_t begin = offsets[e];
-    if (s < offsets[e + 1] - begin) out[(begin + s) * vecs_per_row + v] = padded[i];
+    const int64_t row = routed_row_of(i, offsets, capacity, vecs_per_row);
+    if (row >= 0) out[row * vecs_per_row + i % vecs_per_row] = padded[i];
   }
 }
 

@@ -14,10 +14,12 @@ namespace {
 
 constexpr int kWarps = 8;
 constexpr int kThreads = kWarps * 32;
-// kOutputs: output features per warp (a warp reads kOutputs weight rows, twice that for gate and
-// up). H and I are multiples of 8 (decode_experts_supported), so a warp's features are all in range.
-// Two per warp halve the reads of x (measured on the H100: one per warp with 4-deep unrolling was
-// 3-8% slower at T = 8..32).
+constexpr int kRows = kDecodeRowsPerPass;
+// Output features per warp (a warp reads kOutputs weight rows, twice that for gate and up). H and I
+// are multiples of 8 (decode_experts_supported), so a warp's features are all in range. Two per warp
+// halve the reads of x (measured on the H100: one per warp with 4-deep unrolling was 3-8% slower at
+// T = 8..32).
+constexpr int kOutputs = 2;
 
 // The expert owning permuted row r: the largest e with offsets[e] <= r (empty experts before it
 // share its offset and are passed over). -1 when r lies past every expert (offsets[E] <= r).
@@ -40,7 +42,6 @@ struct Group {
   int first = 0, count = 0;
 };
 
-template <int kRows>
 __device__ __forceinline__ Group group_of(const int32_t* offsets, int experts) {
   Group g;
   const int r = static_cast<int>(blockIdx.y);
@@ -68,11 +69,10 @@ __device__ __forceinline__ float dot8(const float a[8], const float b[8], float 
 }
 
 // act[r, j] = silu(w1_j · x_r) · (w3_j · x_r) for the block's kWarps × kOutputs features j.
-template <int kRows, int kOutputs>
 __global__ void __launch_bounds__(kThreads)
     decode_gate_up_kernel(const uint16_t* __restrict__ rows, const int32_t* __restrict__ offsets, int experts,
                           int hidden, int inter, const uint16_t* __restrict__ w13, uint16_t* __restrict__ act) {
-  const Group g = group_of<kRows>(offsets, experts);
+  const Group g = group_of(offsets, experts);
   if (g.expert < 0) return;
   const int warp = static_cast<int>(threadIdx.x) >> 5, lane = static_cast<int>(threadIdx.x) & 31;
   const int j0 = static_cast<int>(blockIdx.x) * kWarps * kOutputs + warp * kOutputs;
@@ -113,7 +113,6 @@ __global__ void __launch_bounds__(kThreads)
 }
 
 // y[r, h] = w2_h · act_r for the block's kWarps × kOutputs features h.
-template <int kRows, int kOutputs>
 __global__ void __launch_bounds__(kThreads)
     decode_down_kernel(const uint16_t* __restrict__ act, const int32_t* __restrict__ offsets, int experts, int hidden,
                        int inter, const uint16_t* __restrict__ w2, uint16_t* __restrict__ y) {
@@ -124,7 +123,7 @@ __global__ void __launch_bounds__(kThreads)
     if (lane < kOutputs) y[static_cast<int64_t>(blockIdx.y) * hidden + h0 + lane] = 0;
     return;
   }
-  const Group g = group_of<kRows>(offsets, experts);
+  const Group g = group_of(offsets, experts);
   if (g.expert < 0) return;
   const int vecs = inter / 8;
   const uint4* w = reinterpret_cast<const uint4*>(w2 + static_cast<int64_t>(g.expert) * hidden * inter);
@@ -161,35 +160,23 @@ bool decode_experts_supported(int hidden, int intermediate) {
   return hidden > 0 && intermediate > 0 && hidden % 8 == 0 && intermediate % 8 == 0;
 }
 
-namespace {
-
-template <int kRows, int kOutputs>
-void launch_decode(const LaneContext& ctx, const uint16_t* rows, const int32_t* offsets, int experts, int64_t total_rows,
-                   int hidden, int intermediate, const uint16_t* w13, const uint16_t* w2, uint16_t* act, uint16_t* y,
-                   const char* what) {
-  if (!decode_experts_supported(hidden, intermediate))
-    fail_input(std::string(what) + ": H = " + std::to_string(hidden) + " and I = " + std::to_string(intermediate) +
-               " must be positive multiples of 8 (16-byte loads)");
-  if (experts <= 0) fail_input(std::string(what) + ": " + std::to_string(experts) + " experts");
-  if (total_rows > 65535)
-    fail_input(std::string(what) + ": " + std::to_string(total_rows) + " rows exceed one grid's y extent (65535)");
-  if (total_rows == 0) return;
-  constexpr int per_block = kWarps * kOutputs;
-  const dim3 up_grid((intermediate + per_block - 1) / per_block, static_cast<unsigned>(total_rows));
-  decode_gate_up_kernel<kRows, kOutputs><<<up_grid, kThreads, 0, ctx.stream>>>(rows, offsets, experts, hidden, intermediate, w13, act);
-  MOEFLOW_CUDA_LAUNCH_CHECK();
-  const dim3 down_grid((hidden + per_block - 1) / per_block, static_cast<unsigned>(total_rows));
-  decode_down_kernel<kRows, kOutputs><<<down_grid, kThreads, 0, ctx.stream>>>(act, offsets, experts, hidden, intermediate, w2, y);
-  MOEFLOW_CUDA_LAUNCH_CHECK();
-}
-
-}  // namespace
-
 void experts_decode(const LaneContext& ctx, const uint16_t* rows, const int32_t* offsets, int experts,
                     int64_t total_rows, int hidden, int intermediate, const uint16_t* w13, const uint16_t* w2,
                     uint16_t* act, uint16_t* y) {
-  launch_decode<kDecodeRowsPerPass, 2>(ctx, rows, offsets, experts, total_rows, hidden, intermediate, w13, w2, act, y,
-                                    "experts_decode");
+  if (!decode_experts_supported(hidden, intermediate))
+    fail_input("experts_decode: H = " + std::to_string(hidden) + " and I = " + std::to_string(intermediate) +
+               " must be positive multiples of 8 (16-byte loads)");
+  if (experts <= 0) fail_input("experts_decode: " + std::to_string(experts) + " experts");
+  if (total_rows > 65535)
+    fail_input("experts_decode: " + std::to_string(total_rows) + " rows exceed one grid's y extent (65535)");
+  if (total_rows == 0) return;
+  constexpr int per_block = kWarps * kOutputs;
+  const dim3 up_grid((intermediate + per_block - 1) / per_block, static_cast<unsigned>(total_rows));
+  decode_gate_up_kernel<<<up_grid, kThreads, 0, ctx.stream>>>(rows, offsets, experts, hidden, intermediate, w13, act);
+  MOEFLOW_CUDA_LAUNCH_CHECK();
+  const dim3 down_grid((hidden + per_block - 1) / per_block, static_cast<unsigned>(total_rows));
+  decode_down_kernel<<<down_grid, kThreads, 0, ctx.stream>>>(act, offsets, experts, hidden, intermediate, w2, y);
+  MOEFLOW_CUDA_LAUNCH_CHECK();
 }
 
 }  // namespace moeflow::cuda

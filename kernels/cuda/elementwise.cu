@@ -161,30 +161,32 @@ __global__ void __launch_bounds__(kThreads) sum_kernel(Addends in, int64_t n, ui
   }
 }
 
-// ---- conversions -------------------------------------------------------------------------------
+// ---- conversions: one kernel for both directions ------------------------------------------------
 
-template <bool kVec>
-__global__ void __launch_bounds__(kThreads)
-    f32_to_bf16_kernel(const float* __restrict__ in, int64_t n, uint16_t* __restrict__ out) {
-  const int64_t stride = static_cast<int64_t>(gridDim.x) * kThreads;
-  const int64_t first = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x;
-  int64_t scalar_from = 0;
-  if constexpr (kVec) {
-    const int64_t nv = n / 8;
-    for (int64_t v = first; v < nv; v += stride) {
-      const float4 a = reinterpret_cast<const float4*>(in)[2 * v];
-      const float4 b = reinterpret_cast<const float4*>(in)[2 * v + 1];
-      const float f[8] = {a.x, a.y, a.z, a.w, b.x, b.y, b.z, b.w};
-      reinterpret_cast<uint4*>(out)[v] = pack8(f);
-    }
-    scalar_from = nv * 8;
-  }
-  for (int64_t i = scalar_from + first; i < n; i += stride) out[i] = float_to_bf16_bits(in[i]);
+__device__ __forceinline__ float to_f32(float f) { return f; }
+__device__ __forceinline__ float to_f32(uint16_t b) { return bf16_bits_to_float(b); }
+__device__ __forceinline__ void store(float* out, int64_t i, float f) { out[i] = f; }
+__device__ __forceinline__ void store(uint16_t* out, int64_t i, float f) { out[i] = float_to_bf16_bits(f); }
+
+// Element group v (8 values) as fp32: 16-byte bf16 loads or two 16-byte fp32 loads, and back.
+__device__ __forceinline__ void load8(const float* in, int64_t v, float f[8]) {
+  const float4 a = reinterpret_cast<const float4*>(in)[2 * v];
+  const float4 b = reinterpret_cast<const float4*>(in)[2 * v + 1];
+  f[0] = a.x, f[1] = a.y, f[2] = a.z, f[3] = a.w, f[4] = b.x, f[5] = b.y, f[6] = b.z, f[7] = b.w;
+}
+__device__ __forceinline__ void load8(const uint16_t* in, int64_t v, float f[8]) {
+  unpack8(reinterpret_cast<const uint4*>(in)[v], f);
+}
+__device__ __forceinline__ void store8(float* out, int64_t v, const float f[8]) {
+  reinterpret_cast<float4*>(out)[2 * v] = make_float4(f[0], f[1], f[2], f[3]);
+  reinterpret_cast<float4*>(out)[2 * v + 1] = make_float4(f[4], f[5], f[6], f[7]);
+}
+__device__ __forceinline__ void store8(uint16_t* out, int64_t v, const float f[8]) {
+  reinterpret_cast<uint4*>(out)[v] = pack8(f);
 }
 
-template <bool kVec>
-__global__ void __launch_bounds__(kThreads)
-    bf16_to_f32_kernel(const uint16_t* __restrict__ in, int64_t n, float* __restrict__ out) {
+template <bool kVec, class From, class To>
+__global__ void __launch_bounds__(kThreads) convert_kernel(const From* __restrict__ in, int64_t n, To* __restrict__ out) {
   const int64_t stride = static_cast<int64_t>(gridDim.x) * kThreads;
   const int64_t first = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x;
   int64_t scalar_from = 0;
@@ -192,13 +194,12 @@ __global__ void __launch_bounds__(kThreads)
     const int64_t nv = n / 8;
     for (int64_t v = first; v < nv; v += stride) {
       float f[8];
-      unpack8(reinterpret_cast<const uint4*>(in)[v], f);
-      reinterpret_cast<float4*>(out)[2 * v] = make_float4(f[0], f[1], f[2], f[3]);
-      reinterpret_cast<float4*>(out)[2 * v + 1] = make_float4(f[4], f[5], f[6], f[7]);
+      load8(in, v, f);
+      store8(out, v, f);
     }
     scalar_from = nv * 8;
   }
-  for (int64_t i = scalar_from + first; i < n; i += stride) out[i] = bf16_bits_to_float(in[i]);
+  for (int64_t i = scalar_from + first; i < n; i += stride) store(out, i, to_f32(in[i]));
 }
 
 void check_nonnegative(const char* what, int64_t a, const char* a_name, int64_t b, const char* b_name) {
@@ -253,24 +254,27 @@ void sum_rows(const uint16_t* const* addends, int count, int64_t elements, uint1
   MOEFLOW_CUDA_LAUNCH_CHECK();
 }
 
-void convert_f32_to_bf16(const float* in, int64_t n, uint16_t* out, Stream stream) {
-  check_nonnegative("cuda convert_f32_to_bf16", n, "n", 0, "-");
+namespace {
+
+template <class From, class To>
+void convert(const char* what, const From* in, int64_t n, To* out, Stream stream) {
+  check_nonnegative(what, n, "n", 0, "-");
   if (n == 0) return;
   const bool vec = aligned16(in) && aligned16(out);
   const unsigned blocks = flat_blocks(vec ? std::max<int64_t>(n / 8, n % 8) : n);
-  if (vec) f32_to_bf16_kernel<true><<<blocks, kThreads, 0, stream>>>(in, n, out);
-  else f32_to_bf16_kernel<false><<<blocks, kThreads, 0, stream>>>(in, n, out);
+  if (vec) convert_kernel<true><<<blocks, kThreads, 0, stream>>>(in, n, out);
+  else convert_kernel<false><<<blocks, kThreads, 0, stream>>>(in, n, out);
   MOEFLOW_CUDA_LAUNCH_CHECK();
 }
 
+}  // namespace
+
+void convert_f32_to_bf16(const float* in, int64_t n, uint16_t* out, Stream stream) {
+  convert("cuda convert_f32_to_bf16", in, n, out, stream);
+}
+
 void convert_bf16_to_f32(const uint16_t* in, int64_t n, float* out, Stream stream) {
-  check_nonnegative("cuda convert_bf16_to_f32", n, "n", 0, "-");
-  if (n == 0) return;
-  const bool vec = aligned16(in) && aligned16(out);
-  const unsigned blocks = flat_blocks(vec ? std::max<int64_t>(n / 8, n % 8) : n);
-  if (vec) bf16_to_f32_kernel<true><<<blocks, kThreads, 0, stream>>>(in, n, out);
-  else bf16_to_f32_kernel<false><<<blocks, kThreads, 0, stream>>>(in, n, out);
-  MOEFLOW_CUDA_LAUNCH_CHECK();
+  convert("cuda convert_bf16_to_f32", in, n, out, stream);
 }
 
 }  // namespace moeflow::cuda

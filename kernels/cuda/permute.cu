@@ -54,18 +54,39 @@ int warps_per_block(int experts) {
 
 __device__ __forceinline__ int bucket_of(int32_t id, int experts) { return (id >= 0 && id < experts) ? id : experts; }
 
-__global__ void perm_count_kernel(const int32_t* __restrict__ ids, int64_t n, int experts, int64_t tile,
-                                  int64_t num_tiles, int32_t* __restrict__ hist) {
+// One warp's tile of the ids: ids [begin, end) of tile `w`, and its per-bucket counters (E + 1 of
+// them, zeroed) in the block's shared memory. `active` is false for warps past the last tile.
+struct WarpTile {
+  int lane;
+  int64_t w, begin, end;
+  int32_t* cnt;
+  bool active;
+};
+
+__device__ __forceinline__ WarpTile warp_tile(int64_t n, int experts, int64_t tile, int64_t num_tiles) {
   extern __shared__ int32_t counts_smem[];
   const int warp = static_cast<int>(threadIdx.x) / 32;
-  const int lane = static_cast<int>(threadIdx.x) % 32;
-  const int64_t w = static_cast<int64_t>(blockIdx.x) * (blockDim.x / 32) + warp;
-  if (w >= num_tiles) return;
-  int32_t* cnt = counts_smem + static_cast<size_t>(warp) * (experts + 1);
-  for (int e = lane; e <= experts; e += 32) cnt[e] = 0;
-  __syncwarp();
-  const int64_t begin = w * tile;
-  const int64_t end = begin + tile < n ? begin + tile : n;
+  WarpTile t;
+  t.lane = static_cast<int>(threadIdx.x) % 32;
+  t.w = static_cast<int64_t>(blockIdx.x) * (blockDim.x / 32) + warp;
+  t.active = t.w < num_tiles;
+  t.cnt = counts_smem + static_cast<size_t>(warp) * (experts + 1);
+  t.begin = t.w * tile;
+  t.end = t.begin + tile < n ? t.begin + tile : n;
+  if (t.active) {
+    for (int e = t.lane; e <= experts; e += 32) t.cnt[e] = 0;
+    __syncwarp();
+  }
+  return t;
+}
+
+__global__ void perm_count_kernel(const int32_t* __restrict__ ids, int64_t n, int experts, int64_t tile,
+                                  int64_t num_tiles, int32_t* __restrict__ hist) {
+  const WarpTile t = warp_tile(n, experts, tile, num_tiles);
+  if (!t.active) return;
+  const int lane = t.lane;
+  const int64_t w = t.w, begin = t.begin, end = t.end;
+  int32_t* cnt = t.cnt;
   for (int64_t i = begin + lane; i < end; i += 32) atomicAdd(&cnt[bucket_of(ids[i], experts)], 1);  // integer: exact
   __syncwarp();
   for (int e = lane; e <= experts; e += 32) hist[static_cast<int64_t>(e) * num_tiles + w] = cnt[e];
@@ -125,16 +146,11 @@ __global__ void __launch_bounds__(kScanThreads)
 __global__ void perm_rank_kernel(const int32_t* __restrict__ ids, int64_t n, int experts, int64_t tile,
                                  int64_t num_tiles, const int32_t* __restrict__ base, int32_t* __restrict__ slot_of,
                                  int32_t* __restrict__ row_source) {
-  extern __shared__ int32_t counts_smem[];
-  const int warp = static_cast<int>(threadIdx.x) / 32;
-  const int lane = static_cast<int>(threadIdx.x) % 32;
-  const int64_t w = static_cast<int64_t>(blockIdx.x) * (blockDim.x / 32) + warp;
-  if (w >= num_tiles) return;
-  int32_t* cnt = counts_smem + static_cast<size_t>(warp) * (experts + 1);
-  for (int e = lane; e <= experts; e += 32) cnt[e] = 0;
-  __syncwarp();
-  const int64_t begin = w * tile;
-  const int64_t end = begin + tile < n ? begin + tile : n;
+  const WarpTile t = warp_tile(n, experts, tile, num_tiles);
+  if (!t.active) return;
+  const int lane = t.lane;
+  const int64_t w = t.w, begin = t.begin, end = t.end;
+  int32_t* cnt = t.cnt;
   const uint32_t lower_lanes = (1u << lane) - 1u;
   for (int64_t c = begin; c < end; c += 32) {  // the same trip count on every lane
     const int64_t i = c + lane;
