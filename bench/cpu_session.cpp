@@ -24,7 +24,7 @@ CpuSession::CpuSession(std::shared_ptr<const Graph> graph, const SessionOptions&
   require_host_bytes(bytes_needed(plan_) - (share_weights ? plan_.bytes(Arena::weights) : 0), what.str());
   if (share_weights) weights_ = share_weights->weights_;
   else weights_ = std::make_shared<HostArena>(plan_, Arena::weights);
-  executor_ = std::make_unique<CpuExecutor>(plan_, options.threads);
+  executor_ = std::make_unique<CpuExecutor>(plan_, options.threads, options.comm);
   if (!share_weights && options.load_weights)
     options.load_weights(*plan_.graph, [this](ValueId v) { return weights_->as<float>(v); });
   else if (!share_weights)
@@ -66,10 +66,12 @@ const void* CpuSession::value_data(ValueId v) const {
   return executor_->data(v);
 }
 
-CheckReport CpuSession::check(double tolerance) const {
+CheckReport CpuSession::check(double tolerance) const { return check_against(output(), tolerance); }
+
+CheckReport CpuSession::check_against(const float* out, double tolerance) const {
   auto data = [this](ValueId v) { return value_data(v); };
   ReferenceResult ref = reference_run(*plan_.graph, tokens_, data, data);
-  return check_output(output(), ref, tolerance);
+  return check_output(out, ref, tolerance);
 }
 
 Floor CpuSession::floor(const MachineRates& rates) {

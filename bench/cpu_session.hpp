@@ -19,6 +19,8 @@ struct SessionOptions {
   // Fills the weights instead of the random generator (a checkpoint): called with the plan's graph
   // and where each weight's fp32 data goes.
   std::function<void(const Graph&, const std::function<float*(ValueId)>&)> load_weights;
+  // This rank's communicators, for a graph lowered for several ranks (ops/lower_parallel.hpp).
+  const CommGroups* comm = nullptr;
 };
 
 class CpuSession {
@@ -40,6 +42,9 @@ class CpuSession {
   double run(Trace* trace = nullptr);
   // Runs the reference on the last run's inputs and compares with its output.
   CheckReport check(double tolerance) const;
+  // Compares another engine's output of this session's tokens (a rank of a multi-rank run) with the
+  // reference on this session's inputs; its routing follows this session's last run.
+  CheckReport check_against(const float* output, double tolerance) const;
   // The roofline floor, averaged over the input sets (each routes to its own experts). For a whole
   // layer the routing is the gate's, so each set runs once more (untimed) to produce it.
   Floor floor(const MachineRates& rates);

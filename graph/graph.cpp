@@ -47,7 +47,22 @@ void Graph::set_chunk(NodeId n, int chunk) {
   }
 }
 
+void Graph::add_order(NodeId earlier, NodeId later) {
+  if (earlier == later || earlier < 0 || later < 0 || earlier >= static_cast<NodeId>(nodes_.size()) ||
+      later >= static_cast<NodeId>(nodes_.size()))
+    fail_input("graph '" + name_ + "': order edge " + std::to_string(earlier) + " -> " + std::to_string(later) +
+               " names no two distinct nodes");
+  nodes_[static_cast<std::size_t>(later)].after.push_back(earlier);
+  validated_ = false;
+}
+
+void Graph::set_fixed_rows(NodeId n, int64_t rows) {
+  if (rows < 0) fail_input("graph '" + name_ + "': fixed rows of node " + std::to_string(n) + " must be >= 0");
+  nodes_.at(static_cast<std::size_t>(n)).fixed_rows = rows;
+}
+
 int64_t Graph::tokens_of(const Node& n, int64_t tokens) const {
+  if (n.fixed_rows >= 0) return n.fixed_rows;
   if (n.chunk < 0) return tokens;
   const int64_t first = n.chunk * chunk_rows_;
   return std::clamp<int64_t>(tokens - first, 0, chunk_rows_);
@@ -88,6 +103,7 @@ std::vector<NodeId> Graph::predecessors(NodeId n) const {
   std::vector<NodeId> preds;
   for (ValueId v : node(n).inputs)
     if (value(v).producer != kNoNode) preds.push_back(value(v).producer);
+  for (NodeId a : node(n).after) preds.push_back(a);
   std::sort(preds.begin(), preds.end());
   preds.erase(std::unique(preds.begin(), preds.end()), preds.end());
   return preds;

@@ -45,6 +45,10 @@ class Graph {
   NodeId add_node(std::string name, std::shared_ptr<const OpSchema> op, std::vector<ValueId> inputs,
                   std::vector<ValueId> outputs);
   void mark_output(ValueId v);
+  // Node `later` runs after node `earlier` although no value flows between them.
+  void add_order(NodeId earlier, NodeId later);
+  // Node n works on `rows` token rows whatever the run's T (Node::fixed_rows).
+  void set_fixed_rows(NodeId n, int64_t rows);
   // Makes input `index` of node n read `v` instead (passes use it to reroute a value).
   void replace_input(NodeId n, std::size_t index, ValueId v);
 

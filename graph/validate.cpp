@@ -75,6 +75,8 @@ void validate_graph(Graph& g) {
     sorted.push_back(std::move(g.nodes_[static_cast<std::size_t>(old)]));
     sorted.back().id = new_id[static_cast<std::size_t>(old)];
   }
+  for (Node& n : sorted)
+    for (NodeId& a : n.after) a = new_id[static_cast<std::size_t>(a)];
   g.nodes_ = std::move(sorted);
   for (Value& v : g.values_) {
     if (v.producer != kNoNode) v.producer = new_id[static_cast<std::size_t>(v.producer)];

@@ -35,6 +35,22 @@ struct ValueType {
   bool host_memory = false;  // lives in (pinned) host memory even on a GPU backend (to_host's output)
 };
 
+// Where the random data of a value that is a slice of a larger tensor comes from (a rank's share of
+// the weights, a data-parallel rank's rows of x): local index i of dimension d is index
+// block·(full/blocks) + offset + (i mod (local/blocks)) of the tensor `source`, where block =
+// i div (local/blocks). `blocks` > 1 splits each of equal blocks alike (w13 holds the gate and up
+// projections one after the other). Drawing from the full tensor's counters gives every rank the
+// same bits a single process draws, without shipping weights.
+struct SliceDim {
+  int64_t offset = 0;
+  int64_t full = 0;  // the full tensor's extent; 0: the same as the local one
+  int blocks = 1;
+};
+struct SourceSlice {
+  std::string source;  // the full tensor's name (its random stream)
+  std::vector<SliceDim> dims;
+};
+
 struct Value {
   ValueId id = -1;
   std::string name;
@@ -49,6 +65,10 @@ struct Value {
   // dimension, at most `chunk_rows` of them, starting at token chunk * chunk_rows.
   int chunk = -1;
   int64_t chunk_rows = 0;
+  // Set by the parallel lowering (ops/lower_parallel.hpp): the value holds exactly this many token
+  // rows whatever the run's T (rows gathered from every rank, fixed when the ranks' token counts are).
+  int64_t fixed_rows = -1;
+  std::optional<SourceSlice> source;  // a slice of a larger tensor (see SourceSlice)
 
   const Shape& shape() const { return type.value().shape; }
   DType dtype() const { return type.value().dtype; }
@@ -60,6 +80,7 @@ struct Value {
   // 0). bytes() and shape().elements() take rows, not the graph's T: size a buffer with
   // bytes(tokens_in(T)).
   int64_t tokens_in(int64_t tokens) const {
+    if (fixed_rows >= 0) return fixed_rows;
     if (chunk < 0) return tokens;
     const int64_t first = chunk * chunk_rows;
     return tokens <= first ? 0 : (tokens - first < chunk_rows ? tokens - first : chunk_rows);

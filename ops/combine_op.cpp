@@ -18,6 +18,14 @@ std::vector<ValueType> CombineOp::infer(const Node& n, std::span<const Value* co
   return {ValueType{Shape{Dim::tokens(), y.shape()[1]}, y.dtype(), {}}};
 }
 
+std::vector<Distribution> CombineOp::distribute(const Node& node, std::span<const Value* const> inputs) const {
+  const bool partial = inputs[0]->type && inputs[0]->type->dist.kind == Distribution::Kind::partial;
+  std::vector<const Value*> rest(inputs.begin() + 1, inputs.end());
+  std::vector<Distribution> d = OpSchema::distribute(node, rest);
+  if (partial) d[0] = Distribution::partial();
+  return d;
+}
+
 Cost CombineOp::cost(const OpOperands& ops, int64_t tokens) const {
   const double T = static_cast<double>(tokens), k = top_k_;
   const double H = static_cast<double>(ops.inputs[0]->shape()[1].fixed);

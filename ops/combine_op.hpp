@@ -16,6 +16,8 @@ class CombineOp final : public OpSchema {
   std::vector<ValueType> infer(const Node& node, std::span<const Value* const> inputs) const override;
   Cost cost(const OpOperands& operands, int64_t tokens) const override;
   bool token_parallel() const override { return true; }
+  // Linear in y: Partial rows give a Partial output (the sum over ranks is still owed).
+  std::vector<Distribution> distribute(const Node& node, std::span<const Value* const> inputs) const override;
   int min_inputs() const override { return 3; }
 
  private:

@@ -11,7 +11,19 @@ DispatchOp::DispatchOp(int experts, int top_k) : experts_(experts), top_k_(top_k
     fail_input("dispatch: top_k = " + std::to_string(top_k_) + " must be in [1, experts = " + std::to_string(experts_) + "]");
 }
 
+DispatchOp::DispatchOp(int experts, int top_k, Share share) : experts_(experts), top_k_(top_k), share_(share) {
+  if (experts_ <= 0 || top_k_ <= 0 || share_.first_expert < 0 || share_.first_expert + experts_ > share_.total_experts ||
+      top_k_ > share_.total_experts)
+    fail_input("dispatch: experts [" + std::to_string(share_.first_expert) + ", " +
+               std::to_string(share_.first_expert + experts_) + ") with top_k = " + std::to_string(top_k_) +
+               " are not a share of " + std::to_string(share_.total_experts) + " experts");
+}
+
 std::string DispatchOp::summary() const {
+  if (shared_out())
+    return "permute by expert, experts " + std::to_string(share_.first_expert) + ".." +
+           std::to_string(share_.first_expert + experts_ - 1) + " of " + std::to_string(share_.total_experts) +
+           " k=" + std::to_string(top_k_);
   return "permute by expert E=" + std::to_string(experts_) + " k=" + std::to_string(top_k_);
 }
 
@@ -37,7 +49,7 @@ void register_dispatch_kernels(KernelRegistry& r) {
            const auto& op = static_cast<const DispatchOp&>(*c.node.op);
            const int hidden = static_cast<int>(c.input_value(0).shape()[1].fixed);
            cpu::build_permutation(c.in<int32_t>(1), c.tokens, op.top_k(), op.experts(), c.out<int32_t>(1),
-                                  c.out<int32_t>(2));
+                                  c.out<int32_t>(2), op.share().first_expert, op.shared_out());
            cpu::gather_rows(c.in<float>(0), c.out<int32_t>(2), c.tokens, op.top_k(), hidden, c.out<float>(0));
          },
          {}});

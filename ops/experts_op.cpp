@@ -12,10 +12,13 @@ double expected_touched_experts(double experts, double top_k, double tokens) {
   return experts * (1.0 - std::pow(1.0 - top_k / experts, tokens));
 }
 
-ExpertsOp::ExpertsOp(int experts, int top_k, int intermediate)
-    : experts_(experts), top_k_(top_k), intermediate_(intermediate) {
+ExpertsOp::ExpertsOp(int experts, int top_k, int intermediate) : ExpertsOp(experts, top_k, intermediate, false) {}
+
+ExpertsOp::ExpertsOp(int experts, int top_k, int intermediate, bool partial)
+    : experts_(experts), top_k_(top_k), intermediate_(intermediate), partial_(partial) {
   if (intermediate_ <= 0) fail_input("experts: intermediate size = " + std::to_string(intermediate_) + " must be > 0");
-  if (experts_ <= 0 || top_k_ <= 0 || top_k_ > experts_)
+  // A share of the experts may hold fewer than k of them.
+  if (experts_ <= 0 || top_k_ <= 0 || (!partial_ && top_k_ > experts_))
     fail_input("experts: top_k = " + std::to_string(top_k_) + " must be in [1, experts = " + std::to_string(experts_) + "]");
 }
 
@@ -33,11 +36,17 @@ std::vector<ValueType> ExpertsOp::infer(const Node& n, std::span<const Value* co
   return {ValueType{rows.shape(), rows.dtype(), {}}};
 }
 
+std::vector<Distribution> ExpertsOp::distribute(const Node& node, std::span<const Value* const> inputs) const {
+  std::vector<Distribution> d = OpSchema::distribute(node, inputs);
+  if (partial_) d[0] = Distribution::partial();
+  return d;
+}
+
 Cost ExpertsOp::cost(const OpOperands& ops, int64_t tokens) const {
   const double T = static_cast<double>(tokens), k = top_k_, I = intermediate_;
   const double H = static_cast<double>(ops.inputs[0]->shape()[1].fixed);
   const double b = static_cast<double>(dtype_size(ops.inputs[0]->dtype()));
-  const double touched = expected_touched_experts(experts_, k, T);
+  const double touched = partial_ ? std::min<double>(experts_, k * T) : expected_touched_experts(experts_, k, T);
   return {6.0 * k * T * H * I, b * (touched * 3.0 * H * I + 2.0 * k * T * H)};
 }
 

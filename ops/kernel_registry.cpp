@@ -18,6 +18,7 @@ const KernelRegistry& KernelRegistry::builtin() {
     register_combine_kernels(r);
     register_reduce_kernels(r);
     register_row_kernels(r);
+    register_comm_kernels(r);
 #ifdef MOEFLOW_HAVE_CUDA
     register_cuda_kernels(r);
 #endif

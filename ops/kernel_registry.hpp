@@ -16,6 +16,7 @@
 namespace moeflow {
 
 enum class Backend { cpu, cuda };
+struct CommGroups;  // ops/comm_ops.hpp
 const char* to_string(Backend b);
 
 // One call of a kernel: the node, its operands' buffers in node order, and the token rows it works
@@ -29,6 +30,7 @@ struct KernelCall {
   void* lane = nullptr;            // backend lane state: a cuda::LaneContext* on CUDA, null on the CPU
   void* workspace = nullptr;       // the kernel's own scratch, as large as its workspace() said
   void* host_workspace = nullptr;  // pinned host scratch, as large as its host_workspace() said
+  const CommGroups* comm = nullptr;  // this rank's communicators in a multi-rank run, else null
 
   // The most rows this node ever gets (its chunk's size in a chunked graph): what scratch is sized for.
   int64_t max_tokens() const { return graph.max_tokens_of(node); }
@@ -103,6 +105,7 @@ void register_experts_kernels(KernelRegistry& r);
 void register_combine_kernels(KernelRegistry& r);
 void register_reduce_kernels(KernelRegistry& r);
 void register_row_kernels(KernelRegistry& r);  // slice_rows, concat_rows (the chunk pass's ops)
+void register_comm_kernels(KernelRegistry& r);  // the parallel lowering's ops (ops/comm_ops.hpp)
 #ifdef MOEFLOW_HAVE_CUDA
 void register_cuda_kernels(KernelRegistry& r);  // ops/cuda/cuda_kernels.cpp
 #endif

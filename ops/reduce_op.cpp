@@ -12,8 +12,19 @@ std::vector<ValueType> ReduceOp::infer(const Node& n, std::span<const Value* con
   return {ValueType{in[0]->shape(), in[0]->dtype(), {}}};
 }
 
-std::vector<Distribution> ReduceOp::distribute(const Node&, std::span<const Value* const>) const {
-  return {Distribution::replicated()};
+// Partial + Partial stays Partial (one sum owed for both). Partial + a whole value would add the
+// whole value once per rank when the sum is paid: refused, naming both.
+std::vector<Distribution> ReduceOp::distribute(const Node& n, std::span<const Value* const> in) const {
+  const Value* partial = nullptr;
+  const Value* whole = nullptr;
+  for (const Value* v : in) {
+    if (!v->type) continue;
+    (v->type->dist.kind == Distribution::Kind::partial ? partial : whole) = v;
+  }
+  if (partial && whole)
+    fail_input("node '" + n.name + "' (reduce) adds '" + whole->name + "' (" + whole->type->dist.str() + ") to '" +
+               partial->name + "' (partial): the sum over ranks would count '" + whole->name + "' once per rank");
+  return {partial ? Distribution::partial() : Distribution::replicated()};
 }
 
 Cost ReduceOp::cost(const OpOperands& ops, int64_t tokens) const {

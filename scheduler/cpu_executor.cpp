@@ -33,8 +33,8 @@ struct CpuExecutor::FlowGraph {
   explicit FlowGraph(int threads) : arena(threads) {}
 };
 
-CpuExecutor::CpuExecutor(const Plan& plan, int threads)
-    : plan_(plan), threads_(threads), workspace_(plan, Arena::workspace) {
+CpuExecutor::CpuExecutor(const Plan& plan, int threads, const CommGroups* comm)
+    : plan_(plan), threads_(threads), comm_(comm), workspace_(plan, Arena::workspace) {
   if (plan.options.backend != Backend::cpu) fail_input("CpuExecutor: the plan was made for the cuda backend");
   if (threads <= 0) fail_input("--threads must be > 0, got " + std::to_string(threads));
   flow_ = std::make_unique<FlowGraph>(threads);
@@ -63,7 +63,8 @@ CpuExecutor::CpuExecutor(const Plan& plan, int threads)
               // A chunk the run's tokens do not reach has no rows: it runs and produces nothing.
               if (const int64_t rows = g.tokens_of(n, fl.tokens); rows > 0)
                 s.kernel->run(KernelCall{g, n, in, out, rows, nullptr,
-                                         s.workspace_bytes ? workspace_.base() + s.workspace_offset : nullptr, nullptr});
+                                         s.workspace_bytes ? workspace_.base() + s.workspace_offset : nullptr, nullptr,
+                                         comm_});
             } catch (...) {
               std::lock_guard<std::mutex> lock(fl.error_mutex);
               if (!fl.error) fl.error = std::current_exception();

@@ -13,7 +13,8 @@ namespace moeflow {
 
 class CpuExecutor {
  public:
-  CpuExecutor(const Plan& plan, int threads);
+  // `comm`: this rank's communicators when the plan's graph was lowered for several ranks.
+  CpuExecutor(const Plan& plan, int threads, const CommGroups* comm = nullptr);
   ~CpuExecutor();
   CpuExecutor(const CpuExecutor&) = delete;
   CpuExecutor& operator=(const CpuExecutor&) = delete;
@@ -30,6 +31,7 @@ class CpuExecutor {
   struct FlowGraph;
   const Plan& plan_;
   int threads_;
+  const CommGroups* comm_;
   HostArena workspace_;
   std::unique_ptr<FlowGraph> flow_;
 };

@@ -1,5 +1,9 @@
 #include "scheduler/host_memory.hpp"
 
+#include <tbb/blocked_range.h>
+#include <tbb/parallel_for.h>
+
+#include <algorithm>
 #include <cstdlib>
 #include <fstream>
 #include <sstream>
@@ -79,17 +83,79 @@ void* HostArena::data(ValueId v) const {
   return memory_.get() + b.offset;
 }
 
+namespace {
+
+// A sliced value's uniform data: each element drawn at its index in the source tensor.
+void fill_uniform_slice(const Value& v, float* dst, int64_t tokens, uint64_t seed) {
+  const SourceSlice& src = *v.source;
+  const int rank = v.shape().rank();
+  if (static_cast<int>(src.dims.size()) != rank)
+    fail_input("value '" + v.name + "': its source slice of '" + src.source + "' gives " + std::to_string(src.dims.size()) +
+               " dimensions for a rank-" + std::to_string(rank) + " value");
+  std::vector<int64_t> local(rank), full(rank), block_local(rank), block_full(rank), stride(rank);
+  for (int d = 0; d < rank; ++d) {
+    const SliceDim& sd = src.dims[static_cast<std::size_t>(d)];
+    local[d] = v.shape()[d].symbolic() ? v.tokens_in(tokens) * v.shape()[d].token_factor : v.shape()[d].fixed;
+    full[d] = sd.full > 0 ? sd.full : local[d];
+    if (sd.blocks < 1 || local[d] % sd.blocks != 0 || full[d] % sd.blocks != 0)
+      fail_input("value '" + v.name + "': dimension " + std::to_string(d) + " (" + std::to_string(local[d]) + " of " +
+                 std::to_string(full[d]) + ") does not split into " + std::to_string(sd.blocks) + " equal blocks");
+    block_local[d] = local[d] / sd.blocks;
+    block_full[d] = full[d] / sd.blocks;
+  }
+  int64_t s = 1;
+  for (int d = rank - 1; d >= 0; --d) {
+    stride[d] = s;
+    s *= full[d];
+  }
+  auto coord = [&](int d, int64_t i) {
+    return (i / block_local[d]) * block_full[d] + src.dims[static_cast<std::size_t>(d)].offset + i % block_local[d];
+  };
+  const int64_t inner = local[rank - 1];
+  const int64_t runs = inner == 0 ? 0 : v.shape().elements(v.tokens_in(tokens)) / inner;
+  const uint64_t key = rng::stream_key(seed, rng::name_key(src.source));
+  tbb::parallel_for(tbb::blocked_range<int64_t>(0, runs, 16), [&](const tbb::blocked_range<int64_t>& r) {
+    for (int64_t run = r.begin(); run < r.end(); ++run) {
+      int64_t base = 0, rest = run;
+      for (int d = rank - 2; d >= 0; --d) {
+        base += coord(d, rest % local[d]) * stride[d];
+        rest /= local[d];
+      }
+      float* out = dst + run * inner;
+      for (int64_t i = 0; i < inner; ++i)
+        out[i] = rng::uniform_pm1(key, static_cast<uint64_t>(base + coord(rank - 1, i))) * v.init_scale;
+    }
+  });
+}
+
+}  // namespace
+
 void fill_random_value(const Value& v, void* data, int64_t tokens, uint64_t seed) {
-  const uint64_t key = rng::name_key(v.name);
-  const int64_t n = v.shape().elements(tokens);
+  const uint64_t key = rng::name_key(v.source ? v.source->source : v.name);
+  const int64_t n = v.shape().elements(v.tokens_in(tokens));
   if (v.dtype() != DType::f32 && v.init != ValueInit::expert_ids)
     fail_input("value '" + v.name + "' is " + v.type_str() + ": host random data is generated in f32 only");
+  // Token-indexed inits take a slice of whole rows only (a data-parallel rank's tokens).
+  int64_t first_row = 0;
+  if (v.source && v.init != ValueInit::uniform) {
+    for (std::size_t d = 1; d < v.source->dims.size(); ++d)
+      if (v.source->dims[d].offset != 0 || v.source->dims[d].blocks != 1 ||
+          (v.source->dims[d].full != 0 && v.source->dims[d].full != v.shape()[static_cast<int>(d)].fixed))
+        fail_input("value '" + v.name + "': routing inputs can be sliced by token rows only");
+    first_row = v.source->dims.empty() ? 0 : v.source->dims[0].offset;
+  }
+  const int64_t row_elements = v.shape().rank() > 1 ? v.shape().elements(1) / std::max<int64_t>(1, v.shape()[0].at(1)) : 1;
   switch (v.init) {
-    case ValueInit::uniform: cpu::fill_uniform(static_cast<float*>(data), n, seed, key, v.init_scale); break;
-    case ValueInit::unit_interval: cpu::fill_unit_interval(static_cast<float*>(data), n, seed, key); break;
+    case ValueInit::uniform:
+      if (v.source) fill_uniform_slice(v, static_cast<float*>(data), tokens, seed);
+      else cpu::fill_uniform(static_cast<float*>(data), n, seed, key, v.init_scale);
+      break;
+    case ValueInit::unit_interval:
+      cpu::fill_unit_interval(static_cast<float*>(data), n, seed, key, first_row * row_elements);
+      break;
     case ValueInit::expert_ids:
-      cpu::fill_distinct_ids(static_cast<int32_t*>(data), tokens, static_cast<int>(v.shape()[1].fixed), v.init_choices,
-                             seed, key);
+      cpu::fill_distinct_ids(static_cast<int32_t*>(data), v.tokens_in(tokens), static_cast<int>(v.shape()[1].fixed),
+                             v.init_choices, seed, key, first_row);
       break;
   }
 }

@@ -4,6 +4,7 @@
 
 #include "graph/dot.hpp"
 #include "graph/error.hpp"
+#include "ops/comm_ops.hpp"
 #include "ops/dispatch_op.hpp"
 #include "ops/experts_op.hpp"
 #include "ops/layer_builder.hpp"
@@ -160,10 +161,55 @@ TEST(Graph, PartialValueMustBeReducedBeforeUse) {
   // A non-reducing op may not read it ...
   EXPECT_THAT(bad_input_message([&] { b.add("misuse", std::make_shared<SharedExpertOp>(8, false), {part, x, x}); }),
               HasSubstr("Partial"));
-  // ... a reduce makes it whole.
-  ValueId whole = b.add("reduce", std::make_shared<ReduceOp>(), {part})[0];
+  // ... a local add of two parts is still a part (one sum owed for both) ...
+  ValueId both = b.add("add_parts", std::make_shared<ReduceOp>(), {part, part})[0];
+  // ... adding a whole value to a part would count the whole value once per rank ...
+  const std::string mixed = bad_input_message([&] { b.add("mixed", std::make_shared<ReduceOp>(), {both, x}); });
+  EXPECT_THAT(mixed, HasSubstr("'x'"));
+  EXPECT_THAT(mixed, HasSubstr("once per rank"));
+  // ... and the sum over ranks makes it whole.
+  ValueId whole = b.add("sum_over_ranks", std::make_shared<ReduceScatterRowsOp>(CommGroup::world, std::vector<int64_t>{4, 4}),
+                        {both})[0];
   Graph g = std::move(b).finish({whole});
+  EXPECT_EQ(g.value(both).type->dist, Distribution::partial());
   EXPECT_EQ(g.value(whole).type->dist, Distribution::replicated());
+}
+
+TEST(Graph, ValueReducedTwiceIsRefused) {
+  for (bool alltoall : {false, true}) {
+    GraphBuilder b("reduced_twice", 32);
+    ValueId x = b.input("x", {tokens(), Dim::of(16)}, DType::f32);
+    ValueId part = b.add("local", std::make_shared<PartialSumOp>(), {x})[0];
+    ValueId once = b.add("sum_once", std::make_shared<ReduceScatterRowsOp>(CommGroup::world, std::vector<int64_t>{4, 4}),
+                         {part})[0];
+    const std::string msg = bad_input_message([&] {
+      if (alltoall) {
+        ValueId layout = b.input("layout", {Dim::of(8)}, DType::i32);
+        b.add("sum_twice", std::make_shared<AlltoallCombineOp>(CommGroup::world, std::vector<int64_t>{4, 4}), {once, layout});
+      } else {
+        b.add("sum_twice", std::make_shared<ReduceScatterRowsOp>(CommGroup::world, std::vector<int64_t>{4, 4}), {once});
+      }
+    });
+    EXPECT_THAT(msg, HasSubstr("'sum_twice'"));
+    EXPECT_THAT(msg, HasSubstr("'sum_once.rows'"));
+    EXPECT_THAT(msg, HasSubstr("not Partial"));
+  }
+}
+
+TEST(Graph, LoweredExpertsWithoutTheirSumCannotReachTheOutput) {
+  // A rank's share of the experts combined but never summed over the ranks.
+  MoEConfig c = load_config("mixtral-8x7b", {"hidden_size=32", "intermediate_size=16"});
+  LayerBuilder b("unsummed", 16);
+  const ValueId x = b.input("x", {tokens(), Dim::of(32)}, DType::f32);
+  const Route r = b.gate(x, c.routing());
+  const auto d = b.add("dispatch", std::make_shared<DispatchOp>(4, 2, DispatchOp::Share{4, 8}), {x, r.ids});
+  const ValueId w13 = b.weight("experts.w13", {Dim::of(4), Dim::of(32), Dim::of(32)}, DType::f32, 0.1f);
+  const ValueId w2 = b.weight("experts.w2", {Dim::of(4), Dim::of(32), Dim::of(16)}, DType::f32, 0.1f);
+  const ValueId y = b.add("experts", std::make_shared<ExpertsOp>(4, 2, 16, true), {d[0], d[1], w13, w2})[0];
+  const ValueId out = b.combine({y, d[2], 2}, r);
+  const std::string msg = bad_input_message([&] { std::move(b).finish({out}); });
+  EXPECT_THAT(msg, HasSubstr("'combine.out'"));
+  EXPECT_THAT(msg, HasSubstr("Partial"));
 }
 
 TEST(Graph, DotIsDeterministicAndShowsEveryOp) {

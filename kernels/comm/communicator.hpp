@@ -12,7 +12,7 @@ namespace moeflow::comm {
 
 // Element types the collectives move (kernels/ sees no graph types).
 enum class Element { f32, i32 };
-std::size_t element_bytes(Element e);
+inline std::size_t element_bytes(Element) { return 4; }
 
 class Communicator {
  public:
@@ -23,6 +23,12 @@ class Communicator {
 
   // out [size() * count]: every rank's `count` elements of `in`, in rank order.
   virtual void all_gather(const void* in, void* out, int64_t count, Element e) = 0;
+  // out [Σ counts]: rank r's counts[r] elements of `in`, packed in rank order (counts: size() of them,
+  // the same on every rank; this rank sends counts[rank()]).
+  virtual void all_gather_v(const void* in, void* out, const int64_t* counts, Element e) = 0;
+  // in [Σ counts]: this rank receives in `out` [counts[rank()]] the sum over ranks of their block
+  // `rank()` (blocks packed in rank order).
+  virtual void reduce_scatter_sum_v(const void* in, void* out, const int64_t* counts, Element e) = 0;
   // in [size() * count]: rank r receives in `out` [count] the sum over ranks of their block r.
   virtual void reduce_scatter_sum(const void* in, void* out, int64_t count, Element e) = 0;
   // out [count]: the sum over ranks of `in` [count] (out may equal in).
@@ -39,5 +45,8 @@ class Communicator {
 // MPI's world (MPI must be initialised: moeflow's command line does it under mpirun). Throws
 // Error(resource) when this build has no MPI or MPI is not initialised.
 std::unique_ptr<Communicator> mpi_world();
+// Whether this build has MPI, and whether the process was started by mpirun (its environment).
+bool have_mpi();
+bool launched_by_mpirun();
 
 }  // namespace moeflow::comm

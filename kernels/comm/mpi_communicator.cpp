@@ -11,8 +11,6 @@
 
 namespace moeflow::comm {
 
-std::size_t element_bytes(Element) { return 4; }  // f32 and i32
-
 namespace {
 
 MPI_Datatype mpi_type(Element e) { return e == Element::f32 ? MPI_FLOAT : MPI_INT32_T; }
@@ -40,6 +38,23 @@ class MpiCommunicator final : public Communicator {
   void all_gather(const void* in, void* out, int64_t count, Element e) override {
     const int n = mpi_count(count, "all_gather");
     check(MPI_Allgather(in, n, mpi_type(e), out, n, mpi_type(e), comm_), "MPI_Allgather");
+  }
+  void all_gather_v(const void* in, void* out, const int64_t* counts, Element e) override {
+    std::vector<int> c(static_cast<std::size_t>(size_)), displ(c.size());
+    int64_t at = 0;
+    for (std::size_t r = 0; r < c.size(); ++r) {
+      c[r] = mpi_count(counts[r], "all_gather_v count");
+      displ[r] = mpi_count(at, "all_gather_v offset");
+      at += counts[r];
+    }
+    check(MPI_Allgatherv(in, c[static_cast<std::size_t>(rank_)], mpi_type(e), out, c.data(), displ.data(), mpi_type(e),
+                         comm_),
+          "MPI_Allgatherv");
+  }
+  void reduce_scatter_sum_v(const void* in, void* out, const int64_t* counts, Element e) override {
+    std::vector<int> c(static_cast<std::size_t>(size_));
+    for (std::size_t r = 0; r < c.size(); ++r) c[r] = mpi_count(counts[r], "reduce_scatter_v count");
+    check(MPI_Reduce_scatter(in, out, c.data(), mpi_type(e), MPI_SUM, comm_), "MPI_Reduce_scatter");
   }
   void reduce_scatter_sum(const void* in, void* out, int64_t count, Element e) override {
     const int n = mpi_count(count, "reduce_scatter");

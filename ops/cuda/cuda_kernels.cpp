@@ -39,6 +39,12 @@ KernelEntry launching(int launches, KernelEntry e) {
 // Activations and weights in bf16 (gate bias, routing weights and logits stay fp32).
 // `how` says what the kernel does when it can run the node.
 Support cuda_supports_bf16(const Graph& g, const Node& n, const std::string& how) {
+  // The CUDA permutation and combine assume every choice has a row; a rank's share of the experts
+  // (multi-rank lowering) leaves some without one.
+  if (n.op->kind() == "dispatch" && static_cast<const DispatchOp&>(*n.op).shared_out())
+    return Support::no("a share of the experts (multi-rank): the CUDA permutation routes every choice to a row");
+  if (n.op->kind() == "combine" && g.value(n.inputs[0]).type->dist.kind == Distribution::Kind::partial)
+    return Support::no("partial expert rows (multi-rank): the CUDA combine assumes every choice has a row");
   for (const auto* list : {&n.inputs, &n.outputs})
     for (ValueId id : *list) {
       const Value& v = g.value(id);

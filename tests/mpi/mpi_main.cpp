@@ -7,7 +7,13 @@
 #include <cstdio>
 
 int main(int argc, char** argv) {
-  MPI_Init(&argc, &argv);
+  // Collectives run on whichever oneTBB worker reaches them, one at a time (the lowering chains them).
+  int provided = 0;
+  MPI_Init_thread(&argc, &argv, MPI_THREAD_SERIALIZED, &provided);
+  if (provided < MPI_THREAD_SERIALIZED) {
+    std::fprintf(stderr, "MPI gives thread level %d, below MPI_THREAD_SERIALIZED\n", provided);
+    MPI_Abort(MPI_COMM_WORLD, 3);
+  }
   int rank = 0;
   MPI_Comm_rank(MPI_COMM_WORLD, &rank);
   if (rank != 0) {

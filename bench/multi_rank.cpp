@@ -1,0 +1,78 @@
+#include "bench/multi_rank.hpp"
+
+#include <vector>
+
+#include "graph/chunk.hpp"
+#include "graph/error.hpp"
+#include "kernels/common/random.hpp"
+#include "ops/lower_parallel.hpp"
+
+namespace moeflow {
+
+RankComms make_rank_comms(std::unique_ptr<comm::Communicator> world, const ParallelLayout& layout) {
+  RankComms c;
+  c.world = std::move(world);
+  const int rank = c.world->rank();
+  // Collective on the world: every rank splits, each into its own DP rank's TP group.
+  c.tp = c.world->split(layout.dp_rank(rank), layout.tp_rank(rank));
+  c.groups.world = c.world.get();
+  c.groups.tp = c.tp.get();
+  return c;
+}
+
+void agree_across_ranks(comm::Communicator& world, const std::string& what) {
+  const uint64_t h = rng::name_key(what);
+  const int32_t mine[2] = {static_cast<int32_t>(h & 0xffffffffu), static_cast<int32_t>(h >> 32)};
+  std::vector<int32_t> all(static_cast<std::size_t>(2 * world.size()));
+  world.all_gather(mine, all.data(), 2, comm::Element::i32);
+  std::string differ;
+  for (int r = 1; r < world.size(); ++r)
+    if (all[static_cast<std::size_t>(2 * r)] != all[0] || all[static_cast<std::size_t>(2 * r + 1)] != all[1])
+      differ += (differ.empty() ? "" : ", ") + std::to_string(r);
+  if (!differ.empty())
+    fail_input("ranks " + differ + " run another graph or configuration than rank 0 (their model, layout, plan or seed " +
+               "differ; every rank must be given the same flags); this is rank " + std::to_string(world.rank()) +
+               ", running: " + what);
+}
+
+namespace {
+
+Graph scope_graph(const MoEConfig& config, const std::string& scope, int64_t max_tokens) {
+  if (scope != "layer" && scope != "experts")
+    fail_input("multi-rank runs take scope layer or experts, not '" + scope + "'");
+  return build_scope_graph(config, scope, {.max_tokens = max_tokens});
+}
+
+}  // namespace
+
+std::shared_ptr<const Graph> rank_graph(const MoEConfig& config, const ParallelLayout& layout, int rank,
+                                        const RankGraphOptions& o) {
+  Graph g = scope_graph(config, o.scope, layout.max_tokens());
+  if (o.chunks > 0 || o.chunk_tokens > 0) g = chunk_tokens(g, {.chunks = o.chunks, .chunk_tokens = o.chunk_tokens});
+  return std::make_shared<const Graph>(lower_parallel(g, layout, rank));
+}
+
+std::shared_ptr<const Graph> rank_reference_graph(const MoEConfig& config, const ParallelLayout& layout, int rank,
+                                                  const std::string& scope) {
+  Graph g = scope_graph(config, scope, layout.tokens_of(rank));
+  for (ValueId id : g.graph_inputs()) {
+    Value& v = g.mutable_value(id);
+    if (v.role != ValueRole::input || !v.shape()[0].symbolic()) continue;
+    SourceSlice s{v.name, std::vector<SliceDim>(static_cast<std::size_t>(v.shape().rank()))};
+    s.dims[0].offset = layout.first_token(layout.dp_rank(rank));
+    v.source = s;
+  }
+  return std::make_shared<const Graph>(std::move(g));
+}
+
+CheckReport check_rank_output(const float* output, const MoEConfig& config, const ParallelLayout& layout, int rank,
+                              const std::string& scope, uint64_t seed, double tolerance) {
+  SessionOptions o;
+  o.seed = seed;
+  CpuSession single(rank_reference_graph(config, layout, rank, scope), o);
+  single.set_tokens(layout.tokens_of(rank));
+  single.run();  // the gate's ids, which the reference follows where choices are near-ties
+  return single.check_against(output, tolerance);
+}
+
+}  // namespace moeflow

@@ -1,0 +1,39 @@
+#pragma once
+// The `alltoall` dispatch kind on any Communicator (host buffers): each token row goes once to every
+// rank that owns one of its top-k experts, with its ids and weights, and the rows computed there
+// come back and are summed at the source. Rows are exchanged in a fixed order (destination rank,
+// then token), so the result does not depend on timing: repeated runs give identical bytes.
+#include <cstdint>
+
+#include "kernels/comm/communicator.hpp"
+
+namespace moeflow::comm {
+
+// Which ranks own an expert: a contiguous block of experts_per_rank experts per rank (expert
+// parallel), or every rank (experts_per_rank = 0: each holds a slice of every expert's I).
+struct ExpertOwners {
+  int experts_per_rank = 0;
+  bool owns(int rank, int32_t expert) const {
+    return experts_per_rank == 0 || (expert >= 0 && expert / experts_per_rank == rank);
+  }
+};
+
+// Length of the i32 layout that dispatch_rows fills and combine_rows_back reads: the send and
+// receive counts per rank, then the source token of each row sent.
+int64_t exchange_layout_ints(int ranks, int64_t rows);
+
+// Sends rows [0, rows) of x [rows, H] (ids and weights [rows, k]) to their owners. Receives into
+// x_out [capacity, H], ids_out and weights_out [capacity, k] in (source rank, token) order, and
+// fills the rows beyond those received with id -1 and weight 0 (they route nowhere). Returns the
+// rows received; throws Error(resource) when they exceed capacity, naming both.
+int64_t dispatch_rows(Communicator& comm, const ExpertOwners& owners, const float* x, const int32_t* ids,
+                      const float* weights, int64_t rows, int hidden, int top_k, int64_t capacity, float* x_out,
+                      int32_t* ids_out, float* weights_out, int32_t* layout);
+
+// Returns each received row of y [capacity, H] (in dispatch_rows' receive order) to its source, and
+// there sums the rows of each token over the ranks in rank order: out [rows, H]. `staging` holds
+// rows · size() · H floats.
+void combine_rows_back(Communicator& comm, const float* y, int hidden, const int32_t* layout, int64_t rows, float* out,
+                       float* staging);
+
+}  // namespace moeflow::comm
