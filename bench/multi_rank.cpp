@@ -1,5 +1,7 @@
 #include "bench/multi_rank.hpp"
 
+#include <algorithm>
+#include <cstring>
 #include <vector>
 
 #include "graph/chunk.hpp"
@@ -33,6 +35,32 @@ void agree_across_ranks(comm::Communicator& world, const std::string& what) {
     fail_input("ranks " + differ + " run another graph or configuration than rank 0 (their model, layout, plan or seed " +
                "differ; every rank must be given the same flags); this is rank " + std::to_string(world.rank()) +
                ", running: " + what);
+}
+
+std::vector<std::string> all_gather_strings(comm::Communicator& world, const std::string& text) {
+  const int n = world.size();
+  const int32_t length = static_cast<int32_t>(text.size());
+  std::vector<int32_t> lengths(static_cast<std::size_t>(n));
+  world.all_gather(&length, lengths.data(), 1, comm::Element::i32);
+  // Bytes travel as 32-bit words (the transports move f32 and i32).
+  auto words = [](int32_t bytes) { return (static_cast<int64_t>(bytes) + 3) / 4; };
+  std::vector<int32_t> mine(static_cast<std::size_t>(words(length)), 0);
+  std::memcpy(mine.data(), text.data(), text.size());
+  std::vector<int64_t> counts;
+  int64_t total = 0;
+  for (int32_t l : lengths) {
+    counts.push_back(words(l));
+    total += words(l);
+  }
+  std::vector<int32_t> all(static_cast<std::size_t>(std::max<int64_t>(total, 1)));
+  world.all_gather_v(mine.data(), all.data(), counts.data(), comm::Element::i32);
+  std::vector<std::string> out;
+  int64_t at = 0;
+  for (int r = 0; r < n; ++r) {
+    out.emplace_back(reinterpret_cast<const char*>(all.data() + at), static_cast<std::size_t>(lengths[static_cast<std::size_t>(r)]));
+    at += counts[static_cast<std::size_t>(r)];
+  }
+  return out;
 }
 
 namespace {

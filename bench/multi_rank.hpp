@@ -6,6 +6,7 @@
 #include <cstdint>
 #include <memory>
 #include <string>
+#include <vector>
 
 #include "bench/cpu_session.hpp"
 #include "kernels/comm/communicator.hpp"
@@ -28,6 +29,9 @@ RankComms make_rank_comms(std::unique_ptr<comm::Communicator> world, const Paral
 // all gather a hash of it. Throws Error(bad_input) on every rank, naming the ranks that differ from
 // rank 0, when they do not all agree.
 void agree_across_ranks(comm::Communicator& world, const std::string& what);
+
+// Every rank's `text`, in rank order (traces and reports travel to rank 0 this way).
+std::vector<std::string> all_gather_strings(comm::Communicator& world, const std::string& text);
 
 struct RankGraphOptions {
   std::string scope = "layer";  // layer | experts

@@ -27,6 +27,19 @@ std::string human_bytes(double b) {
 }
 
 // The part of a value's name after "<node>.", the rest for graph inputs.
+// "|moves 12.0 KiB" for a node that moves data between ranks, at its most rows.
+std::string moved_bytes(const Graph& g, const Node& n) {
+  if (!n.op->communicates()) return "";
+  const auto in = g.input_values(n);
+  const auto out = g.output_values(n);
+  const double bytes = n.op->cost({in, out}, g.max_tokens_of(n)).bytes;
+  std::ostringstream o;
+  o.setf(std::ios::fixed);
+  o.precision(1);
+  o << "|moves " << bytes / 1024.0 << " KiB";
+  return o.str();
+}
+
 std::string edge_label(const Graph& g, const Value& v) {
   std::string name = v.name;
   if (v.producer != kNoNode) {
@@ -67,7 +80,7 @@ std::string graph_dot(const Graph& g) {
     const Value& first = g.value(n.outputs.at(0));
     std::string label = "{" + dot_record_escape(n.name) + "|" + dot_record_escape(n.op->summary()) + "|" +
                         dot_record_escape(edge_label(g, first).substr(0, edge_label(g, first).find(' '))) + " " +
-                        first.type_str(T) + "}";
+                        first.type_str(T) + moved_bytes(g, n) + "}";
     doc.node(node_key(n), {{"label", label}, {"fillcolor", n.op->fill_color()}},
              n.chunk >= 0 ? clusters[n.chunk] : "");
   }

@@ -18,9 +18,18 @@ class Error : public std::runtime_error {
   Error(ErrorKind kind, const std::string& message) : std::runtime_error(message), kind_(kind) {}
   ErrorKind kind() const noexcept { return kind_; }
   int exit_status() const noexcept { return static_cast<int>(kind_); }
+  // In a multi-rank run: every rank raised this same error at the same point (a check of flags or
+  // layout, or the agreement between ranks), so each can report it and stop without taking the
+  // others down; any other error on one rank must abort them all.
+  bool on_every_rank() const noexcept { return every_rank_; }
+  Error& raised_on_every_rank() noexcept {
+    every_rank_ = true;
+    return *this;
+  }
 
  private:
   ErrorKind kind_;
+  bool every_rank_ = false;
 };
 
 [[noreturn]] inline void fail_input(const std::string& message) { throw Error(ErrorKind::bad_input, message); }

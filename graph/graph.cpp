@@ -14,7 +14,7 @@ std::string Value::type_str() const {
 
 std::string Value::type_str(int64_t tokens) const {
   if (!type) return "?";
-  return type->shape.str(tokens) + " " + to_string(type->dtype);
+  return type->shape.str(fixed_rows >= 0 ? fixed_rows : tokens) + " " + to_string(type->dtype);
 }
 
 std::vector<Distribution> OpSchema::distribute(const Node& node, std::span<const Value* const> inputs) const {

@@ -49,6 +49,9 @@ class OpSchema {
   // Minimum and maximum number of inputs (a reduce takes any number of addends).
   virtual int min_inputs() const = 0;
   virtual int max_inputs() const { return min_inputs(); }
+  // True for ops that move data between ranks (their cost's bytes are what they send and receive;
+  // dumps show them).
+  virtual bool communicates() const { return false; }
   // Colour of the node in dumps (graph-style.dot: compute white, shared experts light blue, comm gold).
   virtual std::string fill_color() const { return "white"; }
 };

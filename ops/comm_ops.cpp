@@ -1,6 +1,7 @@
 #include "ops/comm_ops.hpp"
 
 #include <cstring>
+#include <functional>
 #include <numeric>
 
 #include "graph/error.hpp"
@@ -174,17 +175,26 @@ int member(const KernelCall& c, comm::Communicator& group, const CommOp& op) {
   return group.rank();
 }
 
+// supports() of the host transport's kernels: f32 and i32 host buffers, and what the kernel does.
+std::function<Support(const Graph&, const Node&)> host_transport(std::string how) {
+  return [how = std::move(how)](const Graph& g, const Node& n) {
+    const Support f32 = cpu_supports_f32(g, n);
+    return f32.ok ? Support::yes(how) : f32;
+  };
+}
+
 }  // namespace
 
 void register_comm_kernels(KernelRegistry& r) {
-  r.add({"take_rows", Backend::cpu, "cpu.copy_rows", 0, cpu_supports_f32, [](const KernelCall& c) {
+  r.add({"take_rows", Backend::cpu, "cpu.copy_rows", 0, host_transport("one copy of this TP rank's rows"), [](const KernelCall& c) {
            const auto& op = static_cast<const TakeRowsOp&>(*c.node.op);
            const std::size_t row = static_cast<std::size_t>(row_width(c.input_value(0))) * dtype_size(c.input_value(0).dtype());
            std::memcpy(c.outputs[0], static_cast<const std::byte*>(c.inputs[0]) + static_cast<std::size_t>(op.first()) * row,
                        static_cast<std::size_t>(op.count()) * row);
          },
          {}});
-  r.add({"all_gather", Backend::cpu, "host.all_gather_v", 0, cpu_supports_f32, [](const KernelCall& c) {
+  r.add({"all_gather", Backend::cpu, "host.all_gather_v", 0,
+         host_transport("the communicator's all-gather-v (MPI_Allgatherv) per value, rows packed in rank order"), [](const KernelCall& c) {
            const auto& op = static_cast<const AllGatherRowsOp&>(*c.node.op);
            comm::Communicator& g = groups(c).get(op.group(), c.node.name);
            member(c, g, op);
@@ -196,7 +206,8 @@ void register_comm_kernels(KernelRegistry& r) {
            }
          },
          {}});
-  r.add({"reduce_scatter", Backend::cpu, "host.reduce_scatter_v", 0, cpu_supports_f32, [](const KernelCall& c) {
+  r.add({"reduce_scatter", Backend::cpu, "host.reduce_scatter_v", 0,
+         host_transport("the communicator's reduce-scatter (MPI_Reduce_scatter, sum): the Partial paid once"), [](const KernelCall& c) {
            const auto& op = static_cast<const ReduceScatterRowsOp&>(*c.node.op);
            comm::Communicator& g = groups(c).get(op.group(), c.node.name);
            member(c, g, op);
@@ -205,7 +216,8 @@ void register_comm_kernels(KernelRegistry& r) {
            g.reduce_scatter_sum_v(c.inputs[0], c.outputs[0], counts.data(), comm::Element::f32);
          },
          {}});
-  r.add({"alltoall_dispatch", Backend::cpu, "host.alltoall_v", 0, cpu_supports_f32, [](const KernelCall& c) {
+  r.add({"alltoall_dispatch", Backend::cpu, "host.alltoall_v", 0,
+         host_transport("counts exchanged, then rows, ids and weights by all-to-all-v to their experts' ranks"), [](const KernelCall& c) {
            const auto& op = static_cast<const AlltoallDispatchOp&>(*c.node.op);
            comm::Communicator& g = groups(c).get(op.group(), c.node.name);
            const int me = member(c, g, op);
@@ -215,7 +227,8 @@ void register_comm_kernels(KernelRegistry& r) {
                                c.out<float>(0), c.out<int32_t>(1), c.out<float>(2), c.out<int32_t>(3));
          },
          {}});
-  r.add({"alltoall_combine", Backend::cpu, "host.alltoall_v", 0, cpu_supports_f32,
+  r.add({"alltoall_combine", Backend::cpu, "host.alltoall_v", 0,
+         host_transport("all-to-all-v back to the sources, each token's parts summed there in rank order"),
          [](const KernelCall& c) {
            const auto& op = static_cast<const AlltoallCombineOp&>(*c.node.op);
            comm::Communicator& g = groups(c).get(op.group(), c.node.name);

@@ -53,6 +53,7 @@ class CommOp : public OpSchema {
   const std::vector<int64_t>& rows() const { return rows_; }  // per member of the group
   int64_t total_rows() const;
   bool token_parallel() const override { return false; }
+  bool communicates() const override { return true; }
   std::string fill_color() const override { return "gold"; }
 
  protected:

@@ -67,8 +67,7 @@ void check_layout(ParallelLayout& l, const MoEConfig& c, int world_size) {
     fail_input("--tokens gives " + std::to_string(l.tokens.size()) + " counts for " + std::to_string(l.dp) +
                " DP ranks: give one count, or one per DP rank");
   for (int64_t t : l.tokens)
-    if (t < 0) fail_input("--tokens: a DP rank's token count must be >= 0, got " + std::to_string(t));
-  if (l.max_tokens() == 0) fail_input("--tokens: every DP rank has 0 tokens; at least one needs some");
+    if (t < 1) fail_input("--tokens: a DP rank's token count must be >= 1, got " + std::to_string(t));
   const int w = l.world();
   if (l.ep && c.experts % w != 0)
     fail_input(c.name + ": " + std::to_string(c.experts) + " experts do not divide over " + std::to_string(w) +

@@ -97,6 +97,7 @@ void Plan::write_dot(std::ostream& out) const {
       if (n.chunk >= 0 && (n.name.size() < tag.size() || n.name.compare(n.name.size() - tag.size(), tag.size(), tag) != 0))
         text += " c" + std::to_string(n.chunk);
       text += "\\n" + s->kernel->name + "\\n" + s->reason + "\\npredicted " + us(s->predicted_s);
+      if (n.op->communicates()) text += "\\nmoves " + std::to_string(static_cast<int64_t>(s->cost.bytes / 1024.0 + 0.5)) + " KiB";
       doc.node(key(*s), {{"label", text}, {"fillcolor", n.op->fill_color()}}, cluster);
     }
     for (std::size_t i = 1; i < per_lane[l].size(); ++i)

@@ -7,23 +7,41 @@
 
 namespace moeflow {
 
-void Trace::write_chrome_json(std::ostream& out) const {
-  nlohmann::json events_json = nlohmann::json::array();
-  events_json.push_back({{"name", "process_name"}, {"ph", "M"}, {"pid", 0}, {"tid", 0}, {"args", {{"name", process}}}});
-  for (std::size_t l = 0; l < lanes.size(); ++l)
+namespace {
+
+void append_events(const Trace& t, nlohmann::json& events_json) {
+  events_json.push_back({{"name", "process_name"}, {"ph", "M"}, {"pid", t.pid}, {"tid", 0}, {"args", {{"name", t.process}}}});
+  for (std::size_t l = 0; l < t.lanes.size(); ++l)
     events_json.push_back(
-        {{"name", "thread_name"}, {"ph", "M"}, {"pid", 0}, {"tid", l}, {"args", {{"name", lanes[l]}}}});
-  for (const TraceEvent& e : events)
+        {{"name", "thread_name"}, {"ph", "M"}, {"pid", t.pid}, {"tid", l}, {"args", {{"name", t.lanes[l]}}}});
+  for (const TraceEvent& e : t.events)
     events_json.push_back({{"name", e.name},
                            {"cat", e.op},
                            {"ph", "X"},
-                           {"pid", 0},
+                           {"pid", t.pid},
                            {"tid", e.lane},
                            {"ts", e.start_us},
                            {"dur", e.duration_us},
                            {"args", {{"kernel", e.kernel}, {"chunk", e.chunk}, {"predicted_us", e.predicted_us},
-                                     {"tokens", tokens}}}});
+                                     {"tokens", t.tokens}}}});
+}
+
+void write_events(std::ostream& out, const nlohmann::json& events_json) {
   out << nlohmann::json{{"traceEvents", events_json}, {"displayTimeUnit", "ms"}}.dump(1) << "\n";
+}
+
+}  // namespace
+
+void Trace::write_chrome_json(std::ostream& out) const {
+  nlohmann::json events_json = nlohmann::json::array();
+  append_events(*this, events_json);
+  write_events(out, events_json);
+}
+
+void Trace::write_merged_chrome_json(std::ostream& out, const std::vector<Trace>& traces) {
+  nlohmann::json events_json = nlohmann::json::array();
+  for (const Trace& t : traces) append_events(t, events_json);
+  write_events(out, events_json);
 }
 
 Trace Trace::read_chrome_json(const std::string& path) {

@@ -3,6 +3,7 @@
 #include <iostream>
 
 #include "graph/dot.hpp"
+#include "bench/multi_rank.hpp"
 #include "graph/error.hpp"
 #include "tools/commands.hpp"
 #include "tools/model_flags.hpp"
@@ -25,8 +26,31 @@ void write_output(const std::string& path, const std::string& text) {
 
 struct GraphFlags {
   ModelFlags model;
-  int64_t max_tokens = 4096;
+  ParallelFlags parallel;
+  std::vector<int64_t> tokens{4096};  // the maximum; with a parallel layout, one per DP rank
   std::string output;
+
+  void add_to(CLI::App& sub) {
+    model.add_to(sub);
+    parallel.add_to(sub, true);
+    sub.add_option("--max-tokens,--tokens", tokens,
+                   "maximum tokens the graph is built for (with --dp: one count, or one per DP rank: 5,9)")
+        ->delimiter(',');
+  }
+
+  // The graph to show: one process's, or with --dp/--tp/--ep/--dispatch one rank's of the layout.
+  std::shared_ptr<const Graph> graph(Backend backend) const {
+    const MoEConfig config = model.config();
+    if (!parallel.requested()) {
+      if (tokens.size() != 1) fail_input("--tokens: one count per DP rank needs --dp; otherwise give one");
+      check_tokens(tokens[0], tokens[0]);
+      return build_graph(config, model.scope, tokens[0], backend, model.chunking());
+    }
+    if (backend != Backend::cpu) fail_input("--backend cuda: multi-rank graphs are CPU-only for now (no NCCL transport yet)");
+    const ParallelLayout layout = parallel.layout(tokens, config);
+    return rank_graph(config, layout, parallel.rank,
+                      {.scope = model.scope, .chunks = model.chunking().chunks, .chunk_tokens = model.chunking().chunk_tokens});
+  }
 };
 
 }  // namespace
@@ -34,13 +58,10 @@ struct GraphFlags {
 Command add_dot_command(CLI::App& app) {
   auto flags = std::make_shared<GraphFlags>();
   CLI::App* sub = app.add_subcommand("dot", "write the dataflow graph as Graphviz DOT");
-  flags->model.add_to(*sub);
-  sub->add_option("--max-tokens,--tokens", flags->max_tokens, "maximum tokens the graph is built for");
+  flags->add_to(*sub);
   sub->add_option("-o,--output", flags->output, "output file (default stdout)");
   return [flags] {
-    check_tokens(flags->max_tokens, flags->max_tokens);
-    auto g = build_graph(flags->model.config(), flags->model.scope, flags->max_tokens, Backend::cpu, flags->model.chunking());
-    write_output(flags->output, graph_dot(*g));
+    write_output(flags->output, graph_dot(*flags->graph(Backend::cpu)));
     return 0;
   };
 }
@@ -52,15 +73,13 @@ Command add_plan_command(CLI::App& app) {
   };
   auto flags = std::make_shared<Flags>();
   CLI::App* sub = app.add_subcommand("plan", "write the schedule (lanes, order, waits, kernels, buffers) as DOT");
-  flags->model.add_to(*sub);
+  flags->add_to(*sub);
   flags->plan.add_to(*sub);
-  sub->add_option("--max-tokens,--tokens", flags->max_tokens, "maximum tokens the plan serves");
   sub->add_option("-o,--output", flags->output, "DOT output file (default: none; the summary goes to stdout)");
   sub->add_flag("--memory", flags->memory, "print the buffer table and the peak workspace");
   return [flags] {
-    check_tokens(flags->max_tokens, flags->max_tokens);
     const PlanOptions options = flags->plan.options();
-    auto g = build_graph(flags->model.config(), flags->model.scope, flags->max_tokens, options.backend, flags->model.chunking());
+    auto g = flags->graph(options.backend);
     // Nominal machine rates (not measured) keep `plan` instant and its output reproducible.
     const Plan plan = make_plan(g, options);
     plan.write_summary(std::cout);

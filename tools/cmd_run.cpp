@@ -14,7 +14,9 @@
 #endif
 #include "graph/error.hpp"
 #include "tools/commands.hpp"
+#include "kernels/comm/communicator.hpp"
 #include "tools/model_flags.hpp"
+#include "tools/run_ranks.hpp"
 
 namespace moeflow::cli {
 
@@ -23,6 +25,8 @@ namespace {
 struct RunFlags {
   ModelFlags model;
   PlanFlags plan;
+  ParallelFlags parallel;
+  std::vector<int64_t> token_list{64};  // --tokens: one count, or one per DP rank under mpirun
   int64_t tokens = 64;
   int64_t max_tokens = 0;  // 0: = tokens
   int threads = 0;         // 0: every core
@@ -116,6 +120,33 @@ std::string sci(double v) {
   return o.str();
 }
 
+int run_on_ranks(const RunFlags& f) {
+  RankRunRequest q;
+  q.config = f.model.config();
+  if (!f.weights.empty()) fail_input("--weights: multi-rank runs draw their weights from the seed (no checkpoint yet)");
+  if (f.cuda_graph) fail_input("--cuda-graph: multi-rank runs are CPU-only for now (no NCCL transport yet)");
+  q.plan = f.plan.options();
+  if (q.plan.backend != Backend::cpu) fail_input("--backend cuda: multi-rank runs are CPU-only for now (no NCCL transport yet)");
+  // Checked on every rank alike before any collective; the world's size comes from mpirun.
+  q.layout = f.parallel.layout(f.token_list, q.config, comm::mpi_started() ? comm::mpi_world_size() : -1);
+  if (!comm::mpi_started())
+    fail_input("--dp/--tp/--ep/--dispatch run on several ranks: start moeflow under mpirun, e.g. mpirun -np " +
+               std::to_string(q.layout.world()) + " moeflow run --dp " + std::to_string(q.layout.dp) + " ...");
+  q.scope = f.model.scope;
+  q.chunking = f.model.chunking();
+  q.plan_name = f.plan.plan;
+  // Ranks share the machine's cores unless told otherwise.
+  q.threads = f.threads > 0 ? f.threads : std::max(1, tbb::info::default_concurrency() / q.layout.world());
+  q.seed = f.seed;
+  q.trace = f.trace;
+  q.json = f.json;
+  q.check = f.check;
+  q.warmup = f.warmup;
+  q.runs = f.min_runs;
+  q.input_sets = f.input_sets;
+  return run_ranks(q);
+}
+
 }  // namespace
 
 Command add_run_command(CLI::App& app) {
@@ -123,7 +154,9 @@ Command add_run_command(CLI::App& app) {
   CLI::App* sub = app.add_subcommand("run", "run a layer: time it, and with --check compare with the fp64 reference");
   f->model.add_to(*sub);
   f->plan.add_to(*sub);
-  sub->add_option("--tokens", f->tokens, "tokens T of this run");
+  f->parallel.add_to(*sub, false);
+  sub->add_option("--tokens", f->token_list, "tokens T of this run (under mpirun: one T, or one per DP rank: 5,9)")
+      ->delimiter(',');
   sub->add_option("--max-tokens", f->max_tokens, "maximum T the graph and plan are built for (default: --tokens)");
   sub->add_option("--threads", f->threads, "oneTBB threads (default: every core)")->check(CLI::PositiveNumber);
   sub->add_option("--seed", f->seed, "seed of the random weights and inputs");
@@ -142,6 +175,11 @@ Command add_run_command(CLI::App& app) {
                   "(config: --hf-config, else the folder's config.json)");
   sub->add_option("--layer", f->layer, "the layer --weights reads")->check(CLI::NonNegativeNumber);
   return [f] {
+    if (f->parallel.requested()) return run_on_ranks(*f);
+    if (f->token_list.size() != 1)
+      fail_input("--tokens gives " + std::to_string(f->token_list.size()) +
+                 " counts; one per DP rank needs --dp under mpirun, otherwise give one");
+    f->tokens = f->token_list[0];
     const int64_t max_tokens = f->max_tokens > 0 ? f->max_tokens : f->tokens;
     if (f->max_tokens < 0) fail_input("--max-tokens = " + std::to_string(f->max_tokens) + " must be > 0");
     check_tokens(f->tokens, max_tokens);

@@ -54,6 +54,37 @@ PlanOptions PlanFlags::options() const {
   return o;
 }
 
+void ParallelFlags::add_to(CLI::App& app, bool with_rank) {
+  app.add_option("--dp", dp, "data-parallel ranks (tokens differ across them)")->check(CLI::PositiveNumber);
+  app.add_option("--tp", tp, "tensor-parallel ranks per DP rank (tokens replicated across them)")->check(CLI::PositiveNumber);
+  app.add_flag("--ep", ep, "split the routed experts over all ranks (otherwise every expert's I is split)");
+  app.add_option("--dispatch", dispatch, "allgather | topk-allgather | alltoall (default allgather)")
+      ->check(CLI::IsMember({"allgather", "topk-allgather", "alltoall"}));
+  app.add_option("--tp-dispatch", tp_dispatch,
+                 "which TP rank dispatches which rows: slices (sequence-parallel) or leader (TP rank 0)")
+      ->check(CLI::IsMember({"slices", "leader"}));
+  if (with_rank) app.add_option("--rank", rank, "the rank whose graph to show (0 .. dp*tp-1)")->check(CLI::NonNegativeNumber);
+}
+
+ParallelLayout ParallelFlags::layout(const std::vector<int64_t>& tokens, const MoEConfig& config, int world_size) const {
+  ParallelLayout l;
+  l.dp = dp;
+  l.tp = tp;
+  l.ep = ep;
+  l.dispatch = parse_dispatch(dispatch.empty() ? "allgather" : dispatch);
+  l.tp_dispatch = parse_tp_dispatch(tp_dispatch);
+  l.tokens = tokens;
+  try {
+    if (tokens.empty()) fail_input("--tokens: give one count, or one per DP rank");
+    check_layout(l, config, world_size < 0 ? l.world() : world_size);
+    if (rank >= l.world())
+      fail_input("--rank " + std::to_string(rank) + " outside the " + std::to_string(l.world()) + " ranks of --dp x --tp");
+  } catch (Error& e) {
+    throw e.raised_on_every_rank();
+  }
+  return l;
+}
+
 std::shared_ptr<const Graph> build_graph(const MoEConfig& config, const std::string& scope, int64_t max_tokens,
                                         Backend backend, const ChunkOptions& chunking) {
   // The CPU computes in f32; the GPU stores bf16 and accumulates in f32.

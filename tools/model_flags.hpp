@@ -8,6 +8,7 @@
 
 #include "graph/chunk.hpp"
 #include "ops/model_config.hpp"
+#include "ops/parallel_layout.hpp"
 #include "scheduler/plan.hpp"
 
 namespace moeflow::cli {
@@ -35,6 +36,24 @@ struct PlanFlags {
 
   void add_to(CLI::App& app);
   PlanOptions options() const;
+};
+
+// --dp, --tp, --ep, --dispatch, --tp-dispatch (DESIGN.md, "Parallel layout"); with `with_rank`,
+// --rank too (plan and dot show one rank's graph without mpirun).
+struct ParallelFlags {
+  int dp = 1;
+  int tp = 1;
+  bool ep = false;
+  std::string dispatch;  // empty: allgather
+  std::string tp_dispatch = "slices";
+  int rank = 0;
+
+  void add_to(CLI::App& app, bool with_rank);
+  // Whether any of the flags asks for a multi-rank layout.
+  bool requested() const { return dp != 1 || tp != 1 || ep || !dispatch.empty(); }
+  // The layout for these token counts (one for every DP rank, or one per DP rank), checked against
+  // the model and a world of `world_size` ranks (-1: dp × tp). Errors are raised alike on every rank.
+  ParallelLayout layout(const std::vector<int64_t>& tokens, const MoEConfig& config, int world_size = -1) const;
 };
 
 // The graph of `scope` for a config at a maximum T, split into chunks when `chunking` asks for it.

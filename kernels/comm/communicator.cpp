@@ -13,6 +13,12 @@ bool have_mpi() { return false; }
 std::unique_ptr<Communicator> mpi_world() {
   fail_resource("this moeflow was built without MPI (configure with -DMOEFLOW_MPI=ON): no multi-rank runs");
 }
+void mpi_start(int*, char***) { mpi_world(); }
+bool mpi_started() { return false; }
+int mpi_world_rank() { return 0; }
+int mpi_world_size() { return 1; }
+void mpi_stop() {}
+void mpi_abort(int status) { std::_Exit(status); }
 #endif
 
 // OpenMPI's launcher (and the PMIx it uses) sets these for every rank it starts.

@@ -49,4 +49,17 @@ std::unique_ptr<Communicator> mpi_world();
 bool have_mpi();
 bool launched_by_mpirun();
 
+// The MPI runtime of one process (the command line starts it under mpirun). Collectives are called
+// from whichever worker thread runs a communication node, one at a time, so MPI must give at least
+// MPI_THREAD_SERIALIZED; mpi_start throws Error(resource) otherwise.
+void mpi_start(int* argc, char*** argv);
+bool mpi_started();
+int mpi_world_rank();  // 0 when MPI is not started
+int mpi_world_size();  // 1 when MPI is not started
+// Waits for every rank, then finalises (after an error every rank raised alike, or a normal end).
+void mpi_stop();
+// Takes every rank down with `status` (an error on this rank alone; the peers may be inside a
+// collective that this rank will never enter).
+[[noreturn]] void mpi_abort(int status);
+
 }  // namespace moeflow::comm

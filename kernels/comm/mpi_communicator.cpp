@@ -2,6 +2,7 @@
 // (MPI_ERRORS_RETURN on every communicator made here) and are thrown with MPI's own message.
 #include <mpi.h>
 
+#include <cstdlib>
 #include <limits>
 #include <string>
 #include <vector>
@@ -98,6 +99,46 @@ class MpiCommunicator final : public Communicator {
 };
 
 }  // namespace
+
+void mpi_start(int* argc, char*** argv) {
+  int provided = 0;
+  if (MPI_Init_thread(argc, argv, MPI_THREAD_SERIALIZED, &provided) != MPI_SUCCESS)
+    fail_resource("MPI_Init_thread failed");
+  if (provided < MPI_THREAD_SERIALIZED)
+    fail_resource("MPI gives thread level " + std::to_string(provided) +
+                  ", below MPI_THREAD_SERIALIZED (collectives run on worker threads, one at a time)");
+  MPI_Comm_set_errhandler(MPI_COMM_WORLD, MPI_ERRORS_RETURN);
+}
+
+bool mpi_started() {
+  int initialised = 0, finalised = 0;
+  MPI_Initialized(&initialised);
+  MPI_Finalized(&finalised);
+  return initialised && !finalised;
+}
+
+int mpi_world_rank() {
+  int r = 0;
+  if (mpi_started()) MPI_Comm_rank(MPI_COMM_WORLD, &r);
+  return r;
+}
+
+int mpi_world_size() {
+  int n = 1;
+  if (mpi_started()) MPI_Comm_size(MPI_COMM_WORLD, &n);
+  return n;
+}
+
+void mpi_stop() {
+  if (!mpi_started()) return;
+  MPI_Barrier(MPI_COMM_WORLD);
+  MPI_Finalize();
+}
+
+void mpi_abort(int status) {
+  if (mpi_started()) MPI_Abort(MPI_COMM_WORLD, status);
+  std::_Exit(status);
+}
 
 std::unique_ptr<Communicator> mpi_world() {
   int initialised = 0;
