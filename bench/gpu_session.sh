@@ -2,7 +2,7 @@
 # One call on the GPU machine (see the device README): unpack the carried .deb files, build there,
 # run the gpu tests (plain, memcheck, racecheck), the CLI checks of every preset, the CUDA-graph
 # host cost (mode `tests`), or the benchmark sweep (mode `bench`). Everything lands in $OUT.
-# Usage: bash bench/gpu_session.sh tests|full|racecheck|bench|overlap|chunks|decode|timeline|probe [models] [experts kernels] [tokens] [scopes]
+# Usage: bash bench/gpu_session.sh tests|full|racecheck|bench|overlap|chunks|decode|timeline|probe|ranks [models] [experts kernels] [tokens] [scopes]
 set -uo pipefail
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 mkdir -p /opt/deps && for f in .deps/*.deb; do dpkg -x "$f" /opt/deps; done
@@ -13,6 +13,34 @@ b=/tmp/b
   && ninja -C $b moeflow moeflow_gpu_tests; } > "$OUT/build.log" 2>&1 || { tail -40 "$OUT/build.log"; exit 1; }
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/gpu.txt"
 mode=${1:-tests}
+if [[ $mode == ranks ]]; then
+  # Multi-rank on this host's GPUs (NCCL, ranks by mpirun): the GPU lowering tests over 2 and 4
+  # ranks, run --check of the full presets, and the bench rows of the multi-rank issue.
+  export NCCL_NVLS_ENABLE=0
+  ninja -C $b moeflow_mpi_tests >> "$OUT/build.log" 2>&1 || { tail -30 "$OUT/build.log"; exit 1; }
+  grep -E "MOEFLOW_NCCL|MOEFLOW_MPI" $b/CMakeCache.txt | head -3
+  ngpu=$(nvidia-smi -L | wc -l)
+  MPI="timeout ${3:-200} mpirun --allow-run-as-root --oversubscribe -x NCCL_NVLS_ENABLE -x LD_LIBRARY_PATH -x PATH"
+  for n in 2 4; do
+    [[ $n -gt $ngpu ]] && continue
+    echo "== $n ranks: gpu lowering tests"
+    $MPI -np $n $b/moeflow_mpi_tests --gtest_filter='Layouts/LoweredGpu*' > "$OUT/ranks_tests_$n.log" 2>&1; echo "rc=$?"
+    grep -E "PASSED|FAILED|Failure|rel_norm|error" "$OUT/ranks_tests_$n.log" | head -20
+    echo "== $n ranks: run --check"
+    for m in deepseek-v3 qwen3-30b-a3b; do for k in alltoall topk-allgather allgather; do
+      $MPI -np $n $b/moeflow run --backend cuda --model $m --dp $n --ep --dispatch $k --tokens 64 --runs 5 --check 2>&1 \
+        | grep -E "PASS|FAIL|error" | head -4 | sed "s/^/$m $k: /"
+    done; done
+  done
+  for n in 2 4; do
+    [[ $n -gt $ngpu ]] && continue
+    echo "== $n ranks: bench"
+    $MPI -np $n $b/moeflow bench --backend cuda --models ${2:-deepseek-v3,qwen3-30b-a3b} --tokens 128,1024,4096 --dp $n --ep \
+      --chunks 1,2 --plans serial,concurrent --runs 10 --json "$OUT/ranks_bench_$n.jsonl" > "$OUT/ranks_bench_$n.log" 2>&1
+    echo "rc=$?"; tail -40 "$OUT/ranks_bench_$n.log"
+  done
+  exit 0
+fi
 if [[ $mode == bench ]]; then
   models=${2:-qwen1.5-moe-a2.7b,deepseek-v3,mixtral-8x7b,qwen3-30b-a3b}
   echo "== bench $models"

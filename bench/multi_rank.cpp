@@ -1,6 +1,7 @@
 #include "bench/multi_rank.hpp"
 
 #include <algorithm>
+#include <chrono>
 #include <cstring>
 #include <vector>
 
@@ -63,26 +64,44 @@ std::vector<std::string> all_gather_strings(comm::Communicator& world, const std
   return out;
 }
 
+double time_host_alltoall(comm::Communicator& world, int64_t bytes, int reps) {
+  const int n = world.size();
+  const int64_t per = std::max<int64_t>(1, bytes / 4);
+  std::vector<float> in(static_cast<std::size_t>(per * n), 1.0f), out(in.size());
+  std::vector<int64_t> counts(static_cast<std::size_t>(n), per), offsets(static_cast<std::size_t>(n));
+  for (int r = 0; r < n; ++r) offsets[static_cast<std::size_t>(r)] = r * per;
+  counts[static_cast<std::size_t>(world.rank())] = 0;  // nothing to itself: the same bytes as the exchanges move
+  std::vector<double> t;
+  for (int i = 0; i < reps + 1; ++i) {
+    world.barrier();
+    const auto t0 = std::chrono::steady_clock::now();
+    world.all_to_all_v(in.data(), counts.data(), offsets.data(), out.data(), counts.data(), offsets.data(), comm::Element::f32);
+    if (i > 0) t.push_back(std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count());
+  }
+  std::sort(t.begin(), t.end());
+  return t[t.size() / 2];
+}
+
 namespace {
 
-Graph scope_graph(const MoEConfig& config, const std::string& scope, int64_t max_tokens) {
+Graph scope_graph(const MoEConfig& config, const std::string& scope, int64_t max_tokens, DType dtype) {
   if (scope != "layer" && scope != "experts")
     fail_input("multi-rank runs take scope layer or experts, not '" + scope + "'");
-  return build_scope_graph(config, scope, {.max_tokens = max_tokens});
+  return build_scope_graph(config, scope, {.max_tokens = max_tokens, .dtype = dtype});
 }
 
 }  // namespace
 
 std::shared_ptr<const Graph> rank_graph(const MoEConfig& config, const ParallelLayout& layout, int rank,
                                         const RankGraphOptions& o) {
-  Graph g = scope_graph(config, o.scope, layout.max_tokens());
+  Graph g = scope_graph(config, o.scope, layout.max_tokens(), o.dtype);
   if (o.chunks > 0 || o.chunk_tokens > 0) g = chunk_tokens(g, {.chunks = o.chunks, .chunk_tokens = o.chunk_tokens});
   return std::make_shared<const Graph>(lower_parallel(g, layout, rank));
 }
 
 std::shared_ptr<const Graph> rank_reference_graph(const MoEConfig& config, const ParallelLayout& layout, int rank,
-                                                  const std::string& scope) {
-  Graph g = scope_graph(config, scope, layout.tokens_of(rank));
+                                                  const std::string& scope, DType dtype) {
+  Graph g = scope_graph(config, scope, layout.tokens_of(rank), dtype);
   for (ValueId id : g.graph_inputs()) {
     Value& v = g.mutable_value(id);
     if (v.role != ValueRole::input || !v.shape()[0].symbolic()) continue;

@@ -33,10 +33,15 @@ void agree_across_ranks(comm::Communicator& world, const std::string& what);
 // Every rank's `text`, in rank order (traces and reports travel to rank 0 this way).
 std::vector<std::string> all_gather_strings(comm::Communicator& world, const std::string& text);
 
+// The transport's own all-to-all (host buffers, MPI): `bytes` to and from every other rank, the
+// ranks started together; median seconds of `reps` (the yardstick of the dispatch kinds' bytes/s).
+double time_host_alltoall(comm::Communicator& world, int64_t bytes, int reps);
+
 struct RankGraphOptions {
   std::string scope = "layer";  // layer | experts
   int chunks = 0;               // 0: unchunked
   int64_t chunk_tokens = 0;
+  DType dtype = DType::f32;  // bf16 on the GPU
 };
 
 // The one-process graph (built for every rank's largest token count, chunked as asked) lowered for
@@ -47,7 +52,7 @@ std::shared_ptr<const Graph> rank_graph(const MoEConfig& config, const ParallelL
 // The one-process graph of rank `rank`'s tokens: its token inputs are drawn from the rows of the
 // batch of all DP ranks that this rank's DP rank holds, so its output is what the rank must produce.
 std::shared_ptr<const Graph> rank_reference_graph(const MoEConfig& config, const ParallelLayout& layout, int rank,
-                                                  const std::string& scope);
+                                                  const std::string& scope, DType dtype = DType::f32);
 
 // Runs the reference graph in one process (fp32, serial plan, same seed) and compares `output`
 // [T_rank, H] with the fp64 reference of those tokens: the check of DESIGN.md for one rank.

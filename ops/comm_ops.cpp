@@ -129,7 +129,7 @@ std::vector<ValueType> AlltoallDispatchOp::infer(const Node& n, std::span<const 
   const int64_t most_sent = *std::max_element(rows_.begin(), rows_.end());
   return {ValueType{in[0]->shape(), in[0]->dtype(), {}}, ValueType{in[1]->shape(), DType::i32, {}},
           ValueType{in[2]->shape(), DType::f32, {}},
-          ValueType{Shape{Dim::of(comm::exchange_layout_ints(static_cast<int>(rows_.size()), most_sent))}, DType::i32, {}}};
+          ValueType{Shape{Dim::of(comm::exchange_layout_ints(static_cast<int>(rows_.size()), most_sent, top_k_))}, DType::i32, {}}};
 }
 
 Cost AlltoallDispatchOp::cost(const OpOperands& ops, int64_t) const {

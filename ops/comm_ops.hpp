@@ -116,7 +116,8 @@ class AlltoallDispatchOp final : public CommOp {
 // to their sources, which sum each token's parts in rank order: out [rows of this rank, H], whole.
 class AlltoallCombineOp final : public CommOp {
  public:
-  using CommOp::CommOp;
+  AlltoallCombineOp(std::vector<int64_t> rows, int top_k) : CommOp(CommGroup::world, std::move(rows)), top_k_(top_k) {}
+  int top_k() const { return top_k_; }
   std::string kind() const override { return "alltoall_combine"; }
   std::string summary() const override;
   std::vector<std::string> output_names() const override { return {"out"}; }
@@ -124,6 +125,9 @@ class AlltoallCombineOp final : public CommOp {
   std::vector<Distribution> distribute(const Node& node, std::span<const Value* const> inputs) const override;
   Cost cost(const OpOperands& operands, int64_t tokens) const override;
   int min_inputs() const override { return 2; }
+
+ private:
+  int top_k_;
 };
 
 }  // namespace moeflow

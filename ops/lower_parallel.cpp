@@ -241,7 +241,7 @@ class Lowering {
     // The sum over ranks, paid once, lands on the rows this rank sent.
     ValueId whole;
     if (l_.dispatch == DispatchKind::alltoall)
-      whole = add(base + "_alltoall_back" + sfx, std::make_shared<AlltoallCombineOp>(CommGroup::world, sent),
+      whole = add(base + "_alltoall_back" + sfx, std::make_shared<AlltoallCombineOp>(sent, k),
                   {partial, layout}, c, gathered, {my_sent})[0];
     else
       whole = add(base + "_reduce_scatter" + sfx, std::make_shared<ReduceScatterRowsOp>(CommGroup::world, sent),

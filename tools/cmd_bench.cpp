@@ -9,7 +9,11 @@
 #include "kernels/cuda/device.hpp"
 #endif
 #include "graph/error.hpp"
+#include "kernels/comm/communicator.hpp"
+#include "kernels/comm/nccl_communicator.hpp"
 #include "tools/commands.hpp"
+#include "tools/model_flags.hpp"
+#include "tools/run_ranks.hpp"
 
 namespace moeflow::cli {
 
@@ -29,6 +33,8 @@ Command add_bench_command(CLI::App& app) {
     int min_runs = 10;
     double budget_s = 1.0;
     std::string json;
+    ParallelFlags parallel;
+    std::vector<std::string> dispatches;
   };
   auto f = std::make_shared<Flags>();
   CLI::App* sub = app.add_subcommand("bench", "time models x T x plans x scopes against the roofline floor");
@@ -53,7 +59,38 @@ Command add_bench_command(CLI::App& app) {
   sub->add_option("--runs", f->min_runs, "timed runs per row at least")->check(CLI::PositiveNumber);
   sub->add_option("--budget", f->budget_s, "seconds of timed runs per row to aim for")->check(CLI::NonNegativeNumber);
   sub->add_option("--json", f->json, "write the rows, one JSON object per line, as they are measured");
+  f->parallel.add_to(*sub, false);
+  sub->add_option("--dispatches", f->dispatches, "dispatch kinds to measure in turn under mpirun (default: all three)")
+      ->delimiter(',')
+      ->check(CLI::IsMember({"allgather", "topk-allgather", "alltoall"}));
   return [f] {
+    if (f->parallel.requested() || !f->dispatches.empty()) {
+      RankBenchRequest b;
+      b.models = f->models;
+      b.sets = f->sets;
+      b.tokens = f->tokens;
+      for (const std::string& k : f->dispatches.empty() ? std::vector<std::string>{"allgather", "topk-allgather", "alltoall"}
+                                                         : f->dispatches)
+        b.kinds.push_back(parse_dispatch(k));
+      b.chunks = f->chunks;
+      for (const std::string& p : f->plans)
+        if (p == "graph") fail_input("bench with ranks: plan 'graph' is refused (the exchanges synchronise with the host)");
+      b.plans = f->plans;
+      b.json = f->json;
+      PlanFlags plan;
+      plan.backend = f->backend;
+      b.base.plan = plan.options();
+      if (b.base.plan.backend == Backend::cuda && !comm::have_nccl())
+        fail_resource("bench --backend cuda with ranks needs the NCCL transport, and this build has none");
+      if (!comm::mpi_started()) fail_input("bench --dp/--tp/--ep: start moeflow under mpirun");
+      b.base.layout = f->parallel.layout({f->tokens.front()}, load_config(f->models.front(), f->sets), comm::mpi_world_size());
+      b.base.threads = f->threads > 0 ? f->threads : std::max(1, tbb::info::default_concurrency() / b.base.layout.world());
+      b.base.seed = f->seed;
+      b.base.runs = f->min_runs;
+      b.base.warmup = 2;
+      b.base.input_sets = std::max(1, std::min(f->input_sets, 4));
+      return bench_ranks(b);
+    }
     std::vector<std::string> scopes;
     for (const std::string& sc : f->scope) {
       if (sc == "both") scopes.insert(scopes.end(), {"experts", "layer"});

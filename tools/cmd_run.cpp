@@ -15,6 +15,7 @@
 #include "graph/error.hpp"
 #include "tools/commands.hpp"
 #include "kernels/comm/communicator.hpp"
+#include "kernels/comm/nccl_communicator.hpp"
 #include "tools/model_flags.hpp"
 #include "tools/run_ranks.hpp"
 
@@ -124,9 +125,10 @@ int run_on_ranks(const RunFlags& f) {
   RankRunRequest q;
   q.config = f.model.config();
   if (!f.weights.empty()) fail_input("--weights: multi-rank runs draw their weights from the seed (no checkpoint yet)");
-  if (f.cuda_graph) fail_input("--cuda-graph: multi-rank runs are CPU-only for now (no NCCL transport yet)");
+  if (f.cuda_graph) fail_input("--cuda-graph: multi-rank plans hold host synchronisations (counts of the exchanges)");
   q.plan = f.plan.options();
-  if (q.plan.backend != Backend::cpu) fail_input("--backend cuda: multi-rank runs are CPU-only for now (no NCCL transport yet)");
+  if (q.plan.backend == Backend::cuda && !comm::have_nccl())
+    fail_resource("--backend cuda with ranks needs the NCCL transport, and this build has none (NCCL not found)");
   // Checked on every rank alike before any collective; the world's size comes from mpirun.
   q.layout = f.parallel.layout(f.token_list, q.config, comm::mpi_started() ? comm::mpi_world_size() : -1);
   if (!comm::mpi_started())

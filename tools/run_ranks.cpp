@@ -8,6 +8,11 @@
 #include <sstream>
 
 #include "bench/multi_rank.hpp"
+#ifdef MOEFLOW_HAVE_CUDA
+#include "bench/cuda/cuda_session.hpp"
+#include "bench/cuda/multi_rank_cuda.hpp"
+#include "kernels/cuda/device.hpp"
+#endif
 #include "graph/error.hpp"
 
 namespace moeflow::cli {
@@ -30,6 +35,143 @@ std::string fixed(double v, int digits) {
   return o.str();
 }
 
+// One rank's session of either backend, behind what the multi-rank commands need.
+class RankSession {
+ public:
+  virtual ~RankSession() = default;
+  virtual void set_tokens(int64_t tokens, int sets) = 0;
+  virtual void use_input_set(int set) = 0;
+  virtual double run(Trace* trace) = 0;  // seconds (device seconds on the GPU)
+  virtual std::vector<float> output() = 0;
+  virtual CheckReport check(int rank) = 0;  // against the one-process reference of this rank's tokens
+  virtual std::vector<int32_t> read_i32(ValueId v, int64_t count) = 0;
+  // The transport's own all-to-all with `bytes` to and from every other rank: median seconds.
+  virtual double time_alltoall(int64_t bytes, int reps) = 0;
+  virtual std::string device() const = 0;
+  virtual double tolerance() const = 0;
+};
+
+class CpuRankSession final : public RankSession {
+ public:
+  CpuRankSession(const RankRunRequest& q, RankComms& comms, std::shared_ptr<const Graph> graph) : q_(q), comms_(comms) {
+    SessionOptions o;
+    o.plan = q.plan;
+    o.threads = q.threads;
+    o.seed = q.seed;
+    o.comm = &comms.groups;
+    session_ = std::make_unique<CpuSession>(std::move(graph), o);
+  }
+  void set_tokens(int64_t tokens, int sets) override { session_->set_tokens(tokens, sets); }
+  void use_input_set(int set) override { session_->use_input_set(set); }
+  double run(Trace* trace) override { return session_->run(trace); }
+  std::vector<float> output() override {
+    const int64_t n = session_->tokens() * q_.config.hidden;
+    return std::vector<float>(session_->output(), session_->output() + n);
+  }
+  CheckReport check(int rank) override {
+    return check_rank_output(session_->output(), q_.config, q_.layout, rank, q_.scope, q_.seed, tolerance());
+  }
+  std::vector<int32_t> read_i32(ValueId v, int64_t count) override {
+    const auto* p = static_cast<const int32_t*>(session_->value_data(v));
+    return std::vector<int32_t>(p, p + count);
+  }
+  double time_alltoall(int64_t bytes, int reps) override { return time_host_alltoall(*comms_.world, bytes, reps); }
+  std::string device() const override { return cpu_name(q_.threads); }
+  double tolerance() const override { return 1e-5; }
+
+ private:
+  const RankRunRequest& q_;
+  RankComms& comms_;
+  std::unique_ptr<CpuSession> session_;
+};
+
+#ifdef MOEFLOW_HAVE_CUDA
+class CudaRankSession final : public RankSession {
+ public:
+  CudaRankSession(const RankRunRequest& q, RankComms& comms, std::shared_ptr<const Graph> graph)
+      : q_(q), comms_(comms), device_(rank_device()), nccl_(make_device_comms(comms, device_)) {
+    CudaSessionOptions o;
+    o.plan = q.plan;
+    o.plan.device = device_;
+    o.seed = q.seed;
+    o.comm = &nccl_.groups;
+    session_ = std::make_unique<CudaSession>(std::move(graph), o);
+  }
+  void set_tokens(int64_t tokens, int sets) override { session_->set_tokens(tokens, sets); }
+  void use_input_set(int set) override { session_->use_input_set(set); }
+  double run(Trace* trace) override { return session_->run(trace); }
+  std::vector<float> output() override { return session_->output(); }
+  CheckReport check(int rank) override {
+    return check_rank_output_cuda(session_->output(), q_.config, q_.layout, rank, q_.scope, q_.seed, device_, tolerance());
+  }
+  std::vector<int32_t> read_i32(ValueId v, int64_t count) override { return session_->read_i32(v, count); }
+  double time_alltoall(int64_t bytes, int reps) override {
+    return time_device_alltoall(*nccl_.world, *comms_.world, device_, bytes, reps);
+  }
+  std::string device() const override { return cuda::device_name(device_); }
+  double tolerance() const override { return 1e-2; }
+
+ private:
+  const RankRunRequest& q_;
+  RankComms& comms_;
+  int device_;
+  DeviceComms nccl_;
+  std::unique_ptr<CudaSession> session_;
+};
+#endif
+
+std::unique_ptr<RankSession> make_rank_session(const RankRunRequest& q, RankComms& comms, std::shared_ptr<const Graph> graph) {
+  if (q.plan.backend == Backend::cuda) {
+#ifdef MOEFLOW_HAVE_CUDA
+    return std::make_unique<CudaRankSession>(q, comms, std::move(graph));
+#else
+    fail_resource("--backend cuda: this build has no CUDA backend");
+#endif
+  }
+  return std::make_unique<CpuRankSession>(q, comms, std::move(graph));
+}
+
+struct RankFigures {
+  double median_s = 0.0, min_s = 0.0;
+  Trace trace;
+  std::vector<double> node_median_us;  // per plan step, over the traced runs
+};
+
+// Every rank runs the same count, each run started together (a host barrier): a run's time is then
+// the slowest rank's. Then `traced` traced runs on input set 0 (which the check reads): each node's
+// median duration.
+RankFigures run_in_step(RankSession& session, const RankRunRequest& q, comm::Communicator& host, int64_t tokens,
+                        int traced = 1) {
+  session.set_tokens(tokens, q.input_sets);
+  // Test hook (tests/test_cli_ranks.cpp): this rank dies before its first run, as a crashed rank would.
+  if (const char* die = std::getenv("MOEFLOW_TEST_DIE_RANK"); die && std::atoi(die) == host.rank()) std::_Exit(9);
+  std::vector<double> times;
+  for (int i = 0; i < q.warmup + q.runs; ++i) {
+    session.use_input_set(i % q.input_sets);
+    host.barrier();
+    const double t = session.run(nullptr);
+    if (i >= q.warmup) times.push_back(t);
+  }
+  std::sort(times.begin(), times.end());
+  RankFigures f;
+  f.median_s = times[times.size() / 2];
+  f.min_s = times.front();
+  session.use_input_set(0);
+  std::vector<std::vector<double>> per_node;
+  for (int i = 0; i < traced; ++i) {
+    host.barrier();
+    f.trace = Trace{};
+    session.run(&f.trace);
+    per_node.resize(f.trace.events.size());
+    for (std::size_t e = 0; e < f.trace.events.size(); ++e) per_node[e].push_back(f.trace.events[e].duration_us);
+  }
+  for (auto& d : per_node) {
+    std::sort(d.begin(), d.end());
+    f.node_median_us.push_back(d[d.size() / 2]);
+  }
+  return f;
+}
+
 }  // namespace
 
 int run_ranks(const RankRunRequest& q) {
@@ -42,42 +184,26 @@ int run_ranks(const RankRunRequest& q) {
   }
   RankComms comms = make_rank_comms(std::move(world), q.layout);
   comm::Communicator& all = *comms.world;
-  auto graph = rank_graph(q.config, q.layout, rank, {.scope = q.scope, .chunks = q.chunking.chunks,
-                                                     .chunk_tokens = q.chunking.chunk_tokens});
-  SessionOptions o;
-  o.plan = q.plan;
-  o.threads = q.threads;
-  o.seed = q.seed;
-  o.comm = &comms.groups;
-  CpuSession session(graph, o);
   const int64_t tokens = q.layout.tokens_of(rank);
-  session.set_tokens(tokens, q.input_sets);
-
-  // Test hook (tests/test_cli.cpp): this rank dies before its first run, as a crashed rank would.
-  if (const char* die = std::getenv("MOEFLOW_TEST_DIE_RANK"); die && std::atoi(die) == rank) std::_Exit(9);
-  // Every rank runs the same count, each run started together: a run's time is the slowest rank's.
-  std::vector<double> times;
-  for (int i = 0; i < q.warmup + q.runs; ++i) {
-    session.use_input_set(i % q.input_sets);
-    all.barrier();
-    const double t = session.run();
-    if (i >= q.warmup) times.push_back(t);
-  }
-  std::sort(times.begin(), times.end());
-  const double median = times[times.size() / 2];
-  session.use_input_set(0);
-  all.barrier();
-  Trace trace;
-  session.run(&trace);
+  const bool gpu = q.plan.backend == Backend::cuda;
+  RankGraphOptions graph_options{.scope = q.scope, .chunks = q.chunking.chunks, .chunk_tokens = q.chunking.chunk_tokens,
+                                 .dtype = gpu ? DType::bf16 : DType::f32};
+  auto graph = rank_graph(q.config, q.layout, rank, graph_options);
+  auto session = make_rank_session(q, comms, graph);
+  RankFigures figures = run_in_step(*session, q, all, tokens);
+  CheckReport report;
+  if (q.check) report = session->check(rank);
+  const std::string device = session->device();
+  const double median = figures.median_s;
+  Trace& trace = figures.trace;
   trace.pid = rank;
   trace.process = "rank " + std::to_string(rank) + " (dp " + std::to_string(q.layout.dp_rank(rank)) + ", tp " +
-                  std::to_string(q.layout.tp_rank(rank)) + ") " + graph->name() + " T=" + std::to_string(tokens);
-  CheckReport report;
-  if (q.check)
-    report = check_rank_output(session.output(), q.config, q.layout, rank, q.scope, q.seed, 1e-5);
+                  std::to_string(q.layout.tp_rank(rank)) + ") " + graph->name() + " T=" + std::to_string(tokens) + " on " +
+                  device;
+  const double tolerance = session->tolerance();
 
   // Rank 0 reports for all.
-  const float mine[5] = {static_cast<float>(median * 1e6), static_cast<float>(times.front() * 1e6),
+  const float mine[5] = {static_cast<float>(median * 1e6), static_cast<float>(figures.min_s * 1e6),
                          static_cast<float>(report.comparison.rel_norm), q.check ? (report.pass ? 1.0f : 0.0f) : 1.0f,
                          static_cast<float>(tokens)};
   std::vector<float> every(static_cast<std::size_t>(5 * ranks));
@@ -101,19 +227,20 @@ int run_ranks(const RankRunRequest& q) {
       const float* v = &every[static_cast<std::size_t>(5 * r)];
       nlohmann::json row{{"rank", r}, {"dp_rank", q.layout.dp_rank(r)}, {"tp_rank", q.layout.tp_rank(r)},
                          {"tokens", static_cast<int64_t>(v[4])}, {"median_us", v[0]}, {"min_us", v[1]}};
-      if (q.check) row["check"] = {{"rel_norm", v[2]}, {"tolerance", 1e-5}, {"pass", v[3] > 0.5f}};
+      if (q.check) row["check"] = {{"rel_norm", v[2]}, {"tolerance", tolerance}, {"pass", v[3] > 0.5f}};
       rows.push_back(row);
     }
     if (q.json) {
-      std::cout << nlohmann::json{{"model", q.config.name}, {"scope", q.scope}, {"backend", "cpu"},
+      std::cout << nlohmann::json{{"model", q.config.name}, {"scope", q.scope}, {"backend", gpu ? "cuda" : "cpu"},
+                                  {"device", device},
                                   {"plan", q.plan_name}, {"layout", q.layout.str()}, {"ranks", ranks},
-                                  {"transport", all.transport()}, {"threads_per_rank", q.threads},
+                                  {"transport", gpu ? "nccl" : all.transport()}, {"threads_per_rank", q.threads},
                                   {"runs", q.runs}, {"seed", q.seed}, {"per_rank", rows}}
                        .dump(2)
                 << "\n";
     } else {
       std::cout << "moeflow run: " << q.config.name << " (" << q.scope << ")  " << ranks << " ranks over "
-                << all.transport() << ": " << q.layout.str() << "  plan " << q.plan_name << "  seed " << q.seed << "\n";
+                << (gpu ? "nccl" : all.transport()) << " on " << device << ": " << q.layout.str() << "  plan " << q.plan_name << "  seed " << q.seed << "\n";
       std::cout << "  " << std::left << std::setw(6) << "rank" << std::setw(5) << "dp" << std::setw(5) << "tp"
                 << std::setw(8) << "T" << std::setw(12) << "median ms" << std::setw(10) << "min ms"
                 << (q.check ? "check vs one-process fp64 reference of its tokens" : "") << "\n";
@@ -125,7 +252,7 @@ int run_ranks(const RankRunRequest& q) {
         if (q.check) {
           std::ostringstream e;
           e << std::scientific << std::setprecision(3) << row["check"]["rel_norm"].get<double>();
-          std::cout << "rel_norm " << e.str() << " (< 1e-05)  " << (row["check"]["pass"].get<bool>() ? "PASS" : "FAIL");
+          std::cout << "rel_norm " << e.str() << " (< " << tolerance << ")  " << (row["check"]["pass"].get<bool>() ? "PASS" : "FAIL");
         }
         std::cout << "\n";
       }
@@ -133,6 +260,175 @@ int run_ranks(const RankRunRequest& q) {
     }
   }
   return pass ? 0 : 1;
+}
+
+namespace {
+
+// What one rank measured for one bench point.
+struct Exchange {
+  double dispatch_us = 0, combine_us = 0, compute_us = 0;
+  double dispatch_bytes = 0, combine_bytes = 0;  // this rank sent to other ranks
+};
+
+bool dispatch_side(const std::string& op, const std::string& name) {
+  return op == "take_rows" || op == "alltoall_dispatch" || (op == "all_gather" && name.find("_tp_gather") == std::string::npos);
+}
+bool combine_side(const std::string& op, const std::string& name) {
+  return op == "reduce_scatter" || op == "alltoall_combine" || (op == "all_gather" && name.find("_tp_gather") != std::string::npos);
+}
+
+Exchange exchange_of(const Graph& g, const RankFigures& f, RankSession& session, int rank, int ranks) {
+  Exchange x;
+  for (std::size_t i = 0; i < f.trace.events.size(); ++i) {
+    const TraceEvent& e = f.trace.events[i];
+    const double us = f.node_median_us[i];
+    const Node& n = g.node(*g.find_node(e.name));
+    double sent = 0;
+    if (const auto* op = dynamic_cast<const CommOp*>(n.op.get())) {
+      const int me = op->group() == CommGroup::world ? rank : static_cast<int>(op->rows().size() > 1 ? rank % op->rows().size() : 0);
+      const int64_t mine = op->rows()[static_cast<std::size_t>(me)];
+      const int64_t members = static_cast<int64_t>(op->rows().size());
+      double row_bytes = 0;
+      for (ValueId v : n.inputs) {
+        const Value& val = g.value(v);
+        if (val.shape()[0].symbolic()) row_bytes += static_cast<double>(val.shape().elements(1) * static_cast<int64_t>(dtype_size(val.dtype())));
+      }
+      if (e.op == "all_gather") sent = static_cast<double>(mine * (members - 1)) * row_bytes;
+      if (e.op == "reduce_scatter") sent = static_cast<double>(op->total_rows() - mine) * row_bytes;
+      if (e.op == "alltoall_dispatch" || e.op == "alltoall_combine") {
+        const ValueId layout = e.op == "alltoall_dispatch" ? n.outputs[3] : n.inputs[1];
+        const std::vector<int32_t> counts = session.read_i32(layout, 2 * ranks);
+        const Value& rows = g.value(n.inputs[0]);
+        const double hidden_bytes = static_cast<double>(rows.shape().elements(1) * static_cast<int64_t>(dtype_size(rows.dtype())));
+        const int offset = e.op == "alltoall_dispatch" ? 0 : ranks;  // rows sent out, or rows sent back
+        const double per_row = e.op == "alltoall_dispatch" ? row_bytes : hidden_bytes;
+        for (int r = 0; r < ranks; ++r)
+          if (r != rank) sent += counts[static_cast<std::size_t>(offset + r)] * per_row;
+      }
+    }
+    if (dispatch_side(e.op, e.name)) {
+      x.dispatch_us += us;
+      x.dispatch_bytes += sent;
+    } else if (combine_side(e.op, e.name)) {
+      x.combine_us += us;
+      x.combine_bytes += sent;
+    } else {
+      x.compute_us += us;
+    }
+  }
+  return x;
+}
+
+}  // namespace
+
+int bench_ranks(const RankBenchRequest& b) {
+  auto world = comm::mpi_world();
+  const int rank = world->rank(), ranks = world->size();
+  try {
+    std::ostringstream what;
+    for (const auto& m : b.models) what << m << ",";
+    for (const auto& s : b.sets) what << s << ",";
+    for (auto t : b.tokens) what << t << ",";
+    for (auto k : b.kinds) what << to_string(k) << ",";
+    for (auto c : b.chunks) what << c << ",";
+    for (const auto& p : b.plans) what << p << ",";
+    what << b.base.layout.str() << " seed " << b.base.seed << " runs " << b.base.runs;
+    agree_across_ranks(*world, what.str());
+  } catch (Error& e) {
+    throw e.raised_on_every_rank();
+  }
+  ParallelLayout first = b.base.layout;
+  RankComms comms = make_rank_comms(std::move(world), first);
+  comm::Communicator& all = *comms.world;
+  std::ofstream json;
+  if (rank == 0 && !b.json.empty()) {
+    json.open(b.json);
+    if (!json) fail_input("--json: cannot write '" + b.json + "'");
+  }
+  const bool gpu = b.base.plan.backend == Backend::cuda;
+  if (rank == 0)
+    std::cout << "moeflow bench: " << ranks << " ranks (" << first.str().substr(0, first.str().find(" tokens")) << ")\n"
+              << "  model                 T/rank kind            chunks plan        layer ms  dispatch ms  combine ms  "
+                 "sent MB (d+c)  vs own all-to-all  hidden\n";
+  for (const std::string& model : b.models)
+    for (int64_t t : b.tokens)
+      for (DispatchKind kind : b.kinds)
+        for (int chunks : b.chunks) {
+          Exchange serial_point;
+          double serial_layer_us = -1;
+          for (const std::string& plan : b.plans) {
+            RankRunRequest q = b.base;
+            q.config = load_config(model, b.sets);
+            q.layout.dispatch = kind;
+            q.layout.tokens.assign(static_cast<std::size_t>(q.layout.dp), t);
+            try {
+              check_layout(q.layout, q.config, ranks);
+            } catch (Error& e) {
+              throw e.raised_on_every_rank();
+            }
+            q.plan.policy = parse_policy(plan);
+            q.chunking = chunks > 1 ? ChunkOptions{.chunks = chunks} : ChunkOptions{};
+            auto graph = rank_graph(q.config, q.layout, rank,
+                                    {.scope = "layer", .chunks = q.chunking.chunks, .dtype = gpu ? DType::bf16 : DType::f32});
+            auto session = make_rank_session(q, comms, graph);
+            const RankFigures f = run_in_step(*session, q, all, t, 5);
+            const Exchange x = exchange_of(*graph, f, *session, rank, ranks);
+            // The transport's own all-to-all of the same bytes, in this run: every rank sends each other
+            // rank the mean over ranks of what the exchanges sent (all ranks must pass the same size).
+            const float sent[2] = {static_cast<float>(x.dispatch_bytes), static_cast<float>(x.combine_bytes)};
+            std::vector<float> all_sent(static_cast<std::size_t>(2 * ranks));
+            all.all_gather(sent, all_sent.data(), 2, comm::Element::f32);
+            double mean_d = 0, mean_c = 0;
+            for (int r = 0; r < ranks; ++r) {
+              mean_d += all_sent[static_cast<std::size_t>(2 * r)] / ranks;
+              mean_c += all_sent[static_cast<std::size_t>(2 * r + 1)] / ranks;
+            }
+            const double own_d = mean_d > 0 ? session->time_alltoall(static_cast<int64_t>(mean_d / (ranks - 1)), 10) : 0;
+            const double own_c = mean_c > 0 ? session->time_alltoall(static_cast<int64_t>(mean_c / (ranks - 1)), 10) : 0;
+            const float mine[8] = {static_cast<float>(f.median_s * 1e6), static_cast<float>(x.dispatch_us),
+                                   static_cast<float>(x.combine_us), static_cast<float>(x.compute_us),
+                                   static_cast<float>(x.dispatch_bytes), static_cast<float>(x.combine_bytes),
+                                   static_cast<float>(own_d * 1e6), static_cast<float>(own_c * 1e6)};
+            std::vector<float> every(static_cast<std::size_t>(8 * ranks));
+            all.all_gather(mine, every.data(), 8, comm::Element::f32);
+            if (rank != 0) continue;
+            // Times: the slowest rank; bytes: the mean over ranks.
+            float worst[8] = {}, mean[8] = {};
+            for (int r = 0; r < ranks; ++r)
+              for (int i = 0; i < 8; ++i) {
+                worst[i] = std::max(worst[i], every[static_cast<std::size_t>(8 * r + i)]);
+                mean[i] += every[static_cast<std::size_t>(8 * r + i)] / static_cast<float>(ranks);
+              }
+            const double ours = worst[1] + worst[2], own = worst[6] + worst[7];
+            nlohmann::json row{{"scope", "layer"}, {"preset", model}, {"tokens_per_rank", t}, {"ranks", ranks},
+                               {"layout", q.layout.str()}, {"dispatch", to_string(kind)}, {"chunks", chunks},
+                               {"plan", plan}, {"backend", gpu ? "cuda" : "cpu"}, {"gpu", session->device()},
+                               {"time_us", worst[0]}, {"dispatch_us", worst[1]}, {"combine_us", worst[2]},
+                               {"compute_us", worst[3]}, {"dispatch_bytes_per_rank", mean[4]},
+                               {"combine_bytes_per_rank", mean[5]}, {"own_alltoall_us", own},
+                               {"exchange_gbps", ours > 0 ? (mean[4] + mean[5]) / ours / 1e3 : 0.0},
+                               {"own_alltoall_gbps", own > 0 ? (mean[4] + mean[5]) / own / 1e3 : 0.0},
+                               {"ratio_own_alltoall", ours > 0 ? own / ours : 0.0}};
+            double hidden = -1;
+            if (plan == "serial") {
+              serial_layer_us = worst[0];
+              serial_point = Exchange{worst[1], worst[2], worst[3], mean[4], mean[5]};
+            } else if (serial_layer_us > 0) {
+              const double comm = serial_point.dispatch_us + serial_point.combine_us;
+              hidden = comm > 0 ? (comm + serial_point.compute_us - worst[0]) / comm : 0.0;
+              row["comm_hidden"] = hidden;
+              row["serial_time_us"] = serial_layer_us;
+            }
+            if (json.is_open()) json << row.dump() << std::endl;
+            std::cout << "  " << std::left << std::setw(22) << model << std::setw(7) << t << std::setw(16)
+                      << to_string(kind) << std::setw(7) << chunks << std::setw(12) << plan << std::setw(10)
+                      << fixed(worst[0] / 1e3, 3) << std::setw(13) << fixed(worst[1] / 1e3, 3) << std::setw(12)
+                      << fixed(worst[2] / 1e3, 3) << std::setw(15) << fixed((mean[4] + mean[5]) / 1e6, 2)
+                      << std::setw(19) << (ours > 0 ? fixed(own / ours, 2) : std::string("-"))
+                      << (row.contains("comm_hidden") ? fixed(hidden, 2) : std::string("")) << "\n";
+          }
+        }
+  return 0;
 }
 
 }  // namespace moeflow::cli

@@ -32,4 +32,20 @@ struct RankRunRequest {
 // Returns the exit status, the same on every rank (1 when any rank's check failed).
 int run_ranks(const RankRunRequest& request);
 
+// `moeflow bench` under mpirun: models × tokens per rank × dispatch kinds × chunks × plans, each
+// row the layer time (slowest rank), dispatch and combine time and the bytes this rank sent for
+// them, next to the transport's own all-to-all of the same bytes in the same run; with a serial and
+// a concurrent row of one point, the share of the communication the concurrent plan hid.
+struct RankBenchRequest {
+  RankRunRequest base;  // plan options, layout (dp, tp, ep, tp dispatch), seed, runs, threads
+  std::vector<std::string> models;
+  std::vector<std::string> sets;
+  std::vector<int64_t> tokens;  // per rank, in turn
+  std::vector<DispatchKind> kinds;
+  std::vector<int> chunks;
+  std::vector<std::string> plans;  // serial, concurrent
+  std::string json;                // rows, one JSON object per line (rank 0)
+};
+int bench_ranks(const RankBenchRequest& request);
+
 }  // namespace moeflow::cli

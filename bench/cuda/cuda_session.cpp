@@ -21,15 +21,40 @@ namespace {
 
 // Draws one input or weight on the device: uniform values by the device generator (f32 or bf16),
 // ids and unit-interval weights on the host (small) and copied.
+// A slice of a larger tensor whose elements are one run of its counters (rows of the full tensor,
+// every other dimension whole): the index of its first element there; -1 otherwise.
+int64_t contiguous_first(const Value& v) {
+  if (!v.source) return 0;
+  const SourceSlice& s = *v.source;
+  for (std::size_t d = 1; d < s.dims.size(); ++d)
+    if (s.dims[d].offset != 0 || s.dims[d].blocks != 1 ||
+        (s.dims[d].full != 0 && s.dims[d].full != v.shape()[static_cast<int>(d)].at(1)))
+      return -1;
+  const int64_t row = v.shape().rank() > 1 ? v.shape().elements(1) / std::max<int64_t>(1, v.shape()[0].at(1)) : 1;
+  return s.dims.empty() ? 0 : s.dims[0].offset * row;
+}
+
 void fill_device_value(const Value& v, void* dst, int64_t tokens, uint64_t seed) {
-  const int64_t n = v.shape().elements(tokens);
-  const uint64_t key = rng::name_key(v.name);
-  if (v.init == ValueInit::uniform) {
-    if (v.dtype() == DType::bf16) cuda::fill_uniform_bf16(static_cast<uint16_t*>(dst), n, seed, key, v.init_scale, 0, nullptr);
-    else cuda::fill_uniform_f32(static_cast<float*>(dst), n, seed, key, v.init_scale, 0, nullptr);
+  const int64_t n = v.shape().elements(v.tokens_in(tokens));
+  const uint64_t key = rng::name_key(v.source ? v.source->source : v.name);
+  const int64_t first = contiguous_first(v);
+  if (v.init == ValueInit::uniform && first >= 0) {
+    if (v.dtype() == DType::bf16) cuda::fill_uniform_bf16(static_cast<uint16_t*>(dst), n, seed, key, v.init_scale, first, nullptr);
+    else cuda::fill_uniform_f32(static_cast<float*>(dst), n, seed, key, v.init_scale, first, nullptr);
     return;
   }
-  std::vector<std::byte> host(static_cast<std::size_t>(v.bytes(tokens)));
+  if (v.init == ValueInit::uniform && v.dtype() == DType::bf16) {
+    // A slice across inner dimensions (I split over ranks): drawn on the host, rounded, uploaded.
+    Value as_f32 = v;
+    as_f32.type->dtype = DType::f32;
+    std::vector<float> host(static_cast<std::size_t>(n));
+    fill_random_value(as_f32, host.data(), tokens, seed);
+    std::vector<uint16_t> bits(host.size());
+    for (std::size_t i = 0; i < host.size(); ++i) bits[i] = float_to_bf16(host[i]);
+    MOEFLOW_CUDA_CHECK(cudaMemcpy(dst, bits.data(), bits.size() * 2, cudaMemcpyHostToDevice));
+    return;
+  }
+  std::vector<std::byte> host(static_cast<std::size_t>(v.bytes(v.tokens_in(tokens))));
   fill_random_value(v, host.data(), tokens, seed);
   MOEFLOW_CUDA_CHECK(cudaMemcpy(dst, host.data(), host.size(), cudaMemcpyHostToDevice));
 }
@@ -165,7 +190,7 @@ CudaSession::CudaSession(std::shared_ptr<const Graph> graph, CudaSessionOptions 
           fill_device_value(plan_.graph->value(b.value), weights_->data(b.value), plan_.graph->max_tokens(), options_.seed);
     }
   }
-  executor_ = std::make_unique<CudaExecutor>(plan_);
+  executor_ = std::make_unique<CudaExecutor>(plan_, options_.comm);
   MOEFLOW_CUDA_CHECK(cudaDeviceSynchronize());
 }
 
@@ -245,6 +270,12 @@ void CudaSession::capture(bool stamped) {
 
 double CudaSession::replay(Trace* trace) { return executor_->replay(trace); }
 
+std::vector<int32_t> CudaSession::read_i32(ValueId v, int64_t count) {
+  if (plan_.graph->value(v).dtype() != DType::i32)
+    fail_input("read_i32: value '" + plan_.graph->value(v).name + "' is " + plan_.graph->value(v).type_str());
+  return to_host<int32_t>(executor_->data(v), count);
+}
+
 std::vector<float> CudaSession::output() {
   const Value& out = plan_.graph->value(plan_.graph->outputs().at(0));
   const int64_t n = out.shape().elements(tokens_);
@@ -259,6 +290,11 @@ std::vector<float> CudaSession::output() {
 }
 
 CheckReport CudaSession::check(double tolerance) {
+  const std::vector<float> y = output();
+  return check_against(y.data(), tolerance);
+}
+
+CheckReport CudaSession::check_against(const float* y, double tolerance) {
   const Graph& g = *plan_.graph;
   // Host fp32 copies of exactly what the device read, and the engine's ids for the near-tie rule.
   std::map<ValueId, std::vector<float>> host;
@@ -298,8 +334,7 @@ CheckReport CudaSession::check(double tolerance) {
   };
   auto engine_data = [&](ValueId v) -> const void* { return engine.at(v).data(); };
   const ReferenceResult ref = reference_run(g, tokens_, graph_data, engine_data);
-  const std::vector<float> y = output();
-  return check_output(y.data(), ref, tolerance);
+  return check_output(y, ref, tolerance);
 }
 
 Floor CudaSession::floor(const MachineRates& rates) {

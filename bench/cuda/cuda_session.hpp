@@ -21,6 +21,8 @@ struct CudaSessionOptions {
   // and where each weight's fp32 data goes (host staging); bf16 weights are rounded to nearest even
   // on upload, and the check reads exactly those rounded values.
   std::function<void(const Graph&, const std::function<float*(ValueId)>&)> load_weights;
+  // This rank's communicators (NCCL), for a graph lowered for several ranks.
+  const CommGroups* comm = nullptr;
 };
 
 // The device's two ceilings (DESIGN.md): median device-to-device copy of 2 GiB (bytes read +
@@ -50,9 +52,14 @@ class CudaSession {
 
   // Copies what the reference needs to the host and compares (bf16: tolerance 1e-2).
   CheckReport check(double tolerance);
+  // Compares another engine's output of this session's tokens (a rank of a multi-rank run) with the
+  // reference on this session's inputs; near-ties follow this session's last run.
+  CheckReport check_against(const float* output, double tolerance);
   Floor floor(const MachineRates& rates);
   // The first output, copied to the host as fp32.
   std::vector<float> output();
+  // The first `count` elements of an i32 activation of the last run (routing, exchange counts).
+  std::vector<int32_t> read_i32(ValueId v, int64_t count);
 
   const Plan& plan() const { return plan_; }
   const Graph& graph() const { return *plan_.graph; }

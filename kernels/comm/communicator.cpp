@@ -3,6 +3,7 @@
 #include <cstdlib>
 
 #include "graph/error.hpp"
+#include "kernels/comm/nccl_communicator.hpp"
 
 namespace moeflow::comm {
 
@@ -19,6 +20,13 @@ int mpi_world_rank() { return 0; }
 int mpi_world_size() { return 1; }
 void mpi_stop() {}
 void mpi_abort(int status) { std::_Exit(status); }
+#endif
+
+#ifndef MOEFLOW_HAVE_NCCL
+bool have_nccl() { return false; }
+std::unique_ptr<Communicator> nccl_group(Communicator&, int) {
+  fail_resource("this moeflow was built without NCCL (configure with CUDA and NCCL found): no multi-rank GPU runs");
+}
 #endif
 
 // OpenMPI's launcher (and the PMIx it uses) sets these for every rank it starts.

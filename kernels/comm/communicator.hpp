@@ -10,9 +10,9 @@
 
 namespace moeflow::comm {
 
-// Element types the collectives move (kernels/ sees no graph types).
-enum class Element { f32, i32 };
-inline std::size_t element_bytes(Element) { return 4; }
+// Element types the collectives move (kernels/ sees no graph types). bf16: device transports only.
+enum class Element { f32, i32, bf16 };
+inline std::size_t element_bytes(Element e) { return e == Element::bf16 ? 2 : 4; }
 
 class Communicator {
  public:
@@ -20,6 +20,12 @@ class Communicator {
   virtual int rank() const = 0;
   virtual int size() const = 0;
   virtual std::string transport() const = 0;  // "mpi", "nccl"
+  // Device transports: the stream the following calls are ordered on (a lane's stream). Host
+  // transports ignore it.
+  virtual void use_stream(void* /*stream*/) {}
+  // The host-side communicator over the same ranks in the same order (itself for MPI; NCCL's
+  // bootstrap): small exchanges whose results the host needs (counts) go through it.
+  virtual Communicator& host() { return *this; }
 
   // out [size() * count]: every rank's `count` elements of `in`, in rank order.
   virtual void all_gather(const void* in, void* out, int64_t count, Element e) = 0;

@@ -14,7 +14,10 @@ namespace moeflow::comm {
 
 namespace {
 
-MPI_Datatype mpi_type(Element e) { return e == Element::f32 ? MPI_FLOAT : MPI_INT32_T; }
+MPI_Datatype mpi_type(Element e) {
+  if (e == Element::bf16) fail_input("the MPI transport moves host f32 and i32, not bf16");
+  return e == Element::f32 ? MPI_FLOAT : MPI_INT32_T;
+}
 
 int mpi_count(int64_t count, const char* call) {
   if (count < 0 || count > std::numeric_limits<int>::max())

@@ -26,7 +26,9 @@ void scaled(const int64_t* row_counts, int ranks, int64_t width, std::vector<int
 
 }  // namespace
 
-int64_t exchange_layout_ints(int ranks, int64_t rows) { return 2 * static_cast<int64_t>(ranks) + rows * ranks; }
+int64_t exchange_layout_ints(int ranks, int64_t rows, int top_k) {
+  return 2 * static_cast<int64_t>(ranks) + rows * std::max(ranks, top_k);
+}
 
 int64_t dispatch_rows(Communicator& comm, const ExpertOwners& owners, const float* x, const int32_t* ids,
                       const float* weights, int64_t rows, int hidden, int top_k, int64_t capacity, float* x_out,

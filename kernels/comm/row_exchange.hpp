@@ -19,8 +19,9 @@ struct ExpertOwners {
 };
 
 // Length of the i32 layout that dispatch_rows fills and combine_rows_back reads: the send and
-// receive counts per rank, then the source token of each row sent.
-int64_t exchange_layout_ints(int ranks, int64_t rows);
+// receive counts per rank, then the source token of each row sent (at most rows · ranks of them;
+// a device transport keeps each (token, choice)'s send slot there instead: rows · top_k).
+int64_t exchange_layout_ints(int ranks, int64_t rows, int top_k);
 
 // Sends rows [0, rows) of x [rows, H] (ids and weights [rows, k]) to their owners. Receives into
 // x_out [capacity, H], ids_out and weights_out [capacity, k] in (source rank, token) order, and

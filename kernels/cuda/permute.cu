@@ -224,7 +224,7 @@ __global__ void __launch_bounds__(kRowThreads)
   if (t >= tokens) return;
   const int sub = static_cast<int>(threadIdx.x) & ((1 << shift) - 1);
   const int32_t* slots = slot_of + t * top_k;
-  const float* w = weights + t * top_k;
+  const float* w = weights ? weights + t * top_k : nullptr;
   if constexpr (kVec) {
     for (int v = sub; v < hidden / 8; v += 1 << shift) {
       float acc[8];
@@ -232,10 +232,11 @@ __global__ void __launch_bounds__(kRowThreads)
       for (int i = 0; i < 8; ++i) acc[i] = 0.0f;
 #pragma unroll 4
       for (int j = 0; j < top_k; ++j) {
+        if (slots[j] < 0) continue;  // a choice with no row here (another rank's expert)
         const uint4 q = *reinterpret_cast<const uint4*>(y_rows + static_cast<int64_t>(slots[j]) * hidden + 8 * v);
         float f[8];
         unpack8(q, f);
-        const float wj = w[j];
+        const float wj = w ? w[j] : 1.0f;
 #pragma unroll
         for (int i = 0; i < 8; ++i) acc[i] = fmaf(wj, f[i], acc[i]);
       }
@@ -245,13 +246,65 @@ __global__ void __launch_bounds__(kRowThreads)
     for (int h = sub; h < hidden; h += 1 << shift) {
       float acc = 0.0f;
       for (int j = 0; j < top_k; ++j)
-        acc = fmaf(w[j], bf16_bits_to_float(y_rows[static_cast<int64_t>(slots[j]) * hidden + h]), acc);
+        if (slots[j] >= 0)
+          acc = fmaf(w ? w[j] : 1.0f, bf16_bits_to_float(y_rows[static_cast<int64_t>(slots[j]) * hidden + h]), acc);
       out[t * hidden + h] = __bfloat16_as_ushort(__float2bfloat16_rn(acc));
     }
   }
 }
 
+__global__ void localize_ids_kernel(const int32_t* __restrict__ ids, int64_t n, int first, int experts,
+                                    int32_t* __restrict__ out) {
+  const int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (i >= n) return;
+  const int32_t e = ids[i] - first;
+  out[i] = e >= 0 && e < experts ? e : -1;
+}
+
+__global__ void drop_unrouted_slots_kernel(const int32_t* __restrict__ local_ids, int64_t n, int32_t* __restrict__ slot_of) {
+  const int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (i < n && local_ids[i] < 0) slot_of[i] = -1;
+}
+
+// One thread per token: its choices' owners, each rank once (k is small).
+__global__ void owner_ranks_kernel(const int32_t* __restrict__ ids, int64_t tokens, int top_k, int experts_per_rank,
+                                   int32_t* __restrict__ dest) {
+  const int64_t t = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (t >= tokens) return;
+  for (int j = 0; j < top_k; ++j) {
+    const int32_t id = ids[t * top_k + j];
+    int32_t owner = id >= 0 ? id / experts_per_rank : -1;
+    for (int i = 0; i < j && owner >= 0; ++i)
+      if (dest[t * top_k + i] == owner || (ids[t * top_k + i] >= 0 && ids[t * top_k + i] / experts_per_rank == owner))
+        owner = -1;
+    dest[t * top_k + j] = owner;
+  }
+}
+
+constexpr int kFlatThreads = 256;
+
+int flat_blocks(int64_t n) { return static_cast<int>((n + kFlatThreads - 1) / kFlatThreads); }
+
 }  // namespace
+
+void localize_ids(const int32_t* ids, int64_t n, int first, int experts, int32_t* out, Stream stream) {
+  if (n <= 0) return;
+  localize_ids_kernel<<<flat_blocks(n), kFlatThreads, 0, stream>>>(ids, n, first, experts, out);
+  MOEFLOW_CUDA_LAUNCH_CHECK();
+}
+
+void drop_unrouted_slots(const int32_t* local_ids, int64_t n, int32_t* slot_of, Stream stream) {
+  if (n <= 0) return;
+  drop_unrouted_slots_kernel<<<flat_blocks(n), kFlatThreads, 0, stream>>>(local_ids, n, slot_of);
+  MOEFLOW_CUDA_LAUNCH_CHECK();
+}
+
+void owner_ranks(const int32_t* ids, int64_t tokens, int top_k, int experts_per_rank, int32_t* dest, Stream stream) {
+  if (experts_per_rank <= 0) fail_input("cuda owner_ranks: experts_per_rank = " + std::to_string(experts_per_rank));
+  if (tokens <= 0) return;
+  owner_ranks_kernel<<<flat_blocks(tokens), kFlatThreads, 0, stream>>>(ids, tokens, top_k, experts_per_rank, dest);
+  MOEFLOW_CUDA_LAUNCH_CHECK();
+}
 
 std::size_t permutation_workspace_bytes(int64_t max_tokens, int top_k, int experts) {
   if (max_tokens < 0 || top_k <= 0 || experts <= 0)

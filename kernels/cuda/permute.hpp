@@ -28,9 +28,19 @@ void build_permutation(const int32_t* ids, int64_t tokens, int top_k, int expert
 void gather_rows(const uint16_t* x, const int32_t* row_source, int64_t rows, int top_k, int hidden, uint16_t* out,
                  Stream stream);
 
-// out[t, :] = Σ_j weights[t, j] · y_rows[slot_of[t, j], :], fp32 accumulation in j order and one
-// rounding to bf16 at the end. y_rows bf16 [T*k, H], out bf16 [T, H].
+// out[t, :] = Σ_j weights[t, j] · y_rows[slot_of[t, j], :] over slot_of ≥ 0 (a choice with no row
+// here is skipped), fp32 accumulation in j order and one rounding to bf16 at the end. y_rows bf16
+// [T*k, H], out bf16 [T, H]; weights null: every weight 1 (the sum of a token's returned parts).
 void combine_rows(const uint16_t* y_rows, const int32_t* slot_of, const float* weights, int64_t tokens, int top_k,
                   int hidden, uint16_t* out, Stream stream);
+
+// A rank's share of the experts (multi-rank): out[i] = ids[i] - first where that is in [0, experts),
+// else -1 (build_permutation moves such ids out of the way and counts them for no expert).
+void localize_ids(const int32_t* ids, int64_t n, int first, int experts, int32_t* out, Stream stream);
+// slot_of[i] = -1 where local_ids[i] < 0: those choices have no row on this rank.
+void drop_unrouted_slots(const int32_t* local_ids, int64_t n, int32_t* slot_of, Stream stream);
+// dest[t, j] = the rank owning expert ids[t, j] (ids / experts_per_rank), or -1 where an earlier
+// choice of token t already goes to that rank: each row goes once to each rank owning its experts.
+void owner_ranks(const int32_t* ids, int64_t tokens, int top_k, int experts_per_rank, int32_t* dest, Stream stream);
 
 }  // namespace moeflow::cuda

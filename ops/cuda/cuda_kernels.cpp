@@ -39,12 +39,6 @@ KernelEntry launching(int launches, KernelEntry e) {
 // Activations and weights in bf16 (gate bias, routing weights and logits stay fp32).
 // `how` says what the kernel does when it can run the node.
 Support cuda_supports_bf16(const Graph& g, const Node& n, const std::string& how) {
-  // The CUDA permutation and combine assume every choice has a row; a rank's share of the experts
-  // (multi-rank lowering) leaves some without one.
-  if (n.op->kind() == "dispatch" && static_cast<const DispatchOp&>(*n.op).shared_out())
-    return Support::no("a share of the experts (multi-rank): the CUDA permutation routes every choice to a row");
-  if (n.op->kind() == "combine" && g.value(n.inputs[0]).type->dist.kind == Distribution::Kind::partial)
-    return Support::no("partial expert rows (multi-rank): the CUDA combine assumes every choice has a row");
   for (const auto* list : {&n.inputs, &n.outputs})
     for (ValueId id : *list) {
       const Value& v = g.value(id);
@@ -270,7 +264,10 @@ void register_experts(KernelRegistry& r) {
 
 }  // namespace
 
+void register_cuda_comm_kernels(KernelRegistry& r);  // ops/cuda/cuda_comm_kernels.cpp
+
 void register_cuda_kernels(KernelRegistry& r) {
+  register_cuda_comm_kernels(r);
   r.add(launching(2, {"gate", Backend::cuda, "cuda.router_topk", 0,
          [](const Graph& g, const Node& n) {
            if (g.value(n.inputs[0]).dtype() != DType::bf16) return Support::no("x must be bf16 on CUDA");
@@ -308,16 +305,24 @@ void register_cuda_kernels(KernelRegistry& r) {
            const auto& op = static_cast<const DispatchOp&>(*c.node.op);
            const int64_t rows = c.max_tokens() * op.top_k();
            auto* row_source = static_cast<int32_t*>(c.workspace);
-           void* sort_ws = static_cast<std::byte*>(c.workspace) + align256(rows * 4);
+           auto* local_ids = reinterpret_cast<int32_t*>(static_cast<std::byte*>(c.workspace) + align256(rows * 4));
+           void* sort_ws = static_cast<std::byte*>(c.workspace) + 2 * align256(rows * 4);
            const std::size_t sort_bytes = cuda::permutation_workspace_bytes(c.max_tokens(), op.top_k(), op.experts());
-           cuda::build_permutation(c.in<int32_t>(1), c.tokens, op.top_k(), op.experts(), c.out<int32_t>(1),
-                                   c.out<int32_t>(2), row_source, sort_ws, sort_bytes, lane(c).stream);
+           // A rank's share of the experts: its ids renumbered from 0, the others' out of the way.
+           const int32_t* ids = c.in<int32_t>(1);
+           if (op.shared_out()) {
+             cuda::localize_ids(ids, c.tokens * op.top_k(), op.share().first_expert, op.experts(), local_ids, lane(c).stream);
+             ids = local_ids;
+           }
+           cuda::build_permutation(ids, c.tokens, op.top_k(), op.experts(), c.out<int32_t>(1), c.out<int32_t>(2),
+                                   row_source, sort_ws, sort_bytes, lane(c).stream);
            cuda::gather_rows(bf16_in(c, 0), row_source, c.tokens * op.top_k(), op.top_k(), hidden_of(c), bf16_out(c, 0),
                              lane(c).stream);
+           if (op.shared_out()) cuda::drop_unrouted_slots(local_ids, c.tokens * op.top_k(), c.out<int32_t>(2), lane(c).stream);
          },
          [](const Graph&, const Node& n, int64_t tokens) {
            const auto& op = static_cast<const DispatchOp&>(*n.op);
-           return align256(tokens * op.top_k() * 4) +
+           return 2 * align256(tokens * op.top_k() * 4) +
                   static_cast<int64_t>(cuda::permutation_workspace_bytes(tokens, op.top_k(), op.experts()));
          }}));
   register_experts(r);

@@ -1,0 +1,254 @@
+// The parallel lowering's ops on the GPU: collectives through the communicator's device transport
+// (NCCL), ordered on the node's lane stream. The alltoall dispatch routes rows by destination rank
+// with the same permutation kernels as the expert dispatch (destination = owner rank, each row once
+// per rank), and needs the per-rank counts on the host (NCCL's send/receive sizes): it synchronises
+// its stream, so a plan with it is not capturable as a CUDA graph.
+#include <cuda_runtime.h>
+
+#include <algorithm>
+#include <functional>
+#include <vector>
+
+#include "graph/error.hpp"
+#include "kernels/comm/communicator.hpp"
+#include "kernels/comm/row_exchange.hpp"
+#include "kernels/cuda/check.cuh"
+#include "kernels/cuda/lane_context.hpp"
+#include "kernels/cuda/permute.hpp"
+#include "ops/comm_ops.hpp"
+#include "ops/kernel_registry.hpp"
+
+namespace moeflow {
+
+namespace {
+
+const cuda::LaneContext& lane_of(const KernelCall& c) { return *static_cast<const cuda::LaneContext*>(c.lane); }
+constexpr int64_t aligned(int64_t n) { return (n + 255) / 256 * 256; }
+int64_t width_of(const Value& v) { return v.shape().elements(1); }
+
+comm::Element element_of(const Value& v) {
+  switch (v.dtype()) {
+    case DType::bf16: return comm::Element::bf16;
+    case DType::i32: return comm::Element::i32;
+    default: return comm::Element::f32;
+  }
+}
+
+// The group's device communicator, ordered on this node's stream.
+comm::Communicator& group(const KernelCall& c, CommGroup which) {
+  if (!c.comm)
+    fail_input("node '" + c.node.name + "' (" + c.node.op->kind() +
+               ") moves rows between ranks, but this run has no communicators (start it under mpirun with --dp/--tp)");
+  comm::Communicator& g = c.comm->get(which, c.node.name);
+  if (g.transport() == "mpi")
+    fail_input("node '" + c.node.name + "': the CUDA backend needs the NCCL transport, not MPI, for its device buffers");
+  g.use_stream(lane_of(c).stream);
+  return g;
+}
+
+Support device_transport(const Graph& g, const Node& n, const std::string& how) {
+  for (const Value* v : g.input_values(n))
+    if (v->dtype() == DType::f32 && v->shape().rank() == 2 && v->shape()[1].fixed > 64 && v->name.find("weights") == std::string::npos)
+      return Support::no("CUDA runs store activations in bf16; '" + v->name + "' is " + v->type_str());
+  return Support::yes(how);
+}
+
+std::function<Support(const Graph&, const Node&)> nccl_kernel(std::string how) {
+  return [how = std::move(how)](const Graph& g, const Node& n) { return device_transport(g, n, how); };
+}
+
+// Per-rank element counts and offsets from row counts.
+void scaled(const std::vector<int64_t>& rows, int64_t width, std::vector<int64_t>& counts, std::vector<int64_t>& offsets) {
+  counts.clear();
+  offsets.clear();
+  int64_t at = 0;
+  for (int64_t r : rows) {
+    counts.push_back(r * width);
+    offsets.push_back(at);
+    at += r * width;
+  }
+}
+
+// Workspace of the alltoall dispatch: owner ranks, their permutation and the packed send buffers.
+struct DispatchScratch {
+  int32_t* dest;
+  int32_t* offsets;
+  int32_t* row_source;
+  void* sort;
+  std::size_t sort_bytes;
+  uint16_t* send_x;
+  int32_t* send_ids;
+  float* send_weights;
+  int64_t bytes;
+};
+
+DispatchScratch dispatch_scratch(std::byte* base, int64_t rows, int top_k, int ranks, int hidden) {
+  DispatchScratch s{};
+  const int64_t n = rows * top_k;
+  int64_t at = 0;
+  auto take = [&](int64_t bytes) {
+    std::byte* p = base ? base + at : nullptr;
+    at += aligned(bytes);
+    return p;
+  };
+  s.dest = reinterpret_cast<int32_t*>(take(4 * n));
+  s.offsets = reinterpret_cast<int32_t*>(take(4 * (ranks + 1)));
+  s.row_source = reinterpret_cast<int32_t*>(take(4 * n));
+  s.sort_bytes = cuda::permutation_workspace_bytes(rows, top_k, ranks);
+  s.sort = take(static_cast<int64_t>(s.sort_bytes));
+  s.send_x = reinterpret_cast<uint16_t*>(take(2 * n * hidden));
+  s.send_ids = reinterpret_cast<int32_t*>(take(4 * n * top_k));
+  s.send_weights = reinterpret_cast<float*>(take(4 * n * top_k));
+  s.bytes = at;
+  return s;
+}
+
+}  // namespace
+
+void register_cuda_comm_kernels(KernelRegistry& r) {
+  r.add({"take_rows", Backend::cuda, "cuda.copy_rows", 0,
+         nccl_kernel("one device copy of this TP rank's rows"), [](const KernelCall& c) {
+           const auto& op = static_cast<const TakeRowsOp&>(*c.node.op);
+           const Value& v = c.input_value(0);
+           const std::size_t row = static_cast<std::size_t>(width_of(v)) * dtype_size(v.dtype());
+           MOEFLOW_CUDA_CHECK(cudaMemcpyAsync(c.outputs[0],
+                                              static_cast<const std::byte*>(c.inputs[0]) + static_cast<std::size_t>(op.first()) * row,
+                                              static_cast<std::size_t>(op.count()) * row, cudaMemcpyDeviceToDevice,
+                                              lane_of(c).stream));
+         },
+         {}});
+  r.add({"all_gather", Backend::cuda, "nccl.all_gather_v", 0,
+         nccl_kernel("NCCL group of broadcasts (one per rank's block), rows packed in rank order"), [](const KernelCall& c) {
+           const auto& op = static_cast<const AllGatherRowsOp&>(*c.node.op);
+           comm::Communicator& g = group(c, op.group());
+           for (std::size_t i = 0; i < c.inputs.size(); ++i) {
+             const Value& v = c.input_value(i);
+             std::vector<int64_t> counts;
+             for (int64_t rows : op.rows()) counts.push_back(rows * width_of(v));
+             g.all_gather_v(c.inputs[i], c.outputs[i], counts.data(), element_of(v));
+           }
+         },
+         {}});
+  r.add({"reduce_scatter", Backend::cuda, "nccl.reduce_scatter_v", 0,
+         nccl_kernel("NCCL group of reduces (sum, one per rank's block): the Partial paid once"), [](const KernelCall& c) {
+           const auto& op = static_cast<const ReduceScatterRowsOp&>(*c.node.op);
+           comm::Communicator& g = group(c, op.group());
+           std::vector<int64_t> counts;
+           for (int64_t rows : op.rows()) counts.push_back(rows * width_of(c.input_value(0)));
+           g.reduce_scatter_sum_v(c.inputs[0], c.outputs[0], counts.data(), element_of(c.input_value(0)));
+         },
+         {}});
+
+  KernelEntry dispatch{
+      "alltoall_dispatch", Backend::cuda, "nccl.alltoall_v", 0,
+      [](const Graph& g, const Node& n) {
+        if (static_cast<const AlltoallDispatchOp&>(*n.op).experts_per_rank() == 0)
+          return Support::no("alltoall without --ep sends every row to every rank: use allgather on the GPU");
+        return device_transport(g, n, "rows permuted by owner rank on the device, counts to the host, NCCL send/recv");
+      },
+      [](const KernelCall& c) {
+        const auto& op = static_cast<const AlltoallDispatchOp&>(*c.node.op);
+        comm::Communicator& g = group(c, op.group());
+        const cudaStream_t stream = lane_of(c).stream;
+        const int ranks = g.size(), me = g.rank(), k = op.top_k();
+        const int hidden = static_cast<int>(width_of(c.input_value(0)));
+        const int64_t rows = op.rows()[static_cast<std::size_t>(me)];
+        const int64_t most = *std::max_element(op.rows().begin(), op.rows().end());
+        const DispatchScratch s = dispatch_scratch(static_cast<std::byte*>(c.workspace), most, k, ranks, hidden);
+        int32_t* layout = c.out<int32_t>(3);
+        int32_t* slot_of = layout + 2 * ranks;
+        std::vector<int64_t> sent(static_cast<std::size_t>(ranks), 0);
+        if (rows > 0) {
+          cuda::owner_ranks(c.in<int32_t>(1), rows, k, op.experts_per_rank(), s.dest, stream);
+          cuda::build_permutation(s.dest, rows, k, ranks, s.offsets, slot_of, s.row_source, s.sort, s.sort_bytes, stream);
+          std::vector<int32_t> offsets(static_cast<std::size_t>(ranks + 1));
+          MOEFLOW_CUDA_CHECK(cudaMemcpyAsync(offsets.data(), s.offsets, 4 * offsets.size(), cudaMemcpyDeviceToHost, stream));
+          MOEFLOW_CUDA_CHECK(cudaStreamSynchronize(stream));
+          for (int r = 0; r < ranks; ++r) sent[static_cast<std::size_t>(r)] = offsets[static_cast<std::size_t>(r) + 1] - offsets[static_cast<std::size_t>(r)];
+          const int64_t total = offsets[static_cast<std::size_t>(ranks)];
+          // Rows, ids and weights packed by destination (ids and weights as k-wide 4-byte rows).
+          cuda::gather_rows(c.in<uint16_t>(0), s.row_source, total, k, hidden, s.send_x, stream);
+          cuda::gather_rows(reinterpret_cast<const uint16_t*>(c.in<int32_t>(1)), s.row_source, total, k, 2 * k,
+                            reinterpret_cast<uint16_t*>(s.send_ids), stream);
+          cuda::gather_rows(reinterpret_cast<const uint16_t*>(c.in<float>(2)), s.row_source, total, k, 2 * k,
+                            reinterpret_cast<uint16_t*>(s.send_weights), stream);
+          cuda::drop_unrouted_slots(s.dest, rows * k, slot_of, stream);
+        }
+        // Counts travel on the host side; then the rows on the device.
+        std::vector<int32_t> send32(sent.begin(), sent.end()), recv32(static_cast<std::size_t>(ranks));
+        {
+          std::vector<int64_t> ones(static_cast<std::size_t>(ranks), 1), at(static_cast<std::size_t>(ranks));
+          for (int r = 0; r < ranks; ++r) at[static_cast<std::size_t>(r)] = r;
+          g.host().all_to_all_v(send32.data(), ones.data(), at.data(), recv32.data(), ones.data(), at.data(), comm::Element::i32);
+        }
+        std::vector<int64_t> received(recv32.begin(), recv32.end());
+        int64_t total_received = 0;
+        for (int64_t v : received) total_received += v;
+        if (total_received > op.total_rows())
+          fail_resource("node '" + c.node.name + "': " + std::to_string(total_received) + " rows arrive for " +
+                        std::to_string(op.total_rows()) + " slots");
+        std::vector<int64_t> sc, so, rc, ro;
+        scaled(sent, hidden, sc, so);
+        scaled(received, hidden, rc, ro);
+        g.all_to_all_v(s.send_x, sc.data(), so.data(), c.outputs[0], rc.data(), ro.data(), comm::Element::bf16);
+        scaled(sent, k, sc, so);
+        scaled(received, k, rc, ro);
+        g.all_to_all_v(s.send_ids, sc.data(), so.data(), c.outputs[1], rc.data(), ro.data(), comm::Element::i32);
+        g.all_to_all_v(s.send_weights, sc.data(), so.data(), c.outputs[2], rc.data(), ro.data(), comm::Element::f32);
+        // Slots past those received route nowhere.
+        const int64_t cap = op.total_rows();
+        MOEFLOW_CUDA_CHECK(cudaMemsetAsync(c.out<uint16_t>(0) + total_received * hidden, 0,
+                                           static_cast<std::size_t>(2 * (cap - total_received) * hidden), stream));
+        MOEFLOW_CUDA_CHECK(cudaMemsetAsync(c.out<int32_t>(1) + total_received * k, 0xff,
+                                           static_cast<std::size_t>(4 * (cap - total_received) * k), stream));
+        MOEFLOW_CUDA_CHECK(cudaMemsetAsync(c.out<float>(2) + total_received * k, 0,
+                                           static_cast<std::size_t>(4 * (cap - total_received) * k), stream));
+        // The counts, for the way back (synchronous: the host vectors end here).
+        std::vector<int32_t> counts(send32);
+        counts.insert(counts.end(), recv32.begin(), recv32.end());
+        MOEFLOW_CUDA_CHECK(cudaMemcpyAsync(layout, counts.data(), 4 * counts.size(), cudaMemcpyHostToDevice, stream));
+        MOEFLOW_CUDA_CHECK(cudaStreamSynchronize(stream));
+      },
+      [](const Graph& gr, const Node& n, int64_t) {
+        const auto& op = static_cast<const AlltoallDispatchOp&>(*n.op);
+        const int64_t most = *std::max_element(op.rows().begin(), op.rows().end());
+        return dispatch_scratch(nullptr, most, op.top_k(), static_cast<int>(op.rows().size()),
+                                static_cast<int>(width_of(gr.value(n.inputs[0]))))
+            .bytes;
+      }};
+  dispatch.launches = 8;
+  r.add(std::move(dispatch));
+
+  KernelEntry back{
+      "alltoall_combine", Backend::cuda, "nccl.alltoall_v", 0,
+      nccl_kernel("NCCL send/recv back to the sources, each token's parts summed there in choice order (no atomics)"),
+      [](const KernelCall& c) {
+        const auto& op = static_cast<const AlltoallCombineOp&>(*c.node.op);
+        comm::Communicator& g = group(c, op.group());
+        const cudaStream_t stream = lane_of(c).stream;
+        const int ranks = g.size(), me = g.rank();
+        const int hidden = static_cast<int>(width_of(c.input_value(0)));
+        const int32_t* layout = c.in<int32_t>(1);
+        const int64_t rows = op.rows()[static_cast<std::size_t>(me)];
+        std::vector<int32_t> counts(static_cast<std::size_t>(2 * ranks));
+        MOEFLOW_CUDA_CHECK(cudaMemcpyAsync(counts.data(), layout, 4 * counts.size(), cudaMemcpyDeviceToHost, stream));
+        MOEFLOW_CUDA_CHECK(cudaStreamSynchronize(stream));
+        std::vector<int64_t> sent(counts.begin(), counts.begin() + ranks), received(counts.begin() + ranks, counts.end());
+        std::vector<int64_t> sc, so, rc, ro;
+        scaled(received, hidden, sc, so);  // back where each row came from
+        scaled(sent, hidden, rc, ro);
+        auto* staging = static_cast<uint16_t*>(c.workspace);
+        g.all_to_all_v(c.inputs[0], sc.data(), so.data(), staging, rc.data(), ro.data(), comm::Element::bf16);
+        if (rows > 0)
+          cuda::combine_rows(staging, layout + 2 * ranks, nullptr, rows, op.top_k(), hidden, c.out<uint16_t>(0), stream);
+      },
+      [](const Graph& gr, const Node& n, int64_t) {
+        const auto& op = static_cast<const AlltoallCombineOp&>(*n.op);
+        const int64_t most = *std::max_element(op.rows().begin(), op.rows().end());
+        return aligned(2 * most * op.top_k() * width_of(gr.value(n.inputs[0])));
+      }};
+  back.launches = 2;
+  r.add(std::move(back));
+}
+
+}  // namespace moeflow
