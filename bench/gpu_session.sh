@@ -21,8 +21,9 @@ if [[ $mode == ranks ]]; then
   grep -E "MOEFLOW_NCCL|MOEFLOW_MPI" $b/CMakeCache.txt | head -3
   ngpu=$(nvidia-smi -L | wc -l)
   MPI="timeout ${3:-200} mpirun --allow-run-as-root --oversubscribe -x NCCL_NVLS_ENABLE -x LD_LIBRARY_PATH -x PATH"
+  part=${4:-all}  # tests | bench | all
   for n in 2 4; do
-    [[ $n -gt $ngpu ]] && continue
+    [[ $n -gt $ngpu || $part == bench ]] && continue
     echo "== $n ranks: gpu lowering tests"
     $MPI -np $n $b/moeflow_mpi_tests --gtest_filter='Layouts/LoweredGpu*' > "$OUT/ranks_tests_$n.log" 2>&1; echo "rc=$?"
     grep -E "PASSED|FAILED|Failure|rel_norm|error" "$OUT/ranks_tests_$n.log" | head -20
@@ -33,7 +34,7 @@ if [[ $mode == ranks ]]; then
     done; done
   done
   for n in 2 4; do
-    [[ $n -gt $ngpu ]] && continue
+    [[ $n -gt $ngpu || $part == tests ]] && continue
     echo "== $n ranks: bench"
     $MPI -np $n $b/moeflow bench --backend cuda --models ${2:-deepseek-v3,qwen3-30b-a3b} --tokens 128,1024,4096 --dp $n --ep \
       --chunks 1,2 --plans serial,concurrent --runs 10 --json "$OUT/ranks_bench_$n.jsonl" > "$OUT/ranks_bench_$n.log" 2>&1
