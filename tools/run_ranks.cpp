@@ -49,6 +49,8 @@ class RankSession {
   virtual double time_alltoall(int64_t bytes, int reps) = 0;
   virtual std::string device() const = 0;
   virtual double tolerance() const = 0;
+  // The graph the plan runs (the planner may have added host copies to the one given).
+  virtual const Graph& graph() const = 0;
 };
 
 class CpuRankSession final : public RankSession {
@@ -78,6 +80,7 @@ class CpuRankSession final : public RankSession {
   double time_alltoall(int64_t bytes, int reps) override { return time_host_alltoall(*comms_.world, bytes, reps); }
   std::string device() const override { return cpu_name(q_.threads); }
   double tolerance() const override { return 1e-5; }
+  const Graph& graph() const override { return session_->graph(); }
 
  private:
   const RankRunRequest& q_;
@@ -110,6 +113,7 @@ class CudaRankSession final : public RankSession {
   }
   std::string device() const override { return cuda::device_name(device_); }
   double tolerance() const override { return 1e-2; }
+  const Graph& graph() const override { return session_->graph(); }
 
  private:
   const RankRunRequest& q_;
@@ -277,12 +281,15 @@ bool combine_side(const std::string& op, const std::string& name) {
   return op == "reduce_scatter" || op == "alltoall_combine" || (op == "all_gather" && name.find("_tp_gather") != std::string::npos);
 }
 
-Exchange exchange_of(const Graph& g, const RankFigures& f, RankSession& session, int rank, int ranks) {
+Exchange exchange_of(const RankFigures& f, RankSession& session, int rank, int ranks) {
+  const Graph& g = session.graph();
   Exchange x;
   for (std::size_t i = 0; i < f.trace.events.size(); ++i) {
     const TraceEvent& e = f.trace.events[i];
     const double us = f.node_median_us[i];
-    const Node& n = g.node(*g.find_node(e.name));
+    const auto id = g.find_node(e.name);
+    if (!id) fail_input("bench: traced node '" + e.name + "' is not in the plan's graph '" + g.name() + "'");
+    const Node& n = g.node(*id);
     double sent = 0;
     if (const auto* op = dynamic_cast<const CommOp*>(n.op.get())) {
       const int me = op->group() == CommGroup::world ? rank : static_cast<int>(op->rows().size() > 1 ? rank % op->rows().size() : 0);
@@ -370,9 +377,12 @@ int bench_ranks(const RankBenchRequest& b) {
             q.chunking = chunks > 1 ? ChunkOptions{.chunks = chunks} : ChunkOptions{};
             auto graph = rank_graph(q.config, q.layout, rank,
                                     {.scope = "layer", .chunks = q.chunking.chunks, .dtype = gpu ? DType::bf16 : DType::f32});
+            // The exchanges' counts are read after the run: their buffers must not be reused by then.
+            for (const Node& n : graph->nodes())
+              if (n.op->kind() == "alltoall_dispatch") q.plan.keep_values.push_back(graph->value(n.outputs[3]).name);
             auto session = make_rank_session(q, comms, graph);
             const RankFigures f = run_in_step(*session, q, all, t, 5);
-            const Exchange x = exchange_of(*graph, f, *session, rank, ranks);
+            const Exchange x = exchange_of(f, *session, rank, ranks);
             // The transport's own all-to-all of the same bytes, in this run: every rank sends each other
             // rank the mean over ranks of what the exchanges sent (all ranks must pass the same size).
             const float sent[2] = {static_cast<float>(x.dispatch_bytes), static_cast<float>(x.combine_bytes)};
