@@ -33,7 +33,7 @@ if [[ $mode == ranks ]]; then
         | grep -E "PASS|FAIL|error" | head -4 | sed "s/^/$m $k: /"
     done; done
   done
-  for n in 2 4; do
+  for n in ${5:-2 4}; do
     [[ $n -gt $ngpu || $part == tests ]] && continue
     echo "== $n ranks: bench"
     $MPI -np $n $b/moeflow bench --backend cuda --models ${2:-deepseek-v3,qwen3-30b-a3b} --tokens 128,1024,4096 --dp $n --ep \

@@ -64,6 +64,28 @@ std::vector<std::string> all_gather_strings(comm::Communicator& world, const std
   return out;
 }
 
+#ifdef MOEFLOW_HAVE_CUDA
+void add_cuda_identity_experts(KernelRegistry& r);  // bench/cuda/multi_rank_cuda.cpp
+#endif
+
+const KernelRegistry& exchange_timing_kernels() {
+  static const KernelRegistry registry = [] {
+    KernelRegistry r = KernelRegistry::builtin();
+    r.add({"experts", Backend::cpu, "bench.identity_rows", 100,
+           [](const Graph&, const Node&) { return Support::yes("copies its rows: exchange timing only, not an MoE"); },
+           [](const KernelCall& c) {
+             const Value& rows = c.input_value(0);
+             std::memcpy(c.outputs[0], c.inputs[0], static_cast<std::size_t>(rows.bytes(c.tokens)));
+           },
+           {}});
+#ifdef MOEFLOW_HAVE_CUDA
+    add_cuda_identity_experts(r);
+#endif
+    return r;
+  }();
+  return registry;
+}
+
 double time_host_alltoall(comm::Communicator& world, int64_t bytes, int reps) {
   const int n = world.size();
   const int64_t per = std::max<int64_t>(1, bytes / 4);

@@ -37,6 +37,11 @@ std::vector<std::string> all_gather_strings(comm::Communicator& world, const std
 // ranks started together; median seconds of `reps` (the yardstick of the dispatch kinds' bytes/s).
 double time_host_alltoall(comm::Communicator& world, int64_t bytes, int reps);
 
+// The built-in kernels plus an `experts` kernel that copies its rows (y = rows), ahead of the
+// others: a run with it times the exchanges without the experts' compute, and so without waiting
+// for the rank whose experts got the most rows. For benchmarks only: it computes no MoE.
+const KernelRegistry& exchange_timing_kernels();
+
 struct RankGraphOptions {
   std::string scope = "layer";  // layer | experts
   int chunks = 0;               // 0: unchunked

@@ -326,6 +326,55 @@ Exchange exchange_of(const RankFigures& f, RankSession& session, int rank, int r
   return x;
 }
 
+// One bench point measured on every rank: [0] layer time, [1] dispatch, [2] combine, [3] compute
+// (us, traced medians), [4] dispatch and [5] combine bytes sent, [6] [7] the transport's own
+// all-to-all of those bytes (us). worst: the slowest rank; mean: over ranks.
+struct PointFigures {
+  float worst[8] = {}, mean[8] = {};
+  std::string device;
+};
+
+PointFigures measure_point(const RankRunRequest& q0, const std::string& scope, RankComms& comms, bool gpu) {
+  comm::Communicator& all = *comms.world;
+  const int rank = all.rank(), ranks = all.size();
+  RankRunRequest q = q0;
+  q.scope = scope;
+  auto graph = rank_graph(q.config, q.layout, rank,
+                          {.scope = scope, .chunks = q.chunking.chunks, .dtype = gpu ? DType::bf16 : DType::f32});
+  // The exchanges' counts are read after the run: their buffers must not be reused by then.
+  for (const Node& n : graph->nodes())
+    if (n.op->kind() == "alltoall_dispatch") q.plan.keep_values.push_back(graph->value(n.outputs[3]).name);
+  auto session = make_rank_session(q, comms, graph);
+  const RankFigures f = run_in_step(*session, q, all, q.layout.tokens_of(rank), 5);
+  const Exchange x = exchange_of(f, *session, rank, ranks);
+  // The transport's own all-to-all of the same bytes, in this run: every rank sends each other rank
+  // the mean over ranks of what the exchanges sent (all ranks must pass the same size).
+  const float sent[2] = {static_cast<float>(x.dispatch_bytes), static_cast<float>(x.combine_bytes)};
+  std::vector<float> all_sent(static_cast<std::size_t>(2 * ranks));
+  all.all_gather(sent, all_sent.data(), 2, comm::Element::f32);
+  double mean_d = 0, mean_c = 0;
+  for (int r = 0; r < ranks; ++r) {
+    mean_d += all_sent[static_cast<std::size_t>(2 * r)] / ranks;
+    mean_c += all_sent[static_cast<std::size_t>(2 * r + 1)] / ranks;
+  }
+  const double own_d = mean_d > 0 ? session->time_alltoall(static_cast<int64_t>(mean_d / (ranks - 1)), 10) : 0;
+  const double own_c = mean_c > 0 ? session->time_alltoall(static_cast<int64_t>(mean_c / (ranks - 1)), 10) : 0;
+  const float mine[8] = {static_cast<float>(f.median_s * 1e6), static_cast<float>(x.dispatch_us),
+                         static_cast<float>(x.combine_us), static_cast<float>(x.compute_us),
+                         static_cast<float>(x.dispatch_bytes), static_cast<float>(x.combine_bytes),
+                         static_cast<float>(own_d * 1e6), static_cast<float>(own_c * 1e6)};
+  std::vector<float> every(static_cast<std::size_t>(8 * ranks));
+  all.all_gather(mine, every.data(), 8, comm::Element::f32);
+  PointFigures p;
+  for (int r = 0; r < ranks; ++r)
+    for (int i = 0; i < 8; ++i) {
+      p.worst[i] = std::max(p.worst[i], every[static_cast<std::size_t>(8 * r + i)]);
+      p.mean[i] += every[static_cast<std::size_t>(8 * r + i)] / static_cast<float>(ranks);
+    }
+  p.device = session->device();
+  return p;
+}
+
 }  // namespace
 
 int bench_ranks(const RankBenchRequest& b) {
@@ -375,50 +424,38 @@ int bench_ranks(const RankBenchRequest& b) {
             }
             q.plan.policy = parse_policy(plan);
             q.chunking = chunks > 1 ? ChunkOptions{.chunks = chunks} : ChunkOptions{};
-            auto graph = rank_graph(q.config, q.layout, rank,
-                                    {.scope = "layer", .chunks = q.chunking.chunks, .dtype = gpu ? DType::bf16 : DType::f32});
-            // The exchanges' counts are read after the run: their buffers must not be reused by then.
-            for (const Node& n : graph->nodes())
-              if (n.op->kind() == "alltoall_dispatch") q.plan.keep_values.push_back(graph->value(n.outputs[3]).name);
-            auto session = make_rank_session(q, comms, graph);
-            const RankFigures f = run_in_step(*session, q, all, t, 5);
-            const Exchange x = exchange_of(f, *session, rank, ranks);
-            // The transport's own all-to-all of the same bytes, in this run: every rank sends each other
-            // rank the mean over ranks of what the exchanges sent (all ranks must pass the same size).
-            const float sent[2] = {static_cast<float>(x.dispatch_bytes), static_cast<float>(x.combine_bytes)};
-            std::vector<float> all_sent(static_cast<std::size_t>(2 * ranks));
-            all.all_gather(sent, all_sent.data(), 2, comm::Element::f32);
-            double mean_d = 0, mean_c = 0;
-            for (int r = 0; r < ranks; ++r) {
-              mean_d += all_sent[static_cast<std::size_t>(2 * r)] / ranks;
-              mean_c += all_sent[static_cast<std::size_t>(2 * r + 1)] / ranks;
+            const PointFigures layer = measure_point(q, "layer", comms, gpu);
+            if (rank != 0 && plan != "serial") continue;
+            // The exchanges alone (serial plans): experts that copy their rows, routing drawn
+            // uniformly, so no rank waits for another's compute.
+            PointFigures alone;
+            if (plan == "serial") {
+              RankRunRequest e = q;
+              e.plan.registry = &exchange_timing_kernels();
+              alone = measure_point(e, "experts", comms, gpu);
             }
-            const double own_d = mean_d > 0 ? session->time_alltoall(static_cast<int64_t>(mean_d / (ranks - 1)), 10) : 0;
-            const double own_c = mean_c > 0 ? session->time_alltoall(static_cast<int64_t>(mean_c / (ranks - 1)), 10) : 0;
-            const float mine[8] = {static_cast<float>(f.median_s * 1e6), static_cast<float>(x.dispatch_us),
-                                   static_cast<float>(x.combine_us), static_cast<float>(x.compute_us),
-                                   static_cast<float>(x.dispatch_bytes), static_cast<float>(x.combine_bytes),
-                                   static_cast<float>(own_d * 1e6), static_cast<float>(own_c * 1e6)};
-            std::vector<float> every(static_cast<std::size_t>(8 * ranks));
-            all.all_gather(mine, every.data(), 8, comm::Element::f32);
             if (rank != 0) continue;
-            // Times: the slowest rank; bytes: the mean over ranks.
-            float worst[8] = {}, mean[8] = {};
-            for (int r = 0; r < ranks; ++r)
-              for (int i = 0; i < 8; ++i) {
-                worst[i] = std::max(worst[i], every[static_cast<std::size_t>(8 * r + i)]);
-                mean[i] += every[static_cast<std::size_t>(8 * r + i)] / static_cast<float>(ranks);
-              }
+            const float* worst = layer.worst;
+            const float* mean = layer.mean;
             const double ours = worst[1] + worst[2], own = worst[6] + worst[7];
             nlohmann::json row{{"scope", "layer"}, {"preset", model}, {"tokens_per_rank", t}, {"ranks", ranks},
                                {"layout", q.layout.str()}, {"dispatch", to_string(kind)}, {"chunks", chunks},
-                               {"plan", plan}, {"backend", gpu ? "cuda" : "cpu"}, {"gpu", session->device()},
+                               {"plan", plan}, {"backend", gpu ? "cuda" : "cpu"}, {"gpu", layer.device},
                                {"time_us", worst[0]}, {"dispatch_us", worst[1]}, {"combine_us", worst[2]},
                                {"compute_us", worst[3]}, {"dispatch_bytes_per_rank", mean[4]},
                                {"combine_bytes_per_rank", mean[5]}, {"own_alltoall_us", own},
                                {"exchange_gbps", ours > 0 ? (mean[4] + mean[5]) / ours / 1e3 : 0.0},
                                {"own_alltoall_gbps", own > 0 ? (mean[4] + mean[5]) / own / 1e3 : 0.0},
                                {"ratio_own_alltoall", ours > 0 ? own / ours : 0.0}};
+            double alone_ratio = -1;
+            if (plan == "serial") {
+              const double a = alone.worst[1] + alone.worst[2], a_own = alone.worst[6] + alone.worst[7];
+              alone_ratio = a > 0 ? a_own / a : 0.0;
+              row["alone"] = {{"dispatch_us", alone.worst[1]}, {"combine_us", alone.worst[2]},
+                              {"bytes_per_rank", alone.mean[4] + alone.mean[5]}, {"own_alltoall_us", a_own},
+                              {"exchange_gbps", a > 0 ? (alone.mean[4] + alone.mean[5]) / a / 1e3 : 0.0},
+                              {"ratio_own_alltoall", alone_ratio}};
+            }
             double hidden = -1;
             if (plan == "serial") {
               serial_layer_us = worst[0];
@@ -434,7 +471,9 @@ int bench_ranks(const RankBenchRequest& b) {
                       << to_string(kind) << std::setw(7) << chunks << std::setw(12) << plan << std::setw(10)
                       << fixed(worst[0] / 1e3, 3) << std::setw(13) << fixed(worst[1] / 1e3, 3) << std::setw(12)
                       << fixed(worst[2] / 1e3, 3) << std::setw(15) << fixed((mean[4] + mean[5]) / 1e6, 2)
-                      << std::setw(19) << (ours > 0 ? fixed(own / ours, 2) : std::string("-"))
+                      << std::setw(19)
+                      << ((ours > 0 ? fixed(own / ours, 2) : std::string("-")) +
+                          (alone_ratio >= 0 ? " (alone " + fixed(alone_ratio, 2) + ")" : std::string("")))
                       << (row.contains("comm_hidden") ? fixed(hidden, 2) : std::string("")) << "\n";
           }
         }

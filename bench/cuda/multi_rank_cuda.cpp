@@ -10,6 +10,8 @@
 #include "graph/error.hpp"
 #include "kernels/comm/nccl_communicator.hpp"
 #include "kernels/cuda/check.cuh"
+#include "kernels/cuda/lane_context.hpp"
+#include "ops/kernel_registry.hpp"
 #include "kernels/cuda/device.hpp"
 
 namespace moeflow {
@@ -28,6 +30,18 @@ DeviceComms make_device_comms(RankComms& host, int device) {
   d.groups.world = d.world.get();
   d.groups.tp = d.tp.get();
   return d;
+}
+
+void add_cuda_identity_experts(KernelRegistry& r) {
+  r.add({"experts", Backend::cuda, "bench.identity_rows", 100,
+         [](const Graph&, const Node&) { return Support::yes("copies its rows: exchange timing only, not an MoE"); },
+         [](const KernelCall& c) {
+           const Value& rows = c.input_value(0);
+           MOEFLOW_CUDA_CHECK(cudaMemcpyAsync(c.outputs[0], c.inputs[0], static_cast<std::size_t>(rows.bytes(c.tokens)),
+                                              cudaMemcpyDeviceToDevice,
+                                              static_cast<const cuda::LaneContext*>(c.lane)->stream));
+         },
+         {}});
 }
 
 double time_device_alltoall(comm::Communicator& nccl, comm::Communicator& host, int device, int64_t bytes, int reps) {

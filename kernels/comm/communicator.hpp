@@ -26,6 +26,10 @@ class Communicator {
   // The host-side communicator over the same ranks in the same order (itself for MPI; NCCL's
   // bootstrap): small exchanges whose results the host needs (counts) go through it.
   virtual Communicator& host() { return *this; }
+  // Calls between group_start and group_end may be fused into one launch (NCCL groups); host
+  // transports run them one by one.
+  virtual void group_start() {}
+  virtual void group_end() {}
 
   // out [size() * count]: every rank's `count` elements of `in`, in rank order.
   virtual void all_gather(const void* in, void* out, int64_t count, Element e) = 0;

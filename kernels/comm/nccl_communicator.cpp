@@ -101,6 +101,8 @@ class NcclCommunicator final : public Communicator {
     }
     group_end();
   }
+  void group_start() override { check(ncclGroupStart(), "ncclGroupStart"); }
+  void group_end() override { check(ncclGroupEnd(), "ncclGroupEnd"); }
   void barrier() override {
     cuda(cudaStreamSynchronize(stream_), "cudaStreamSynchronize");
     host_.barrier();
@@ -110,8 +112,6 @@ class NcclCommunicator final : public Communicator {
   }
 
  private:
-  void group_start() { check(ncclGroupStart(), "ncclGroupStart"); }
-  void group_end() { check(ncclGroupEnd(), "ncclGroupEnd"); }
   void check(ncclResult_t status, const char* call) {
     if (status == ncclSuccess) return;
     std::string message = std::string(call) + " failed on rank " + std::to_string(rank_) + " of " +

@@ -121,12 +121,14 @@ void register_cuda_comm_kernels(KernelRegistry& r) {
          nccl_kernel("NCCL group of broadcasts (one per rank's block), rows packed in rank order"), [](const KernelCall& c) {
            const auto& op = static_cast<const AllGatherRowsOp&>(*c.node.op);
            comm::Communicator& g = group(c, op.group());
+           g.group_start();  // every value's blocks in one launch
            for (std::size_t i = 0; i < c.inputs.size(); ++i) {
              const Value& v = c.input_value(i);
              std::vector<int64_t> counts;
              for (int64_t rows : op.rows()) counts.push_back(rows * width_of(v));
              g.all_gather_v(c.inputs[i], c.outputs[i], counts.data(), element_of(v));
            }
+           g.group_end();
          },
          {}});
   r.add({"reduce_scatter", Backend::cuda, "nccl.reduce_scatter_v", 0,
@@ -187,14 +189,17 @@ void register_cuda_comm_kernels(KernelRegistry& r) {
         if (total_received > op.total_rows())
           fail_resource("node '" + c.node.name + "': " + std::to_string(total_received) + " rows arrive for " +
                         std::to_string(op.total_rows()) + " slots");
-        std::vector<int64_t> sc, so, rc, ro;
+        // Rows, ids and weights in one NCCL group: one launch moves all three.
+        std::vector<int64_t> sc, so, rc, ro, sck, sok, rck, rok;
         scaled(sent, hidden, sc, so);
         scaled(received, hidden, rc, ro);
+        scaled(sent, k, sck, sok);
+        scaled(received, k, rck, rok);
+        g.group_start();
         g.all_to_all_v(s.send_x, sc.data(), so.data(), c.outputs[0], rc.data(), ro.data(), comm::Element::bf16);
-        scaled(sent, k, sc, so);
-        scaled(received, k, rc, ro);
-        g.all_to_all_v(s.send_ids, sc.data(), so.data(), c.outputs[1], rc.data(), ro.data(), comm::Element::i32);
-        g.all_to_all_v(s.send_weights, sc.data(), so.data(), c.outputs[2], rc.data(), ro.data(), comm::Element::f32);
+        g.all_to_all_v(s.send_ids, sck.data(), sok.data(), c.outputs[1], rck.data(), rok.data(), comm::Element::i32);
+        g.all_to_all_v(s.send_weights, sck.data(), sok.data(), c.outputs[2], rck.data(), rok.data(), comm::Element::f32);
+        g.group_end();
         // Slots past those received route nowhere.
         const int64_t cap = op.total_rows();
         MOEFLOW_CUDA_CHECK(cudaMemsetAsync(c.out<uint16_t>(0) + total_received * hidden, 0,
