@@ -1,6 +1,7 @@
 #include "scheduler/trace.hpp"
 
 #include <fstream>
+#include <map>
 #include <nlohmann/json.hpp>
 
 #include "graph/error.hpp"
@@ -57,19 +58,30 @@ Trace Trace::read_chrome_json(const std::string& path) {
     fail_input("trace '" + path + "': no traceEvents array");
   Trace t;
   try {
+    // A merged trace (one process per rank) reads as one trace whose rows are every (process,
+    // lane) pair, in that order, each named after both.
+    std::map<int, std::string> processes;
+    std::map<std::pair<int, int>, std::string> threads;
     for (const auto& e : j["traceEvents"]) {
       const std::string ph = e.at("ph");
-      if (ph == "M" && e.at("name") == "process_name") t.process = e.at("args").at("name");
-      if (ph == "M" && e.at("name") == "thread_name") {
-        const std::size_t lane = e.at("tid");
-        if (t.lanes.size() <= lane) t.lanes.resize(lane + 1);
-        t.lanes[lane] = e.at("args").at("name");
-      }
-      if (ph != "X") continue;
+      const int pid = e.value("pid", 0);
+      if (ph == "M" && e.at("name") == "process_name") processes[pid] = e.at("args").at("name");
+      if (ph == "M" && e.at("name") == "thread_name") threads[{pid, e.at("tid").get<int>()}] = e.at("args").at("name");
+      if (ph == "X") threads.try_emplace({pid, e.at("tid").get<int>()}, "lane" + std::to_string(e.at("tid").get<int>()));
+    }
+    std::map<std::pair<int, int>, int> row;
+    for (const auto& [key, name] : threads) {
+      row[key] = static_cast<int>(t.lanes.size());
+      t.lanes.push_back(processes.size() > 1 ? "rank " + std::to_string(key.first) + " " + name : name);
+    }
+    if (processes.size() == 1) t.process = processes.begin()->second;
+    else if (processes.size() > 1) t.process = std::to_string(processes.size()) + " processes (ranks), merged";
+    for (const auto& e : j["traceEvents"]) {
+      if (e.at("ph") != "X") continue;
       TraceEvent ev;
       ev.name = e.at("name");
       ev.op = e.value("cat", "");
-      ev.lane = e.at("tid");
+      ev.lane = row.at({e.value("pid", 0), e.at("tid").get<int>()});
       ev.start_us = e.at("ts");
       ev.duration_us = e.at("dur");
       if (e.contains("args")) {
@@ -78,7 +90,6 @@ Trace Trace::read_chrome_json(const std::string& path) {
         ev.predicted_us = e["args"].value("predicted_us", 0.0);
         t.tokens = e["args"].value("tokens", int64_t{0});
       }
-      if (t.lanes.size() <= static_cast<std::size_t>(ev.lane)) t.lanes.resize(static_cast<std::size_t>(ev.lane) + 1);
       t.events.push_back(ev);
     }
   } catch (const nlohmann::json::exception& e) {

@@ -56,10 +56,19 @@ int count(const std::string& text, const std::string& what) {
 
 TEST(CliRanks, AlltoallRunChecksEveryRankAgainstItsTokens) {
   if (!have_mpirun()) GTEST_SKIP() << "no mpirun";
-  const Result r = shell(mpirun(2, "run " + kSmall + " --dp 2 --ep --dispatch alltoall --tokens 7,12 --chunks 2 --check"));
+  const std::string trace = testing::TempDir() + "ranks_trace.json", svg = testing::TempDir() + "ranks_trace.svg";
+  const Result r = shell(mpirun(2, "run " + kSmall + " --dp 2 --ep --dispatch alltoall --tokens 7,12 --chunks 2 --check --trace " + trace));
   ASSERT_EQ(r.status, 0) << r.output;
   EXPECT_THAT(r.output, HasSubstr("dp=2 tp=1 ep alltoall tokens 7,12"));
   EXPECT_EQ(count(r.output, "PASS"), 2) << r.output;
+  // One merged trace, a process row per rank, drawn with a row per (rank, lane).
+  const Result json = shell("cat " + trace);
+  EXPECT_EQ(count(json.output, "\"process_name\""), 2) << json.output.substr(0, 400);
+  EXPECT_THAT(json.output, HasSubstr("dispatch_alltoall_back\u00b7c1"));
+  const Result drawn = shell(std::string(MOEFLOW_BINARY) + " trace " + trace + " --svg " + svg + " && cat " + svg);
+  ASSERT_EQ(drawn.status, 0) << drawn.output;
+  EXPECT_THAT(drawn.output, HasSubstr("rank 0 lane0"));
+  EXPECT_THAT(drawn.output, HasSubstr("rank 1 lane0"));
 }
 
 TEST(CliRanks, TensorParallelJsonNamesEveryRank) {

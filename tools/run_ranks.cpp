@@ -220,8 +220,10 @@ int run_ranks(const RankRunRequest& q) {
   if (rank == 0) {
     if (!q.trace.empty()) {
       nlohmann::json merged{{"traceEvents", nlohmann::json::array()}, {"displayTimeUnit", "ms"}};
-      for (const std::string& t : traces)
-        for (auto& e : nlohmann::json::parse(t).at("traceEvents")) merged["traceEvents"].push_back(std::move(e));
+      for (const std::string& t : traces) {
+        nlohmann::json one = nlohmann::json::parse(t);  // kept alive over the loop below
+        for (auto& e : one.at("traceEvents")) merged["traceEvents"].push_back(std::move(e));
+      }
       std::ofstream out(q.trace);
       if (!out) fail_input("--trace: cannot write '" + q.trace + "'");
       out << merged.dump(1) << "\n";
