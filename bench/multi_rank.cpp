@@ -33,9 +33,10 @@ void agree_across_ranks(comm::Communicator& world, const std::string& what) {
     if (all[static_cast<std::size_t>(2 * r)] != all[0] || all[static_cast<std::size_t>(2 * r + 1)] != all[1])
       differ += (differ.empty() ? "" : ", ") + std::to_string(r);
   if (!differ.empty())
-    fail_input("ranks " + differ + " run another graph or configuration than rank 0 (their model, layout, plan or seed " +
+    throw Error(ErrorKind::bad_input, "ranks " + differ + " run another graph or configuration than rank 0 (their model, layout, plan or seed " +
                "differ; every rank must be given the same flags); this is rank " + std::to_string(world.rank()) +
-               ", running: " + what);
+               ", running: " + what)
+        .raised_on_every_rank();  // every rank sees the same gathered hashes
 }
 
 std::vector<std::string> all_gather_strings(comm::Communicator& world, const std::string& text) {

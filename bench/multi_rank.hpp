@@ -26,8 +26,8 @@ struct RankComms {
 RankComms make_rank_comms(std::unique_ptr<comm::Communicator> world, const ParallelLayout& layout);
 
 // Every rank states what it is about to run (a canonical text: model fields, layout, plan, seed);
-// all gather a hash of it. Throws Error(bad_input) on every rank, naming the ranks that differ from
-// rank 0, when they do not all agree.
+// all gather a hash of it. Throws Error(bad_input) on every rank alike (Error::on_every_rank),
+// naming the ranks that differ from rank 0, when they do not all agree.
 void agree_across_ranks(comm::Communicator& world, const std::string& what);
 
 // Every rank's `text`, in rank order (traces and reports travel to rank 0 this way).

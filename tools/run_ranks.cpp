@@ -181,11 +181,7 @@ RankFigures run_in_step(RankSession& session, const RankRunRequest& q, comm::Com
 int run_ranks(const RankRunRequest& q) {
   auto world = comm::mpi_world();
   const int rank = world->rank(), ranks = world->size();
-  try {
-    agree_across_ranks(*world, agreed_text(q));
-  } catch (Error& e) {
-    throw e.raised_on_every_rank();
-  }
+  agree_across_ranks(*world, agreed_text(q));
   RankComms comms = make_rank_comms(std::move(world), q.layout);
   comm::Communicator& all = *comms.world;
   const int64_t tokens = q.layout.tokens_of(rank);
@@ -382,7 +378,7 @@ PointFigures measure_point(const RankRunRequest& q0, const std::string& scope, R
 int bench_ranks(const RankBenchRequest& b) {
   auto world = comm::mpi_world();
   const int rank = world->rank(), ranks = world->size();
-  try {
+  {
     std::ostringstream what;
     for (const auto& m : b.models) what << m << ",";
     for (const auto& s : b.sets) what << s << ",";
@@ -392,8 +388,6 @@ int bench_ranks(const RankBenchRequest& b) {
     for (const auto& p : b.plans) what << p << ",";
     what << b.base.layout.str() << " seed " << b.base.seed << " runs " << b.base.runs;
     agree_across_ranks(*world, what.str());
-  } catch (Error& e) {
-    throw e.raised_on_every_rank();
   }
   ParallelLayout first = b.base.layout;
   RankComms comms = make_rank_comms(std::move(world), first);
