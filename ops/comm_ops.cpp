@@ -129,7 +129,9 @@ std::vector<ValueType> AlltoallDispatchOp::infer(const Node& n, std::span<const 
   const int64_t most_sent = *std::max_element(rows_.begin(), rows_.end());
   return {ValueType{in[0]->shape(), in[0]->dtype(), {}}, ValueType{in[1]->shape(), DType::i32, {}},
           ValueType{in[2]->shape(), DType::f32, {}},
-          ValueType{Shape{Dim::of(comm::exchange_layout_ints(static_cast<int>(rows_.size()), most_sent, top_k_))}, DType::i32, {}}};
+          ValueType{Shape{Dim::of(std::max<int64_t>(1, comm::exchange_sources_ints(static_cast<int>(rows_.size()), most_sent, top_k_)))},
+                    DType::i32, {}},
+          ValueType{Shape{Dim::of(2 * static_cast<int64_t>(rows_.size()))}, DType::i32, {}, /*host_memory=*/true}};
 }
 
 Cost AlltoallDispatchOp::cost(const OpOperands& ops, int64_t) const {
@@ -144,9 +146,10 @@ std::string AlltoallCombineOp::summary() const { return "alltoall rows back to t
 std::vector<ValueType> AlltoallCombineOp::infer(const Node& n, std::span<const Value* const> in) const {
   require_token_rows(n, *in[0]);
   expect_float(n, *in[0]);
-  if (in[1]->dtype() != DType::i32 || in[1]->shape().rank() != 1)
-    fail_input("node '" + n.name + "' (alltoall_combine): layout '" + in[1]->name + "' is " + in[1]->type_str() +
-               ", expected [n] i32 from an alltoall_dispatch");
+  for (const Value* v : {in[1], in[2]})
+    if (v->dtype() != DType::i32 || v->shape().rank() != 1)
+      fail_input("node '" + n.name + "' (alltoall_combine): '" + v->name + "' is " + v->type_str() +
+                 ", expected [n] i32 from an alltoall_dispatch");
   return {ValueType{in[0]->shape(), in[0]->dtype(), {}}};
 }
 
@@ -224,7 +227,7 @@ void register_comm_kernels(KernelRegistry& r) {
            const int hidden = static_cast<int>(row_width(c.input_value(0)));
            comm::dispatch_rows(g, {op.experts_per_rank()}, c.in<float>(0), c.in<int32_t>(1), c.in<float>(2),
                                op.rows()[static_cast<std::size_t>(me)], hidden, op.top_k(), op.total_rows(),
-                               c.out<float>(0), c.out<int32_t>(1), c.out<float>(2), c.out<int32_t>(3));
+                               c.out<float>(0), c.out<int32_t>(1), c.out<float>(2), c.out<int32_t>(4), c.out<int32_t>(3));
          },
          {}});
   r.add({"alltoall_combine", Backend::cpu, "host.alltoall_v", 0,
@@ -233,8 +236,8 @@ void register_comm_kernels(KernelRegistry& r) {
            const auto& op = static_cast<const AlltoallCombineOp&>(*c.node.op);
            comm::Communicator& g = groups(c).get(op.group(), c.node.name);
            const int me = member(c, g, op);
-           comm::combine_rows_back(g, c.in<float>(0), static_cast<int>(row_width(c.input_value(0))), c.in<int32_t>(1),
-                                   op.rows()[static_cast<std::size_t>(me)], c.out<float>(0),
+           comm::combine_rows_back(g, c.in<float>(0), static_cast<int>(row_width(c.input_value(0))), c.in<int32_t>(2),
+                                   c.in<int32_t>(1), op.rows()[static_cast<std::size_t>(me)], c.out<float>(0),
                                    static_cast<float*>(c.workspace));
          },
          [](const Graph& g, const Node& n, int64_t) {

@@ -93,7 +93,9 @@ class ReduceScatterRowsOp final : public CommOp {
 
 // alltoall_dispatch: sends each of this rank's rows (x, ids, weights) to the ranks owning one of
 // its experts (comm/row_exchange.hpp). Outputs: received rows [capacity, H], their ids and
-// weights [capacity, k] (rows past those received route nowhere), and the exchange layout.
+// weights [capacity, k] (rows past those received route nowhere), the exchange layout (where each
+// row went), and the rows sent to and received from each rank (host memory: the way back reads
+// them on the host without waiting for the device).
 // rows: each member's rows to send (capacity = their sum: all of them could come here).
 class AlltoallDispatchOp final : public CommOp {
  public:
@@ -103,7 +105,7 @@ class AlltoallDispatchOp final : public CommOp {
   int top_k() const { return top_k_; }
   std::string kind() const override { return "alltoall_dispatch"; }
   std::string summary() const override;
-  std::vector<std::string> output_names() const override { return {"rows", "ids", "weights", "layout"}; }
+  std::vector<std::string> output_names() const override { return {"rows", "ids", "weights", "layout", "counts"}; }
   std::vector<ValueType> infer(const Node& node, std::span<const Value* const> inputs) const override;
   Cost cost(const OpOperands& operands, int64_t tokens) const override;
   int min_inputs() const override { return 3; }
@@ -124,7 +126,7 @@ class AlltoallCombineOp final : public CommOp {
   std::vector<ValueType> infer(const Node& node, std::span<const Value* const> inputs) const override;
   std::vector<Distribution> distribute(const Node& node, std::span<const Value* const> inputs) const override;
   Cost cost(const OpOperands& operands, int64_t tokens) const override;
-  int min_inputs() const override { return 2; }
+  int min_inputs() const override { return 3; }  // rows, layout, counts
 
  private:
   int top_k_;

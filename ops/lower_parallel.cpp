@@ -201,13 +201,13 @@ class Lowering {
 
     const bool route_first = !route_after_gather(b);
     const ValueId x_share = share(map_.at(D.inputs[0]), "x");
-    ValueId rows, ids, weights, layout = -1;
+    ValueId rows, ids, weights, layout = -1, counts = -1;
     if (l_.dispatch == DispatchKind::alltoall) {
       const auto got = add(base + "_alltoall" + sfx,
                            std::make_shared<AlltoallDispatchOp>(sent, l_.ep ? E / w : 0, k),
                            {x_share, share(map_.at(D.inputs[1]), "ids"), share(map_.at(C.inputs[2]), "weights")}, c,
-                           gathered, {gathered, gathered, gathered, -1});
-      rows = got[0], ids = got[1], weights = got[2], layout = got[3];
+                           gathered, {gathered, gathered, gathered, -1, -1});
+      rows = got[0], ids = got[1], weights = got[2], layout = got[3], counts = got[4];
     } else if (route_first) {
       const auto got = add(base + "_all_gather" + sfx, std::make_shared<AllGatherRowsOp>(CommGroup::world, sent, 3),
                            {x_share, share(map_.at(D.inputs[1]), "ids"), share(map_.at(C.inputs[2]), "weights")}, c,
@@ -242,7 +242,7 @@ class Lowering {
     ValueId whole;
     if (l_.dispatch == DispatchKind::alltoall)
       whole = add(base + "_alltoall_back" + sfx, std::make_shared<AlltoallCombineOp>(sent, k),
-                  {partial, layout}, c, gathered, {my_sent})[0];
+                  {partial, layout, counts}, c, gathered, {my_sent})[0];
     else
       whole = add(base + "_reduce_scatter" + sfx, std::make_shared<ReduceScatterRowsOp>(CommGroup::world, sent),
                   {partial}, c, gathered, {my_sent})[0];

@@ -185,7 +185,8 @@ TEST(Graph, ValueReducedTwiceIsRefused) {
     const std::string msg = bad_input_message([&] {
       if (alltoall) {
         ValueId layout = b.input("layout", {Dim::of(8)}, DType::i32);
-        b.add("sum_twice", std::make_shared<AlltoallCombineOp>(std::vector<int64_t>{4, 4}, 2), {once, layout});
+        ValueId counts = b.input("counts", {Dim::of(4)}, DType::i32);
+        b.add("sum_twice", std::make_shared<AlltoallCombineOp>(std::vector<int64_t>{4, 4}, 2), {once, layout, counts});
       } else {
         b.add("sum_twice", std::make_shared<ReduceScatterRowsOp>(CommGroup::world, std::vector<int64_t>{4, 4}), {once});
       }

@@ -301,8 +301,8 @@ Exchange exchange_of(const RankFigures& f, RankSession& session, int rank, int r
       if (e.op == "all_gather") sent = static_cast<double>(mine * (members - 1)) * row_bytes;
       if (e.op == "reduce_scatter") sent = static_cast<double>(op->total_rows() - mine) * row_bytes;
       if (e.op == "alltoall_dispatch" || e.op == "alltoall_combine") {
-        const ValueId layout = e.op == "alltoall_dispatch" ? n.outputs[3] : n.inputs[1];
-        const std::vector<int32_t> counts = session.read_i32(layout, 2 * ranks);
+        const ValueId counts_value = e.op == "alltoall_dispatch" ? n.outputs[4] : n.inputs[2];
+        const std::vector<int32_t> counts = session.read_i32(counts_value, 2 * ranks);
         const Value& rows = g.value(n.inputs[0]);
         const double hidden_bytes = static_cast<double>(rows.shape().elements(1) * static_cast<int64_t>(dtype_size(rows.dtype())));
         const int offset = e.op == "alltoall_dispatch" ? 0 : ranks;  // rows sent out, or rows sent back
@@ -341,7 +341,7 @@ PointFigures measure_point(const RankRunRequest& q0, const std::string& scope, R
                           {.scope = scope, .chunks = q.chunking.chunks, .dtype = gpu ? DType::bf16 : DType::f32});
   // The exchanges' counts are read after the run: their buffers must not be reused by then.
   for (const Node& n : graph->nodes())
-    if (n.op->kind() == "alltoall_dispatch") q.plan.keep_values.push_back(graph->value(n.outputs[3]).name);
+    if (n.op->kind() == "alltoall_dispatch") q.plan.keep_values.push_back(graph->value(n.outputs[4]).name);
   auto session = make_rank_session(q, comms, graph);
   const RankFigures f = run_in_step(*session, q, all, q.layout.tokens_of(rank), 5);
   const Exchange x = exchange_of(f, *session, rank, ranks);

@@ -273,7 +273,10 @@ double CudaSession::replay(Trace* trace) { return executor_->replay(trace); }
 std::vector<int32_t> CudaSession::read_i32(ValueId v, int64_t count) {
   if (plan_.graph->value(v).dtype() != DType::i32)
     fail_input("read_i32: value '" + plan_.graph->value(v).name + "' is " + plan_.graph->value(v).type_str());
-  return to_host<int32_t>(executor_->data(v), count);
+  std::vector<int32_t> h(static_cast<std::size_t>(count));
+  // The value may live in pinned host memory (the plan's host arena): cudaMemcpyDefault reads either.
+  MOEFLOW_CUDA_CHECK(cudaMemcpy(h.data(), executor_->data(v), h.size() * 4, cudaMemcpyDefault));
+  return h;
 }
 
 std::vector<float> CudaSession::output() {

@@ -26,13 +26,11 @@ void scaled(const int64_t* row_counts, int ranks, int64_t width, std::vector<int
 
 }  // namespace
 
-int64_t exchange_layout_ints(int ranks, int64_t rows, int top_k) {
-  return 2 * static_cast<int64_t>(ranks) + rows * std::max(ranks, top_k);
-}
+int64_t exchange_sources_ints(int ranks, int64_t rows, int top_k) { return rows * std::max(ranks, top_k); }
 
 int64_t dispatch_rows(Communicator& comm, const ExpertOwners& owners, const float* x, const int32_t* ids,
                       const float* weights, int64_t rows, int hidden, int top_k, int64_t capacity, float* x_out,
-                      int32_t* ids_out, float* weights_out, int32_t* layout) {
+                      int32_t* ids_out, float* weights_out, int32_t* counts, int32_t* sources) {
   const int ranks = comm.size();
   // Which tokens go to which rank, in (rank, token) order.
   std::vector<std::vector<int64_t>> to(static_cast<std::size_t>(ranks));
@@ -64,9 +62,9 @@ int64_t dispatch_rows(Communicator& comm, const ExpertOwners& owners, const floa
     fail_resource("alltoall dispatch on rank " + std::to_string(comm.rank()) + ": " + std::to_string(total_received) +
                   " rows arrive but the receive buffer holds " + std::to_string(capacity));
   // The layout for the way back.
-  std::copy(send_rows.begin(), send_rows.end(), layout);
-  std::copy(recv_rows.begin(), recv_rows.end(), layout + ranks);
-  int32_t* source_token = layout + 2 * ranks;
+  std::copy(send_rows.begin(), send_rows.end(), counts);
+  std::copy(recv_rows.begin(), recv_rows.end(), counts + ranks);
+  int32_t* source_token = sources;
   // Pack rows, ids and weights in (rank, token) order.
   std::vector<float> x_send(static_cast<std::size_t>(total_sent * hidden)), w_send(static_cast<std::size_t>(total_sent * top_k));
   std::vector<int32_t> ids_send(static_cast<std::size_t>(total_sent * top_k));
@@ -94,15 +92,15 @@ int64_t dispatch_rows(Communicator& comm, const ExpertOwners& owners, const floa
   return total_received;
 }
 
-void combine_rows_back(Communicator& comm, const float* y, int hidden, const int32_t* layout, int64_t rows, float* out,
-                       float* staging) {
+void combine_rows_back(Communicator& comm, const float* y, int hidden, const int32_t* counts, const int32_t* sources,
+                       int64_t rows, float* out, float* staging) {
   const int ranks = comm.size();
   std::vector<int64_t> sent(static_cast<std::size_t>(ranks)), received(static_cast<std::size_t>(ranks));
   int64_t total_sent = 0;
   for (int r = 0; r < ranks; ++r) {
-    sent[static_cast<std::size_t>(r)] = layout[r];
-    received[static_cast<std::size_t>(r)] = layout[ranks + r];
-    total_sent += layout[r];
+    sent[static_cast<std::size_t>(r)] = counts[r];
+    received[static_cast<std::size_t>(r)] = counts[ranks + r];
+    total_sent += counts[r];
   }
   // The way back mirrors the way out: what this rank received goes back to where it came from.
   std::vector<int64_t> sc, so, rc, ro;
@@ -112,7 +110,7 @@ void combine_rows_back(Communicator& comm, const float* y, int hidden, const int
   // Returned rows arrive by rank, each rank's in token order: summing them in arrival order adds each
   // token's parts in rank order.
   std::fill(out, out + rows * hidden, 0.0f);
-  const int32_t* source_token = layout + 2 * ranks;
+  const int32_t* source_token = sources;
   for (int64_t i = 0; i < total_sent; ++i) {
     float* o = out + static_cast<int64_t>(source_token[i]) * hidden;
     const float* part = staging + i * hidden;

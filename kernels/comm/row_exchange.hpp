@@ -18,10 +18,11 @@ struct ExpertOwners {
   }
 };
 
-// Length of the i32 layout that dispatch_rows fills and combine_rows_back reads: the send and
-// receive counts per rank, then the source token of each row sent (at most rows · ranks of them;
-// a device transport keeps each (token, choice)'s send slot there instead: rows · top_k).
-int64_t exchange_layout_ints(int ranks, int64_t rows, int top_k);
+// What the way back needs, filled by dispatch_rows: `counts` [2 · ranks] (rows sent to, then
+// received from, each rank: host memory, read by the host) and `sources` (the source token of each
+// row sent, in send order; a device transport keeps each (token, choice)'s send slot there
+// instead). exchange_sources_ints is the length of `sources` for `rows` rows.
+int64_t exchange_sources_ints(int ranks, int64_t rows, int top_k);
 
 // Sends rows [0, rows) of x [rows, H] (ids and weights [rows, k]) to their owners. Receives into
 // x_out [capacity, H], ids_out and weights_out [capacity, k] in (source rank, token) order, and
@@ -29,12 +30,12 @@ int64_t exchange_layout_ints(int ranks, int64_t rows, int top_k);
 // rows received; throws Error(resource) when they exceed capacity, naming both.
 int64_t dispatch_rows(Communicator& comm, const ExpertOwners& owners, const float* x, const int32_t* ids,
                       const float* weights, int64_t rows, int hidden, int top_k, int64_t capacity, float* x_out,
-                      int32_t* ids_out, float* weights_out, int32_t* layout);
+                      int32_t* ids_out, float* weights_out, int32_t* counts, int32_t* sources);
 
 // Returns each received row of y [capacity, H] (in dispatch_rows' receive order) to its source, and
 // there sums the rows of each token over the ranks in rank order: out [rows, H]. `staging` holds
 // rows · size() · H floats.
-void combine_rows_back(Communicator& comm, const float* y, int hidden, const int32_t* layout, int64_t rows, float* out,
-                       float* staging);
+void combine_rows_back(Communicator& comm, const float* y, int hidden, const int32_t* counts, const int32_t* sources,
+                       int64_t rows, float* out, float* staging);
 
 }  // namespace moeflow::comm

@@ -2,7 +2,8 @@
 // (NCCL), ordered on the node's lane stream. The alltoall dispatch routes rows by destination rank
 // with the same permutation kernels as the expert dispatch (destination = owner rank, each row once
 // per rank), and needs the per-rank counts on the host (NCCL's send/receive sizes): it synchronises
-// its stream, so a plan with it is not capturable as a CUDA graph.
+// its stream once, so a plan with it is not capturable as a CUDA graph. The counts stay in pinned
+// host memory, so the way back starts without waiting for the device.
 #include <cuda_runtime.h>
 
 #include <algorithm>
@@ -157,8 +158,8 @@ void register_cuda_comm_kernels(KernelRegistry& r) {
         const int64_t rows = op.rows()[static_cast<std::size_t>(me)];
         const int64_t most = *std::max_element(op.rows().begin(), op.rows().end());
         const DispatchScratch s = dispatch_scratch(static_cast<std::byte*>(c.workspace), most, k, ranks, hidden);
-        int32_t* layout = c.out<int32_t>(3);
-        int32_t* slot_of = layout + 2 * ranks;
+        int32_t* slot_of = c.out<int32_t>(3);
+        int32_t* counts = c.out<int32_t>(4);  // pinned host memory: written here, read by the way back
         std::vector<int64_t> sent(static_cast<std::size_t>(ranks), 0);
         if (rows > 0) {
           cuda::owner_ranks(c.in<int32_t>(1), rows, k, op.experts_per_rank(), s.dest, stream);
@@ -208,11 +209,9 @@ void register_cuda_comm_kernels(KernelRegistry& r) {
                                            static_cast<std::size_t>(4 * (cap - total_received) * k), stream));
         MOEFLOW_CUDA_CHECK(cudaMemsetAsync(c.out<float>(2) + total_received * k, 0,
                                            static_cast<std::size_t>(4 * (cap - total_received) * k), stream));
-        // The counts, for the way back (synchronous: the host vectors end here).
-        std::vector<int32_t> counts(send32);
-        counts.insert(counts.end(), recv32.begin(), recv32.end());
-        MOEFLOW_CUDA_CHECK(cudaMemcpyAsync(layout, counts.data(), 4 * counts.size(), cudaMemcpyHostToDevice, stream));
-        MOEFLOW_CUDA_CHECK(cudaStreamSynchronize(stream));
+        // The counts, for the way back: host memory, so it never waits for the device to read them.
+        std::copy(send32.begin(), send32.end(), counts);
+        std::copy(recv32.begin(), recv32.end(), counts + ranks);
       },
       [](const Graph& gr, const Node& n, int64_t) {
         const auto& op = static_cast<const AlltoallDispatchOp&>(*n.op);
@@ -233,19 +232,17 @@ void register_cuda_comm_kernels(KernelRegistry& r) {
         const cudaStream_t stream = lane_of(c).stream;
         const int ranks = g.size(), me = g.rank();
         const int hidden = static_cast<int>(width_of(c.input_value(0)));
-        const int32_t* layout = c.in<int32_t>(1);
+        const int32_t* slot_of = c.in<int32_t>(1);
+        const int32_t* counts = c.in<int32_t>(2);  // host memory, written by the dispatch on the host
         const int64_t rows = op.rows()[static_cast<std::size_t>(me)];
-        std::vector<int32_t> counts(static_cast<std::size_t>(2 * ranks));
-        MOEFLOW_CUDA_CHECK(cudaMemcpyAsync(counts.data(), layout, 4 * counts.size(), cudaMemcpyDeviceToHost, stream));
-        MOEFLOW_CUDA_CHECK(cudaStreamSynchronize(stream));
-        std::vector<int64_t> sent(counts.begin(), counts.begin() + ranks), received(counts.begin() + ranks, counts.end());
+        std::vector<int64_t> sent(counts, counts + ranks), received(counts + ranks, counts + 2 * ranks);
         std::vector<int64_t> sc, so, rc, ro;
         scaled(received, hidden, sc, so);  // back where each row came from
         scaled(sent, hidden, rc, ro);
         auto* staging = static_cast<uint16_t*>(c.workspace);
         g.all_to_all_v(c.inputs[0], sc.data(), so.data(), staging, rc.data(), ro.data(), comm::Element::bf16);
         if (rows > 0)
-          cuda::combine_rows(staging, layout + 2 * ranks, nullptr, rows, op.top_k(), hidden, c.out<uint16_t>(0), stream);
+          cuda::combine_rows(staging, slot_of, nullptr, rows, op.top_k(), hidden, c.out<uint16_t>(0), stream);
       },
       [](const Graph& gr, const Node& n, int64_t) {
         const auto& op = static_cast<const AlltoallCombineOp&>(*n.op);

@@ -33,7 +33,8 @@ struct CudaExecutor::State {
   int64_t captured_tokens = 0;
 };
 
-CudaExecutor::CudaExecutor(const Plan& plan) : plan_(plan), s_(std::make_unique<State>()) {
+CudaExecutor::CudaExecutor(const Plan& plan, const CommGroups* comm)
+    : plan_(plan), comm_(comm), s_(std::make_unique<State>()) {
   if (plan.options.backend != Backend::cuda) fail_input("CudaExecutor: the plan was made for the cpu backend");
   State& s = *s_;
   s.device = plan.options.device;
@@ -144,7 +145,8 @@ void CudaExecutor::issue(const DeviceArena& inputs, const DeviceArena& weights, 
     if (const int64_t rows = g.tokens_of(n, tokens); rows > 0)
       step.kernel->run(KernelCall{g, n, in, out, rows, &lane,
                                   step.workspace_bytes ? s.workspace->base() + step.workspace_offset : nullptr,
-                                  step.host_workspace_bytes ? s.host->base() + step.host_workspace_offset : nullptr});
+                                  step.host_workspace_bytes ? s.host->base() + step.host_workspace_offset : nullptr,
+                                  comm_});
     if (timing == NodeTiming::events) MOEFLOW_CUDA_CHECK(cudaEventRecord(s.node_end[i], lane.stream));
     if (timing == NodeTiming::stamps) cuda::record_global_time(s.stamps + 2 * i + 1, lane.stream);
     if (s.needs_done[i]) MOEFLOW_CUDA_CHECK(cudaEventRecord(s.done[i], lane.stream));

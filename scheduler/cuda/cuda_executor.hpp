@@ -16,7 +16,8 @@ namespace moeflow {
 class CudaExecutor {
  public:
   // Checks free device memory for the workspace, pinned host scratch and cuBLAS workspaces first.
-  explicit CudaExecutor(const Plan& plan);
+  // `comm`: this rank's communicators when the plan's graph was lowered for several ranks.
+  explicit CudaExecutor(const Plan& plan, const CommGroups* comm = nullptr);
   ~CudaExecutor();
   CudaExecutor(const CudaExecutor&) = delete;
   CudaExecutor& operator=(const CudaExecutor&) = delete;
@@ -46,6 +47,7 @@ class CudaExecutor {
   void fill_trace(Trace& trace, int64_t tokens, const std::vector<double>& start_us, const std::vector<double>& end_us) const;
   void check_device_flags();
   const Plan& plan_;
+  const CommGroups* comm_;
   std::unique_ptr<State> s_;
 };
 

@@ -57,7 +57,7 @@ RankData data_of(int r, int experts) {
 
 struct Exchanged {
   std::vector<float> x, w, out;
-  std::vector<int32_t> ids, layout;
+  std::vector<int32_t> ids, counts, sources;
   int64_t received = 0;
 };
 
@@ -72,10 +72,11 @@ Exchanged exchange(comm::Communicator& world, const RankData& d) {
   e.x.assign(static_cast<std::size_t>(capacity * kHidden), -1.0f);
   e.ids.assign(static_cast<std::size_t>(capacity * kTopK), 7);
   e.w.assign(static_cast<std::size_t>(capacity * kTopK), -1.0f);
-  e.layout.assign(static_cast<std::size_t>(comm::exchange_layout_ints(ranks, rows, kTopK)), 0);
+  e.counts.assign(static_cast<std::size_t>(2 * ranks), 0);
+  e.sources.assign(static_cast<std::size_t>(std::max<int64_t>(1, comm::exchange_sources_ints(ranks, rows, kTopK))), 0);
   const comm::ExpertOwners owners{kExpertsPerRank};
   e.received = comm::dispatch_rows(world, owners, d.x.data(), d.ids.data(), d.w.data(), rows, kHidden, kTopK, capacity,
-                                   e.x.data(), e.ids.data(), e.w.data(), e.layout.data());
+                                   e.x.data(), e.ids.data(), e.w.data(), e.counts.data(), e.sources.data());
   std::vector<float> y(e.x.size(), 0.0f);
   for (int64_t i = 0; i < e.received; ++i) {
     float scale = 0.0f;
@@ -85,7 +86,7 @@ Exchanged exchange(comm::Communicator& world, const RankData& d) {
   }
   e.out.assign(static_cast<std::size_t>(std::max<int64_t>(rows, 1) * kHidden), 0.0f);
   std::vector<float> staging(static_cast<std::size_t>(std::max<int64_t>(rows, 1) * ranks * kHidden));
-  comm::combine_rows_back(world, y.data(), kHidden, e.layout.data(), rows, e.out.data(), staging.data());
+  comm::combine_rows_back(world, y.data(), kHidden, e.counts.data(), e.sources.data(), rows, e.out.data(), staging.data());
   return e;
 }
 
@@ -146,7 +147,7 @@ TEST(AlltoallExchange, ReceivedCountsMatchTheAllGatheredRouting) {
       expected += mine ? 1 : 0;
     }
     at += tokens_of(r) * kTopK;
-    EXPECT_EQ(e.layout[static_cast<std::size_t>(ranks + r)], expected) << "rows from rank " << r;
+    EXPECT_EQ(e.counts[static_cast<std::size_t>(ranks + r)], expected) << "rows from rank " << r;
     expected_total += expected;
   }
   EXPECT_EQ(e.received, expected_total);
@@ -168,5 +169,6 @@ TEST(AlltoallExchange, IdentityExpertsReturnXTimesTheSumOfWeightsAndRerunsAreIde
   }
   const Exchanged again = exchange(*world, d);
   EXPECT_EQ(0, std::memcmp(first.out.data(), again.out.data(), sizeof(float) * first.out.size()));
-  EXPECT_EQ(first.layout, again.layout);
+  EXPECT_EQ(first.counts, again.counts);
+  EXPECT_EQ(first.sources, again.sources);
 }
