@@ -391,7 +391,6 @@ int bench_ranks(const RankBenchRequest& b) {
   }
   ParallelLayout first = b.base.layout;
   RankComms comms = make_rank_comms(std::move(world), first);
-  comm::Communicator& all = *comms.world;
   std::ofstream json;
   if (rank == 0 && !b.json.empty()) {
     json.open(b.json);
