@@ -8,7 +8,7 @@
 namespace moeflow {
 
 int64_t CpuSession::bytes_needed(const Plan& plan) {
-  return plan.bytes(Arena::weights) + plan.bytes(Arena::inputs) + plan.bytes(Arena::workspace);
+  return plan.bytes(Arena::weights) + plan.bytes(Arena::inputs) + plan.bytes(Arena::workspace) + plan.bytes(Arena::host);
 }
 
 CpuSession::CpuSession(std::shared_ptr<const Graph> graph, const SessionOptions& options,

@@ -34,7 +34,7 @@ struct CpuExecutor::FlowGraph {
 };
 
 CpuExecutor::CpuExecutor(const Plan& plan, int threads, const CommGroups* comm)
-    : plan_(plan), threads_(threads), comm_(comm), workspace_(plan, Arena::workspace) {
+    : plan_(plan), threads_(threads), comm_(comm), workspace_(plan, Arena::workspace), host_(plan, Arena::host) {
   if (plan.options.backend != Backend::cpu) fail_input("CpuExecutor: the plan was made for the cuda backend");
   if (threads <= 0) fail_input("--threads must be > 0, got " + std::to_string(threads));
   flow_ = std::make_unique<FlowGraph>(threads);
@@ -55,9 +55,9 @@ CpuExecutor::CpuExecutor(const Plan& plan, int threads, const CommGroups* comm)
               const Value& val = g.value(v);
               in.push_back(val.role == ValueRole::weight ? fl.weights->data(v)
                            : val.role == ValueRole::input ? fl.inputs->data(v)
-                                                          : workspace_.data(v));
+                                                          : activation(v));
             }
-            for (ValueId v : n.outputs) out.push_back(workspace_.data(v));
+            for (ValueId v : n.outputs) out.push_back(activation(v));
             const auto t0 = Clock::now();
             try {
               // A chunk the run's tokens do not reach has no rows: it runs and produces nothing.
@@ -105,6 +105,10 @@ CpuExecutor::CpuExecutor(const Plan& plan, int threads, const CommGroups* comm)
 
 CpuExecutor::~CpuExecutor() = default;
 
+void* CpuExecutor::activation(ValueId v) const {
+  return plan_.buffer(v).arena == Arena::host ? host_.data(v) : workspace_.data(v);
+}
+
 void CpuExecutor::run(const HostArena& inputs, const HostArena& weights, int64_t tokens, Trace* trace) {
   const Graph& g = *plan_.graph;
   if (tokens <= 0 || tokens > g.max_tokens())
@@ -133,7 +137,7 @@ void CpuExecutor::run(const HostArena& inputs, const HostArena& weights, int64_t
 }
 
 const float* CpuExecutor::output(std::size_t i) const {
-  return static_cast<const float*>(workspace_.data(plan_.graph->outputs().at(i)));
+  return static_cast<const float*>(activation(plan_.graph->outputs().at(i)));
 }
 
 }  // namespace moeflow

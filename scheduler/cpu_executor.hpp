@@ -23,7 +23,7 @@ class CpuExecutor {
   void run(const HostArena& inputs, const HostArena& weights, int64_t tokens, Trace* trace = nullptr);
 
   // A value of the last run (activations live in the workspace).
-  const void* data(ValueId v) const { return workspace_.data(v); }
+  const void* data(ValueId v) const { return activation(v); }
   const float* output(std::size_t i = 0) const;
   int threads() const { return threads_; }
 
@@ -33,6 +33,8 @@ class CpuExecutor {
   int threads_;
   const CommGroups* comm_;
   HostArena workspace_;
+  HostArena host_;  // values the plan keeps in host memory on every backend (Arena::host)
+  void* activation(ValueId v) const;
   std::unique_ptr<FlowGraph> flow_;
 };
 

@@ -47,7 +47,7 @@ void lay_out_buffers(Plan& plan) {
     b.value = v.id;
     b.arena = v.role == ValueRole::weight  ? Arena::weights
               : v.role == ValueRole::input ? Arena::inputs
-              : v.type->host_memory && plan.options.backend == Backend::cuda ? Arena::host
+              : v.type->host_memory        ? Arena::host
                                            : Arena::workspace;
     b.bytes = v.bytes(v.tokens_in(g.max_tokens()));
     b.offset = plan.arena_bytes[b.arena];
