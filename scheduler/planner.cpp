@@ -1,4 +1,5 @@
 // make_plan: kernel selection, lane assignment and issue order, buffer layout.
+#include <limits>
 #include <algorithm>
 #include <cmath>
 #include <sstream>
@@ -104,6 +105,9 @@ void schedule_serial(Plan& plan, std::vector<PlanStep>& by_node) {
 // finishes last when that predecessor is still the lane's tail (no wait needed); otherwise it opens a
 // lane while fewer than max_lanes exist, or takes the lane that frees up first. Nodes marked
 // `in_line` never open a lane: they follow their latest predecessor's lane (lane 0 without one).
+// Communication between ranks gets a lane of its own, opened when the first such node is placed
+// and used by no other node: it moves bytes over the link, so compute of other chunks and branches
+// can run beside it (the two-micro-batch schedule), and it never counts against max_lanes.
 // Returns, per lane, its nodes in placement order.
 std::vector<std::vector<NodeId>> schedule_lanes(Plan& plan, std::vector<PlanStep>& by_node,
                                                 const std::vector<bool>& in_line) {
@@ -116,6 +120,7 @@ std::vector<std::vector<NodeId>> schedule_lanes(Plan& plan, std::vector<PlanStep
   std::vector<NodeId> lane_tail;      // last node on each lane
   std::vector<double> lane_free;      // when each lane's last node finishes
   std::vector<std::vector<NodeId>> lane_nodes;
+  int comm_lane = -1;
   plan.lanes.clear();
 
   for (std::size_t done = 0; done < count; ++done) {
@@ -138,17 +143,33 @@ std::vector<std::vector<NodeId>> schedule_lanes(Plan& plan, std::vector<PlanStep
 
     int lane = -1;
     double latest_pred = -1.0;
+    const bool communicates = g.node(best).op->communicates();
+    if (communicates && comm_lane < 0) {
+      comm_lane = static_cast<int>(lane_tail.size());
+      lane_tail.push_back(kNoNode);
+      lane_free.push_back(0.0);
+      lane_nodes.emplace_back();
+      plan.lanes.push_back({"lane" + std::to_string(comm_lane) + " (communication)",
+                            "communication between ranks, in the one order every rank enters it, on a lane of its own: "
+                            "it moves bytes over the link, so compute beside it proceeds"});
+    }
+    if (communicates) lane = comm_lane;
     for (NodeId p : preds) {
+      if (communicates) break;
       const int pl = by_node[static_cast<std::size_t>(p)].lane;
+      if (pl == comm_lane) continue;  // compute never continues the communication lane
       if (lane_tail[static_cast<std::size_t>(pl)] == p && finish[static_cast<std::size_t>(p)] > latest_pred) {
         lane = pl;
         latest_pred = finish[static_cast<std::size_t>(p)];
       }
     }
-    const bool may_open = !in_line[static_cast<std::size_t>(best)] || lane_tail.empty();
+    const int compute_lanes = static_cast<int>(lane_tail.size()) - (comm_lane >= 0 ? 1 : 0);
+    const bool may_open = !in_line[static_cast<std::size_t>(best)] || compute_lanes == 0;
     if (lane < 0 && !may_open) {
-      lane = latest == kNoNode ? 0 : by_node[static_cast<std::size_t>(latest)].lane;
-    } else if (lane < 0 && static_cast<int>(lane_tail.size()) < plan.options.max_lanes) {
+      lane = latest == kNoNode || by_node[static_cast<std::size_t>(latest)].lane == comm_lane
+                 ? (comm_lane == 0 ? 1 : 0)
+                 : by_node[static_cast<std::size_t>(latest)].lane;
+    } else if (lane < 0 && compute_lanes < plan.options.max_lanes) {
       lane = static_cast<int>(lane_tail.size());
       lane_tail.push_back(kNoNode);
       lane_free.push_back(0.0);
@@ -164,7 +185,12 @@ std::vector<std::vector<NodeId>> schedule_lanes(Plan& plan, std::vector<PlanStep
                                   micros(critical) + " on the critical path)"});
       }
     } else if (lane < 0) {
-      lane = static_cast<int>(std::min_element(lane_free.begin(), lane_free.end()) - lane_free.begin());
+      double earliest = std::numeric_limits<double>::infinity();
+      for (int l = 0; l < static_cast<int>(lane_free.size()); ++l)
+        if (l != comm_lane && lane_free[static_cast<std::size_t>(l)] < earliest) {
+          earliest = lane_free[static_cast<std::size_t>(l)];
+          lane = l;
+        }
     }
     PlanStep& s = by_node[static_cast<std::size_t>(best)];
     s.lane = lane;
@@ -188,7 +214,9 @@ double contended_makespan(const Plan& plan, const std::vector<PlanStep>& by_node
   if (!plan.options.rates.kernels_fill_machine) return plan.predicted_makespan_s;
   double work = 0.0;
   std::vector<double> overhead(plan.lanes.size(), 0.0);
+  const Graph& g = *plan.graph;
   for (const PlanStep& s : by_node) {
+    if (g.node(s.node).op->communicates()) continue;  // the link, not a ceiling compute shares
     work += s.work_s;
     overhead[static_cast<std::size_t>(s.lane)] += s.predicted_s - s.work_s;
   }
@@ -217,7 +245,10 @@ void schedule_concurrent(Plan& plan, std::vector<PlanStep>& by_node) {
     // costs too little to keep it.
     std::vector<double> folded(lane_nodes.size(), 0.0);
     int fold = -1;
+    const Graph& g = *plan.graph;
+    auto is_comm_lane = [&](std::size_t l) { return g.node(lane_nodes[l].front()).op->communicates(); };
     for (std::size_t l = 1; l < lane_nodes.size(); ++l) {
+      if (is_comm_lane(l)) continue;  // communication keeps its lane (schedule_lanes)
       Plan trial;
       trial.graph = plan.graph;
       trial.options = plan.options;
@@ -231,7 +262,8 @@ void schedule_concurrent(Plan& plan, std::vector<PlanStep>& by_node) {
     }
     if (fold < 0) {
       for (std::size_t l = 1; l < lane_nodes.size(); ++l)
-        plan.lanes[l].why += "; overlap pays: predicted " + micros(with_lanes) + " with this lane vs " +
+        if (!is_comm_lane(l))
+          plan.lanes[l].why += "; overlap pays: predicted " + micros(with_lanes) + " with this lane vs " +
                              micros(folded[l]) + " with its branch in line" +
                              (plan.options.rates.kernels_fill_machine
                                   ? " (launch overheads hide behind each other)"
@@ -240,7 +272,6 @@ void schedule_concurrent(Plan& plan, std::vector<PlanStep>& by_node) {
       return;
     }
     const double fold_makespan = folded[static_cast<std::size_t>(fold)];
-    const Graph& g = *plan.graph;
     const NodeId head = lane_nodes[static_cast<std::size_t>(fold)].front();
     // A lane that only appeared because an earlier branch was folded in front of it needs no note.
     if (std::find(first_heads.begin() + 1, first_heads.end(), head) != first_heads.end())
