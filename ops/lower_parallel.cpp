@@ -63,6 +63,14 @@ class Lowering {
     std::set<NodeId> skipped;
     std::set<ValueId> expert_weights;
     for (const Block& b : blocks) {
+      const auto& xop = static_cast<const ExpertsOp&>(*g_.node(b.experts).op);
+      const int w = l_.world();
+      if (l_.ep && xop.experts() % w != 0)
+        fail_input("lower_parallel: node '" + g_.node(b.experts).name + "' has " + std::to_string(xop.experts()) +
+                   " experts, which do not divide over " + std::to_string(w) + " ranks (--ep)");
+      if (!l_.ep && xop.intermediate() % w != 0)
+        fail_input("lower_parallel: node '" + g_.node(b.experts).name + "' has intermediate size " +
+                   std::to_string(xop.intermediate()) + ", which does not divide over " + std::to_string(w) + " ranks");
       block_at[b.dispatch] = &b;
       skipped.insert({b.experts, b.combine});
       const Node& x = g_.node(b.experts);
