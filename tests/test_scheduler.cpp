@@ -14,6 +14,7 @@
 #include "graph/chunk.hpp"
 #include "graph/dot.hpp"
 #include "graph/error.hpp"
+#include "ops/lower_parallel.hpp"
 #include "ops/moe_layer.hpp"
 #include "scheduler/cpu_executor.hpp"
 
@@ -315,11 +316,19 @@ TEST(Plan, GoldenDotFiles) {
   // Two chunks: lanes as clusters, chunk indices and the cross-lane waits of a pipelined plan.
   auto chunked = std::make_shared<const Graph>(chunk_tokens(*g, {.chunks = 2}));
   make_plan(chunked, concurrent_options()).write_dot(chunked_dot);
+  // Rank 1 of two (expert parallel, alltoall, uneven tokens), chunked: communication nodes with the
+  // bytes they move, chained in one order, on a lane of their own.
+  ParallelLayout layout{.dp = 2, .tp = 1, .ep = true, .dispatch = DispatchKind::alltoall, .tokens = {64, 40}};
+  auto rank1 = std::make_shared<const Graph>(lower_parallel(*chunked, layout, 1));
+  std::ostringstream rank1_dot;
+  make_plan(rank1, concurrent_options()).write_dot(rank1_dot);
   const std::pair<std::string, std::string> files[] = {
       {"qwen2_moe_small.graph.dot", graph_dot(*g)},
       {"qwen2_moe_small.plan_concurrent.dot", plan_dot.str()},
       {"qwen2_moe_small_2chunks.graph.dot", graph_dot(*chunked)},
-      {"qwen2_moe_small_2chunks.plan_concurrent.dot", chunked_dot.str()}};
+      {"qwen2_moe_small_2chunks.plan_concurrent.dot", chunked_dot.str()},
+      {"qwen2_moe_small_2chunks_ep2_rank1.graph.dot", graph_dot(*rank1)},
+      {"qwen2_moe_small_2chunks_ep2_rank1.plan_concurrent.dot", rank1_dot.str()}};
   for (const auto& [name, text] : files) {
     const std::string path = std::string(MOEFLOW_SOURCE_DIR) + "/tests/golden/" + name;
     if (std::getenv("MOEFLOW_UPDATE_GOLDEN")) std::ofstream(path) << text;
