@@ -13,7 +13,11 @@
 #include "bench/cuda/multi_rank_cuda.hpp"
 #include "kernels/cuda/device.hpp"
 #endif
+#include "graph/chunk.hpp"
+#include "graph/dot.hpp"
 #include "graph/error.hpp"
+#include "kernels/common/random.hpp"
+#include "ops/moe_layer.hpp"
 
 namespace moeflow::cli {
 
@@ -22,8 +26,11 @@ namespace {
 // What every rank must agree on before the first collective: a rank given other flags would enter
 // other collectives, or the same ones with other sizes, and hang or corrupt the others.
 std::string agreed_text(const RankRunRequest& q) {
+  // The one-process graph every rank lowers, as its DOT's hash: the same flags must build the same graph.
+  Graph g = build_scope_graph(q.config, q.scope, {.max_tokens = q.layout.max_tokens()});
+  if (q.chunking.chunks > 0 || q.chunking.chunk_tokens > 0) g = chunk_tokens(g, q.chunking);
   std::ostringstream o;
-  o << q.config.fields.dump() << " | scope " << q.scope << " | chunks " << q.chunking.chunks << "/"
+  o << "graph " << std::hex << rng::name_key(graph_dot(g)) << std::dec << " | " << q.config.fields.dump() << " | scope " << q.scope << " | chunks " << q.chunking.chunks << "/"
     << q.chunking.chunk_tokens << " | plan " << q.plan_name << " | " << q.layout.str() << " | seed " << q.seed
     << " | warmup " << q.warmup << " runs " << q.runs << " sets " << q.input_sets << " check " << q.check;
   return o.str();
@@ -53,7 +60,20 @@ class RankSession {
   virtual const Graph& graph() const = 0;
 };
 
-class CpuRankSession final : public RankSession {
+// What both backends' sessions do alike.
+template <class Session>
+class SessionRank : public RankSession {
+ public:
+  void set_tokens(int64_t tokens, int sets) override { session_->set_tokens(tokens, sets); }
+  void use_input_set(int set) override { session_->use_input_set(set); }
+  double run(Trace* trace) override { return session_->run(trace); }
+  const Graph& graph() const override { return session_->graph(); }
+
+ protected:
+  std::unique_ptr<Session> session_;
+};
+
+class CpuRankSession final : public SessionRank<CpuSession> {
  public:
   CpuRankSession(const RankRunRequest& q, RankComms& comms, std::shared_ptr<const Graph> graph) : q_(q), comms_(comms) {
     SessionOptions o;
@@ -63,9 +83,6 @@ class CpuRankSession final : public RankSession {
     o.comm = &comms.groups;
     session_ = std::make_unique<CpuSession>(std::move(graph), o);
   }
-  void set_tokens(int64_t tokens, int sets) override { session_->set_tokens(tokens, sets); }
-  void use_input_set(int set) override { session_->use_input_set(set); }
-  double run(Trace* trace) override { return session_->run(trace); }
   std::vector<float> output() override {
     const int64_t n = session_->tokens() * q_.config.hidden;
     return std::vector<float>(session_->output(), session_->output() + n);
@@ -80,16 +97,14 @@ class CpuRankSession final : public RankSession {
   double time_alltoall(int64_t bytes, int reps) override { return time_host_alltoall(*comms_.world, bytes, reps); }
   std::string device() const override { return cpu_name(q_.threads); }
   double tolerance() const override { return 1e-5; }
-  const Graph& graph() const override { return session_->graph(); }
 
  private:
   const RankRunRequest& q_;
   RankComms& comms_;
-  std::unique_ptr<CpuSession> session_;
 };
 
 #ifdef MOEFLOW_HAVE_CUDA
-class CudaRankSession final : public RankSession {
+class CudaRankSession final : public SessionRank<CudaSession> {
  public:
   CudaRankSession(const RankRunRequest& q, RankComms& comms, std::shared_ptr<const Graph> graph)
       : q_(q), comms_(comms), device_(rank_device()), nccl_(make_device_comms(comms, device_)) {
@@ -100,9 +115,8 @@ class CudaRankSession final : public RankSession {
     o.comm = &nccl_.groups;
     session_ = std::make_unique<CudaSession>(std::move(graph), o);
   }
-  void set_tokens(int64_t tokens, int sets) override { session_->set_tokens(tokens, sets); }
-  void use_input_set(int set) override { session_->use_input_set(set); }
-  double run(Trace* trace) override { return session_->run(trace); }
+  // The session (its streams and buffers) goes before the NCCL communicators it ran on.
+  ~CudaRankSession() override { session_.reset(); }
   std::vector<float> output() override { return session_->output(); }
   CheckReport check(int rank) override {
     return check_rank_output_cuda(session_->output(), q_.config, q_.layout, rank, q_.scope, q_.seed, device_, tolerance());
@@ -113,14 +127,12 @@ class CudaRankSession final : public RankSession {
   }
   std::string device() const override { return cuda::device_name(device_); }
   double tolerance() const override { return 1e-2; }
-  const Graph& graph() const override { return session_->graph(); }
 
  private:
   const RankRunRequest& q_;
   RankComms& comms_;
   int device_;
   DeviceComms nccl_;
-  std::unique_ptr<CudaSession> session_;
 };
 #endif
 
