@@ -34,11 +34,6 @@ void require_token_rows(const Node& n, const Value& v) {
 // Elements per token row of a [T, ...] value.
 int64_t row_width(const Value& v) { return v.shape().elements(1); }
 
-comm::Element element_of(const Value& v) {
-  if (v.dtype() == DType::i32) return comm::Element::i32;
-  if (v.dtype() == DType::f32) return comm::Element::f32;
-  fail_input("value '" + v.name + "' is " + v.type_str() + ": the host transport moves f32 and i32 only");
-}
 
 void require_partial(const Node& n, const Value& v) {
   if (v.type && v.type->dist.kind != Distribution::Kind::partial)
@@ -162,14 +157,23 @@ Cost AlltoallCombineOp::cost(const OpOperands& ops, int64_t) const {
   return {0.0, static_cast<double>(total_rows()) * row_bytes(*ops.inputs[0])};
 }
 
-namespace {
+comm::Element element_of(const Value& v) {
+  switch (v.dtype()) {
+    case DType::i32: return comm::Element::i32;
+    case DType::bf16: return comm::Element::bf16;  // device transports only; MPI refuses it by name
+    case DType::f32: return comm::Element::f32;
+  }
+  fail_input("value '" + v.name + "' is " + v.type_str() + ": no transport moves that type");
+}
 
-const CommGroups& groups(const KernelCall& c) {
+comm::Communicator& group_of(const KernelCall& c, CommGroup group) {
   if (!c.comm)
     fail_input("node '" + c.node.name + "' (" + c.node.op->kind() +
                ") moves rows between ranks, but this run has no communicators (start it under mpirun with --dp/--tp)");
-  return *c.comm;
+  return c.comm->get(group, c.node.name);
 }
+
+namespace {
 
 int member(const KernelCall& c, comm::Communicator& group, const CommOp& op) {
   if (static_cast<int>(op.rows().size()) != group.size())
@@ -199,7 +203,7 @@ void register_comm_kernels(KernelRegistry& r) {
   r.add({"all_gather", Backend::cpu, "host.all_gather_v", 0,
          host_transport("the communicator's all-gather-v (MPI_Allgatherv) per value, rows packed in rank order"), [](const KernelCall& c) {
            const auto& op = static_cast<const AllGatherRowsOp&>(*c.node.op);
-           comm::Communicator& g = groups(c).get(op.group(), c.node.name);
+           comm::Communicator& g = group_of(c, op.group());
            member(c, g, op);
            for (std::size_t i = 0; i < c.inputs.size(); ++i) {
              const Value& v = c.input_value(i);
@@ -212,7 +216,7 @@ void register_comm_kernels(KernelRegistry& r) {
   r.add({"reduce_scatter", Backend::cpu, "host.reduce_scatter_v", 0,
          host_transport("the communicator's reduce-scatter (MPI_Reduce_scatter, sum): the Partial paid once"), [](const KernelCall& c) {
            const auto& op = static_cast<const ReduceScatterRowsOp&>(*c.node.op);
-           comm::Communicator& g = groups(c).get(op.group(), c.node.name);
+           comm::Communicator& g = group_of(c, op.group());
            member(c, g, op);
            std::vector<int64_t> counts;
            for (int64_t rows : op.rows()) counts.push_back(rows * row_width(c.input_value(0)));
@@ -222,7 +226,7 @@ void register_comm_kernels(KernelRegistry& r) {
   r.add({"alltoall_dispatch", Backend::cpu, "host.alltoall_v", 0,
          host_transport("counts exchanged, then rows, ids and weights by all-to-all-v to their experts' ranks"), [](const KernelCall& c) {
            const auto& op = static_cast<const AlltoallDispatchOp&>(*c.node.op);
-           comm::Communicator& g = groups(c).get(op.group(), c.node.name);
+           comm::Communicator& g = group_of(c, op.group());
            const int me = member(c, g, op);
            const int hidden = static_cast<int>(row_width(c.input_value(0)));
            comm::dispatch_rows(g, {op.experts_per_rank()}, c.in<float>(0), c.in<int32_t>(1), c.in<float>(2),
@@ -234,7 +238,7 @@ void register_comm_kernels(KernelRegistry& r) {
          host_transport("all-to-all-v back to the sources, each token's parts summed there in rank order"),
          [](const KernelCall& c) {
            const auto& op = static_cast<const AlltoallCombineOp&>(*c.node.op);
-           comm::Communicator& g = groups(c).get(op.group(), c.node.name);
+           comm::Communicator& g = group_of(c, op.group());
            const int me = member(c, g, op);
            comm::combine_rows_back(g, c.in<float>(0), static_cast<int>(row_width(c.input_value(0))), c.in<int32_t>(2),
                                    c.in<int32_t>(1), op.rows()[static_cast<std::size_t>(me)], c.out<float>(0),

@@ -13,7 +13,9 @@ namespace moeflow {
 
 namespace comm {
 class Communicator;
+enum class Element;
 }
+struct KernelCall;
 
 enum class CommGroup { world, tp };
 const char* to_string(CommGroup g);
@@ -24,6 +26,11 @@ struct CommGroups {
   comm::Communicator* tp = nullptr;
   comm::Communicator& get(CommGroup g, const std::string& node) const;
 };
+
+// A communication node's group communicator (Error(bad_input) naming the node when the run has
+// none), and the transport element type of a value's dtype.
+comm::Communicator& group_of(const KernelCall& call, CommGroup group);
+comm::Element element_of(const Value& value);
 
 // Rows [first, first + count) of a token-indexed value, whatever else it holds (a TP rank's
 // sequence-parallel slice of its tokens).

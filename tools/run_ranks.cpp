@@ -284,11 +284,17 @@ struct Exchange {
   double dispatch_bytes = 0, combine_bytes = 0;  // this rank sent to other ranks
 };
 
-bool dispatch_side(const std::string& op, const std::string& name) {
-  return op == "take_rows" || op == "alltoall_dispatch" || (op == "all_gather" && name.find("_tp_gather") == std::string::npos);
+// The rows going out (a TP share, the world gather, the alltoall), or the sums coming back (the
+// reduce-scatter, the alltoall's way back, the TP group's gather).
+bool dispatch_side(const Node& n) {
+  const std::string op = n.op->kind();
+  const auto* gather = dynamic_cast<const AllGatherRowsOp*>(n.op.get());
+  return op == "take_rows" || op == "alltoall_dispatch" || (gather && gather->group() == CommGroup::world);
 }
-bool combine_side(const std::string& op, const std::string& name) {
-  return op == "reduce_scatter" || op == "alltoall_combine" || (op == "all_gather" && name.find("_tp_gather") != std::string::npos);
+bool combine_side(const Node& n) {
+  const std::string op = n.op->kind();
+  const auto* gather = dynamic_cast<const AllGatherRowsOp*>(n.op.get());
+  return op == "reduce_scatter" || op == "alltoall_combine" || (gather && gather->group() == CommGroup::tp);
 }
 
 Exchange exchange_of(const RankFigures& f, RankSession& session, int rank, int ranks) {
@@ -323,10 +329,10 @@ Exchange exchange_of(const RankFigures& f, RankSession& session, int rank, int r
           if (r != rank) sent += counts[static_cast<std::size_t>(offset + r)] * per_row;
       }
     }
-    if (dispatch_side(e.op, e.name)) {
+    if (dispatch_side(n)) {
       x.dispatch_us += us;
       x.dispatch_bytes += sent;
-    } else if (combine_side(e.op, e.name)) {
+    } else if (combine_side(n)) {
       x.combine_us += us;
       x.combine_bytes += sent;
     } else {

@@ -9,22 +9,25 @@
 
 namespace moeflow::comm {
 
-namespace {
-
-// Element counts and offsets for rows of `width` elements, from per-rank row counts.
-void scaled(const int64_t* row_counts, int ranks, int64_t width, std::vector<int64_t>& counts,
-            std::vector<int64_t>& offsets) {
-  counts.assign(static_cast<std::size_t>(ranks), 0);
-  offsets.assign(static_cast<std::size_t>(ranks), 0);
+RowBlocks row_blocks(const std::vector<int64_t>& rows, int64_t width) {
+  RowBlocks b;
   int64_t at = 0;
-  for (int r = 0; r < ranks; ++r) {
-    counts[static_cast<std::size_t>(r)] = row_counts[r] * width;
-    offsets[static_cast<std::size_t>(r)] = at;
-    at += row_counts[r] * width;
+  for (int64_t r : rows) {
+    b.counts.push_back(r * width);
+    b.offsets.push_back(at);
+    at += r * width;
   }
+  return b;
 }
 
-}  // namespace
+std::vector<int64_t> exchange_counts(Communicator& comm, const std::vector<int64_t>& send) {
+  const auto n = static_cast<std::size_t>(comm.size());
+  std::vector<int32_t> mine(send.begin(), send.end()), theirs(n);
+  std::vector<int64_t> ones(n, 1), at(n);
+  for (std::size_t r = 0; r < n; ++r) at[r] = static_cast<int64_t>(r);
+  comm.all_to_all_v(mine.data(), ones.data(), at.data(), theirs.data(), ones.data(), at.data(), Element::i32);
+  return std::vector<int64_t>(theirs.begin(), theirs.end());
+}
 
 int64_t exchange_sources_ints(int ranks, int64_t rows, int top_k) { return rows * std::max(ranks, top_k); }
 
@@ -42,19 +45,12 @@ int64_t dispatch_rows(Communicator& comm, const ExpertOwners& owners, const floa
           break;
         }
   const auto R = static_cast<std::size_t>(ranks);
-  std::vector<int32_t> send_rows(R), recv_rows(R);
-  for (std::size_t r = 0; r < R; ++r) send_rows[r] = static_cast<int32_t>(to[r].size());
+  std::vector<int64_t> sent(R);
+  for (std::size_t r = 0; r < R; ++r) sent[r] = static_cast<int64_t>(to[r].size());
   // Counts first: every rank learns how many rows each peer sends it.
-  {
-    std::vector<int64_t> ones(R, 1), at(R);
-    for (std::size_t r = 0; r < R; ++r) at[r] = static_cast<int64_t>(r);
-    comm.all_to_all_v(send_rows.data(), ones.data(), at.data(), recv_rows.data(), ones.data(), at.data(), Element::i32);
-  }
-  std::vector<int64_t> sent(R), received(R);
+  const std::vector<int64_t> received = exchange_counts(comm, sent);
   int64_t total_sent = 0, total_received = 0;
   for (std::size_t r = 0; r < R; ++r) {
-    sent[r] = send_rows[r];
-    received[r] = recv_rows[r];
     total_sent += sent[r];
     total_received += received[r];
   }
@@ -62,8 +58,8 @@ int64_t dispatch_rows(Communicator& comm, const ExpertOwners& owners, const floa
     fail_resource("alltoall dispatch on rank " + std::to_string(comm.rank()) + ": " + std::to_string(total_received) +
                   " rows arrive but the receive buffer holds " + std::to_string(capacity));
   // The layout for the way back.
-  std::copy(send_rows.begin(), send_rows.end(), counts);
-  std::copy(recv_rows.begin(), recv_rows.end(), counts + ranks);
+  std::copy(sent.begin(), sent.end(), counts);
+  std::copy(received.begin(), received.end(), counts + ranks);
   int32_t* source_token = sources;
   // Pack rows, ids and weights in (rank, token) order.
   std::vector<float> x_send(static_cast<std::size_t>(total_sent * hidden)), w_send(static_cast<std::size_t>(total_sent * top_k));
@@ -77,14 +73,16 @@ int64_t dispatch_rows(Communicator& comm, const ExpertOwners& owners, const floa
       std::memcpy(&w_send[static_cast<std::size_t>(row * top_k)], weights + t * top_k, sizeof(float) * static_cast<std::size_t>(top_k));
       ++row;
     }
-  std::vector<int64_t> sc, so, rc, ro;
-  scaled(sent.data(), ranks, hidden, sc, so);
-  scaled(received.data(), ranks, hidden, rc, ro);
-  comm.all_to_all_v(x_send.data(), sc.data(), so.data(), x_out, rc.data(), ro.data(), Element::f32);
-  scaled(sent.data(), ranks, top_k, sc, so);
-  scaled(received.data(), ranks, top_k, rc, ro);
-  comm.all_to_all_v(ids_send.data(), sc.data(), so.data(), ids_out, rc.data(), ro.data(), Element::i32);
-  comm.all_to_all_v(w_send.data(), sc.data(), so.data(), weights_out, rc.data(), ro.data(), Element::f32);
+  const RowBlocks out_rows = row_blocks(sent, hidden), in_rows = row_blocks(received, hidden);
+  const RowBlocks out_k = row_blocks(sent, top_k), in_k = row_blocks(received, top_k);
+  comm.group_start();
+  comm.all_to_all_v(x_send.data(), out_rows.counts.data(), out_rows.offsets.data(), x_out, in_rows.counts.data(),
+                    in_rows.offsets.data(), Element::f32);
+  comm.all_to_all_v(ids_send.data(), out_k.counts.data(), out_k.offsets.data(), ids_out, in_k.counts.data(),
+                    in_k.offsets.data(), Element::i32);
+  comm.all_to_all_v(w_send.data(), out_k.counts.data(), out_k.offsets.data(), weights_out, in_k.counts.data(),
+                    in_k.offsets.data(), Element::f32);
+  comm.group_end();
   // Rows beyond those received route nowhere (and hold zeros, so nothing stale is ever read).
   std::fill(x_out + total_received * hidden, x_out + capacity * hidden, 0.0f);
   std::fill(ids_out + total_received * top_k, ids_out + capacity * top_k, -1);
@@ -95,18 +93,13 @@ int64_t dispatch_rows(Communicator& comm, const ExpertOwners& owners, const floa
 void combine_rows_back(Communicator& comm, const float* y, int hidden, const int32_t* counts, const int32_t* sources,
                        int64_t rows, float* out, float* staging) {
   const int ranks = comm.size();
-  std::vector<int64_t> sent(static_cast<std::size_t>(ranks)), received(static_cast<std::size_t>(ranks));
+  const std::vector<int64_t> sent(counts, counts + ranks), received(counts + ranks, counts + 2 * ranks);
   int64_t total_sent = 0;
-  for (int r = 0; r < ranks; ++r) {
-    sent[static_cast<std::size_t>(r)] = counts[r];
-    received[static_cast<std::size_t>(r)] = counts[ranks + r];
-    total_sent += counts[r];
-  }
+  for (int64_t s : sent) total_sent += s;
   // The way back mirrors the way out: what this rank received goes back to where it came from.
-  std::vector<int64_t> sc, so, rc, ro;
-  scaled(received.data(), ranks, hidden, sc, so);
-  scaled(sent.data(), ranks, hidden, rc, ro);
-  comm.all_to_all_v(y, sc.data(), so.data(), staging, rc.data(), ro.data(), Element::f32);
+  const RowBlocks back = row_blocks(received, hidden), home = row_blocks(sent, hidden);
+  comm.all_to_all_v(y, back.counts.data(), back.offsets.data(), staging, home.counts.data(), home.offsets.data(),
+                    Element::f32);
   // Returned rows arrive by rank, each rank's in token order: summing them in arrival order adds each
   // token's parts in rank order.
   std::fill(out, out + rows * hidden, 0.0f);

@@ -4,6 +4,7 @@
 // come back and are summed at the source. Rows are exchanged in a fixed order (destination rank,
 // then token), so the result does not depend on timing: repeated runs give identical bytes.
 #include <cstdint>
+#include <vector>
 
 #include "kernels/comm/communicator.hpp"
 
@@ -17,6 +18,17 @@ struct ExpertOwners {
     return experts_per_rank == 0 || (expert >= 0 && expert / experts_per_rank == rank);
   }
 };
+
+// Per-rank blocks of rows `width` elements wide, packed in rank order: the element counts and
+// offsets all_to_all_v takes.
+struct RowBlocks {
+  std::vector<int64_t> counts, offsets;
+};
+RowBlocks row_blocks(const std::vector<int64_t>& rows, int64_t width);
+
+// Every rank tells every other how many rows it sends it: send[r] rows go to rank r; returns the
+// rows each rank sends here (on the host side, through `comm`).
+std::vector<int64_t> exchange_counts(Communicator& comm, const std::vector<int64_t>& send);
 
 // What the way back needs, filled by dispatch_rows: `counts` [2 · ranks] (rows sent to, then
 // received from, each rank: host memory, read by the host) and `sources` (the source token of each

@@ -27,20 +27,9 @@ const cuda::LaneContext& lane_of(const KernelCall& c) { return *static_cast<cons
 constexpr int64_t aligned(int64_t n) { return (n + 255) / 256 * 256; }
 int64_t width_of(const Value& v) { return v.shape().elements(1); }
 
-comm::Element element_of(const Value& v) {
-  switch (v.dtype()) {
-    case DType::bf16: return comm::Element::bf16;
-    case DType::i32: return comm::Element::i32;
-    default: return comm::Element::f32;
-  }
-}
-
 // The group's device communicator, ordered on this node's stream.
 comm::Communicator& group(const KernelCall& c, CommGroup which) {
-  if (!c.comm)
-    fail_input("node '" + c.node.name + "' (" + c.node.op->kind() +
-               ") moves rows between ranks, but this run has no communicators (start it under mpirun with --dp/--tp)");
-  comm::Communicator& g = c.comm->get(which, c.node.name);
+  comm::Communicator& g = group_of(c, which);
   if (g.transport() == "mpi")
     fail_input("node '" + c.node.name + "': the CUDA backend needs the NCCL transport, not MPI, for its device buffers");
   g.use_stream(lane_of(c).stream);
@@ -58,17 +47,6 @@ std::function<Support(const Graph&, const Node&)> nccl_kernel(std::string how) {
   return [how = std::move(how)](const Graph& g, const Node& n) { return device_transport(g, n, how); };
 }
 
-// Per-rank element counts and offsets from row counts.
-void scaled(const std::vector<int64_t>& rows, int64_t width, std::vector<int64_t>& counts, std::vector<int64_t>& offsets) {
-  counts.clear();
-  offsets.clear();
-  int64_t at = 0;
-  for (int64_t r : rows) {
-    counts.push_back(r * width);
-    offsets.push_back(at);
-    at += r * width;
-  }
-}
 
 // Workspace of the alltoall dispatch: owner ranks, their permutation and the packed send buffers.
 struct DispatchScratch {
@@ -178,28 +156,22 @@ void register_cuda_comm_kernels(KernelRegistry& r) {
           cuda::drop_unrouted_slots(s.dest, rows * k, slot_of, stream);
         }
         // Counts travel on the host side; then the rows on the device.
-        std::vector<int32_t> send32(sent.begin(), sent.end()), recv32(static_cast<std::size_t>(ranks));
-        {
-          std::vector<int64_t> ones(static_cast<std::size_t>(ranks), 1), at(static_cast<std::size_t>(ranks));
-          for (int r = 0; r < ranks; ++r) at[static_cast<std::size_t>(r)] = r;
-          g.host().all_to_all_v(send32.data(), ones.data(), at.data(), recv32.data(), ones.data(), at.data(), comm::Element::i32);
-        }
-        std::vector<int64_t> received(recv32.begin(), recv32.end());
+        const std::vector<int64_t> received = comm::exchange_counts(g.host(), sent);
         int64_t total_received = 0;
         for (int64_t v : received) total_received += v;
         if (total_received > op.total_rows())
           fail_resource("node '" + c.node.name + "': " + std::to_string(total_received) + " rows arrive for " +
                         std::to_string(op.total_rows()) + " slots");
         // Rows, ids and weights in one NCCL group: one launch moves all three.
-        std::vector<int64_t> sc, so, rc, ro, sck, sok, rck, rok;
-        scaled(sent, hidden, sc, so);
-        scaled(received, hidden, rc, ro);
-        scaled(sent, k, sck, sok);
-        scaled(received, k, rck, rok);
+        const comm::RowBlocks out_rows = comm::row_blocks(sent, hidden), in_rows = comm::row_blocks(received, hidden);
+        const comm::RowBlocks out_k = comm::row_blocks(sent, k), in_k = comm::row_blocks(received, k);
         g.group_start();
-        g.all_to_all_v(s.send_x, sc.data(), so.data(), c.outputs[0], rc.data(), ro.data(), comm::Element::bf16);
-        g.all_to_all_v(s.send_ids, sck.data(), sok.data(), c.outputs[1], rck.data(), rok.data(), comm::Element::i32);
-        g.all_to_all_v(s.send_weights, sck.data(), sok.data(), c.outputs[2], rck.data(), rok.data(), comm::Element::f32);
+        g.all_to_all_v(s.send_x, out_rows.counts.data(), out_rows.offsets.data(), c.outputs[0], in_rows.counts.data(),
+                       in_rows.offsets.data(), comm::Element::bf16);
+        g.all_to_all_v(s.send_ids, out_k.counts.data(), out_k.offsets.data(), c.outputs[1], in_k.counts.data(),
+                       in_k.offsets.data(), comm::Element::i32);
+        g.all_to_all_v(s.send_weights, out_k.counts.data(), out_k.offsets.data(), c.outputs[2], in_k.counts.data(),
+                       in_k.offsets.data(), comm::Element::f32);
         g.group_end();
         // Slots past those received route nowhere.
         const int64_t cap = op.total_rows();
@@ -210,8 +182,8 @@ void register_cuda_comm_kernels(KernelRegistry& r) {
         MOEFLOW_CUDA_CHECK(cudaMemsetAsync(c.out<float>(2) + total_received * k, 0,
                                            static_cast<std::size_t>(4 * (cap - total_received) * k), stream));
         // The counts, for the way back: host memory, so it never waits for the device to read them.
-        std::copy(send32.begin(), send32.end(), counts);
-        std::copy(recv32.begin(), recv32.end(), counts + ranks);
+        std::copy(sent.begin(), sent.end(), counts);
+        std::copy(received.begin(), received.end(), counts + ranks);
       },
       [](const Graph& gr, const Node& n, int64_t) {
         const auto& op = static_cast<const AlltoallDispatchOp&>(*n.op);
@@ -235,12 +207,12 @@ void register_cuda_comm_kernels(KernelRegistry& r) {
         const int32_t* slot_of = c.in<int32_t>(1);
         const int32_t* counts = c.in<int32_t>(2);  // host memory, written by the dispatch on the host
         const int64_t rows = op.rows()[static_cast<std::size_t>(me)];
-        std::vector<int64_t> sent(counts, counts + ranks), received(counts + ranks, counts + 2 * ranks);
-        std::vector<int64_t> sc, so, rc, ro;
-        scaled(received, hidden, sc, so);  // back where each row came from
-        scaled(sent, hidden, rc, ro);
+        const std::vector<int64_t> sent(counts, counts + ranks), received(counts + ranks, counts + 2 * ranks);
+        // Back where each row came from.
+        const comm::RowBlocks back = comm::row_blocks(received, hidden), home = comm::row_blocks(sent, hidden);
         auto* staging = static_cast<uint16_t*>(c.workspace);
-        g.all_to_all_v(c.inputs[0], sc.data(), so.data(), staging, rc.data(), ro.data(), comm::Element::bf16);
+        g.all_to_all_v(c.inputs[0], back.counts.data(), back.offsets.data(), staging, home.counts.data(),
+                       home.offsets.data(), comm::Element::bf16);
         if (rows > 0)
           cuda::combine_rows(staging, slot_of, nullptr, rows, op.top_k(), hidden, c.out<uint16_t>(0), stream);
       },
