@@ -5,6 +5,7 @@
 #include <memory>
 #include <numeric>
 #include <set>
+#include <tuple>
 
 #include "graph/error.hpp"
 #include "ops/combine_op.hpp"
@@ -83,6 +84,7 @@ class Lowering {
       else if (!skipped.count(n.id)) copy_node(n);
     }
     for (ValueId v : g_.outputs()) out_.mark_output(map_.at(v));
+    chain_communication();
     out_.validate();
     return std::move(out_);
   }
@@ -170,10 +172,7 @@ class Lowering {
     out_.set_fixed_rows(n, rows);
     for (std::size_t i = 0; i < outputs.size() && i < output_rows.size(); ++i)
       if (output_rows[i] >= 0) out_.mutable_value(outputs[i]).fixed_rows = output_rows[i];
-    if (communicates) {
-      if (last_comm_ != kNoNode) out_.add_order(last_comm_, n);
-      last_comm_ = n;
-    }
+    if (communicates) comm_.push_back(n);
     return outputs;
   }
 
@@ -264,12 +263,57 @@ class Lowering {
     map_[C.outputs[0]] = whole;
   }
 
+  // Every rank must enter its collectives in one order, so they are chained by order edges. The
+  // order is the two-micro-batch one: chunk c+1's way out goes before chunk c's way back, so chunk
+  // c+1's rows travel while chunk c's experts compute, and chunk c's results travel while chunk
+  // c+1's do. Key: (chunk + experts passed on the way here, communication depth, creation); a
+  // topological pass over the communication nodes keeps the chain a valid order whatever the key
+  // says. Everything the key reads is the graph's structure, which every rank shares.
+  void chain_communication() {
+    const std::size_t count = out_.nodes().size();
+    std::vector<int> experts_before(count, 0), depth(count, 0);
+    std::vector<std::set<NodeId>> comm_before(count);  // communication nodes with a path to each node
+    for (const Node& n : out_.nodes()) {  // nodes were added after their inputs' producers
+      const auto i = static_cast<std::size_t>(n.id);
+      for (ValueId v : n.inputs) {
+        const NodeId p = out_.value(v).producer;
+        if (p == kNoNode) continue;
+        const auto j = static_cast<std::size_t>(p);
+        const Node& pn = out_.node(p);
+        experts_before[i] = std::max(experts_before[i], experts_before[j] + (pn.op->kind() == "experts" ? 1 : 0));
+        depth[i] = std::max(depth[i], depth[j]);
+        comm_before[i].insert(comm_before[j].begin(), comm_before[j].end());
+        if (pn.op->communicates()) comm_before[i].insert(p);
+      }
+      if (n.op->communicates()) ++depth[i];
+    }
+    auto key = [&](NodeId n) {
+      const auto i = static_cast<std::size_t>(n);
+      return std::tuple(std::max(out_.node(n).chunk, 0) + experts_before[i], depth[i], n);
+    };
+    std::vector<NodeId> left = comm_;
+    NodeId last = kNoNode;
+    std::set<NodeId> chained;
+    while (!left.empty()) {
+      auto next = left.end();
+      for (auto it = left.begin(); it != left.end(); ++it) {
+        const auto& before = comm_before[static_cast<std::size_t>(*it)];
+        const bool ready = std::all_of(before.begin(), before.end(), [&](NodeId p) { return chained.count(p) > 0; });
+        if (ready && (next == left.end() || key(*it) < key(*next))) next = it;
+      }
+      if (last != kNoNode) out_.add_order(last, *next);
+      last = *next;
+      chained.insert(last);
+      left.erase(next);
+    }
+  }
+
   const Graph& g_;
   const ParallelLayout& l_;
   int me_;
   Graph out_;
   std::map<ValueId, ValueId> map_;
-  NodeId last_comm_ = kNoNode;
+  std::vector<NodeId> comm_;  // communication nodes, in creation order
 };
 
 }  // namespace

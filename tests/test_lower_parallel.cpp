@@ -4,6 +4,8 @@
 #include <gtest/gtest.h>
 
 #include <algorithm>
+#include <map>
+#include <string>
 #include <vector>
 
 #include "graph/chunk.hpp"
@@ -75,25 +77,41 @@ TEST(LowerParallel, XIsTheDataParallelRanksRowsOfTheBatch) {
   EXPECT_TRUE(std::equal(mine.begin(), mine.end(), all.begin() + 5 * c.hidden));
 }
 
+// The collectives of one rank's graph in the order its order edges chain them.
+std::vector<std::string> communication_chain(const Graph& g) {
+  std::map<NodeId, NodeId> next;
+  NodeId first = kNoNode;
+  int comm = 0;
+  for (const Node& n : g.nodes()) {
+    if (!n.op->communicates()) continue;
+    ++comm;
+    NodeId before = kNoNode;
+    for (NodeId a : n.after)
+      if (g.node(a).op->communicates()) before = a;
+    if (before == kNoNode) first = n.id;
+    else next[before] = n.id;
+  }
+  std::vector<std::string> chain;
+  for (NodeId n = first; n != kNoNode; n = next.count(n) ? next[n] : kNoNode) chain.push_back(g.node(n).name);
+  EXPECT_EQ(static_cast<int>(chain.size()), comm) << "the collectives are not one chain";
+  return chain;
+}
+
 TEST(LowerParallel, OneRanksGraphChainsItsCollectivesAndSumsThePartialOnce) {
   const MoEConfig c = small();
   const Graph chunked = chunk_tokens(build_moe_layer(c, {.max_tokens = 12}), {.chunks = 2});
   ParallelLayout l{.dp = 2, .tp = 2, .ep = true, .dispatch = DispatchKind::topk_allgather, .tokens = {12, 3}};
   const Graph g = lower_parallel(chunked, l, 3);
-  std::vector<NodeId> comm;
   int partial_sums = 0;
-  for (const Node& n : g.nodes()) {
-    if (n.op->communicates()) comm.push_back(n.id);
+  for (const Node& n : g.nodes())
     if (n.op->kind() == "reduce_scatter") ++partial_sums;
-  }
-  // Per chunk: gather over the world, reduce-scatter, TP gather.
-  EXPECT_EQ(comm.size(), 6u);
   EXPECT_EQ(partial_sums, 2);
-  for (std::size_t i = 1; i < comm.size(); ++i) {
-    const auto preds = g.predecessors(comm[i]);
-    EXPECT_TRUE(std::find(preds.begin(), preds.end(), comm[i - 1]) != preds.end())
-        << g.node(comm[i]).name << " does not wait for " << g.node(comm[i - 1]).name;
-  }
+  // Per chunk: gather over the world, reduce-scatter, TP gather; chunk 1's rows go out before chunk
+  // 0's results come back (two micro-batches), and each chunk's TP gather follows its reduce-scatter.
+  EXPECT_EQ(communication_chain(g),
+            (std::vector<std::string>{"dispatch_all_gather\u00b7c0", "dispatch_all_gather\u00b7c1",
+                                      "dispatch_reduce_scatter\u00b7c0", "dispatch_tp_gather\u00b7c0",
+                                      "dispatch_reduce_scatter\u00b7c1", "dispatch_tp_gather\u00b7c1"}));
   // Chunk 1 of DP rank 1 (3 tokens, chunks of 6) is empty there, yet its collectives exist.
   const Node& gather1 = g.node(*g.find_node("dispatch_all_gather\u00b7c1"));
   const auto& op = static_cast<const AllGatherRowsOp&>(*gather1.op);
@@ -101,6 +119,17 @@ TEST(LowerParallel, OneRanksGraphChainsItsCollectivesAndSumsThePartialOnce) {
   // The experts' output is Partial, the graph output whole.
   EXPECT_EQ(g.value(*g.find_value("experts\u00b7c0.y")).type->dist, Distribution::partial());
   EXPECT_EQ(g.value(g.outputs()[0]).type->dist, Distribution::replicated());
+}
+
+TEST(LowerParallel, AlltoallChainIsTheTwoMicroBatchOrder) {
+  const Graph chunked = chunk_tokens(build_moe_layer(small(), {.max_tokens = 12}), {.chunks = 3});
+  ParallelLayout l{.dp = 2, .tp = 1, .ep = true, .dispatch = DispatchKind::alltoall, .tokens = {12, 7}};
+  for (int rank = 0; rank < 2; ++rank)
+    EXPECT_EQ(communication_chain(lower_parallel(chunked, l, rank)),
+              (std::vector<std::string>{"dispatch_alltoall\u00b7c0", "dispatch_alltoall\u00b7c1",
+                                        "dispatch_alltoall_back\u00b7c0", "dispatch_alltoall\u00b7c2",
+                                        "dispatch_alltoall_back\u00b7c1", "dispatch_alltoall_back\u00b7c2"}))
+        << "rank " << rank;
 }
 
 TEST(LowerParallel, RefusesWhatItCannotLower) {
