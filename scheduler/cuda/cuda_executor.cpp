@@ -4,12 +4,14 @@
 
 #include <algorithm>
 #include <chrono>
+#include <functional>
 
 #include "graph/error.hpp"
 #include "kernels/cuda/check.cuh"
 #include "kernels/cuda/cublas_gemm.hpp"
 #include "kernels/cuda/lane_context.hpp"
 #include "kernels/cuda/timestamp.hpp"
+#include "scheduler/lane_threads.hpp"
 
 namespace moeflow {
 
@@ -31,7 +33,15 @@ struct CudaExecutor::State {
   cudaGraph_t graph = nullptr;
   cudaGraphExec_t graph_exec = nullptr;
   int64_t captured_tokens = 0;
+  std::unique_ptr<LaneThreads> lane_threads;       // set when a step holds the host and there are lanes beside it
+  IssueOrder issue_order;
 };
+
+namespace {
+// A step that may wait on the host while it is issued: a copy to the host, or communication (the
+// alltoall reads its counts there; MPI calls return when their transfer has).
+bool holds_host(const Node& n) { return n.op->kind() == "to_host" || n.op->communicates(); }
+}  // namespace
 
 CudaExecutor::CudaExecutor(const Plan& plan, const CommGroups* comm)
     : plan_(plan), comm_(comm), s_(std::make_unique<State>()) {
@@ -87,6 +97,9 @@ CudaExecutor::CudaExecutor(const Plan& plan, const CommGroups* comm)
   MOEFLOW_CUDA_CHECK(cudaEventCreate(&s.run_end));
   MOEFLOW_CUDA_CHECK(cudaEventCreate(&s.replay_start));
   MOEFLOW_CUDA_CHECK(cudaEventCreate(&s.replay_end));
+  const auto& nodes = plan.graph->nodes();
+  if (plan.lanes.size() > 1 && std::any_of(nodes.begin(), nodes.end(), holds_host))
+    s.lane_threads = std::make_unique<LaneThreads>(static_cast<int>(plan.lanes.size()));
 }
 
 CudaExecutor::~CudaExecutor() {
@@ -111,51 +124,75 @@ CudaExecutor::~CudaExecutor() {
 
 // Issues every step on its lane's stream in the plan's order. Lane 0's stream starts and ends the
 // run: the other lanes fork from it (wait on run_start) and join into it (lane_end events), so
-// the whole run is one region of one stream, which is also what stream capture needs.
-void CudaExecutor::issue(const DeviceArena& inputs, const DeviceArena& weights, int64_t tokens, NodeTiming timing) {
+// the whole run is one region of one stream, which is also what stream capture needs. Where a step
+// holds the host (s.issue_per_lane), each lane is issued by its own thread instead, in its own
+// order, waiting on the host for the steps of other lanes it depends on to be issued.
+void CudaExecutor::issue(const DeviceArena& inputs, const DeviceArena& weights, int64_t tokens, NodeTiming timing,
+                         bool per_lane) {
   State& s = *s_;
-  const Graph& g = *plan_.graph;
   cudaStream_t main = s.streams[0];
   MOEFLOW_CUDA_CHECK(cudaEventRecord(s.run_start, main));
   for (std::size_t l = 1; l < s.streams.size(); ++l) MOEFLOW_CUDA_CHECK(cudaStreamWaitEvent(s.streams[l], s.run_start, 0));
-  std::vector<void*> in, out;
-  for (std::size_t i = 0; i < plan_.steps.size(); ++i) {
-    const PlanStep& step = plan_.steps[i];
-    const Node& n = g.node(step.node);
-    cuda::LaneContext& lane = s.lanes[static_cast<std::size_t>(step.lane)];
-    for (NodeId w : step.waits)
-      MOEFLOW_CUDA_CHECK(cudaStreamWaitEvent(lane.stream, s.done[static_cast<std::size_t>(plan_.step_of_node[static_cast<std::size_t>(w)])], 0));
-    in.clear();
-    out.clear();
-    auto locate = [&](ValueId v) -> void* {
-      switch (plan_.buffer(v).arena) {
-        case Arena::inputs: return inputs.data(v);
-        case Arena::weights: return weights.data(v);
-        case Arena::workspace: return s.workspace->data(v);
-        case Arena::host: return s.host->data(v);
+  if (!per_lane) {
+    for (std::size_t i = 0; i < plan_.steps.size(); ++i) issue_step(i, inputs, weights, tokens, timing);
+  } else {
+    s.issue_order.reset(plan_.steps.size());
+    const std::function<void(int)> issue_lane = [&](int lane) {
+      if (lane != 0) MOEFLOW_CUDA_CHECK(cudaSetDevice(s.device));  // the current device is per thread
+      for (std::size_t i = 0; i < plan_.steps.size(); ++i) {
+        const PlanStep& step = plan_.steps[i];
+        if (step.lane != lane) continue;
+        for (NodeId w : step.waits) s.issue_order.wait_issued(static_cast<std::size_t>(plan_.step_of_node[static_cast<std::size_t>(w)]));
+        issue_step(i, inputs, weights, tokens, timing);
+        s.issue_order.mark_issued(i);
       }
-      return nullptr;
     };
-    for (ValueId v : n.inputs) in.push_back(locate(v));
-    for (ValueId v : n.outputs) out.push_back(locate(v));
-    if (timing == NodeTiming::events) MOEFLOW_CUDA_CHECK(cudaEventRecord(s.node_start[i], lane.stream));
-    if (timing == NodeTiming::stamps) cuda::record_global_time(s.stamps + 2 * i, lane.stream);
-    // A chunk the run's tokens do not reach has no rows: it runs (its events still fire) and
-    // produces nothing.
-    if (const int64_t rows = g.tokens_of(n, tokens); rows > 0)
-      step.kernel->run(KernelCall{g, n, in, out, rows, &lane,
-                                  step.workspace_bytes ? s.workspace->base() + step.workspace_offset : nullptr,
-                                  step.host_workspace_bytes ? s.host->base() + step.host_workspace_offset : nullptr,
-                                  comm_});
-    if (timing == NodeTiming::events) MOEFLOW_CUDA_CHECK(cudaEventRecord(s.node_end[i], lane.stream));
-    if (timing == NodeTiming::stamps) cuda::record_global_time(s.stamps + 2 * i + 1, lane.stream);
-    if (s.needs_done[i]) MOEFLOW_CUDA_CHECK(cudaEventRecord(s.done[i], lane.stream));
+    s.lane_threads->run(issue_lane, s.issue_order);
   }
   for (std::size_t l = 1; l < s.streams.size(); ++l) {
     MOEFLOW_CUDA_CHECK(cudaEventRecord(s.lane_end[l], s.streams[l]));
     MOEFLOW_CUDA_CHECK(cudaStreamWaitEvent(main, s.lane_end[l], 0));
   }
   MOEFLOW_CUDA_CHECK(cudaEventRecord(s.run_end, main));
+}
+
+// One step on its lane's stream: its cross-lane waits, its kernel, its timing records and the
+// event other lanes wait on.
+void CudaExecutor::issue_step(std::size_t i, const DeviceArena& inputs, const DeviceArena& weights, int64_t tokens,
+                              NodeTiming timing) {
+  State& s = *s_;
+  const Graph& g = *plan_.graph;
+  const PlanStep& step = plan_.steps[i];
+  const Node& n = g.node(step.node);
+  cuda::LaneContext& lane = s.lanes[static_cast<std::size_t>(step.lane)];
+  for (NodeId w : step.waits)
+    MOEFLOW_CUDA_CHECK(cudaStreamWaitEvent(lane.stream, s.done[static_cast<std::size_t>(plan_.step_of_node[static_cast<std::size_t>(w)])], 0));
+  auto locate = [&](ValueId v) -> void* {
+    switch (plan_.buffer(v).arena) {
+      case Arena::inputs: return inputs.data(v);
+      case Arena::weights: return weights.data(v);
+      case Arena::workspace: return s.workspace->data(v);
+      case Arena::host: return s.host->data(v);
+    }
+    return nullptr;
+  };
+  std::vector<void*> in, out;
+  in.reserve(n.inputs.size());
+  out.reserve(n.outputs.size());
+  for (ValueId v : n.inputs) in.push_back(locate(v));
+  for (ValueId v : n.outputs) out.push_back(locate(v));
+  if (timing == NodeTiming::events) MOEFLOW_CUDA_CHECK(cudaEventRecord(s.node_start[i], lane.stream));
+  if (timing == NodeTiming::stamps) cuda::record_global_time(s.stamps + 2 * i, lane.stream);
+  // A chunk the run's tokens do not reach has no rows: it runs (its events still fire) and
+  // produces nothing.
+  if (const int64_t rows = g.tokens_of(n, tokens); rows > 0)
+    step.kernel->run(KernelCall{g, n, in, out, rows, &lane,
+                                step.workspace_bytes ? s.workspace->base() + step.workspace_offset : nullptr,
+                                step.host_workspace_bytes ? s.host->base() + step.host_workspace_offset : nullptr,
+                                comm_});
+  if (timing == NodeTiming::events) MOEFLOW_CUDA_CHECK(cudaEventRecord(s.node_end[i], lane.stream));
+  if (timing == NodeTiming::stamps) cuda::record_global_time(s.stamps + 2 * i + 1, lane.stream);
+  if (s.needs_done[i]) MOEFLOW_CUDA_CHECK(cudaEventRecord(s.done[i], lane.stream));
 }
 
 void CudaExecutor::check_device_flags() {
@@ -176,7 +213,7 @@ double CudaExecutor::run(const DeviceArena& inputs, const DeviceArena& weights, 
   if (tokens <= 0 || tokens > g.max_tokens())
     fail_input("tokens = " + std::to_string(tokens) + " must be in [1, " + std::to_string(g.max_tokens()) + "]");
   MOEFLOW_CUDA_CHECK(cudaSetDevice(s_->device));
-  issue(inputs, weights, tokens, trace ? NodeTiming::events : NodeTiming::none);
+  issue(inputs, weights, tokens, trace ? NodeTiming::events : NodeTiming::none, s_->lane_threads != nullptr);
   MOEFLOW_CUDA_CHECK(cudaEventSynchronize(s_->run_end));
   MOEFLOW_CUDA_CHECK(cudaGetLastError());
   check_device_flags();
@@ -227,7 +264,7 @@ void CudaExecutor::capture(const DeviceArena& inputs, const DeviceArena& weights
   MOEFLOW_CUDA_CHECK(cudaStreamSynchronize(s.streams[0]));
   MOEFLOW_CUDA_CHECK(cudaStreamBeginCapture(s.streams[0], cudaStreamCaptureModeThreadLocal));
   try {
-    issue(inputs, weights, tokens, stamped ? NodeTiming::stamps : NodeTiming::none);
+    issue(inputs, weights, tokens, stamped ? NodeTiming::stamps : NodeTiming::none, false);
   } catch (...) {
     cudaGraph_t broken = nullptr;
     cudaStreamEndCapture(s.streams[0], &broken);

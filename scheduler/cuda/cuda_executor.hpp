@@ -3,7 +3,8 @@
 // others lowest), each cross-lane wait an event, every activation in one device allocation sized by
 // the plan's buffer table, one cuBLAS handle and workspace per stream. A run can be issued eagerly
 // or captured once as a CUDA graph and replayed. Per-node CUDA-event timing goes into the same
-// Chrome-trace format as the CPU executor's.
+// Chrome-trace format as the CPU executor's. Where a step waits on the host while it is issued (a
+// to_host copy, communication), an eager run issues each lane from its own thread (lane_threads.hpp).
 #include <memory>
 #include <vector>
 
@@ -43,7 +44,8 @@ class CudaExecutor {
  private:
   struct State;
   enum class NodeTiming { none, events, stamps };
-  void issue(const DeviceArena& inputs, const DeviceArena& weights, int64_t tokens, NodeTiming timing);
+  void issue(const DeviceArena& inputs, const DeviceArena& weights, int64_t tokens, NodeTiming timing, bool per_lane);
+  void issue_step(std::size_t i, const DeviceArena& inputs, const DeviceArena& weights, int64_t tokens, NodeTiming timing);
   void fill_trace(Trace& trace, int64_t tokens, const std::vector<double>& start_us, const std::vector<double>& end_us) const;
   void check_device_flags();
   const Plan& plan_;
