@@ -20,6 +20,11 @@ RowBlocks row_blocks(const std::vector<int64_t>& rows, int64_t width) {
   return b;
 }
 
+RowBlocks without_self(RowBlocks blocks, int me) {
+  blocks.counts.at(static_cast<std::size_t>(me)) = 0;
+  return blocks;
+}
+
 std::vector<int64_t> exchange_counts(Communicator& comm, const std::vector<int64_t>& send) {
   const auto n = static_cast<std::size_t>(comm.size());
   std::vector<int32_t> mine(send.begin(), send.end()), theirs(n);

@@ -25,6 +25,8 @@ struct RowBlocks {
   std::vector<int64_t> counts, offsets;
 };
 RowBlocks row_blocks(const std::vector<int64_t>& rows, int64_t width);
+// The same blocks with rank `me`'s emptied: what a rank moves to itself it copies, not transports.
+RowBlocks without_self(RowBlocks blocks, int me);
 
 // Every rank tells every other how many rows it sends it: send[r] rows go to rank r; returns the
 // rows each rank sends here (on the host side, through `comm`).

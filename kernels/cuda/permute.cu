@@ -195,22 +195,28 @@ bool aligned16(const void* p) { return (reinterpret_cast<uintptr_t>(p) & 15u) ==
 
 
 
+// Row r of a buffer whose rows [window.lo, window.hi) live in window.rows.
+__device__ __forceinline__ uint16_t* row_at(uint16_t* rows, RowWindow window, int64_t r, int hidden) {
+  return r >= window.lo && r < window.hi ? window.rows + (r - window.lo) * hidden : rows + r * hidden;
+}
+
 // One row per 2^shift threads; kVec: 8 bf16 (16 bytes) per access.
 template <bool kVec>
 __global__ void __launch_bounds__(kRowThreads)
     gather_kernel(const uint16_t* __restrict__ x, const int32_t* __restrict__ row_source, int64_t rows, int top_k,
-                  int hidden, int shift, uint16_t* __restrict__ out) {
+                  int hidden, int shift, uint16_t* __restrict__ out, RowWindow window) {
   const int64_t r = (static_cast<int64_t>(blockIdx.x) << (kRowThreadsLog2 - shift)) + (threadIdx.x >> shift);
   if (r >= rows) return;
   const int sub = static_cast<int>(threadIdx.x) & ((1 << shift) - 1);
   const int64_t src = row_source[r] / top_k;
+  uint16_t* dst = row_at(out, window, r, hidden);
   if constexpr (kVec) {
     const uint4* s = reinterpret_cast<const uint4*>(x + src * hidden);
-    uint4* d = reinterpret_cast<uint4*>(out + r * hidden);
+    uint4* d = reinterpret_cast<uint4*>(dst);
     for (int v = sub; v < hidden / 8; v += 1 << shift) d[v] = s[v];
   } else {
     const uint16_t* s = x + src * hidden;
-    uint16_t* d = out + r * hidden;
+    uint16_t* d = dst;
     for (int h = sub; h < hidden; h += 1 << shift) d[h] = s[h];
   }
 }
@@ -219,7 +225,8 @@ template <bool kVec>
 __global__ void __launch_bounds__(kRowThreads)
     combine_kernel(const uint16_t* __restrict__ y_rows, const int32_t* __restrict__ slot_of,
                    const float* __restrict__ weights, int64_t tokens, int top_k, int hidden, int shift,
-                   uint16_t* __restrict__ out) {
+                   uint16_t* __restrict__ out, RowWindow window) {
+  uint16_t* const rows = const_cast<uint16_t*>(y_rows);
   const int64_t t = (static_cast<int64_t>(blockIdx.x) << (kRowThreadsLog2 - shift)) + (threadIdx.x >> shift);
   if (t >= tokens) return;
   const int sub = static_cast<int>(threadIdx.x) & ((1 << shift) - 1);
@@ -233,7 +240,7 @@ __global__ void __launch_bounds__(kRowThreads)
 #pragma unroll 4
       for (int j = 0; j < top_k; ++j) {
         if (slots[j] < 0) continue;  // a choice with no row here (another rank's expert)
-        const uint4 q = *reinterpret_cast<const uint4*>(y_rows + static_cast<int64_t>(slots[j]) * hidden + 8 * v);
+        const uint4 q = *reinterpret_cast<const uint4*>(row_at(rows, window, slots[j], hidden) + 8 * v);
         float f[8];
         unpack8(q, f);
         const float wj = w ? w[j] : 1.0f;
@@ -247,7 +254,7 @@ __global__ void __launch_bounds__(kRowThreads)
       float acc = 0.0f;
       for (int j = 0; j < top_k; ++j)
         if (slots[j] >= 0)
-          acc = fmaf(w ? w[j] : 1.0f, bf16_bits_to_float(y_rows[static_cast<int64_t>(slots[j]) * hidden + h]), acc);
+          acc = fmaf(w ? w[j] : 1.0f, bf16_bits_to_float(row_at(rows, window, slots[j], hidden)[h]), acc);
       out[t * hidden + h] = __bfloat16_as_ushort(__float2bfloat16_rn(acc));
     }
   }
@@ -352,32 +359,32 @@ void build_permutation(const int32_t* ids, int64_t tokens, int top_k, int expert
 }
 
 void gather_rows(const uint16_t* x, const int32_t* row_source, int64_t rows, int top_k, int hidden, uint16_t* out,
-                 Stream stream) {
+                 Stream stream, RowWindow window) {
   if (rows < 0 || top_k <= 0 || hidden < 0)
     fail_input("cuda gather_rows: rows = " + std::to_string(rows) + ", top_k = " + std::to_string(top_k) +
                ", hidden = " + std::to_string(hidden));
   if (rows == 0 || hidden == 0) return;
-  const bool vec = hidden % 8 == 0 && aligned16(x) && aligned16(out);
+  const bool vec = hidden % 8 == 0 && aligned16(x) && aligned16(out) && aligned16(window.rows);
   const RowGrid g = row_grid(rows, vec ? hidden / 8 : hidden, "cuda gather_rows");
-  if (vec) gather_kernel<true><<<g.blocks, kRowThreads, 0, stream>>>(x, row_source, rows, top_k, hidden, g.shift, out);
-  else gather_kernel<false><<<g.blocks, kRowThreads, 0, stream>>>(x, row_source, rows, top_k, hidden, g.shift, out);
+  if (vec) gather_kernel<true><<<g.blocks, kRowThreads, 0, stream>>>(x, row_source, rows, top_k, hidden, g.shift, out, window);
+  else gather_kernel<false><<<g.blocks, kRowThreads, 0, stream>>>(x, row_source, rows, top_k, hidden, g.shift, out, window);
   MOEFLOW_CUDA_LAUNCH_CHECK();
 }
 
 void combine_rows(const uint16_t* y_rows, const int32_t* slot_of, const float* weights, int64_t tokens, int top_k,
-                  int hidden, uint16_t* out, Stream stream) {
+                  int hidden, uint16_t* out, Stream stream, RowWindow window) {
   if (tokens < 0 || top_k <= 0 || hidden < 0)
     fail_input("cuda combine_rows: tokens = " + std::to_string(tokens) + ", top_k = " + std::to_string(top_k) +
                ", hidden = " + std::to_string(hidden));
   if (tokens == 0 || hidden == 0) return;
-  const bool vec = hidden % 8 == 0 && aligned16(y_rows) && aligned16(out);
+  const bool vec = hidden % 8 == 0 && aligned16(y_rows) && aligned16(out) && aligned16(window.rows);
   const RowGrid g = row_grid(tokens, vec ? hidden / 8 : hidden, "cuda combine_rows");
   if (vec)
     combine_kernel<true><<<g.blocks, kRowThreads, 0, stream>>>(y_rows, slot_of, weights, tokens, top_k, hidden,
-                                                               g.shift, out);
+                                                               g.shift, out, window);
   else
     combine_kernel<false><<<g.blocks, kRowThreads, 0, stream>>>(y_rows, slot_of, weights, tokens, top_k, hidden,
-                                                                g.shift, out);
+                                                                g.shift, out, window);
   MOEFLOW_CUDA_LAUNCH_CHECK();
 }
 

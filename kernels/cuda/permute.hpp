@@ -24,15 +24,24 @@ void build_permutation(const int32_t* ids, int64_t tokens, int top_k, int expert
                        int32_t* slot_of, int32_t* row_source, void* workspace, std::size_t workspace_bytes,
                        Stream stream);
 
+// Rows [lo, hi) of a row-indexed buffer kept in another buffer, row lo first: the alltoall keeps
+// the rows a rank routes to itself out of the transport (written, or read, where they are used).
+struct RowWindow {
+  int64_t lo = 0, hi = 0;
+  uint16_t* rows = nullptr;
+};
+
 // out[r, :] = x[row_source[r] / k, :] for r < rows; x bf16 [T, H], out bf16 [rows, H]. A copy.
+// Rows inside `window` go to window.rows instead of out.
 void gather_rows(const uint16_t* x, const int32_t* row_source, int64_t rows, int top_k, int hidden, uint16_t* out,
-                 Stream stream);
+                 Stream stream, RowWindow window = {});
 
 // out[t, :] = Σ_j weights[t, j] · y_rows[slot_of[t, j], :] over slot_of ≥ 0 (a choice with no row
 // here is skipped), fp32 accumulation in j order and one rounding to bf16 at the end. y_rows bf16
 // [T*k, H], out bf16 [T, H]; weights null: every weight 1 (the sum of a token's returned parts).
+// Slots inside `window` are read from window.rows instead of y_rows.
 void combine_rows(const uint16_t* y_rows, const int32_t* slot_of, const float* weights, int64_t tokens, int top_k,
-                  int hidden, uint16_t* out, Stream stream);
+                  int hidden, uint16_t* out, Stream stream, RowWindow window = {});
 
 // A rank's share of the experts (multi-rank): out[i] = ids[i] - first where that is in [0, experts),
 // else -1 (build_permutation moves such ids out of the way and counts them for no expert).

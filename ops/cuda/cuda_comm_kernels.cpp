@@ -139,6 +139,7 @@ void register_cuda_comm_kernels(KernelRegistry& r) {
         int32_t* slot_of = c.out<int32_t>(3);
         int32_t* counts = c.out<int32_t>(4);  // pinned host memory: written here, read by the way back
         std::vector<int64_t> sent(static_cast<std::size_t>(ranks), 0);
+        int64_t total = 0;
         if (rows > 0) {
           cuda::owner_ranks(c.in<int32_t>(1), rows, k, op.experts_per_rank(), s.dest, stream);
           cuda::build_permutation(s.dest, rows, k, ranks, s.offsets, slot_of, s.row_source, s.sort, s.sort_bytes, stream);
@@ -146,13 +147,7 @@ void register_cuda_comm_kernels(KernelRegistry& r) {
           MOEFLOW_CUDA_CHECK(cudaMemcpyAsync(offsets.data(), s.offsets, 4 * offsets.size(), cudaMemcpyDeviceToHost, stream));
           MOEFLOW_CUDA_CHECK(cudaStreamSynchronize(stream));
           for (int r = 0; r < ranks; ++r) sent[static_cast<std::size_t>(r)] = offsets[static_cast<std::size_t>(r) + 1] - offsets[static_cast<std::size_t>(r)];
-          const int64_t total = offsets[static_cast<std::size_t>(ranks)];
-          // Rows, ids and weights packed by destination (ids and weights as k-wide 4-byte rows).
-          cuda::gather_rows(c.in<uint16_t>(0), s.row_source, total, k, hidden, s.send_x, stream);
-          cuda::gather_rows(reinterpret_cast<const uint16_t*>(c.in<int32_t>(1)), s.row_source, total, k, 2 * k,
-                            reinterpret_cast<uint16_t*>(s.send_ids), stream);
-          cuda::gather_rows(reinterpret_cast<const uint16_t*>(c.in<float>(2)), s.row_source, total, k, 2 * k,
-                            reinterpret_cast<uint16_t*>(s.send_weights), stream);
+          total = offsets[static_cast<std::size_t>(ranks)];
           cuda::drop_unrouted_slots(s.dest, rows * k, slot_of, stream);
         }
         // Counts travel on the host side; then the rows on the device.
@@ -162,21 +157,37 @@ void register_cuda_comm_kernels(KernelRegistry& r) {
         if (total_received > op.total_rows())
           fail_resource("node '" + c.node.name + "': " + std::to_string(total_received) + " rows arrive for " +
                         std::to_string(op.total_rows()) + " slots");
-        // Rows, ids and weights in one NCCL group: one launch moves all three.
         const comm::RowBlocks out_rows = comm::row_blocks(sent, hidden), in_rows = comm::row_blocks(received, hidden);
         const comm::RowBlocks out_k = comm::row_blocks(sent, k), in_k = comm::row_blocks(received, k);
+        if (total > 0) {
+          // Rows, ids and weights packed by destination (ids and weights as k-wide 4-byte rows); the
+          // rows this rank routes to itself go straight to where they are received, not through NCCL.
+          const auto me_at = static_cast<std::size_t>(me);
+          const int64_t self_lo = out_rows.offsets[me_at] / hidden, self_hi = self_lo + sent[me_at];
+          auto self = [&](void* out, int64_t offset) {
+            return cuda::RowWindow{self_lo, self_hi, reinterpret_cast<uint16_t*>(static_cast<std::byte*>(out) + offset)};
+          };
+          cuda::gather_rows(c.in<uint16_t>(0), s.row_source, total, k, hidden, s.send_x, stream,
+                            self(c.outputs[0], 2 * in_rows.offsets[me_at]));
+          cuda::gather_rows(reinterpret_cast<const uint16_t*>(c.in<int32_t>(1)), s.row_source, total, k, 2 * k,
+                            reinterpret_cast<uint16_t*>(s.send_ids), stream, self(c.outputs[1], 4 * in_k.offsets[me_at]));
+          cuda::gather_rows(reinterpret_cast<const uint16_t*>(c.in<float>(2)), s.row_source, total, k, 2 * k,
+                            reinterpret_cast<uint16_t*>(s.send_weights), stream, self(c.outputs[2], 4 * in_k.offsets[me_at]));
+        }
+        // Rows, ids and weights to the other ranks in one NCCL group: one launch moves all three.
+        const comm::RowBlocks out_rows_p = comm::without_self(out_rows, me), in_rows_p = comm::without_self(in_rows, me);
+        const comm::RowBlocks out_k_p = comm::without_self(out_k, me), in_k_p = comm::without_self(in_k, me);
         g.group_start();
-        g.all_to_all_v(s.send_x, out_rows.counts.data(), out_rows.offsets.data(), c.outputs[0], in_rows.counts.data(),
-                       in_rows.offsets.data(), comm::Element::bf16);
-        g.all_to_all_v(s.send_ids, out_k.counts.data(), out_k.offsets.data(), c.outputs[1], in_k.counts.data(),
-                       in_k.offsets.data(), comm::Element::i32);
-        g.all_to_all_v(s.send_weights, out_k.counts.data(), out_k.offsets.data(), c.outputs[2], in_k.counts.data(),
-                       in_k.offsets.data(), comm::Element::f32);
+        g.all_to_all_v(s.send_x, out_rows_p.counts.data(), out_rows_p.offsets.data(), c.outputs[0],
+                       in_rows_p.counts.data(), in_rows_p.offsets.data(), comm::Element::bf16);
+        g.all_to_all_v(s.send_ids, out_k_p.counts.data(), out_k_p.offsets.data(), c.outputs[1], in_k_p.counts.data(),
+                       in_k_p.offsets.data(), comm::Element::i32);
+        g.all_to_all_v(s.send_weights, out_k_p.counts.data(), out_k_p.offsets.data(), c.outputs[2], in_k_p.counts.data(),
+                       in_k_p.offsets.data(), comm::Element::f32);
         g.group_end();
-        // Slots past those received route nowhere.
+        // Slots past those received route nowhere: their ids are -1, so no expert reads their rows
+        // (which stay as they are: clearing them would cost a write of the whole tail).
         const int64_t cap = op.total_rows();
-        MOEFLOW_CUDA_CHECK(cudaMemsetAsync(c.out<uint16_t>(0) + total_received * hidden, 0,
-                                           static_cast<std::size_t>(2 * (cap - total_received) * hidden), stream));
         MOEFLOW_CUDA_CHECK(cudaMemsetAsync(c.out<int32_t>(1) + total_received * k, 0xff,
                                            static_cast<std::size_t>(4 * (cap - total_received) * k), stream));
         MOEFLOW_CUDA_CHECK(cudaMemsetAsync(c.out<float>(2) + total_received * k, 0,
@@ -208,13 +219,17 @@ void register_cuda_comm_kernels(KernelRegistry& r) {
         const int32_t* counts = c.in<int32_t>(2);  // host memory, written by the dispatch on the host
         const int64_t rows = op.rows()[static_cast<std::size_t>(me)];
         const std::vector<int64_t> sent(counts, counts + ranks), received(counts + ranks, counts + 2 * ranks);
-        // Back where each row came from.
+        // Back where each row came from; the rows this rank computed for itself are read where they
+        // are, not sent to itself.
         const comm::RowBlocks back = comm::row_blocks(received, hidden), home = comm::row_blocks(sent, hidden);
         auto* staging = static_cast<uint16_t*>(c.workspace);
-        g.all_to_all_v(c.inputs[0], back.counts.data(), back.offsets.data(), staging, home.counts.data(),
-                       home.offsets.data(), comm::Element::bf16);
-        if (rows > 0)
-          cuda::combine_rows(staging, slot_of, nullptr, rows, op.top_k(), hidden, c.out<uint16_t>(0), stream);
+        const comm::RowBlocks back_p = comm::without_self(back, me), home_p = comm::without_self(home, me);
+        g.all_to_all_v(c.inputs[0], back_p.counts.data(), back_p.offsets.data(), staging, home_p.counts.data(),
+                       home_p.offsets.data(), comm::Element::bf16);
+        const auto me_at = static_cast<std::size_t>(me);
+        const int64_t self_lo = home.offsets[me_at] / hidden;
+        const cuda::RowWindow self{self_lo, self_lo + sent[me_at], static_cast<uint16_t*>(c.inputs[0]) + back.offsets[me_at]};
+        if (rows > 0) cuda::combine_rows(staging, slot_of, nullptr, rows, op.top_k(), hidden, c.out<uint16_t>(0), stream, self);
       },
       [](const Graph& gr, const Node& n, int64_t) {
         const auto& op = static_cast<const AlltoallCombineOp&>(*n.op);

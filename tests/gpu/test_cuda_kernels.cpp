@@ -523,6 +523,37 @@ void check_gather_combine(int64_t tokens, int k, int experts, int hidden) {
     }
   cuda::combine_rows(d_y.get(), slot_of.get(), d_w.get(), tokens, k, hidden, d_out.get(), nullptr);
   EXPECT_EQ(d_out.download(), out) << what << ": rerun";
+
+  // A window of rows kept in another buffer (the alltoall's rows for its own rank): the gather
+  // writes them there and nowhere else, the combine reads them there; results are the same bits.
+  const int64_t lo = rows / 3, hi = std::max(lo, rows - rows / 4);
+  const std::vector<uint16_t> all_rows = d_rows.download();
+  const std::vector<uint16_t> marker(static_cast<size_t>(rows * hidden), 0x7fc1);  // a NaN no row holds
+  DeviceBuffer<uint16_t> d_split(marker), d_window(static_cast<size_t>(std::max<int64_t>(hi - lo, 1) * hidden));
+  cuda::gather_rows(d_x.get(), row_source.get(), rows, k, hidden, d_split.get(), nullptr,
+                    cuda::RowWindow{lo, hi, d_window.get()});
+  const std::vector<uint16_t> split = d_split.download(), window = d_window.download();
+  for (int64_t r = 0; r < rows; ++r)
+    for (int h = 0; h < hidden; ++h) {
+      const uint16_t want = all_rows[static_cast<size_t>(r * hidden + h)];
+      if (r >= lo && r < hi) {
+        ASSERT_EQ(window[static_cast<size_t>((r - lo) * hidden + h)], want) << what << " window row " << r;
+        ASSERT_EQ(split[static_cast<size_t>(r * hidden + h)], 0x7fc1) << what << " row " << r << " written twice";
+      } else {
+        ASSERT_EQ(split[static_cast<size_t>(r * hidden + h)], want) << what << " row " << r;
+      }
+    }
+  std::vector<uint16_t> y_outside = y, y_window;
+  for (int64_t r = lo; r < hi; ++r)
+    for (int h = 0; h < hidden; ++h) {
+      y_window.push_back(y[static_cast<size_t>(r * hidden + h)]);
+      y_outside[static_cast<size_t>(r * hidden + h)] = 0x7fc1;
+    }
+  if (y_window.empty()) y_window.assign(static_cast<size_t>(hidden), 0);
+  DeviceBuffer<uint16_t> d_y_outside(y_outside), d_y_window(y_window);
+  cuda::combine_rows(d_y_outside.get(), slot_of.get(), d_w.get(), tokens, k, hidden, d_out.get(), nullptr,
+                     cuda::RowWindow{lo, hi, d_y_window.get()});
+  EXPECT_EQ(d_out.download(), out) << what << ": combine through a window";
 }
 
 TEST(CudaPermute, GatherAndCombineMatchCpu) {
