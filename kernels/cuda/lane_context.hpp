@@ -6,11 +6,13 @@
 #include <cstdint>
 
 struct CUstream_st;
+struct CUevent_st;
 struct cublasContext;
 
 namespace moeflow::cuda {
 
 using Stream = CUstream_st*;
+using Event = CUevent_st*;
 using BlasHandle = cublasContext*;
 
 struct LaneContext {
@@ -20,6 +22,10 @@ struct LaneContext {
   std::size_t blas_workspace_bytes = 0;
   int device = 0;
   int* error_flag = nullptr;            // device int: kernels set bits on overflow; checked after a run
+  // A second stream for work a kernel runs beside its own (the alltoall's local copies beside the
+  // transfer), forked from and joined back into `stream` through these two events.
+  Stream side = nullptr;
+  Event side_fork = nullptr, side_join = nullptr;
 };
 
 // Bits of LaneContext::error_flag.

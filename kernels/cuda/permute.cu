@@ -207,6 +207,7 @@ __global__ void __launch_bounds__(kRowThreads)
                   int hidden, int shift, uint16_t* __restrict__ out, RowWindow window) {
   const int64_t r = (static_cast<int64_t>(blockIdx.x) << (kRowThreadsLog2 - shift)) + (threadIdx.x >> shift);
   if (r >= rows) return;
+  if (window.rows == nullptr && r >= window.lo && r < window.hi) return;
   const int sub = static_cast<int>(threadIdx.x) & ((1 << shift) - 1);
   const int64_t src = row_source[r] / top_k;
   uint16_t* dst = row_at(out, window, r, hidden);

@@ -26,6 +26,7 @@ void build_permutation(const int32_t* ids, int64_t tokens, int top_k, int expert
 
 // Rows [lo, hi) of a row-indexed buffer kept in another buffer, row lo first: the alltoall keeps
 // the rows a rank routes to itself out of the transport (written, or read, where they are used).
+// A gather given a window with no `rows` skips the window's rows (another launch writes them).
 struct RowWindow {
   int64_t lo = 0, hi = 0;
   uint16_t* rows = nullptr;

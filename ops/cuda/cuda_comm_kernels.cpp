@@ -125,7 +125,8 @@ void register_cuda_comm_kernels(KernelRegistry& r) {
       [](const Graph& g, const Node& n) {
         if (static_cast<const AlltoallDispatchOp&>(*n.op).experts_per_rank() == 0)
           return Support::no("alltoall without --ep sends every row to every rank: use allgather on the GPU");
-        return device_transport(g, n, "rows permuted by owner rank on the device, counts to the host, NCCL send/recv");
+        return device_transport(g, n, "rows permuted by owner rank on the device, counts to the host, NCCL send/recv "
+                                      "(a rank's rows for itself copied beside the transfer)");
       },
       [](const KernelCall& c) {
         const auto& op = static_cast<const AlltoallDispatchOp&>(*c.node.op);
@@ -159,20 +160,32 @@ void register_cuda_comm_kernels(KernelRegistry& r) {
                         std::to_string(op.total_rows()) + " slots");
         const comm::RowBlocks out_rows = comm::row_blocks(sent, hidden), in_rows = comm::row_blocks(received, hidden);
         const comm::RowBlocks out_k = comm::row_blocks(sent, k), in_k = comm::row_blocks(received, k);
-        if (total > 0) {
-          // Rows, ids and weights packed by destination (ids and weights as k-wide 4-byte rows); the
-          // rows this rank routes to itself go straight to where they are received, not through NCCL.
-          const auto me_at = static_cast<std::size_t>(me);
-          const int64_t self_lo = out_rows.offsets[me_at] / hidden, self_hi = self_lo + sent[me_at];
-          auto self = [&](void* out, int64_t offset) {
-            return cuda::RowWindow{self_lo, self_hi, reinterpret_cast<uint16_t*>(static_cast<std::byte*>(out) + offset)};
-          };
-          cuda::gather_rows(c.in<uint16_t>(0), s.row_source, total, k, hidden, s.send_x, stream,
-                            self(c.outputs[0], 2 * in_rows.offsets[me_at]));
+        const auto me_at = static_cast<std::size_t>(me);
+        const int64_t self_lo = out_rows.offsets[me_at] / hidden, self_hi = self_lo + sent[me_at];
+        const cuda::LaneContext& lane = lane_of(c);
+        if (self_hi > self_lo) {
+          // The rows this rank routes to itself skip NCCL: copied straight to where they are received,
+          // on the lane's side stream, beside the packing and the transfer of the others.
+          MOEFLOW_CUDA_CHECK(cudaEventRecord(lane.side_fork, stream));
+          MOEFLOW_CUDA_CHECK(cudaStreamWaitEvent(lane.side, lane.side_fork, 0));
+          const int32_t* self_source = s.row_source + self_lo;
+          cuda::gather_rows(c.in<uint16_t>(0), self_source, sent[me_at], k, hidden,
+                            c.out<uint16_t>(0) + in_rows.offsets[me_at], lane.side);
+          cuda::gather_rows(reinterpret_cast<const uint16_t*>(c.in<int32_t>(1)), self_source, sent[me_at], k, 2 * k,
+                            reinterpret_cast<uint16_t*>(c.out<int32_t>(1) + in_k.offsets[me_at]), lane.side);
+          cuda::gather_rows(reinterpret_cast<const uint16_t*>(c.in<float>(2)), self_source, sent[me_at], k, 2 * k,
+                            reinterpret_cast<uint16_t*>(c.out<float>(2) + in_k.offsets[me_at]), lane.side);
+          MOEFLOW_CUDA_CHECK(cudaEventRecord(lane.side_join, lane.side));
+        }
+        if (total > self_hi - self_lo) {
+          // The others' rows, ids and weights packed by destination (ids and weights as k-wide 4-byte
+          // rows), the self window skipped.
+          const cuda::RowWindow skip{self_lo, self_hi, nullptr};
+          cuda::gather_rows(c.in<uint16_t>(0), s.row_source, total, k, hidden, s.send_x, stream, skip);
           cuda::gather_rows(reinterpret_cast<const uint16_t*>(c.in<int32_t>(1)), s.row_source, total, k, 2 * k,
-                            reinterpret_cast<uint16_t*>(s.send_ids), stream, self(c.outputs[1], 4 * in_k.offsets[me_at]));
+                            reinterpret_cast<uint16_t*>(s.send_ids), stream, skip);
           cuda::gather_rows(reinterpret_cast<const uint16_t*>(c.in<float>(2)), s.row_source, total, k, 2 * k,
-                            reinterpret_cast<uint16_t*>(s.send_weights), stream, self(c.outputs[2], 4 * in_k.offsets[me_at]));
+                            reinterpret_cast<uint16_t*>(s.send_weights), stream, skip);
         }
         // Rows, ids and weights to the other ranks in one NCCL group: one launch moves all three.
         const comm::RowBlocks out_rows_p = comm::without_self(out_rows, me), in_rows_p = comm::without_self(in_rows, me);
@@ -185,6 +198,7 @@ void register_cuda_comm_kernels(KernelRegistry& r) {
         g.all_to_all_v(s.send_weights, out_k_p.counts.data(), out_k_p.offsets.data(), c.outputs[2], in_k_p.counts.data(),
                        in_k_p.offsets.data(), comm::Element::f32);
         g.group_end();
+        if (self_hi > self_lo) MOEFLOW_CUDA_CHECK(cudaStreamWaitEvent(stream, lane.side_join, 0));
         // Slots past those received route nowhere: their ids are -1, so no expert reads their rows
         // (which stay as they are: clearing them would cost a write of the whole tail).
         const int64_t cap = op.total_rows();

@@ -75,6 +75,9 @@ CudaExecutor::CudaExecutor(const Plan& plan, const CommGroups* comm)
     ctx.blas_workspace_bytes = blas_bytes;
     ctx.device = s.device;
     ctx.error_flag = s.error_flag;
+    MOEFLOW_CUDA_CHECK(cudaStreamCreateWithPriority(&ctx.side, cudaStreamNonBlocking, least));
+    MOEFLOW_CUDA_CHECK(cudaEventCreateWithFlags(&ctx.side_fork, cudaEventDisableTiming));
+    MOEFLOW_CUDA_CHECK(cudaEventCreateWithFlags(&ctx.side_join, cudaEventDisableTiming));
     s.lanes.push_back(ctx);
     cudaEvent_t e = nullptr;
     MOEFLOW_CUDA_CHECK(cudaEventCreateWithFlags(&e, cudaEventDisableTiming));
@@ -115,7 +118,13 @@ CudaExecutor::~CudaExecutor() {
   if (s.run_end) cudaEventDestroy(s.run_end);
   if (s.replay_start) cudaEventDestroy(s.replay_start);
   if (s.replay_end) cudaEventDestroy(s.replay_end);
-  for (cuda::LaneContext& l : s.lanes) cuda::destroy_blas_handle(l.blas);
+  for (cuda::LaneContext& l : s.lanes) {
+    cuda::destroy_blas_handle(l.blas);
+    cudaStreamSynchronize(l.side);
+    cudaStreamDestroy(l.side);
+    cudaEventDestroy(l.side_fork);
+    cudaEventDestroy(l.side_join);
+  }
   for (void* p : s.blas_workspaces) cudaFree(p);
   for (cudaStream_t st : s.streams) cudaStreamDestroy(st);
   if (s.error_flag) cudaFree(s.error_flag);
