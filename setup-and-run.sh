@@ -21,6 +21,33 @@ if ((${#missing[@]})); then
   DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
 fi
 
+# CUTLASS / CuTe headers for the CUDA backend's grouped GEMMs: NVIDIA's nvidia-cutlass wheel from
+# PyPI (pure Python plus the C++ headers), unpacked into cutlass/ (ignored by git). Skipped where
+# there is no nvcc or the headers are already there; CMake finds them there (or at CUTLASS_DIR).
+cutlass_version=4.2.0.0
+if { command -v nvcc >/dev/null || [[ -x /usr/local/cuda/bin/nvcc ]]; } && [[ ! -f cutlass/include/cutlass/cutlass.h ]]; then
+  if ! python3 -m pip --version >/dev/null 2>&1; then
+    sudo=""; [[ $(id -u) -ne 0 ]] && sudo=sudo
+    $sudo apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends python3-pip >/dev/null
+  fi
+  wheel_dir=$(mktemp -d)
+  python3 -m pip download -q --no-deps -d "$wheel_dir" "nvidia-cutlass==$cutlass_version"
+  python3 - "$wheel_dir" <<'PY'
+import pathlib, sys, zipfile
+wheel = next(pathlib.Path(sys.argv[1]).glob("nvidia_cutlass-*.whl"))
+prefix = "cutlass_library/source/include/"
+with zipfile.ZipFile(wheel) as z:
+    for name in z.namelist():
+        if name.startswith(prefix) and not name.endswith("/"):
+            target = pathlib.Path("cutlass/include") / name[len(prefix):]
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.write_bytes(z.read(name))
+PY
+  rm -rf "$wheel_dir"
+  echo "CUTLASS $cutlass_version headers unpacked into cutlass/include"
+fi
+
 cuda_flag=()
 if [[ ${MOEFLOW_REQUIRE_CUDA:-0} == 1 ]]; then cuda_flag=(-DMOEFLOW_CUDA=ON); fi
 cmake -S . -B "$build" -G Ninja -DCMAKE_BUILD_TYPE=Release "${cuda_flag[@]}" >/dev/null

@@ -6,6 +6,7 @@
 
 #include "kernels/cuda/check.cuh"
 #include "kernels/cuda/cublas_gemm.hpp"
+#include "kernels/cuda/cutlass_grouped.hpp"
 #include "kernels/cuda/decode_experts.hpp"
 #include "kernels/cuda/elementwise.hpp"
 #include "kernels/cuda/lane_context.hpp"
@@ -104,7 +105,7 @@ void run_grouped(const KernelCall& c, std::byte* workspace) {
 void register_experts(KernelRegistry& r) {
   // Our own decode kernel: for few rows per expert it streams each touched expert's weights once,
   // which is what bounds decode; a GEMM library pays tile padding and extra launches there.
-  r.add(launching(2, {"experts", Backend::cuda, "cuda.decode_gemv", 5,
+  r.add(launching(2, {"experts", Backend::cuda, "cuda.decode_gemv", 6,
          [](const Graph& g, const Node& n) {
            Support s = cuda_supports_bf16(g, n, "");
            if (!s.ok) return s;
@@ -131,6 +132,34 @@ void register_experts(KernelRegistry& r) {
                                 hidden_of(c), op.intermediate(), bf16_in(c, 2), bf16_in(c, 3), act, bf16_out(c, 0));
          },
          [](const Graph&, const Node& n, int64_t tokens) { return experts_scratch_bytes(n, tokens); }}));
+  // CUTLASS's Hopper grouped GEMM with its problem sizes written on the device: no host sync, so
+  // capturable, and no padding; ahead of every cuBLAS strategy wherever it can run.
+  r.add(launching(4, {"experts", Backend::cuda, "cuda.cutlass_grouped", 5,
+         [](const Graph& g, const Node& n) {
+           Support s = cuda_supports_bf16(g, n, "");
+           if (!s.ok) return s;
+           const auto& op = static_cast<const ExpertsOp&>(*n.op);
+           const int64_t H = g.value(n.inputs[0]).shape()[1].fixed;
+           if (const std::string why = cuda::cutlass_grouped_unbuildable(static_cast<int>(H), op.intermediate());
+               !why.empty())
+             return Support::no(why);
+           return Support::yes(fmt(rows_per_expert(n, g.max_tokens_of(n))) +
+                               " rows/expert at max T -> CUTLASS Hopper grouped GEMM (TMA, warp-specialised), one "
+                               "group per expert sized on the device from the offsets (no host sync, capturable)");
+         },
+         [](const KernelCall& c) {
+           const auto& op = static_cast<const ExpertsOp&>(*c.node.op);
+           uint16_t *h, *act;
+           auto* ws = static_cast<std::byte*>(c.workspace);
+           experts_scratch(c, ws, h, act);
+           cuda::experts_cutlass_grouped(lane(c), bf16_in(c, 0), c.in<int32_t>(1), op.experts(), c.tokens * op.top_k(),
+                                         hidden_of(c), op.intermediate(), bf16_in(c, 2), bf16_in(c, 3), h, act,
+                                         bf16_out(c, 0), ws + experts_scratch_bytes(c.node, c.max_tokens()));
+         },
+         [](const Graph&, const Node& n, int64_t tokens) {
+           return experts_scratch_bytes(n, tokens) +
+                  static_cast<int64_t>(cuda::cutlass_grouped_workspace_bytes(static_cast<const ExpertsOp&>(*n.op).experts()));
+         }}));
   r.add(launching(4, {"experts", Backend::cuda, "cuda.cublas_rows_batched", 3,
          [](const Graph& g, const Node& n) {
            Support s = cuda_supports_bf16(g, n, "");

@@ -15,6 +15,7 @@
 #include "kernels/common/random.hpp"
 #include "kernels/cuda/bf16.hpp"
 #include "kernels/cuda/cublas_gemm.hpp"
+#include "kernels/cuda/cutlass_grouped.hpp"
 #include "kernels/cuda/decode_experts.hpp"
 #include "kernels/cuda/device.hpp"
 #include "kernels/cuda/lane_context.hpp"
@@ -260,6 +261,20 @@ std::vector<uint16_t> run_decode(const Lane& lane, const Problem& p, int64_t ext
   return download<uint16_t>(out, static_cast<std::size_t>(R) * p.hidden);
 }
 
+// CUTLASS's grouped GEMM (sizes from the device offsets), in a workspace poisoned first so that an
+// array it failed to fill shows.
+std::vector<uint16_t> run_cutlass(const Lane& lane, const Problem& p) {
+  DeviceProblem d(p);
+  const std::size_t R = static_cast<std::size_t>(std::max<int64_t>(p.total(), 1));
+  DeviceBuffer h(R * 2 * p.inter * 2), act(R * p.inter * 2), ws(cuda::cutlass_grouped_workspace_bytes(p.experts));
+  ok(cudaMemset(ws.get(), 0xff, cuda::cutlass_grouped_workspace_bytes(p.experts)), "poison workspace");
+  cuda::experts_cutlass_grouped(lane.ctx, d.rows->as<uint16_t>(), d.offsets->as<int32_t>(), p.experts, p.total(),
+                                p.hidden, p.inter, d.w13->as<uint16_t>(), d.w2->as<uint16_t>(), h.as<uint16_t>(),
+                                act.as<uint16_t>(), d.out.as<uint16_t>(), ws.get());
+  lane.sync();
+  return download<uint16_t>(d.out, d.out_count);
+}
+
 constexpr double kBf16Tolerance = 1e-2;
 
 // Each strategy against the reference, and the strategies against each other.
@@ -280,6 +295,14 @@ void check_all_strategies(const std::vector<int>& counts, int hidden, int inter)
   EXPECT_LT(rel_error(grouped, loop), kBf16Tolerance) << "grouped vs loop";
   EXPECT_LT(rel_error(padded_max, loop), kBf16Tolerance) << "padded vs loop";
   EXPECT_LT(rel_error(padded_tight, grouped), kBf16Tolerance) << "padded vs grouped";
+  if (const std::string why = cuda::cutlass_grouped_unsupported(hidden, inter); why.empty()) {
+    const std::vector<uint16_t> cutlass_bits = run_cutlass(lane, p);
+    EXPECT_LT(rel_error(widen(cutlass_bits), ref), kBf16Tolerance) << "cutlass grouped";
+    EXPECT_LT(rel_error(widen(cutlass_bits), loop), kBf16Tolerance) << "cutlass vs loop";
+    EXPECT_EQ(cutlass_bits, run_cutlass(lane, p)) << "cutlass rerun differs";
+  } else {
+    std::printf("    cutlass grouped not run: %s\n", why.c_str());
+  }
   if (cuda::decode_experts_supported(hidden, inter)) {
     const std::vector<uint16_t> decode_bits = run_decode(lane, p, /*extra_rows=*/3);
     const std::vector<uint16_t> routed(decode_bits.begin(), decode_bits.begin() + static_cast<std::ptrdiff_t>(ref.size()));
@@ -315,6 +338,20 @@ TEST(CublasExperts, HiddenNotAMultipleOfEight) {
 TEST(CublasExperts, CiSizedRandomCounts) {
   if (moeflow::cuda::device_count() == 0) GTEST_SKIP() << "no CUDA device";
   check_all_strategies({7, 0, 31, 2, 0, 12, 1, 19}, 256, 128);
+}
+
+TEST(CublasExperts, MoreRowsThanATileAndSizesThatAreNoTileMultiple) {
+  if (moeflow::cuda::device_count() == 0) GTEST_SKIP() << "no CUDA device";
+  // 128x128x64 tiles: experts of 1, 129 and 300 rows, N = 2I = 272 and H = 200, K not a multiple of 64.
+  check_all_strategies({300, 0, 129, 1, 0, 77}, 200, 136);
+}
+
+TEST(CublasExperts, CutlassGroupedWithNoRowsWritesNothing) {
+  if (moeflow::cuda::device_count() == 0) GTEST_SKIP() << "no CUDA device";
+  if (const std::string why = cuda::cutlass_grouped_unsupported(72, 40); !why.empty()) GTEST_SKIP() << why;
+  const Problem p = make_problem({0, 0, 0}, 72, 40);
+  Lane lane;
+  EXPECT_TRUE(run_cutlass(lane, p).empty());
 }
 
 TEST(CublasExperts, NoRowsAtAllIsANoOp) {

@@ -65,9 +65,11 @@ INSTANTIATE_TEST_SUITE_P(
     testing::Combine(testing::Range(0, 5), testing::Values("serial", "concurrent"),
                      testing::Values("cuda.cublas_grouped_batched", "cuda.cublas_per_expert_loop",
                                      "cuda.cublas_padded_strided", "cuda.cublas_rows_batched",
-                                     "cuda.decode_gemv")),
+                                     "cuda.decode_gemv", "cuda.cutlass_grouped")),
     [](const testing::TestParamInfo<Param>& i) {
-      std::string k = std::get<2>(i.param).substr(std::string("cuda.cublas_").size());
+      const std::string& name = std::get<2>(i.param);
+      const std::string cublas = "cuda.cublas_";
+      std::string k = name.rfind(cublas, 0) == 0 ? name.substr(cublas.size()) : name.substr(std::string("cuda.").size());
       return family_cases()[static_cast<std::size_t>(std::get<0>(i.param))].name + "_" + std::get<1>(i.param) + "_" + k;
     });
 

@@ -1,0 +1,34 @@
+#pragma once
+// The routed experts' SwiGLU MLP through CUTLASS 4.2's Hopper pointer-array grouped GEMM (TMA loads,
+// warp-specialised cooperative mainloop, bf16 in, fp32 accumulation, bf16 out). One group per
+// expert; a small device kernel writes every group's problem size and pointers from the DEVICE
+// offsets, so nothing waits on the host and one captured CUDA graph serves any routing and any T up
+// to the plan's maximum. Experts with no rows are groups with no tiles.
+//
+// Conventions as in cublas_gemm.hpp: rows [R, H] grouped by expert (offsets [E+1], device),
+// w13 [E, 2I, H], w2 [E, H, I], out [R, H]; h [R, 2I] and act [R, I] are the caller's scratch, rounded
+// to bf16 between the stages; total_rows = R = offsets[E] (T·k), which the SwiGLU between them
+// covers. No CUDA or CUTLASS headers here.
+#include <cstddef>
+#include <cstdint>
+#include <string>
+
+#include "kernels/cuda/lane_context.hpp"
+
+namespace moeflow::cuda {
+
+// Empty when the kernel can run H x I experts on `device`; otherwise why not (built without CUTLASS,
+// not a Hopper GPU, sizes that are not multiples of the 16-byte TMA alignment).
+std::string cutlass_grouped_unsupported(int hidden, int intermediate);
+// The same question without a device (plan time, CI): compiled in, and sizes aligned.
+std::string cutlass_grouped_unbuildable(int hidden, int intermediate);
+
+// Device workspace: the two GEMMs' problem-size, pointer and stride arrays and CUTLASS's own
+// workspace (its per-SM TMA descriptors). 256-byte aligned.
+std::size_t cutlass_grouped_workspace_bytes(int experts);
+
+void experts_cutlass_grouped(const LaneContext& ctx, const uint16_t* rows, const int32_t* offsets, int experts,
+                             int64_t total_rows, int hidden, int intermediate, const uint16_t* w13, const uint16_t* w2, uint16_t* h,
+                             uint16_t* act, uint16_t* out, void* workspace);
+
+}  // namespace moeflow::cuda
