@@ -2,7 +2,7 @@
 # One call on the GPU machine (see the device README): unpack the carried .deb files, build there,
 # run the gpu tests (plain, memcheck, racecheck), the CLI checks of every preset, the CUDA-graph
 # host cost (mode `tests`), or the benchmark sweep (mode `bench`). Everything lands in $OUT.
-# Usage: bash bench/gpu_session.sh tests|full|racecheck|bench|overlap|chunks|decode|timeline|probe|ranks [models] [experts kernels] [tokens] [scopes]
+# Usage: bash bench/gpu_session.sh tests|full|racecheck|bench|overlap|chunks|decode|timeline|probe|ranks|cutlass [models] [experts kernels] [tokens] [scopes]
 set -uo pipefail
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 mkdir -p /opt/deps && for f in .deps/*.deb; do dpkg -x "$f" /opt/deps; done
@@ -138,6 +138,32 @@ if [[ $mode == overlap ]]; then
       --tokens 1 --plans graph --experts-kernels cuda.cublas_rows_batched --scope layer > /dev/null 2>&1
     timeout 60 $nsys stats -q --report cuda_gpu_trace --format csv -o /tmp/ovs /tmp/ov.nsys-rep > /dev/null 2>&1
     tail -n 400 /tmp/ovs*.csv > "$OUT/nsys_trace.csv" 2>/dev/null; wc -l "$OUT/nsys_trace.csv"
+  fi
+  exit 0
+fi
+if [[ $mode == cutlass ]]; then
+  # CUTLASS grouped GEMM (issue 7): resource report and SASS, its tests (plain, memcheck), run --check
+  # per preset eager and as a CUDA graph; then (part bench) the experts path next to cuBLAS and decode.
+  part=${2:-tests}
+  if [[ $part == tests ]]; then
+    obj=$(find $b -name cutlass_grouped.cu.o | head -1)
+    echo "== resource usage"; cuobjdump -res-usage "$obj" 2>&1 | grep -B1 -A1 "REG" | cut -c1-220 | tee "$OUT/cutlass_resources.txt"
+    echo "HGMMA in SASS: $(cuobjdump -sass "$obj" | grep -c HGMMA)" | tee -a "$OUT/cutlass_resources.txt"
+    f='CublasExperts*:Families/CudaLayer.*cutlass*:CudaLayerGraph*'
+    echo "== tests"; timeout 240 $b/moeflow_gpu_tests --gtest_filter="$f" > "$OUT/cutlass_tests.log" 2>&1; echo "rc=$?"
+    grep -E "FAILED|Failure|PASSED|cutlass" "$OUT/cutlass_tests.log" | head -30
+    echo "== memcheck"; timeout 240 compute-sanitizer --tool memcheck --error-exitcode 9 $b/moeflow_gpu_tests --gtest_brief=1 \
+      --gtest_filter='CublasExperts*:Families/CudaLayer.*qwen*cutlass*' > "$OUT/cutlass_memcheck.log" 2>&1; echo "rc=$?"; tail -3 "$OUT/cutlass_memcheck.log"
+    echo "== run --check"
+    for m in qwen1.5-moe-a2.7b mixtral-8x7b qwen3-30b-a3b deepseek-v3; do
+      $b/moeflow run --backend cuda --model $m --tokens 512 --kernel experts=cuda.cutlass_grouped --check 2>&1 | grep -E "check|error"
+      $b/moeflow run --backend cuda --model $m --tokens 512 --kernel experts=cuda.cutlass_grouped --cuda-graph --check 2>&1 | grep -E "check|error"
+    done
+  else
+    timeout 540 $b/moeflow bench --backend cuda --models ${3:-qwen1.5-moe-a2.7b,deepseek-v3,mixtral-8x7b,qwen3-30b-a3b} \
+      --tokens ${4:-8,32,128,512,2048,8192} --plans serial,graph --scope experts \
+      --experts-kernels ${5:-cuda.cutlass_grouped,cuda.cublas_grouped_batched,cuda.decode_gemv} --json "$OUT/cutlass_bench.jsonl" \
+      > "$OUT/cutlass_bench.log" 2>&1; echo "rc=$?"; grep -v "^skipped" "$OUT/cutlass_bench.log" | tail -50
   fi
   exit 0
 fi
