@@ -416,7 +416,9 @@ int bench_ranks(const RankBenchRequest& b) {
   }
   const bool gpu = b.base.plan.backend == Backend::cuda;
   if (rank == 0)
-    std::cout << "moeflow bench: " << ranks << " ranks (" << first.str().substr(0, first.str().find(" tokens")) << ")\n"
+    // The dispatch kind is per row: the header names only what every row shares.
+    std::cout << "moeflow bench: " << ranks << " ranks (dp=" << first.dp << " tp=" << first.tp << (first.ep ? " ep" : "")
+              << ")\n"
               << "  model                 T/rank kind            chunks plan        layer ms  dispatch ms  combine ms  "
                  "sent MB (d+c)  vs own all-to-all  hidden\n";
   for (const std::string& model : b.models)
