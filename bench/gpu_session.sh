@@ -159,10 +159,12 @@ if [[ $mode == cutlass ]]; then
       $b/moeflow run --backend cuda --model $m --tokens 512 --kernel experts=cuda.cutlass_grouped --check 2>&1 | grep -E "check|error"
       $b/moeflow run --backend cuda --model $m --tokens 512 --kernel experts=cuda.cutlass_grouped --cuda-graph --check 2>&1 | grep -E "check|error"
     done
+    $b/moeflow run --backend cuda --model qwen3-30b-a3b --tokens 4096 --kernel experts=cuda.cutlass_grouped_wide --cuda-graph \
+      --check 2>&1 | grep -E "check|error"
   else
     timeout 540 $b/moeflow bench --backend cuda --models ${3:-qwen1.5-moe-a2.7b,deepseek-v3,mixtral-8x7b,qwen3-30b-a3b} \
       --tokens ${4:-8,32,128,512,2048,8192} --plans serial,graph --scope experts \
-      --experts-kernels ${5:-cuda.cutlass_grouped,cuda.cublas_grouped_batched,cuda.decode_gemv} --json "$OUT/cutlass_bench.jsonl" \
+      --experts-kernels ${5:-cuda.cutlass_grouped,cuda.cutlass_grouped_wide,cuda.cublas_grouped_batched,cuda.cublas_padded_to_max,cuda.decode_gemv} --json "$OUT/cutlass_bench.jsonl" \
       > "$OUT/cutlass_bench.log" 2>&1; echo "rc=$?"; grep -v "^skipped" "$OUT/cutlass_bench.log" | tail -50
   fi
   exit 0

@@ -3,6 +3,7 @@
 #include <cuda_runtime.h>
 
 #include <string>
+#include <type_traits>
 
 #include "graph/error.hpp"
 #include "kernels/cuda/check.cuh"
@@ -44,37 +45,45 @@ namespace {
 
 using namespace cute;
 
-// One instantiation serves both GEMMs: D [m, n] = A [m, k] · B[n, k]ᵀ with A and D row-major and B
-// stored [n, k] (K-major), which is w13 [2I, H] against rows for the first and w2 [H, I] against act
-// for the second. 128x128x64 tiles, no cluster: an expert's m varies from 0 to T·k, and the
-// cooperative schedule's two consumer warp groups split the 128 rows.
+// One instantiation per tile configuration serves both GEMMs: D [m, n] = A [m, k] · B[n, k]ᵀ with A
+// and D row-major and B stored [n, k] (K-major), which is w13 [2I, H] against rows for the first and
+// w2 [H, I] against act for the second. The cooperative schedule's two consumer warp groups split a
+// tile's 128 rows.
 using Element = cutlass::bfloat16_t;
 using LayoutA = cutlass::layout::RowMajor;
 using LayoutB = cutlass::layout::ColumnMajor;
 using LayoutD = cutlass::layout::RowMajor;
 constexpr int kElementsPer16B = 8;
-using TileShape = Shape<_128, _128, _64>;
-using ClusterShape = Shape<_1, _1, _1>;
 using ProblemShape = cutlass::gemm::GroupProblemShape<Shape<int, int, int>>;
-
-using Epilogue = typename cutlass::epilogue::collective::CollectiveBuilder<
-    cutlass::arch::Sm90, cutlass::arch::OpClassTensorOp, TileShape, ClusterShape,
-    cutlass::epilogue::collective::EpilogueTileAuto, float, float, void, LayoutD*, kElementsPer16B, Element, LayoutD*,
-    kElementsPer16B, cutlass::epilogue::PtrArrayTmaWarpSpecializedCooperative,
-    cutlass::epilogue::fusion::LinearCombination<Element, float, void, float>>::CollectiveOp;
-
-using Mainloop = typename cutlass::gemm::collective::CollectiveBuilder<
-    cutlass::arch::Sm90, cutlass::arch::OpClassTensorOp, Element, LayoutA*, kElementsPer16B, Element, LayoutB*,
-    kElementsPer16B, float, TileShape, ClusterShape,
-    cutlass::gemm::collective::StageCountAutoCarveout<static_cast<int>(sizeof(typename Epilogue::SharedStorage))>,
-    cutlass::gemm::KernelPtrArrayTmaWarpSpecializedCooperative>::CollectiveOp;
-
-using Kernel = cutlass::gemm::kernel::GemmUniversal<ProblemShape, Mainloop, Epilogue>;
-using Gemm = cutlass::gemm::device::GemmUniversalAdapter<Kernel>;
-using StrideA = typename Kernel::InternalStrideA;
-using StrideB = typename Kernel::InternalStrideB;
-using StrideD = typename Kernel::InternalStrideD;
 using Shape3 = typename ProblemShape::UnderlyingProblemShape;
+
+template <class TileShape, class ClusterShape>
+struct GroupedGemm {
+  using Epilogue = typename cutlass::epilogue::collective::CollectiveBuilder<
+      cutlass::arch::Sm90, cutlass::arch::OpClassTensorOp, TileShape, ClusterShape,
+      cutlass::epilogue::collective::EpilogueTileAuto, float, float, void, LayoutD*, kElementsPer16B, Element,
+      LayoutD*, kElementsPer16B, cutlass::epilogue::PtrArrayTmaWarpSpecializedCooperative,
+      cutlass::epilogue::fusion::LinearCombination<Element, float, void, float>>::CollectiveOp;
+  using Mainloop = typename cutlass::gemm::collective::CollectiveBuilder<
+      cutlass::arch::Sm90, cutlass::arch::OpClassTensorOp, Element, LayoutA*, kElementsPer16B, Element, LayoutB*,
+      kElementsPer16B, float, TileShape, ClusterShape,
+      cutlass::gemm::collective::StageCountAutoCarveout<static_cast<int>(sizeof(typename Epilogue::SharedStorage))>,
+      cutlass::gemm::KernelPtrArrayTmaWarpSpecializedCooperative>::CollectiveOp;
+  using Kernel = cutlass::gemm::kernel::GemmUniversal<ProblemShape, Mainloop, Epilogue>;
+  using Gemm = cutlass::gemm::device::GemmUniversalAdapter<Kernel>;
+};
+
+// 128x128x64, no cluster: any expert size. 128x256x64 in 2x1 clusters: experts of hundreds of rows,
+// where a weight tile multicast to the two CTAs of a cluster (same n, next m) halves its loads.
+using General = GroupedGemm<Shape<_128, _128, _64>, Shape<_1, _1, _1>>;
+using Wide = GroupedGemm<Shape<_128, _256, _64>, Shape<_2, _1, _1>>;
+// Both builders give the same operand strides (a row pitch and unit steps).
+using StrideA = typename General::Kernel::InternalStrideA;
+using StrideB = typename General::Kernel::InternalStrideB;
+using StrideD = typename General::Kernel::InternalStrideD;
+static_assert(std::is_same_v<StrideA, typename Wide::Kernel::InternalStrideA> &&
+              std::is_same_v<StrideB, typename Wide::Kernel::InternalStrideB> &&
+              std::is_same_v<StrideD, typename Wide::Kernel::InternalStrideD>);
 
 // One GEMM's per-group arrays, each E long, carved from the workspace.
 struct GroupArrays {
@@ -157,7 +166,9 @@ void check(cutlass::Status s, const char* what) {
     throw Error(ErrorKind::resource, std::string("cutlass grouped GEMM: ") + what + ": " + cutlassGetStatusString(s));
 }
 
+template <class Config>
 void run_group(const LaneContext& ctx, int experts, const GroupArrays& g, std::byte* cutlass_workspace) {
+  using Gemm = typename Config::Gemm;
   typename Gemm::Arguments args;
   args.mode = cutlass::gemm::GemmUniversalMode::kGrouped;
   args.problem_shape = {experts, g.shapes, nullptr};  // sizes on the device only: a persistent grid
@@ -205,7 +216,7 @@ std::size_t cutlass_grouped_workspace_bytes(int experts) {
 
 void experts_cutlass_grouped(const LaneContext& ctx, const uint16_t* rows, const int32_t* offsets, int experts,
                              int64_t total_rows, int hidden, int intermediate, const uint16_t* w13, const uint16_t* w2, uint16_t* h,
-                             uint16_t* act, uint16_t* out, void* workspace) {
+                             uint16_t* act, uint16_t* out, void* workspace, CutlassTiles tiles) {
   if (experts <= 0 || hidden <= 0 || intermediate <= 0)
     fail_input("experts_cutlass_grouped: E = " + std::to_string(experts) + ", H = " + std::to_string(hidden) +
                ", I = " + std::to_string(intermediate));
@@ -224,9 +235,10 @@ void experts_cutlass_grouped(const LaneContext& ctx, const uint16_t* rows, const
       pitch<StrideA>(H), pitch<StrideB>(H), pitch<StrideD>(2 * I), pitch<StrideA>(I), pitch<StrideB>(I),
       pitch<StrideD>(H));
   MOEFLOW_CUDA_LAUNCH_CHECK();
-  run_group(ctx, experts, g1, cutlass_workspace);
+  auto gemm = tiles == CutlassTiles::wide ? run_group<Wide> : run_group<General>;
+  gemm(ctx, experts, g1, cutlass_workspace);
   swiglu(h, total_rows, intermediate, act, ctx.stream);
-  run_group(ctx, experts, g2, cutlass_workspace);
+  gemm(ctx, experts, g2, cutlass_workspace);
 }
 
 #else  // built without CUTLASS's headers
@@ -237,7 +249,7 @@ std::string cutlass_grouped_unbuildable(int, int) {
 std::string cutlass_grouped_unsupported(int h, int i) { return cutlass_grouped_unbuildable(h, i); }
 std::size_t cutlass_grouped_workspace_bytes(int) { return 0; }
 void experts_cutlass_grouped(const LaneContext&, const uint16_t*, const int32_t*, int, int64_t, int, int, const uint16_t*,
-                             const uint16_t*, uint16_t*, uint16_t*, uint16_t*, void*) {
+                             const uint16_t*, uint16_t*, uint16_t*, uint16_t*, void*, CutlassTiles) {
   fail_input("experts_cutlass_grouped: " + cutlass_grouped_unbuildable(0, 0));
 }
 

@@ -102,10 +102,43 @@ void run_grouped(const KernelCall& c, std::byte* workspace) {
                                 c.host_workspace);
 }
 
+// A CUTLASS grouped GEMM configuration as an experts kernel; it declines plans whose experts get
+// fewer than `min_rows` rows on average at the maximum T (its tiles would run mostly empty).
+KernelEntry cutlass_grouped(std::string name, int priority, cuda::CutlassTiles tiles, double min_rows,
+                            std::string tiles_text) {
+  return launching(4, {"experts", Backend::cuda, std::move(name), priority,
+      [min_rows, tiles_text](const Graph& g, const Node& n) {
+        Support s = cuda_supports_bf16(g, n, "");
+        if (!s.ok) return s;
+        const auto& op = static_cast<const ExpertsOp&>(*n.op);
+        const int64_t H = g.value(n.inputs[0]).shape()[1].fixed;
+        if (const std::string why = cuda::cutlass_grouped_unbuildable(static_cast<int>(H), op.intermediate()); !why.empty())
+          return Support::no(why);
+        const double mean = rows_per_expert(n, g.max_tokens_of(n));
+        if (mean < min_rows)
+          return Support::no(fmt(mean) + " rows/expert at max T: fewer than the " + fmt(min_rows) + " its tiles want");
+        return Support::yes(fmt(mean) + " rows/expert at max T -> CUTLASS Hopper grouped GEMM, " + tiles_text +
+                            ", one group per expert sized on the device from the offsets (no host sync, capturable)");
+      },
+      [tiles](const KernelCall& c) {
+        const auto& op = static_cast<const ExpertsOp&>(*c.node.op);
+        uint16_t *h, *act;
+        auto* ws = static_cast<std::byte*>(c.workspace);
+        experts_scratch(c, ws, h, act);
+        cuda::experts_cutlass_grouped(lane(c), bf16_in(c, 0), c.in<int32_t>(1), op.experts(), c.tokens * op.top_k(),
+                                      hidden_of(c), op.intermediate(), bf16_in(c, 2), bf16_in(c, 3), h, act,
+                                      bf16_out(c, 0), ws + experts_scratch_bytes(c.node, c.max_tokens()), tiles);
+      },
+      [](const Graph&, const Node& n, int64_t tokens) {
+        return experts_scratch_bytes(n, tokens) +
+               static_cast<int64_t>(cuda::cutlass_grouped_workspace_bytes(static_cast<const ExpertsOp&>(*n.op).experts()));
+      }});
+}
+
 void register_experts(KernelRegistry& r) {
   // Our own decode kernel: for few rows per expert it streams each touched expert's weights once,
   // which is what bounds decode; a GEMM library pays tile padding and extra launches there.
-  r.add(launching(2, {"experts", Backend::cuda, "cuda.decode_gemv", 6,
+  r.add(launching(2, {"experts", Backend::cuda, "cuda.decode_gemv", 7,
          [](const Graph& g, const Node& n) {
            Support s = cuda_supports_bf16(g, n, "");
            if (!s.ok) return s;
@@ -133,33 +166,11 @@ void register_experts(KernelRegistry& r) {
          },
          [](const Graph&, const Node& n, int64_t tokens) { return experts_scratch_bytes(n, tokens); }}));
   // CUTLASS's Hopper grouped GEMM with its problem sizes written on the device: no host sync, so
-  // capturable, and no padding; ahead of every cuBLAS strategy wherever it can run.
-  r.add(launching(4, {"experts", Backend::cuda, "cuda.cutlass_grouped", 5,
-         [](const Graph& g, const Node& n) {
-           Support s = cuda_supports_bf16(g, n, "");
-           if (!s.ok) return s;
-           const auto& op = static_cast<const ExpertsOp&>(*n.op);
-           const int64_t H = g.value(n.inputs[0]).shape()[1].fixed;
-           if (const std::string why = cuda::cutlass_grouped_unbuildable(static_cast<int>(H), op.intermediate());
-               !why.empty())
-             return Support::no(why);
-           return Support::yes(fmt(rows_per_expert(n, g.max_tokens_of(n))) +
-                               " rows/expert at max T -> CUTLASS Hopper grouped GEMM (TMA, warp-specialised), one "
-                               "group per expert sized on the device from the offsets (no host sync, capturable)");
-         },
-         [](const KernelCall& c) {
-           const auto& op = static_cast<const ExpertsOp&>(*c.node.op);
-           uint16_t *h, *act;
-           auto* ws = static_cast<std::byte*>(c.workspace);
-           experts_scratch(c, ws, h, act);
-           cuda::experts_cutlass_grouped(lane(c), bf16_in(c, 0), c.in<int32_t>(1), op.experts(), c.tokens * op.top_k(),
-                                         hidden_of(c), op.intermediate(), bf16_in(c, 2), bf16_in(c, 3), h, act,
-                                         bf16_out(c, 0), ws + experts_scratch_bytes(c.node, c.max_tokens()));
-         },
-         [](const Graph&, const Node& n, int64_t tokens) {
-           return experts_scratch_bytes(n, tokens) +
-                  static_cast<int64_t>(cuda::cutlass_grouped_workspace_bytes(static_cast<const ExpertsOp&>(*n.op).experts()));
-         }}));
+  // capturable, and no padding; ahead of every cuBLAS strategy wherever it can run, the wide tiles
+  // first where experts get enough rows to fill them.
+  r.add(cutlass_grouped("cuda.cutlass_grouped_wide", 6, cuda::CutlassTiles::wide, 256,
+                        "128x256 tiles in 2x1 clusters (each weight tile multicast to two row tiles)"));
+  r.add(cutlass_grouped("cuda.cutlass_grouped", 5, cuda::CutlassTiles::general, 0, "128x128 tiles"));
   r.add(launching(4, {"experts", Backend::cuda, "cuda.cublas_rows_batched", 3,
          [](const Graph& g, const Node& n) {
            Support s = cuda_supports_bf16(g, n, "");

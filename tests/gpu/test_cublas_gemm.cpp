@@ -263,14 +263,15 @@ std::vector<uint16_t> run_decode(const Lane& lane, const Problem& p, int64_t ext
 
 // CUTLASS's grouped GEMM (sizes from the device offsets), in a workspace poisoned first so that an
 // array it failed to fill shows.
-std::vector<uint16_t> run_cutlass(const Lane& lane, const Problem& p) {
+std::vector<uint16_t> run_cutlass(const Lane& lane, const Problem& p,
+                                  cuda::CutlassTiles tiles = cuda::CutlassTiles::general) {
   DeviceProblem d(p);
   const std::size_t R = static_cast<std::size_t>(std::max<int64_t>(p.total(), 1));
   DeviceBuffer h(R * 2 * p.inter * 2), act(R * p.inter * 2), ws(cuda::cutlass_grouped_workspace_bytes(p.experts));
   ok(cudaMemset(ws.get(), 0xff, cuda::cutlass_grouped_workspace_bytes(p.experts)), "poison workspace");
   cuda::experts_cutlass_grouped(lane.ctx, d.rows->as<uint16_t>(), d.offsets->as<int32_t>(), p.experts, p.total(),
                                 p.hidden, p.inter, d.w13->as<uint16_t>(), d.w2->as<uint16_t>(), h.as<uint16_t>(),
-                                act.as<uint16_t>(), d.out.as<uint16_t>(), ws.get());
+                                act.as<uint16_t>(), d.out.as<uint16_t>(), ws.get(), tiles);
   lane.sync();
   return download<uint16_t>(d.out, d.out_count);
 }
@@ -296,10 +297,13 @@ void check_all_strategies(const std::vector<int>& counts, int hidden, int inter)
   EXPECT_LT(rel_error(padded_max, loop), kBf16Tolerance) << "padded vs loop";
   EXPECT_LT(rel_error(padded_tight, grouped), kBf16Tolerance) << "padded vs grouped";
   if (const std::string why = cuda::cutlass_grouped_unsupported(hidden, inter); why.empty()) {
-    const std::vector<uint16_t> cutlass_bits = run_cutlass(lane, p);
-    EXPECT_LT(rel_error(widen(cutlass_bits), ref), kBf16Tolerance) << "cutlass grouped";
-    EXPECT_LT(rel_error(widen(cutlass_bits), loop), kBf16Tolerance) << "cutlass vs loop";
-    EXPECT_EQ(cutlass_bits, run_cutlass(lane, p)) << "cutlass rerun differs";
+    for (const auto tiles : {cuda::CutlassTiles::general, cuda::CutlassTiles::wide}) {
+      const char* which = tiles == cuda::CutlassTiles::wide ? "cutlass wide" : "cutlass general";
+      const std::vector<uint16_t> cutlass_bits = run_cutlass(lane, p, tiles);
+      EXPECT_LT(rel_error(widen(cutlass_bits), ref), kBf16Tolerance) << which;
+      EXPECT_LT(rel_error(widen(cutlass_bits), loop), kBf16Tolerance) << which << " vs loop";
+      EXPECT_EQ(cutlass_bits, run_cutlass(lane, p, tiles)) << which << " rerun differs";
+    }
   } else {
     std::printf("    cutlass grouped not run: %s\n", why.c_str());
   }
