@@ -168,7 +168,7 @@ void register_experts(KernelRegistry& r) {
   // CUTLASS's Hopper grouped GEMM with its problem sizes written on the device: no host sync, so
   // capturable, and no padding; ahead of every cuBLAS strategy wherever it can run, the wide tiles
   // first where experts get enough rows to fill them.
-  r.add(cutlass_grouped("cuda.cutlass_grouped_wide", 6, cuda::CutlassTiles::wide, 256,
+  r.add(cutlass_grouped("cuda.cutlass_grouped_wide", 6, cuda::CutlassTiles::wide, 128,
                         "128x256 tiles in 2x1 clusters (each weight tile multicast to two row tiles)"));
   r.add(cutlass_grouped("cuda.cutlass_grouped", 5, cuda::CutlassTiles::general, 0, "128x128 tiles"));
   r.add(launching(4, {"experts", Backend::cuda, "cuda.cublas_rows_batched", 3,
