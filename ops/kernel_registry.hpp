@@ -31,6 +31,10 @@ struct KernelCall {
   void* workspace = nullptr;       // the kernel's own scratch, as large as its workspace() said
   void* host_workspace = nullptr;  // pinned host scratch, as large as its host_workspace() said
   const CommGroups* comm = nullptr;  // this rank's communicators in a multi-rank run, else null
+  // Set in a CUDA graph captured for any T (kernels whose entry says live_tokens only): the run's T
+  // in device memory, read by the kernels when they run; `tokens` is then the plan's maximum, what
+  // the launches are sized for.
+  const int32_t* live_tokens = nullptr;
 
   // The most rows this node ever gets (its chunk's size in a chunked graph): what scratch is sized for.
   int64_t max_tokens() const { return graph.max_tokens_of(node); }
@@ -71,6 +75,9 @@ struct KernelEntry {
   // every element read before it is written. The memory planner uses one only where input i is
   // read by nothing after this node and both live in the workspace.
   std::vector<std::pair<int, int>> in_place = {};
+  // Whether the kernel reads its token count from KernelCall::live_tokens when that is set, so one
+  // captured CUDA graph serves any T (CudaExecutor::capture_any_tokens).
+  bool live_tokens = false;
 };
 
 struct KernelChoice {

@@ -268,7 +268,12 @@ void CudaSession::capture(bool stamped) {
   executor_->capture(*inputs_[static_cast<std::size_t>(set_)], *weights_, tokens_, stamped);
 }
 
-double CudaSession::replay(Trace* trace) { return executor_->replay(trace); }
+void CudaSession::capture_any_tokens(bool stamped) {
+  if (tokens_ == 0) fail_input("CudaSession::capture_any_tokens: call set_tokens first (it fills the inputs)");
+  executor_->capture_any_tokens(*inputs_[static_cast<std::size_t>(set_)], *weights_, stamped);
+}
+
+double CudaSession::replay(Trace* trace) { return executor_->replay(trace, tokens_); }
 
 std::vector<int32_t> CudaSession::read_i32(ValueId v, int64_t count) {
   if (plan_.graph->value(v).dtype() != DType::i32)

@@ -47,6 +47,9 @@ class CudaSession {
   // Captures the plan for the current T and input set; replay() runs it (device seconds). A
   // stamped capture can be traced node by node on replay (CudaExecutor::capture).
   void capture(bool stamped = false);
+  // Captures once for every T up to the maximum (CudaExecutor::capture_any_tokens); replay() then
+  // runs at the T of the latest set_tokens.
+  void capture_any_tokens(bool stamped = false);
   double replay(Trace* trace = nullptr);
   double replay_launch_seconds(int launches) { return executor_->replay_launch_seconds(launches); }
 

@@ -237,7 +237,8 @@ void experts_cutlass_grouped(const LaneContext& ctx, const uint16_t* rows, const
   MOEFLOW_CUDA_LAUNCH_CHECK();
   auto gemm = tiles == CutlassTiles::wide ? run_group<Wide> : run_group<General>;
   gemm(ctx, experts, g1, cutlass_workspace);
-  swiglu(h, total_rows, intermediate, act, ctx.stream);
+  // Only the routed rows (offsets[E], on the device): with a live T the launch bound is the maximum.
+  swiglu(h, total_rows, intermediate, act, ctx.stream, LiveRows{offsets + experts, 1});
   gemm(ctx, experts, g2, cutlass_workspace);
 }
 

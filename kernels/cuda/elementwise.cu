@@ -9,6 +9,7 @@
 #include "kernels/cuda/bf16_vec.cuh"
 #include "kernels/cuda/check.cuh"
 #include "kernels/cuda/elementwise.hpp"
+#include "kernels/cuda/live_rows.cuh"
 
 namespace moeflow::cuda {
 
@@ -48,9 +49,10 @@ RowGrid row_grid(int64_t rows, int64_t per_row, const char* what) {
 
 template <bool kVec>
 __global__ void __launch_bounds__(kThreads)
-    swiglu_kernel(const uint16_t* __restrict__ h, int64_t rows, int inter, int shift, uint16_t* __restrict__ act) {
+    swiglu_kernel(const uint16_t* __restrict__ h, int64_t rows, int inter, int shift, uint16_t* __restrict__ act,
+                  LiveRows live) {
   const int64_t r = (static_cast<int64_t>(blockIdx.x) << (kThreadsLog2 - shift)) + (threadIdx.x >> shift);
-  if (r >= rows) return;
+  if (r >= live_bound(live, rows)) return;
   const int sub = static_cast<int>(threadIdx.x) & ((1 << shift) - 1);
   const uint16_t* gate = h + r * 2 * inter;
   const uint16_t* up = gate + inter;
@@ -210,13 +212,13 @@ void check_nonnegative(const char* what, int64_t a, const char* a_name, int64_t 
 
 }  // namespace
 
-void swiglu(const uint16_t* h, int64_t rows, int intermediate, uint16_t* act, Stream stream) {
+void swiglu(const uint16_t* h, int64_t rows, int intermediate, uint16_t* act, Stream stream, LiveRows live) {
   check_nonnegative("cuda swiglu", rows, "rows", intermediate, "intermediate");
   if (rows == 0 || intermediate == 0) return;
   const bool vec = intermediate % 8 == 0 && aligned16(h) && aligned16(act);
   const RowGrid g = row_grid(rows, vec ? intermediate / 8 : intermediate, "cuda swiglu");
-  if (vec) swiglu_kernel<true><<<g.blocks, kThreads, 0, stream>>>(h, rows, intermediate, g.shift, act);
-  else swiglu_kernel<false><<<g.blocks, kThreads, 0, stream>>>(h, rows, intermediate, g.shift, act);
+  if (vec) swiglu_kernel<true><<<g.blocks, kThreads, 0, stream>>>(h, rows, intermediate, g.shift, act, live);
+  else swiglu_kernel<false><<<g.blocks, kThreads, 0, stream>>>(h, rows, intermediate, g.shift, act, live);
   MOEFLOW_CUDA_LAUNCH_CHECK();
 }
 

@@ -5,11 +5,13 @@
 #include <cstdint>
 
 #include "kernels/cuda/lane_context.hpp"
+#include "kernels/cuda/live_rows.hpp"
 
 namespace moeflow::cuda {
 
 // act[r, i] = silu(h[r, i]) · h[r, I + i]; h bf16 [rows, 2I] ([gate | up] per row), act bf16 [rows, I].
-void swiglu(const uint16_t* h, int64_t rows, int intermediate, uint16_t* act, Stream stream);
+// With a live count, `rows` is the bound and rows past the live ones are left as they are.
+void swiglu(const uint16_t* h, int64_t rows, int intermediate, uint16_t* act, Stream stream, LiveRows live = {});
 
 // y[t, :] *= sigmoid(x[t, :] · gate_w) in place; x, y bf16 [T, H], gate_w bf16 [H]. The dot is fp32
 // with a fixed reduction order (one block per token), so reruns give the same bits.

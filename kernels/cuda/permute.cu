@@ -9,6 +9,7 @@
 #include "graph/error.hpp"
 #include "kernels/cuda/bf16_vec.cuh"
 #include "kernels/cuda/check.cuh"
+#include "kernels/cuda/live_rows.cuh"
 #include "kernels/cuda/permute.hpp"
 
 namespace moeflow::cuda {
@@ -72,7 +73,7 @@ __device__ __forceinline__ WarpTile warp_tile(int64_t n, int experts, int64_t ti
   t.active = t.w < num_tiles;
   t.cnt = counts_smem + static_cast<size_t>(warp) * (experts + 1);
   t.begin = t.w * tile;
-  t.end = t.begin + tile < n ? t.begin + tile : n;
+  t.end = t.begin + tile < n ? t.begin + tile : n;  // below begin past a live count: an empty tile
   if (t.active) {
     for (int e = t.lane; e <= experts; e += 32) t.cnt[e] = 0;
     __syncwarp();
@@ -81,8 +82,8 @@ __device__ __forceinline__ WarpTile warp_tile(int64_t n, int experts, int64_t ti
 }
 
 __global__ void perm_count_kernel(const int32_t* __restrict__ ids, int64_t n, int experts, int64_t tile,
-                                  int64_t num_tiles, int32_t* __restrict__ hist) {
-  const WarpTile t = warp_tile(n, experts, tile, num_tiles);
+                                  int64_t num_tiles, int32_t* __restrict__ hist, LiveRows live) {
+  const WarpTile t = warp_tile(live_bound(live, n), experts, tile, num_tiles);
   if (!t.active) return;
   const int lane = t.lane;
   const int64_t w = t.w, begin = t.begin, end = t.end;
@@ -145,8 +146,8 @@ __global__ void __launch_bounds__(kScanThreads)
 
 __global__ void perm_rank_kernel(const int32_t* __restrict__ ids, int64_t n, int experts, int64_t tile,
                                  int64_t num_tiles, const int32_t* __restrict__ base, int32_t* __restrict__ slot_of,
-                                 int32_t* __restrict__ row_source) {
-  const WarpTile t = warp_tile(n, experts, tile, num_tiles);
+                                 int32_t* __restrict__ row_source, LiveRows live) {
+  const WarpTile t = warp_tile(live_bound(live, n), experts, tile, num_tiles);
   if (!t.active) return;
   const int lane = t.lane;
   const int64_t w = t.w, begin = t.begin, end = t.end;
@@ -204,9 +205,9 @@ __device__ __forceinline__ uint16_t* row_at(uint16_t* rows, RowWindow window, in
 template <bool kVec>
 __global__ void __launch_bounds__(kRowThreads)
     gather_kernel(const uint16_t* __restrict__ x, const int32_t* __restrict__ row_source, int64_t rows, int top_k,
-                  int hidden, int shift, uint16_t* __restrict__ out, RowWindow window) {
+                  int hidden, int shift, uint16_t* __restrict__ out, RowWindow window, LiveRows live) {
   const int64_t r = (static_cast<int64_t>(blockIdx.x) << (kRowThreadsLog2 - shift)) + (threadIdx.x >> shift);
-  if (r >= rows) return;
+  if (r >= live_bound(live, rows)) return;
   if (window.rows == nullptr && r >= window.lo && r < window.hi) return;
   const int sub = static_cast<int>(threadIdx.x) & ((1 << shift) - 1);
   const int64_t src = row_source[r] / top_k;
@@ -226,10 +227,10 @@ template <bool kVec>
 __global__ void __launch_bounds__(kRowThreads)
     combine_kernel(const uint16_t* __restrict__ y_rows, const int32_t* __restrict__ slot_of,
                    const float* __restrict__ weights, int64_t tokens, int top_k, int hidden, int shift,
-                   uint16_t* __restrict__ out, RowWindow window) {
+                   uint16_t* __restrict__ out, RowWindow window, LiveRows live) {
   uint16_t* const rows = const_cast<uint16_t*>(y_rows);
   const int64_t t = (static_cast<int64_t>(blockIdx.x) << (kRowThreadsLog2 - shift)) + (threadIdx.x >> shift);
-  if (t >= tokens) return;
+  if (t >= live_bound(live, tokens)) return;
   const int sub = static_cast<int>(threadIdx.x) & ((1 << shift) - 1);
   const int32_t* slots = slot_of + t * top_k;
   const float* w = weights ? weights + t * top_k : nullptr;
@@ -325,7 +326,7 @@ std::size_t permutation_workspace_bytes(int64_t max_tokens, int top_k, int exper
 
 void build_permutation(const int32_t* ids, int64_t tokens, int top_k, int experts, int32_t* offsets,
                        int32_t* slot_of, int32_t* row_source, void* workspace, std::size_t workspace_bytes,
-                       Stream stream) {
+                       Stream stream, LiveRows live) {
   if (tokens < 0 || top_k <= 0 || experts <= 0)
     fail_input("cuda build_permutation: tokens = " + std::to_string(tokens) + ", top_k = " + std::to_string(top_k) +
                ", experts = " + std::to_string(experts));
@@ -351,29 +352,30 @@ void build_permutation(const int32_t* ids, int64_t tokens, int top_k, int expert
   auto* hist = static_cast<int32_t*>(workspace);
   const unsigned blocks = static_cast<unsigned>((num_tiles + wpb - 1) / wpb);
   const size_t smem = sizeof(int32_t) * (static_cast<size_t>(experts) + 1) * wpb;
-  perm_count_kernel<<<blocks, wpb * 32, smem, stream>>>(ids, n, experts, tile, num_tiles, hist);
+  perm_count_kernel<<<blocks, wpb * 32, smem, stream>>>(ids, n, experts, tile, num_tiles, hist, live);
   MOEFLOW_CUDA_LAUNCH_CHECK();
   perm_scan_kernel<<<1, kScanThreads, 0, stream>>>(hist, entries, num_tiles, offsets);
   MOEFLOW_CUDA_LAUNCH_CHECK();
-  perm_rank_kernel<<<blocks, wpb * 32, smem, stream>>>(ids, n, experts, tile, num_tiles, hist, slot_of, row_source);
+  perm_rank_kernel<<<blocks, wpb * 32, smem, stream>>>(ids, n, experts, tile, num_tiles, hist, slot_of, row_source,
+                                                       live);
   MOEFLOW_CUDA_LAUNCH_CHECK();
 }
 
 void gather_rows(const uint16_t* x, const int32_t* row_source, int64_t rows, int top_k, int hidden, uint16_t* out,
-                 Stream stream, RowWindow window) {
+                 Stream stream, RowWindow window, LiveRows live) {
   if (rows < 0 || top_k <= 0 || hidden < 0)
     fail_input("cuda gather_rows: rows = " + std::to_string(rows) + ", top_k = " + std::to_string(top_k) +
                ", hidden = " + std::to_string(hidden));
   if (rows == 0 || hidden == 0) return;
   const bool vec = hidden % 8 == 0 && aligned16(x) && aligned16(out) && aligned16(window.rows);
   const RowGrid g = row_grid(rows, vec ? hidden / 8 : hidden, "cuda gather_rows");
-  if (vec) gather_kernel<true><<<g.blocks, kRowThreads, 0, stream>>>(x, row_source, rows, top_k, hidden, g.shift, out, window);
-  else gather_kernel<false><<<g.blocks, kRowThreads, 0, stream>>>(x, row_source, rows, top_k, hidden, g.shift, out, window);
+  if (vec) gather_kernel<true><<<g.blocks, kRowThreads, 0, stream>>>(x, row_source, rows, top_k, hidden, g.shift, out, window, live);
+  else gather_kernel<false><<<g.blocks, kRowThreads, 0, stream>>>(x, row_source, rows, top_k, hidden, g.shift, out, window, live);
   MOEFLOW_CUDA_LAUNCH_CHECK();
 }
 
 void combine_rows(const uint16_t* y_rows, const int32_t* slot_of, const float* weights, int64_t tokens, int top_k,
-                  int hidden, uint16_t* out, Stream stream, RowWindow window) {
+                  int hidden, uint16_t* out, Stream stream, RowWindow window, LiveRows live) {
   if (tokens < 0 || top_k <= 0 || hidden < 0)
     fail_input("cuda combine_rows: tokens = " + std::to_string(tokens) + ", top_k = " + std::to_string(top_k) +
                ", hidden = " + std::to_string(hidden));
@@ -382,10 +384,10 @@ void combine_rows(const uint16_t* y_rows, const int32_t* slot_of, const float* w
   const RowGrid g = row_grid(tokens, vec ? hidden / 8 : hidden, "cuda combine_rows");
   if (vec)
     combine_kernel<true><<<g.blocks, kRowThreads, 0, stream>>>(y_rows, slot_of, weights, tokens, top_k, hidden,
-                                                               g.shift, out, window);
+                                                               g.shift, out, window, live);
   else
     combine_kernel<false><<<g.blocks, kRowThreads, 0, stream>>>(y_rows, slot_of, weights, tokens, top_k, hidden,
-                                                                g.shift, out, window);
+                                                                g.shift, out, window, live);
   MOEFLOW_CUDA_LAUNCH_CHECK();
 }
 

@@ -6,6 +6,7 @@
 #include <cstdint>
 
 #include "kernels/cuda/lane_context.hpp"
+#include "kernels/cuda/live_rows.hpp"
 
 namespace moeflow::cuda {
 
@@ -20,9 +21,11 @@ std::size_t permutation_workspace_bytes(int64_t max_tokens, int top_k, int exper
 // row_source entries are set like any other (so every later read stays in bounds) and no expert
 // counts them. With valid ids offsets[E] = T*k and the result equals cpu::build_permutation's.
 // Throws Error(bad_input) if T*k does not fit int32, or if workspace_bytes is too small.
+// With a live count (live.per_count = k), `tokens` is the bound the launch is sized for and only the
+// first live tokens are sorted: offsets[E] is then their row count.
 void build_permutation(const int32_t* ids, int64_t tokens, int top_k, int experts, int32_t* offsets,
                        int32_t* slot_of, int32_t* row_source, void* workspace, std::size_t workspace_bytes,
-                       Stream stream);
+                       Stream stream, LiveRows live = {});
 
 // Rows [lo, hi) of a row-indexed buffer kept in another buffer, row lo first: the alltoall keeps
 // the rows a rank routes to itself out of the transport (written, or read, where they are used).
@@ -34,15 +37,17 @@ struct RowWindow {
 
 // out[r, :] = x[row_source[r] / k, :] for r < rows; x bf16 [T, H], out bf16 [rows, H]. A copy.
 // Rows inside `window` go to window.rows instead of out.
+// With a live count, `rows` is the bound and rows past the live ones are left as they are.
 void gather_rows(const uint16_t* x, const int32_t* row_source, int64_t rows, int top_k, int hidden, uint16_t* out,
-                 Stream stream, RowWindow window = {});
+                 Stream stream, RowWindow window = {}, LiveRows live = {});
 
 // out[t, :] = Σ_j weights[t, j] · y_rows[slot_of[t, j], :] over slot_of ≥ 0 (a choice with no row
 // here is skipped), fp32 accumulation in j order and one rounding to bf16 at the end. y_rows bf16
 // [T*k, H], out bf16 [T, H]; weights null: every weight 1 (the sum of a token's returned parts).
 // Slots inside `window` are read from window.rows instead of y_rows.
+// With a live count, `tokens` is the bound and tokens past the live ones are left as they are.
 void combine_rows(const uint16_t* y_rows, const int32_t* slot_of, const float* weights, int64_t tokens, int top_k,
-                  int hidden, uint16_t* out, Stream stream, RowWindow window = {});
+                  int hidden, uint16_t* out, Stream stream, RowWindow window = {}, LiveRows live = {});
 
 // A rank's share of the experts (multi-rank): out[i] = ids[i] - first where that is in [0, experts),
 // else -1 (build_permutation moves such ids out of the way and counts them for no expert).

@@ -37,6 +37,13 @@ KernelEntry launching(int launches, KernelEntry e) {
   return e;
 }
 
+// A kernel that sizes its launches for the plan's maximum T and reads the live T from the device
+// when KernelCall::live_tokens is set (one captured graph for any T).
+KernelEntry reading_live_tokens(KernelEntry e) {
+  e.live_tokens = true;
+  return e;
+}
+
 // Activations and weights in bf16 (gate bias, routing weights and logits stay fp32).
 // `how` says what the kernel does when it can run the node.
 Support cuda_supports_bf16(const Graph& g, const Node& n, const std::string& how) {
@@ -106,7 +113,7 @@ void run_grouped(const KernelCall& c, std::byte* workspace) {
 // fewer than `min_rows` rows on average at the maximum T (its tiles would run mostly empty).
 KernelEntry cutlass_grouped(std::string name, int priority, cuda::CutlassTiles tiles, double min_rows,
                             std::string tiles_text) {
-  return launching(4, {"experts", Backend::cuda, std::move(name), priority,
+  return reading_live_tokens(launching(4, {"experts", Backend::cuda, std::move(name), priority,
       [min_rows, tiles_text](const Graph& g, const Node& n) {
         Support s = cuda_supports_bf16(g, n, "");
         if (!s.ok) return s;
@@ -132,13 +139,14 @@ KernelEntry cutlass_grouped(std::string name, int priority, cuda::CutlassTiles t
       [](const Graph&, const Node& n, int64_t tokens) {
         return experts_scratch_bytes(n, tokens) +
                static_cast<int64_t>(cuda::cutlass_grouped_workspace_bytes(static_cast<const ExpertsOp&>(*n.op).experts()));
-      }});
+      }}));
 }
 
 void register_experts(KernelRegistry& r) {
   // Our own decode kernel: for few rows per expert it streams each touched expert's weights once,
   // which is what bounds decode; a GEMM library pays tile padding and extra launches there.
-  r.add(launching(2, {"experts", Backend::cuda, "cuda.decode_gemv", 7,
+  // Sized for the maximum rows, it writes zeros past offsets[E], so it serves a live T as it is.
+  r.add(reading_live_tokens(launching(2, {"experts", Backend::cuda, "cuda.decode_gemv", 7,
          [](const Graph& g, const Node& n) {
            Support s = cuda_supports_bf16(g, n, "");
            if (!s.ok) return s;
@@ -164,7 +172,7 @@ void register_experts(KernelRegistry& r) {
            cuda::experts_decode(lane(c), bf16_in(c, 0), c.in<int32_t>(1), op.experts(), c.tokens * op.top_k(),
                                 hidden_of(c), op.intermediate(), bf16_in(c, 2), bf16_in(c, 3), act, bf16_out(c, 0));
          },
-         [](const Graph&, const Node& n, int64_t tokens) { return experts_scratch_bytes(n, tokens); }}));
+         [](const Graph&, const Node& n, int64_t tokens) { return experts_scratch_bytes(n, tokens); }})));
   // CUTLASS's Hopper grouped GEMM with its problem sizes written on the device: no host sync, so
   // capturable, and no padding; ahead of every cuBLAS strategy wherever it can run, the wide tiles
   // first where experts get enough rows to fill them.
@@ -339,7 +347,7 @@ void register_cuda_kernels(KernelRegistry& r) {
            const int64_t I = static_cast<const SharedExpertOp&>(*n.op).intermediate();
            return align256(tokens * 2 * I * 2) + align256(tokens * I * 2);
          }}));
-  r.add(launching(4, {"dispatch", Backend::cuda, "cuda.permute_rows", 0,
+  r.add(reading_live_tokens(launching(4, {"dispatch", Backend::cuda, "cuda.permute_rows", 0,
          bf16_kernel("counting sort on the device (per-expert counts, offsets, stable ranks), then a row gather (16-byte loads where rows allow)"),
          [](const KernelCall& c) {
            const auto& op = static_cast<const DispatchOp&>(*c.node.op);
@@ -354,26 +362,27 @@ void register_cuda_kernels(KernelRegistry& r) {
              cuda::localize_ids(ids, c.tokens * op.top_k(), op.share().first_expert, op.experts(), local_ids, lane(c).stream);
              ids = local_ids;
            }
+           const cuda::LiveRows live{c.live_tokens, op.top_k()};
            cuda::build_permutation(ids, c.tokens, op.top_k(), op.experts(), c.out<int32_t>(1), c.out<int32_t>(2),
-                                   row_source, sort_ws, sort_bytes, lane(c).stream);
+                                   row_source, sort_ws, sort_bytes, lane(c).stream, live);
            cuda::gather_rows(bf16_in(c, 0), row_source, c.tokens * op.top_k(), op.top_k(), hidden_of(c), bf16_out(c, 0),
-                             lane(c).stream);
+                             lane(c).stream, {}, live);
            if (op.shared_out()) cuda::drop_unrouted_slots(local_ids, c.tokens * op.top_k(), c.out<int32_t>(2), lane(c).stream);
          },
          [](const Graph&, const Node& n, int64_t tokens) {
            const auto& op = static_cast<const DispatchOp&>(*n.op);
            return 2 * align256(tokens * op.top_k() * 4) +
                   static_cast<int64_t>(cuda::permutation_workspace_bytes(tokens, op.top_k(), op.experts()));
-         }}));
+         }})));
   register_experts(r);
-  r.add({"combine", Backend::cuda, "cuda.weighted_sum", 0,
+  r.add(reading_live_tokens({"combine", Backend::cuda, "cuda.weighted_sum", 0,
          bf16_kernel("one pass per token: its top-k expert rows weighted in fp32, no atomics"),
          [](const KernelCall& c) {
            const auto& op = static_cast<const CombineOp&>(*c.node.op);
            cuda::combine_rows(bf16_in(c, 0), c.in<int32_t>(1), c.in<float>(2), c.tokens, op.top_k(), hidden_of(c),
-                              bf16_out(c, 0), lane(c).stream);
+                              bf16_out(c, 0), lane(c).stream, {}, cuda::LiveRows{c.live_tokens, 1});
          },
-         {}});
+         {}}));
   KernelEntry sum{"reduce", Backend::cuda, "cuda.sum", 0, bf16_kernel("elementwise sum of the addends in fp32"),
                    [](const KernelCall& c) {
                      std::vector<const uint16_t*> addends;

@@ -33,6 +33,10 @@ struct CudaExecutor::State {
   cudaGraph_t graph = nullptr;
   cudaGraphExec_t graph_exec = nullptr;
   int64_t captured_tokens = 0;
+  bool captured_any_tokens = false;
+  int64_t replayed_tokens = 0;
+  int32_t* live_tokens = nullptr;                  // device: the T of an any-T replay, copied from...
+  int32_t* live_tokens_host = nullptr;             // ...pinned host memory by the graph's first node
   std::unique_ptr<LaneThreads> lane_threads;       // set when a step holds the host and there are lanes beside it
   IssueOrder issue_order;
 };
@@ -58,6 +62,8 @@ CudaExecutor::CudaExecutor(const Plan& plan, const CommGroups* comm)
   MOEFLOW_CUDA_CHECK(cudaMalloc(&s.error_flag, sizeof(int)));
   MOEFLOW_CUDA_CHECK(cudaMalloc(&s.stamps, sizeof(uint64_t) * 2 * std::max<std::size_t>(plan.steps.size(), 1)));
   MOEFLOW_CUDA_CHECK(cudaMemset(s.error_flag, 0, sizeof(int)));
+  MOEFLOW_CUDA_CHECK(cudaMalloc(&s.live_tokens, sizeof(int32_t)));
+  MOEFLOW_CUDA_CHECK(cudaMallocHost(&s.live_tokens_host, sizeof(int32_t)));
   int least = 0, greatest = 0;
   MOEFLOW_CUDA_CHECK(cudaDeviceGetStreamPriorityRange(&least, &greatest));
   for (std::size_t l = 0; l < plan.lanes.size(); ++l) {
@@ -128,6 +134,8 @@ CudaExecutor::~CudaExecutor() {
   for (void* p : s.blas_workspaces) cudaFree(p);
   for (cudaStream_t st : s.streams) cudaStreamDestroy(st);
   if (s.error_flag) cudaFree(s.error_flag);
+  if (s.live_tokens) cudaFree(s.live_tokens);
+  if (s.live_tokens_host) cudaFreeHost(s.live_tokens_host);
   if (s.stamps) cudaFree(s.stamps);
 }
 
@@ -137,13 +145,13 @@ CudaExecutor::~CudaExecutor() {
 // holds the host (s.issue_per_lane), each lane is issued by its own thread instead, in its own
 // order, waiting on the host for the steps of other lanes it depends on to be issued.
 void CudaExecutor::issue(const DeviceArena& inputs, const DeviceArena& weights, int64_t tokens, NodeTiming timing,
-                         bool per_lane) {
+                         bool per_lane, const int32_t* live_tokens) {
   State& s = *s_;
   cudaStream_t main = s.streams[0];
   MOEFLOW_CUDA_CHECK(cudaEventRecord(s.run_start, main));
   for (std::size_t l = 1; l < s.streams.size(); ++l) MOEFLOW_CUDA_CHECK(cudaStreamWaitEvent(s.streams[l], s.run_start, 0));
   if (!per_lane) {
-    for (std::size_t i = 0; i < plan_.steps.size(); ++i) issue_step(i, inputs, weights, tokens, timing);
+    for (std::size_t i = 0; i < plan_.steps.size(); ++i) issue_step(i, inputs, weights, tokens, timing, live_tokens);
   } else {
     s.issue_order.reset(plan_.steps.size());
     const std::function<void(int)> issue_lane = [&](int lane) {
@@ -152,7 +160,7 @@ void CudaExecutor::issue(const DeviceArena& inputs, const DeviceArena& weights, 
         const PlanStep& step = plan_.steps[i];
         if (step.lane != lane) continue;
         for (NodeId w : step.waits) s.issue_order.wait_issued(static_cast<std::size_t>(plan_.step_of_node[static_cast<std::size_t>(w)]));
-        issue_step(i, inputs, weights, tokens, timing);
+        issue_step(i, inputs, weights, tokens, timing, live_tokens);
         s.issue_order.mark_issued(i);
       }
     };
@@ -168,7 +176,7 @@ void CudaExecutor::issue(const DeviceArena& inputs, const DeviceArena& weights, 
 // One step on its lane's stream: its cross-lane waits, its kernel, its timing records and the
 // event other lanes wait on.
 void CudaExecutor::issue_step(std::size_t i, const DeviceArena& inputs, const DeviceArena& weights, int64_t tokens,
-                              NodeTiming timing) {
+                              NodeTiming timing, const int32_t* live_tokens) {
   State& s = *s_;
   const Graph& g = *plan_.graph;
   const PlanStep& step = plan_.steps[i];
@@ -198,7 +206,7 @@ void CudaExecutor::issue_step(std::size_t i, const DeviceArena& inputs, const De
     step.kernel->run(KernelCall{g, n, in, out, rows, &lane,
                                 step.workspace_bytes ? s.workspace->base() + step.workspace_offset : nullptr,
                                 step.host_workspace_bytes ? s.host->base() + step.host_workspace_offset : nullptr,
-                                comm_});
+                                comm_, live_tokens});
   if (timing == NodeTiming::events) MOEFLOW_CUDA_CHECK(cudaEventRecord(s.node_end[i], lane.stream));
   if (timing == NodeTiming::stamps) cuda::record_global_time(s.stamps + 2 * i + 1, lane.stream);
   if (s.needs_done[i]) MOEFLOW_CUDA_CHECK(cudaEventRecord(s.done[i], lane.stream));
@@ -258,12 +266,35 @@ void CudaExecutor::fill_trace(Trace& trace, int64_t tokens, const std::vector<do
 }
 
 void CudaExecutor::capture(const DeviceArena& inputs, const DeviceArena& weights, int64_t tokens, bool stamped) {
+  if (tokens <= 0 || tokens > plan_.graph->max_tokens())
+    fail_input("tokens = " + std::to_string(tokens) + " must be in [1, " + std::to_string(plan_.graph->max_tokens()) + "]");
+  capture_graph(inputs, weights, tokens, stamped, false);
+}
+
+void CudaExecutor::capture_any_tokens(const DeviceArena& inputs, const DeviceArena& weights, bool stamped) {
+  const Graph& g = *plan_.graph;
+  const int64_t most = g.max_tokens();
+  for (const PlanStep& step : plan_.steps) {
+    const Node& n = g.node(step.node);
+    if (!step.kernel->live_tokens)
+      fail_input("capture for any T: node '" + n.name + "' runs kernel '" + step.kernel->name +
+                 "', which needs its T when it is issued; capture for one T, or choose a kernel that reads it on the "
+                 "device (--kernel)");
+    if (g.tokens_of(n, 1) != 1 || g.tokens_of(n, most) != most)
+      fail_input("capture for any T: node '" + n.name + "' works on " + std::to_string(g.tokens_of(n, most)) +
+                 " rows at T = " + std::to_string(most) + " (a chunk or fixed rows), not on T rows");
+  }
+  capture_graph(inputs, weights, most, stamped, true);
+}
+
+// Capture on lane 0's stream (the other lanes fork from it and join back). With `live`, the graph's
+// first node copies the replay's T from pinned host memory to the device, where the kernels read it.
+void CudaExecutor::capture_graph(const DeviceArena& inputs, const DeviceArena& weights, int64_t tokens, bool stamped,
+                                 bool live) {
   if (plan_.has_host_sync())
     fail_input("--cuda-graph: plan '" + plan_.graph->name() +
                "' waits on the host (a to_host node, for a kernel that needs row counts there); a CUDA graph cannot "
                "contain that. Plan with capturable kernels (the planner does so under --cuda-graph)");
-  if (tokens <= 0 || tokens > plan_.graph->max_tokens())
-    fail_input("tokens = " + std::to_string(tokens) + " must be in [1, " + std::to_string(plan_.graph->max_tokens()) + "]");
   State& s = *s_;
   MOEFLOW_CUDA_CHECK(cudaSetDevice(s.device));
   if (s.graph_exec) MOEFLOW_CUDA_CHECK(cudaGraphExecDestroy(s.graph_exec));
@@ -271,9 +302,14 @@ void CudaExecutor::capture(const DeviceArena& inputs, const DeviceArena& weights
   s.graph_exec = nullptr;
   s.graph = nullptr;
   MOEFLOW_CUDA_CHECK(cudaStreamSynchronize(s.streams[0]));
+  *s.live_tokens_host = static_cast<int32_t>(tokens);
   MOEFLOW_CUDA_CHECK(cudaStreamBeginCapture(s.streams[0], cudaStreamCaptureModeThreadLocal));
   try {
-    issue(inputs, weights, tokens, stamped ? NodeTiming::stamps : NodeTiming::none, false);
+    if (live)
+      MOEFLOW_CUDA_CHECK(cudaMemcpyAsync(s.live_tokens, s.live_tokens_host, sizeof(int32_t), cudaMemcpyHostToDevice,
+                                         s.streams[0]));
+    issue(inputs, weights, tokens, stamped ? NodeTiming::stamps : NodeTiming::none, false,
+          live ? s.live_tokens : nullptr);
   } catch (...) {
     cudaGraph_t broken = nullptr;
     cudaStreamEndCapture(s.streams[0], &broken);
@@ -286,15 +322,26 @@ void CudaExecutor::capture(const DeviceArena& inputs, const DeviceArena& weights
   // stream it is launched into unless told otherwise: keep the critical lane ahead on replay too.
   MOEFLOW_CUDA_CHECK(cudaGraphInstantiateWithFlags(&s.graph_exec, s.graph, cudaGraphInstantiateFlagUseNodePriority));
   s.captured_tokens = tokens;
+  s.captured_any_tokens = live;
   s.captured_stamped = stamped;
 }
 
 bool CudaExecutor::captured() const { return s_->graph_exec != nullptr; }
 
-double CudaExecutor::replay(Trace* trace) {
+double CudaExecutor::replay(Trace* trace, int64_t tokens) {
   State& s = *s_;
   if (!s.graph_exec) fail_input("replay: nothing captured");
   if (trace && !s.captured_stamped) fail_input("replay: tracing a replay needs a stamped capture");
+  if (tokens == 0) tokens = s.captured_tokens;
+  if (s.captured_any_tokens) {
+    if (tokens < 1 || tokens > s.captured_tokens)
+      fail_input("replay: tokens = " + std::to_string(tokens) + " must be in [1, " + std::to_string(s.captured_tokens) + "]");
+    *s.live_tokens_host = static_cast<int32_t>(tokens);  // the previous replay has finished reading it
+  } else if (tokens != s.captured_tokens) {
+    fail_input("replay: the graph was captured for T = " + std::to_string(s.captured_tokens) + ", not " +
+               std::to_string(tokens) + " (capture again, or capture for any T)");
+  }
+  s.replayed_tokens = tokens;
   // Events recorded during capture become graph nodes, not timing records: time around the launch.
   MOEFLOW_CUDA_CHECK(cudaEventRecord(s.replay_start, s.streams[0]));
   MOEFLOW_CUDA_CHECK(cudaGraphLaunch(s.graph_exec, s.streams[0]));
@@ -313,7 +360,7 @@ double CudaExecutor::replay(Trace* trace) {
       start_us[i] = static_cast<double>(stamps[2 * i] - origin) * 1e-3;
       end_us[i] = static_cast<double>(stamps[2 * i + 1] - origin) * 1e-3;
     }
-    fill_trace(*trace, s.captured_tokens, start_us, end_us);
+    fill_trace(*trace, s.replayed_tokens, start_us, end_us);
   }
   return ms * 1e-3;
 }

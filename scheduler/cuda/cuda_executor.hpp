@@ -31,10 +31,16 @@ class CudaExecutor {
   // `stamped`, a one-thread kernel records the GPU clock before and after every node, so replay()
   // can trace the graph (each stamp is a launch and shifts the timeline by about one).
   void capture(const DeviceArena& inputs, const DeviceArena& weights, int64_t tokens, bool stamped = false);
+  // Captures the plan once for every T up to the graph's maximum: the launches are sized for the
+  // maximum and the kernels read the replay's T from device memory (a copy from pinned host memory
+  // is the graph's first node). Refused, naming the node, where a kernel cannot (KernelEntry::
+  // live_tokens) or a node's rows do not follow T (chunks, fixed rows).
+  void capture_any_tokens(const DeviceArena& inputs, const DeviceArena& weights, bool stamped = false);
   bool captured() const;
   // Replays the captured graph and waits; returns the device time in seconds. With `trace` (a
-  // stamped capture), records every node's start and duration.
-  double replay(Trace* trace = nullptr);
+  // stamped capture), records every node's start and duration. `tokens`: the T to run, any T up to
+  // the maximum after capture_any_tokens, else the captured T (0 means that T).
+  double replay(Trace* trace = nullptr, int64_t tokens = 0);
   // Host-side cost of launching the captured graph once (no wait): seconds, median of `launches`.
   double replay_launch_seconds(int launches);
 
@@ -44,8 +50,11 @@ class CudaExecutor {
  private:
   struct State;
   enum class NodeTiming { none, events, stamps };
-  void issue(const DeviceArena& inputs, const DeviceArena& weights, int64_t tokens, NodeTiming timing, bool per_lane);
-  void issue_step(std::size_t i, const DeviceArena& inputs, const DeviceArena& weights, int64_t tokens, NodeTiming timing);
+  void issue(const DeviceArena& inputs, const DeviceArena& weights, int64_t tokens, NodeTiming timing, bool per_lane,
+             const int32_t* live_tokens = nullptr);
+  void issue_step(std::size_t i, const DeviceArena& inputs, const DeviceArena& weights, int64_t tokens, NodeTiming timing,
+                  const int32_t* live_tokens);
+  void capture_graph(const DeviceArena& inputs, const DeviceArena& weights, int64_t tokens, bool stamped, bool live);
   void fill_trace(Trace& trace, int64_t tokens, const std::vector<double>& start_us, const std::vector<double>& end_us) const;
   void check_device_flags();
   const Plan& plan_;

@@ -165,3 +165,59 @@ TEST(CudaExpertsPaddedToMax, MatchesReferenceAndFallsBackToGroupedOnSkewedRoutin
   r = s.check(1e-2);
   EXPECT_TRUE(r.pass) << "skewed routing: rel_norm " << r.comparison.rel_norm;
 }
+
+// One graph captured for any T (issue 7): replayed at several T it gives the bytes of an eager run at
+// that T and passes the reference check; the wide CUTLASS tiles need >= 128 rows per expert, so
+// they get a larger maximum.
+TEST(CudaLayerGraph, OneCaptureForAnyTokensMatchesEagerRunsAtEveryT) {
+  if (cuda::device_count() == 0) GTEST_SKIP() << "no CUDA device";
+  const MoEConfig config = load_config("qwen3-30b-a3b", {"hidden_size=256", "moe_intermediate_size=96"});
+  struct Case {
+    std::string kernel;
+    int64_t max_tokens;
+  };
+  // qwen3: E = 128, k = 8. decode: T·k <= E at the maximum; wide: 2048·8/128 = 128 rows per expert.
+  for (const Case& c : {Case{"cuda.decode_gemv", 16}, Case{"cuda.cutlass_grouped", 96},
+                        Case{"cuda.cutlass_grouped_wide", 2048}}) {
+    auto g = std::make_shared<const Graph>(build_experts_graph(config, {.max_tokens = c.max_tokens, .dtype = DType::bf16}));
+    CudaSessionOptions so;
+    so.plan.policy = Policy::concurrent;
+    so.plan.capturable = true;
+    so.plan.forced_kernels["experts"] = c.kernel;
+    CudaSession s(g, so);
+    s.set_tokens(c.max_tokens);
+    s.capture_any_tokens();
+    for (int64_t T : {c.max_tokens, int64_t{1}, c.max_tokens / 2 + 1, int64_t{3}, c.max_tokens}) {
+      s.set_tokens(T);
+      s.replay();
+      const std::vector<float> replayed = s.output();
+      EXPECT_TRUE(s.check(1e-2).pass) << c.kernel << " T=" << T;
+      s.run();
+      const std::vector<float> eager = s.output();
+      ASSERT_EQ(replayed.size(), eager.size());
+      EXPECT_EQ(0, std::memcmp(replayed.data(), eager.data(), eager.size() * 4)) << c.kernel << " T=" << T;
+    }
+  }
+}
+
+TEST(CudaLayerGraph, CaptureForAnyTokensIsRefusedWhereAKernelNeedsTOnTheHost) {
+  if (cuda::device_count() == 0) GTEST_SKIP() << "no CUDA device";
+  const MoEConfig config = load_config("qwen3-30b-a3b", {"hidden_size=256", "moe_intermediate_size=96"});
+  auto g = std::make_shared<const Graph>(build_moe_layer(config, {.max_tokens = 16, .dtype = DType::bf16}));
+  CudaSessionOptions so;
+  so.plan.capturable = true;
+  CudaSession s(g, so);
+  s.set_tokens(16);
+  try {
+    s.capture_any_tokens();
+    FAIL() << "the gate's cuBLAS GEMM needs T on the host";
+  } catch (const Error& e) {
+    EXPECT_EQ(e.kind(), ErrorKind::bad_input);
+    EXPECT_NE(std::string(e.what()).find("node 'gate'"), std::string::npos) << e.what();
+  }
+  s.capture();  // for one T it still works, and replays only that T
+  s.replay();
+  EXPECT_TRUE(s.check(1e-2).pass);
+  s.set_tokens(8);
+  EXPECT_THROW(s.replay(), Error);
+}
