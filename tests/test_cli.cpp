@@ -145,6 +145,7 @@ TEST(Cli, BadInputIsOneLineAndStatusTwo) {
   expect_bad_input(std::string("run ") + kSmallQwen + " --tokens 4 --chunks 2 --chunk-tokens 2", "excludes");
   expect_bad_input(std::string("run ") + kSmallQwen + " --tokens 4 --chunks two", "two");
   expect_bad_input(std::string("run ") + kSmallQwen + " --tokens 4 --max-tokens 8 --chunk-tokens 9", "exceeds the maximum tokens 8");
+  expect_bad_input("bench --backend cpu --models mixtral-8x7b --tokens 4 --plans graph-any", "plan 'graph-any'");
 }
 
 TEST(Cli, ChunkedRunChecksWithEmptyChunksAndNamesItsNodes) {

@@ -41,9 +41,9 @@ Command add_bench_command(CLI::App& app) {
   sub->add_option("--models", f->models, "presets or config.json paths, comma-separated")->delimiter(',');
   sub->add_option("--set", f->sets, "override a field of every model: field=value (repeatable)");
   sub->add_option("--tokens", f->tokens, "T values, comma-separated")->delimiter(',');
-  sub->add_option("--plans", f->plans, "serial,concurrent (and graph = concurrent + CUDA graph, backend cuda)")
+  sub->add_option("--plans", f->plans, "serial,concurrent (and, backend cuda: graph = concurrent + a CUDA graph per T; graph-any = concurrent + one CUDA graph for every T up to the largest --tokens, replayed at each)")
       ->delimiter(',')
-      ->check(CLI::IsMember({"serial", "concurrent", "graph"}));
+      ->check(CLI::IsMember({"serial", "concurrent", "graph", "graph-any"}));
   sub->add_option("--experts-kernels", f->experts_kernels, "experts kernels to force in turn, comma-separated (cuda)")
       ->delimiter(',');
   sub->add_option("--input-sets", f->input_sets, "input sets the runs rotate over")->check(CLI::PositiveNumber);
@@ -74,7 +74,8 @@ Command add_bench_command(CLI::App& app) {
         b.kinds.push_back(parse_dispatch(k));
       b.chunks = f->chunks;
       for (const std::string& p : f->plans)
-        if (p == "graph") fail_input("bench with ranks: plan 'graph' is refused (the exchanges synchronise with the host)");
+        if (p == "graph" || p == "graph-any")
+          fail_input("bench with ranks: plan '" + p + "' is refused (the exchanges synchronise with the host)");
       b.plans = f->plans;
       b.json = f->json;
       PlanFlags plan;
@@ -124,8 +125,8 @@ Command add_bench_command(CLI::App& app) {
       fail_resource("bench --backend cuda: this build has no CUDA backend");
 #endif
     } else {
-    if (std::find(f->plans.begin(), f->plans.end(), "graph") != f->plans.end())
-      fail_input("bench: plan 'graph' (CUDA graph replay) needs --backend cuda");
+    for (const std::string& p : f->plans)
+      if (p == "graph" || p == "graph-any") fail_input("bench: plan '" + p + "' (CUDA graph replay) needs --backend cuda");
     BenchOptions o;
     o.input_sets = f->input_sets;
     o.models = f->models;

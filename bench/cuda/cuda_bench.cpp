@@ -44,14 +44,20 @@ std::vector<nlohmann::json> run_cuda_bench(const CudaBenchOptions& o, std::ostre
         so.seed = o.seed;
         owner = std::make_unique<CudaSession>(build(1), so);
       }
+      const int64_t most = *std::max_element(o.tokens.begin(), o.tokens.end());
       for (int64_t T : o.tokens) {
         auto graph = build(T);
+        std::shared_ptr<const Graph> graph_for_most;  // graph-any: one graph for the sweep's largest T
         std::map<std::string, double> serial_time;  // by kernel
         for (const std::string& kernel : kernels)
           for (const std::string& plan : o.plans) {
             CudaSessionOptions so;
             so.plan.policy = plan == "serial" ? Policy::serial : Policy::concurrent;
-            so.plan.capturable = plan == "graph";
+            // graph-any: captured once for every T up to the sweep's largest (its plan and kernels
+            // are chosen for that T), replayed at this one.
+            const bool any_tokens = plan == "graph-any";
+            const bool graph_replay = plan == "graph" || any_tokens;
+            so.plan.capturable = graph_replay;
             so.plan.device = o.device;
             so.plan.rates = rates;  // the planner's cost model on this GPU's measured ceilings
             const bool has_experts = scope != "shared";
@@ -60,7 +66,8 @@ std::vector<nlohmann::json> run_cuda_bench(const CudaBenchOptions& o, std::ostre
             so.seed = o.seed;
             std::unique_ptr<CudaSession> session;
             try {
-              session = std::make_unique<CudaSession>(graph, so, owner.get());
+              if (any_tokens && !graph_for_most) graph_for_most = build(most);
+              session = std::make_unique<CudaSession>(any_tokens ? graph_for_most : graph, so, owner.get());
             } catch (const Error& e) {
               log << "skipped " << model << " " << scope << " T=" << T << " " << plan << " "
                   << (kernel.empty() ? "auto" : kernel) << ": " << e.what() << "\n";
@@ -68,12 +75,13 @@ std::vector<nlohmann::json> run_cuda_bench(const CudaBenchOptions& o, std::ostre
             }
             CudaSession& s = *session;
             s.set_tokens(T, o.input_sets);
-            const bool graph_replay = plan == "graph";
             const Timing t = time_runs(
                 [&](int run) {
                   s.use_input_set(run % o.input_sets);
                   if (!graph_replay) return s.run();
-                  s.capture();  // per set: a graph holds its set's buffers; replay() times the replay alone
+                  // Per set: a graph holds its set's buffers; replay() times the replay alone.
+                  if (any_tokens) s.capture_any_tokens();
+                  else s.capture();
                   return s.replay();
                 },
                 o.warmup, o.min_runs, o.min_runs, 0.0);
@@ -84,14 +92,15 @@ std::vector<nlohmann::json> run_cuda_bench(const CudaBenchOptions& o, std::ostre
               if (s.graph().node(step.node).op->kind() == "experts") experts_kernel = step.kernel->name;
             }
             if (plan == "serial") serial_time[kernel] = t.median_s;
-            nlohmann::json row = bench_row(scope, config.name, T, graph_replay ? "concurrent+cuda_graph" : plan,
+            const std::string plan_name = any_tokens ? "concurrent+cuda_graph_any_t" : graph_replay ? "concurrent+cuda_graph" : plan;
+            nlohmann::json row = bench_row(scope, config.name, T, plan_name,
                                            s.plan().lanes.size(), kernel_names, t, floor, o.input_sets);
             row["experts_kernel"] = experts_kernel;
             row["chunks"] = chunks;
             row["gpu"] = gpu;
             if (serial_time.count(kernel)) row["ratio_serial"] = t.median_s / serial_time[kernel];
             log << std::setw(8) << scope << std::setw(19) << config.name << std::setw(6) << T << std::setw(4) << chunks
-                << std::setw(12) << (graph_replay ? "conc+graph" : plan) << std::setw(30) << experts_kernel << std::setw(11)
+                << std::setw(12) << (any_tokens ? "graph-any" : graph_replay ? "conc+graph" : plan) << std::setw(30) << experts_kernel << std::setw(11)
                 << std::setprecision(1) << t.median_s * 1e6 << std::setw(10) << floor.seconds * 1e6 << std::setw(9)
                 << std::setprecision(2) << t.median_s / floor.seconds
                 << (row["ratio_serial"].is_null() ? std::string("-") : std::to_string(row["ratio_serial"].get<double>()))
