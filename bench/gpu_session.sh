@@ -2,7 +2,7 @@
 # One call on the GPU machine (see the device README): unpack the carried .deb files, build there,
 # run the gpu tests (plain, memcheck, racecheck), the CLI checks of every preset, the CUDA-graph
 # host cost (mode `tests`), or the benchmark sweep (mode `bench`). Everything lands in $OUT.
-# Usage: bash bench/gpu_session.sh tests|full|racecheck|bench|overlap|chunks|decode|timeline|probe|ranks|cutlass [models] [experts kernels] [tokens] [scopes]
+# Usage: bash bench/gpu_session.sh tests|full|racecheck|bench|overlap|chunks|decode|timeline|probe|ranks|cutlass|anyt [models] [experts kernels] [tokens] [scopes]
 set -uo pipefail
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 mkdir -p /opt/deps && for f in .deps/*.deb; do dpkg -x "$f" /opt/deps; done
@@ -167,6 +167,16 @@ if [[ $mode == cutlass ]]; then
       --experts-kernels ${5:-cuda.cutlass_grouped,cuda.cutlass_grouped_wide,cuda.cublas_grouped_batched,cuda.cublas_padded_to_max,cuda.decode_gemv} --json "$OUT/cutlass_bench.jsonl" \
       > "$OUT/cutlass_bench.log" 2>&1; echo "rc=$?"; grep -v "^skipped" "$OUT/cutlass_bench.log" | tail -50
   fi
+  exit 0
+fi
+if [[ $mode == anyt ]]; then
+  # One CUDA graph for any T against a graph per T (experts path, kernels chosen by the planner).
+  models=${2:-qwen1.5-moe-a2.7b,deepseek-v3,mixtral-8x7b,qwen3-30b-a3b}
+  for tokens in ${3:-1,8,32,128 1,8,32,128,512,2048,8192}; do
+    echo "== T in $tokens"
+    timeout 270 $b/moeflow bench --backend cuda --models $models --tokens $tokens --plans graph,graph-any --scope experts \
+      --json "$OUT/anyt_${tokens//,/_}.jsonl" 2>&1 | grep -v "^skipped" | tail -40
+  done
   exit 0
 fi
 if [[ $mode == probe ]]; then
