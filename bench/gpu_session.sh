@@ -2,7 +2,7 @@
 # One call on the GPU machine (see the device README): unpack the carried .deb files, build there,
 # run the gpu tests (plain, memcheck, racecheck), the CLI checks of every preset, the CUDA-graph
 # host cost (mode `tests`), or the benchmark sweep (mode `bench`). Everything lands in $OUT.
-# Usage: bash bench/gpu_session.sh tests|full|racecheck|bench|overlap|chunks|decode|timeline|probe|ranks|cutlass|anyt [models] [experts kernels] [tokens] [scopes]
+# Usage: bash bench/gpu_session.sh tests|full|racecheck|bench|overlap|chunks|decode|timeline|probe|ranks|cutlass|anyt|resources [models] [experts kernels] [tokens] [scopes]
 set -uo pipefail
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 mkdir -p /opt/deps && for f in .deps/*.deb; do dpkg -x "$f" /opt/deps; done
@@ -167,6 +167,18 @@ if [[ $mode == cutlass ]]; then
       --experts-kernels ${5:-cuda.cutlass_grouped,cuda.cutlass_grouped_wide,cuda.cublas_grouped_batched,cuda.cublas_padded_to_max,cuda.decode_gemv} --json "$OUT/cutlass_bench.jsonl" \
       > "$OUT/cutlass_bench.log" 2>&1; echo "rc=$?"; grep -v "^skipped" "$OUT/cutlass_bench.log" | tail -50
   fi
+  exit 0
+fi
+if [[ $mode == resources ]]; then
+  # The compiler's resource report of every kernel we compile (registers, stack, local memory =
+  # spills, shared memory), names demangled, one line each.
+  for o in $(find $b -path "*kernels/cuda/*.cu.o" | sort); do
+    cuobjdump -res-usage "$o" 2>/dev/null | awk -v f="$(basename "$o" .cu.o)" '
+      /Function/ { name = $2; sub(":$", "", name) }
+      /REG:/ { print f, name, $1, $2, $3, $4 }' | while read -r file name reg stack shared local; do
+        echo "$file $(echo "$name" | cu++filt | sed -E 's/\(.*//' | cut -c1-90) $reg $stack $shared $local"
+      done
+  done | tee "$OUT/resources.txt"
   exit 0
 fi
 if [[ $mode == anyt ]]; then
