@@ -169,6 +169,38 @@ __global__ void perm_rank_kernel(const int32_t* __restrict__ ids, int64_t n, int
   }
 }
 
+// Decode-sized permutations (n <= kSmallRows, the T·k of a few tokens) in one block and one launch
+// instead of three: each row's key in shared memory, offsets[e] = the rows with a smaller key, a
+// row's slot = its expert's offset + the rows before it with the same key. Quadratic in n, which is
+// what makes it cheap at this size; the same permutation as the tiled path.
+constexpr int kSmallRows = 256;
+
+__global__ void __launch_bounds__(kSmallRows)
+    perm_small_kernel(const int32_t* __restrict__ ids, int n_bound, int experts, int32_t* __restrict__ offsets,
+                      int32_t* __restrict__ slot_of, int32_t* __restrict__ row_source, LiveRows live) {
+  __shared__ int32_t keys[kSmallRows];
+  const int n = static_cast<int>(live_bound(live, n_bound));
+  const int i = static_cast<int>(threadIdx.x);
+  if (i < n) keys[i] = bucket_of(ids[i], experts);
+  __syncthreads();
+  for (int e = i; e <= experts; e += blockDim.x) {
+    int below = 0;
+    for (int j = 0; j < n; ++j) below += keys[j] < e;
+    offsets[e] = below;
+  }
+  if (i < n) {
+    const int key = keys[i];
+    int slot = 0, before = 0;
+    for (int j = 0; j < n; ++j) {
+      slot += keys[j] < key;
+      before += j < i && keys[j] == key;
+    }
+    slot += before;
+    slot_of[i] = slot;
+    row_source[slot] = i;
+  }
+}
+
 // ---- rows: gather and combine ---------------------------------------------------------------------
 
 constexpr int kRowThreads = 256;
@@ -340,6 +372,12 @@ void build_permutation(const int32_t* ids, int64_t tokens, int top_k, int expert
                " need more shared memory per warp than a block has");
   if (n == 0) {
     MOEFLOW_CUDA_CHECK(cudaMemsetAsync(offsets, 0, sizeof(int32_t) * (static_cast<size_t>(experts) + 1), stream));
+    return;
+  }
+  if (n <= kSmallRows) {
+    perm_small_kernel<<<1, kSmallRows, 0, stream>>>(ids, static_cast<int>(n), experts, offsets, slot_of, row_source,
+                                                    live);
+    MOEFLOW_CUDA_LAUNCH_CHECK();
     return;
   }
   const int64_t tile = tile_length(n, experts);
