@@ -9,8 +9,11 @@
 #include <chrono>
 #include <cstdio>
 #include <cstdlib>
+#include <fstream>
 #include <string>
 #include <sys/wait.h>
+
+#include <nlohmann/json.hpp>
 
 using testing::HasSubstr;
 
@@ -145,4 +148,35 @@ TEST(CliRanks, PlanAndDotShowOneRanksGraphWithTheBytesItMoves) {
                            " --dp 2 --tokens 16 --rank 2");
   EXPECT_EQ(bad.status, 2) << bad.output;
   EXPECT_THAT(bad.output, HasSubstr("--rank 2 outside the 2 ranks"));
+}
+
+TEST(CliRanks, BenchRowsCarryTheExchangeAndTheSpreadOfTheHiddenFraction) {
+  if (!have_mpirun()) GTEST_SKIP() << "no mpirun";
+  const std::string json = testing::TempDir() + "ranks_bench.jsonl";
+  const Result r = shell(mpirun(2, "bench --backend cpu --models qwen1.5-moe-a2.7b --set hidden_size=128 "
+                                   "--set moe_intermediate_size=32 --set num_experts=8 --set shared_expert_intermediate_size=64 "
+                                   "--threads 1 --runs 5 --tokens 24 --dp 2 --ep --dispatches alltoall --chunks 2 "
+                                   "--plans serial,concurrent --json " + json));
+  ASSERT_EQ(r.status, 0) << r.output;
+  EXPECT_THAT(r.output, HasSubstr("2 ranks (dp=2 tp=1 ep)"));
+  std::ifstream in(json);
+  std::string line;
+  int rows = 0;
+  while (std::getline(in, line)) {
+    const auto row = nlohmann::json::parse(line);
+    ++rows;
+    EXPECT_EQ(row["dispatch"], "alltoall");
+    EXPECT_GT(row["dispatch_bytes_per_rank"].get<double>(), 0.0) << line;
+    EXPECT_LE(row["time_p25_us"].get<double>(), row["time_us"].get<double>()) << line;
+    EXPECT_LE(row["time_us"].get<double>(), row["time_p75_us"].get<double>()) << line;
+    if (row["plan"] == "serial") {
+      EXPECT_TRUE(row.contains("alone")) << line;
+    } else {
+      const auto q = row["comm_hidden_quartiles"];
+      ASSERT_EQ(q.size(), 2u) << line;
+      EXPECT_LE(q[0].get<double>(), row["comm_hidden"].get<double>()) << line;
+      EXPECT_LE(row["comm_hidden"].get<double>(), q[1].get<double>()) << line;
+    }
+  }
+  EXPECT_EQ(rows, 2);
 }

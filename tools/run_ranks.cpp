@@ -149,6 +149,7 @@ std::unique_ptr<RankSession> make_rank_session(const RankRunRequest& q, RankComm
 
 struct RankFigures {
   double median_s = 0.0, min_s = 0.0;
+  double p25_s = 0.0, p75_s = 0.0;  // quartiles of the timed runs: their spread
   Trace trace;
   std::vector<double> node_median_us;  // per plan step, over the traced runs
 };
@@ -172,6 +173,8 @@ RankFigures run_in_step(RankSession& session, const RankRunRequest& q, comm::Com
   RankFigures f;
   f.median_s = times[times.size() / 2];
   f.min_s = times.front();
+  f.p25_s = times[times.size() / 4];
+  f.p75_s = times[(3 * times.size()) / 4 < times.size() ? (3 * times.size()) / 4 : times.size() - 1];
   session.use_input_set(0);
   std::vector<std::vector<double>> per_node;
   for (int i = 0; i < traced; ++i) {
@@ -344,9 +347,11 @@ Exchange exchange_of(const RankFigures& f, RankSession& session, int rank, int r
 
 // One bench point measured on every rank: [0] layer time, [1] dispatch, [2] combine, [3] compute
 // (us, traced medians), [4] dispatch and [5] combine bytes sent, [6] [7] the transport's own
-// all-to-all of those bytes (us). worst: the slowest rank; mean: over ranks.
+// all-to-all of those bytes (us), [8] [9] the layer time's quartiles (us). worst: the slowest rank;
+// mean: over ranks.
+constexpr int kPointFigures = 10;
 struct PointFigures {
-  float worst[8] = {}, mean[8] = {};
+  float worst[kPointFigures] = {}, mean[kPointFigures] = {};
   std::string device;
 };
 
@@ -375,17 +380,18 @@ PointFigures measure_point(const RankRunRequest& q0, const std::string& scope, R
   }
   const double own_d = mean_d > 0 ? session->time_alltoall(static_cast<int64_t>(mean_d / (ranks - 1)), 10) : 0;
   const double own_c = mean_c > 0 ? session->time_alltoall(static_cast<int64_t>(mean_c / (ranks - 1)), 10) : 0;
-  const float mine[8] = {static_cast<float>(f.median_s * 1e6), static_cast<float>(x.dispatch_us),
-                         static_cast<float>(x.combine_us), static_cast<float>(x.compute_us),
-                         static_cast<float>(x.dispatch_bytes), static_cast<float>(x.combine_bytes),
-                         static_cast<float>(own_d * 1e6), static_cast<float>(own_c * 1e6)};
-  std::vector<float> every(static_cast<std::size_t>(8 * ranks));
-  all.all_gather(mine, every.data(), 8, comm::Element::f32);
+  const float mine[kPointFigures] = {static_cast<float>(f.median_s * 1e6), static_cast<float>(x.dispatch_us),
+                                    static_cast<float>(x.combine_us), static_cast<float>(x.compute_us),
+                                    static_cast<float>(x.dispatch_bytes), static_cast<float>(x.combine_bytes),
+                                    static_cast<float>(own_d * 1e6), static_cast<float>(own_c * 1e6),
+                                    static_cast<float>(f.p25_s * 1e6), static_cast<float>(f.p75_s * 1e6)};
+  std::vector<float> every(static_cast<std::size_t>(kPointFigures * ranks));
+  all.all_gather(mine, every.data(), kPointFigures, comm::Element::f32);
   PointFigures p;
   for (int r = 0; r < ranks; ++r)
-    for (int i = 0; i < 8; ++i) {
-      p.worst[i] = std::max(p.worst[i], every[static_cast<std::size_t>(8 * r + i)]);
-      p.mean[i] += every[static_cast<std::size_t>(8 * r + i)] / static_cast<float>(ranks);
+    for (int i = 0; i < kPointFigures; ++i) {
+      p.worst[i] = std::max(p.worst[i], every[static_cast<std::size_t>(kPointFigures * r + i)]);
+      p.mean[i] += every[static_cast<std::size_t>(kPointFigures * r + i)] / static_cast<float>(ranks);
     }
   p.device = session->device();
   return p;
@@ -420,7 +426,7 @@ int bench_ranks(const RankBenchRequest& b) {
     std::cout << "moeflow bench: " << ranks << " ranks (dp=" << first.dp << " tp=" << first.tp << (first.ep ? " ep" : "")
               << ")\n"
               << "  model                 T/rank kind            chunks plan        layer ms  dispatch ms  combine ms  "
-                 "sent MB (d+c)  vs own all-to-all  hidden\n";
+                 "sent MB (d+c)  vs own all-to-all  hidden (at the layer time's quartiles)\n";
   for (const std::string& model : b.models)
     for (int64_t t : b.tokens)
       for (DispatchKind kind : b.kinds)
@@ -471,14 +477,21 @@ int bench_ranks(const RankBenchRequest& b) {
                               {"exchange_gbps", a > 0 ? (alone.mean[4] + alone.mean[5]) / a / 1e3 : 0.0},
                               {"ratio_own_alltoall", alone_ratio}};
             }
-            double hidden = -1;
+            row["time_p25_us"] = worst[8];
+            row["time_p75_us"] = worst[9];
+            double hidden = -1, hidden_low = -1, hidden_high = -1;
             if (plan == "serial") {
               serial_layer_us = worst[0];
               serial_point = Exchange{worst[1], worst[2], worst[3], mean[4], mean[5]};
             } else if (serial_layer_us > 0) {
               const double comm = serial_point.dispatch_us + serial_point.combine_us;
-              hidden = comm > 0 ? (comm + serial_point.compute_us - worst[0]) / comm : 0.0;
+              auto hidden_at = [&](double layer_us) { return comm > 0 ? (comm + serial_point.compute_us - layer_us) / comm : 0.0; };
+              hidden = hidden_at(worst[0]);
+              // The same with the concurrent layer's quartiles: how far its run-to-run spread moves it.
+              hidden_low = hidden_at(worst[9]);
+              hidden_high = hidden_at(worst[8]);
               row["comm_hidden"] = hidden;
+              row["comm_hidden_quartiles"] = {hidden_low, hidden_high};
               row["serial_time_us"] = serial_layer_us;
             }
             if (json.is_open()) json << row.dump() << std::endl;
@@ -489,7 +502,10 @@ int bench_ranks(const RankBenchRequest& b) {
                       << std::setw(19)
                       << ((ours > 0 ? fixed(own / ours, 2) : std::string("-")) +
                           (alone_ratio >= 0 ? " (alone " + fixed(alone_ratio, 2) + ")" : std::string("")))
-                      << (row.contains("comm_hidden") ? fixed(hidden, 2) : std::string("")) << "\n";
+                      << (row.contains("comm_hidden")
+                              ? fixed(hidden, 2) + " (" + fixed(hidden_low, 2) + " to " + fixed(hidden_high, 2) + ")"
+                              : std::string(""))
+                      << "\n";
           }
         }
   return 0;
