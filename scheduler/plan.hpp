@@ -12,6 +12,7 @@
 #include "graph/graph.hpp"
 #include "ops/kernel_registry.hpp"
 #include "scheduler/cost_model.hpp"
+#include "scheduler/tuning_cache.hpp"
 
 namespace moeflow {
 
@@ -34,6 +35,10 @@ struct PlanOptions {
   int device = 0;                                     // CUDA device (backend cuda)
   bool reuse_memory = true;                           // let workspace buffers share bytes (memory_planner.hpp)
   std::vector<std::string> keep_values;               // read after a run (checks, floors): never share bytes
+  // Measured kernel choices (`moeflow tune`, --tuning-cache) and the device they must match (empty:
+  // any device's). A cached choice goes before the registry's order; --kernel goes before both.
+  std::shared_ptr<const TuningCache> tuning;
+  std::string tuning_device;
 };
 
 struct Lane {

@@ -1,7 +1,9 @@
 // make_plan: kernel selection, lane assignment and issue order, buffer layout.
-#include <limits>
 #include <algorithm>
 #include <cmath>
+#include <iomanip>
+#include <limits>
+#include <optional>
 #include <sstream>
 
 #include "graph/error.hpp"
@@ -359,6 +361,30 @@ bool Plan::has_host_sync() const {
   return false;
 }
 
+namespace {
+
+// The kernel a tuning cache measured fastest for this node near its T, where it can run the node
+// (and be captured, under --cuda-graph); none where --kernel forces the op or nothing was measured.
+std::optional<KernelChoice> tuned_choice(const KernelRegistry& registry, const Graph& g, const Node& n,
+                                         const PlanOptions& options, int64_t T) {
+  if (!options.tuning || options.forced_kernels.count(n.op->kind())) return std::nullopt;
+  const int64_t rows = g.tokens_of(n, T);
+  const TunedKernel* t = options.tuning->find(options.tuning_device, tuning_signature(g, n), rows);
+  if (!t) return std::nullopt;
+  for (const KernelEntry* k : registry.candidates(n.op->kind(), options.backend)) {
+    if (k->name != t->kernel || (options.capturable && !k->host_inputs.empty())) continue;
+    const Support s = k->supports(g, n);
+    if (!s.ok) return std::nullopt;
+    std::ostringstream why;
+    why << "tuned: fastest measured at T=" << t->tokens << " on " << t->device << " (" << std::fixed
+        << std::setprecision(1) << t->time_us << " us, " << options.tuning->source() << "); " << s.reason;
+    return KernelChoice{k, why.str()};
+  }
+  return std::nullopt;
+}
+
+}  // namespace
+
 Plan make_plan(std::shared_ptr<const Graph> graph, const PlanOptions& options) {
   if (!graph) fail_input("make_plan: no graph");
   if (!graph->validated()) fail_input("make_plan: graph '" + graph->name() + "' is not validated");
@@ -375,7 +401,10 @@ Plan make_plan(std::shared_ptr<const Graph> graph, const PlanOptions& options) {
   }
 
   std::vector<KernelChoice> choices;
-  for (const Node& n : graph->nodes()) choices.push_back(registry.select(*graph, n, options.backend, options.forced_kernels, options.capturable));
+  for (const Node& n : graph->nodes()) {
+    if (auto tuned = tuned_choice(registry, *graph, n, options, T)) choices.push_back(std::move(*tuned));
+    else choices.push_back(registry.select(*graph, n, options.backend, options.forced_kernels, options.capturable));
+  }
   {
     std::vector<const KernelEntry*> chosen;
     for (const KernelChoice& c : choices) chosen.push_back(c.kernel);

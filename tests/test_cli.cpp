@@ -148,6 +148,23 @@ TEST(Cli, BadInputIsOneLineAndStatusTwo) {
   expect_bad_input("bench --backend cpu --models mixtral-8x7b --tokens 4 --plans graph-any", "plan 'graph-any'");
 }
 
+TEST(Cli, TuningCacheFlagsAndTuneWithoutAGpu) {
+  const fs::path bad = temp_dir() / "bad_tuning.json";
+  std::ofstream(bad.string()) << "{\"version\": 1, \"entries\": 3}";
+  const std::string model = "--model qwen1.5-moe-a2.7b --set hidden_size=128 --set moe_intermediate_size=32 "
+                            "--set shared_expert_intermediate_size=64";
+  expect_bad_input("plan " + model + " --max-tokens 8 --tuning-cache " + bad.string(), "bad_tuning.json");
+  // A missing cache is an empty one: the plan is the heuristic's.
+  const Result plan = run_moeflow("plan " + model + " --max-tokens 8 --tuning-cache " +
+                                  (temp_dir() / "none.json").string() + " --tuning-device any");
+  EXPECT_EQ(plan.status, 0) << plan.output;
+  EXPECT_THAT(plan.output, HasSubstr("cpu.grouped_swiglu"));
+  // tune measures GPU kernels: status 3 (resources) on a machine without one.
+  const Result tune = run_moeflow("tune --models mixtral-8x7b --tokens 1 --cache " + (temp_dir() / "t.json").string());
+  EXPECT_EQ(tune.status, 3) << tune.output;
+  EXPECT_THAT(tune.output, HasSubstr("tune:"));
+}
+
 TEST(Cli, ChunkedRunChecksWithEmptyChunksAndNamesItsNodes) {
   // T = 3 of at most 16 in 4 chunks of 4 tokens: chunks 1..3 are empty and still run.
   const Result r =

@@ -12,5 +12,6 @@ Command add_dot_command(CLI::App& app);
 Command add_plan_command(CLI::App& app);
 Command add_bench_command(CLI::App& app);
 Command add_trace_command(CLI::App& app);
+Command add_tune_command(CLI::App& app);
 
 }  // namespace moeflow::cli

@@ -2,6 +2,9 @@
 
 #include "graph/error.hpp"
 #include "ops/moe_layer.hpp"
+#ifdef MOEFLOW_HAVE_CUDA
+#include "kernels/cuda/device.hpp"
+#endif
 
 namespace moeflow::cli {
 
@@ -34,6 +37,18 @@ void PlanFlags::add_to(CLI::App& app) {
   app.add_option("--max-lanes", max_lanes, "most lanes the concurrent planner opens")->check(CLI::PositiveNumber);
   app.add_flag("--no-reuse-memory", no_reuse_memory,
                "give every value its own workspace range (by default buffers share bytes where the plan proves it safe)");
+  app.add_option("--tuning-cache", tuning_cache,
+                 "kernel choices measured by `moeflow tune` (JSON): preferred where one matches the node, the device "
+                 "and T within a factor of two");
+  app.add_option("--tuning-device", tuning_device,
+                 "the device the cached choices must have been measured on (default: this machine's GPU; 'any': every device's)");
+}
+
+static std::string this_machines_gpu() {
+#ifdef MOEFLOW_HAVE_CUDA
+  if (cuda::device_count() > 0) return cuda::device_name(0);
+#endif
+  return "";
 }
 
 PlanOptions PlanFlags::options() const {
@@ -50,6 +65,10 @@ PlanOptions PlanFlags::options() const {
     if (eq == std::string::npos || eq == 0 || eq + 1 == k.size())
       fail_input("--kernel '" + k + "': expected op=name, e.g. experts=cpu.grouped_swiglu");
     o.forced_kernels[k.substr(0, eq)] = k.substr(eq + 1);
+  }
+  if (!tuning_cache.empty()) {
+    o.tuning = std::make_shared<const TuningCache>(TuningCache::load(tuning_cache));
+    o.tuning_device = tuning_device == "any" ? "" : !tuning_device.empty() ? tuning_device : this_machines_gpu();
   }
   return o;
 }

@@ -69,7 +69,7 @@ int main(int argc, char** argv) {
   const std::map<std::string, moeflow::cli::Command> commands{
       {"run", moeflow::cli::add_run_command(app)},     {"dot", moeflow::cli::add_dot_command(app)},
       {"plan", moeflow::cli::add_plan_command(app)},   {"bench", moeflow::cli::add_bench_command(app)},
-      {"trace", moeflow::cli::add_trace_command(app)},
+      {"trace", moeflow::cli::add_trace_command(app)}, {"tune", moeflow::cli::add_tune_command(app)},
   };
   try {
     app.parse(argc, argv);
