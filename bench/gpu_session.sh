@@ -27,7 +27,7 @@ if [[ $mode == ranks ]]; then
     $MPI -np $n $b/moeflow_mpi_tests --gtest_filter='Layouts/LoweredGpu*' > "$OUT/ranks_tests_$n.log" 2>&1; echo "tests rc=$?"
     grep -E "PASSED|FAILED|Failure|rel_norm" "$OUT/ranks_tests_$n.log" | head -10
     $MPI -np $n $b/moeflow bench --backend cuda --models ${2:-deepseek-v3,qwen3-30b-a3b} --tokens 4096 --dp $n --ep \
-      --dispatches alltoall --chunks 1,2 --plans serial,concurrent --runs 10 --json "$OUT/ranks_quick_$n.jsonl" > "$OUT/ranks_quick_$n.log" 2>&1
+      --dispatches alltoall --chunks 1,2 --plans serial,concurrent --runs ${RUNS:-30} --json "$OUT/ranks_quick_$n.jsonl" > "$OUT/ranks_quick_$n.log" 2>&1
     echo "bench rc=$?"; tail -12 "$OUT/ranks_quick_$n.log"
     exit 0
   fi
