@@ -11,6 +11,7 @@
 #include <optional>
 
 #include "graph/error.hpp"
+#include "graph/json_file.hpp"
 
 namespace moeflow {
 namespace {
@@ -394,13 +395,7 @@ MoEConfig load_config(const std::string& preset_or_path, const std::vector<std::
     }
     if (fs::is_directory(preset_or_path, ec))
       fail_input(preset_or_path + ": is a directory, expected a config.json file");
-    std::ifstream in(preset_or_path);
-    if (!in) fail_input(preset_or_path + ": cannot be opened for reading");
-    try {
-      fields = json::parse(in);
-    } catch (const json::exception& e) {
-      fail_input(one_line(preset_or_path + ": malformed JSON: " + e.what()));
-    }
+    fields = read_json_file(preset_or_path, "config");
   }
   for (const std::string& o : overrides) {
     try {

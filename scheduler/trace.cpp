@@ -5,6 +5,7 @@
 #include <nlohmann/json.hpp>
 
 #include "graph/error.hpp"
+#include "graph/json_file.hpp"
 
 namespace moeflow {
 
@@ -46,14 +47,7 @@ void Trace::write_merged_chrome_json(std::ostream& out, const std::vector<Trace>
 }
 
 Trace Trace::read_chrome_json(const std::string& path) {
-  std::ifstream f(path);
-  if (!f) fail_input("trace '" + path + "': cannot open");
-  nlohmann::json j;
-  try {
-    j = nlohmann::json::parse(f);
-  } catch (const nlohmann::json::exception& e) {
-    fail_input("trace '" + path + "': not JSON: " + e.what());
-  }
+  const nlohmann::json j = read_json_file(path, "trace");
   if (!j.is_object() || !j.contains("traceEvents") || !j["traceEvents"].is_array())
     fail_input("trace '" + path + "': no traceEvents array");
   Trace t;

@@ -7,6 +7,7 @@
 #include <nlohmann/json.hpp>
 
 #include "graph/error.hpp"
+#include "graph/json_file.hpp"
 
 namespace moeflow {
 
@@ -14,14 +15,7 @@ TuningCache TuningCache::load(const std::string& path) {
   TuningCache c;
   c.source_ = path;
   if (!std::filesystem::exists(path)) return c;
-  std::ifstream in(path);
-  if (!in) fail_input("tuning cache '" + path + "': cannot read it");
-  nlohmann::json j;
-  try {
-    j = nlohmann::json::parse(in);
-  } catch (const nlohmann::json::exception& e) {
-    fail_input("tuning cache '" + path + "': not JSON (" + e.what() + ")");
-  }
+  const nlohmann::json j = read_json_file(path, "tuning cache");
   if (!j.is_object() || j.value("version", 0) != 1 || !j.contains("entries") || !j["entries"].is_array())
     fail_input("tuning cache '" + path + "': expected {\"version\": 1, \"entries\": [...]}");
   for (std::size_t i = 0; i < j["entries"].size(); ++i) {
