@@ -37,6 +37,14 @@ std::vector<const KernelEntry*> KernelRegistry::candidates(const std::string& op
   return list;
 }
 
+namespace {
+// Whether `k` can run the node, a CUDA graph's constraint included.
+Support usable(const KernelEntry& k, const Graph& g, const Node& n, bool capturable) {
+  if (capturable && !k.host_inputs.empty()) return Support::no("needs a host sync, not capturable in a CUDA graph");
+  return k.supports(g, n);
+}
+}  // namespace
+
 KernelChoice KernelRegistry::select(const Graph& g, const Node& n, Backend backend,
                                     const std::map<std::string, std::string>& forced, bool capturable) const {
   const std::vector<const KernelEntry*> list = candidates(n.op->kind(), backend);
@@ -60,15 +68,22 @@ KernelChoice KernelRegistry::select(const Graph& g, const Node& n, Backend backe
   }
   std::string refusals;
   for (const KernelEntry* k : list) {
-    if (capturable && !k->host_inputs.empty()) {
-      refusals += "; " + k->name + ": needs a host sync, not capturable in a CUDA graph";
-      continue;
-    }
-    Support s = k->supports(g, n);
+    const Support s = usable(*k, g, n, capturable);
     if (s.ok) return {k, s.reason};
     refusals += "; " + k->name + ": " + s.reason;
   }
   fail_input("node '" + n.name + "': no " + std::string(to_string(backend)) + " kernel supports it" + refusals);
+}
+
+std::optional<KernelChoice> KernelRegistry::select_named(const Graph& g, const Node& n, Backend backend,
+                                                         const std::string& name, bool capturable) const {
+  for (const KernelEntry* k : candidates(n.op->kind(), backend)) {
+    if (k->name != name) continue;
+    const Support s = usable(*k, g, n, capturable);
+    if (s.ok) return KernelChoice{k, s.reason};
+    return std::nullopt;
+  }
+  return std::nullopt;
 }
 
 Support cpu_supports_f32(const Graph& g, const Node& n) {

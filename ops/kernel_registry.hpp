@@ -98,6 +98,10 @@ class KernelRegistry {
   // contain a host synchronisation).
   KernelChoice select(const Graph& g, const Node& n, Backend backend,
                       const std::map<std::string, std::string>& forced = {}, bool capturable = false) const;
+  // The kernel called `name` where it exists and can run the node (and be captured, with
+  // `capturable`); its reason is its supports() reason. None otherwise: the caller falls back.
+  std::optional<KernelChoice> select_named(const Graph& g, const Node& n, Backend backend, const std::string& name,
+                                           bool capturable = false) const;
 
  private:
   std::vector<KernelEntry> entries_;

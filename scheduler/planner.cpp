@@ -368,19 +368,15 @@ namespace {
 std::optional<KernelChoice> tuned_choice(const KernelRegistry& registry, const Graph& g, const Node& n,
                                          const PlanOptions& options, int64_t T) {
   if (!options.tuning || options.forced_kernels.count(n.op->kind())) return std::nullopt;
-  const int64_t rows = g.tokens_of(n, T);
-  const TunedKernel* t = options.tuning->find(options.tuning_device, tuning_signature(g, n), rows);
+  const TunedKernel* t = options.tuning->find(options.tuning_device, tuning_signature(g, n), g.tokens_of(n, T));
   if (!t) return std::nullopt;
-  for (const KernelEntry* k : registry.candidates(n.op->kind(), options.backend)) {
-    if (k->name != t->kernel || (options.capturable && !k->host_inputs.empty())) continue;
-    const Support s = k->supports(g, n);
-    if (!s.ok) return std::nullopt;
-    std::ostringstream why;
-    why << "tuned: fastest measured at T=" << t->tokens << " on " << t->device << " (" << std::fixed
-        << std::setprecision(1) << t->time_us << " us, " << options.tuning->source() << "); " << s.reason;
-    return KernelChoice{k, why.str()};
-  }
-  return std::nullopt;
+  std::optional<KernelChoice> c = registry.select_named(g, n, options.backend, t->kernel, options.capturable);
+  if (!c) return std::nullopt;
+  std::ostringstream why;
+  why << "tuned: fastest measured at T=" << t->tokens << " on " << t->device << " (" << std::fixed
+      << std::setprecision(1) << t->time_us << " us, " << options.tuning->source() << "); " << c->reason;
+  c->reason = why.str();
+  return c;
 }
 
 }  // namespace
