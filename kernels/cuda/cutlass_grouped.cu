@@ -2,6 +2,7 @@
 
 #include <cuda_runtime.h>
 
+#include <atomic>
 #include <string>
 #include <type_traits>
 
@@ -153,12 +154,16 @@ __global__ void fill_groups(const int32_t* __restrict__ offsets, int experts, in
   g2.sd[e] = s2d;
 }
 
+// Per device, asked once; lanes issued from their own threads may ask at the same time.
 int sm_count(int device) {
-  static int counts[64] = {};
+  static std::atomic<int> counts[64] = {};
   if (device < 0 || device >= 64) fail_input("cutlass grouped GEMM: device " + std::to_string(device));
-  if (counts[device] == 0)
-    MOEFLOW_CUDA_CHECK(cudaDeviceGetAttribute(&counts[device], cudaDevAttrMultiProcessorCount, device));
-  return counts[device];
+  int n = counts[device].load(std::memory_order_relaxed);
+  if (n == 0) {
+    MOEFLOW_CUDA_CHECK(cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, device));
+    counts[device].store(n, std::memory_order_relaxed);
+  }
+  return n;
 }
 
 void check(cutlass::Status s, const char* what) {
