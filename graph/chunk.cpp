@@ -43,10 +43,7 @@ Graph chunk_tokens(const Graph& g, const ChunkOptions& o) {
   std::vector<ValueId> sliced;  // token-indexed graph inputs of g
   for (ValueId id : g.graph_inputs()) {
     const Value& v = g.value(id);
-    const ValueId in = out.add_input(v.name, *v.type, v.role, v.init_scale);
-    Value& copy = out.mutable_value(in);
-    copy.init = v.init;
-    copy.init_choices = v.init_choices;
+    const ValueId in = out.copy_input(v);
     copies[id] = {in};
     if (v.role == ValueRole::input && token_indexed(v)) sliced.push_back(id);
   }

@@ -118,6 +118,18 @@ ValueId Graph::add_input(std::string name, ValueType type, ValueRole role, float
   return id;
 }
 
+ValueId Graph::copy_input(const Value& from) {
+  if (!from.is_graph_input() || !from.type)
+    fail_input("graph '" + name_ + "': '" + from.name + "' is not a typed graph input, so it cannot be copied as one");
+  const ValueId id = add_input(from.name, *from.type, from.role, from.init_scale);
+  Value& v = values_.back();
+  v.init = from.init;
+  v.init_choices = from.init_choices;
+  v.source = from.source;
+  v.fixed_rows = from.fixed_rows;
+  return id;
+}
+
 ValueId Graph::add_value(std::string name) {
   if (name.empty()) fail_input("graph '" + name_ + "': a value needs a name");
   if (value_index_.count(name)) fail_input("graph '" + name_ + "': two values are named '" + name + "'");

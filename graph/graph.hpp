@@ -42,6 +42,9 @@ class Graph {
   // Low-level construction. Names must be unique among values and among nodes.
   ValueId add_input(std::string name, ValueType type, ValueRole role, float init_scale);
   ValueId add_value(std::string name);  // an activation, typed later by inference
+  // A graph input of another graph, copied with everything that says where its data comes from
+  // (type, role, initialisation, source slice, fixed rows): what passes that rebuild a graph use.
+  ValueId copy_input(const Value& from);
   NodeId add_node(std::string name, std::shared_ptr<const OpSchema> op, std::vector<ValueId> inputs,
                   std::vector<ValueId> outputs);
   void mark_output(ValueId v);

@@ -2,12 +2,12 @@
 
 #include <cuda_runtime.h>
 
-#include <atomic>
 #include <string>
 #include <type_traits>
 
 #include "graph/error.hpp"
 #include "kernels/cuda/check.cuh"
+#include "kernels/cuda/device.hpp"
 #include "kernels/cuda/elementwise.hpp"
 
 #if MOEFLOW_HAVE_CUTLASS
@@ -154,18 +154,6 @@ __global__ void fill_groups(const int32_t* __restrict__ offsets, int experts, in
   g2.sd[e] = s2d;
 }
 
-// Per device, asked once; lanes issued from their own threads may ask at the same time.
-int sm_count(int device) {
-  static std::atomic<int> counts[64] = {};
-  if (device < 0 || device >= 64) fail_input("cutlass grouped GEMM: device " + std::to_string(device));
-  int n = counts[device].load(std::memory_order_relaxed);
-  if (n == 0) {
-    MOEFLOW_CUDA_CHECK(cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, device));
-    counts[device].store(n, std::memory_order_relaxed);
-  }
-  return n;
-}
-
 void check(cutlass::Status s, const char* what) {
   if (s != cutlass::Status::kSuccess)
     throw Error(ErrorKind::resource, std::string("cutlass grouped GEMM: ") + what + ": " + cutlassGetStatusString(s));
@@ -184,7 +172,7 @@ void run_group(const LaneContext& ctx, int experts, const GroupArrays& g, std::b
   args.epilogue.ptr_D = g.d;
   args.epilogue.dD = g.sd;
   args.hw_info.device_id = ctx.device;
-  args.hw_info.sm_count = sm_count(ctx.device);
+  args.hw_info.sm_count = multiprocessor_count(ctx.device);
   Gemm gemm;
   check(gemm.can_implement(args), "can_implement");
   if (Gemm::get_workspace_size(args) > kCutlassReserve)

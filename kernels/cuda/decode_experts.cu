@@ -6,6 +6,7 @@
 
 #include "graph/error.hpp"
 #include "kernels/cuda/bf16_vec.cuh"
+#include "kernels/cuda/warp_gemv.cuh"
 #include "kernels/cuda/check.cuh"
 
 namespace moeflow::cuda {
@@ -55,19 +56,6 @@ __device__ __forceinline__ Group group_of(const int32_t* offsets, int experts) {
   return g;
 }
 
-// Butterfly sum over the warp: every lane ends with the total, in a fixed order.
-__device__ __forceinline__ float warp_sum(float v) {
-#pragma unroll
-  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
-  return v;
-}
-
-__device__ __forceinline__ float dot8(const float a[8], const float b[8], float acc) {
-#pragma unroll
-  for (int i = 0; i < 8; ++i) acc = fmaf(a[i], b[i], acc);
-  return acc;
-}
-
 // act[r, j] = silu(w1_j · x_r) · (w3_j · x_r) for the block's kWarps × kOutputs features j.
 __global__ void __launch_bounds__(kThreads)
     decode_gate_up_kernel(const uint16_t* __restrict__ rows, const int32_t* __restrict__ offsets, int experts,
@@ -79,28 +67,9 @@ __global__ void __launch_bounds__(kThreads)
   if (j0 >= inter) return;
   const int vecs = hidden / 8;
   const uint4* w = reinterpret_cast<const uint4*>(w13 + static_cast<int64_t>(g.expert) * 2 * inter * hidden);
-  const uint4* x = reinterpret_cast<const uint4*>(rows + static_cast<int64_t>(g.first) * hidden);
+  const ContiguousRows x{reinterpret_cast<const uint4*>(rows + static_cast<int64_t>(g.first) * hidden), vecs};
   float gate[kRows][kOutputs] = {}, up[kRows][kOutputs] = {};
-#pragma unroll 2
-  for (int v = lane; v < vecs; v += 32) {
-    float wg[kOutputs][8], wu[kOutputs][8];
-#pragma unroll
-    for (int o = 0; o < kOutputs; ++o) {
-      unpack8(__ldg(w + static_cast<int64_t>(j0 + o) * vecs + v), wg[o]);
-      unpack8(__ldg(w + static_cast<int64_t>(inter + j0 + o) * vecs + v), wu[o]);
-    }
-#pragma unroll
-    for (int q = 0; q < kRows; ++q) {
-      if (q >= g.count) break;
-      float xv[8];
-      unpack8(__ldg(x + static_cast<int64_t>(q) * vecs + v), xv);
-#pragma unroll
-      for (int o = 0; o < kOutputs; ++o) {
-        gate[q][o] = dot8(wg[o], xv, gate[q][o]);
-        up[q][o] = dot8(wu[o], xv, up[q][o]);
-      }
-    }
-  }
+  gate_up_dot<kRows, kOutputs, ActLoad::read_only>(w, j0, inter, vecs, x, g.count, lane, gate, up);
 #pragma unroll
   for (int q = 0; q < kRows; ++q) {
     if (q >= g.count) break;
@@ -127,22 +96,9 @@ __global__ void __launch_bounds__(kThreads)
   if (g.expert < 0) return;
   const int vecs = inter / 8;
   const uint4* w = reinterpret_cast<const uint4*>(w2 + static_cast<int64_t>(g.expert) * hidden * inter);
-  const uint4* a = reinterpret_cast<const uint4*>(act + static_cast<int64_t>(g.first) * inter);
+  const ContiguousRows a{reinterpret_cast<const uint4*>(act + static_cast<int64_t>(g.first) * inter), vecs};
   float acc[kRows][kOutputs] = {};
-#pragma unroll 2
-  for (int v = lane; v < vecs; v += 32) {
-    float wv[kOutputs][8];
-#pragma unroll
-    for (int o = 0; o < kOutputs; ++o) unpack8(__ldg(w + static_cast<int64_t>(h0 + o) * vecs + v), wv[o]);
-#pragma unroll
-    for (int q = 0; q < kRows; ++q) {
-      if (q >= g.count) break;
-      float av[8];
-      unpack8(a[static_cast<int64_t>(q) * vecs + v], av);  // written by the previous kernel: no __ldg
-#pragma unroll
-      for (int o = 0; o < kOutputs; ++o) acc[q][o] = dot8(wv[o], av, acc[q][o]);
-    }
-  }
+  rows_dot<kRows, kOutputs, ActLoad::plain>(w, h0, vecs, a, g.count, lane, acc);  // act: the previous kernel's
 #pragma unroll
   for (int q = 0; q < kRows; ++q) {
     if (q >= g.count) break;

@@ -12,5 +12,8 @@ int device_count();
 std::string device_name(int device);
 // Free and total device memory in bytes.
 void device_memory(int device, int64_t& free_bytes, int64_t& total_bytes);
+// Streaming multiprocessors of the device, asked once per device (kernels size persistent grids by
+// it); safe to call from several threads at once. Throws Error(resource) when the device does not exist.
+int multiprocessor_count(int device);
 
 }  // namespace moeflow::cuda
