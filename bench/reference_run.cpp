@@ -7,6 +7,7 @@
 #include "ops/combine_op.hpp"
 #include "ops/dispatch_op.hpp"
 #include "ops/experts_op.hpp"
+#include "ops/fused_experts_op.hpp"
 #include "ops/gate_op.hpp"
 #include "ops/shared_expert_op.hpp"
 
@@ -124,6 +125,12 @@ ReferenceResult reference_run(const Graph& g, int64_t run_tokens, const std::fun
       vals[n.outputs[0]].data =
           reference::experts_path(floats(y.dispatched_x), T, static_cast<int>(H), eop.intermediate(), op.top_k(),
                                   ids_of(y.dispatched_ids), w.data(), floats(experts.inputs[2]), floats(experts.inputs[3]));
+    } else if (kind == "fused_experts") {  // the fuse pass's dispatch → experts → combine
+      const auto& op = static_cast<const FusedExpertsOp&>(*n.op);
+      const std::vector<double> w = weights_of(n.inputs[2]);
+      vals[n.outputs[0]].data =
+          reference::experts_path(floats(n.inputs[0]), T, static_cast<int>(H), op.intermediate(), op.top_k(),
+                                  ids_of(n.inputs[1]), w.data(), floats(n.inputs[3]), floats(n.inputs[4]));
     } else if (kind == "reduce") {
       std::vector<double> sum(static_cast<std::size_t>(T * H), 0.0);
       for (ValueId v : n.inputs) {

@@ -86,6 +86,13 @@ std::optional<KernelChoice> KernelRegistry::select_named(const Graph& g, const N
   return std::nullopt;
 }
 
+std::optional<KernelChoice> KernelRegistry::select_any(const Graph& g, const Node& n, Backend backend,
+                                                       bool capturable) const {
+  for (const KernelEntry* k : candidates(n.op->kind(), backend))
+    if (const Support s = usable(*k, g, n, capturable); s.ok) return KernelChoice{k, s.reason};
+  return std::nullopt;
+}
+
 Support cpu_supports_f32(const Graph& g, const Node& n) {
   for (const auto* list : {&n.inputs, &n.outputs})
     for (ValueId id : *list) {

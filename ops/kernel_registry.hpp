@@ -102,6 +102,9 @@ class KernelRegistry {
   // `capturable`); its reason is its supports() reason. None otherwise: the caller falls back.
   std::optional<KernelChoice> select_named(const Graph& g, const Node& n, Backend backend, const std::string& name,
                                            bool capturable = false) const;
+  // The highest-priority kernel that can run the node (and be captured, with `capturable`), or none:
+  // for callers that have another way (the fuse pass leaves a chain unfused).
+  std::optional<KernelChoice> select_any(const Graph& g, const Node& n, Backend backend, bool capturable = false) const;
 
  private:
   std::vector<KernelEntry> entries_;

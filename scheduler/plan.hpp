@@ -39,6 +39,9 @@ struct PlanOptions {
   // any device's). A cached choice goes before the registry's order; --kernel goes before both.
   std::shared_ptr<const TuningCache> tuning;
   std::string tuning_device;
+  // Fuse dispatch → experts → combine chains into one fused_experts node where a kernel of the
+  // backend can run it (ops/fuse_experts.hpp); a --kernel forced on one of the three keeps them apart.
+  bool fuse = true;
 };
 
 struct Lane {

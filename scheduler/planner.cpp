@@ -7,6 +7,7 @@
 #include <sstream>
 
 #include "graph/error.hpp"
+#include "ops/fuse_experts.hpp"
 #include "ops/to_host_op.hpp"
 #include "scheduler/memory_planner.hpp"
 #include "scheduler/plan.hpp"
@@ -379,6 +380,23 @@ std::optional<KernelChoice> tuned_choice(const KernelRegistry& registry, const G
   return c;
 }
 
+// The graph with its dispatch → experts → combine chains fused where a kernel of the backend runs
+// the fused node; null where nothing is fused (fusion off, a kernel forced on the chain, no kernel).
+std::shared_ptr<const Graph> fused_where_a_kernel_runs_it(const KernelRegistry& registry, const Graph& g,
+                                                          const PlanOptions& options) {
+  if (!options.fuse) return nullptr;
+  for (const char* op : {"dispatch", "experts", "combine"})
+    if (options.forced_kernels.count(op)) return nullptr;
+  const bool forced = options.forced_kernels.count("fused_experts") > 0;
+  return fuse_experts_chains(
+      g,
+      [&](const Graph& fused, const Node& n) {
+        // A forced fused kernel is checked (and refused by name) when the fused graph is planned.
+        return forced || registry.select_any(fused, n, options.backend, options.capturable).has_value();
+      },
+      options.keep_values);
+}
+
 }  // namespace
 
 Plan make_plan(std::shared_ptr<const Graph> graph, const PlanOptions& options) {
@@ -390,6 +408,7 @@ Plan make_plan(std::shared_ptr<const Graph> graph, const PlanOptions& options) {
   plan.options = options;
   const int64_t T = options.cost_tokens > 0 ? std::min(options.cost_tokens, graph->max_tokens()) : graph->max_tokens();
   const KernelRegistry& registry = options.registry ? *options.registry : KernelRegistry::builtin();
+  if (auto fused = fused_where_a_kernel_runs_it(registry, *graph, options)) return make_plan(fused, options);
   for (const auto& [op, name] : options.forced_kernels) {
     bool known = false;
     for (const Node& n : graph->nodes()) known = known || n.op->kind() == op;

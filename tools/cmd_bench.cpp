@@ -44,7 +44,7 @@ Command add_bench_command(CLI::App& app) {
   sub->add_option("--plans", f->plans, "serial,concurrent (and, backend cuda: graph = concurrent + a CUDA graph per T; graph-any = concurrent + one CUDA graph for every T up to the largest --tokens, replayed at each)")
       ->delimiter(',')
       ->check(CLI::IsMember({"serial", "concurrent", "graph", "graph-any"}));
-  sub->add_option("--experts-kernels", f->experts_kernels, "experts kernels to force in turn, comma-separated (cuda)")
+  sub->add_option("--experts-kernels", f->experts_kernels, "experts kernels to force in turn, comma-separated (cuda); 'auto' is the planner's choice (fusion included), a fused kernel (cuda.fused_decode) is forced on the fused node")
       ->delimiter(',');
   sub->add_option("--input-sets", f->input_sets, "input sets the runs rotate over")->check(CLI::PositiveNumber);
   sub->add_option("--scope", f->scope, "experts | layer | both (= experts,layer) | routed | shared, comma-separated")

@@ -35,6 +35,9 @@ void PlanFlags::add_to(CLI::App& app) {
   app.add_option("--backend", backend, "cpu | cuda")->check(CLI::IsMember({"cpu", "cuda"}));
   app.add_option("--kernel", kernels, "force a kernel: op=name (repeatable)");
   app.add_option("--max-lanes", max_lanes, "most lanes the concurrent planner opens")->check(CLI::PositiveNumber);
+  app.add_flag("--no-fuse", no_fuse,
+               "keep dispatch, experts and combine as three nodes (by default they become one fused_experts node "
+               "where the backend has a kernel for it)");
   app.add_flag("--no-reuse-memory", no_reuse_memory,
                "give every value its own workspace range (by default buffers share bytes where the plan proves it safe)");
   app.add_option("--tuning-cache", tuning_cache,
@@ -60,6 +63,7 @@ PlanOptions PlanFlags::options() const {
   o.backend = backend == "cuda" ? Backend::cuda : Backend::cpu;
   o.max_lanes = max_lanes;
   o.reuse_memory = !no_reuse_memory;
+  o.fuse = !no_fuse;
   for (const std::string& k : kernels) {
     const auto eq = k.find('=');
     if (eq == std::string::npos || eq == 0 || eq + 1 == k.size())

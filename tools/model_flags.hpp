@@ -33,6 +33,7 @@ struct PlanFlags {
   std::vector<std::string> kernels;  // op=name
   int max_lanes = 4;
   bool no_reuse_memory = false;
+  bool no_fuse = false;
   std::string tuning_cache;   // `moeflow tune`'s file
   std::string tuning_device;  // the device its entries must match (default: this machine's GPU, if any)
 

@@ -8,9 +8,21 @@
 #include "graph/chunk.hpp"
 #include "graph/error.hpp"
 #include "kernels/cuda/device.hpp"
+#include "ops/kernel_registry.hpp"
 #include "ops/moe_layer.hpp"
 
 namespace moeflow {
+
+namespace {
+
+// The op a kernel named in --experts-kernels runs: the fused node's kernels name the fused node.
+std::string experts_op_of(const std::string& kernel) {
+  for (const KernelEntry* k : KernelRegistry::builtin().candidates("fused_experts", Backend::cuda))
+    if (k->name == kernel) return "fused_experts";
+  return "experts";
+}
+
+}  // namespace
 
 std::vector<nlohmann::json> run_cuda_bench(const CudaBenchOptions& o, std::ostream& log,
                                           const std::function<void(const nlohmann::json&)>& on_row) {
@@ -24,7 +36,10 @@ std::vector<nlohmann::json> run_cuda_bench(const CudaBenchOptions& o, std::ostre
       << std::setw(30) << "experts kernel" << std::setw(11) << "median us" << std::setw(10) << "floor us" << std::setw(9)
       << "x floor" << "x serial\n";
   std::vector<nlohmann::json> rows;
-  const std::vector<std::string> kernels = o.experts_kernels.empty() ? std::vector<std::string>{""} : o.experts_kernels;
+  // "" (or "auto" in the list): the planner's own choice, fusion included.
+  std::vector<std::string> kernels = o.experts_kernels.empty() ? std::vector<std::string>{""} : o.experts_kernels;
+  for (std::string& k : kernels)
+    if (k == "auto") k.clear();
   for (const std::string& model : o.models) {
     const MoEConfig config = load_config(model, o.sets);
     for (const std::string& scope : o.scopes) {
@@ -61,7 +76,8 @@ std::vector<nlohmann::json> run_cuda_bench(const CudaBenchOptions& o, std::ostre
             so.plan.device = o.device;
             so.plan.rates = rates;  // the planner's cost model on this GPU's measured ceilings
             const bool has_experts = scope != "shared";
-            if (!kernel.empty() && has_experts) so.plan.forced_kernels["experts"] = kernel;
+            // A fused kernel (ops/fuse_experts.hpp) is forced on the fused node, any other on the experts node.
+            if (!kernel.empty() && has_experts) so.plan.forced_kernels[experts_op_of(kernel)] = kernel;
             if (!has_experts && kernel != kernels.front()) continue;  // no experts node: one run per plan
             so.seed = o.seed;
             std::unique_ptr<CudaSession> session;
@@ -89,7 +105,8 @@ std::vector<nlohmann::json> run_cuda_bench(const CudaBenchOptions& o, std::ostre
             std::string kernel_names, experts_kernel;
             for (const PlanStep& step : s.plan().steps) {
               kernel_names += (kernel_names.empty() ? "" : ",") + step.kernel->name;
-              if (s.graph().node(step.node).op->kind() == "experts") experts_kernel = step.kernel->name;
+              const std::string kind = s.graph().node(step.node).op->kind();
+              if (kind == "experts" || kind == "fused_experts") experts_kernel = step.kernel->name;
             }
             if (plan == "serial") serial_time[kernel] = t.median_s;
             const std::string plan_name = any_tokens ? "concurrent+cuda_graph_any_t" : graph_replay ? "concurrent+cuda_graph" : plan;

@@ -1,0 +1,41 @@
+#include "ops/fused_experts_op.hpp"
+
+#include "ops/experts_op.hpp"
+#include "ops/op_checks.hpp"
+
+namespace moeflow {
+
+FusedExpertsOp::FusedExpertsOp(int experts, int top_k, int intermediate)
+    : experts_(experts), top_k_(top_k), intermediate_(intermediate) {
+  if (intermediate_ <= 0)
+    fail_input("fused_experts: intermediate size = " + std::to_string(intermediate_) + " must be > 0");
+  if (experts_ <= 0 || top_k_ <= 0 || top_k_ > experts_)
+    fail_input("fused_experts: top_k = " + std::to_string(top_k_) + " must be in [1, experts = " +
+               std::to_string(experts_) + "]");
+}
+
+std::string FusedExpertsOp::summary() const {
+  return "dispatch+swiglu+combine E=" + std::to_string(experts_) + " k=" + std::to_string(top_k_) +
+         " I=" + std::to_string(intermediate_);
+}
+
+std::vector<ValueType> FusedExpertsOp::infer(const Node& n, std::span<const Value* const> in) const {
+  const Value& x = *in[0];
+  expect_token_rows(n, x);
+  const int64_t H = x.shape()[1].fixed, I = intermediate_, E = experts_;
+  expect_type(n, *in[1], Shape{Dim::tokens(), Dim::of(top_k_)}, DType::i32);
+  expect_type(n, *in[2], Shape{Dim::tokens(), Dim::of(top_k_)}, DType::f32);
+  expect_type(n, *in[3], Shape{Dim::of(E), Dim::of(2 * I), Dim::of(H)}, x.dtype());
+  expect_type(n, *in[4], Shape{Dim::of(E), Dim::of(H), Dim::of(I)}, x.dtype());
+  return {ValueType{x.shape(), x.dtype(), {}}};
+}
+
+Cost FusedExpertsOp::cost(const OpOperands& ops, int64_t tokens) const {
+  const double T = static_cast<double>(tokens), k = top_k_, I = intermediate_;
+  const double H = static_cast<double>(ops.inputs[0]->shape()[1].fixed);
+  const double b = static_cast<double>(dtype_size(ops.inputs[0]->dtype()));
+  const double touched = expected_touched_experts(experts_, k, T);
+  return {6.0 * k * T * H * I + 2.0 * k * T * H, b * (touched * 3.0 * H * I + 2.0 * T * H) + 8.0 * k * T};
+}
+
+}  // namespace moeflow

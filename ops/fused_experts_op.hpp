@@ -1,0 +1,33 @@
+#pragma once
+// fused_experts: dispatch → experts → combine as one node, what the fuse pass (ops/fuse_experts.hpp)
+// makes of that chain where a backend has a kernel that runs it in one piece (the CUDA decode
+// kernel: one launch instead of five at T = 1). Same result as the chain:
+//   out_t = Σ_j weight[t,j] · SwiGLU-MLP of expert ids[t,j] applied to x_t.
+// Inputs: x [T,H], ids [T,k] i32, weights [T,k] f32, w13 [E,2I,H], w2 [E,H,I]. Output: out [T,H].
+// Ids outside [0, E) contribute nothing (as the chain's dispatch gives them no row).
+#include "graph/op_schema.hpp"
+
+namespace moeflow {
+
+class FusedExpertsOp final : public OpSchema {
+ public:
+  FusedExpertsOp(int experts, int top_k, int intermediate);
+  int experts() const { return experts_; }
+  int top_k() const { return top_k_; }
+  int intermediate() const { return intermediate_; }
+
+  std::string kind() const override { return "fused_experts"; }
+  std::string summary() const override;
+  std::vector<std::string> output_names() const override { return {"out"}; }
+  std::vector<ValueType> infer(const Node& node, std::span<const Value* const> inputs) const override;
+  // The chain's flops and only the bytes that cross memory in one piece: the touched experts'
+  // weights, x, ids, weights and the output (no permuted rows, no y).
+  Cost cost(const OpOperands& operands, int64_t tokens) const override;
+  bool token_parallel() const override { return true; }
+  int min_inputs() const override { return 5; }
+
+ private:
+  int experts_, top_k_, intermediate_;
+};
+
+}  // namespace moeflow

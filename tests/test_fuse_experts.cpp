@@ -1,0 +1,186 @@
+// The fuse pass (ops/fuse_experts.hpp) and the planner's use of it: which chains it fuses and which
+// it leaves alone, names and chunk tags, and results equal to the unfused graph on the CPU through a
+// test kernel for the fused node (the CPU registers none: there the chain costs no launches).
+#include <gtest/gtest.h>
+
+#include <array>
+#include <cstring>
+
+#include "bench/cpu_session.hpp"
+#include "graph/chunk.hpp"
+#include "graph/error.hpp"
+#include "kernels/cpu/permute.hpp"
+#include "kernels/cpu/swiglu_mlp.hpp"
+#include "ops/fuse_experts.hpp"
+#include "ops/fused_experts_op.hpp"
+#include "ops/kernel_registry.hpp"
+#include "ops/moe_layer.hpp"
+#include "tests/expect_error.hpp"
+
+using namespace moeflow;
+
+namespace {
+
+const MoEConfig& small_qwen() {
+  static const MoEConfig c = load_config("qwen1.5-moe-a2.7b", {"hidden_size=64", "moe_intermediate_size=32",
+                                                               "shared_expert_intermediate_size=64"});
+  return c;
+}
+
+int count_kind(const Graph& g, const std::string& kind) {
+  int n = 0;
+  for (const Node& node : g.nodes()) n += node.op->kind() == kind;
+  return n;
+}
+
+const FusionFilter accept_all = [](const Graph&, const Node&) { return true; };
+
+// The builtin kernels plus a CPU kernel for the fused node that runs the chain's own CPU kernels
+// one after the other in its workspace: the fused graph must then give the unfused graph's bytes.
+KernelRegistry registry_with_cpu_fused_kernel() {
+  KernelRegistry r = KernelRegistry::builtin();
+  auto layout = [](const Graph& g, const Node& n, int64_t tokens) {
+    const auto& op = static_cast<const FusedExpertsOp&>(*n.op);
+    const int64_t H = g.value(n.inputs[0]).shape()[1].fixed, rows = tokens * op.top_k();
+    // rows, y [kT, H]; act [kT, I]; offsets [E + 1]; slot_of [kT]
+    return std::array<int64_t, 5>{rows * H, rows * H, rows * op.intermediate(), op.experts() + 1, rows};
+  };
+  r.add({"fused_experts", Backend::cpu, "test.fused_chain", 0,
+         [](const Graph&, const Node&) { return Support::yes("the chain's CPU kernels in one node"); },
+         [layout](const KernelCall& c) {
+           const auto& op = static_cast<const FusedExpertsOp&>(*c.node.op);
+           const int H = static_cast<int>(c.input_value(0).shape()[1].fixed);
+           const auto sizes = layout(c.graph, c.node, c.max_tokens());
+           auto* rows = static_cast<float*>(c.workspace);
+           float* y = rows + sizes[0];
+           float* act = y + sizes[1];
+           auto* offsets = reinterpret_cast<int32_t*>(act + sizes[2]);
+           int32_t* slot_of = offsets + sizes[3];
+           cpu::build_permutation(c.in<int32_t>(1), c.tokens, op.top_k(), op.experts(), offsets, slot_of);
+           cpu::gather_rows(c.in<float>(0), slot_of, c.tokens, op.top_k(), H, rows);
+           cpu::grouped_swiglu_mlp(rows, offsets, op.experts(), H, op.intermediate(), c.in<float>(3), c.in<float>(4), y, act);
+           cpu::combine_rows(y, slot_of, c.in<float>(2), c.tokens, op.top_k(), H, c.out<float>(0));
+         },
+         [layout](const Graph& g, const Node& n, int64_t tokens) {
+           int64_t words = 0;
+           for (int64_t s : layout(g, n, tokens)) words += s;
+           return 4 * words;
+         }});
+  return r;
+}
+
+std::vector<float> run_once(std::shared_ptr<const Graph> g, const PlanOptions& po, int64_t T, std::string* kinds = nullptr) {
+  SessionOptions so;
+  so.plan = po;
+  so.seed = 11;
+  CpuSession s(std::move(g), so);
+  s.set_tokens(T);
+  s.run();
+  if (kinds)
+    for (const PlanStep& step : s.plan().steps) *kinds += s.graph().node(step.node).op->kind() + " ";
+  const int64_t n = s.graph().value(s.graph().outputs()[0]).shape().elements(T);
+  return {s.output(), s.output() + n};
+}
+
+}  // namespace
+
+TEST(FuseExperts, TheChainBecomesOneNodeReadingTheChainsInputsAndKeepingTheOutputsName) {
+  const Graph g = build_experts_graph(small_qwen(), {.max_tokens = 8});
+  const auto fused = fuse_experts_chains(g, accept_all);
+  ASSERT_TRUE(fused);
+  EXPECT_EQ(count_kind(*fused, "dispatch") + count_kind(*fused, "experts") + count_kind(*fused, "combine"), 0);
+  ASSERT_EQ(count_kind(*fused, "fused_experts"), 1);
+  const Node& n = fused->node(*fused->find_node("fused_experts"));
+  // x, ids, weights, w13, w2: the same values the chain read.
+  const Node& d = g.node(*g.find_node("dispatch"));
+  const Node& x = g.node(*g.find_node("experts"));
+  const Node& c = g.node(*g.find_node("combine"));
+  const std::vector<std::string> want = {g.value(d.inputs[0]).name, g.value(d.inputs[1]).name, g.value(c.inputs[2]).name,
+                                         g.value(x.inputs[2]).name, g.value(x.inputs[3]).name};
+  ASSERT_EQ(n.inputs.size(), want.size());
+  for (std::size_t i = 0; i < want.size(); ++i) EXPECT_EQ(fused->value(n.inputs[i]).name, want[i]) << i;
+  EXPECT_EQ(fused->value(fused->outputs()[0]).name, g.value(g.outputs()[0]).name);
+  EXPECT_EQ(fused->value(n.outputs[0]).shape(), g.value(c.outputs[0]).shape());
+  // Nothing left to fuse the second time.
+  EXPECT_FALSE(fuse_experts_chains(*fused, accept_all));
+}
+
+TEST(FuseExperts, EachChunkIsFusedWithItsTagAndTheWholeLayerKeepsItsOtherNodes) {
+  const Graph layer = build_moe_layer(small_qwen(), {.max_tokens = 10});
+  const Graph g = chunk_tokens(layer, {.chunks = 2});
+  const auto fused = fuse_experts_chains(g, accept_all);
+  ASSERT_TRUE(fused);
+  EXPECT_EQ(count_kind(*fused, "fused_experts"), 2);
+  EXPECT_EQ(count_kind(*fused, "gate"), 2);
+  EXPECT_EQ(count_kind(*fused, "shared_expert"), 2);
+  EXPECT_EQ(fused->chunks(), 2);
+  for (int k = 0; k < 2; ++k) {
+    const auto id = fused->find_node("fused_experts\u00b7c" + std::to_string(k));
+    ASSERT_TRUE(id) << k;
+    EXPECT_EQ(fused->node(*id).chunk, k);
+  }
+  EXPECT_EQ(fused->nodes().size(), g.nodes().size() - 2 * 2);  // two of three nodes gone per chunk
+}
+
+TEST(FuseExperts, LeavesAChainAloneWhereTheFilterOrAKeptIntermediateSaysSo) {
+  const Graph g = build_experts_graph(small_qwen(), {.max_tokens = 8});
+  EXPECT_FALSE(fuse_experts_chains(g, [](const Graph&, const Node&) { return false; }));
+  const Node& x = g.node(*g.find_node("experts"));
+  EXPECT_FALSE(fuse_experts_chains(g, accept_all, {g.value(x.outputs[0]).name}));  // y is read after the run
+  const Graph layer = chunk_tokens(build_moe_layer(small_qwen(), {.max_tokens = 10}), {.chunks = 2});
+  // Only chunk 1 accepted: chunk 0 keeps its three nodes.
+  const auto fused = fuse_experts_chains(layer, [](const Graph&, const Node& n) { return n.chunk == 1; });
+  ASSERT_TRUE(fused);
+  EXPECT_EQ(count_kind(*fused, "fused_experts"), 1);
+  EXPECT_TRUE(fused->find_node("experts\u00b7c0"));
+  EXPECT_TRUE(fused->find_node("fused_experts\u00b7c1"));
+}
+
+TEST(FuseExperts, PlannerFusesWhereABackendKernelRunsTheNodeAndResultsAreTheChainsBytes) {
+  const KernelRegistry registry = registry_with_cpu_fused_kernel();
+  for (const bool chunked : {false, true}) {
+    Graph built = build_moe_layer(small_qwen(), {.max_tokens = 13});
+    if (chunked) built = chunk_tokens(built, {.chunks = 3});
+    const auto g = std::make_shared<const Graph>(std::move(built));
+    PlanOptions po;
+    po.registry = &registry;
+    po.policy = Policy::concurrent;
+    std::string fused_kinds, chain_kinds;
+    const std::vector<float> fused = run_once(g, po, 13, &fused_kinds);
+    po.fuse = false;
+    const std::vector<float> chain = run_once(g, po, 13, &chain_kinds);
+    EXPECT_NE(fused_kinds.find("fused_experts"), std::string::npos) << fused_kinds;
+    EXPECT_EQ(chain_kinds.find("fused_experts"), std::string::npos) << chain_kinds;
+    ASSERT_EQ(fused.size(), chain.size());
+    EXPECT_EQ(0, std::memcmp(fused.data(), chain.data(), fused.size() * 4)) << "chunked " << chunked;
+    // Fewer tokens than the maximum, empty chunks included.
+    po.fuse = true;
+    const std::vector<float> few = run_once(g, po, 2);
+    po.fuse = false;
+    const std::vector<float> few_chain = run_once(g, po, 2);
+    EXPECT_EQ(0, std::memcmp(few.data(), few_chain.data(), few.size() * 4)) << "chunked " << chunked;
+  }
+}
+
+TEST(FuseExperts, ForcingAKernelOnTheChainKeepsItAndTheBuiltinCpuHasNoFusedKernel) {
+  const auto g = std::make_shared<const Graph>(build_experts_graph(small_qwen(), {.max_tokens = 8}));
+  const KernelRegistry registry = registry_with_cpu_fused_kernel();
+  PlanOptions po;
+  po.registry = &registry;
+  EXPECT_EQ(count_kind(*make_plan(g, po).graph, "fused_experts"), 1);
+  po.forced_kernels["experts"] = "cpu.grouped_swiglu";
+  EXPECT_EQ(count_kind(*make_plan(g, po).graph, "fused_experts"), 0);
+  po.forced_kernels.clear();
+  po.forced_kernels["fused_experts"] = "test.fused_chain";
+  const Plan forced = make_plan(g, po);
+  ASSERT_EQ(count_kind(*forced.graph, "fused_experts"), 1);
+  for (const PlanStep& step : forced.steps) {
+    if (forced.graph->node(step.node).op->kind() == "fused_experts") {
+      EXPECT_NE(step.reason.find("forced"), std::string::npos) << step.reason;
+    }
+  }
+  po.forced_kernels["fused_experts"] = "no.such_kernel";
+  EXPECT_NE(testing_errors::bad_input_message([&] { make_plan(g, po); }).find("no.such_kernel"), std::string::npos);
+  // The CPU backend as shipped: nothing to run a fused node with, so the chain stays as it is.
+  EXPECT_EQ(count_kind(*make_plan(g, PlanOptions{}).graph, "fused_experts"), 0);
+}
