@@ -2,7 +2,7 @@
 # One call on the GPU machine (see the device README): unpack the carried .deb files, build there,
 # run the gpu tests (plain, memcheck, racecheck), the CLI checks of every preset, the CUDA-graph
 # host cost (mode `tests`), or the benchmark sweep (mode `bench`). Everything lands in $OUT.
-# Usage: bash bench/gpu_session.sh tests|full|racecheck|bench|overlap|chunks|decode|timeline|probe|ranks|cutlass|anyt|resources [models] [experts kernels] [tokens] [scopes]
+# Usage: bash bench/gpu_session.sh tests|full|racecheck|bench|overlap|chunks|decode|timeline|probe|ranks|cutlass|anyt|resources|fused|fusedprof|validate [models] [experts kernels] [tokens] [scopes]
 set -uo pipefail
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 mkdir -p /opt/deps && for f in .deps/*.deb; do dpkg -x "$f" /opt/deps; done
@@ -179,6 +179,65 @@ if [[ $mode == resources ]]; then
         echo "$file $(echo "$name" | cu++filt | sed -E 's/\(.*//' | cut -c1-90) $reg $stack $shared $local"
       done
   done | tee "$OUT/resources.txt"
+  exit 0
+fi
+if [[ $mode == validate ]]; then
+  # Before a commit that touches the kernels: every gpu test, the fused kernel under the three
+  # sanitizers, the resource report of the decode kernels, and the experts path at small T.
+  echo "== gpu tests"; timeout 240 $b/moeflow_gpu_tests --gtest_brief=1 > "$OUT/gpu_tests.log" 2>&1; echo "rc=$?"
+  grep -E "FAILED|Failure|tests ran|PASSED" "$OUT/gpu_tests.log" | head -12
+  for tool in memcheck racecheck synccheck; do
+    timeout 100 compute-sanitizer --tool $tool --error-exitcode 9 $b/moeflow_gpu_tests --gtest_brief=1 \
+      --gtest_filter='CudaFusedDecode.*' > "$OUT/fused_$tool.log" 2>&1; echo "$tool rc=$?: $(tail -n 2 "$OUT/fused_$tool.log" | tr '\n' ' ')"
+  done
+  for o in $(find $b -name "fused_decode.cu.o" -o -name "decode_experts.cu.o"); do
+    cuobjdump -res-usage "$o" 2>/dev/null | awk '/Function/ { name = $2 } /REG:/ { print name, $1, $2, $4 }' | cu++filt | cut -c1-160
+  done | tee "$OUT/decode_resources.txt"
+  timeout 200 $b/moeflow bench --backend cuda --models ${2:-qwen1.5-moe-a2.7b,qwen3-30b-a3b,deepseek-v3,mixtral-8x7b} \
+    --tokens ${3:-1,8,32} --plans graph --experts-kernels auto,cuda.decode_gemv --scope experts --json "$OUT/validate_bench.jsonl" \
+    > "$OUT/validate_bench.log" 2>&1; echo "rc=$?"; grep -v "^skipped" "$OUT/validate_bench.log" | tail -26
+  exit 0
+fi
+if [[ $mode == fusedprof ]]; then
+  # Nsight Compute's full report of the fused decode kernel and of the chain's decode kernels (T=1).
+  m=${2:-qwen1.5-moe-a2.7b}
+  timeout 200 ncu --clock-control none --set full --kernel-name regex:fused_decode --launch-skip 3 --launch-count 1 --print-details all \
+    $b/moeflow run --backend cuda --model $m --tokens 1 --scope experts --runs 5 > "$OUT/prof_fused.txt" 2>&1; echo "rc=$?"
+  timeout 200 ncu --clock-control none --set full --kernel-name regex:decode_ --launch-skip 6 --launch-count 2 --print-details all \
+    $b/moeflow run --backend cuda --model $m --tokens 1 --scope experts --runs 5 --no-fuse > "$OUT/prof_chain.txt" 2>&1; echo "rc=$?"
+  grep -E "Duration|DRAM Throughput|Memory Throughput|Achieved Occupancy|Registers Per|Waves Per SM|Stall|Block Limit" "$OUT/prof_fused.txt" | head -30
+  exit 0
+fi
+if [[ $mode == fused ]]; then
+  # The fused decode kernel (dispatch + MLP + combine in one launch): resources, its tests plain and
+  # under memcheck / racecheck / synccheck, the layers' tests that now plan it, run --check per
+  # preset at T=1, then the experts path fused against the chain (graph replays) where it applies.
+  obj=$(find $b -name fused_decode.cu.o | head -1)
+  echo "== resources: $(cuobjdump -res-usage "$obj" 2>&1 | grep -E "REG" | head -2 | tr -s ' ')" | tee "$OUT/fused_resources.txt"
+  echo "== tests"; timeout 200 $b/moeflow_gpu_tests --gtest_filter='CudaFusedDecode.*:CudaLayerGraph.*:*CudaHfGolden*' \
+    > "$OUT/fused_tests.log" 2>&1; echo "rc=$?"; grep -E "FAILED|Failure|PASSED|tests ran" "$OUT/fused_tests.log" | head -20
+  for tool in memcheck racecheck synccheck; do
+    timeout 100 compute-sanitizer --tool $tool --error-exitcode 9 $b/moeflow_gpu_tests --gtest_brief=1 \
+      --gtest_filter='CudaFusedDecode.*' > "$OUT/fused_$tool.log" 2>&1; echo "$tool rc=$?: $(tail -n 2 "$OUT/fused_$tool.log" | tr '\n' ' ')"
+  done
+  for m in qwen1.5-moe-a2.7b mixtral-8x7b qwen3-30b-a3b deepseek-v3; do
+    $b/moeflow run --backend cuda --model $m --tokens 1 --scope experts --cuda-graph --check 2>&1 | grep -E "fused|check|error" | cut -c1-200
+  done
+  echo "== bench"
+  timeout ${3:-240} $b/moeflow bench --backend cuda --models ${2:-qwen1.5-moe-a2.7b,qwen3-30b-a3b,deepseek-v3,mixtral-8x7b} \
+    --tokens ${4:-1,8,32} --plans graph --experts-kernels auto,cuda.decode_gemv --scope experts --json "$OUT/fused_bench.jsonl" \
+    > "$OUT/fused_bench.log" 2>&1; echo "rc=$?"; grep -v "^skipped" "$OUT/fused_bench.log" | tail -30
+  echo "== whole layer, T=1 (the fused chain beside the shared expert)"
+  timeout 120 $b/moeflow bench --backend cuda --models qwen1.5-moe-a2.7b,qwen3-30b-a3b --tokens 1 --plans serial,concurrent,graph \
+    --experts-kernels auto,cuda.decode_gemv --scope layer --json "$OUT/fused_layer.jsonl" > "$OUT/fused_layer.log" 2>&1
+  echo "rc=$?"; grep -v "^skipped" "$OUT/fused_layer.log" | tail -14
+  echo "== ncu (kernels serialised, caches flushed between them)"
+  for m in qwen1.5-moe-a2.7b qwen3-30b-a3b; do
+    timeout 90 ncu --clock-control none --kernel-name regex:fused_decode --launch-skip 3 --launch-count 1 \
+      --metrics gpu__time_duration.sum,dram__bytes_read.sum,dram__throughput.avg.pct_of_peak_sustained_elapsed,lts__t_sector_hit_rate.pct \
+      $b/moeflow run --backend cuda --model $m --tokens 1 --scope experts --runs 5 > "$OUT/fused_ncu_$m.log" 2>&1
+    echo "$m: $(grep -E "gpu__time|dram__|lts__" "$OUT/fused_ncu_$m.log" | tr -s ' ' | tr '\n' ';')"
+  done
   exit 0
 fi
 if [[ $mode == anyt ]]; then

@@ -9,6 +9,7 @@
 #include "kernels/cuda/cutlass_grouped.hpp"
 #include "kernels/cuda/decode_experts.hpp"
 #include "kernels/cuda/elementwise.hpp"
+#include "kernels/cuda/fused_decode.hpp"
 #include "kernels/cuda/lane_context.hpp"
 #include "kernels/cuda/permute.hpp"
 #include "kernels/cuda/routing.hpp"
@@ -16,6 +17,7 @@
 #include "ops/combine_op.hpp"
 #include "ops/dispatch_op.hpp"
 #include "ops/experts_op.hpp"
+#include "ops/fused_experts_op.hpp"
 #include "ops/gate_op.hpp"
 #include "ops/kernel_registry.hpp"
 #include "ops/shared_expert_op.hpp"
@@ -310,6 +312,49 @@ void register_experts(KernelRegistry& r) {
          }}));
 }
 
+cuda::FusedDecodeShape fused_shape(const Graph& g, const Node& n) {
+  const auto& op = static_cast<const FusedExpertsOp&>(*n.op);
+  return {op.experts(), op.top_k(), static_cast<int>(g.value(n.inputs[0]).shape()[1].fixed), op.intermediate(),
+          g.max_tokens_of(n)};
+}
+
+// The fuse pass (ops/fuse_experts.hpp) makes a fused_experts node wherever this kernel supports it.
+void register_fused_experts(KernelRegistry& r) {
+  r.add(reading_live_tokens(launching(2, {"fused_experts", Backend::cuda, "cuda.fused_decode", 0,
+         [](const Graph& g, const Node& n) {
+           Support s = cuda_supports_bf16(g, n, "");
+           if (!s.ok) return s;
+           const cuda::FusedDecodeShape shape = fused_shape(g, n);
+           if (const std::string why = cuda::fused_decode_unsupported(shape); !why.empty()) return Support::no(why);
+           // Where experts get more than one row on average a GEMM reuses each weight better (the
+           // unfused chain's decode kernel stops at the same point).
+           const int64_t rows = shape.max_tokens * shape.top_k;
+           if (rows > shape.experts)
+             return Support::no("T*k = " + std::to_string(rows) + " > E = " + std::to_string(shape.experts) +
+                                ": more than one row per expert on average");
+           // Measured on the H100: the launches it saves pay only where the weight stream is short.
+           const int64_t weight_bytes = rows * 3 * shape.hidden * static_cast<int64_t>(shape.intermediate) * 2;
+           if (weight_bytes > cuda::kFusedMaxWeightBytes)
+             return Support::no("up to " + std::to_string(weight_bytes >> 20) + " MiB of weights: above " +
+                                std::to_string(cuda::kFusedMaxWeightBytes >> 20) +
+                                " MiB the chain's decode kernels stream faster than the launches it saves");
+           return Support::yes("T*k = " + std::to_string(rows) + ", up to " + std::to_string(weight_bytes >> 20) +
+                               " MiB of weights: dispatch, SwiGLU MLP and combine in one launch (saves four); each "
+                               "touched expert's weights streamed once per " +
+                               std::to_string(cuda::kFusedRowsPerGroup) + " rows, x read in place");
+         },
+         [](const KernelCall& c) {
+           cuda::experts_fused_decode(lane(c), fused_shape(c.graph, c.node), c.tokens, c.live_tokens, bf16_in(c, 0),
+                                      c.in<int32_t>(1), c.in<float>(2), bf16_in(c, 3), bf16_in(c, 4), bf16_out(c, 0),
+                                      c.workspace);
+         },
+         [](const Graph& g, const Node& n, int64_t tokens) {
+           cuda::FusedDecodeShape shape = fused_shape(g, n);
+           shape.max_tokens = tokens;
+           return cuda::fused_decode_workspace_bytes(shape);
+         }})));
+}
+
 }  // namespace
 
 void register_cuda_comm_kernels(KernelRegistry& r);  // ops/cuda/cuda_comm_kernels.cpp
@@ -375,6 +420,7 @@ void register_cuda_kernels(KernelRegistry& r) {
                   static_cast<int64_t>(cuda::permutation_workspace_bytes(tokens, op.top_k(), op.experts()));
          }})));
   register_experts(r);
+  register_fused_experts(r);
   r.add(reading_live_tokens({"combine", Backend::cuda, "cuda.weighted_sum", 0,
          bf16_kernel("one pass per token: its top-k expert rows weighted in fp32, no atomics"),
          [](const KernelCall& c) {

@@ -187,7 +187,9 @@ void CudaExecutor::issue_step(std::size_t i, const DeviceArena& inputs, const De
   auto locate = [&](ValueId v) -> void* {
     switch (plan_.buffer(v).arena) {
       case Arena::inputs: return inputs.data(v);
-      case Arena::weights: return weights.data(v);
+      // By this plan's offset: a weights arena may be lent by a session of another plan of the same
+      // layer (a fused or unfused graph numbers its values differently; the offsets agree).
+      case Arena::weights: return weights.base() + plan_.buffer(v).offset;
       case Arena::workspace: return s.workspace->data(v);
       case Arena::host: return s.host->data(v);
     }

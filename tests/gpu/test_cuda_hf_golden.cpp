@@ -38,7 +38,7 @@ TEST_P(CudaHfGolden, MatchesTransformersInBf16) {
   so.plan.policy = plan == "serial" ? Policy::serial : Policy::concurrent;
   so.load_weights = gl.loader(c);
   CudaSession s(g, so);
-  const ValueId x = *g->find_value("x");
+  const ValueId x = *s.graph().find_value("x");  // the plan's graph (passes may renumber values)
   for (int64_t T : gl.tokens) {
     const testing_golden::GoldenIo io = golden_io(gl, T, c.hidden);
     std::vector<uint16_t> bits(io.x.size());

@@ -160,7 +160,7 @@ TEST(CudaExpertsPaddedToMax, MatchesReferenceAndFallsBackToGroupedOnSkewedRoutin
   // Every token on experts 0 and 1: 1024 rows each, beyond the planned capacity -> grouped fallback.
   std::vector<int32_t> ids(2048);
   for (std::size_t i = 0; i < ids.size(); ++i) ids[i] = static_cast<int32_t>(i % 2);
-  s.write_input(*g->find_value("route.ids"), ids.data(), ids.size() * sizeof(int32_t));
+  s.write_input(*s.graph().find_value("route.ids"), ids.data(), ids.size() * sizeof(int32_t));
   s.run();
   r = s.check(1e-2);
   EXPECT_TRUE(r.pass) << "skewed routing: rel_norm " << r.comparison.rel_norm;

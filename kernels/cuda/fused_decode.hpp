@@ -1,0 +1,52 @@
+#pragma once
+// The whole experts path for decode-sized batches in ONE kernel launch: no permutation, no permuted
+// copy of x, no separate combine. Each block derives the (expert, group of up to kFusedRowsPerGroup
+// choices) work list itself from the top-k ids (a few hundred integers), then works through
+//   phase 1: (group, 16 features of I): act = silu(x·w1ᵀ)·(x·w3ᵀ), x rows read straight from x;
+//   phase 2: (group, 32 features of H): y = act·w2ᵀ (fp32), each weight row streamed once per group;
+//   combine: the block that finishes the last group of a 32-feature slice of H sums
+//            out[t] = Σ_j weight[t,j] · y[(t,j)] over j in order, so the result is deterministic
+//            (integer counters decide who sums; no floating-point atomics).
+// Items are dealt round-robin over the blocks, every phase-1 item before any phase-2 item; a
+// phase-2 item waits for its group's phase 1 (prefetching its weights into L2 meanwhile), so the
+// launch is cooperative: every block is resident and no wait can deadlock. Why one launch: at T = 1
+// the touched experts' weights take ~25 µs to stream while five launches (permute, gather, two
+// GEMVs, combine) cost ~10 µs more. Where the weights take much longer than that (deepseek-v3,
+// mixtral, or more tokens), the chain's two decode kernels stream faster, so the planner keeps the
+// chain there (kFusedMaxWeightBytes). Pointers are device pointers.
+#include <cstdint>
+#include <string>
+
+#include "kernels/cuda/lane_context.hpp"
+
+namespace moeflow::cuda {
+
+inline constexpr int kFusedMaxPairs = 256;      // T·k the one block's work list is built for
+inline constexpr int kFusedRowsPerGroup = 4;    // choices of one expert sharing a weight stream
+// The most weight bytes (T·k experts' w13 and w2 at the maximum T) the fused kernel is planned for: beyond
+// that the launches it saves are small against the stream, which the chain's kernels run faster
+// (H100: qwen1.5 / qwen3 at T=1, 69 / 75 MB, fused faster; deepseek-v3 and mixtral T=1, 704 MB, and
+// every preset at T=8, slower).
+inline constexpr int64_t kFusedMaxWeightBytes = int64_t{128} << 20;
+
+struct FusedDecodeShape {
+  int experts = 0, top_k = 0, hidden = 0, intermediate = 0;
+  int64_t max_tokens = 0;  // what launches and scratch are sized for
+};
+
+// Empty when the kernel can run this shape, else why not (16-byte loads need H and I multiples of 8;
+// T·k at most kFusedMaxPairs). Whether it pays is the planner's question (kFusedMaxWeightBytes).
+std::string fused_decode_unsupported(const FusedDecodeShape& s);
+
+// Scratch: act bf16 [T·k, I], y fp32 [T·k, H] and the counters, at the shape's maximum T.
+int64_t fused_decode_workspace_bytes(const FusedDecodeShape& s);
+
+// x bf16 [T, H]; ids i32 [T, k] (ids outside [0, E) contribute nothing); weights f32 [T, k];
+// w13 bf16 [E, 2I, H] (gate rows, then up rows); w2 bf16 [E, H, I]; out bf16 [T, H].
+// live_tokens: null, or the run's T in device memory (read by the kernel; T <= max_tokens), so one
+// captured graph serves any T. Throws Error(bad_input) for unsupported shapes.
+void experts_fused_decode(const LaneContext& ctx, const FusedDecodeShape& s, int64_t tokens, const int32_t* live_tokens,
+                          const uint16_t* x, const int32_t* ids, const float* weights, const uint16_t* w13,
+                          const uint16_t* w2, uint16_t* out, void* workspace);
+
+}  // namespace moeflow::cuda
