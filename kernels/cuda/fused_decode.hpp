@@ -12,8 +12,8 @@
 // launch is cooperative: every block is resident and no wait can deadlock. Why one launch: at T = 1
 // the touched experts' weights take ~25 µs to stream while five launches (permute, gather, two
 // GEMVs, combine) cost ~10 µs more. Where the weights take much longer than that (deepseek-v3,
-// mixtral, or more tokens), the chain's two decode kernels stream faster, so the planner keeps the
-// chain there (kFusedMaxWeightBytes). Pointers are device pointers.
+// more tokens), the chain's two decode kernels stream faster, so the planner keeps the chain there
+// (kFusedMaxPlannedChoices, kFusedMaxExpertBytes). Pointers are device pointers.
 #include <cstdint>
 #include <string>
 
@@ -23,11 +23,15 @@ namespace moeflow::cuda {
 
 inline constexpr int kFusedMaxPairs = 256;      // T·k the one block's work list is built for
 inline constexpr int kFusedRowsPerGroup = 4;    // choices of one expert sharing a weight stream
-// The most weight bytes (T·k experts' w13 and w2 at the maximum T) the fused kernel is planned for: beyond
-// that the launches it saves are small against the stream, which the chain's kernels run faster
-// (H100: qwen1.5 / qwen3 at T=1, 69 / 75 MB, fused faster; deepseek-v3 and mixtral T=1, 704 MB, and
-// every preset at T=8, slower).
-inline constexpr int64_t kFusedMaxWeightBytes = int64_t{128} << 20;
+// Where the planner uses it (measured on the H100 with the rule lifted, experts path, CUDA graph,
+// × floor against the chain's decode kernels): up to 32 choices (T·k), where the four launches it
+// saves outweigh what it loses streaming (qwen1.5 T = 1..8: 1.68 1.53 1.30 1.15 against 2.15 1.67
+// 1.36 1.19; qwen3 T = 1..4: 1.68 1.39 1.28 against 2.13 1.61 1.35; deepseek-v3 T = 1, 2: 1.11 1.10
+// against 1.17 1.11; beyond, qwen3 T=8 1.23 against 1.21, deepseek-v3 T=8 1.03 against 0.99), and
+// for experts of at most 128 MiB: mixtral's 352 MB experts give its second phase too few, too large
+// items to fill the GPU (T=1: 1.37 against 1.28).
+inline constexpr int kFusedMaxPlannedChoices = 32;
+inline constexpr int64_t kFusedMaxExpertBytes = int64_t{128} << 20;
 
 struct FusedDecodeShape {
   int experts = 0, top_k = 0, hidden = 0, intermediate = 0;
@@ -35,7 +39,7 @@ struct FusedDecodeShape {
 };
 
 // Empty when the kernel can run this shape, else why not (16-byte loads need H and I multiples of 8;
-// T·k at most kFusedMaxPairs). Whether it pays is the planner's question (kFusedMaxWeightBytes).
+// T·k at most kFusedMaxPairs). Whether it pays is the planner's question (kFusedMaxPlannedChoices).
 std::string fused_decode_unsupported(const FusedDecodeShape& s);
 
 // Scratch: act bf16 [T·k, I], y fp32 [T·k, H] and the counters, at the shape's maximum T.
