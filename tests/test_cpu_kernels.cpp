@@ -397,10 +397,11 @@ std::vector<double> reference_swiglu(const float* x, int hidden, int inter, cons
 
 TEST(CpuSwiglu, GroupedMlpMatchesReferenceWithEmptyAndMultiBlockExperts) {
   cpu::use_single_threaded_blas();
-  const int experts = 7, hidden = 64, inter = 48;
-  // Experts 0, 2 and 5 have no rows; expert 3 spans three 64-row blocks, the last one partial;
-  // experts 4 and 6 have one and two rows (the matrix-vector path).
-  const std::vector<int32_t> counts{0, 5, 0, 150, 1, 0, 2};
+  const int experts = 10, hidden = 64, inter = 48;
+  // Experts 0, 2 and 5 have no rows; expert 3 spans three 64-row blocks, the last one partial (22
+  // rows: two small-rows passes); experts 4 and 6 have one and two rows (the matrix-vector path);
+  // experts 7, 8 and 9 have 17, 32 (two small-rows passes) and 33 rows (CBLAS).
+  const std::vector<int32_t> counts{0, 5, 0, 150, 1, 0, 2, 17, 32, 33};
   std::vector<int32_t> offsets(experts + 1, 0);
   for (int e = 0; e < experts; ++e) offsets[e + 1] = offsets[e] + counts[e];
   const int64_t rows_n = offsets[experts];
