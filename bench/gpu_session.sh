@@ -120,7 +120,7 @@ if [[ $mode == chunks ]]; then
   grep -E "FAILED|Failure" "$OUT/gpu_tests.log" | head -20
   echo "== chunk bench"
   timeout 300 $b/moeflow bench --backend cuda --models ${2:-mixtral-8x7b,qwen3-30b-a3b,qwen1.5-moe-a2.7b,deepseek-v3} \
-    --tokens ${4:-2048,8192} --chunks 1,2,4 --plans serial,concurrent --scope layer --json "$OUT/bench.jsonl" \
+    --tokens ${4:-2048,8192} --chunks 1,2,4 --plans ${5:-serial,concurrent,graph} --scope layer --json "$OUT/bench.jsonl" \
     > "$OUT/bench.log" 2>&1; echo "rc=$?"; grep -v "^skipped" "$OUT/bench.log" | tail -50
   exit 0
 fi
