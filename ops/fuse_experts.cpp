@@ -4,6 +4,7 @@
 #include <map>
 #include <optional>
 #include <set>
+#include <string_view>
 
 #include "graph/error.hpp"
 #include "ops/combine_op.hpp"
@@ -45,7 +46,8 @@ std::optional<Chain> chain_ending_at(const Graph& g, const Node& c, const std::s
   return Chain{d.id, x.id, c.id};
 }
 
-std::string fused_name(const Node& experts) { return "fused_" + experts.name; }
+constexpr std::string_view kFusedPrefix = "fused_";
+std::string fused_name(const Node& experts) { return std::string(kFusedPrefix) + experts.name; }
 
 // g rebuilt with the given chains fused (each fused node where its combine was).
 Graph rebuild(const Graph& g, const std::vector<Chain>& chains) {
@@ -94,6 +96,10 @@ Graph rebuild(const Graph& g, const std::vector<Chain>& chains) {
 }
 
 }  // namespace
+
+std::string fused_experts_source(const std::string& fused_node_name) {
+  return fused_node_name.rfind(kFusedPrefix, 0) == 0 ? fused_node_name.substr(kFusedPrefix.size()) : fused_node_name;
+}
 
 std::shared_ptr<const Graph> fuse_experts_chains(const Graph& g, const FusionFilter& accept,
                                                  const std::vector<std::string>& keep_values) {

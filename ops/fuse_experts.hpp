@@ -21,6 +21,8 @@ namespace moeflow {
 // (validated, with its chunk tag) and says whether to keep it.
 // Returns the rewritten, validated graph, or null where no chain was fused.
 using FusionFilter = std::function<bool(const Graph& fused_graph, const Node& fused_node)>;
+// The experts node a fused node was made from (fused nodes are named "fused_" + its name).
+std::string fused_experts_source(const std::string& fused_node_name);
 std::shared_ptr<const Graph> fuse_experts_chains(const Graph& g, const FusionFilter& accept,
                                                  const std::vector<std::string>& keep_values = {});
 

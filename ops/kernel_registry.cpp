@@ -87,9 +87,14 @@ std::optional<KernelChoice> KernelRegistry::select_named(const Graph& g, const N
 }
 
 std::optional<KernelChoice> KernelRegistry::select_any(const Graph& g, const Node& n, Backend backend,
-                                                       bool capturable) const {
-  for (const KernelEntry* k : candidates(n.op->kind(), backend))
-    if (const Support s = usable(*k, g, n, capturable); s.ok) return KernelChoice{k, s.reason};
+                                                       bool capturable, std::string* refusals) const {
+  std::string why;
+  for (const KernelEntry* k : candidates(n.op->kind(), backend)) {
+    const Support s = usable(*k, g, n, capturable);
+    if (s.ok) return KernelChoice{k, s.reason};
+    why += (why.empty() ? "" : "; ") + k->name + ": " + s.reason;
+  }
+  if (refusals) *refusals = why.empty() ? "no " + std::string(to_string(backend)) + " kernel for '" + n.op->kind() + "'" : why;
   return std::nullopt;
 }
 

@@ -103,8 +103,10 @@ class KernelRegistry {
   std::optional<KernelChoice> select_named(const Graph& g, const Node& n, Backend backend, const std::string& name,
                                            bool capturable = false) const;
   // The highest-priority kernel that can run the node (and be captured, with `capturable`), or none:
-  // for callers that have another way (the fuse pass leaves a chain unfused).
-  std::optional<KernelChoice> select_any(const Graph& g, const Node& n, Backend backend, bool capturable = false) const;
+  // for callers that have another way (the fuse pass leaves a chain unfused). Where there is none and
+  // `refusals` is given, it gets every candidate's reason ("name: why; ...").
+  std::optional<KernelChoice> select_any(const Graph& g, const Node& n, Backend backend, bool capturable = false,
+                                         std::string* refusals = nullptr) const;
 
  private:
   std::vector<KernelEntry> entries_;

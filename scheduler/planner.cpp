@@ -3,6 +3,7 @@
 #include <cmath>
 #include <iomanip>
 #include <limits>
+#include <map>
 #include <optional>
 #include <sstream>
 
@@ -382,17 +383,26 @@ std::optional<KernelChoice> tuned_choice(const KernelRegistry& registry, const G
 
 // The graph with its dispatch → experts → combine chains fused where a kernel of the backend runs
 // the fused node; null where nothing is fused (fusion off, a kernel forced on the chain, no kernel).
+// `declined` gets, per experts node left in a chain, why no fused kernel took it.
 std::shared_ptr<const Graph> fused_where_a_kernel_runs_it(const KernelRegistry& registry, const Graph& g,
-                                                          const PlanOptions& options) {
+                                                          const PlanOptions& options,
+                                                          std::map<std::string, std::string>& declined) {
   if (!options.fuse) return nullptr;
   for (const char* op : {"dispatch", "experts", "combine"})
     if (options.forced_kernels.count(op)) return nullptr;
   const bool forced = options.forced_kernels.count("fused_experts") > 0;
+  // A backend without a fused kernel (the CPU: there the chain costs no launches) keeps every chain
+  // and says nothing about it.
+  if (!forced && registry.candidates("fused_experts", options.backend).empty()) return nullptr;
   return fuse_experts_chains(
       g,
       [&](const Graph& fused, const Node& n) {
         // A forced fused kernel is checked (and refused by name) when the fused graph is planned.
-        return forced || registry.select_any(fused, n, options.backend, options.capturable).has_value();
+        if (forced) return true;
+        std::string why;
+        if (registry.select_any(fused, n, options.backend, options.capturable, &why)) return true;
+        declined[fused_experts_source(n.name)] = why;
+        return false;
       },
       options.keep_values);
 }
@@ -408,7 +418,8 @@ Plan make_plan(std::shared_ptr<const Graph> graph, const PlanOptions& options) {
   plan.options = options;
   const int64_t T = options.cost_tokens > 0 ? std::min(options.cost_tokens, graph->max_tokens()) : graph->max_tokens();
   const KernelRegistry& registry = options.registry ? *options.registry : KernelRegistry::builtin();
-  if (auto fused = fused_where_a_kernel_runs_it(registry, *graph, options)) return make_plan(fused, options);
+  std::map<std::string, std::string> not_fused;  // experts node -> why its chain stays apart
+  if (auto fused = fused_where_a_kernel_runs_it(registry, *graph, options, not_fused)) return make_plan(fused, options);
   for (const auto& [op, name] : options.forced_kernels) {
     bool known = false;
     for (const Node& n : graph->nodes()) known = known || n.op->kind() == op;
@@ -433,6 +444,8 @@ Plan make_plan(std::shared_ptr<const Graph> graph, const PlanOptions& options) {
     const KernelChoice& choice = choices[static_cast<std::size_t>(n.id)];
     s.kernel = choice.kernel;
     s.reason = choice.reason;
+    if (auto it = not_fused.find(n.name); it != not_fused.end())
+      s.reason += " [not fused with its dispatch and combine: " + it->second + "]";
     const auto in = graph->input_values(n);
     const auto out = graph->output_values(n);
     s.cost = n.op->cost({in, out}, graph->tokens_of(n, T));

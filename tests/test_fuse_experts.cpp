@@ -184,3 +184,23 @@ TEST(FuseExperts, ForcingAKernelOnTheChainKeepsItAndTheBuiltinCpuHasNoFusedKerne
   // The CPU backend as shipped: nothing to run a fused node with, so the chain stays as it is.
   EXPECT_EQ(count_kind(*make_plan(g, PlanOptions{}).graph, "fused_experts"), 0);
 }
+
+TEST(FuseExperts, APlanSaysWhyAChainStayedApart) {
+  const auto g = std::make_shared<const Graph>(build_experts_graph(small_qwen(), {.max_tokens = 8}));
+  KernelRegistry registry = KernelRegistry::builtin();
+  registry.add({"fused_experts", Backend::cpu, "test.never", 0,
+                [](const Graph&, const Node&) { return Support::no("refuses every node"); },
+                [](const KernelCall&) {}, {}});
+  PlanOptions po;
+  po.registry = &registry;
+  const Plan plan = make_plan(g, po);
+  EXPECT_EQ(count_kind(*plan.graph, "fused_experts"), 0);
+  bool said = false;
+  for (const PlanStep& step : plan.steps)
+    if (plan.graph->node(step.node).op->kind() == "experts")
+      said = step.reason.find("not fused with its dispatch and combine: test.never: refuses every node") != std::string::npos;
+  EXPECT_TRUE(said);
+  // The shipped CPU backend has no fused kernel at all: nothing to say.
+  for (const PlanStep& step : make_plan(g, PlanOptions{}).steps)
+    EXPECT_EQ(step.reason.find("not fused"), std::string::npos) << step.reason;
+}
