@@ -7,13 +7,12 @@
 //   combine: the block that finishes the last group of a 32-feature slice of H sums
 //            out[t] = Σ_j weight[t,j] · y[(t,j)] over j in order, so the result is deterministic
 //            (integer counters decide who sums; no floating-point atomics).
-// Items are dealt round-robin over the blocks, every phase-1 item before any phase-2 item; a
-// phase-2 item waits for its group's phase 1 (prefetching its weights into L2 meanwhile), so the
-// launch is cooperative: every block is resident and no wait can deadlock. Why one launch: at T = 1
-// the touched experts' weights take ~25 µs to stream while five launches (permute, gather, two
-// GEMVs, combine) cost ~10 µs more. Where the weights take much longer than that (deepseek-v3,
-// more tokens), the chain's two decode kernels stream faster, so the planner keeps the chain there
-// (kFusedMaxPlannedChoices, kFusedMaxExpertBytes). Pointers are device pointers.
+// Blocks take items from one counter, every phase-1 item before any phase-2 item; a phase-2 item
+// waits for its group's phase 1 (prefetching its weights into L2 meanwhile), which only running
+// blocks hold, so no wait can deadlock. Why one launch: at T = 1 the touched experts' weights take
+// ~25 µs to stream while five launches (permute, gather, two GEMVs, combine) cost ~10 µs more. Where
+// the chain's two decode kernels stream faster, the planner keeps the chain (kFusedMaxExpertBytes).
+// Pointers are device pointers.
 #include <cstdint>
 #include <string>
 
@@ -23,14 +22,13 @@ namespace moeflow::cuda {
 
 inline constexpr int kFusedMaxPairs = 256;      // T·k the one block's work list is built for
 inline constexpr int kFusedRowsPerGroup = 4;    // choices of one expert sharing a weight stream
-// Where the planner uses it (measured on the H100 with the rule lifted, experts path, CUDA graph,
-// × floor against the chain's decode kernels): up to 32 choices (T·k), where the four launches it
-// saves outweigh what it loses streaming (qwen1.5 T = 1..8: 1.68 1.53 1.30 1.15 against 2.15 1.67
-// 1.36 1.19; qwen3 T = 1..4: 1.68 1.39 1.28 against 2.13 1.61 1.35; deepseek-v3 T = 1, 2: 1.11 1.10
-// against 1.17 1.11; beyond, qwen3 T=8 1.23 against 1.21, deepseek-v3 T=8 1.03 against 0.99), and
-// for experts of at most 128 MiB: mixtral's 352 MB experts give its second phase too few, too large
-// items to fill the GPU (T=1: 1.37 against 1.28).
-inline constexpr int kFusedMaxPlannedChoices = 32;
+// Where the planner uses it: experts of at most 128 MiB. Measured on the H100 with no rule (experts
+// path, CUDA graph, × floor, fused against the chain's decode kernels, `h100_fused_decode_dynamic_
+// unrestricted_2026-11-22.jsonl`): faster wherever T·k <= E on qwen1.5, qwen3 and deepseek-v3 (qwen3
+// T = 1, 2, 4, 8, 16: 1.70 1.31 1.17 1.11 1.10 against 2.15 1.60 1.35 1.22 1.17; deepseek-v3 T = 1..32:
+// 1.04 1.03 1.00 0.97 0.98 1.00 against 1.17 1.11 1.04 0.99 1.00 1.01), slower on mixtral's 352 MB
+// experts (T = 1, 2: 1.37 1.10 against 1.28 1.02; T=4 even), whose second phase gets too few, too large
+// items to fill the GPU.
 inline constexpr int64_t kFusedMaxExpertBytes = int64_t{128} << 20;
 
 struct FusedDecodeShape {
@@ -39,7 +37,7 @@ struct FusedDecodeShape {
 };
 
 // Empty when the kernel can run this shape, else why not (16-byte loads need H and I multiples of 8;
-// T·k at most kFusedMaxPairs). Whether it pays is the planner's question (kFusedMaxPlannedChoices).
+// T·k at most kFusedMaxPairs). Whether it pays is the planner's question (kFusedMaxExpertBytes).
 std::string fused_decode_unsupported(const FusedDecodeShape& s);
 
 // Scratch: act bf16 [T·k, I], y fp32 [T·k, H] and the counters, at the shape's maximum T.

@@ -332,19 +332,14 @@ void register_fused_experts(KernelRegistry& r) {
            if (rows > shape.experts)
              return Support::no("T*k = " + std::to_string(rows) + " > E = " + std::to_string(shape.experts) +
                                 ": more than one row per expert on average");
-           // Measured on the H100 (fused_decode.hpp): the launches it saves pay for few choices of
-           // experts that are not huge.
-           if (rows > cuda::kFusedMaxPlannedChoices)
-             return Support::no("T*k = " + std::to_string(rows) + " > " + std::to_string(cuda::kFusedMaxPlannedChoices) +
-                                ": the chain's decode kernels stream faster than the launches fusing saves");
+           // Measured on the H100 (fused_decode.hpp): faster than the chain except on huge experts.
            const int64_t expert_bytes = 3 * static_cast<int64_t>(shape.hidden) * shape.intermediate * 2;
            if (expert_bytes > cuda::kFusedMaxExpertBytes)
              return Support::no(std::to_string(expert_bytes >> 20) + " MiB per expert: its second phase would have too few "
                                 "items to fill the GPU; the chain's decode kernels stream faster");
-           return Support::yes("T*k = " + std::to_string(rows) + " <= " + std::to_string(cuda::kFusedMaxPlannedChoices) +
-                               ": dispatch, SwiGLU MLP and combine in one launch (saves four); each touched expert's "
-                               "weights streamed once per " + std::to_string(cuda::kFusedRowsPerGroup) +
-                               " rows, x read in place");
+           return Support::yes("T*k = " + std::to_string(rows) + " <= E: dispatch, SwiGLU MLP and combine in one launch "
+                               "(saves four); each touched expert's weights streamed once per " +
+                               std::to_string(cuda::kFusedRowsPerGroup) + " rows, x read in place");
          },
          [](const KernelCall& c) {
            cuda::experts_fused_decode(lane(c), fused_shape(c.graph, c.node), c.tokens, c.live_tokens, bf16_in(c, 0),

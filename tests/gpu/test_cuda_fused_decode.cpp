@@ -1,6 +1,6 @@
 // The fused decode kernel (cuda.fused_decode): dispatch, SwiGLU MLP and combine of the experts path
-// in one cooperative launch, planned by the fuse pass. Checked against the fp64 reference on random
-// inputs (up to 32 choices, where the planner fuses) and on skewed routing (many rows on few experts:
+// in one launch, planned by the fuse pass. Checked against the fp64 reference on random
+// inputs (up to 256 choices, one block's work list) and on skewed routing (many rows on few experts:
 // several groups per expert), with H and I multiples of 8 but of no tile; bit-identical reruns; one
 // graph captured for any T gives the eager bytes at every T; and the planner's choice shows in the plan.
 #include <gtest/gtest.h>
@@ -20,15 +20,15 @@ namespace {
 struct FusedCase {
   std::string name, preset;
   std::vector<std::string> sets;
-  int64_t max_tokens;  // T·k <= 32 (where the planner fuses) at the maximum
+  int64_t max_tokens;  // T·k <= E at the maximum, where the planner fuses
 };
 
 std::vector<FusedCase> fused_cases() {
   return {
-      {"qwen3", "qwen3-30b-a3b", {"hidden_size=200", "moe_intermediate_size=136"}, 4},       // E 128, k 8
-      {"qwen15", "qwen1.5-moe-a2.7b", {"hidden_size=264", "moe_intermediate_size=88"}, 8},  // E 60, k 4
+      {"qwen3", "qwen3-30b-a3b", {"hidden_size=200", "moe_intermediate_size=136"}, 16},      // E 128, k 8
+      {"qwen15", "qwen1.5-moe-a2.7b", {"hidden_size=264", "moe_intermediate_size=88"}, 15}, // E 60, k 4
       {"mixtral", "mixtral-8x7b", {"hidden_size=128", "intermediate_size=328"}, 4},         // E 8, k 2
-      {"deepseek", "deepseek-v3", {"hidden_size=128", "moe_intermediate_size=40"}, 4},      // E 256, k 8
+      {"deepseek", "deepseek-v3", {"hidden_size=128", "moe_intermediate_size=40"}, 32},     // E 256, k 8: 256 choices
   };
 }
 
@@ -65,7 +65,7 @@ TEST(CudaFusedDecode, MatchesReferenceAtEveryTAndRepeatsBitForBit) {
 
 TEST(CudaFusedDecode, SkewedRoutingSplitsAnExpertIntoSeveralGroups) {
   if (cuda::device_count() == 0) GTEST_SKIP() << "no CUDA device";
-  const FusedCase fc = fused_cases()[1];  // qwen1.5: k = 4, up to 8 tokens
+  const FusedCase fc = fused_cases()[1];  // qwen1.5: k = 4, up to 15 tokens
   const MoEConfig config = load_config(fc.preset, fc.sets);
   auto g = std::make_shared<const Graph>(build_experts_graph(config, {.max_tokens = fc.max_tokens, .dtype = DType::bf16}));
   CudaSession s(g, {});
@@ -74,7 +74,7 @@ TEST(CudaFusedDecode, SkewedRoutingSplitsAnExpertIntoSeveralGroups) {
   for (const int64_t T : {fc.max_tokens, int64_t{5}}) {
     s.set_tokens(T);
     // Every token on experts 0..k-1 (in a rotating order): T rows each, so groups of 4 and a rest
-    // (8 rows: two full groups; 5 rows: 4 + 1); the other experts get nothing.
+    // (15 rows: 4 + 4 + 4 + 3; 5 rows: 4 + 1); the other experts get nothing.
     std::vector<int32_t> ids(static_cast<std::size_t>(T * k));
     for (int64_t t = 0; t < T; ++t)
       for (int j = 0; j < k; ++j) ids[static_cast<std::size_t>(t * k + j)] = static_cast<int32_t>((t + j) % k);
@@ -123,17 +123,26 @@ TEST(CudaFusedDecode, OneCaptureServesEveryTWithTheEagerBytesAndTheChainAgrees) 
   }
 }
 
-TEST(CudaFusedDecode, ChainIsKeptBeyondThePlannedChoicesOrWhereAKernelIsForced) {
+TEST(CudaFusedDecode, ChainIsKeptForMoreRowsThanExpertsHugeExpertsOrAForcedKernel) {
   if (cuda::device_count() == 0) GTEST_SKIP() << "no CUDA device";
   const FusedCase fc = fused_cases()[0];
   const MoEConfig config = load_config(fc.preset, fc.sets);
   auto big = std::make_shared<const Graph>(build_experts_graph(config, {.max_tokens = 64, .dtype = DType::bf16}));
   EXPECT_FALSE(plan_is_fused(CudaSession(big, {})));  // 512 rows on 128 experts: a GEMM's job
-  auto mid = std::make_shared<const Graph>(build_experts_graph(config, {.max_tokens = 8, .dtype = DType::bf16}));
-  EXPECT_FALSE(plan_is_fused(CudaSession(mid, {})));  // 64 choices: the chain's decode kernels
   auto small = std::make_shared<const Graph>(build_experts_graph(config, {.max_tokens = 4, .dtype = DType::bf16}));
   EXPECT_TRUE(plan_is_fused(CudaSession(small, {})));
   CudaSessionOptions so;
   so.plan.forced_kernels["experts"] = "cuda.decode_gemv";
   EXPECT_FALSE(plan_is_fused(CudaSession(small, so)));
+  // mixtral-8x7b's own 352 MB experts: planned only (nothing allocated), the chain stays and says why.
+  PlanOptions po;
+  po.backend = Backend::cuda;
+  const auto mixtral = std::make_shared<const Graph>(
+      build_experts_graph(load_config("mixtral-8x7b", {}), {.max_tokens = 1, .dtype = DType::bf16}));
+  const Plan plan = make_plan(mixtral, po);
+  bool chain = false;
+  for (const PlanStep& step : plan.steps)
+    if (plan.graph->node(step.node).op->kind() == "experts")
+      chain = step.reason.find("MiB per expert") != std::string::npos;
+  EXPECT_TRUE(chain);
 }
