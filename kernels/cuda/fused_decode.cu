@@ -22,9 +22,10 @@ constexpr int kRows = kFusedRowsPerGroup;
 constexpr int kMaxPairs = kFusedMaxPairs;
 // Features per warp: phase 1 reads 2 gate + 2 up rows of w13 per warp, phase 2 reads 4 rows of w2,
 // so every warp streams four weight rows at once in both phases, and a tile is 16 features of I or
-// 32 of H. Measured on the H100 (qwen1.5 T=1, experts path in a CUDA graph): 38.4 µs; one gate and
-// one up row per warp with 4-deep unrolling (items from an atomic counter) 45.6 µs; the loads of 4
-// steps gathered in registers before use 51.4 µs (it spilled 88 bytes to the stack).
+// 32 of H. Measured on the H100 (qwen1.5 T=1, experts path in a CUDA graph, items then dealt
+// round-robin): 38.4 µs; one gate and one up row per warp with 4-deep unrolling 45.6 µs; the loads of
+// 4 steps gathered in registers before use 51.4 µs (it spilled 88 bytes to the stack); two w2 rows
+// per warp in phase 2 49.9 µs (bench/NOTES.md has every version).
 constexpr int kUpPerWarp = 2;
 constexpr int kDownPerWarp = 4;
 constexpr int kUpTile = kWarps * kUpPerWarp;
