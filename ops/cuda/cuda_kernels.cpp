@@ -76,6 +76,17 @@ std::string fmt(double v) {
   return o.str();
 }
 
+// Experts this large (mixtral-8x7b's 336 MiB) make every experts kernel a weight stream, and at few
+// rows per expert cuBLAS streams them faster than our kernels (H100, experts path, × floor: mixtral
+// T = 8 / 32 / 128, cuBLAS grouped 1.09 / 1.10 / 1.13 against CUTLASS 1.19-1.24; `moeflow tune`
+// output in bench/results/h100_tune_2026-11-22.txt). The fused decode kernel keeps the same bound.
+bool huge_experts(int64_t hidden, int intermediate) {
+  return 3 * hidden * static_cast<int64_t>(intermediate) * 2 > cuda::kFusedMaxExpertBytes;
+}
+std::string expert_mib(int64_t hidden, int intermediate) {
+  return std::to_string((3 * hidden * static_cast<int64_t>(intermediate) * 2) >> 20) + " MiB per expert";
+}
+
 // h [R, 2I] and act [R, I] in bf16 for the experts strategies that run on the permuted rows.
 int64_t experts_scratch_bytes(const Node& n, int64_t tokens) {
   const auto& op = static_cast<const ExpertsOp&>(*n.op);
@@ -113,10 +124,11 @@ void run_grouped(const KernelCall& c, std::byte* workspace) {
 
 // A CUTLASS grouped GEMM configuration as an experts kernel; it declines plans whose experts get
 // fewer than `min_rows` rows on average at the maximum T (its tiles would run mostly empty).
+// It also declines huge experts below `huge_min_rows` rows on average (huge_experts()).
 KernelEntry cutlass_grouped(std::string name, int priority, cuda::CutlassTiles tiles, double min_rows,
-                            std::string tiles_text) {
+                            double huge_min_rows, std::string tiles_text) {
   return reading_live_tokens(launching(4, {"experts", Backend::cuda, std::move(name), priority,
-      [min_rows, tiles_text](const Graph& g, const Node& n) {
+      [min_rows, huge_min_rows, tiles_text](const Graph& g, const Node& n) {
         Support s = cuda_supports_bf16(g, n, "");
         if (!s.ok) return s;
         const auto& op = static_cast<const ExpertsOp&>(*n.op);
@@ -126,6 +138,9 @@ KernelEntry cutlass_grouped(std::string name, int priority, cuda::CutlassTiles t
         const double mean = rows_per_expert(n, g.max_tokens_of(n));
         if (mean < min_rows)
           return Support::no(fmt(mean) + " rows/expert at max T: fewer than the " + fmt(min_rows) + " its tiles want");
+        if (mean < huge_min_rows && huge_experts(H, op.intermediate()))
+          return Support::no(fmt(mean) + " rows/expert at max T on " + expert_mib(H, op.intermediate()) +
+                             ": cuBLAS's GEMMs stream such experts faster at few rows");
         return Support::yes(fmt(mean) + " rows/expert at max T -> CUTLASS Hopper grouped GEMM, " + tiles_text +
                             ", one group per expert sized on the device from the offsets (no host sync, capturable)");
       },
@@ -178,9 +193,9 @@ void register_experts(KernelRegistry& r) {
   // CUTLASS's Hopper grouped GEMM with its problem sizes written on the device: no host sync, so
   // capturable, and no padding; ahead of every cuBLAS strategy wherever it can run, the wide tiles
   // first where experts get enough rows to fill them.
-  r.add(cutlass_grouped("cuda.cutlass_grouped_wide", 6, cuda::CutlassTiles::wide, 128,
+  r.add(cutlass_grouped("cuda.cutlass_grouped_wide", 6, cuda::CutlassTiles::wide, 128, 0,
                         "128x256 tiles in 2x1 clusters (each weight tile multicast to two row tiles)"));
-  r.add(cutlass_grouped("cuda.cutlass_grouped", 5, cuda::CutlassTiles::general, 0, "128x128 tiles"));
+  r.add(cutlass_grouped("cuda.cutlass_grouped", 5, cuda::CutlassTiles::general, 0, 128, "128x128 tiles"));
   r.add(launching(4, {"experts", Backend::cuda, "cuda.cublas_rows_batched", 3,
          [](const Graph& g, const Node& n) {
            Support s = cuda_supports_bf16(g, n, "");
@@ -190,6 +205,10 @@ void register_experts(KernelRegistry& r) {
            if (rows > 2 * op.experts())
              return Support::no("T*k = " + std::to_string(rows) + " > 2E = " + std::to_string(2 * op.experts()) +
                                 ": rows share experts, and each row would read its expert's weights again");
+           const int64_t H = g.value(n.inputs[0]).shape()[1].fixed;
+           if (rows > op.experts() && huge_experts(H, op.intermediate()))
+             return Support::no("T*k = " + std::to_string(rows) + " > E on " + expert_mib(H, op.intermediate()) +
+                                ": re-reading such an expert per row costs more than a GEMM over its rows");
            return Support::yes("T*k = " + std::to_string(rows) + " <= 2E: one batched 1-row GEMM per layer, pointers "
                                "built on the device (no host sync, capturable)");
          },
@@ -333,9 +352,8 @@ void register_fused_experts(KernelRegistry& r) {
              return Support::no("T*k = " + std::to_string(rows) + " > E = " + std::to_string(shape.experts) +
                                 ": more than one row per expert on average");
            // Measured on the H100 (fused_decode.hpp): faster than the chain except on huge experts.
-           const int64_t expert_bytes = 3 * static_cast<int64_t>(shape.hidden) * shape.intermediate * 2;
-           if (expert_bytes > cuda::kFusedMaxExpertBytes)
-             return Support::no(std::to_string(expert_bytes >> 20) + " MiB per expert: its second phase would have too few "
+           if (huge_experts(shape.hidden, shape.intermediate))
+             return Support::no(expert_mib(shape.hidden, shape.intermediate) + ": its second phase would have too few "
                                 "items to fill the GPU; the chain's decode kernels stream faster");
            return Support::yes("T*k = " + std::to_string(rows) + " <= E: dispatch, SwiGLU MLP and combine in one launch "
                                "(saves four); each touched expert's weights streamed once per " +
