@@ -6,7 +6,6 @@
 #include <vector>
 
 #include "graph/error.hpp"
-#include "ops/experts_op.hpp"
 #include "ops/fused_experts_op.hpp"
 
 namespace moeflow {
@@ -39,25 +38,19 @@ Floor roofline_floor(const Graph& g, int64_t T, const int32_t* ids, const Machin
   auto weight_bytes = [&](ValueId v) { return static_cast<double>(g.value(v).bytes(T)); };
   for (const Node& n : g.nodes()) {
     const std::string kind = n.op->kind();
-    if (kind != "experts" && kind != "fused_experts" && kind != "gate" && kind != "shared_expert") continue;
+    if (!routed_experts(n) && kind != "gate" && kind != "shared_expert") continue;
     // The floor is the layer's, however it is scheduled: a chunked graph counts each op once, for
     // all T tokens (its chunk-0 copy stands for it), with every chunk's routing in `ids`.
     if (n.chunk > 0) continue;
     const double H = static_cast<double>(g.value(n.inputs[0]).shape()[1].fixed);
-    if (kind == "experts" || kind == "fused_experts") {
-      // The same experts either way; the fused node (ops/fused_experts_op.hpp) takes w13, w2 as inputs 3, 4.
-      const bool fused = kind == "fused_experts";
-      const int experts = fused ? static_cast<const FusedExpertsOp&>(*n.op).experts() : static_cast<const ExpertsOp&>(*n.op).experts();
-      const int top_k = fused ? static_cast<const FusedExpertsOp&>(*n.op).top_k() : static_cast<const ExpertsOp&>(*n.op).top_k();
-      const int inter = fused ? static_cast<const FusedExpertsOp&>(*n.op).intermediate()
-                              : static_cast<const ExpertsOp&>(*n.op).intermediate();
-      const std::size_t w13 = fused ? 3 : 2;
+    if (const auto routed = routed_experts(n)) {  // experts, or the fused node that runs them
       if (!ids) fail_input("floor: graph '" + g.name() + "' routes rows but no routing was given");
-      std::set<int32_t> touched(ids, ids + T * top_k);
+      std::set<int32_t> touched(ids, ids + T * routed->top_k);
       f.touched_experts = static_cast<int64_t>(touched.size());
-      const double per_expert = (weight_bytes(n.inputs[w13]) + weight_bytes(n.inputs[w13 + 1])) / experts;
+      const double per_expert =
+          (weight_bytes(n.inputs[routed->w13_input]) + weight_bytes(n.inputs[routed->w13_input + 1])) / routed->experts;
       f.bytes += per_expert * static_cast<double>(touched.size());
-      f.flops += 6.0 * static_cast<double>(T) * top_k * H * inter;
+      f.flops += 6.0 * static_cast<double>(T) * routed->top_k * H * routed->intermediate;
     } else if (kind == "gate" || kind == "shared_expert") {
       for (std::size_t i = 1; i < n.inputs.size(); ++i) f.bytes += weight_bytes(n.inputs[i]);
       const auto in = g.input_values(n);

@@ -38,4 +38,16 @@ Cost FusedExpertsOp::cost(const OpOperands& ops, int64_t tokens) const {
   return {6.0 * k * T * H * I + 2.0 * k * T * H, b * (touched * 3.0 * H * I + 2.0 * T * H) + 8.0 * k * T};
 }
 
+std::optional<RoutedExperts> routed_experts(const Node& n) {
+  if (n.op->kind() == "experts") {
+    const auto& op = static_cast<const ExpertsOp&>(*n.op);
+    return RoutedExperts{op.experts(), op.top_k(), op.intermediate(), 2};
+  }
+  if (n.op->kind() == "fused_experts") {
+    const auto& op = static_cast<const FusedExpertsOp&>(*n.op);
+    return RoutedExperts{op.experts(), op.top_k(), op.intermediate(), 3};
+  }
+  return std::nullopt;
+}
+
 }  // namespace moeflow

@@ -5,6 +5,10 @@
 //   out_t = Σ_j weight[t,j] · SwiGLU-MLP of expert ids[t,j] applied to x_t.
 // Inputs: x [T,H], ids [T,k] i32, weights [T,k] f32, w13 [E,2I,H], w2 [E,H,I]. Output: out [T,H].
 // Ids outside [0, E) contribute nothing (as the chain's dispatch gives them no row).
+#include <cstddef>
+#include <optional>
+
+#include "graph/node.hpp"
 #include "graph/op_schema.hpp"
 
 namespace moeflow {
@@ -29,5 +33,13 @@ class FusedExpertsOp final : public OpSchema {
  private:
   int experts_, top_k_, intermediate_;
 };
+
+// The routed experts' MLP a node runs, whichever op runs it (experts, or fused_experts after the
+// fuse pass): their count, top-k, I, and which input is w13 (w2 follows it). Empty for other ops.
+struct RoutedExperts {
+  int experts = 0, top_k = 0, intermediate = 0;
+  std::size_t w13_input = 0;
+};
+std::optional<RoutedExperts> routed_experts(const Node& n);
 
 }  // namespace moeflow

@@ -67,12 +67,8 @@ KernelChoice KernelRegistry::select(const Graph& g, const Node& n, Backend backe
                " kernel; known: " + names);
   }
   std::string refusals;
-  for (const KernelEntry* k : list) {
-    const Support s = usable(*k, g, n, capturable);
-    if (s.ok) return {k, s.reason};
-    refusals += "; " + k->name + ": " + s.reason;
-  }
-  fail_input("node '" + n.name + "': no " + std::string(to_string(backend)) + " kernel supports it" + refusals);
+  if (auto choice = select_any(g, n, backend, capturable, &refusals)) return *choice;
+  fail_input("node '" + n.name + "': no " + std::string(to_string(backend)) + " kernel supports it; " + refusals);
 }
 
 std::optional<KernelChoice> KernelRegistry::select_named(const Graph& g, const Node& n, Backend backend,

@@ -8,6 +8,7 @@
 #include "graph/chunk.hpp"
 #include "graph/error.hpp"
 #include "kernels/cuda/device.hpp"
+#include "ops/fused_experts_op.hpp"
 #include "ops/kernel_registry.hpp"
 #include "ops/moe_layer.hpp"
 
@@ -105,8 +106,7 @@ std::vector<nlohmann::json> run_cuda_bench(const CudaBenchOptions& o, std::ostre
             std::string kernel_names, experts_kernel;
             for (const PlanStep& step : s.plan().steps) {
               kernel_names += (kernel_names.empty() ? "" : ",") + step.kernel->name;
-              const std::string kind = s.graph().node(step.node).op->kind();
-              if (kind == "experts" || kind == "fused_experts") experts_kernel = step.kernel->name;
+              if (routed_experts(s.graph().node(step.node))) experts_kernel = step.kernel->name;
             }
             if (plan == "serial") serial_time[kernel] = t.median_s;
             const std::string plan_name = any_tokens ? "concurrent+cuda_graph_any_t" : graph_replay ? "concurrent+cuda_graph" : plan;
