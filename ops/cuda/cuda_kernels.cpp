@@ -80,11 +80,10 @@ std::string fmt(double v) {
 // rows per expert cuBLAS streams them faster than our kernels (H100, experts path, × floor: mixtral
 // T = 8 / 32 / 128, cuBLAS grouped 1.09 / 1.10 / 1.13 against CUTLASS 1.19-1.24; `moeflow tune`
 // output in bench/results/h100_tune_2026-11-22.txt). The fused decode kernel keeps the same bound.
-bool huge_experts(int64_t hidden, int intermediate) {
-  return 3 * hidden * static_cast<int64_t>(intermediate) * 2 > cuda::kFusedMaxExpertBytes;
-}
+int64_t expert_bytes(int64_t hidden, int intermediate) { return 3 * hidden * static_cast<int64_t>(intermediate) * 2; }
+bool huge_experts(int64_t hidden, int intermediate) { return expert_bytes(hidden, intermediate) > cuda::kFusedMaxExpertBytes; }
 std::string expert_mib(int64_t hidden, int intermediate) {
-  return std::to_string((3 * hidden * static_cast<int64_t>(intermediate) * 2) >> 20) + " MiB per expert";
+  return std::to_string(expert_bytes(hidden, intermediate) >> 20) + " MiB per expert";
 }
 
 // h [R, 2I] and act [R, I] in bf16 for the experts strategies that run on the permuted rows.
