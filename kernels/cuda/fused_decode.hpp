@@ -11,7 +11,8 @@
 // waits for its group's phase 1 (prefetching its weights into L2 meanwhile), which only running
 // blocks hold, so no wait can deadlock. Why one launch: at T = 1 the touched experts' weights take
 // ~25 µs to stream while five launches (permute, gather, two GEMVs, combine) cost ~10 µs more. Where
-// the chain's two decode kernels stream faster, the planner keeps the chain (kFusedMaxExpertBytes).
+// the chain's two decode kernels stream faster, the planner keeps the chain (huge_experts() in
+// ops/cuda/cuda_kernels.cpp).
 // Pointers are device pointers.
 #include <cstdint>
 #include <string>
@@ -22,14 +23,6 @@ namespace moeflow::cuda {
 
 inline constexpr int kFusedMaxPairs = 256;      // T·k the one block's work list is built for
 inline constexpr int kFusedRowsPerGroup = 4;    // choices of one expert sharing a weight stream
-// Where the planner uses it: experts of at most 128 MiB. Measured on the H100 with no rule (experts
-// path, CUDA graph, × floor, fused against the chain's decode kernels, `h100_fused_decode_dynamic_
-// unrestricted_2026-11-22.jsonl`): faster wherever T·k <= E on qwen1.5, qwen3 and deepseek-v3 (qwen3
-// T = 1, 2, 4, 8, 16: 1.70 1.31 1.17 1.11 1.10 against 2.15 1.60 1.35 1.22 1.17; deepseek-v3 T = 1..32:
-// 1.04 1.03 1.00 0.97 0.98 1.00 against 1.17 1.11 1.04 0.99 1.00 1.01), slower on mixtral's 352 MB
-// experts (T = 1, 2: 1.37 1.10 against 1.28 1.02; T=4 even), whose second phase gets too few, too large
-// items to fill the GPU.
-inline constexpr int64_t kFusedMaxExpertBytes = int64_t{128} << 20;
 
 struct FusedDecodeShape {
   int experts = 0, top_k = 0, hidden = 0, intermediate = 0;
@@ -37,7 +30,7 @@ struct FusedDecodeShape {
 };
 
 // Empty when the kernel can run this shape, else why not (16-byte loads need H and I multiples of 8;
-// T·k at most kFusedMaxPairs). Whether it pays is the planner's question (kFusedMaxExpertBytes).
+// T·k at most kFusedMaxPairs). Whether it pays is the planner's question (ops/cuda/cuda_kernels.cpp).
 std::string fused_decode_unsupported(const FusedDecodeShape& s);
 
 // Scratch: act bf16 [T·k, I], y fp32 [T·k, H] and the counters, at the shape's maximum T.

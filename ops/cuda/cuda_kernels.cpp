@@ -79,9 +79,15 @@ std::string fmt(double v) {
 // Experts this large (mixtral-8x7b's 336 MiB) make every experts kernel a weight stream, and at few
 // rows per expert cuBLAS streams them faster than our kernels (H100, experts path, × floor: mixtral
 // T = 8 / 32 / 128, cuBLAS grouped 1.09 / 1.10 / 1.13 against CUTLASS 1.19-1.24; `moeflow tune`
-// output in bench/results/h100_tune_2026-11-22.txt). The fused decode kernel keeps the same bound.
+// output in bench/results/h100_tune_2026-11-22.txt). The fused decode kernel keeps the same bound:
+// measured with no rule (experts path, CUDA graph, × floor, fused against the chain's decode kernels,
+// `h100_fused_decode_dynamic_unrestricted_2026-11-22.jsonl`), it was faster wherever T·k <= E on
+// qwen1.5, qwen3 and deepseek-v3 (qwen3 T = 1, 2, 4, 8, 16: 1.70 1.31 1.17 1.11 1.10 against 2.15
+// 1.60 1.35 1.22 1.17) and slower on mixtral (T = 1, 2: 1.37 1.10 against 1.28 1.02), whose second
+// phase gets too few, too large items to fill the GPU.
+constexpr int64_t kHugeExpertBytes = int64_t{128} << 20;
 int64_t expert_bytes(int64_t hidden, int intermediate) { return 3 * hidden * static_cast<int64_t>(intermediate) * 2; }
-bool huge_experts(int64_t hidden, int intermediate) { return expert_bytes(hidden, intermediate) > cuda::kFusedMaxExpertBytes; }
+bool huge_experts(int64_t hidden, int intermediate) { return expert_bytes(hidden, intermediate) > kHugeExpertBytes; }
 std::string expert_mib(int64_t hidden, int intermediate) {
   return std::to_string(expert_bytes(hidden, intermediate) >> 20) + " MiB per expert";
 }
