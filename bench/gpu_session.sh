@@ -2,7 +2,7 @@
 # One call on the GPU machine (see the device README): unpack the carried .deb files, build there,
 # run the gpu tests (plain, memcheck, racecheck), the CLI checks of every preset, the CUDA-graph
 # host cost (mode `tests`), or the benchmark sweep (mode `bench`). Everything lands in $OUT.
-# Usage: bash bench/gpu_session.sh tests|full|racecheck|bench|overlap|chunks|decode|timeline|probe|ranks|cutlass|anyt|resources|fused|fusedprof|validate [models] [experts kernels] [tokens] [scopes]
+# Usage: bash bench/gpu_session.sh tests|full|racecheck|bench|overlap|chunks|decode|timeline|probe|ranks|cutlass|anyt|resources|fused|fusedprof|validate|tune [models] [experts kernels] [tokens] [scopes]
 set -uo pipefail
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 mkdir -p /opt/deps && for f in .deps/*.deb; do dpkg -x "$f" /opt/deps; done
@@ -238,6 +238,15 @@ if [[ $mode == fused ]]; then
       $b/moeflow run --backend cuda --model $m --tokens 1 --scope experts --runs 5 > "$OUT/fused_ncu_$m.log" 2>&1
     echo "$m: $(grep -E "gpu__time|dram__|lts__" "$OUT/fused_ncu_$m.log" | tr -s ' ' | tr '\n' ';')"
   done
+  exit 0
+fi
+if [[ $mode == tune ]]; then
+  # moeflow tune (experts and fused kernels) over the presets and T, then the plan it makes at T=1.
+  echo "== gpu tests (tuning, fused)"; timeout 120 $b/moeflow_gpu_tests --gtest_brief=1 --gtest_filter='CudaFusedDecode.*:*Tun*' \
+    > "$OUT/gpu_tests.log" 2>&1; echo "rc=$?"; tail -1 "$OUT/gpu_tests.log"
+  timeout ${4:-500} $b/moeflow tune --models ${2:-qwen1.5-moe-a2.7b,qwen3-30b-a3b,deepseek-v3,mixtral-8x7b} --tokens ${3:-1,8,32} \
+    --cache "$OUT/tuning.json" > "$OUT/tune.txt" 2> "$OUT/tune.log"; echo "rc=$?"; cat "$OUT/tune.txt"
+  $b/moeflow plan --backend cuda --model qwen3-30b-a3b --tokens 1 --scope experts --tuning-cache "$OUT/tuning.json" 2>&1 | head -8
   exit 0
 fi
 if [[ $mode == anyt ]]; then

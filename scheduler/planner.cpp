@@ -367,6 +367,11 @@ namespace {
 
 // The kernel a tuning cache measured fastest for this node near its T, where it can run the node
 // (and be captured, under --cuda-graph); none where --kernel forces the op or nothing was measured.
+// The T a plan is costed and tuned at: the cost tokens where set, else the graph's maximum.
+int64_t tuned_tokens(const Graph& g, const PlanOptions& options) {
+  return options.cost_tokens > 0 ? std::min(options.cost_tokens, g.max_tokens()) : g.max_tokens();
+}
+
 std::optional<KernelChoice> tuned_choice(const KernelRegistry& registry, const Graph& g, const Node& n,
                                          const PlanOptions& options, int64_t T) {
   if (!options.tuning || options.forced_kernels.count(n.op->kind())) return std::nullopt;
@@ -393,12 +398,29 @@ std::shared_ptr<const Graph> fused_where_a_kernel_runs_it(const KernelRegistry& 
   const bool forced = options.forced_kernels.count("fused_experts") > 0;
   // A backend without a fused kernel (the CPU: there the chain costs no launches) keeps every chain
   // and says nothing about it.
-  if (!forced && registry.candidates("fused_experts", options.backend).empty()) return nullptr;
+  const auto fused_kernels = registry.candidates("fused_experts", options.backend);
+  if (!forced && fused_kernels.empty()) return nullptr;
   return fuse_experts_chains(
       g,
       [&](const Graph& fused, const Node& n) {
         // A forced fused kernel is checked (and refused by name) when the fused graph is planned.
         if (forced) return true;
+        // `moeflow tune` measured the fused kernels beside the experts kernels: where an experts
+        // kernel of the chain was fastest, the chain stays.
+        const std::string source = fused_experts_source(n.name);
+        const auto experts = g.find_node(source);
+        const TunedKernel* tuned =
+            options.tuning && experts ? options.tuning->find(options.tuning_device, tuning_signature(g, g.node(*experts)),
+                                                              g.tokens_of(g.node(*experts), tuned_tokens(g, options)))
+                                      : nullptr;
+        if (tuned && std::none_of(fused_kernels.begin(), fused_kernels.end(),
+                                  [&](const KernelEntry* k) { return k->name == tuned->kernel; })) {
+          std::ostringstream why;
+          why << "tuned: " << tuned->kernel << " on the chain measured fastest at T=" << tuned->tokens << " ("
+              << std::fixed << std::setprecision(1) << tuned->time_us << " us, " << options.tuning->source() << ")";
+          declined[source] = why.str();
+          return false;
+        }
         std::string why;
         if (registry.select_any(fused, n, options.backend, options.capturable, &why)) return true;
         declined[fused_experts_source(n.name)] = why;
@@ -407,19 +429,15 @@ std::shared_ptr<const Graph> fused_where_a_kernel_runs_it(const KernelRegistry& 
       options.keep_values);
 }
 
-}  // namespace
-
-Plan make_plan(std::shared_ptr<const Graph> graph, const PlanOptions& options) {
-  if (!graph) fail_input("make_plan: no graph");
-  if (!graph->validated()) fail_input("make_plan: graph '" + graph->name() + "' is not validated");
-  if (options.max_lanes < 1) fail_input("make_plan: max_lanes must be >= 1");
+// The plan of a graph the fuse pass has already seen; `not_fused` (experts node -> why its chain
+// stayed apart) goes into the steps' reasons. Re-entered with the graph that host copies rewrite.
+Plan plan_fused_graph(std::shared_ptr<const Graph> graph, const PlanOptions& options,
+                      const std::map<std::string, std::string>& not_fused) {
   Plan plan;
   plan.graph = graph;
   plan.options = options;
-  const int64_t T = options.cost_tokens > 0 ? std::min(options.cost_tokens, graph->max_tokens()) : graph->max_tokens();
+  const int64_t T = tuned_tokens(*graph, options);
   const KernelRegistry& registry = options.registry ? *options.registry : KernelRegistry::builtin();
-  std::map<std::string, std::string> not_fused;  // experts node -> why its chain stays apart
-  if (auto fused = fused_where_a_kernel_runs_it(registry, *graph, options, not_fused)) return make_plan(fused, options);
   for (const auto& [op, name] : options.forced_kernels) {
     bool known = false;
     for (const Node& n : graph->nodes()) known = known || n.op->kind() == op;
@@ -434,7 +452,7 @@ Plan make_plan(std::shared_ptr<const Graph> graph, const PlanOptions& options) {
   {
     std::vector<const KernelEntry*> chosen;
     for (const KernelChoice& c : choices) chosen.push_back(c.kernel);
-    if (auto rewritten = with_host_copies(*graph, chosen)) return make_plan(rewritten, options);
+    if (auto rewritten = with_host_copies(*graph, chosen)) return plan_fused_graph(rewritten, options, not_fused);
   }
 
   std::vector<PlanStep> by_node(graph->nodes().size());
@@ -462,6 +480,18 @@ Plan make_plan(std::shared_ptr<const Graph> graph, const PlanOptions& options) {
   lay_out_buffers(plan);
   if (options.reuse_memory) plan_workspace_reuse(plan);
   return plan;
+}
+
+}  // namespace
+
+Plan make_plan(std::shared_ptr<const Graph> graph, const PlanOptions& options) {
+  if (!graph) fail_input("make_plan: no graph");
+  if (!graph->validated()) fail_input("make_plan: graph '" + graph->name() + "' is not validated");
+  if (options.max_lanes < 1) fail_input("make_plan: max_lanes must be >= 1");
+  const KernelRegistry& registry = options.registry ? *options.registry : KernelRegistry::builtin();
+  std::map<std::string, std::string> not_fused;
+  auto fused = fused_where_a_kernel_runs_it(registry, *graph, options, not_fused);
+  return plan_fused_graph(fused ? fused : graph, options, not_fused);
 }
 
 }  // namespace moeflow

@@ -204,3 +204,53 @@ TEST(FuseExperts, APlanSaysWhyAChainStayedApart) {
   for (const PlanStep& step : make_plan(g, PlanOptions{}).steps)
     EXPECT_EQ(step.reason.find("not fused"), std::string::npos) << step.reason;
 }
+
+TEST(FuseExperts, WhereOneChunkIsFusedTheOtherStillSaysWhyNot) {
+  const auto g = std::make_shared<const Graph>(
+      chunk_tokens(build_moe_layer(small_qwen(), {.max_tokens = 10}), {.chunks = 2}));
+  KernelRegistry registry = KernelRegistry::builtin();
+  registry.add({"fused_experts", Backend::cpu, "test.chunk1_only", 0,
+                [](const Graph&, const Node& n) {
+                  return n.chunk == 1 ? Support::yes("chunk 1") : Support::no("takes chunk 1 only");
+                },
+                [](const KernelCall&) {}, {}});
+  PlanOptions po;
+  po.registry = &registry;
+  const Plan plan = make_plan(g, po);
+  EXPECT_EQ(count_kind(*plan.graph, "fused_experts"), 1);
+  std::string reason;
+  for (const PlanStep& step : plan.steps)
+    if (plan.graph->node(step.node).name == "experts\u00b7c0") reason = step.reason;
+  EXPECT_NE(reason.find("not fused with its dispatch and combine: test.chunk1_only: takes chunk 1 only"), std::string::npos)
+      << reason;
+}
+
+TEST(FuseExperts, ATuningCacheDecidesBetweenTheFusedKernelAndTheChain) {
+  const auto g = std::make_shared<const Graph>(build_experts_graph(small_qwen(), {.max_tokens = 8}));
+  const KernelRegistry registry = registry_with_cpu_fused_kernel();
+  const std::string signature = tuning_signature(*g, g->node(*g->find_node("experts")));
+  PlanOptions po;
+  po.registry = &registry;
+  // The chain's own kernel measured fastest: the chain stays, and the plan says why.
+  auto chain_faster = std::make_shared<TuningCache>();
+  chain_faster->record({"Some GPU", signature, 8, "cpu.grouped_swiglu", 12.5});
+  po.tuning = chain_faster;
+  const Plan kept = make_plan(g, po);
+  EXPECT_EQ(count_kind(*kept.graph, "fused_experts"), 0);
+  std::string reason;
+  for (const PlanStep& step : kept.steps)
+    if (kept.graph->node(step.node).op->kind() == "experts") reason = step.reason;
+  EXPECT_NE(reason.find("not fused with its dispatch and combine: tuned: cpu.grouped_swiglu on the chain measured "
+                        "fastest at T=8 (12.5 us"),
+            std::string::npos)
+      << reason;
+  // The fused kernel measured fastest: fused as without a cache.
+  auto fused_faster = std::make_shared<TuningCache>();
+  fused_faster->record({"Some GPU", signature, 8, "test.fused_chain", 9.0});
+  po.tuning = fused_faster;
+  EXPECT_EQ(count_kind(*make_plan(g, po).graph, "fused_experts"), 1);
+  // An entry for another device does not apply.
+  po.tuning = chain_faster;
+  po.tuning_device = "Another GPU";
+  EXPECT_EQ(count_kind(*make_plan(g, po).graph, "fused_experts"), 1);
+}

@@ -1,6 +1,8 @@
-// `moeflow tune`: measures every experts kernel that can run each model at each T (the experts path,
-// best of serial and CUDA-graph replay), writes the fastest into a tuning cache that plans read
-// (--tuning-cache), and says how far the built-in heuristic's choice is from it.
+// `moeflow tune`: measures every experts kernel, and every fused kernel of the dispatch → experts →
+// combine chain, that can run each model at each T (the experts path, best of serial and CUDA-graph
+// replay), writes the fastest into a tuning cache that plans read (--tuning-cache: a fused kernel
+// there means fuse, an experts kernel means keep the chain), and says how far the planner's own
+// choice is from it.
 #include <iomanip>
 #include <iostream>
 #include <map>
@@ -17,6 +19,24 @@
 #include "tools/commands.hpp"
 
 namespace moeflow::cli {
+
+#ifdef MOEFLOW_HAVE_CUDA
+namespace {
+
+// The kernel the planner runs the experts with, untuned: the fused node's where it fuses the chain.
+std::string planned_experts_kernel(const std::shared_ptr<const Graph>& graph) {
+  PlanOptions po;
+  po.backend = Backend::cuda;
+  const Plan plan = make_plan(graph, po);
+  for (const PlanStep& step : plan.steps) {
+    const std::string& kind = plan.graph->node(step.node).op->kind();
+    if (kind == "experts" || kind == "fused_experts") return step.kernel->name;
+  }
+  fail_input("tune: the experts graph of " + graph->name() + " has no experts node");
+}
+
+}  // namespace
+#endif
 
 Command add_tune_command(CLI::App& app) {
   struct Flags {
@@ -43,7 +63,8 @@ Command add_tune_command(CLI::App& app) {
     TuningCache cache = TuningCache::load(f->cache);  // refuses a malformed file before measuring
     std::vector<std::string> kernels = f->kernels;
     if (kernels.empty())
-      for (const KernelEntry* k : KernelRegistry::builtin().candidates("experts", Backend::cuda)) kernels.push_back(k->name);
+      for (const char* op : {"experts", "fused_experts"})
+        for (const KernelEntry* k : KernelRegistry::builtin().candidates(op, Backend::cuda)) kernels.push_back(k->name);
     CudaBenchOptions o;
     o.sets = f->sets;
     o.plans = {"serial", "graph"};
@@ -52,8 +73,8 @@ Command add_tune_command(CLI::App& app) {
     o.min_runs = f->runs;
     o.device = f->device;
     const std::string device = cuda::device_name(f->device);
-    std::cout << "moeflow tune on " << device << ": model, T, fastest kernel, its time, the heuristic's choice "
-              << "(the registry's order) and its time against the fastest\n";
+    std::cout << "moeflow tune on " << device << ": model, T, fastest kernel, its time, the planner's own choice "
+              << "(untuned, fusion included) and its time against the fastest\n";
     for (const std::string& model : f->models) {
       const MoEConfig config = load_config(model, f->sets);
       for (int64_t T : f->tokens) {
@@ -74,7 +95,7 @@ Command add_tune_command(CLI::App& app) {
         for (const Node& n : graph->nodes())
           if (n.op->kind() == "experts") experts = &n;
         cache.record({device, tuning_signature(*graph, *experts), T, fastest->first, fastest->second});
-        const std::string heuristic = KernelRegistry::builtin().select(*graph, *experts, Backend::cuda).kernel->name;
+        const std::string heuristic = planned_experts_kernel(graph);
         std::cout << "  " << std::left << std::setw(20) << model << std::setw(7) << T << std::setw(28) << fastest->first
                   << std::fixed << std::setprecision(1) << std::setw(11) << fastest->second << std::setw(28) << heuristic
                   << (best_of.count(heuristic) ? std::to_string(best_of[heuristic] / fastest->second).substr(0, 4) + "x"
