@@ -365,12 +365,13 @@ bool Plan::has_host_sync() const {
 
 namespace {
 
-// The kernel a tuning cache measured fastest for this node near its T, where it can run the node
-// (and be captured, under --cuda-graph); none where --kernel forces the op or nothing was measured.
 // The T a plan is costed and tuned at: the cost tokens where set, else the graph's maximum.
 int64_t tuned_tokens(const Graph& g, const PlanOptions& options) {
   return options.cost_tokens > 0 ? std::min(options.cost_tokens, g.max_tokens()) : g.max_tokens();
 }
+
+// The kernel a tuning cache measured fastest for this node near its T, where it can run the node
+// (and be captured, under --cuda-graph); none where --kernel forces the op or nothing was measured.
 
 std::optional<KernelChoice> tuned_choice(const KernelRegistry& registry, const Graph& g, const Node& n,
                                          const PlanOptions& options, int64_t T) {
@@ -423,7 +424,7 @@ std::shared_ptr<const Graph> fused_where_a_kernel_runs_it(const KernelRegistry& 
         }
         std::string why;
         if (registry.select_any(fused, n, options.backend, options.capturable, &why)) return true;
-        declined[fused_experts_source(n.name)] = why;
+        declined[source] = why;
         return false;
       },
       options.keep_values);
