@@ -43,6 +43,7 @@ struct Args {
   int* up_done;   // [kMaxPairs]: phase-1 tiles finished per group
   int* down_done; // [H tiles]: groups whose phase-2 tile is finished, per slice of H
   int* next_item; // the work counter the blocks take items from
+  int* done_blocks; // blocks that have finished; the last one zeroes every counter for the next launch
   int experts, top_k, hidden, inter;
   int max_tokens;
   const int32_t* live_tokens;
@@ -71,10 +72,11 @@ __device__ __forceinline__ void prefetch_l2(const void* p) { asm volatile("prefe
 
 // Choices of one expert, in choice order, are cut into groups of kRows; a group's leader is its
 // first choice. One thread per choice, O(P) over shared memory each: P <= 256, about a microsecond.
-__device__ void build_work_list(WorkList& w, const int32_t* ids, int pairs, int experts) {
+// `id`: this thread's choice's expert, loaded by the caller (tid < pairs).
+__device__ void build_work_list(WorkList& w, int id, int pairs, int experts) {
   static_assert(kMaxPairs <= kThreads, "one thread per choice");
   const int tid = static_cast<int>(threadIdx.x);
-  if (tid < pairs) w.ids[tid] = ids[tid];
+  if (tid < pairs) w.ids[tid] = id;
   if (tid == 0) w.groups = 0;
   __syncthreads();
   int total = 0;  // choices of this thread's expert
@@ -192,19 +194,50 @@ __device__ void combine_tile(const Args& a, const WorkList& w, int tokens, int t
   }
 }
 
+// Every block on its way out: the last one to finish zeroes the counters (the groups' and the
+// slices' counts, the work counter and this count), so the next launch on the lane finds them zero
+// without a memset node before it (LaneContext::counters). Every block's last use of the work
+// counter and of the counts precedes its arrival here.
+__device__ void leave(const Args& a, int groups, int down_tiles) {
+  __shared__ int last;
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    __threadfence();
+    last = atomicAdd(a.done_blocks, 1) == static_cast<int>(gridDim.x) - 1;
+  }
+  __syncthreads();
+  if (!last) return;
+  for (int i = static_cast<int>(threadIdx.x); i < groups; i += kThreads) a.up_done[i] = 0;
+  for (int i = static_cast<int>(threadIdx.x); i < down_tiles; i += kThreads) a.down_done[i] = 0;
+  if (threadIdx.x == 0) {
+    *a.next_item = 0;
+    *a.done_blocks = 0;
+  }
+}
+
 __global__ void __launch_bounds__(kThreads, 3) fused_decode_kernel(Args a) {
   __shared__ WorkList w;
-  __shared__ int flag;
-  int tokens = a.max_tokens;
-  if (a.live_tokens) tokens = max(0, min(*a.live_tokens, a.max_tokens));
+  __shared__ int flag, next;
+  // Three independent round trips issued together before any is used (they were one after another):
+  // this thread's id (up to the maximum T·k; entries past the run's T are never used), the run's T,
+  // and the block's first item. With the counters left zero for the next launch (leave(), no memset
+  // node), measured on the H100, experts path in a CUDA graph at T=1: qwen1.5 38.4-39.0 µs, qwen3
+  // 40.7-40.8 (before: 38.7-40.7 and 40.5-42.8 over this session's and the last one's runs).
+  const int tid = static_cast<int>(threadIdx.x);
+  const int id = tid < a.max_tokens * a.top_k ? a.ids[tid] : -1;
+  const int live = a.live_tokens ? *a.live_tokens : a.max_tokens;
+  const int first = tid == 0 ? atomicAdd(a.next_item, 1) : 0;
+  const int tokens = max(0, min(live, a.max_tokens));
   const int pairs = tokens * a.top_k;
-  build_work_list(w, a.ids, pairs, a.experts);
+  if (tid == 0) next = first;
+  build_work_list(w, id, pairs, a.experts);
   const int groups = w.groups;
   const int up_tiles = (a.inter + kUpTile - 1) / kUpTile;
   const int down_tiles = (a.hidden + kDownTile - 1) / kDownTile;
   if (groups == 0) {  // nothing routed to an expert here: the output is zeros
     for (int tile = static_cast<int>(blockIdx.x); tile < down_tiles; tile += static_cast<int>(gridDim.x))
       combine_tile(a, w, tokens, tile);
+    leave(a, 0, down_tiles);
     return;
   }
   const int up_items = groups * up_tiles;
@@ -215,10 +248,8 @@ __global__ void __launch_bounds__(kThreads, 3) fused_decode_kernel(Args a) {
   // Measured on the H100 against dealing the same items round-robin over a cooperative grid: the
   // same at T=1 on qwen (40.3 / 42.5 against 37.1-38.8 / 41.8-42.7 µs), faster from T=2 and on
   // deepseek-v3 (qwen3 T=4 106.0 against 114.9 µs, deepseek-v3 T=1 243.5 against 256.8). The next
-  // item is fetched while this one is worked on, hiding the atomic's latency.
-  __shared__ int next;
-  if (threadIdx.x == 0) next = atomicAdd(a.next_item, 1);
-  __syncthreads();
+  // item is fetched while this one is worked on, hiding the atomic's latency (the first was fetched
+  // at entry; build_work_list's barriers publish it).
   int item = next;
   while (item < items) {
     __syncthreads();  // every thread has read `next`
@@ -251,6 +282,7 @@ __global__ void __launch_bounds__(kThreads, 3) fused_decode_kernel(Args a) {
     __syncthreads();  // `next` is written; `flag` is rewritten by the next item
     item = next;
   }
+  leave(a, groups, down_tiles);
 }
 
 constexpr int64_t align256(int64_t n) { return (n + 255) / 256 * 256; }
@@ -258,7 +290,8 @@ constexpr int64_t align256(int64_t n) { return (n + 255) / 256 * 256; }
 int64_t act_bytes(const FusedDecodeShape& s) { return align256(s.max_tokens * s.top_k * s.intermediate * 2); }
 int64_t y_bytes(const FusedDecodeShape& s) { return align256(s.max_tokens * s.top_k * s.hidden * 4); }
 int down_tile_count(const FusedDecodeShape& s) { return (s.hidden + kDownTile - 1) / kDownTile; }
-int64_t counter_bytes(const FusedDecodeShape& s) { return align256((kMaxPairs + down_tile_count(s) + 1) * 4); }
+int counter_words(const FusedDecodeShape& s) { return kMaxPairs + down_tile_count(s) + 2; }
+int64_t counter_bytes(const FusedDecodeShape& s) { return align256(counter_words(s) * 4); }
 
 // Blocks of this kernel that fit on the device at once: the grid (more would only wait for a slot).
 int resident_blocks(int device) {
@@ -303,17 +336,20 @@ void experts_fused_decode(const LaneContext& ctx, const FusedDecodeShape& s, int
   a.out = out;
   a.act = reinterpret_cast<uint16_t*>(bytes);
   a.y = reinterpret_cast<float*>(bytes + act_bytes(s));
-  a.up_done = reinterpret_cast<int*>(bytes + act_bytes(s) + y_bytes(s));
+  // The counters: the lane's, which the kernel leaves zero, where they fit; else the workspace's
+  // (shared with other nodes' buffers), zeroed before every run by a memset node.
+  const bool lane_counters = ctx.counters != nullptr && counter_words(s) <= ctx.counter_words;
+  a.up_done = lane_counters ? ctx.counters : reinterpret_cast<int*>(bytes + act_bytes(s) + y_bytes(s));
   a.down_done = a.up_done + kMaxPairs;
   a.next_item = a.down_done + down_tile_count(s);
+  a.done_blocks = a.next_item + 1;
   a.experts = s.experts;
   a.top_k = s.top_k;
   a.hidden = s.hidden;
   a.inter = s.intermediate;
   a.max_tokens = static_cast<int>(tokens);
   a.live_tokens = live_tokens;
-  // The counters start at zero every run (the workspace is shared with other nodes' buffers).
-  MOEFLOW_CUDA_CHECK(cudaMemsetAsync(a.up_done, 0, static_cast<size_t>(counter_bytes(s)), ctx.stream));
+  if (!lane_counters) MOEFLOW_CUDA_CHECK(cudaMemsetAsync(a.up_done, 0, static_cast<size_t>(counter_bytes(s)), ctx.stream));
   // Enough blocks for the most work the sizes allow, at most what is resident at once.
   const int64_t up_tiles = (s.intermediate + kUpTile - 1) / kUpTile;
   const int64_t most_items = tokens * s.top_k * (up_tiles + down_tile_count(s));

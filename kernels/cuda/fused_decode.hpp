@@ -33,7 +33,9 @@ struct FusedDecodeShape {
 // T·k at most kFusedMaxPairs). Whether it pays is the planner's question (ops/cuda/cuda_kernels.cpp).
 std::string fused_decode_unsupported(const FusedDecodeShape& s);
 
-// Scratch: act bf16 [T·k, I], y fp32 [T·k, H] and the counters, at the shape's maximum T.
+// Scratch: act bf16 [T·k, I], y fp32 [T·k, H] and room for the counters, at the shape's maximum T.
+// The counters live in the lane's LaneContext::counters where it has them (the kernel leaves them
+// zero: one launch); else in this scratch, zeroed by a memset before the kernel (two launches).
 int64_t fused_decode_workspace_bytes(const FusedDecodeShape& s);
 
 // x bf16 [T, H]; ids i32 [T, k] (ids outside [0, E) contribute nothing); weights f32 [T, k];

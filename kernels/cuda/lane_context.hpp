@@ -22,6 +22,11 @@ struct LaneContext {
   std::size_t blas_workspace_bytes = 0;
   int device = 0;
   int* error_flag = nullptr;            // device int: kernels set bits on overflow; checked after a run
+  // Device ints that are zero whenever no kernel of the lane runs: a kernel may count in them (work
+  // counters, arrivals) if it leaves them zero when it ends, which spares a memset before it. The
+  // lane's kernels run one at a time, in stream order. Null or too small: use workspace and a memset.
+  int* counters = nullptr;
+  int counter_words = 0;
   // A second stream for work a kernel runs beside its own (the alltoall's local copies beside the
   // transfer), forked from and joined back into `stream` through these two events.
   Stream side = nullptr;
@@ -30,5 +35,8 @@ struct LaneContext {
 
 // Bits of LaneContext::error_flag.
 inline constexpr int kErrorCapacityOverflow = 1;  // a padded strategy saw more rows than its capacity
+
+// What the executor gives each lane as LaneContext::counters.
+inline constexpr int kLaneCounterWords = 4096;
 
 }  // namespace moeflow::cuda

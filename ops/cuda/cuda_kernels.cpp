@@ -344,7 +344,7 @@ cuda::FusedDecodeShape fused_shape(const Graph& g, const Node& n) {
 
 // The fuse pass (ops/fuse_experts.hpp) makes a fused_experts node wherever this kernel supports it.
 void register_fused_experts(KernelRegistry& r) {
-  r.add(reading_live_tokens(launching(2, {"fused_experts", Backend::cuda, "cuda.fused_decode", 0,
+  r.add(reading_live_tokens(launching(1, {"fused_experts", Backend::cuda, "cuda.fused_decode", 0,
          [](const Graph& g, const Node& n) {
            Support s = cuda_supports_bf16(g, n, "");
            if (!s.ok) return s;

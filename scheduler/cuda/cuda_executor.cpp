@@ -28,6 +28,7 @@ struct CudaExecutor::State {
   cudaEvent_t replay_start = nullptr, replay_end = nullptr;
   std::vector<cudaEvent_t> lane_end;
   int* error_flag = nullptr;                       // device
+  std::vector<int*> lane_counters;                 // device, per lane: LaneContext::counters
   uint64_t* stamps = nullptr;                      // device: [2 per step] GPU clock (ns), stamped captures
   bool captured_stamped = false;
   cudaGraph_t graph = nullptr;
@@ -54,7 +55,8 @@ CudaExecutor::CudaExecutor(const Plan& plan, const CommGroups* comm)
   s.device = plan.options.device;
   const std::size_t blas_bytes = cuda::recommended_blas_workspace_bytes();
   require_device_bytes(s.device,
-                       plan.bytes(Arena::workspace) + static_cast<int64_t>(blas_bytes * plan.lanes.size()) + 4096,
+                       plan.bytes(Arena::workspace) +
+                           static_cast<int64_t>((blas_bytes + sizeof(int) * cuda::kLaneCounterWords) * plan.lanes.size()) + 4096,
                        "plan '" + plan.graph->name() + "' (workspace and cuBLAS workspaces)");
   MOEFLOW_CUDA_CHECK(cudaSetDevice(s.device));
   s.workspace = std::make_unique<DeviceArena>(plan, Arena::workspace, s.device);
@@ -81,6 +83,14 @@ CudaExecutor::CudaExecutor(const Plan& plan, const CommGroups* comm)
     ctx.blas_workspace_bytes = blas_bytes;
     ctx.device = s.device;
     ctx.error_flag = s.error_flag;
+    int* counters = nullptr;
+    MOEFLOW_CUDA_CHECK(cudaMalloc(&counters, sizeof(int) * cuda::kLaneCounterWords));
+    s.lane_counters.push_back(counters);
+    // On the lane's own stream: its kernels come after it (a legacy-stream memset would not order
+    // them, the streams being non-blocking).
+    MOEFLOW_CUDA_CHECK(cudaMemsetAsync(counters, 0, sizeof(int) * cuda::kLaneCounterWords, stream));
+    ctx.counters = counters;
+    ctx.counter_words = cuda::kLaneCounterWords;
     MOEFLOW_CUDA_CHECK(cudaStreamCreateWithPriority(&ctx.side, cudaStreamNonBlocking, least));
     MOEFLOW_CUDA_CHECK(cudaEventCreateWithFlags(&ctx.side_fork, cudaEventDisableTiming));
     MOEFLOW_CUDA_CHECK(cudaEventCreateWithFlags(&ctx.side_join, cudaEventDisableTiming));
@@ -132,6 +142,7 @@ CudaExecutor::~CudaExecutor() {
     cudaEventDestroy(l.side_join);
   }
   for (void* p : s.blas_workspaces) cudaFree(p);
+  for (int* p : s.lane_counters) cudaFree(p);
   for (cudaStream_t st : s.streams) cudaStreamDestroy(st);
   if (s.error_flag) cudaFree(s.error_flag);
   if (s.live_tokens) cudaFree(s.live_tokens);

@@ -8,6 +8,7 @@
 #include <cstring>
 
 #include "bench/cuda/cuda_session.hpp"
+#include "graph/chunk.hpp"
 #include "graph/error.hpp"
 #include "kernels/cuda/device.hpp"
 #include "ops/moe_layer.hpp"
@@ -116,6 +117,39 @@ TEST(CudaFusedDecode, OneCaptureServesEveryTWithTheEagerBytesAndTheChainAgrees) 
     const std::vector<float> other = chain.output();
     const double rel_norm = reference::compare(eager.data(), std::vector<double>(other.begin(), other.end())).rel_norm;
     EXPECT_LT(rel_norm, 1e-2) << "fused vs chain, T=" << T;
+  }
+}
+
+// The kernel counts in its lane's counters and leaves them zero (no memset node): two fused nodes
+// one after the other on one lane, run and replayed at changing T (an empty chunk included), each
+// run right and every replay the same bytes. Counters left nonzero would skip items or hang.
+TEST(CudaFusedDecode, FusedNodesSharingALaneFindItsCountersZeroRunAfterRun) {
+  if (cuda::device_count() == 0) GTEST_SKIP() << "no CUDA device";
+  const FusedCase fc = fused_cases()[1];  // qwen1.5
+  const MoEConfig config = load_config(fc.preset, fc.sets);
+  auto g = std::make_shared<const Graph>(
+      chunk_tokens(build_experts_graph(config, {.max_tokens = fc.max_tokens, .dtype = DType::bf16}), {.chunks = 2}));
+  CudaSessionOptions so;
+  so.plan.capturable = true;
+  so.plan.policy = Policy::serial;  // one lane
+  so.seed = 5;
+  CudaSession s(g, so);
+  int fused = 0;
+  for (const PlanStep& step : s.plan().steps)
+    fused += s.graph().node(step.node).op->kind() == "fused_experts" && step.kernel->name == "cuda.fused_decode";
+  ASSERT_EQ(fused, 2);
+  ASSERT_EQ(s.plan().lanes.size(), 1u);
+  for (int64_t T : {fc.max_tokens, int64_t{1}, int64_t{8}, fc.max_tokens, int64_t{2}}) {
+    s.set_tokens(T);
+    s.run();
+    EXPECT_TRUE(s.check(1e-2).pass) << "eager T=" << T;
+    const std::vector<float> eager = s.output();
+    s.capture();  // chunks slice x on the host's T: a graph per T
+    for (int r = 0; r < 3; ++r) {
+      s.replay();
+      const std::vector<float> replayed = s.output();
+      EXPECT_EQ(0, std::memcmp(replayed.data(), eager.data(), eager.size() * 4)) << "T=" << T << " replay " << r;
+    }
   }
 }
 
