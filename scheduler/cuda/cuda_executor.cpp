@@ -63,7 +63,6 @@ CudaExecutor::CudaExecutor(const Plan& plan, const CommGroups* comm)
   s.host = std::make_unique<DeviceArena>(plan, Arena::host, s.device);
   MOEFLOW_CUDA_CHECK(cudaMalloc(&s.error_flag, sizeof(int)));
   MOEFLOW_CUDA_CHECK(cudaMalloc(&s.stamps, sizeof(uint64_t) * 2 * std::max<std::size_t>(plan.steps.size(), 1)));
-  MOEFLOW_CUDA_CHECK(cudaMemset(s.error_flag, 0, sizeof(int)));
   MOEFLOW_CUDA_CHECK(cudaMalloc(&s.live_tokens, sizeof(int32_t)));
   MOEFLOW_CUDA_CHECK(cudaMallocHost(&s.live_tokens_host, sizeof(int32_t)));
   int least = 0, greatest = 0;
@@ -99,6 +98,9 @@ CudaExecutor::CudaExecutor(const Plan& plan, const CommGroups* comm)
     MOEFLOW_CUDA_CHECK(cudaEventCreateWithFlags(&e, cudaEventDisableTiming));
     s.lane_end.push_back(e);
   }
+  // On lane 0's stream, which every run and replay starts from (a legacy-stream memset would not
+  // order the lanes' non-blocking streams after it).
+  MOEFLOW_CUDA_CHECK(cudaMemsetAsync(s.error_flag, 0, sizeof(int), s.streams[0]));
   const std::size_t n = plan.steps.size();
   s.done.resize(n, nullptr);
   s.needs_done.assign(n, false);
@@ -229,7 +231,7 @@ void CudaExecutor::check_device_flags() {
   int flag = 0;
   MOEFLOW_CUDA_CHECK(cudaMemcpy(&flag, s_->error_flag, sizeof(int), cudaMemcpyDeviceToHost));
   if (flag != 0) {
-    MOEFLOW_CUDA_CHECK(cudaMemset(s_->error_flag, 0, sizeof(int)));
+    MOEFLOW_CUDA_CHECK(cudaMemsetAsync(s_->error_flag, 0, sizeof(int), s_->streams[0]));  // before the next run
     if (flag & cuda::kErrorCapacityOverflow)
       throw Error(ErrorKind::check_failed,
                   "an expert received more rows than the padded strategy's capacity (device flag raised); its output "
@@ -308,6 +310,10 @@ void CudaExecutor::capture_graph(const DeviceArena& inputs, const DeviceArena& w
     fail_input("--cuda-graph: plan '" + plan_.graph->name() +
                "' waits on the host (a to_host node, for a kernel that needs row counts there); a CUDA graph cannot "
                "contain that. Plan with capturable kernels (the planner does so under --cuda-graph)");
+  for (const Node& n : plan_.graph->nodes())
+    if (n.op->communicates())
+      fail_input("--cuda-graph: plan '" + plan_.graph->name() + "' exchanges rows between ranks (node '" + n.name +
+                 "'), and its exchanges wait on the host (row counts over MPI); a CUDA graph cannot contain that");
   State& s = *s_;
   MOEFLOW_CUDA_CHECK(cudaSetDevice(s.device));
   if (s.graph_exec) MOEFLOW_CUDA_CHECK(cudaGraphExecDestroy(s.graph_exec));
