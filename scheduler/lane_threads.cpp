@@ -88,17 +88,20 @@ void LaneThreads::run(const std::function<void(int lane)>& body, IssueOrder& ord
     ++generation_;
   }
   start_.notify_all();
-  std::exception_ptr mine;
   try {
     body(0);
   } catch (const IssueAborted&) {
   } catch (...) {
-    mine = std::current_exception();
+    // The first error of any lane is the one reported: a later one (lane 0 tripping over a sticky
+    // CUDA error a worker caused) would name the wrong call.
+    {
+      std::lock_guard lock(m_);
+      if (!first_error_) first_error_ = std::current_exception();
+    }
     order.abort();
   }
   std::unique_lock lock(m_);
   finished_.wait(lock, [&] { return running_ == 0; });
-  if (mine) std::rethrow_exception(mine);
   if (first_error_) std::rethrow_exception(first_error_);
 }
 

@@ -43,7 +43,7 @@ class LaneThreads {
   LaneThreads& operator=(const LaneThreads&) = delete;
 
   // Runs body(lane) for every lane at once and returns when all have returned; rethrows the first
-  // exception (after `order` is aborted, so the other lanes stop waiting and return too).
+  // exception any lane threw (after `order` is aborted, so the other lanes stop waiting and return).
   void run(const std::function<void(int lane)>& body, IssueOrder& order);
 
  private:

@@ -86,3 +86,28 @@ TEST(LaneThreads, AFailingLaneStopsTheRunAndItsErrorIsTheOneRaised) {
   threads.run([&](int) { ran.fetch_add(1); }, order);
   EXPECT_EQ(ran.load(), 3);
 }
+
+TEST(LaneThreads, AnErrorRaisedAfterAnotherLanesIsNotTheOneReported) {
+  LaneThreads threads(2);
+  IssueOrder order;
+  order.reset(2);
+  // Lane 1 fails first; lane 0 then fails on what lane 1 left behind (as a sticky CUDA error would
+  // make it): the first error is the one the run raises.
+  std::atomic<bool> lane1_failed{false};
+  try {
+    threads.run(
+        [&](int lane) {
+          if (lane == 1) {
+            lane1_failed = true;
+            throw std::runtime_error("lane 1: the cause");
+          }
+          while (!lane1_failed) std::this_thread::sleep_for(1ms);
+          std::this_thread::sleep_for(200ms);  // lane 1's error is recorded by now
+          throw std::runtime_error("lane 0: a consequence");
+        },
+        order);
+    FAIL() << "no error";
+  } catch (const std::runtime_error& e) {
+    EXPECT_EQ(std::string(e.what()), "lane 1: the cause");
+  }
+}
