@@ -407,15 +407,18 @@ std::shared_ptr<const Graph> fused_where_a_kernel_runs_it(const KernelRegistry& 
         // A forced fused kernel is checked (and refused by name) when the fused graph is planned.
         if (forced) return true;
         // `moeflow tune` measured the fused kernels beside the experts kernels: where an experts
-        // kernel of the chain was fastest, the chain stays.
+        // kernel of the chain was fastest, and can run here (captured, under --cuda-graph), the
+        // chain stays.
         const std::string source = fused_experts_source(n.name);
         const auto experts = g.find_node(source);
         const TunedKernel* tuned =
             options.tuning && experts ? options.tuning->find(options.tuning_device, tuning_signature(g, g.node(*experts)),
                                                               g.tokens_of(g.node(*experts), tuned_tokens(g, options)))
                                       : nullptr;
-        if (tuned && std::none_of(fused_kernels.begin(), fused_kernels.end(),
-                                  [&](const KernelEntry* k) { return k->name == tuned->kernel; })) {
+        if (tuned &&
+            std::none_of(fused_kernels.begin(), fused_kernels.end(),
+                         [&](const KernelEntry* k) { return k->name == tuned->kernel; }) &&
+            registry.select_named(g, g.node(*experts), options.backend, tuned->kernel, options.capturable)) {
           std::ostringstream why;
           why << "tuned: " << tuned->kernel << " on the chain measured fastest at T=" << tuned->tokens << " ("
               << std::fixed << std::setprecision(1) << tuned->time_us << " us, " << options.tuning->source() << ")";

@@ -253,4 +253,11 @@ TEST(FuseExperts, ATuningCacheDecidesBetweenTheFusedKernelAndTheChain) {
   po.tuning = chain_faster;
   po.tuning_device = "Another GPU";
   EXPECT_EQ(count_kind(*make_plan(g, po).graph, "fused_experts"), 1);
+  // Nor does one naming a kernel that cannot run the experts node here (it would not be chosen for
+  // the chain either): fused as without a cache.
+  auto cannot_run = std::make_shared<TuningCache>();
+  cannot_run->record({"Some GPU", signature, 8, "no.such_kernel", 1.0});
+  po.tuning = cannot_run;
+  po.tuning_device = "";
+  EXPECT_EQ(count_kind(*make_plan(g, po).graph, "fused_experts"), 1);
 }
