@@ -207,6 +207,7 @@ __device__ void leave(const Args& a, int groups, int down_tiles) {
   }
   __syncthreads();
   if (!last) return;
+  __threadfence();  // the zeroing after every other block's last count, not just after this block's
   for (int i = static_cast<int>(threadIdx.x); i < groups; i += kThreads) a.up_done[i] = 0;
   for (int i = static_cast<int>(threadIdx.x); i < down_tiles; i += kThreads) a.down_done[i] = 0;
   if (threadIdx.x == 0) {
