@@ -7,8 +7,10 @@
 //
 // Conventions as in cublas_gemm.hpp: rows [R, H] grouped by expert (offsets [E+1], device),
 // w13 [E, 2I, H], w2 [E, H, I], out [R, H]; h [R, 2I] and act [R, I] are the caller's scratch, rounded
-// to bf16 between the stages; total_rows = R = offsets[E] (T·k), which the SwiGLU between them
-// covers. No CUDA or CUTLASS headers here.
+// to bf16 between the stages; total_rows = R = T·k bounds the SwiGLU between them, which covers the
+// routed rows [0, offsets[E]). Rows past offsets[E] (ids outside [0, E)) belong to no group and are
+// left as they are: the permutation gives them no slot, so the combine never reads them. No CUDA or
+// CUTLASS headers here.
 #include <cstddef>
 #include <cstdint>
 #include <string>

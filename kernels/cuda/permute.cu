@@ -160,7 +160,7 @@ __global__ void perm_rank_kernel(const int32_t* __restrict__ ids, int64_t n, int
     const uint32_t peers = __match_any_sync(0xffffffffu, key);
     if (valid) {
       const int32_t slot = base[static_cast<int64_t>(key) * num_tiles + w] + cnt[key] + __popc(peers & lower_lanes);
-      slot_of[i] = slot;
+      slot_of[i] = key == experts ? -1 : slot;  // an id outside [0, E): no row for the combine to add
       row_source[slot] = static_cast<int32_t>(i);
     }
     __syncwarp();
@@ -196,7 +196,7 @@ __global__ void __launch_bounds__(kSmallRows)
       before += j < i && keys[j] == key;
     }
     slot += before;
-    slot_of[i] = slot;
+    slot_of[i] = key == experts ? -1 : slot;  // an id outside [0, E): no row for the combine to add
     row_source[slot] = i;
   }
 }

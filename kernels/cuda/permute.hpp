@@ -16,10 +16,11 @@ std::size_t permutation_workspace_bytes(int64_t max_tokens, int top_k, int exper
 // offsets [E + 1]: offsets[e] = first permuted row of expert e, offsets[E] = rows of valid ids.
 // slot_of [T, k]: the permuted row of (t, j). row_source [T * k]: the flat index t*k + j each
 // permuted row holds (the inverse of slot_of).
-// Ids outside [0, E) are not an error here (the device cannot throw): they are moved out of the
-// way, sorted after every valid row, to rows [offsets[E], T*k) in flat-index order; their slot_of and
-// row_source entries are set like any other (so every later read stays in bounds) and no expert
-// counts them. With valid ids offsets[E] = T*k and the result equals cpu::build_permutation's.
+// Ids outside [0, E) are not an error here (the device cannot throw): they contribute nothing. Their
+// rows go after every valid row, to [offsets[E], T*k) in flat-index order (row_source set like any
+// other, so a gather stays in bounds), no expert counts them, and their slot_of is -1, so the combine
+// skips them whatever an experts kernel left in those rows. With valid ids offsets[E] = T*k and the
+// result equals cpu::build_permutation's.
 // Throws Error(bad_input) if T*k does not fit int32, or if workspace_bytes is too small.
 // With a live count (live.per_count = k), `tokens` is the bound the launch is sized for and only the
 // first live tokens are sorted: offsets[E] is then their row count.

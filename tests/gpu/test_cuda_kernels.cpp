@@ -450,7 +450,8 @@ TEST(CudaPermute, InvalidIdsStayInBoundsAfterTheValidRows) {
   ids[17] = experts;
   ids[100] = 1 << 30;
   const DevicePermutation d = permute_on_device(ids, tokens, k, experts, tokens);
-  // The valid entries alone, by the CPU's counting sort; the invalid ones after them in flat order.
+  // The valid entries alone, by the CPU's counting sort; the invalid ones' rows after them in flat
+  // order, with no slot (the combine skips them).
   std::vector<int32_t> valid_counts(experts + 1, 0);
   for (int32_t e : ids)
     if (e >= 0 && e < experts) ++valid_counts[e + 1];
@@ -460,9 +461,10 @@ TEST(CudaPermute, InvalidIdsStayInBoundsAfterTheValidRows) {
   int32_t next_invalid = valid_counts[experts];
   for (size_t i = 0; i < ids.size(); ++i) {
     const bool valid = ids[i] >= 0 && ids[i] < experts;
-    EXPECT_EQ(d.slot_of[i], valid ? cursor[ids[i]]++ : next_invalid++) << i;
+    const int32_t row = valid ? cursor[ids[i]]++ : next_invalid++;
+    EXPECT_EQ(d.slot_of[i], valid ? row : -1) << i;
+    EXPECT_EQ(d.row_source[static_cast<size_t>(row)], static_cast<int32_t>(i)) << i;
   }
-  for (size_t i = 0; i < ids.size(); ++i) EXPECT_EQ(d.row_source[static_cast<size_t>(d.slot_of[i])], static_cast<int32_t>(i));
 }
 
 TEST(CudaPermute, TooSmallWorkspaceIsRefused) {
