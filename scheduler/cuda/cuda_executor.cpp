@@ -16,6 +16,12 @@
 namespace moeflow {
 
 struct CudaExecutor::State {
+  State() = default;
+  State(const State&) = delete;
+  State& operator=(const State&) = delete;
+  // Frees whatever exists, so a constructor that throws part-way leaks nothing (the executor's own
+  // destructor would not run then). Null handles are skipped.
+  ~State();
   int device = 0;
   std::unique_ptr<DeviceArena> workspace, host;
   std::vector<cudaStream_t> streams;
@@ -42,6 +48,35 @@ struct CudaExecutor::State {
   IssueOrder issue_order;
 };
 
+CudaExecutor::State::~State() {
+  cudaSetDevice(device);
+  for (cudaStream_t st : streams) cudaStreamSynchronize(st);
+  if (graph_exec) cudaGraphExecDestroy(graph_exec);
+  if (graph) cudaGraphDestroy(graph);
+  for (auto* list : {&done, &node_start, &node_end, &lane_end})
+    for (cudaEvent_t e : *list)
+      if (e) cudaEventDestroy(e);
+  for (cudaEvent_t e : {run_start, run_end, replay_start, replay_end})
+    if (e) cudaEventDestroy(e);
+  for (cuda::LaneContext& l : lanes) {
+    cuda::destroy_blas_handle(l.blas);
+    if (l.side) {
+      cudaStreamSynchronize(l.side);
+      cudaStreamDestroy(l.side);
+    }
+    if (l.side_fork) cudaEventDestroy(l.side_fork);
+    if (l.side_join) cudaEventDestroy(l.side_join);
+  }
+  for (void* p : blas_workspaces) cudaFree(p);
+  for (int* p : lane_counters) cudaFree(p);
+  for (cudaStream_t st : streams)
+    if (st) cudaStreamDestroy(st);
+  if (error_flag) cudaFree(error_flag);
+  if (live_tokens) cudaFree(live_tokens);
+  if (live_tokens_host) cudaFreeHost(live_tokens_host);
+  if (stamps) cudaFree(stamps);
+}
+
 namespace {
 // A step that may wait on the host while it is issued: a copy to the host, or communication (the
 // alltoall reads its counts there; MPI calls return when their transfer has).
@@ -67,36 +102,29 @@ CudaExecutor::CudaExecutor(const Plan& plan, const CommGroups* comm)
   MOEFLOW_CUDA_CHECK(cudaMallocHost(&s.live_tokens_host, sizeof(int32_t)));
   int least = 0, greatest = 0;
   MOEFLOW_CUDA_CHECK(cudaDeviceGetStreamPriorityRange(&least, &greatest));
+  // Each resource goes into the state as soon as it exists, so a failure part-way (out of device
+  // memory, say) leaves nothing behind: State's destructor frees whatever is there.
   for (std::size_t l = 0; l < plan.lanes.size(); ++l) {
-    cudaStream_t stream = nullptr;
+    cuda::LaneContext& ctx = s.lanes.emplace_back();
     // The critical path (lane 0) goes first when lanes compete for the machine.
-    MOEFLOW_CUDA_CHECK(cudaStreamCreateWithPriority(&stream, cudaStreamNonBlocking, l == 0 ? greatest : least));
-    void* ws = nullptr;
-    MOEFLOW_CUDA_CHECK(cudaMalloc(&ws, blas_bytes));
-    s.streams.push_back(stream);
-    s.blas_workspaces.push_back(ws);
-    cuda::LaneContext ctx;
-    ctx.stream = stream;
-    ctx.blas = cuda::create_blas_handle(stream, ws, blas_bytes);
-    ctx.blas_workspace = ws;
+    MOEFLOW_CUDA_CHECK(cudaStreamCreateWithPriority(&ctx.stream, cudaStreamNonBlocking, l == 0 ? greatest : least));
+    s.streams.push_back(ctx.stream);
+    MOEFLOW_CUDA_CHECK(cudaMalloc(&ctx.blas_workspace, blas_bytes));
+    s.blas_workspaces.push_back(ctx.blas_workspace);
     ctx.blas_workspace_bytes = blas_bytes;
+    ctx.blas = cuda::create_blas_handle(ctx.stream, ctx.blas_workspace, blas_bytes);
     ctx.device = s.device;
     ctx.error_flag = s.error_flag;
-    int* counters = nullptr;
-    MOEFLOW_CUDA_CHECK(cudaMalloc(&counters, sizeof(int) * cuda::kLaneCounterWords));
-    s.lane_counters.push_back(counters);
+    MOEFLOW_CUDA_CHECK(cudaMalloc(&ctx.counters, sizeof(int) * cuda::kLaneCounterWords));
+    s.lane_counters.push_back(ctx.counters);
+    ctx.counter_words = cuda::kLaneCounterWords;
     // On the lane's own stream: its kernels come after it (a legacy-stream memset would not order
     // them, the streams being non-blocking).
-    MOEFLOW_CUDA_CHECK(cudaMemsetAsync(counters, 0, sizeof(int) * cuda::kLaneCounterWords, stream));
-    ctx.counters = counters;
-    ctx.counter_words = cuda::kLaneCounterWords;
+    MOEFLOW_CUDA_CHECK(cudaMemsetAsync(ctx.counters, 0, sizeof(int) * cuda::kLaneCounterWords, ctx.stream));
     MOEFLOW_CUDA_CHECK(cudaStreamCreateWithPriority(&ctx.side, cudaStreamNonBlocking, least));
     MOEFLOW_CUDA_CHECK(cudaEventCreateWithFlags(&ctx.side_fork, cudaEventDisableTiming));
     MOEFLOW_CUDA_CHECK(cudaEventCreateWithFlags(&ctx.side_join, cudaEventDisableTiming));
-    s.lanes.push_back(ctx);
-    cudaEvent_t e = nullptr;
-    MOEFLOW_CUDA_CHECK(cudaEventCreateWithFlags(&e, cudaEventDisableTiming));
-    s.lane_end.push_back(e);
+    MOEFLOW_CUDA_CHECK(cudaEventCreateWithFlags(&s.lane_end.emplace_back(), cudaEventDisableTiming));
   }
   // On lane 0's stream, which every run and replay starts from (a legacy-stream memset would not
   // order the lanes' non-blocking streams after it).
@@ -108,11 +136,8 @@ CudaExecutor::CudaExecutor(const Plan& plan, const CommGroups* comm)
     for (NodeId w : step.waits) s.needs_done[static_cast<std::size_t>(plan.step_of_node[static_cast<std::size_t>(w)])] = true;
   for (std::size_t i = 0; i < n; ++i) {
     if (s.needs_done[i]) MOEFLOW_CUDA_CHECK(cudaEventCreateWithFlags(&s.done[i], cudaEventDisableTiming));
-    cudaEvent_t a = nullptr, b = nullptr;
-    MOEFLOW_CUDA_CHECK(cudaEventCreate(&a));
-    MOEFLOW_CUDA_CHECK(cudaEventCreate(&b));
-    s.node_start.push_back(a);
-    s.node_end.push_back(b);
+    MOEFLOW_CUDA_CHECK(cudaEventCreate(&s.node_start.emplace_back()));
+    MOEFLOW_CUDA_CHECK(cudaEventCreate(&s.node_end.emplace_back()));
   }
   MOEFLOW_CUDA_CHECK(cudaEventCreate(&s.run_start));
   MOEFLOW_CUDA_CHECK(cudaEventCreate(&s.run_end));
@@ -123,34 +148,7 @@ CudaExecutor::CudaExecutor(const Plan& plan, const CommGroups* comm)
     s.lane_threads = std::make_unique<LaneThreads>(static_cast<int>(plan.lanes.size()));
 }
 
-CudaExecutor::~CudaExecutor() {
-  State& s = *s_;
-  cudaSetDevice(s.device);
-  for (cudaStream_t st : s.streams) cudaStreamSynchronize(st);
-  if (s.graph_exec) cudaGraphExecDestroy(s.graph_exec);
-  if (s.graph) cudaGraphDestroy(s.graph);
-  for (auto* list : {&s.done, &s.node_start, &s.node_end, &s.lane_end})
-    for (cudaEvent_t e : *list)
-      if (e) cudaEventDestroy(e);
-  if (s.run_start) cudaEventDestroy(s.run_start);
-  if (s.run_end) cudaEventDestroy(s.run_end);
-  if (s.replay_start) cudaEventDestroy(s.replay_start);
-  if (s.replay_end) cudaEventDestroy(s.replay_end);
-  for (cuda::LaneContext& l : s.lanes) {
-    cuda::destroy_blas_handle(l.blas);
-    cudaStreamSynchronize(l.side);
-    cudaStreamDestroy(l.side);
-    cudaEventDestroy(l.side_fork);
-    cudaEventDestroy(l.side_join);
-  }
-  for (void* p : s.blas_workspaces) cudaFree(p);
-  for (int* p : s.lane_counters) cudaFree(p);
-  for (cudaStream_t st : s.streams) cudaStreamDestroy(st);
-  if (s.error_flag) cudaFree(s.error_flag);
-  if (s.live_tokens) cudaFree(s.live_tokens);
-  if (s.live_tokens_host) cudaFreeHost(s.live_tokens_host);
-  if (s.stamps) cudaFree(s.stamps);
-}
+CudaExecutor::~CudaExecutor() = default;  // State::~State frees everything
 
 // Issues every step on its lane's stream in the plan's order. Lane 0's stream starts and ends the
 // run: the other lanes fork from it (wait on run_start) and join into it (lane_end events), so
