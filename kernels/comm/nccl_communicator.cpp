@@ -101,8 +101,14 @@ class NcclCommunicator final : public Communicator {
     }
     group_end();
   }
-  void group_start() override { check(ncclGroupStart(), "ncclGroupStart"); }
-  void group_end() override { check(ncclGroupEnd(), "ncclGroupEnd"); }
+  void group_start() override {
+    check(ncclGroupStart(), "ncclGroupStart");
+    ++open_groups_;
+  }
+  void group_end() override {
+    --open_groups_;
+    check(ncclGroupEnd(), "ncclGroupEnd");
+  }
   void barrier() override {
     cuda(cudaStreamSynchronize(stream_), "cudaStreamSynchronize");
     host_.barrier();
@@ -118,6 +124,10 @@ class NcclCommunicator final : public Communicator {
                           std::to_string(size_) + ": " + ncclGetErrorString(status);
     if (comm_) {
       if (const char* last = ncclGetLastError(comm_); last && *last) message += std::string(" (") + last + ")";
+      // Groups this communicator opened are closed first: NCCL's group depth is the thread's, and a
+      // group left open would hold every later NCCL call of this thread (another communicator's
+      // too) unlaunched while the peers wait.
+      for (; open_groups_ > 0; --open_groups_) (void)ncclGroupEnd();
       ncclCommAbort(comm_);  // no later call may wait on this communicator
       comm_ = nullptr;
     }
@@ -132,6 +142,7 @@ class NcclCommunicator final : public Communicator {
   int rank_, size_;
   ncclComm_t comm_ = nullptr;
   cudaStream_t stream_ = nullptr;
+  int open_groups_ = 0;  // groups opened through this communicator and not yet closed (see check())
 };
 
 }  // namespace
