@@ -30,6 +30,12 @@ class Communicator {
   // transports run them one by one.
   virtual void group_start() {}
   virtual void group_end() {}
+  // Device transports run their collectives after the calls return: a peer lost meanwhile shows
+  // only as an asynchronous error. Throws Error(resource) naming it, after aborting the transport
+  // (its pending work then stops), where there is one; abort() alone gives up without a reason (a
+  // caller's deadline passed). Host transports fail in the call itself: nothing to do.
+  virtual void check_async() {}
+  virtual void abort() {}
 
   // out [size() * count]: every rank's `count` elements of `in`, in rank order.
   virtual void all_gather(const void* in, void* out, int64_t count, Element e) = 0;

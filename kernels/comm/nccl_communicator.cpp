@@ -101,6 +101,18 @@ class NcclCommunicator final : public Communicator {
     }
     group_end();
   }
+  void check_async() override {
+    if (!comm_) return;
+    ncclResult_t async = ncclSuccess;
+    check(ncclCommGetAsyncError(comm_, &async), "ncclCommGetAsyncError");
+    if (async != ncclSuccess && async != ncclInProgress) check(async, "a collective in flight (asynchronous error)");
+  }
+  void abort() override {
+    if (!comm_) return;
+    for (; open_groups_ > 0; --open_groups_) (void)ncclGroupEnd();
+    ncclCommAbort(comm_);
+    comm_ = nullptr;
+  }
   void group_start() override {
     check(ncclGroupStart(), "ncclGroupStart");
     ++open_groups_;

@@ -5,12 +5,15 @@
 #include <algorithm>
 #include <chrono>
 #include <functional>
+#include <thread>
 
 #include "graph/error.hpp"
 #include "kernels/cuda/check.cuh"
 #include "kernels/cuda/cublas_gemm.hpp"
 #include "kernels/cuda/lane_context.hpp"
 #include "kernels/cuda/timestamp.hpp"
+#include "kernels/comm/communicator.hpp"
+#include "ops/comm_ops.hpp"
 #include "scheduler/lane_threads.hpp"
 
 namespace moeflow {
@@ -238,13 +241,41 @@ void CudaExecutor::check_device_flags() {
   }
 }
 
+// Where ranks exchange rows, a peer lost mid-run can leave NCCL's kernels waiting with no call here
+// failing: the wait polls the communicators' asynchronous errors and, past kRunDeadline, aborts them
+// (their kernels then stop) so that this rank fails with a reason instead of hanging. One rank's
+// run of one layer takes milliseconds; the deadline is the contract's minute.
+void CudaExecutor::wait_run_end() {
+  const bool exchanges = comm_ != nullptr && (comm_->world != nullptr || comm_->tp != nullptr);
+  if (!exchanges) {
+    MOEFLOW_CUDA_CHECK(cudaEventSynchronize(s_->run_end));
+    return;
+  }
+  constexpr auto kRunDeadline = std::chrono::seconds(60);
+  const auto deadline = std::chrono::steady_clock::now() + kRunDeadline;
+  for (;;) {
+    const cudaError_t status = cudaEventQuery(s_->run_end);
+    if (status == cudaSuccess) return;
+    if (status != cudaErrorNotReady) MOEFLOW_CUDA_CHECK(status);
+    for (comm::Communicator* c : {comm_->world, comm_->tp})
+      if (c) c->check_async();
+    if (std::chrono::steady_clock::now() > deadline) {
+      for (comm::Communicator* c : {comm_->world, comm_->tp})
+        if (c) c->abort();
+      fail_resource("plan '" + plan_.graph->name() + "': the run had not finished after 60 s with its exchanges in "
+                    "flight (a peer lost?); this rank's communicators are aborted");
+    }
+    std::this_thread::yield();
+  }
+}
+
 double CudaExecutor::run(const DeviceArena& inputs, const DeviceArena& weights, int64_t tokens, Trace* trace) {
   const Graph& g = *plan_.graph;
   if (tokens <= 0 || tokens > g.max_tokens())
     fail_input("tokens = " + std::to_string(tokens) + " must be in [1, " + std::to_string(g.max_tokens()) + "]");
   MOEFLOW_CUDA_CHECK(cudaSetDevice(s_->device));
   issue(inputs, weights, tokens, trace ? NodeTiming::events : NodeTiming::none, s_->lane_threads != nullptr);
-  MOEFLOW_CUDA_CHECK(cudaEventSynchronize(s_->run_end));
+  wait_run_end();
   MOEFLOW_CUDA_CHECK(cudaGetLastError());
   check_device_flags();
   float ms = 0.0f;

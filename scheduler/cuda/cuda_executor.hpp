@@ -57,6 +57,7 @@ class CudaExecutor {
   void capture_graph(const DeviceArena& inputs, const DeviceArena& weights, int64_t tokens, bool stamped, bool live);
   void fill_trace(Trace& trace, int64_t tokens, const std::vector<double>& start_us, const std::vector<double>& end_us) const;
   void check_device_flags();
+  void wait_run_end();
   const Plan& plan_;
   const CommGroups* comm_;
   std::unique_ptr<State> s_;
