@@ -223,6 +223,10 @@ void CudaExecutor::issue_step(std::size_t i, const DeviceArena& inputs, const De
                                 step.workspace_bytes ? s.workspace->base() + step.workspace_offset : nullptr,
                                 step.host_workspace_bytes ? s.host->base() + step.host_workspace_offset : nullptr,
                                 comm_, live_tokens});
+  // A launch the kernel's wrapper did not check fails here, on the thread that issued it (the
+  // runtime keeps the last error per host thread, and lanes may be issued from their own threads).
+  if (const cudaError_t launch = cudaGetLastError(); launch != cudaSuccess)
+    fail_resource("node '" + n.name + "' (" + step.kernel->name + "): a launch failed: " + cudaGetErrorString(launch));
   if (timing == NodeTiming::events) MOEFLOW_CUDA_CHECK(cudaEventRecord(s.node_end[i], lane.stream));
   if (timing == NodeTiming::stamps) cuda::record_global_time(s.stamps + 2 * i + 1, lane.stream);
   if (s.needs_done[i]) MOEFLOW_CUDA_CHECK(cudaEventRecord(s.done[i], lane.stream));
