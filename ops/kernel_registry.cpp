@@ -71,6 +71,12 @@ KernelChoice KernelRegistry::select(const Graph& g, const Node& n, Backend backe
   fail_input("node '" + n.name + "': no " + std::string(to_string(backend)) + " kernel supports it; " + refusals);
 }
 
+const KernelEntry* KernelRegistry::find(const std::string& name, Backend backend) const {
+  for (const KernelEntry& e : entries_)
+    if (e.name == name && e.backend == backend) return &e;
+  return nullptr;
+}
+
 std::optional<KernelChoice> KernelRegistry::select_named(const Graph& g, const Node& n, Backend backend,
                                                          const std::string& name, bool capturable) const {
   for (const KernelEntry* k : candidates(n.op->kind(), backend)) {

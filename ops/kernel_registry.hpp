@@ -92,6 +92,8 @@ class KernelRegistry {
 
   void add(KernelEntry entry);
   std::vector<const KernelEntry*> candidates(const std::string& op_kind, Backend backend) const;
+  // The kernel called `name` on `backend`, whatever op it runs, or null.
+  const KernelEntry* find(const std::string& name, Backend backend) const;
   // The highest-priority kernel that supports the node, or the forced one. Throws Error(bad_input)
   // naming the node and every candidate's reason when none can run it.
   // With `capturable`, kernels that read inputs on the host are passed over (a CUDA graph cannot

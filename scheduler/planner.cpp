@@ -372,7 +372,6 @@ int64_t tuned_tokens(const Graph& g, const PlanOptions& options) {
 
 // The kernel a tuning cache measured fastest for this node near its T, where it can run the node
 // (and be captured, under --cuda-graph); none where --kernel forces the op or nothing was measured.
-
 std::optional<KernelChoice> tuned_choice(const KernelRegistry& registry, const Graph& g, const Node& n,
                                          const PlanOptions& options, int64_t T) {
   if (!options.tuning || options.forced_kernels.count(n.op->kind())) return std::nullopt;
@@ -399,8 +398,7 @@ std::shared_ptr<const Graph> fused_where_a_kernel_runs_it(const KernelRegistry& 
   const bool forced = options.forced_kernels.count("fused_experts") > 0;
   // A backend without a fused kernel (the CPU: there the chain costs no launches) keeps every chain
   // and says nothing about it.
-  const auto fused_kernels = registry.candidates("fused_experts", options.backend);
-  if (!forced && fused_kernels.empty()) return nullptr;
+  if (!forced && registry.candidates("fused_experts", options.backend).empty()) return nullptr;
   return fuse_experts_chains(
       g,
       [&](const Graph& fused, const Node& n) {
@@ -415,10 +413,8 @@ std::shared_ptr<const Graph> fused_where_a_kernel_runs_it(const KernelRegistry& 
             options.tuning && experts ? options.tuning->find(options.tuning_device, tuning_signature(g, g.node(*experts)),
                                                               g.tokens_of(g.node(*experts), tuned_tokens(g, options)))
                                       : nullptr;
-        if (tuned &&
-            std::none_of(fused_kernels.begin(), fused_kernels.end(),
-                         [&](const KernelEntry* k) { return k->name == tuned->kernel; }) &&
-            registry.select_named(g, g.node(*experts), options.backend, tuned->kernel, options.capturable)) {
+        // (select_named answers for the experts node, so a cached fused kernel never matches here.)
+        if (tuned && registry.select_named(g, g.node(*experts), options.backend, tuned->kernel, options.capturable)) {
           std::ostringstream why;
           why << "tuned: " << tuned->kernel << " on the chain measured fastest at T=" << tuned->tokens << " ("
               << std::fixed << std::setprecision(1) << tuned->time_us << " us, " << options.tuning->source() << ")";

@@ -307,6 +307,15 @@ TEST(Plan, ForcedKernelsAreCheckedByName) {
   }
 }
 
+TEST(KernelRegistry, FindsAKernelByNameOnItsBackendOnly) {
+  const KernelRegistry& r = KernelRegistry::builtin();
+  const KernelEntry* k = r.find("cpu.grouped_swiglu", Backend::cpu);
+  ASSERT_NE(k, nullptr);
+  EXPECT_EQ(k->op_kind, "experts");
+  EXPECT_EQ(r.find("cpu.grouped_swiglu", Backend::cuda), nullptr);
+  EXPECT_EQ(r.find("no.such.kernel", Backend::cpu), nullptr);
+}
+
 TEST(Plan, GoldenDotFiles) {
   MoEConfig c = load_config("qwen1.5-moe-a2.7b", {"hidden_size=256", "moe_intermediate_size=64",
                                                   "shared_expert_intermediate_size=256"});

@@ -14,17 +14,6 @@
 
 namespace moeflow {
 
-namespace {
-
-// The op a kernel named in --experts-kernels runs: the fused node's kernels name the fused node.
-std::string experts_op_of(const std::string& kernel) {
-  for (const KernelEntry* k : KernelRegistry::builtin().candidates("fused_experts", Backend::cuda))
-    if (k->name == kernel) return "fused_experts";
-  return "experts";
-}
-
-}  // namespace
-
 std::vector<nlohmann::json> run_cuda_bench(const CudaBenchOptions& o, std::ostream& log,
                                           const std::function<void(const nlohmann::json&)>& on_row) {
   if (o.tokens.empty() || o.plans.empty() || o.scopes.empty() || o.models.empty())
@@ -77,8 +66,12 @@ std::vector<nlohmann::json> run_cuda_bench(const CudaBenchOptions& o, std::ostre
             so.plan.device = o.device;
             so.plan.rates = rates;  // the planner's cost model on this GPU's measured ceilings
             const bool has_experts = scope != "shared";
-            // A fused kernel (ops/fuse_experts.hpp) is forced on the fused node, any other on the experts node.
-            if (!kernel.empty() && has_experts) so.plan.forced_kernels[experts_op_of(kernel)] = kernel;
+            // A fused kernel (ops/fuse_experts.hpp) is forced on the fused node, any other (or an unknown
+            // name, which the planner then refuses by name) on the experts node.
+            if (!kernel.empty() && has_experts) {
+              const KernelEntry* entry = KernelRegistry::builtin().find(kernel, Backend::cuda);
+              so.plan.forced_kernels[entry ? entry->op_kind : "experts"] = kernel;
+            }
             if (!has_experts && kernel != kernels.front()) continue;  // no experts node: one run per plan
             so.seed = o.seed;
             std::unique_ptr<CudaSession> session;
