@@ -4,7 +4,8 @@
 // kernel: one launch instead of five at T = 1). Same result as the chain:
 //   out_t = Σ_j weight[t,j] · SwiGLU-MLP of expert ids[t,j] applied to x_t.
 // Inputs: x [T,H], ids [T,k] i32, weights [T,k] f32, w13 [E,2I,H], w2 [E,H,I]. Output: out [T,H].
-// Ids outside [0, E) contribute nothing (as the chain's dispatch gives them no row).
+// Ids outside [0, E) contribute nothing, as in the chain on the GPU, whose permutation gives them no
+// slot (the CPU's permutation refuses them as bad input).
 #include <cstddef>
 #include <optional>
 
