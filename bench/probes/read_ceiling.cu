@@ -4,7 +4,7 @@
 // launch, its ramp-up and its tail are in the number, as they are in ours. Each replay reads a fresh
 // slice of a 2 GiB pool (no L2 reuse); sums of the words keep the loads alive.
 // Built and run on the GPU machine (bench/NOTES.md has its figures):
-//   nvcc -O3 -std=c++17 -arch=sm_90a bench/probes/read_ceiling.cu -o /tmp/read_ceiling && /tmp/read_ceiling
+//   nvcc -O3 -std=c++17 -arch=sm_90a -I. bench/probes/read_ceiling.cu -o /tmp/read_ceiling && /tmp/read_ceiling
 #include <cuda_runtime.h>
 
 #include <algorithm>
@@ -13,34 +13,7 @@
 #include <cstdlib>
 #include <vector>
 
-#define CK(x)                                                                                     \
-  do {                                                                                            \
-    cudaError_t status_ = (x);                                                                    \
-    if (status_ != cudaSuccess) {                                                                 \
-      std::printf("%s failed: %s (%s:%d)\n", #x, cudaGetErrorString(status_), __FILE__, __LINE__); \
-      std::exit(1);                                                                               \
-    }                                                                                             \
-  } while (0)
-
-// Each thread keeps kUnroll independent 16-byte loads in flight per step of its grid-stride loop.
-template <int kUnroll>
-__global__ void read_all(const uint4* p, size_t vecs, unsigned* sink) {
-  unsigned acc = 0;
-  const size_t stride = static_cast<size_t>(gridDim.x) * blockDim.x;
-  size_t i = static_cast<size_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-  for (; i + (kUnroll - 1) * stride < vecs; i += kUnroll * stride) {
-    uint4 v[kUnroll];
-#pragma unroll
-    for (int u = 0; u < kUnroll; ++u) v[u] = __ldcs(p + i + u * stride);  // streaming: no reuse
-#pragma unroll
-    for (int u = 0; u < kUnroll; ++u) acc += v[u].x ^ v[u].y ^ v[u].z ^ v[u].w;
-  }
-  for (; i < vecs; i += stride) {
-    const uint4 v = __ldcs(p + i);
-    acc += v.x ^ v.y ^ v.z ^ v.w;
-  }
-  if (acc == 0x9e3779b9u) *sink = acc;  // never true on the pool's bytes; keeps the loads
-}
+#include "bench/probes/probe_common.cuh"
 
 struct Config {
   const char* name;

@@ -24,20 +24,12 @@
 #include <random>
 #include <vector>
 
+#include "bench/probes/probe_common.cuh"
 #include "kernels/cuda/bf16_vec.cuh"
 #include "kernels/cuda/fused_decode.hpp"
 #include "kernels/cuda/warp_gemv.cuh"
 
 using namespace moeflow::cuda;
-
-#define CK(x)                                                                                     \
-  do {                                                                                            \
-    cudaError_t status_ = (x);                                                                    \
-    if (status_ != cudaSuccess) {                                                                 \
-      std::printf("%s failed: %s (%s:%d)\n", #x, cudaGetErrorString(status_), __FILE__, __LINE__); \
-      std::exit(1);                                                                               \
-    }                                                                                             \
-  } while (0)
 
 namespace {
 
@@ -328,25 +320,6 @@ __global__ void __launch_bounds__(kThreads, 3) pattern_read(Args a) {
   }
 }
 
-__global__ void read_all(const uint4* p, size_t vecs, unsigned* sink) {
-  constexpr int kUnroll = 4;
-  unsigned acc = 0;
-  const size_t stride = static_cast<size_t>(gridDim.x) * blockDim.x;
-  size_t i = static_cast<size_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-  for (; i + (kUnroll - 1) * stride < vecs; i += kUnroll * stride) {
-    uint4 v[kUnroll];
-#pragma unroll
-    for (int u = 0; u < kUnroll; ++u) v[u] = __ldcs(p + i + u * stride);
-#pragma unroll
-    for (int u = 0; u < kUnroll; ++u) acc += v[u].x ^ v[u].y ^ v[u].z ^ v[u].w;
-  }
-  for (; i < vecs; i += stride) {
-    const uint4 v = __ldcs(p + i);
-    acc += v.x ^ v.y ^ v.z ^ v.w;
-  }
-  if (acc == 0x9e3779b9u) *sink = acc;
-}
-
 // Uniform bf16 in [-scale, scale) from a hash of the index: the same bits for every layout.
 __device__ __host__ inline uint32_t mix(uint64_t i) {
   i ^= i >> 33;
@@ -546,7 +519,7 @@ int main() {
     {
       const size_t vecs = static_cast<size_t>(bytes) / 16;
       const double us = time_replays(capture_sets(kSets, stream, [&](int s) {
-        read_all<<<sms * 2, 512, 0, stream>>>(reinterpret_cast<const uint4*>(w13) + s * vecs, vecs, sink);
+        read_all<4><<<sms * 2, 512, 0, stream>>>(reinterpret_cast<const uint4*>(w13) + s * vecs, vecs, sink);
       }), stream, [](int) {});
       std::printf("  %-36s %8.1f us  %5.2fx floor\n", "bare read", us, us / (bytes / 3.0e6));
     }

@@ -1,0 +1,38 @@
+#pragma once
+// What the probes in bench/probes share (each is one standalone .cu file built by hand on the GPU
+// machine): a CUDA status check that stops the probe, and the bare read every probe compares with.
+#include <cuda_runtime.h>
+
+#include <cstdint>
+#include <cstdio>
+#include <cstdlib>
+
+#define CK(x)                                                                                     \
+  do {                                                                                            \
+    cudaError_t status_ = (x);                                                                    \
+    if (status_ != cudaSuccess) {                                                                 \
+      std::printf("%s failed: %s (%s:%d)\n", #x, cudaGetErrorString(status_), __FILE__, __LINE__); \
+      std::exit(1);                                                                               \
+    }                                                                                             \
+  } while (0)
+
+// Reads `vecs` 16-byte words once, streaming (no reuse): each thread keeps kUnroll independent loads
+// in flight per step of its grid-stride loop; the xor of the words keeps the loads alive.
+template <int kUnroll>
+__global__ void read_all(const uint4* p, size_t vecs, unsigned* sink) {
+  unsigned acc = 0;
+  const size_t stride = static_cast<size_t>(gridDim.x) * blockDim.x;
+  size_t i = static_cast<size_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  for (; i + (kUnroll - 1) * stride < vecs; i += kUnroll * stride) {
+    uint4 v[kUnroll];
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) v[u] = __ldcs(p + i + u * stride);
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) acc += v[u].x ^ v[u].y ^ v[u].z ^ v[u].w;
+  }
+  for (; i < vecs; i += stride) {
+    const uint4 v = __ldcs(p + i);
+    acc += v.x ^ v.y ^ v.z ^ v.w;
+  }
+  if (acc == 0x9e3779b9u) *sink = acc;  // never true on the probes' data
+}
