@@ -90,8 +90,11 @@ std::optional<KernelChoice> KernelRegistry::select_named(const Graph& g, const N
 
 std::optional<KernelChoice> KernelRegistry::select_any(const Graph& g, const Node& n, Backend backend,
                                                        bool capturable, std::string* refusals) const {
+  std::vector<const KernelEntry*> list = candidates(n.op->kind(), backend);
+  std::stable_sort(list.begin(), list.end(),
+                   [&](auto* a, auto* b) { return a->priority_for(g, n) > b->priority_for(g, n); });
   std::string why;
-  for (const KernelEntry* k : candidates(n.op->kind(), backend)) {
+  for (const KernelEntry* k : list) {
     const Support s = usable(*k, g, n, capturable);
     if (s.ok) return KernelChoice{k, s.reason};
     why += (why.empty() ? "" : "; ") + k->name + ": " + s.reason;

@@ -78,6 +78,11 @@ struct KernelEntry {
   // Whether the kernel reads its token count from KernelCall::live_tokens when that is set, so one
   // captured CUDA graph serves any T (CudaExecutor::capture_any_tokens).
   bool live_tokens = false;
+  // Where the kernel is the better choice on some shapes only (a measured crossover): its priority
+  // on this node. Empty: `priority` everywhere. Candidates are ordered per node by priority_for().
+  std::function<int(const Graph&, const Node&)> priority_on = {};
+
+  int priority_for(const Graph& g, const Node& n) const { return priority_on ? priority_on(g, n) : priority; }
 };
 
 struct KernelChoice {
@@ -104,7 +109,8 @@ class KernelRegistry {
   // `capturable`); its reason is its supports() reason. None otherwise: the caller falls back.
   std::optional<KernelChoice> select_named(const Graph& g, const Node& n, Backend backend, const std::string& name,
                                            bool capturable = false) const;
-  // The highest-priority kernel that can run the node (and be captured, with `capturable`), or none:
+  // The highest-priority kernel (priority_for the node) that can run the node (and be captured, with
+  // `capturable`), or none:
   // for callers that have another way (the fuse pass leaves a chain unfused). Where there is none and
   // `refusals` is given, it gets every candidate's reason ("name: why; ...").
   std::optional<KernelChoice> select_any(const Graph& g, const Node& n, Backend backend, bool capturable = false,

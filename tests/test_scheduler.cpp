@@ -316,6 +316,32 @@ TEST(KernelRegistry, FindsAKernelByNameOnItsBackendOnly) {
   EXPECT_EQ(r.find("no.such.kernel", Backend::cpu), nullptr);
 }
 
+// A kernel that is the better choice on some nodes only (priority_on): it leads there and nowhere
+// else, a host-reading one still gives way under capture, and a forced kernel is unaffected.
+TEST(KernelRegistry, APriorityThatDependsOnTheNodeOrdersTheCandidatesForThatNodeOnly) {
+  KernelRegistry registry = probe_registry();
+  KernelEntry specialist = *registry.candidates("probe", Backend::cpu).front();
+  specialist.name = "test.specialist";
+  specialist.priority = -1;  // behind test.probe (0) by default
+  specialist.priority_on = [](const Graph&, const Node& n) { return n.name == "wide" ? 1 : -1; };
+  specialist.supports = [](const Graph&, const Node&) { return Support::yes("runs every probe node"); };
+  registry.add(specialist);
+  GraphBuilder b("priority_on", 4);
+  ValueId x = b.input("x", {tokens(), Dim::of(4)}, DType::f32);
+  ValueId narrow = b.add("narrow", std::make_shared<ProbeOp>(0), {x})[0];
+  ValueId wide = b.add("wide", std::make_shared<ProbeOp>(0), {narrow})[0];
+  const Graph g = std::move(b).finish({wide});
+  EXPECT_EQ(registry.select(g, g.node(0), Backend::cpu).kernel->name, "test.probe");
+  EXPECT_EQ(registry.select(g, g.node(1), Backend::cpu).kernel->name, "test.specialist");
+  EXPECT_EQ(registry.select(g, g.node(1), Backend::cpu, {{"probe", "test.probe"}}).kernel->name, "test.probe");
+  // The same specialist reading an input on the host: a CUDA graph passes it over.
+  KernelRegistry syncing = probe_registry();
+  specialist.host_inputs = {0};
+  syncing.add(specialist);
+  EXPECT_EQ(syncing.select(g, g.node(1), Backend::cpu).kernel->name, "test.specialist");
+  EXPECT_EQ(syncing.select(g, g.node(1), Backend::cpu, {}, /*capturable=*/true).kernel->name, "test.probe");
+}
+
 TEST(Plan, GoldenDotFiles) {
   MoEConfig c = load_config("qwen1.5-moe-a2.7b", {"hidden_size=256", "moe_intermediate_size=64",
                                                   "shared_expert_intermediate_size=256"});

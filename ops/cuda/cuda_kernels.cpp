@@ -255,7 +255,7 @@ void register_experts(KernelRegistry& r) {
     return align256(static_cast<int64_t>(cuda::padded_scratch_bytes(
         op.experts(), planned_capacity(g, n), static_cast<int>(g.value(n.inputs[0]).shape()[1].fixed), op.intermediate())));
   };
-  r.add(launching(6, {"experts", Backend::cuda, "cuda.cublas_padded_to_max", 4,
+  KernelEntry padded = launching(6, {"experts", Backend::cuda, "cuda.cublas_padded_to_max", 4,
          [planned_capacity, padded_part](const Graph& g, const Node& n) {
            Support s = cuda_supports_bf16(g, n, "");
            if (!s.ok) return s;
@@ -263,9 +263,15 @@ void register_experts(KernelRegistry& r) {
            if (mean < 128)
              return Support::no(fmt(mean) + " rows/expert at max T: padding to the largest expert wastes too much");
            if (padded_part(g, n) > (int64_t{16} << 30)) return Support::no("padded scratch above 16 GiB");
+           const auto& op = static_cast<const ExpertsOp&>(*n.op);
+           const int64_t H = g.value(n.inputs[0]).shape()[1].fixed;
            return Support::yes(fmt(mean) + " rows/expert at max T -> one strided-batched GEMM per layer padded to the "
                                "largest expert of the run (host sync); grouped when routing is more skewed than " +
-                               std::to_string(planned_capacity(g, n)) + " rows");
+                               std::to_string(planned_capacity(g, n)) + " rows" +
+                               (huge_experts(H, op.intermediate())
+                                    ? "; ahead of CUTLASS on " + expert_mib(H, op.intermediate()) + " (cuBLAS's tiles run "
+                                      "so few, so large experts faster)"
+                                    : std::string()));
          },
          [planned_capacity, padded_part](const KernelCall& c) {
            const auto& op = static_cast<const ExpertsOp&>(*c.node.op);
@@ -290,7 +296,17 @@ void register_experts(KernelRegistry& r) {
            const auto& op = static_cast<const ExpertsOp&>(*n.op);
            return padded_part(g, n) + align256(4 * (op.experts() + 1)) + grouped_workspace_bytes(n, tokens);
          },
-         {1}, grouped_host_bytes}));
+         {1}, grouped_host_bytes});
+  // Huge experts (mixtral-8x7b's 336 MiB) with hundreds of rows each: cuBLAS's padded GEMM ahead of
+  // CUTLASS's grouped GEMMs wherever a host sync is allowed (a CUDA graph still gets CUTLASS). Measured
+  // on the H100: mixtral-8x7b experts path T=2048 2334 against 2616 µs (wide CUTLASS), layer T=8192
+  // 9040 against 9256 µs, and in 4 chunks of 2048 tokens 10200 against 11639 µs
+  // (h100_mixtral_chunks_padded_vs_wide_2026-11-22.jsonl, h100_tune_2026-11-22.txt).
+  padded.priority_on = [](const Graph& g, const Node& n) {
+    const auto& op = static_cast<const ExpertsOp&>(*n.op);
+    return huge_experts(g.value(n.inputs[0]).shape()[1].fixed, op.intermediate()) ? 8 : 4;
+  };
+  r.add(std::move(padded));
   // Three launches per touched expert; the planner counts one expert's worth.
   r.add(launching(3, {"experts", Backend::cuda, "cuda.cublas_per_expert_loop", 1,
          [](const Graph& g, const Node& n) {

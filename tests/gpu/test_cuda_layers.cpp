@@ -224,6 +224,30 @@ TEST(CudaLayerGraph, CaptureForAnyTokensIsRefusedWhereAKernelNeedsTOnTheHost) {
   EXPECT_THROW(s.replay(), Error);
 }
 
+// Planning only (no device needed): experts above 128 MiB with hundreds of rows each go to cuBLAS's
+// padded GEMM where a host sync is allowed and to CUTLASS in a CUDA graph; smaller experts keep
+// CUTLASS either way (ops/cuda/cuda_kernels.cpp has the measurements).
+TEST(CudaExpertsChoice, HugeExpertsTakeThePaddedGemmUnlessCaptured) {
+  const KernelRegistry& r = KernelRegistry::builtin();
+  auto experts_kernel = [&](const MoEConfig& config, int64_t tokens, bool capturable) {
+    const Graph g = build_experts_graph(config, {.max_tokens = tokens, .dtype = DType::bf16});
+    for (const Node& n : g.nodes())
+      if (n.op->kind() == "experts") return r.select(g, n, Backend::cuda, {}, capturable);
+    throw std::logic_error("no experts node");
+  };
+  const MoEConfig mixtral = load_config("mixtral-8x7b");  // 336 MiB per expert
+  for (int64_t tokens : {512, 2048, 8192}) {
+    const KernelChoice eager = experts_kernel(mixtral, tokens, false);
+    EXPECT_EQ(eager.kernel->name, "cuda.cublas_padded_to_max") << tokens << ": " << eager.reason;
+    EXPECT_NE(eager.reason.find("ahead of CUTLASS on 336 MiB per expert"), std::string::npos) << eager.reason;
+    EXPECT_EQ(experts_kernel(mixtral, tokens, true).kernel->name, "cuda.cutlass_grouped_wide") << tokens;
+  }
+  // Below 128 rows per expert the padded GEMM declines, as before.
+  EXPECT_NE(experts_kernel(mixtral, 256, false).kernel->name, "cuda.cublas_padded_to_max");
+  const MoEConfig qwen3 = load_config("qwen3-30b-a3b");  // 9 MiB per expert
+  EXPECT_EQ(experts_kernel(qwen3, 8192, false).kernel->name, "cuda.cutlass_grouped_wide");
+}
+
 // An id outside [0, E) contributes nothing, whichever experts kernel runs: the output of the same
 // routing with that choice sent to a real expert at weight 0, to rounding (the GEMMs may order their
 // sums differently for other row counts). The rows no expert owns hold whatever each kernel left
