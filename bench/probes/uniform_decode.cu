@@ -13,6 +13,7 @@
 //   nvcc -O3 -std=c++17 -arch=sm_90a -I. bench/probes/uniform_decode.cu kernels/cuda/fused_decode.cu \
 //        kernels/cuda/device.cu -o /tmp/uniform && /tmp/uniform
 // (the kept kernel is timed beside it, on the same machine, for comparison)
+#include <cooperative_groups.h>
 #include <cuda_runtime.h>
 
 #include <algorithm>
@@ -30,6 +31,7 @@
 #include "kernels/cuda/warp_gemv.cuh"
 
 using namespace moeflow::cuda;
+namespace cg = cooperative_groups;
 
 namespace {
 
@@ -259,6 +261,106 @@ __global__ void __launch_bounds__(kThreads, 3) uniform_kernel(Args a) {
   }
 }
 
+// The transposed j16 version with its partials reduced inside thread-block clusters and its items
+// dealt statically. A cluster of kCluster blocks takes kCluster neighbouring tiles of one choice
+// (block rank r: tile r); each block leaves its partial y [H] in its shared memory, then block r sums
+// slice r of H over the cluster's blocks in rank order (distributed shared memory) and writes one
+// partial per cluster: kCluster times fewer partials written and reduced. Items are dealt by index
+// (cluster c: c, c + clusters, ...): every block is resident (the grid is at most what fits), so
+// after its items a block waits for all blocks at one counter and then takes its reduction slices.
+// kCluster = 1: no cluster, the static dealing alone.
+template <int kCluster>
+__global__ void __launch_bounds__(kThreads, 3) cluster_kernel(Args a) {
+  constexpr int kTileJ = 16, kOut = kTileJ / kWarps, kSliceH = 8, kSums = kThreads / kSliceH;
+  constexpr int kMaxHidden = 2048;
+  __shared__ float act[kTileJ];
+  __shared__ __align__(16) float ybuf[kMaxHidden];
+  __shared__ float red[kSums][kSliceH];
+  const int tid = static_cast<int>(threadIdx.x), warp = tid >> 5, lane = tid & 31;
+  const int tiles = a.inter / kTileJ, hvecs = a.hidden / 8;
+  const int per_choice = tiles / kCluster;  // cluster items per choice (tiles % kCluster == 0 here)
+  const int cluster_items = a.k * per_choice;
+  const int rank = static_cast<int>(blockIdx.x) % kCluster, clusters = static_cast<int>(gridDim.x) / kCluster;
+  for (int ci = static_cast<int>(blockIdx.x) / kCluster; ci < cluster_items; ci += clusters) {
+    const int g = ci / per_choice, j0 = ((ci % per_choice) * kCluster + rank) * kTileJ;
+    const int e = __ldg(a.ids + g);
+    const uint16_t* w13e = a.w13 + static_cast<int64_t>(e) * 2 * a.inter * a.hidden;
+    GatheredRows<1> x;
+    x.row[0] = reinterpret_cast<const uint4*>(a.x);
+    float gate[1][kOut] = {}, up[1][kOut] = {};
+    gate_up_dot<1, kOut, ActLoad::read_only>(reinterpret_cast<const uint4*>(w13e), j0 + warp * kOut, a.inter, hvecs, x, 1, lane,
+                                             gate, up);
+#pragma unroll
+    for (int o = 0; o < kOut; ++o) {
+      const float gs = warp_sum(gate[0][o]), us = warp_sum(up[0][o]);
+      if (lane == 0) act[warp * kOut + o] = bf16_bits_to_float(float_to_bf16_bits(silu_mul(gs, us)));
+    }
+    __syncthreads();
+    const uint4* w2t = reinterpret_cast<const uint4*>(a.w2 + (static_cast<int64_t>(e) * a.inter + j0) * a.hidden);
+    for (int hv = tid; hv < hvecs; hv += kThreads) {
+      uint4 raw[kTileJ];
+#pragma unroll
+      for (int j = 0; j < kTileJ; ++j) raw[j] = __ldg(w2t + static_cast<int64_t>(j) * hvecs + hv);
+      float y[8] = {};
+#pragma unroll
+      for (int j = 0; j < kTileJ; ++j) {
+        float w[8];
+        unpack8(raw[j], w);
+#pragma unroll
+        for (int i = 0; i < 8; ++i) y[i] = fmaf(act[j], w[i], y[i]);
+      }
+      float4* dst = reinterpret_cast<float4*>(ybuf + hv * 8);
+      dst[0] = make_float4(y[0], y[1], y[2], y[3]);
+      dst[1] = make_float4(y[4], y[5], y[6], y[7]);
+    }
+    float* part = a.partial + static_cast<int64_t>(ci) * a.hidden;
+    if constexpr (kCluster > 1) {
+      cg::cluster_group cluster = cg::this_cluster();
+      cluster.sync();  // every block's ybuf is written
+      const int slice = a.hidden / kCluster;
+      for (int h = rank * slice + tid; h < (rank + 1) * slice; h += kThreads) {
+        float sum = 0.0f;
+#pragma unroll
+        for (int r = 0; r < kCluster; ++r) sum += cluster.map_shared_rank(ybuf, r)[h];
+        __stcg(part + h, sum);
+      }
+      cluster.sync();  // every block has read the others' ybuf before it is written again
+    } else {
+      __syncthreads();
+      for (int h = tid; h < a.hidden; h += kThreads) __stcg(part + h, ybuf[h]);
+      __syncthreads();
+    }
+  }
+  // Every block's partials before the count; then all blocks' counts before any reduction.
+  __syncthreads();
+  if (tid == 0) {
+    __threadfence();
+    atomicAdd(a.counters + 1, 1);
+    while (load_acquire(a.counters + 1) < static_cast<int>(gridDim.x)) __nanosleep(32);
+  }
+  __syncthreads();
+  // out[h] = Σ_ci wts[choice] · partial[ci, h], thread (h, r) summing ci ≡ r (mod kSums) in order.
+  for (int s = static_cast<int>(blockIdx.x); s < a.hidden / kSliceH; s += static_cast<int>(gridDim.x)) {
+    const int hl = tid % kSliceH, r = tid / kSliceH, h = s * kSliceH + hl;
+    float acc = 0.0f;
+    for (int ci = r; ci < cluster_items; ci += kSums)
+      acc = fmaf(__ldg(a.wts + ci / per_choice), __ldcg(a.partial + static_cast<int64_t>(ci) * a.hidden + h), acc);
+    red[r][hl] = acc;
+    __syncthreads();
+    if (tid < kSliceH) {
+      float sum = 0.0f;
+      for (int q = 0; q < kSums; ++q) sum += red[q][tid];
+      a.out[h] = sum;
+    }
+    __syncthreads();
+  }
+  // The last block out zeroes both counts for the next launch.
+  if (tid == 0 && atomicAdd(a.counters + 2, 1) == static_cast<int>(gridDim.x) - 1) {
+    a.counters[1] = 0;
+    a.counters[2] = 0;
+  }
+}
+
 // Diagnosis: uniform_kernel<16, true, 0>'s loads alone (same items, same rows per warp, same unrolling,
 // the same 16 w2ᵀ loads per thread), the words xor-ed instead of multiplied; items dealt statically
 // (block b: b, b + grid, ...) or from the counter, with or without the item's two barriers.
@@ -370,6 +472,7 @@ struct Variant {
   int tile_j;
   int blocks_per_sm;
   bool staged = false;  // takes tile_j · H bf16 of dynamic shared memory
+  int cluster = 0;      // cluster_kernel<cluster>: launched with that cluster size, items dealt statically
 };
 
 // Median time of 200 replays (after 20) of graphs[r % size]; `after` runs after each replay r.
@@ -431,9 +534,11 @@ int main() {
   const Preset presets[] = {{"qwen1.5-moe-a2.7b", 60, 4, 2048, 1408}, {"qwen3-30b-a3b", 128, 8, 2048, 768}};
   const Variant variants[] = {
       {"transposed j16 s8", uniform_kernel<16, true, 0, 8>, true, 16, 3},
-      {"transposed j16 s8 pipelined", uniform_kernel<16, true, 4, 8>, true, 16, 3},
       {"transposed j16 NO REDUCTION", uniform_kernel<16, true, 0, 0>, true, 16, 3},
-      {"transposed j16 pipelined NO REDUCTION", uniform_kernel<16, true, 4, 0>, true, 16, 3},
+      {"static j16 (cluster 1)", cluster_kernel<1>, true, 16, 3, false, 1},
+      {"static j16 cluster 2", cluster_kernel<2>, true, 16, 3, false, 2},
+      {"static j16 cluster 4", cluster_kernel<4>, true, 16, 3, false, 4},
+      {"static j16 cluster 8", cluster_kernel<8>, true, 16, 3, false, 8},
       {"loads only, static", pattern_read<false, false>, true, 16, 3},
       {"loads only, static+bars", pattern_read<false, true>, true, 16, 3},
       {"loads only, counter+bars", pattern_read<true, true>, true, 16, 3},
@@ -560,7 +665,23 @@ int main() {
       int per_sm = 0;
       CK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, v.kernel, kThreads, smem));
       const int items = p.top_k * tiles + p.hidden / 8;  // (grid only: at most what is resident)
-      const int grid = std::min(items, sms * std::min(per_sm, v.blocks_per_sm));
+      int grid = std::min(items, sms * std::min(per_sm, v.blocks_per_sm));
+      cudaLaunchConfig_t config{};
+      cudaLaunchAttribute cluster_dims{};
+      if (v.cluster > 0) {  // every block resident: at most the clusters that fit at once
+        config.blockDim = dim3(kThreads);
+        cluster_dims.id = cudaLaunchAttributeClusterDimension;
+        cluster_dims.val.clusterDim.x = static_cast<unsigned>(v.cluster);
+        cluster_dims.val.clusterDim.y = cluster_dims.val.clusterDim.z = 1;
+        config.attrs = &cluster_dims;
+        config.numAttrs = 1;
+        config.gridDim = dim3(static_cast<unsigned>(v.cluster * 64));
+        int fit = per_sm * sms / v.cluster;
+        if (v.cluster > 1) CK(cudaOccupancyMaxActiveClusters(&fit, v.kernel, &config));
+        grid = std::min(p.top_k * tiles, fit * v.cluster);
+        config.gridDim = dim3(static_cast<unsigned>(grid));
+        config.stream = stream;
+      }
       auto graphs = capture_sets(kSets, stream, [&](int s) {
         Args a{};
         a.x = x + size_t{static_cast<size_t>(p.hidden)} * s;
@@ -574,7 +695,8 @@ int main() {
         a.k = p.top_k;
         a.hidden = p.hidden;
         a.inter = p.inter;
-        v.kernel<<<grid, kThreads, smem, stream>>>(a);
+        if (v.cluster > 0) CK(cudaLaunchKernelEx(&config, v.kernel, a));
+        else v.kernel<<<grid, kThreads, smem, stream>>>(a);
       });
       std::vector<float> first(p.hidden), got(p.hidden);
       bool identical = true;
