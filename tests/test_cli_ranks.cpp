@@ -126,6 +126,26 @@ TEST(CliRanks, ARankThatDiesStopsTheOthersWithStatus3) {
   EXPECT_THAT(r.output, HasSubstr("rank 2 of 3 stopped: a peer rank was lost"));
 }
 
+// A rank alive but stuck (it never enters the first collective): the others give up at the deadline
+// with status 3 and say where they waited, instead of waiting forever.
+TEST(CliRanks, ARankThatHangsStopsTheOthersAtTheDeadlineWithStatus3) {
+  if (!have_mpirun()) GTEST_SKIP() << "no mpirun";
+  const Result r = shell(mpirun(3, "run " + kSmall + " --dp 3 --ep --set num_experts=6 --tokens 8",
+                                "-x MOEFLOW_TEST_HANG_RANK=1 -x MOEFLOW_PEER_TIMEOUT=2"));
+  EXPECT_NE(r.status, 0) << r.output;
+  EXPECT_NE(r.status, 124) << "the ranks hung\n" << r.output;
+  EXPECT_LT(r.seconds, 60.0);
+  EXPECT_THAT(r.output, HasSubstr("MPI_Barrier had not returned after 2 s: a peer rank is alive but never entered it"));
+  EXPECT_THAT(r.output, testing::ContainsRegex("rank (0|2) of 3: MPI_Barrier had not returned"));
+}
+
+TEST(CliRanks, ABadPeerTimeoutIsRefused) {
+  if (!have_mpirun()) GTEST_SKIP() << "no mpirun";
+  const Result r = shell(mpirun(2, "run " + kSmall + " --dp 2 --tokens 4", "-x MOEFLOW_PEER_TIMEOUT=soon"));
+  EXPECT_EQ(r.status, 2) << r.output;
+  EXPECT_THAT(r.output, HasSubstr("MOEFLOW_PEER_TIMEOUT=soon: expected a positive number of seconds"));
+}
+
 TEST(CliRanks, WithoutMpirunTheLayoutNamesTheLauncher) {
   const Result r = shell(std::string(MOEFLOW_BINARY) + " run " + kSmall + " --dp 2 --tokens 4");
   EXPECT_EQ(r.status, 2) << r.output;

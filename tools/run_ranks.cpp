@@ -1,11 +1,13 @@
 #include "tools/run_ranks.hpp"
 
+#include <chrono>
 #include <cstdlib>
 #include <fstream>
 #include <iomanip>
 #include <iostream>
 #include <nlohmann/json.hpp>
 #include <sstream>
+#include <thread>
 
 #include "bench/multi_rank.hpp"
 #ifdef MOEFLOW_HAVE_CUDA
@@ -160,8 +162,11 @@ struct RankFigures {
 RankFigures run_in_step(RankSession& session, const RankRunRequest& q, comm::Communicator& host, int64_t tokens,
                         int traced = 1) {
   session.set_tokens(tokens, q.input_sets);
-  // Test hook (tests/test_cli_ranks.cpp): this rank dies before its first run, as a crashed rank would.
+  // Test hooks (tests/test_cli_ranks.cpp): this rank dies before its first run, as a crashed rank
+  // would, or stays alive but never enters it, as a hung one would.
   if (const char* die = std::getenv("MOEFLOW_TEST_DIE_RANK"); die && std::atoi(die) == host.rank()) std::_Exit(9);
+  if (const char* hang = std::getenv("MOEFLOW_TEST_HANG_RANK"); hang && std::atoi(hang) == host.rank())
+    std::this_thread::sleep_for(std::chrono::hours(1));
   std::vector<double> times;
   for (int i = 0; i < q.warmup + q.runs; ++i) {
     session.use_input_set(i % q.input_sets);

@@ -1,6 +1,7 @@
 #include "kernels/comm/communicator.hpp"
 
 #include <cstdlib>
+#include <string>
 
 #include "graph/error.hpp"
 #include "kernels/comm/nccl_communicator.hpp"
@@ -28,6 +29,16 @@ std::unique_ptr<Communicator> nccl_group(Communicator&, int) {
   fail_resource("this moeflow was built without NCCL (configure with CUDA and NCCL found): no multi-rank GPU runs");
 }
 #endif
+
+std::chrono::milliseconds peer_timeout() {
+  const char* text = std::getenv("MOEFLOW_PEER_TIMEOUT");
+  if (text == nullptr || *text == '\0') return std::chrono::seconds(60);
+  char* end = nullptr;
+  const double seconds = std::strtod(text, &end);
+  if (end == text || *end != '\0' || !(seconds > 0) || seconds > 1e6)
+    fail_input(std::string("MOEFLOW_PEER_TIMEOUT=") + text + ": expected a positive number of seconds");
+  return std::chrono::milliseconds(static_cast<int64_t>(seconds * 1000.0));
+}
 
 // OpenMPI's launcher (and the PMIx it uses) sets these for every rank it starts.
 bool launched_by_mpirun() {

@@ -4,6 +4,7 @@
 // Buffers are host memory for the MPI transport. Every call is collective: each rank of the group
 // enters it with matching counts. A failure throws Error(resource) naming the call, the rank and
 // the transport's own message; nothing is retried or dropped.
+#include <chrono>
 #include <cstdint>
 #include <memory>
 #include <string>
@@ -57,6 +58,11 @@ class Communicator {
   // The ranks that pass the same `color`, ordered by `key` (then by rank here): TP, DP and EP groups.
   virtual std::unique_ptr<Communicator> split(int color, int key) = 0;
 };
+
+// How long a rank waits for its peers before it gives up on them: one MPI call (a collective a peer
+// never enters: that peer alive but stuck), or one GPU run's exchanges. 60 s, or the environment's
+// MOEFLOW_PEER_TIMEOUT in seconds (a positive number; anything else throws Error(bad_input)).
+std::chrono::milliseconds peer_timeout();
 
 // MPI's world (MPI must be initialised: moeflow's command line does it under mpirun). Throws
 // Error(resource) when this build has no MPI or MPI is not initialised.

@@ -4,6 +4,7 @@
 
 #include <algorithm>
 #include <chrono>
+#include <cstdio>
 #include <functional>
 #include <thread>
 
@@ -246,17 +247,17 @@ void CudaExecutor::check_device_flags() {
 }
 
 // Where ranks exchange rows, a peer lost mid-run can leave NCCL's kernels waiting with no call here
-// failing: the wait polls the communicators' asynchronous errors and, past kRunDeadline, aborts them
-// (their kernels then stop) so that this rank fails with a reason instead of hanging. One rank's
-// run of one layer takes milliseconds; the deadline is the contract's minute.
+// failing: the wait polls the communicators' asynchronous errors and, past comm::peer_timeout(),
+// aborts them (their kernels then stop) so that this rank fails with a reason instead of hanging.
+// One rank's run of one layer takes milliseconds; the deadline is the contract's minute by default.
 void CudaExecutor::wait_run_end() {
   const bool exchanges = comm_ != nullptr && (comm_->world != nullptr || comm_->tp != nullptr);
   if (!exchanges) {
     MOEFLOW_CUDA_CHECK(cudaEventSynchronize(s_->run_end));
     return;
   }
-  constexpr auto kRunDeadline = std::chrono::seconds(60);
-  const auto deadline = std::chrono::steady_clock::now() + kRunDeadline;
+  const std::chrono::milliseconds timeout = comm::peer_timeout();
+  const auto deadline = std::chrono::steady_clock::now() + timeout;
   for (;;) {
     const cudaError_t status = cudaEventQuery(s_->run_end);
     if (status == cudaSuccess) return;
@@ -266,8 +267,11 @@ void CudaExecutor::wait_run_end() {
     if (std::chrono::steady_clock::now() > deadline) {
       for (comm::Communicator* c : {comm_->world, comm_->tp})
         if (c) c->abort();
-      fail_resource("plan '" + plan_.graph->name() + "': the run had not finished after 60 s with its exchanges in "
-                    "flight (a peer lost?); this rank's communicators are aborted");
+      char seconds[32];
+      std::snprintf(seconds, sizeof seconds, "%g", static_cast<double>(timeout.count()) / 1000.0);
+      fail_resource("plan '" + plan_.graph->name() + "': the run had not finished after " + seconds +
+                    " s with its exchanges in flight (a peer lost?); this rank's communicators are aborted "
+                    "(MOEFLOW_PEER_TIMEOUT sets the deadline)");
     }
     std::this_thread::yield();
   }
