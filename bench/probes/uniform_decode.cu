@@ -48,6 +48,8 @@ struct Args {
   float* out;          // [H]
   int* counters;       // next item, finished main items, finished blocks: left zero by the last block
   int k, hidden, inter;
+  float* act = nullptr;  // quad_kernel: [k, I] act values handed between blocks
+  int* flags = nullptr;  // quad_kernel: per quad, its blocks whose act values are out; left zero
 };
 
 __device__ __forceinline__ int load_acquire(const int* p) {
@@ -269,6 +271,92 @@ __global__ void __launch_bounds__(kThreads, 3) uniform_kernel(Args a) {
 // (cluster c: c, c + clusters, ...): every block is resident (the grid is at most what fits), so
 // after its items a block waits for all blocks at one counter and then takes its reduction slices.
 // kCluster = 1: no cluster, the static dealing alone.
+// w2 read in place, no transposed copy: block b computes the act values of tile b (16 features j of
+// one choice) and publishes them; then it takes part p = b % 4 of its quad q = b / 4 (64 features
+// j, the four neighbouring tiles, which run in the same wave): the partial y over a quarter of H,
+// w2[h, 64 j] for those rows h: 128 bytes of each row, whole lines, as many bytes as a transposed
+// item reads. It waits only for its quad's other three blocks. Items dealt by index, every block
+// resident; partials [quads, H] reduced as in cluster_kernel.
+__global__ void __launch_bounds__(kThreads, 3) quad_kernel(Args a) {
+  constexpr int kTileJ = 16, kOut = kTileJ / kWarps, kQuad = 4, kJ = kTileJ * kQuad, kSliceH = 8, kSums = kThreads / kSliceH;
+  __shared__ float act[kJ];
+  __shared__ float red[kSums][kSliceH];
+  const int tid = static_cast<int>(threadIdx.x), warp = tid >> 5, lane = tid & 31;
+  const int tiles = a.inter / kTileJ, hvecs = a.hidden / 8, items = a.k * tiles, quads_per_choice = tiles / kQuad;
+  const int quads = a.k * quads_per_choice, rows = a.hidden / kQuad;
+  for (int it = static_cast<int>(blockIdx.x); it < items; it += static_cast<int>(gridDim.x)) {
+    const int g = it / tiles, j0 = (it % tiles) * kTileJ;
+    const int e = __ldg(a.ids + g);
+    const uint16_t* w13e = a.w13 + static_cast<int64_t>(e) * 2 * a.inter * a.hidden;
+    GatheredRows<1> x;
+    x.row[0] = reinterpret_cast<const uint4*>(a.x);
+    float gate[1][kOut] = {}, up[1][kOut] = {};
+    gate_up_dot<1, kOut, ActLoad::read_only>(reinterpret_cast<const uint4*>(w13e), j0 + warp * kOut, a.inter, hvecs, x, 1, lane,
+                                             gate, up);
+#pragma unroll
+    for (int o = 0; o < kOut; ++o) {
+      const float gs = warp_sum(gate[0][o]), us = warp_sum(up[0][o]);
+      if (lane == 0) __stcg(a.act + static_cast<int64_t>(g) * a.inter + j0 + warp * kOut + o,
+                            bf16_bits_to_float(float_to_bf16_bits(silu_mul(gs, us))));
+    }
+    const int q = it / kQuad, part = it % kQuad;
+    __syncthreads();
+    if (tid == 0) {
+      __threadfence();
+      atomicAdd(a.flags + q, 1);
+      while (load_acquire(a.flags + q) < kQuad) __nanosleep(32);
+    }
+    __syncthreads();
+    const int jq = (q % quads_per_choice) * kJ;
+    if (tid < kJ) act[tid] = __ldcg(a.act + static_cast<int64_t>(g) * a.inter + jq + tid);
+    __syncthreads();
+    const uint4* w2q = reinterpret_cast<const uint4*>(a.w2 + static_cast<int64_t>(e) * a.hidden * a.inter + jq);
+    const int ivecs = a.inter / 8;
+    float* dst = a.partial + static_cast<int64_t>(q) * a.hidden;
+    for (int h = part * rows + tid; h < (part + 1) * rows; h += kThreads) {
+      uint4 raw[kJ / 8];
+#pragma unroll
+      for (int c = 0; c < kJ / 8; ++c) raw[c] = __ldg(w2q + static_cast<int64_t>(h) * ivecs + c);
+      float acc = 0.0f;
+#pragma unroll
+      for (int c = 0; c < kJ / 8; ++c) {
+        float w[8];
+        unpack8(raw[c], w);
+#pragma unroll
+        for (int i = 0; i < 8; ++i) acc = fmaf(act[c * 8 + i], w[i], acc);
+      }
+      __stcg(dst + h, acc);
+    }
+    __syncthreads();  // act[] is rewritten by the next item
+  }
+  __syncthreads();
+  if (tid == 0) {
+    __threadfence();
+    atomicAdd(a.counters + 1, 1);
+    while (load_acquire(a.counters + 1) < static_cast<int>(gridDim.x)) __nanosleep(32);
+  }
+  __syncthreads();
+  for (int s = static_cast<int>(blockIdx.x); s < a.hidden / kSliceH; s += static_cast<int>(gridDim.x)) {
+    const int hl = tid % kSliceH, r = tid / kSliceH, h = s * kSliceH + hl;
+    float acc = 0.0f;
+    for (int q = r; q < quads; q += kSums)
+      acc = fmaf(__ldg(a.wts + q / quads_per_choice), __ldcg(a.partial + static_cast<int64_t>(q) * a.hidden + h), acc);
+    red[r][hl] = acc;
+    __syncthreads();
+    if (tid < kSliceH) {
+      float sum = 0.0f;
+      for (int i = 0; i < kSums; ++i) sum += red[i][tid];
+      a.out[h] = sum;
+    }
+    __syncthreads();
+  }
+  if (tid == 0 && atomicAdd(a.counters + 2, 1) == static_cast<int>(gridDim.x) - 1) {
+    for (int q = 0; q < quads; ++q) a.flags[q] = 0;
+    a.counters[1] = 0;
+    a.counters[2] = 0;
+  }
+}
+
 template <int kCluster>
 __global__ void __launch_bounds__(kThreads, 3) cluster_kernel(Args a) {
   constexpr int kTileJ = 16, kOut = kTileJ / kWarps, kSliceH = 8, kSums = kThreads / kSliceH;
@@ -536,9 +624,7 @@ int main() {
       {"transposed j16 s8", uniform_kernel<16, true, 0, 8>, true, 16, 3},
       {"transposed j16 NO REDUCTION", uniform_kernel<16, true, 0, 0>, true, 16, 3},
       {"static j16 (cluster 1)", cluster_kernel<1>, true, 16, 3, false, 1},
-      {"static j16 cluster 2", cluster_kernel<2>, true, 16, 3, false, 2},
-      {"static j16 cluster 4", cluster_kernel<4>, true, 16, 3, false, 4},
-      {"static j16 cluster 8", cluster_kernel<8>, true, 16, 3, false, 8},
+      {"in place, quads of 4 (static)", quad_kernel, false, 16, 3, false, 1},
       {"loads only, static", pattern_read<false, false>, true, 16, 3},
       {"loads only, static+bars", pattern_read<false, true>, true, 16, 3},
       {"loads only, counter+bars", pattern_read<true, true>, true, 16, 3},
@@ -661,6 +747,12 @@ int main() {
       CK(cudaMalloc(&out, size_t{static_cast<size_t>(p.hidden)} * 4 * kSets));
       CK(cudaMalloc(&counters, 3 * 4 * kSets));
       CK(cudaMemset(counters, 0, 3 * 4 * kSets));
+      float* act_g;
+      int* flags;
+      const size_t act_n = size_t{static_cast<size_t>(p.top_k)} * p.inter;
+      CK(cudaMalloc(&act_g, act_n * 4 * kSets));
+      CK(cudaMalloc(&flags, act_n * 4 * kSets));  // ample: one int per feature
+      CK(cudaMemset(flags, 0, act_n * 4 * kSets));
       const int smem = v.staged ? v.tile_j * p.hidden * 2 : 0;
       int per_sm = 0;
       CK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, v.kernel, kThreads, smem));
@@ -695,6 +787,8 @@ int main() {
         a.k = p.top_k;
         a.hidden = p.hidden;
         a.inter = p.inter;
+        a.act = act_g + act_n * s;
+        a.flags = flags + act_n * s;
         if (v.cluster > 0) CK(cudaLaunchKernelEx(&config, v.kernel, a));
         else v.kernel<<<grid, kThreads, smem, stream>>>(a);
       });
@@ -713,6 +807,8 @@ int main() {
       CK(cudaFree(partial));
       CK(cudaFree(out));
       CK(cudaFree(counters));
+      CK(cudaFree(act_g));
+      CK(cudaFree(flags));
     }
     CK(cudaFree(w13));
     CK(cudaFree(w2));
