@@ -188,13 +188,13 @@ if [[ $mode == validate ]]; then
   grep -E "FAILED|Failure|tests ran|PASSED" "$OUT/gpu_tests.log" | head -12
   for tool in memcheck racecheck synccheck; do
     timeout 100 compute-sanitizer --tool $tool --error-exitcode 9 $b/moeflow_gpu_tests --gtest_brief=1 \
-      --gtest_filter='CudaFusedDecode.*' > "$OUT/fused_$tool.log" 2>&1; echo "$tool rc=$?: $(tail -n 2 "$OUT/fused_$tool.log" | tr '\n' ' ')"
+      --gtest_filter='CudaFusedDecode.*:CudaFusedSingleToken.*' > "$OUT/fused_$tool.log" 2>&1; echo "$tool rc=$?: $(tail -n 2 "$OUT/fused_$tool.log" | tr '\n' ' ')"
   done
-  for o in $(find $b -name "fused_decode.cu.o" -o -name "decode_experts.cu.o"); do
+  for o in $(find $b -name "fused_decode.cu.o" -o -name "fused_single_token.cu.o" -o -name "decode_experts.cu.o"); do
     cuobjdump -res-usage "$o" 2>/dev/null | awk '/Function/ { name = $2 } /REG:/ { print name, $1, $2, $4 }' | cu++filt | cut -c1-160
   done | tee "$OUT/decode_resources.txt"
   timeout 200 $b/moeflow bench --backend cuda --models ${2:-qwen1.5-moe-a2.7b,qwen3-30b-a3b,deepseek-v3,mixtral-8x7b} \
-    --tokens ${3:-1,8,32} --plans graph --experts-kernels auto,cuda.decode_gemv --scope experts --json "$OUT/validate_bench.jsonl" \
+    --tokens ${3:-1,8,32} --plans graph --experts-kernels ${4:-auto,cuda.decode_gemv} --scope experts --json "$OUT/validate_bench.jsonl" \
     > "$OUT/validate_bench.log" 2>&1; echo "rc=$?"; grep -v "^skipped" "$OUT/validate_bench.log" | tail -26
   exit 0
 fi
@@ -218,7 +218,7 @@ if [[ $mode == fused ]]; then
     > "$OUT/fused_tests.log" 2>&1; echo "rc=$?"; grep -E "FAILED|Failure|PASSED|tests ran" "$OUT/fused_tests.log" | head -20
   for tool in memcheck racecheck synccheck; do
     timeout 100 compute-sanitizer --tool $tool --error-exitcode 9 $b/moeflow_gpu_tests --gtest_brief=1 \
-      --gtest_filter='CudaFusedDecode.*' > "$OUT/fused_$tool.log" 2>&1; echo "$tool rc=$?: $(tail -n 2 "$OUT/fused_$tool.log" | tr '\n' ' ')"
+      --gtest_filter='CudaFusedDecode.*:CudaFusedSingleToken.*' > "$OUT/fused_$tool.log" 2>&1; echo "$tool rc=$?: $(tail -n 2 "$OUT/fused_$tool.log" | tr '\n' ' ')"
   done
   for m in qwen1.5-moe-a2.7b mixtral-8x7b qwen3-30b-a3b deepseek-v3; do
     $b/moeflow run --backend cuda --model $m --tokens 1 --scope experts --cuda-graph --check 2>&1 | grep -E "fused|check|error" | cut -c1-200

@@ -11,6 +11,7 @@
 #include "kernels/cuda/warp_gemv.cuh"
 #include "kernels/cuda/check.cuh"
 #include "kernels/cuda/device.hpp"
+#include "kernels/cuda/grid_sync.cuh"
 
 namespace moeflow::cuda {
 
@@ -61,12 +62,6 @@ struct WorkList {
   int group_of[kMaxPairs];         // per leader choice: its group's number
   int groups;
 };
-
-__device__ __forceinline__ int load_acquire(const int* p) {
-  int v;
-  asm volatile("ld.acquire.gpu.global.s32 %0, [%1];" : "=r"(v) : "l"(p) : "memory");
-  return v;
-}
 
 __device__ __forceinline__ void prefetch_l2(const void* p) { asm volatile("prefetch.global.L2 [%0];" ::"l"(p)); }
 
@@ -294,16 +289,7 @@ int down_tile_count(const FusedDecodeShape& s) { return (s.hidden + kDownTile - 
 int counter_words(const FusedDecodeShape& s) { return kMaxPairs + down_tile_count(s) + 2; }
 int64_t counter_bytes(const FusedDecodeShape& s) { return align256(counter_words(s) * 4); }
 
-// Blocks of this kernel that fit on the device at once: the grid (more would only wait for a slot).
-int resident_blocks(int device) {
-  static std::atomic<int> per_sm{0};
-  int n = per_sm.load(std::memory_order_relaxed);
-  if (n == 0) {
-    MOEFLOW_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, fused_decode_kernel, kThreads, 0));
-    per_sm.store(n, std::memory_order_relaxed);
-  }
-  return n * multiprocessor_count(device);
-}
+std::atomic<int> blocks_per_sm{0};
 
 }  // namespace
 
@@ -338,9 +324,8 @@ void experts_fused_decode(const LaneContext& ctx, const FusedDecodeShape& s, int
   a.act = reinterpret_cast<uint16_t*>(bytes);
   a.y = reinterpret_cast<float*>(bytes + act_bytes(s));
   // The counters: the lane's, which the kernel leaves zero, where they fit; else the workspace's
-  // (shared with other nodes' buffers), zeroed before every run by a memset node.
-  const bool lane_counters = ctx.counters != nullptr && counter_words(s) <= ctx.counter_words;
-  a.up_done = lane_counters ? ctx.counters : reinterpret_cast<int*>(bytes + act_bytes(s) + y_bytes(s));
+  // (shared with other nodes' buffers), zeroed before every run by a memset.
+  a.up_done = launch_counters(ctx, counter_words(s), reinterpret_cast<int*>(bytes + act_bytes(s) + y_bytes(s)));
   a.down_done = a.up_done + kMaxPairs;
   a.next_item = a.down_done + down_tile_count(s);
   a.done_blocks = a.next_item + 1;
@@ -350,12 +335,12 @@ void experts_fused_decode(const LaneContext& ctx, const FusedDecodeShape& s, int
   a.inter = s.intermediate;
   a.max_tokens = static_cast<int>(tokens);
   a.live_tokens = live_tokens;
-  if (!lane_counters) MOEFLOW_CUDA_CHECK(cudaMemsetAsync(a.up_done, 0, static_cast<size_t>(counter_bytes(s)), ctx.stream));
   // Enough blocks for the most work the sizes allow, at most what is resident at once.
   const int64_t up_tiles = (s.intermediate + kUpTile - 1) / kUpTile;
   const int64_t most_items = tokens * s.top_k * (up_tiles + down_tile_count(s));
   const int grid = static_cast<int>(std::max<int64_t>(
-      1, std::min<int64_t>(std::max<int64_t>(most_items, down_tile_count(s)), resident_blocks(ctx.device))));
+      1, std::min<int64_t>(std::max<int64_t>(most_items, down_tile_count(s)),
+                            resident_blocks(fused_decode_kernel, kThreads, ctx.device, blocks_per_sm))));
   fused_decode_kernel<<<grid, kThreads, 0, ctx.stream>>>(a);
   MOEFLOW_CUDA_LAUNCH_CHECK();
 }

@@ -10,6 +10,7 @@
 #include "kernels/cuda/decode_experts.hpp"
 #include "kernels/cuda/elementwise.hpp"
 #include "kernels/cuda/fused_decode.hpp"
+#include "kernels/cuda/fused_single_token.hpp"
 #include "kernels/cuda/lane_context.hpp"
 #include "kernels/cuda/permute.hpp"
 #include "kernels/cuda/routing.hpp"
@@ -390,6 +391,60 @@ void register_fused_experts(KernelRegistry& r) {
            shape.max_tokens = tokens;
            return cuda::fused_decode_workspace_bytes(shape);
          }})));
+  // One token (decode of one sequence): every block one equal slice of the k experts' weight
+  // streams, w2 read in quads of 64 features, instead of a down projection that waits for each
+  // expert's whole gate/up phase. Ahead of the two-phase kernel where the graph's maximum T is 1 and
+  // its items fit about one round of resident blocks; behind it elsewhere (priority_on). Measured on
+  // the H100 (experts path, CUDA graph, T=1; bench/results/h100_fused_single_token_2026-11-23.jsonl):
+  // qwen1.5 / qwen3 (352 / 384 items) 37.4 / 39.2 µs against 39.8 / 41.6; deepseek-v3 (1024 items,
+  // three rounds) 271.6 against 242.6.
+  constexpr int kSingleTokenMostItems = 512;
+  auto single_token_shape = [](const Graph& g, const Node& n) {
+    const cuda::FusedDecodeShape f = fused_shape(g, n);
+    return cuda::FusedSingleTokenShape{f.experts, f.top_k, f.hidden, f.intermediate};
+  };
+  auto single_token_items = [single_token_shape](const Graph& g, const Node& n) {
+    const cuda::FusedSingleTokenShape shape = single_token_shape(g, n);
+    return shape.top_k * shape.intermediate / 16;
+  };
+  KernelEntry single_token = reading_live_tokens(launching(1, {"fused_experts", Backend::cuda, "cuda.fused_single_token", 1,
+         [single_token_shape](const Graph& g, const Node& n) {
+           Support s = cuda_supports_bf16(g, n, "");
+           if (!s.ok) return s;
+           if (g.max_tokens_of(n) != 1)
+             return Support::no("at most " + std::to_string(g.max_tokens_of(n)) + " tokens: it runs one token");
+           const cuda::FusedSingleTokenShape shape = single_token_shape(g, n);
+           if (const std::string why = cuda::fused_single_token_unsupported(shape); !why.empty()) return Support::no(why);
+           if (huge_experts(shape.hidden, shape.intermediate))
+             return Support::no(expert_mib(shape.hidden, shape.intermediate) + ": the chain's decode kernels stream "
+                                "such experts faster");
+           const int items = shape.top_k * shape.intermediate / 16;
+           return Support::yes("one token: its k experts' gate/up and down projections cut into " + std::to_string(items) +
+                               " equal items of 16 features (w2 read in quads of 64), no item waiting for a whole "
+                               "expert; partials summed in order" +
+                               (items > kSingleTokenMostItems ? "; behind the two-phase kernel beyond " +
+                                                                    std::to_string(kSingleTokenMostItems) + " items"
+                                                              : std::string()));
+         },
+         [single_token_shape](const KernelCall& c) {
+           cuda::experts_fused_single_token(lane(c), single_token_shape(c.graph, c.node), c.tokens, c.live_tokens,
+                                            bf16_in(c, 0), c.in<int32_t>(1), c.in<float>(2), bf16_in(c, 3),
+                                            bf16_in(c, 4), bf16_out(c, 0), c.workspace);
+         },
+         [single_token_shape](const Graph& g, const Node& n, int64_t) {
+           return cuda::fused_single_token_workspace_bytes(single_token_shape(g, n));
+         }}));
+  // Beside a shared expert (another branch the concurrent plan runs at the same time) it measured
+  // slower in the whole layer: qwen1.5 T=1, concurrent plan in a CUDA graph, 95.3 against 92.2 µs
+  // (its routed branch alone 54.6 against 61.8; h100_fused_single_token_layer_2026-11-23.jsonl). Its
+  // cooperative launch starts only once every block fits, so it waits for the SMs the shared branch
+  // holds instead of filling them as they free up (the suspected cause; not traced).
+  single_token.priority_on = [single_token_items](const Graph& g, const Node& n) {
+    for (const Node& other : g.nodes())
+      if (other.op->kind() == "shared_expert") return -1;
+    return single_token_items(g, n) <= kSingleTokenMostItems ? 1 : -1;
+  };
+  r.add(std::move(single_token));
 }
 
 }  // namespace

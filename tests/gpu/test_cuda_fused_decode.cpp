@@ -176,3 +176,114 @@ TEST(CudaFusedDecode, ChainIsKeptForMoreRowsThanExpertsHugeExpertsOrAForcedKerne
       chain = step.reason.find("MiB per expert") != std::string::npos;
   EXPECT_TRUE(chain);
 }
+
+// The single-token kernel (cuda.fused_single_token): planned ahead of the two-phase kernel where the
+// graph's maximum T is 1; checked against the fp64 reference and against the two-phase kernel on the
+// same inputs (duplicate and out-of-range ids included), bit-identical reruns, and a shape whose items
+// outnumber the resident blocks (several rounds per block).
+namespace {
+
+std::string fused_kernel(const Plan& plan) {
+  for (const PlanStep& step : plan.steps)
+    if (plan.graph->node(step.node).op->kind() == "fused_experts") return step.kernel->name;
+  return "(not fused)";
+}
+
+std::shared_ptr<const Graph> experts_graph(const std::string& preset, const std::vector<std::string>& sets, int64_t max_tokens) {
+  return std::make_shared<const Graph>(build_experts_graph(load_config(preset, sets), {.max_tokens = max_tokens, .dtype = DType::bf16}));
+}
+
+}  // namespace
+
+TEST(CudaFusedSingleToken, PlannedWhereTheMaximumTIsOneAndTheShapeAllows) {  // planning only: no device needed
+  PlanOptions po;
+  po.backend = Backend::cuda;
+  const std::vector<std::string> sets = {"hidden_size=256", "moe_intermediate_size=128"};
+  EXPECT_EQ(fused_kernel(make_plan(experts_graph("qwen1.5-moe-a2.7b", sets, 1), po)), "cuda.fused_single_token");
+  EXPECT_EQ(fused_kernel(make_plan(experts_graph("qwen1.5-moe-a2.7b", sets, 2), po)), "cuda.fused_decode");
+  // I = 88 is no multiple of 64: the two-phase kernel runs it.
+  EXPECT_EQ(fused_kernel(make_plan(experts_graph("qwen1.5-moe-a2.7b", {"hidden_size=256", "moe_intermediate_size=88"}, 1), po)),
+            "cuda.fused_decode");
+  // 4 choices x 256 items: more than about one round of resident blocks, where the two-phase kernel
+  // measured faster (deepseek-v3's 1024 items); the single-token kernel can still be forced there.
+  const auto many_items = experts_graph("qwen1.5-moe-a2.7b", {"hidden_size=256", "moe_intermediate_size=4096"}, 1);
+  EXPECT_EQ(fused_kernel(make_plan(many_items, po)), "cuda.fused_decode");
+  // Beside a shared expert (a branch the concurrent plan runs at the same time) the two-phase kernel.
+  const MoEConfig shared = load_config("qwen1.5-moe-a2.7b", {"hidden_size=256", "moe_intermediate_size=128",
+                                                              "shared_expert_intermediate_size=256"});
+  const auto layer = std::make_shared<const Graph>(build_moe_layer(shared, {.max_tokens = 1, .dtype = DType::bf16}));
+  EXPECT_EQ(fused_kernel(make_plan(layer, po)), "cuda.fused_decode");
+  const auto routed = std::make_shared<const Graph>(build_scope_graph(shared, "routed", {.max_tokens = 1, .dtype = DType::bf16}));
+  EXPECT_EQ(fused_kernel(make_plan(routed, po)), "cuda.fused_single_token");
+  po.forced_kernels["fused_experts"] = "cuda.fused_single_token";
+  EXPECT_EQ(fused_kernel(make_plan(many_items, po)), "cuda.fused_single_token");
+  po.forced_kernels["fused_experts"] = "cuda.fused_decode";
+  EXPECT_EQ(fused_kernel(make_plan(experts_graph("qwen1.5-moe-a2.7b", sets, 1), po)), "cuda.fused_decode");
+}
+
+TEST(CudaFusedSingleToken, MatchesReferenceAndTheTwoPhaseKernelAndRepeatsBitForBit) {
+  if (cuda::device_count() == 0) GTEST_SKIP() << "no CUDA device";
+  const std::vector<FusedCase> cases = {
+      {"qwen3", "qwen3-30b-a3b", {"hidden_size=256", "moe_intermediate_size=192"}, 1},
+      {"qwen15", "qwen1.5-moe-a2.7b", {"hidden_size=320", "moe_intermediate_size=128"}, 1},
+      {"deepseek", "deepseek-v3", {"hidden_size=128", "moe_intermediate_size=64"}, 1},
+      {"mixtral", "mixtral-8x7b", {"hidden_size=96", "intermediate_size=320"}, 1},
+      // 8 choices x 256 items of 16 features: more items than resident blocks, several rounds each.
+      {"rounds", "qwen3-30b-a3b", {"hidden_size=64", "moe_intermediate_size=4096"}, 1},
+  };
+  for (const FusedCase& fc : cases) {
+    const auto g = experts_graph(fc.preset, fc.sets, 1);
+    CudaSessionOptions so;
+    so.seed = 5;
+    so.plan.forced_kernels["fused_experts"] = "cuda.fused_single_token";  // "rounds" is planned two-phase
+    CudaSession s(g, so);
+    ASSERT_EQ(fused_kernel(s.plan()), "cuda.fused_single_token") << fc.name;
+    CudaSessionOptions two_phase = so;
+    two_phase.plan.forced_kernels["fused_experts"] = "cuda.fused_decode";
+    CudaSession other(g, two_phase, &s);
+    ASSERT_EQ(fused_kernel(other.plan()), "cuda.fused_decode") << fc.name;
+    s.set_tokens(1);
+    other.set_tokens(1);
+    s.run();
+    const CheckReport r = s.check(1e-2);
+    EXPECT_TRUE(r.pass) << fc.name << " rel_norm " << r.comparison.rel_norm;
+    const std::vector<float> first = s.output();
+    s.run();
+    const std::vector<float> second = s.output();
+    EXPECT_EQ(0, std::memcmp(first.data(), second.data(), first.size() * 4)) << fc.name << ": rerun differs";
+    other.run();
+    const std::vector<float> theirs = other.output();
+    EXPECT_LT(reference::compare(first.data(), std::vector<double>(theirs.begin(), theirs.end())).rel_norm, 1e-2) << fc.name;
+    // A repeated expert and an id outside [0, E) (it contributes nothing), the same routing for both.
+    const MoEConfig config = load_config(fc.preset, fc.sets);
+    std::vector<int32_t> ids(static_cast<std::size_t>(config.top_k));
+    for (int j = 0; j < config.top_k; ++j) ids[static_cast<std::size_t>(j)] = j % std::max(1, config.top_k - 1);
+    ids.back() = config.experts;
+    for (CudaSession* session : {&s, &other})
+      session->write_input(*session->graph().find_value("route.ids"), ids.data(), ids.size() * sizeof(int32_t));
+    s.run();
+    other.run();
+    const std::vector<float> mine = s.output(), two = other.output();
+    EXPECT_LT(reference::compare(mine.data(), std::vector<double>(two.begin(), two.end())).rel_norm, 1e-2)
+        << fc.name << " with a repeated and an out-of-range id";
+  }
+}
+
+TEST(CudaFusedSingleToken, OneCaptureReplaysTheEagerBytes) {
+  if (cuda::device_count() == 0) GTEST_SKIP() << "no CUDA device";
+  const auto g = experts_graph("qwen1.5-moe-a2.7b", {"hidden_size=256", "moe_intermediate_size=128"}, 1);
+  CudaSessionOptions so;
+  so.plan.capturable = true;
+  so.seed = 11;
+  CudaSession s(g, so);
+  ASSERT_EQ(fused_kernel(s.plan()), "cuda.fused_single_token");
+  s.set_tokens(1);
+  s.run();
+  const std::vector<float> eager = s.output();
+  s.capture_any_tokens();
+  for (int replay = 0; replay < 3; ++replay) {  // the counters are left zero for the next replay
+    s.replay();
+    const std::vector<float> replayed = s.output();
+    EXPECT_EQ(0, std::memcmp(replayed.data(), eager.data(), eager.size() * 4)) << "replay " << replay;
+  }
+}
