@@ -146,6 +146,17 @@ TEST(CliRanks, ABadPeerTimeoutIsRefused) {
   EXPECT_THAT(r.output, HasSubstr("MOEFLOW_PEER_TIMEOUT=soon: expected a positive number of seconds"));
 }
 
+// One rank's GPU plan, planned here without a GPU or NCCL: bf16 values, the NCCL exchanges.
+TEST(CliRanks, PlanShowsOneRanksGpuPlan) {
+  const Result plan = shell(std::string(MOEFLOW_BINARY) + " plan " + kSmall.substr(0, kSmall.find(" --threads")) +
+                            " --backend cuda --dp 2 --ep --dispatch alltoall --tokens 16 --rank 1 --chunks 2 --plan concurrent");
+  if (plan.status != 0 && plan.output.find("no CUDA backend") != std::string::npos) GTEST_SKIP() << "a build without CUDA";
+  ASSERT_EQ(plan.status, 0) << plan.output;
+  EXPECT_THAT(plan.output, HasSubstr("backend cuda"));
+  EXPECT_THAT(plan.output, HasSubstr("nccl.alltoall_v"));
+  EXPECT_THAT(plan.output, HasSubstr("dispatch_alltoall_back\u00b7c1"));
+}
+
 TEST(CliRanks, WithoutMpirunTheLayoutNamesTheLauncher) {
   const Result r = shell(std::string(MOEFLOW_BINARY) + " run " + kSmall + " --dp 2 --tokens 4");
   EXPECT_EQ(r.status, 2) << r.output;

@@ -46,10 +46,10 @@ struct GraphFlags {
       check_tokens(tokens[0], tokens[0]);
       return build_graph(config, model.scope, tokens[0], backend, model.chunking());
     }
-    if (backend != Backend::cpu) fail_input("--backend cuda: multi-rank graphs are CPU-only for now (no NCCL transport yet)");
     const ParallelLayout layout = parallel.layout(tokens, config);
     return rank_graph(config, layout, parallel.rank,
-                      {.scope = model.scope, .chunks = model.chunking().chunks, .chunk_tokens = model.chunking().chunk_tokens});
+                      {.scope = model.scope, .chunks = model.chunking().chunks, .chunk_tokens = model.chunking().chunk_tokens,
+                       .dtype = backend == Backend::cuda ? DType::bf16 : DType::f32});
   }
 };
 
