@@ -17,6 +17,10 @@ struct MachineRates {
   // the host, where one node's oneTBB kernel rarely keeps every core busy to the end and a second
   // lane fills the gaps (measured: 5-7% faster layers at T=64 on 2 cores).
   bool kernels_fill_machine = false;
+  // Bytes per second an exchange between ranks moves (NCCL between GPUs): the rate the planner
+  // weighs communication at when it decides to leave SMs to it. Measured on 2 × H200 over NVLink
+  // (all-to-all at 4096 tokens per rank, 2026-11-23): 96-108 GB/s in the layer.
+  double link_bytes_per_s = 100e9;
   bool measured = false;
 };
 

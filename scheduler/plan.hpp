@@ -90,6 +90,9 @@ class Plan {
   std::map<Arena, int64_t> arena_bytes;
   double predicted_makespan_s = 0.0;
   double predicted_serial_s = 0.0;  // sum of every node's prediction
+  // SMs the compute lanes leave to a communication lane beside them (LaneContext::sm_count): a
+  // persistent GEMM holding every SM keeps NCCL's kernels from starting until it ends. 0: none.
+  int sms_left_to_communication = 0;
 
   const PlanStep& step_for(NodeId n) const { return steps.at(static_cast<std::size_t>(step_of_node.at(static_cast<std::size_t>(n)))); }
   const Buffer& buffer(ValueId v) const { return buffers.at(static_cast<std::size_t>(v)); }

@@ -286,6 +286,44 @@ void schedule_concurrent(Plan& plan, std::vector<PlanStep>& by_node) {
   }
 }
 
+// On a GPU, a communication lane beside compute lanes gets kCommSms SMs of its own where the
+// exchange is worth it: compute then runs on the rest (about 12% less for compute-bound GEMMs), so
+// it pays only where the communication, at the link's rate, is at least a quarter of the compute
+// (about half of it hidden with two chunks). Measured on 2 × H200, 4096 tokens per rank, 2 chunks,
+// concurrent plan: qwen3-30b-a3b (0.34 ms of exchange against ~1.2 ms of compute) hid 0.55 of its
+// communication with the SMs left, 0.39 without; deepseek-v3 (1.1 against ~10 ms) got slower with
+// them (12.0 against 11.3 ms), `bench/results/h200x2_ranks_quick_sm_reserve_2026-11-23.jsonl`.
+void leave_sms_to_communication(Plan& plan, const std::vector<PlanStep>& by_node) {
+  constexpr int kCommSms = 16;
+  const MachineRates& rates = plan.options.rates;
+  if (plan.options.backend != Backend::cuda || !rates.kernels_fill_machine || plan.lanes.size() < 2) return;
+  const Graph& g = *plan.graph;
+  double compute_s = 0.0, link_s = 0.0;
+  bool beside = false;  // a compute step on a lane other than the communication lane's
+  int comm_lane = -1;
+  for (const PlanStep& s : by_node)
+    if (g.node(s.node).op->communicates()) {
+      comm_lane = s.lane;
+      link_s += s.cost.bytes / rates.link_bytes_per_s;
+    }
+  if (comm_lane < 0) return;
+  for (const PlanStep& s : by_node)
+    if (!g.node(s.node).op->communicates()) {
+      compute_s += s.work_s;
+      beside = beside || s.lane != comm_lane;
+    }
+  if (!beside) return;
+  if (link_s < 0.25 * compute_s) {
+    plan.notes.push_back("compute lanes keep every SM: the exchange (" + micros(link_s) + " at the link's rate) is under a "
+                         "quarter of the compute (" + micros(compute_s) + "), so SMs left to it would cost more than they hide");
+    return;
+  }
+  plan.sms_left_to_communication = kCommSms;
+  plan.notes.push_back("compute lanes leave " + std::to_string(kCommSms) + " SMs to the communication lane: the exchange (" +
+                       micros(link_s) + " at the link's rate) is at least a quarter of the compute (" + micros(compute_s) +
+                       "), and a GEMM holding every SM would keep it from starting");
+}
+
 // Issue order by estimated start (then lane, then id); cross-lane waits, skipping a wait already
 // implied by an earlier wait of the same lane on a later node of the other lane.
 void order_and_wait(Plan& plan, std::vector<PlanStep>& by_node) {
@@ -476,6 +514,7 @@ Plan plan_fused_graph(std::shared_ptr<const Graph> graph, const PlanOptions& opt
   }
   if (options.policy == Policy::serial) schedule_serial(plan, by_node);
   else schedule_concurrent(plan, by_node);
+  leave_sms_to_communication(plan, by_node);
   order_and_wait(plan, by_node);
   lay_out_buffers(plan);
   if (options.reuse_memory) plan_workspace_reuse(plan);

@@ -165,6 +165,8 @@ void launch_gather(const uint16_t* padded, const int32_t* offsets, int experts, 
 
 // --- handles ----------------------------------------------------------------------------------------
 
+void set_blas_sm_target(BlasHandle h, int sms) { MOEFLOW_CUBLAS_CHECK(cublasSetSmCountTarget(h, sms)); }
+
 BlasHandle create_blas_handle(Stream s, void* workspace, std::size_t bytes) {
   if (bytes > 0 && workspace == nullptr) fail_input("create_blas_handle: workspace of " + std::to_string(bytes) + " bytes is null");
   if (!aligned(workspace, 256)) fail_input("create_blas_handle: the cuBLAS workspace must be 256-byte aligned");

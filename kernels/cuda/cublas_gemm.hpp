@@ -23,6 +23,8 @@ namespace moeflow::cuda {
 // with reduced-precision reductions disallowed. Throws Error(resource) on failure. Don't rebind it with
 // cublasSetStream later: that silently drops the workspace back to cuBLAS's own pool (not capturable).
 BlasHandle create_blas_handle(Stream s, void* workspace, std::size_t bytes);
+// The SMs cuBLAS's kernels on `h` aim to use (0: all): LaneContext::sm_count.
+void set_blas_sm_target(BlasHandle h, int sms);
 // Null is a no-op. Never throws (used on teardown paths).
 void destroy_blas_handle(BlasHandle handle);
 // What NVIDIA recommends per handle on Hopper (32 MiB); enough for earlier GPUs as well.

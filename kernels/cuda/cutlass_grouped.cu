@@ -172,7 +172,7 @@ void run_group(const LaneContext& ctx, int experts, const GroupArrays& g, std::b
   args.epilogue.ptr_D = g.d;
   args.epilogue.dD = g.sd;
   args.hw_info.device_id = ctx.device;
-  args.hw_info.sm_count = multiprocessor_count(ctx.device);
+  args.hw_info.sm_count = ctx.sm_count > 0 ? ctx.sm_count : multiprocessor_count(ctx.device);  // its persistent grid
   Gemm gemm;
   check(gemm.can_implement(args), "can_implement");
   if (Gemm::get_workspace_size(args) > kCutlassReserve)

@@ -27,6 +27,10 @@ struct LaneContext {
   // lane's kernels run one at a time, in stream order. Null or too small: use workspace and a memset.
   int* counters = nullptr;
   int counter_words = 0;
+  // SMs a persistent kernel of this lane may fill (CUTLASS's grouped GEMM; cuBLAS's SM target is set
+  // on `blas` alike); 0: all of them. Compute lanes leave some free where a communication lane runs
+  // beside them, so that its NCCL kernels start while a GEMM runs instead of after it.
+  int sm_count = 0;
   // A second stream for work a kernel runs beside its own (the alltoall's local copies beside the
   // transfer), forked from and joined back into `stream` through these two events.
   Stream side = nullptr;

@@ -11,6 +11,7 @@
 #include "graph/error.hpp"
 #include "kernels/cuda/check.cuh"
 #include "kernels/cuda/cublas_gemm.hpp"
+#include "kernels/cuda/device.hpp"
 #include "kernels/cuda/lane_context.hpp"
 #include "kernels/cuda/timestamp.hpp"
 #include "kernels/comm/communicator.hpp"
@@ -108,6 +109,14 @@ CudaExecutor::CudaExecutor(const Plan& plan, const CommGroups* comm)
   MOEFLOW_CUDA_CHECK(cudaDeviceGetStreamPriorityRange(&least, &greatest));
   // Each resource goes into the state as soon as it exists, so a failure part-way (out of device
   // memory, say) leaves nothing behind: State's destructor frees whatever is there.
+  // The compute lanes leave the plan's share of SMs to its communication lane (the planner's
+  // leave_sms_to_communication says when and why).
+  std::vector<bool> communicates(plan.lanes.size(), false);
+  for (const PlanStep& step : plan.steps)
+    if (plan.graph->node(step.node).op->communicates()) communicates[static_cast<std::size_t>(step.lane)] = true;
+  const int compute_sms = plan.sms_left_to_communication > 0
+                              ? std::max(1, cuda::multiprocessor_count(s.device) - plan.sms_left_to_communication)
+                              : 0;
   for (std::size_t l = 0; l < plan.lanes.size(); ++l) {
     cuda::LaneContext& ctx = s.lanes.emplace_back();
     // The critical path (lane 0) goes first when lanes compete for the machine.
@@ -118,6 +127,10 @@ CudaExecutor::CudaExecutor(const Plan& plan, const CommGroups* comm)
     ctx.blas_workspace_bytes = blas_bytes;
     ctx.blas = cuda::create_blas_handle(ctx.stream, ctx.blas_workspace, blas_bytes);
     ctx.device = s.device;
+    if (!communicates[l] && compute_sms > 0) {
+      ctx.sm_count = compute_sms;
+      cuda::set_blas_sm_target(ctx.blas, compute_sms);
+    }
     ctx.error_flag = s.error_flag;
     MOEFLOW_CUDA_CHECK(cudaMalloc(&ctx.counters, sizeof(int) * cuda::kLaneCounterWords));
     s.lane_counters.push_back(ctx.counters);

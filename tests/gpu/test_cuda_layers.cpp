@@ -6,6 +6,7 @@
 #include <cstring>
 
 #include "bench/cuda/cuda_session.hpp"
+#include "bench/multi_rank.hpp"
 #include "tests/family_cases.hpp"
 #include "graph/error.hpp"
 #include "kernels/cuda/device.hpp"
@@ -300,4 +301,29 @@ TEST(CudaExpertsKernels, AnIdOutsideTheExpertsContributesNothing) {
     EXPECT_LT(rel_norm, 2e-3) << kernel->name;  // a stale row added at its weight: ~3e-2
   }
   EXPECT_GE(tested, 5);  // decode, per-expert loop, grouped, padded, per-row batched (CUTLASS where built)
+}
+
+// Planning only (no device needed): a communication lane beside compute lanes gets SMs of its own
+// where the exchange is at least a quarter of the compute (qwen3-30b-a3b's rank at 4096 tokens), not
+// where the compute dwarfs it (deepseek-v3's), and never in a serial plan.
+TEST(CudaPlan, ComputeLanesLeaveSmsToCommunicationWhereTheExchangeIsWorthIt) {
+  PlanOptions po;
+  po.backend = Backend::cuda;
+  po.policy = Policy::concurrent;
+  po.rates.flops_per_s = 780e12;  // an H100's measured ceilings (README)
+  po.rates.bytes_per_s = 3.0e12;
+  po.rates.kernels_fill_machine = true;
+  const ParallelLayout layout{.dp = 2, .tp = 1, .ep = true, .dispatch = DispatchKind::alltoall, .tokens = {4096, 4096}};
+  auto rank0 = [&](const std::string& preset) {
+    return rank_graph(load_config(preset), layout, 0, {.chunks = 2, .dtype = DType::bf16});
+  };
+  const Plan qwen3 = make_plan(rank0("qwen3-30b-a3b"), po);
+  EXPECT_EQ(qwen3.sms_left_to_communication, 16);
+  const Plan deepseek = make_plan(rank0("deepseek-v3"), po);
+  EXPECT_EQ(deepseek.sms_left_to_communication, 0);
+  bool said = false;
+  for (const std::string& note : deepseek.notes) said = said || note.find("compute lanes keep every SM") != std::string::npos;
+  EXPECT_TRUE(said);
+  po.policy = Policy::serial;
+  EXPECT_EQ(make_plan(rank0("qwen3-30b-a3b"), po).sms_left_to_communication, 0);
 }
