@@ -90,11 +90,12 @@ std::optional<KernelChoice> KernelRegistry::select_named(const Graph& g, const N
 
 std::optional<KernelChoice> KernelRegistry::select_any(const Graph& g, const Node& n, Backend backend,
                                                        bool capturable, std::string* refusals) const {
-  std::vector<const KernelEntry*> list = candidates(n.op->kind(), backend);
-  std::stable_sort(list.begin(), list.end(),
-                   [&](auto* a, auto* b) { return a->priority_for(g, n) > b->priority_for(g, n); });
+  // Each candidate's priority on this node, asked once (priority_on may look at the whole graph).
+  std::vector<std::pair<int, const KernelEntry*>> ranked;
+  for (const KernelEntry* k : candidates(n.op->kind(), backend)) ranked.emplace_back(k->priority_for(g, n), k);
+  std::stable_sort(ranked.begin(), ranked.end(), [](const auto& a, const auto& b) { return a.first > b.first; });
   std::string why;
-  for (const KernelEntry* k : list) {
+  for (const auto& [priority, k] : ranked) {
     const Support s = usable(*k, g, n, capturable);
     if (s.ok) return KernelChoice{k, s.reason};
     why += (why.empty() ? "" : "; ") + k->name + ": " + s.reason;

@@ -182,6 +182,7 @@ struct RankFigures {
 RankFigures run_in_step(RankSession& session, const RankRunRequest& q, comm::Communicator& host, int64_t tokens,
                         int traced = 1) {
   session.set_tokens(tokens, q.input_sets);
+  const comm::PeerDeadline deadline;  // each collective of the runs below is entered by all within seconds
   // Test hooks (tests/test_cli_ranks.cpp): this rank dies before its first run, as a crashed rank
   // would, or stays alive but never enters it, as a hung one would.
   if (const char* die = std::getenv("MOEFLOW_TEST_DIE_RANK"); die && std::atoi(die) == host.rank()) std::_Exit(9);

@@ -1,5 +1,6 @@
 #include "kernels/comm/communicator.hpp"
 
+#include <atomic>
 #include <cstdlib>
 #include <string>
 
@@ -35,10 +36,18 @@ std::chrono::milliseconds peer_timeout() {
   if (text == nullptr || *text == '\0') return std::chrono::seconds(60);
   char* end = nullptr;
   const double seconds = std::strtod(text, &end);
-  if (end == text || *end != '\0' || !(seconds > 0) || seconds > 1e6)
-    fail_input(std::string("MOEFLOW_PEER_TIMEOUT=") + text + ": expected a positive number of seconds");
+  if (end == text || *end != '\0' || !(seconds >= 1) || seconds > 1e6)
+    fail_input(std::string("MOEFLOW_PEER_TIMEOUT=") + text + ": expected a number of seconds, at least 1");
   return std::chrono::milliseconds(static_cast<int64_t>(seconds * 1000.0));
 }
+
+namespace {
+std::atomic<int> peer_deadlines{0};
+}  // namespace
+
+PeerDeadline::PeerDeadline() { peer_deadlines.fetch_add(1, std::memory_order_relaxed); }
+PeerDeadline::~PeerDeadline() { peer_deadlines.fetch_sub(1, std::memory_order_relaxed); }
+bool PeerDeadline::armed() { return peer_deadlines.load(std::memory_order_relaxed) > 0; }
 
 // OpenMPI's launcher (and the PMIx it uses) sets these for every rank it starts.
 bool launched_by_mpirun() {

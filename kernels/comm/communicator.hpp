@@ -61,8 +61,20 @@ class Communicator {
 
 // How long a rank waits for its peers before it gives up on them: one MPI call (a collective a peer
 // never enters: that peer alive but stuck), or one GPU run's exchanges. 60 s, or the environment's
-// MOEFLOW_PEER_TIMEOUT in seconds (a positive number; anything else throws Error(bad_input)).
+// MOEFLOW_PEER_TIMEOUT in seconds (at least 1; anything else throws Error(bad_input)).
 std::chrono::milliseconds peer_timeout();
+
+// The deadline on MPI calls holds only while a PeerDeadline lives: around the runs of a layer, where
+// every rank enters each collective within about a layer's time of the others. Outside them (set-up,
+// checks against the reference, reports) one rank may keep the others waiting longer, legitimately.
+class PeerDeadline {
+ public:
+  PeerDeadline();
+  ~PeerDeadline();
+  PeerDeadline(const PeerDeadline&) = delete;
+  PeerDeadline& operator=(const PeerDeadline&) = delete;
+  static bool armed();
+};
 
 // MPI's world (MPI must be initialised: moeflow's command line does it under mpirun). Throws
 // Error(resource) when this build has no MPI or MPI is not initialised.

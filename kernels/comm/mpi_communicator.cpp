@@ -1,8 +1,8 @@
 // The MPI transport of comm::Communicator (host buffers). Errors come back as return codes
 // (MPI_ERRORS_RETURN on every communicator made here) and are thrown with MPI's own message.
-// Every call has a deadline (peer_timeout()): a peer that stays alive but never enters a collective
-// leaves no error to return, so a watchdog thread ends this rank with status 3 instead, saying which
-// call it was stuck in; mpirun then ends the job.
+// Every call during the runs of a layer (PeerDeadline) has a deadline (peer_timeout()): a peer that
+// stays alive but never enters a collective leaves no error to return, so a watchdog thread ends
+// this rank with status 3 instead, saying which call it was stuck in; mpirun then ends the job.
 #include <mpi.h>
 #include <unistd.h>
 
@@ -53,6 +53,7 @@ class CallDeadline {
     return std::chrono::duration_cast<std::chrono::milliseconds>(std::chrono::steady_clock::now().time_since_epoch()).count();
   }
   void enter(const char* call) {
+    if (!PeerDeadline::armed()) return;  // outside the runs: no deadline (since_ms_ stays 0)
     std::call_once(started_, [this] {
       timeout_ = peer_timeout();
       std::thread([this] { watch(); }).detach();
