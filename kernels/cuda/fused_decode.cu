@@ -11,6 +11,7 @@
 #include "kernels/cuda/warp_gemv.cuh"
 #include "kernels/cuda/check.cuh"
 #include "kernels/cuda/device.hpp"
+#include "kernels/cuda/fused_operands.hpp"
 #include "kernels/cuda/grid_sync.cuh"
 
 namespace moeflow::cuda {
@@ -32,22 +33,14 @@ constexpr int kDownPerWarp = 4;
 constexpr int kUpTile = kWarps * kUpPerWarp;
 constexpr int kDownTile = kWarps * kDownPerWarp;
 
-struct Args {
-  const uint16_t* x;
-  const int32_t* ids;
-  const float* weights;
-  const uint16_t* w13;
-  const uint16_t* w2;
-  uint16_t* out;
+struct Args : FusedOperands {  // plus this kernel's scratch and counters
   uint16_t* act;  // [P, I] bf16, by (token, choice)
   float* y;       // [P, H] fp32, by (token, choice)
   int* up_done;   // [kMaxPairs]: phase-1 tiles finished per group
   int* down_done; // [H tiles]: groups whose phase-2 tile is finished, per slice of H
   int* next_item; // the work counter the blocks take items from
   int* done_blocks; // blocks that have finished; the last one zeroes every counter for the next launch
-  int experts, top_k, hidden, inter;
-  int max_tokens;
-  const int32_t* live_tokens;
+  int max_tokens;  // T of this launch (live_tokens, where set, may be lower)
 };
 
 // The work list every block derives from the ids, in shared memory. Groups are numbered by their
@@ -315,12 +308,7 @@ void experts_fused_decode(const LaneContext& ctx, const FusedDecodeShape& s, int
   if (tokens == 0 && !live_tokens) return;
   auto* bytes = static_cast<std::byte*>(workspace);
   Args a{};
-  a.x = x;
-  a.ids = ids;
-  a.weights = weights;
-  a.w13 = w13;
-  a.w2 = w2;
-  a.out = out;
+  static_cast<FusedOperands&>(a) = {x, ids, weights, w13, w2, out, s.experts, s.top_k, s.hidden, s.intermediate, live_tokens};
   a.act = reinterpret_cast<uint16_t*>(bytes);
   a.y = reinterpret_cast<float*>(bytes + act_bytes(s));
   // The counters: the lane's, which the kernel leaves zero, where they fit; else the workspace's
@@ -329,12 +317,7 @@ void experts_fused_decode(const LaneContext& ctx, const FusedDecodeShape& s, int
   a.down_done = a.up_done + kMaxPairs;
   a.next_item = a.down_done + down_tile_count(s);
   a.done_blocks = a.next_item + 1;
-  a.experts = s.experts;
-  a.top_k = s.top_k;
-  a.hidden = s.hidden;
-  a.inter = s.intermediate;
   a.max_tokens = static_cast<int>(tokens);
-  a.live_tokens = live_tokens;
   // Enough blocks for the most work the sizes allow, at most what is resident at once.
   const int64_t up_tiles = (s.intermediate + kUpTile - 1) / kUpTile;
   const int64_t most_items = tokens * s.top_k * (up_tiles + down_tile_count(s));

@@ -10,6 +10,7 @@
 #include "kernels/cuda/bf16_vec.cuh"
 #include "kernels/cuda/check.cuh"
 #include "kernels/cuda/device.hpp"
+#include "kernels/cuda/fused_operands.hpp"
 #include "kernels/cuda/grid_sync.cuh"
 #include "kernels/cuda/warp_gemv.cuh"
 
@@ -26,20 +27,12 @@ constexpr int kQuadJ = kTileJ * kQuad;
 constexpr int kSliceH = 8;                 // features of H per reduction slice
 constexpr int kSums = kThreads / kSliceH;  // partial sums per feature of H, added in order at the end
 
-struct Args {
-  const uint16_t* x;
-  const int32_t* ids;
-  const float* weights;
-  const uint16_t* w13;
-  const uint16_t* w2;
-  uint16_t* out;
+struct Args : FusedOperands {  // plus this kernel's scratch and counters
   float* act;       // [k, I]: the items' act values, read by their quads
   float* partial;   // [k·I/64, H]: one partial y per quad, each written by its four blocks by quarters of H
   int* quad_done;   // [k·I/64]: blocks of the quad whose act values are out
   int* arrived;     // blocks done with their items
   int* left;        // blocks done with everything: the last one zeroes every counter for the next launch
-  int experts, top_k, hidden, inter;
-  const int32_t* live_tokens;
 };
 
 __global__ void __launch_bounds__(kThreads, 3) fused_single_token_kernel(Args a) {
@@ -176,22 +169,12 @@ void experts_fused_single_token(const LaneContext& ctx, const FusedSingleTokenSh
   if (tokens == 0 && !live_tokens) return;
   auto* bytes = static_cast<std::byte*>(workspace);
   Args a{};
-  a.x = x;
-  a.ids = ids;
-  a.weights = weights;
-  a.w13 = w13;
-  a.w2 = w2;
-  a.out = out;
+  static_cast<FusedOperands&>(a) = {x, ids, weights, w13, w2, out, s.experts, s.top_k, s.hidden, s.intermediate, live_tokens};
   a.act = reinterpret_cast<float*>(bytes);
   a.partial = reinterpret_cast<float*>(bytes + act_bytes(s));
   a.quad_done = launch_counters(ctx, counter_words(s), reinterpret_cast<int*>(bytes + act_bytes(s) + partial_bytes(s)));
   a.arrived = a.quad_done + quad_count(s);
   a.left = a.arrived + 1;
-  a.experts = s.experts;
-  a.top_k = s.top_k;
-  a.hidden = s.hidden;
-  a.inter = s.intermediate;
-  a.live_tokens = live_tokens;
   // A multiple of four blocks (a quad's items in one round), all resident at once.
   const int items = s.top_k * (s.intermediate / kTileJ);
   const int resident = resident_blocks(fused_single_token_kernel, kThreads, ctx.device, blocks_per_sm);

@@ -107,8 +107,6 @@ CudaExecutor::CudaExecutor(const Plan& plan, const CommGroups* comm)
   MOEFLOW_CUDA_CHECK(cudaMallocHost(&s.live_tokens_host, sizeof(int32_t)));
   int least = 0, greatest = 0;
   MOEFLOW_CUDA_CHECK(cudaDeviceGetStreamPriorityRange(&least, &greatest));
-  // Each resource goes into the state as soon as it exists, so a failure part-way (out of device
-  // memory, say) leaves nothing behind: State's destructor frees whatever is there.
   // The compute lanes leave the plan's share of SMs to its communication lane (the planner's
   // leave_sms_to_communication says when and why).
   std::vector<bool> communicates(plan.lanes.size(), false);
@@ -117,6 +115,8 @@ CudaExecutor::CudaExecutor(const Plan& plan, const CommGroups* comm)
   const int compute_sms = plan.sms_left_to_communication > 0
                               ? std::max(1, cuda::multiprocessor_count(s.device) - plan.sms_left_to_communication)
                               : 0;
+  // Each resource goes into the state as soon as it exists, so a failure part-way (out of device
+  // memory, say) leaves nothing behind: State's destructor frees whatever is there.
   for (std::size_t l = 0; l < plan.lanes.size(); ++l) {
     cuda::LaneContext& ctx = s.lanes.emplace_back();
     // The critical path (lane 0) goes first when lanes compete for the machine.
