@@ -2,7 +2,7 @@
 # One call on the GPU machine (see the device README): unpack the carried .deb files, build there,
 # run the gpu tests (plain, memcheck, racecheck), the CLI checks of every preset, the CUDA-graph
 # host cost (mode `tests`), or the benchmark sweep (mode `bench`). Everything lands in $OUT.
-# Usage: bash bench/gpu_session.sh tests|full|racecheck|bench|overlap|chunks|decode|timeline|probe|ranks|cutlass|anyt|resources|fused|fusedprof|validate|tune [models] [experts kernels] [tokens] [scopes]
+# Usage: bash bench/gpu_session.sh tests|full|racecheck|bench|overlap|chunks|decode|timeline|layers|probe|ranks|cutlass|anyt|resources|fused|fusedprof|validate|tune [models] [experts kernels] [tokens] [scopes]
 set -uo pipefail
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 mkdir -p /opt/deps && for f in .deps/*.deb; do dpkg -x "$f" /opt/deps; done
@@ -167,6 +167,20 @@ if [[ $mode == cutlass ]]; then
       --experts-kernels ${5:-cuda.cutlass_grouped,cuda.cutlass_grouped_wide,cuda.cublas_grouped_batched,cuda.cublas_padded_to_max,cuda.decode_gemv} --json "$OUT/cutlass_bench.jsonl" \
       > "$OUT/cutlass_bench.log" 2>&1; echo "rc=$?"; grep -v "^skipped" "$OUT/cutlass_bench.log" | tail -50
   fi
+  exit 0
+fi
+if [[ $mode == layers ]]; then
+  # Whole layers as CUDA-graph replays (concurrent plan): the median time and the host's cost of one
+  # replay per model and T, once as planned and once with --no-reuse-memory (every value its own
+  # bytes: no kernel runs in place). Every gpu test first.
+  echo "== gpu tests"; timeout 240 $b/moeflow_gpu_tests --gtest_brief=1 > "$OUT/gpu_tests.log" 2>&1; echo "rc=$?"
+  grep -E "FAILED|Failure|tests ran|PASSED" "$OUT/gpu_tests.log" | head -12
+  for m in ${2:-qwen3-30b-a3b mixtral-8x7b qwen1.5-moe-a2.7b deepseek-v3}; do for t in ${3:-1 8}; do
+    for flags in "" "--no-reuse-memory"; do
+      $b/moeflow run --backend cuda --model $m --tokens $t --plan concurrent --cuda-graph --runs ${RUNS:-300} $flags --json 2>&1 \
+        | python3 -c "import json,sys; r=json.load(sys.stdin); print('%-18s T=%-4s %-18s median %8.1f us  replay host cost %5.1f us' % (sys.argv[1], sys.argv[2], sys.argv[3] or 'as planned', r['median_us'], r['graph_launch_us']))" $m $t "$flags"
+    done
+  done; done | tee "$OUT/layers.txt"
   exit 0
 fi
 if [[ $mode == resources ]]; then

@@ -243,6 +243,10 @@ void sum_rows(const uint16_t* const* addends, int count, int64_t elements, uint1
     MOEFLOW_CUDA_CHECK(cudaMemsetAsync(out, 0, sizeof(uint16_t) * static_cast<size_t>(elements), stream));
     return;
   }
+  // One addend whose bytes the output already is (the memory planner put a layer's reduce in place
+  // over its routed output where no shared expert adds to it): the sum is there, so nothing is
+  // launched (one launch less per layer; bf16 -> fp32 -> bf16 would have rewritten the same bits).
+  if (count == 1 && addends[0] == out) return;
   Addends in{};
   bool vec = aligned16(out);
   for (int a = 0; a < count; ++a) {

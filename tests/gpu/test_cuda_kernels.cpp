@@ -654,6 +654,29 @@ TEST(CudaElementwise, SumRowsAddsInOrderWithOneRounding) {
     }
   }
   EXPECT_THROW(cuda::sum_rows(nullptr, 9, 10, nullptr, nullptr), Error);
+  {
+    // One addend that already is the output (a layer's reduce with no shared expert, planned in
+    // place): nothing to add, so nothing is launched; two addends in place are still summed.
+    const std::vector<uint16_t> h = random_bf16(64, "sum.single", 1.0f), h2 = random_bf16(64, "sum.second", 1.0f);
+    DeviceBuffer<uint16_t> a(h), b(h2);
+    cudaStream_t s = nullptr;
+    ASSERT_EQ(cudaStreamCreate(&s), cudaSuccess);
+    auto nodes_captured = [&](int count) {
+      const uint16_t* ptrs[2] = {a.get(), b.get()};
+      cudaGraph_t graph = nullptr;
+      EXPECT_EQ(cudaStreamBeginCapture(s, cudaStreamCaptureModeThreadLocal), cudaSuccess);
+      cuda::sum_rows(ptrs, count, 64, a.get(), s);
+      EXPECT_EQ(cudaStreamEndCapture(s, &graph), cudaSuccess);
+      size_t nodes = 0;
+      EXPECT_EQ(cudaGraphGetNodes(graph, nullptr, &nodes), cudaSuccess);
+      cudaGraphDestroy(graph);
+      return nodes;
+    };
+    EXPECT_EQ(nodes_captured(1), 0u);
+    EXPECT_EQ(nodes_captured(2), 1u);
+    EXPECT_EQ(a.download(), h);  // captured, never run
+    cudaStreamDestroy(s);
+  }
   DeviceBuffer<uint16_t> zeros(std::vector<uint16_t>(100, 0x3f80));
   cuda::sum_rows(nullptr, 0, 100, zeros.get(), nullptr);
   EXPECT_EQ(zeros.download(), std::vector<uint16_t>(100, 0));
