@@ -171,14 +171,19 @@ if [[ $mode == cutlass ]]; then
 fi
 if [[ $mode == layers ]]; then
   # Whole layers as CUDA-graph replays (concurrent plan): the median time and the host's cost of one
-  # replay per model and T, once as planned and once with --no-reuse-memory (every value its own
-  # bytes: no kernel runs in place). Every gpu test first.
+  # replay per model and T, once as planned and once with $AB (default --no-reuse-memory: every value
+  # its own bytes, no kernel in place; or e.g. AB="--kernel gate=cuda.router_topk"). Every gpu test
+  # first, and the three sanitizers on the tests matching $SAN where it is set.
   echo "== gpu tests"; timeout 240 $b/moeflow_gpu_tests --gtest_brief=1 > "$OUT/gpu_tests.log" 2>&1; echo "rc=$?"
   grep -E "FAILED|Failure|tests ran|PASSED" "$OUT/gpu_tests.log" | head -12
+  for tool in ${SAN:+memcheck racecheck synccheck}; do
+    timeout 100 compute-sanitizer --tool $tool --error-exitcode 9 $b/moeflow_gpu_tests --gtest_brief=1 \
+      --gtest_filter="$SAN" > "$OUT/san_$tool.log" 2>&1; echo "$tool rc=$?: $(tail -n 2 "$OUT/san_$tool.log" | tr '\n' ' ')"
+  done
   for m in ${2:-qwen3-30b-a3b mixtral-8x7b qwen1.5-moe-a2.7b deepseek-v3}; do for t in ${3:-1 8}; do
-    for flags in "" "--no-reuse-memory"; do
+    for flags in "" "${AB:---no-reuse-memory}"; do
       $b/moeflow run --backend cuda --model $m --tokens $t --plan concurrent --cuda-graph --runs ${RUNS:-300} $flags --json 2>&1 \
-        | python3 -c "import json,sys; r=json.load(sys.stdin); print('%-18s T=%-4s %-18s median %8.1f us  replay host cost %5.1f us' % (sys.argv[1], sys.argv[2], sys.argv[3] or 'as planned', r['median_us'], r['graph_launch_us']))" $m $t "$flags"
+        | python3 -c "import json,sys; r=json.load(sys.stdin); print('%-18s T=%-4s %-28s median %8.1f us  replay host cost %5.1f us' % (sys.argv[1], sys.argv[2], sys.argv[3] or 'as planned', r['median_us'], r['graph_launch_us']))" $m $t "$flags"
     done
   done; done | tee "$OUT/layers.txt"
   exit 0

@@ -4,7 +4,9 @@
 #include <string>
 
 #include "graph/error.hpp"
+#include "kernels/cuda/bf16_vec.cuh"
 #include "kernels/cuda/check.cuh"
+#include "kernels/cuda/grid_sync.cuh"
 #include "kernels/cuda/routing.hpp"
 
 namespace moeflow::cuda {
@@ -64,33 +66,29 @@ __device__ __forceinline__ void lane_best(const float* choice, int lane, uint32_
   }
 }
 
-// One warp per token. Per warp in shared memory: scores[E], choice[E] (biased rules only; otherwise
-// choice aliases scores), then for grouped rules gscore[n_group] and kept[n_group].
-__global__ void __launch_bounds__(kWarpsPerBlock * 32)
-    route_kernel(RouteParams p, const float* __restrict__ logits, const float* __restrict__ bias, int64_t tokens,
-                 int32_t* __restrict__ ids, float* __restrict__ weights) {
-  extern __shared__ float smem[];
-  const int warp = static_cast<int>(threadIdx.x) / 32;
-  const int lane = static_cast<int>(threadIdx.x) % 32;
-  const int64_t t = static_cast<int64_t>(blockIdx.x) * kWarpsPerBlock + warp;
-  if (t >= tokens) return;  // whole warps leave; nothing below synchronises beyond the warp
-
+// Token t's routing by one warp. Its shared memory (p.warp_words words): scores[E], choice[E]
+// (biased rules only; otherwise choice aliases scores), then for grouped rules gscore[n_group] and
+// kept[n_group]. kFromL2: the logits were written by other blocks of this launch (L1 would not see
+// them), so they are read from L2.
+template <bool kFromL2>
+__device__ void route_token(const RouteParams& p, const float* __restrict__ logits, const float* __restrict__ bias,
+                            int64_t t, int32_t* __restrict__ ids, float* __restrict__ weights, float* scores, int lane) {
   const int n = p.experts;
-  float* scores = smem + static_cast<size_t>(warp) * p.warp_words;
   float* choice = p.use_bias ? scores + n : scores;
   float* gscore = scores + (p.use_bias ? 2 * n : n);
   int* kept = reinterpret_cast<int*>(gscore + p.n_group);
   const float* row = logits + t * n;
+  auto logit = [&](int e) { return kFromL2 ? __ldcg(row + e) : row[e]; };
 
   // Scores, exactly as routing.cpp computes them (the same operations in the same order).
   if (p.sigmoid) {
-    for (int e = lane; e < n; e += 32) scores[e] = 1.0f / (1.0f + expf(-row[e]));
+    for (int e = lane; e < n; e += 32) scores[e] = 1.0f / (1.0f + expf(-logit(e)));
   } else {
     float m = -__int_as_float(0x7f800000);
-    for (int e = lane; e < n; e += 32) m = fmaxf(m, row[e]);
+    for (int e = lane; e < n; e += 32) m = fmaxf(m, logit(e));
 #pragma unroll
     for (int o = 16; o > 0; o /= 2) m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, o));
-    for (int e = lane; e < n; e += 32) scores[e] = expf(row[e] - m);
+    for (int e = lane; e < n; e += 32) scores[e] = expf(logit(e) - m);
     __syncwarp();
     // The host sums in expert order; a tree sum would differ in the last bits, so one lane adds
     // serially (at most 512 dependent adds, small next to the gate's GEMM).
@@ -185,6 +183,101 @@ __global__ void __launch_bounds__(kWarpsPerBlock * 32)
   }
 }
 
+// One warp per token.
+__global__ void __launch_bounds__(kWarpsPerBlock * 32)
+    route_kernel(RouteParams p, const float* __restrict__ logits, const float* __restrict__ bias, int64_t tokens,
+                 int32_t* __restrict__ ids, float* __restrict__ weights) {
+  extern __shared__ float smem[];
+  const int warp = static_cast<int>(threadIdx.x) / 32;
+  const int lane = static_cast<int>(threadIdx.x) % 32;
+  const int64_t t = static_cast<int64_t>(blockIdx.x) * kWarpsPerBlock + warp;
+  if (t >= tokens) return;  // whole warps leave; nothing below synchronises beyond the warp
+  route_token<false>(p, logits, bias, t, ids, weights, smem + static_cast<size_t>(warp) * p.warp_words, lane);
+}
+
+// A few tokens in one launch: logits[t, e] = x_t · w_e (fp32 from bf16), `per_expert` warps per
+// expert each over a slice of H, summed in a fixed order; the block that finishes last (an integer
+// counter it leaves zero again) then routes every token, one warp each, from the logits the others
+// wrote. Why: at T = 1 cuBLAS's GEMV and the routing kernel are two launches around a few hundred KB
+// of gate weights, and the layer waits for both. The slices are short (small_warps_per_expert): a
+// warp's loads are L2 round trips in a row (at T = 8 on H = 7168, four warps per expert took 34 µs
+// against cuBLAS's 18, eight 26; H100, CUDA graph).
+constexpr int kSmallThreads = 256;
+constexpr int kSmallWarps = kSmallThreads / 32;
+static_assert(kSmallWarps >= kRouteSmallMaxTokens, "the last block routes each token with one warp");
+
+// Warps per expert (1, 2, 4 or 8, dividing kSmallWarps): enough that each walks H in at most two
+// 32-lane steps of 16 bytes where 8 can.
+int small_warps_per_expert(int hidden) {
+  const int vecs = hidden / 8;
+  int per_expert = 1;
+  while (per_expert < kSmallWarps && vecs > 2 * 32 * per_expert) per_expert *= 2;
+  return per_expert;
+}
+
+__global__ void __launch_bounds__(kSmallThreads)
+    logits_and_route_kernel(RouteParams p, const uint16_t* __restrict__ x, const uint16_t* __restrict__ w, int hidden,
+                            int tokens, int per_expert, const float* __restrict__ bias, float* __restrict__ logits,
+                            int32_t* __restrict__ ids, float* __restrict__ weights, int* __restrict__ counter) {
+  extern __shared__ float smem[];  // the routing scratch of kSmallWarps warps
+  __shared__ float partial[kSmallWarps][kRouteSmallMaxTokens];
+  __shared__ bool last;
+  const int warp = static_cast<int>(threadIdx.x) / 32, lane = static_cast<int>(threadIdx.x) % 32;
+  const int experts_per_block = kSmallWarps / per_expert;
+  const int e = static_cast<int>(blockIdx.x) * experts_per_block + warp / per_expert;
+  const int slice = warp % per_expert;
+  const int vecs = hidden / 8;
+  float acc[kRouteSmallMaxTokens] = {};
+  if (e < p.experts) {
+    const uint4* wr = reinterpret_cast<const uint4*>(w + static_cast<int64_t>(e) * hidden);
+    const uint4* xr = reinterpret_cast<const uint4*>(x);
+#pragma unroll 4
+    for (int v = slice * 32 + lane; v < vecs; v += per_expert * 32) {
+      float wv[8];
+      unpack8(__ldg(wr + v), wv);
+#pragma unroll
+      for (int t = 0; t < kRouteSmallMaxTokens; ++t) {
+        if (t >= tokens) break;
+        float xv[8];
+        unpack8(__ldg(xr + static_cast<int64_t>(t) * vecs + v), xv);
+#pragma unroll
+        for (int i = 0; i < 8; ++i) acc[t] = fmaf(wv[i], xv[i], acc[t]);
+      }
+    }
+  }
+#pragma unroll
+  for (int t = 0; t < kRouteSmallMaxTokens; ++t) {
+    if (t >= tokens) break;
+    float v = acc[t];
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+    if (lane == 0) partial[warp][t] = v;
+  }
+  __syncthreads();
+  const int tid = static_cast<int>(threadIdx.x);
+  if (tid < experts_per_block * tokens) {
+    const int local = tid / tokens, t = tid % tokens;
+    const int expert = static_cast<int>(blockIdx.x) * experts_per_block + local;
+    if (expert < p.experts) {
+      float sum = 0.0f;
+      for (int q = 0; q < per_expert; ++q) sum += partial[local * per_expert + q][t];
+      logits[static_cast<int64_t>(t) * p.experts + expert] = sum;
+    }
+  }
+  // Publish this block's logits, then count it; the last block sees every other block's writes.
+  __threadfence();
+  __syncthreads();
+  if (tid == 0) {
+    last = atomicAdd(counter, 1) == static_cast<int>(gridDim.x) - 1;
+    if (last) *counter = 0;  // for the lane's next kernel
+  }
+  __syncthreads();
+  if (!last) return;
+  __threadfence();
+  if (warp < tokens)
+    route_token<true>(p, logits, bias, warp, ids, weights, smem + static_cast<size_t>(warp) * p.warp_words, lane);
+}
+
 // The host's check_rule (routing.cpp), plus this kernel's own limits.
 void check_rule(const RoutingRule& rule, const float* bias) {
   const int e = rule.experts;
@@ -207,12 +300,7 @@ void check_rule(const RoutingRule& rule, const float* bias) {
                std::to_string(e / rule.n_group) + " experts cannot supply top_k = " + std::to_string(rule.top_k));
 }
 
-}  // namespace
-
-void route_tokens(const RoutingRule& rule, const float* logits, const float* bias, int64_t tokens, int32_t* ids,
-                  float* weights, Stream stream) {
-  check_rule(rule, bias);
-  if (tokens <= 0) return;
+RouteParams route_params(const RoutingRule& rule) {
   RouteParams p{};
   p.experts = rule.experts;
   p.top_k = rule.top_k;
@@ -227,11 +315,56 @@ void route_tokens(const RoutingRule& rule, const float* logits, const float* bia
   p.renorm_epsilon = rule.renorm_epsilon;
   p.scale = rule.scale;
   p.warp_words = rule.experts * (p.use_bias ? 2 : 1) + 2 * p.n_group;  // at most 4 * 512 words
+  return p;
+}
+
+}  // namespace
+
+void route_tokens(const RoutingRule& rule, const float* logits, const float* bias, int64_t tokens, int32_t* ids,
+                  float* weights, Stream stream) {
+  check_rule(rule, bias);
+  if (tokens <= 0) return;
+  const RouteParams p = route_params(rule);
   const int64_t blocks = (tokens + kWarpsPerBlock - 1) / kWarpsPerBlock;
   if (blocks > 0x7fffffff) fail_input("cuda routing: " + std::to_string(tokens) + " tokens exceed one grid");
   const size_t smem = sizeof(float) * static_cast<size_t>(p.warp_words) * kWarpsPerBlock;  // <= 32 KiB
   route_kernel<<<static_cast<unsigned>(blocks), kWarpsPerBlock * 32, smem, stream>>>(p, logits, bias, tokens, ids,
                                                                                      weights);
+  MOEFLOW_CUDA_LAUNCH_CHECK();
+}
+
+bool route_small_supported(const RoutingRule& rule, int hidden, int64_t max_tokens, std::string* why) {
+  auto no = [&](std::string reason) {
+    if (why) *why = std::move(reason);
+    return false;
+  };
+  if (max_tokens > kRouteSmallMaxTokens)
+    return no("up to " + std::to_string(max_tokens) + " tokens; one launch routes at most " +
+              std::to_string(kRouteSmallMaxTokens));
+  if (hidden <= 0 || hidden % 8 != 0) return no("H = " + std::to_string(hidden) + " is not a multiple of 8 (16-byte loads)");
+  if (rule.experts <= 0 || rule.experts > kRouteMaxExperts)
+    return no(std::to_string(rule.experts) + " experts; the routing warp takes at most " + std::to_string(kRouteMaxExperts));
+  return true;
+}
+
+int64_t route_small_workspace_bytes() { return 256; }
+
+void route_tokens_small(const LaneContext& ctx, const RoutingRule& rule, const uint16_t* x, const uint16_t* gate_w,
+                        int hidden, int64_t tokens, const float* bias, float* logits, int32_t* ids, float* weights,
+                        void* workspace) {
+  check_rule(rule, bias);
+  if (std::string why; !route_small_supported(rule, hidden, tokens, &why)) fail_input("route_tokens_small: " + why);
+  if (tokens <= 0) return;
+  const RouteParams p = route_params(rule);
+  int* counter = launch_counters(ctx, 1, static_cast<int*>(workspace));
+  const int per_expert = small_warps_per_expert(hidden), experts_per_block = kSmallWarps / per_expert;
+  const unsigned blocks = static_cast<unsigned>((rule.experts + experts_per_block - 1) / experts_per_block);
+  const size_t smem = sizeof(float) * static_cast<size_t>(p.warp_words) * kSmallWarps;  // <= 64 KiB
+  if (smem > 48 * 1024)
+    MOEFLOW_CUDA_CHECK(cudaFuncSetAttribute(logits_and_route_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                            static_cast<int>(smem)));
+  logits_and_route_kernel<<<blocks, kSmallThreads, smem, ctx.stream>>>(p, x, gate_w, hidden, static_cast<int>(tokens),
+                                                                        per_expert, bias, logits, ids, weights, counter);
   MOEFLOW_CUDA_LAUNCH_CHECK();
 }
 

@@ -466,6 +466,25 @@ void register_cuda_kernels(KernelRegistry& r) {
                               c.out<int32_t>(0), c.out<float>(1), lane(c).stream);
          },
          {}}));
+  // A few tokens: logits and routing in one launch of our own (routing.hpp says why).
+  r.add(launching(1, {"gate", Backend::cuda, "cuda.router_small", 1,
+         [](const Graph& g, const Node& n) {
+           if (g.value(n.inputs[0]).dtype() != DType::bf16) return Support::no("x must be bf16 on CUDA");
+           const auto& op = static_cast<const GateOp&>(*n.op);
+           std::string why;
+           if (!cuda::route_small_supported(op.rule(), static_cast<int>(g.value(n.inputs[0]).shape()[1].fixed),
+                                            g.max_tokens_of(n), &why))
+             return Support::no(why);
+           return Support::yes("at most " + std::to_string(cuda::kRouteSmallMaxTokens) +
+                               " tokens: logits (fp32 from bf16, 4 warps per expert) and top-k in one launch");
+         },
+         [](const KernelCall& c) {
+           const auto& op = static_cast<const GateOp&>(*c.node.op);
+           cuda::route_tokens_small(lane(c), op.rule(), bf16_in(c, 0), bf16_in(c, 1), hidden_of(c), c.tokens,
+                                    op.rule().use_bias ? c.in<float>(2) : nullptr, c.out<float>(2), c.out<int32_t>(0),
+                                    c.out<float>(1), c.workspace);
+         },
+         [](const Graph&, const Node&, int64_t) { return cuda::route_small_workspace_bytes(); }}));
   // Four launches with Qwen2-MoE's sigmoid gate, three without.
   r.add(launching(4, {"shared_expert", Backend::cuda, "cuda.cublas_swiglu", 0,
          bf16_kernel("cuBLAS GEMM x*w13^T, SwiGLU kernel, cuBLAS GEMM act*w2^T (sigmoid gate kernel when gated)"),

@@ -309,6 +309,91 @@ TEST(CudaRouting, NoauxTcWithBiasMatchesCpu) {
   check_routing_random(all_kept, 1000, true, "all_groups_kept");
 }
 
+// The one-launch router for a few tokens: its logits against an fp64 sum of the same bf16 values
+// (to fp32 accumulation), its ids and weights exactly what the host's routing makes of those logits,
+// reruns bit-identical, the counter left zero (lane counters) or in scratch (no lane counters).
+TEST(CudaRouting, SmallBatchRouterComputesLogitsAndRoutesThemInOneLaunch) {
+  if (moeflow::cuda::device_count() == 0) GTEST_SKIP() << "no CUDA device";
+  RoutingRule mixtral = make_rule(8, 2, Scoring::softmax, TopKMethod::greedy);
+  mixtral.renormalize = true;
+  RoutingRule v2 = make_rule(160, 6, Scoring::softmax, TopKMethod::group_limited_greedy, 8, 3);
+  v2.scale = 16.0f;
+  RoutingRule v3 = make_rule(256, 8, Scoring::sigmoid, TopKMethod::noaux_tc, 8, 4);
+  v3.use_bias = true;
+  v3.renormalize = true;
+  v3.renorm_epsilon = 1e-20f;
+  v3.scale = 2.5f;
+  const std::pair<std::string, RoutingRule> rules[] = {{"mixtral", mixtral},
+                                                       {"qwen15", make_rule(60, 4, Scoring::softmax, TopKMethod::greedy)},
+                                                       {"v2", v2},
+                                                       {"v3", v3},
+                                                       {"e512k32", make_rule(512, 32, Scoring::softmax, TopKMethod::greedy)}};
+  DeviceBuffer<int> lane_counters(std::vector<int>(4, 0));
+  for (const auto& [name, rule] : rules)
+    for (int hidden : {264, 2048, 7168})  // 1, 4 and 8 warps per expert
+      for (int64_t tokens : {1, 3, cuda::kRouteSmallMaxTokens}) {
+        const std::string what = name + ".H" + std::to_string(hidden) + ".T" + std::to_string(tokens);
+        const int E = rule.experts, k = rule.top_k;
+        const auto x = random_bf16(static_cast<size_t>(tokens * hidden), what + ".x", 1.0f);
+        const auto w = random_bf16(static_cast<size_t>(E) * hidden, what + ".w", 0.05f);
+        const auto bias = random_values(static_cast<size_t>(E), what + ".bias", 0.05f);
+        DeviceBuffer<uint16_t> d_x(x), d_w(w);
+        DeviceBuffer<float> d_bias(bias), d_logits(static_cast<size_t>(tokens * E)), d_weights(static_cast<size_t>(tokens * k));
+        DeviceBuffer<int32_t> d_ids(static_cast<size_t>(tokens * k));
+        DeviceBuffer<int> scratch(std::vector<int>(64, 0));
+        const bool use_lane_counters = tokens != 1;
+        cuda::LaneContext ctx;
+        if (use_lane_counters) {
+          ctx.counters = lane_counters.get();
+          ctx.counter_words = 4;
+        }
+        auto run = [&] {
+          cuda::route_tokens_small(ctx, rule, d_x.get(), d_w.get(), hidden, tokens, rule.use_bias ? d_bias.get() : nullptr,
+                                   d_logits.get(), d_ids.get(), d_weights.get(), scratch.get());
+          sync();
+        };
+        run();
+        const std::vector<float> logits = d_logits.download();
+        const std::vector<float> xf = to_f32(x), wf = to_f32(w);
+        for (int64_t t = 0; t < tokens; ++t)
+          for (int e = 0; e < E; ++e) {
+            double sum = 0, magnitude = 0;
+            for (int h = 0; h < hidden; ++h) {
+              const double term = static_cast<double>(xf[t * hidden + h]) * wf[static_cast<size_t>(e) * hidden + h];
+              sum += term;
+              magnitude += std::fabs(term);
+            }
+            ASSERT_NEAR(logits[t * E + e], sum, 1e-5 * magnitude + 1e-30) << what << " t " << t << " e " << e;
+          }
+        std::vector<int32_t> ids(static_cast<size_t>(tokens * k));
+        std::vector<float> weights(ids.size());
+        cpu::route_tokens(rule, logits.data(), rule.use_bias ? bias.data() : nullptr, tokens, ids.data(), weights.data());
+        const std::vector<int32_t> got_ids = d_ids.download();
+        const std::vector<float> got_weights = d_weights.download();
+        // As route_tokens: the same ids as the host's, except where the host's own values tie within
+        // 1e-6 at the decisive place (the device's expf may differ by 2 ulp).
+        for (int64_t t = 0; t < tokens; ++t) {
+          const auto want = ids.begin() + t * k;
+          if (!std::equal(want, want + k, got_ids.begin() + t * k)) {
+            EXPECT_TRUE(has_near_tie(rule, logits.data() + t * E, bias.data())) << what << ": token " << t << " ids differ";
+            continue;
+          }
+          for (int j = 0; j < k; ++j)
+            ASSERT_NEAR(got_weights[t * k + j], weights[t * k + j], 1e-6 * std::fabs(weights[t * k + j])) << what;
+        }
+        run();
+        EXPECT_EQ(d_ids.download(), got_ids) << what << ": rerun";
+        EXPECT_EQ(0, std::memcmp(d_logits.download().data(), logits.data(), logits.size() * 4)) << what << ": rerun bits";
+        EXPECT_EQ(0, std::memcmp(d_weights.download().data(), got_weights.data(), got_weights.size() * 4)) << what;
+        EXPECT_EQ((use_lane_counters ? lane_counters : scratch).download()[0], 0) << what << ": counter left zero";
+      }
+  std::string why;
+  EXPECT_FALSE(cuda::route_small_supported(mixtral, 2048, cuda::kRouteSmallMaxTokens + 1, &why));
+  EXPECT_NE(why.find("tokens"), std::string::npos) << why;
+  EXPECT_FALSE(cuda::route_small_supported(mixtral, 2044, 1, &why));
+  EXPECT_NE(why.find("multiple of 8"), std::string::npos) << why;
+}
+
 TEST(CudaRouting, ExactTiesGoToLowerIndexAsOnCpu) {
   if (moeflow::cuda::device_count() == 0) GTEST_SKIP() << "no CUDA device";
   const int64_t tokens = 500;

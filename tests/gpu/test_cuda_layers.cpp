@@ -249,6 +249,21 @@ TEST(CudaExpertsChoice, HugeExpertsTakeThePaddedGemmUnlessCaptured) {
   EXPECT_EQ(experts_kernel(qwen3, 8192, false).kernel->name, "cuda.cutlass_grouped_wide");
 }
 
+// Planning only (no device needed): a gate of at most 4 tokens takes the one-launch router, more
+// tokens keep cuBLAS's logits and the routing kernel, on every preset.
+TEST(CudaGateChoice, OneLaunchRouterUpToFourTokens) {
+  const KernelRegistry& r = KernelRegistry::builtin();
+  for (const char* preset : {"mixtral-8x7b", "qwen3-30b-a3b", "qwen1.5-moe-a2.7b", "deepseek-v3"}) {
+    const MoEConfig config = load_config(preset);
+    for (int64_t tokens : {1, 4, 5, 64}) {
+      const Graph g = build_moe_layer(config, {.max_tokens = tokens, .dtype = DType::bf16});
+      const Node& gate = g.node(*g.find_node("gate"));
+      const KernelChoice choice = r.select(g, gate, Backend::cuda, {}, true);
+      EXPECT_EQ(choice.kernel->name, tokens <= 4 ? "cuda.router_small" : "cuda.router_topk") << preset << " T=" << tokens;
+    }
+  }
+}
+
 // An id outside [0, E) contributes nothing, whichever experts kernel runs: the output of the same
 // routing with that choice sent to a real expert at weight 0, to rounding (the GEMMs may order their
 // sums differently for other row counts). The rows no expert owns hold whatever each kernel left
