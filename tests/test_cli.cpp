@@ -146,6 +146,27 @@ TEST(Cli, BadInputIsOneLineAndStatusTwo) {
   expect_bad_input(std::string("run ") + kSmallQwen + " --tokens 4 --chunks two", "two");
   expect_bad_input(std::string("run ") + kSmallQwen + " --tokens 4 --max-tokens 8 --chunk-tokens 9", "exceeds the maximum tokens 8");
   expect_bad_input("bench --backend cpu --models mixtral-8x7b --tokens 4 --plans graph-any", "plan 'graph-any'");
+  expect_bad_input("bench --backend cpu --models mixtral-8x7b --tokens 4 --passes 0", "--passes");
+  expect_bad_input("bench --backend cpu --models mixtral-8x7b --tokens 4 --passes two", "two");
+}
+
+TEST(Cli, BenchPassesRepeatTheSweepAndSummariseEachPoint) {
+  const fs::path json = temp_dir() / "passes.jsonl";
+  const Result r = run_moeflow(
+      "bench --backend cpu --models qwen1.5-moe-a2.7b --set hidden_size=128 --set moe_intermediate_size=32 "
+      "--set shared_expert_intermediate_size=64 --threads 2 --runs 1 --budget 0 --tokens 4,9 --plans serial "
+      "--scope experts --passes 3 --json " + json.string());
+  EXPECT_EQ(r.status, 0) << r.output;
+  EXPECT_THAT(r.output, HasSubstr("== pass 3 of 3"));
+  EXPECT_THAT(r.output, HasSubstr("over passes"));
+  EXPECT_THAT(r.output, HasSubstr("scope=experts preset=qwen1.5-moe-a2.7b T=9 chunks=1 plan=serial"));
+  std::ifstream in(json);
+  std::multiset<std::pair<int, int>> seen;  // (pass, T)
+  for (std::string line; std::getline(in, line);) {
+    const auto row = nlohmann::json::parse(line);
+    seen.insert({row.at("pass").get<int>(), row.at("T").get<int>()});
+  }
+  EXPECT_EQ(seen, (std::multiset<std::pair<int, int>>{{0, 4}, {0, 9}, {1, 4}, {1, 9}, {2, 4}, {2, 9}}));
 }
 
 TEST(Cli, TuningCacheFlagsAndTuneWithoutAGpu) {

@@ -4,6 +4,7 @@
 #include <tbb/info.h>
 
 #include "bench/cpu_bench.hpp"
+#include "bench/pass_summary.hpp"
 #ifdef MOEFLOW_HAVE_CUDA
 #include "bench/cuda/cuda_bench.hpp"
 #include "kernels/cuda/device.hpp"
@@ -32,6 +33,7 @@ Command add_bench_command(CLI::App& app) {
     uint64_t seed = 0;
     int min_runs = 10;
     double budget_s = 1.0;
+    int passes = 1;
     std::string json;
     ParallelFlags parallel;
     std::vector<std::string> dispatches;
@@ -58,7 +60,9 @@ Command add_bench_command(CLI::App& app) {
   sub->add_option("--seed", f->seed, "seed of the random weights and inputs");
   sub->add_option("--runs", f->min_runs, "timed runs per row at least")->check(CLI::PositiveNumber);
   sub->add_option("--budget", f->budget_s, "seconds of timed runs per row to aim for")->check(CLI::NonNegativeNumber);
-  sub->add_option("--json", f->json, "write the rows, one JSON object per line, as they are measured");
+  sub->add_option("--passes", f->passes, "run the whole sweep this many times over and summarise each point's median over the passes and their spread (drift of the machine then shows as spread, not as a bias against the rows measured last)")
+      ->check(CLI::PositiveNumber);
+  sub->add_option("--json", f->json, "write the rows, one JSON object per line, as they are measured (with their pass)");
   f->parallel.add_to(*sub, false);
   sub->add_option("--dispatches", f->dispatches, "dispatch kinds to measure in turn under mpirun (default: all three)")
       ->delimiter(',')
@@ -84,6 +88,7 @@ Command add_bench_command(CLI::App& app) {
       if (b.base.plan.backend == Backend::cuda && !comm::have_nccl())
         fail_resource("bench --backend cuda with ranks needs the NCCL transport, and this build has none");
       if (!comm::mpi_started()) fail_input("bench --dp/--tp/--ep: start moeflow under mpirun");
+      if (f->passes != 1) fail_input("bench with ranks: --passes is not supported (each point already runs on every rank)");
       b.base.layout = f->parallel.layout({f->tokens.front()}, load_config(f->models.front(), f->sets), comm::mpi_world_size());
       b.base.threads = f->threads > 0 ? f->threads : std::max(1, tbb::info::default_concurrency() / b.base.layout.world());
       b.base.seed = f->seed;
@@ -102,9 +107,16 @@ Command add_bench_command(CLI::App& app) {
       json_out.open(f->json);
       if (!json_out) fail_input("--json: cannot write '" + f->json + "'");
     }
+    int pass = 0;
     auto on_row = [&](const nlohmann::json& row) {
-      if (json_out.is_open()) json_out << row.dump() << std::endl;
+      if (!json_out.is_open()) return;
+      nlohmann::json with_pass = row;
+      if (f->passes > 1) with_pass["pass"] = pass;
+      json_out << with_pass.dump() << std::endl;
     };
+    std::vector<nlohmann::json> all_rows;
+    for (pass = 0; pass < f->passes; ++pass) {
+    if (f->passes > 1) std::cout << "== pass " << pass + 1 << " of " << f->passes << "\n";
     std::vector<nlohmann::json> rows;
     if (f->backend == "cuda") {
 #ifdef MOEFLOW_HAVE_CUDA
@@ -141,6 +153,9 @@ Command add_bench_command(CLI::App& app) {
     o.budget_s = f->budget_s;
     rows = run_cpu_bench(o, std::cout, on_row);
     }
+    all_rows.insert(all_rows.end(), rows.begin(), rows.end());
+    }
+    if (f->passes > 1) print_pass_summary(summarize_passes(all_rows), std::cout);
     return 0;
   };
 }

@@ -1,0 +1,71 @@
+#include "bench/pass_summary.hpp"
+
+#include <algorithm>
+#include <iomanip>
+#include <ostream>
+#include <string>
+
+namespace moeflow {
+
+namespace {
+
+// What tells two rows of a sweep apart; the timings and what follows from them do not.
+constexpr const char* kKeyFields[] = {"scope", "preset", "T", "chunks", "plan", "experts_kernel"};
+
+nlohmann::json key_of(const nlohmann::json& row) {
+  nlohmann::json key = nlohmann::json::object();
+  for (const char* field : kKeyFields)
+    if (row.contains(field)) key[field] = row[field];
+  return key;
+}
+
+double median_of(std::vector<double> v) {
+  std::sort(v.begin(), v.end());
+  const std::size_t n = v.size();
+  return n % 2 ? v[n / 2] : 0.5 * (v[n / 2 - 1] + v[n / 2]);
+}
+
+}  // namespace
+
+std::vector<PassPoint> summarize_passes(const std::vector<nlohmann::json>& rows) {
+  std::vector<PassPoint> points;
+  std::vector<double> floors;
+  for (const nlohmann::json& row : rows) {
+    if (!row.contains("time_us")) continue;
+    const nlohmann::json key = key_of(row);
+    auto it = std::find_if(points.begin(), points.end(), [&](const PassPoint& p) { return p.key == key; });
+    if (it == points.end()) {
+      points.push_back(PassPoint{key, {}, 0.0, 0.0, 0.0});
+      floors.push_back(row.value("floor_us", 0.0));
+      it = points.end() - 1;
+    }
+    it->time_us.push_back(row["time_us"].get<double>());
+  }
+  for (std::size_t i = 0; i < points.size(); ++i) {
+    PassPoint& p = points[i];
+    p.median_us = median_of(p.time_us);
+    const auto [lo, hi] = std::minmax_element(p.time_us.begin(), p.time_us.end());
+    p.spread = p.median_us > 0 ? (*hi - *lo) / p.median_us : 0.0;
+    p.ratio_floor = floors[i] > 0 ? p.median_us / floors[i] : 0.0;
+  }
+  return points;
+}
+
+void print_pass_summary(const std::vector<PassPoint>& points, std::ostream& out) {
+  out << "over passes: median of the passes' medians, spread = (max - min) / median\n";
+  for (const PassPoint& p : points) {
+    std::string key;
+    for (const char* field : kKeyFields) {
+      if (!p.key.contains(field)) continue;
+      const nlohmann::json& value = p.key[field];
+      key += (key.empty() ? "" : " ") + std::string(field) + "=" + (value.is_string() ? value.get<std::string>() : value.dump());
+    }
+    out << "  " << std::left << std::setw(90) << key << std::right << std::fixed << std::setprecision(1)
+        << std::setw(10) << p.median_us << " us  x floor " << std::setprecision(2) << p.ratio_floor << "  spread "
+        << std::setprecision(1) << 100.0 * p.spread << "%  passes";
+    for (double t : p.time_us) out << " " << std::setprecision(1) << t;
+    out << "\n";
+  }
+}
+
+}  // namespace moeflow
