@@ -21,12 +21,12 @@ if [[ $mode == ranks ]]; then
   grep -E "MOEFLOW_NCCL|MOEFLOW_MPI" $b/CMakeCache.txt | head -3
   ngpu=$(nvidia-smi -L | wc -l)
   MPI="timeout ${3:-200} mpirun --allow-run-as-root --oversubscribe -x NCCL_NVLS_ENABLE -x LD_LIBRARY_PATH -x PATH"
-  part=${4:-all}  # tests | bench | all | quick (the gpu lowering tests, then the alltoall bench at 4096 tokens per rank)
+  part=${4:-all}  # tests | bench | all | quick (the gpu lowering tests, then the alltoall bench at $TOKENS, default 4096, tokens per rank)
   if [[ $part == quick ]]; then
     n=$ngpu
     $MPI -np $n $b/moeflow_mpi_tests --gtest_filter='Layouts/LoweredGpu*' > "$OUT/ranks_tests_$n.log" 2>&1; echo "tests rc=$?"
     grep -E "PASSED|FAILED|Failure|rel_norm" "$OUT/ranks_tests_$n.log" | head -10
-    $MPI -np $n $b/moeflow bench --backend cuda --models ${2:-deepseek-v3,qwen3-30b-a3b} --tokens 4096 --dp $n --ep \
+    $MPI -np $n $b/moeflow bench --backend cuda --models ${2:-deepseek-v3,qwen3-30b-a3b} --tokens ${TOKENS:-4096} --dp $n --ep \
       --dispatches alltoall --chunks 1,2 --plans serial,concurrent --runs ${RUNS:-30} --json "$OUT/ranks_quick_$n.jsonl" > "$OUT/ranks_quick_$n.log" 2>&1
     echo "bench rc=$?"; tail -12 "$OUT/ranks_quick_$n.log"
     exit 0

@@ -19,7 +19,9 @@
 #include "graph/chunk.hpp"
 #include "graph/dot.hpp"
 #include "graph/error.hpp"
+#include "kernels/comm/row_exchange.hpp"
 #include "kernels/common/random.hpp"
+#include "ops/comm_ops.hpp"
 #include "ops/moe_layer.hpp"
 
 namespace moeflow::cli {
@@ -326,7 +328,7 @@ bool combine_side(const Node& n) {
   return op == "reduce_scatter" || op == "alltoall_combine" || (gather && gather->group() == CommGroup::tp);
 }
 
-Exchange exchange_of(const RankFigures& f, RankSession& session, int rank, int ranks) {
+Exchange exchange_of(const RankFigures& f, RankSession& session, int rank) {
   const Graph& g = session.graph();
   Exchange x;
   for (std::size_t i = 0; i < f.trace.events.size(); ++i) {
@@ -347,16 +349,7 @@ Exchange exchange_of(const RankFigures& f, RankSession& session, int rank, int r
       }
       if (e.op == "all_gather") sent = static_cast<double>(mine * (members - 1)) * row_bytes;
       if (e.op == "reduce_scatter") sent = static_cast<double>(op->total_rows() - mine) * row_bytes;
-      if (e.op == "alltoall_dispatch" || e.op == "alltoall_combine") {
-        const ValueId counts_value = e.op == "alltoall_dispatch" ? n.outputs[4] : n.inputs[2];
-        const std::vector<int32_t> counts = session.read_i32(counts_value, 2 * ranks);
-        const Value& rows = g.value(n.inputs[0]);
-        const double hidden_bytes = static_cast<double>(rows.shape().elements(1) * static_cast<int64_t>(dtype_size(rows.dtype())));
-        const int offset = e.op == "alltoall_dispatch" ? 0 : ranks;  // rows sent out, or rows sent back
-        const double per_row = e.op == "alltoall_dispatch" ? row_bytes : hidden_bytes;
-        for (int r = 0; r < ranks; ++r)
-          if (r != rank) sent += counts[static_cast<std::size_t>(offset + r)] * per_row;
-      }
+      // The alltoall's bytes are the routed rows' (routed_alltoall_bytes), whatever its kernel moved.
     }
     if (dispatch_side(n)) {
       x.dispatch_us += us;
@@ -369,6 +362,53 @@ Exchange exchange_of(const RankFigures& f, RankSession& session, int rank, int r
     }
   }
   return x;
+}
+
+// The bytes the alltoall exchanges route, whatever layout their kernel moved them in (the fixed-block
+// kernel also moves padding): each token goes once to every other rank owning one of its experts
+// (counted from its ids, read after the run) and comes back from it; what a rank receives is what
+// the others send it (exchanged on the host). {dispatch, combine} bytes this rank sends, or {-1, -1}
+// where the graph has no alltoall. Every rank must call it (the exchange).
+std::pair<double, double> routed_alltoall_bytes(RankSession& session, comm::Communicator& all) {
+  const Graph& g = session.graph();
+  const int rank = all.rank(), ranks = all.size();
+  std::vector<int64_t> sent(static_cast<std::size_t>(ranks), 0);
+  double row_bytes = 0, hidden_bytes = 0;
+  bool any = false;
+  for (const Node& n : g.nodes()) {
+    const auto* op = dynamic_cast<const AlltoallDispatchOp*>(n.op.get());
+    if (op == nullptr) continue;
+    any = true;
+    row_bytes = 0;
+    for (ValueId v : n.inputs) {
+      const Value& val = g.value(v);
+      if (val.shape()[0].symbolic()) row_bytes += static_cast<double>(val.shape().elements(1) * static_cast<int64_t>(dtype_size(val.dtype())));
+    }
+    const Value& x = g.value(n.inputs[0]);
+    hidden_bytes = static_cast<double>(x.shape().elements(1) * static_cast<int64_t>(dtype_size(x.dtype())));
+    const int64_t rows = op->rows()[static_cast<std::size_t>(rank)];
+    const int k = op->top_k(), per_rank = op->experts_per_rank();
+    const std::vector<int32_t> ids = session.read_i32(n.inputs[1], rows * k);
+    std::vector<char> to(static_cast<std::size_t>(ranks));
+    for (int64_t t = 0; t < rows; ++t) {
+      std::fill(to.begin(), to.end(), 0);
+      for (int j = 0; j < k; ++j) {
+        const int32_t e = ids[static_cast<std::size_t>(t * k + j)];
+        if (per_rank == 0) std::fill(to.begin(), to.end(), 1);
+        else if (e >= 0 && e / per_rank < ranks) to[static_cast<std::size_t>(e / per_rank)] = 1;
+      }
+      for (int r = 0; r < ranks; ++r)
+        if (r != rank && to[static_cast<std::size_t>(r)]) ++sent[static_cast<std::size_t>(r)];
+    }
+  }
+  if (!any) return {-1.0, -1.0};
+  const std::vector<int64_t> received = comm::exchange_counts(all, sent);
+  double out = 0, back = 0;
+  for (int r = 0; r < ranks; ++r) {
+    out += static_cast<double>(sent[static_cast<std::size_t>(r)]) * row_bytes;
+    if (r != rank) back += static_cast<double>(received[static_cast<std::size_t>(r)]) * hidden_bytes;
+  }
+  return {out, back};
 }
 
 // One bench point measured on every rank: [0] layer time, [1] dispatch, [2] combine, [3] compute
@@ -390,10 +430,18 @@ PointFigures measure_point(const RankRunRequest& q0, const std::string& scope, R
                           {.scope = scope, .chunks = q.chunking.chunks, .dtype = gpu ? DType::bf16 : DType::f32});
   // The exchanges' counts are read after the run: their buffers must not be reused by then.
   for (const Node& n : graph->nodes())
-    if (n.op->kind() == "alltoall_dispatch") q.plan.keep_values.push_back(graph->value(n.outputs[4]).name);
+    if (n.op->kind() == "alltoall_dispatch") {
+      q.plan.keep_values.push_back(graph->value(n.outputs[4]).name);
+      if (!graph->value(n.inputs[1]).is_graph_input())  // the ids: routed_alltoall_bytes reads them
+        q.plan.keep_values.push_back(graph->value(n.inputs[1]).name);
+    }
   auto session = make_rank_session(q, comms, graph);
   const RankFigures f = run_in_step(*session, q, all, q.layout.tokens_of(rank), 5);
-  const Exchange x = exchange_of(f, *session, rank, ranks);
+  Exchange x = exchange_of(f, *session, rank);
+  if (const auto [out, back] = routed_alltoall_bytes(*session, all); out >= 0) {
+    x.dispatch_bytes += out;
+    x.combine_bytes += back;
+  }
   // The transport's own all-to-all of the same bytes, in this run: every rank sends each other rank
   // the mean over ranks of what the exchanges sent (all ranks must pass the same size).
   const float sent[2] = {static_cast<float>(x.dispatch_bytes), static_cast<float>(x.combine_bytes)};

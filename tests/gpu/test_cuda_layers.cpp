@@ -7,6 +7,7 @@
 
 #include "bench/cuda/cuda_session.hpp"
 #include "bench/multi_rank.hpp"
+#include "ops/comm_ops.hpp"
 #include "tests/family_cases.hpp"
 #include "graph/error.hpp"
 #include "kernels/cuda/device.hpp"
@@ -261,6 +262,36 @@ TEST(CudaGateChoice, OneLaunchRouterUpToFourTokens) {
       const KernelChoice choice = r.select(g, gate, Backend::cuda, {}, true);
       EXPECT_EQ(choice.kernel->name, tokens <= 4 ? "cuda.router_small" : "cuda.router_topk") << preset << " T=" << tokens;
     }
+  }
+}
+
+// Planning only (no device needed): the alltoall dispatch moves rows in fixed blocks where a token
+// seldom misses a rank (k = 8 over 2 ranks: 0.4% expected padding), and counts them on the host
+// where blocks would carry more (k = 8 over 4 ranks: 10.01%, just past the 10% bound; k = 2: 56%).
+TEST(CudaAlltoallChoice, FixedBlocksWhereLittlePaddingIsExpected) {
+  struct Case {
+    const char* preset;
+    std::vector<std::string> sets;
+    int ranks;
+    const char* kernel;
+  };
+  const Case cases[] = {{"deepseek-v3", {}, 2, "nccl.alltoall_blocks"},
+                        {"qwen3-30b-a3b", {}, 2, "nccl.alltoall_blocks"},
+                        {"qwen3-30b-a3b", {}, 4, "nccl.alltoall_v"},
+                        {"mixtral-8x7b", {}, 4, "nccl.alltoall_v"},
+                        {"qwen3-30b-a3b", {"num_experts_per_tok=2"}, 4, "nccl.alltoall_v"}};
+  for (const Case& c : cases) {
+    MoEConfig config = load_config(c.preset, c.sets);
+    ParallelLayout layout{.dp = c.ranks, .tp = 1, .ep = true, .dispatch = DispatchKind::alltoall, .tokens = {}};
+    for (int r = 0; r < c.ranks; ++r) layout.tokens.push_back(64 + r);
+    check_layout(layout, config, c.ranks);
+    const auto g = rank_graph(config, layout, 1, {.scope = "layer", .dtype = DType::bf16});
+    const Node* dispatch = nullptr;
+    for (const Node& n : g->nodes())
+      if (n.op->kind() == "alltoall_dispatch") dispatch = &n;
+    ASSERT_NE(dispatch, nullptr) << c.preset;
+    const KernelChoice choice = KernelRegistry::builtin().select(*g, *dispatch, Backend::cuda, {}, false);
+    EXPECT_EQ(choice.kernel->name, c.kernel) << c.preset << " over " << c.ranks << " ranks: " << choice.reason;
   }
 }
 

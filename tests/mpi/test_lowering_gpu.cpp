@@ -26,11 +26,13 @@ struct GpuCase {
   int tp;
   int chunks;
   Policy policy = Policy::serial;
+  std::string dispatch_kernel = {};  // forced on the alltoall dispatch; empty: the planner's choice
 };
 
 std::string gpu_case_name(const GpuCase& c) {
   std::string n = std::string(to_string(c.kind)) + (c.ep ? "_ep" : "_split_I") + "_tp" + std::to_string(c.tp) + "_chunks" +
-                  std::to_string(c.chunks) + "_" + to_string(c.policy);
+                  std::to_string(c.chunks) + "_" + to_string(c.policy) +
+                  (c.dispatch_kernel.empty() ? std::string() : "_" + c.dispatch_kernel.substr(c.dispatch_kernel.find('.') + 1));
   for (char& ch : n)
     if (ch == '-') ch = '_';
   return n;
@@ -64,6 +66,7 @@ TEST_P(LoweredGpu, EveryRankMatchesOneGpuOnItsTokens) {
   o.plan.backend = Backend::cuda;
   o.plan.policy = c.policy;
   o.plan.device = device;
+  if (!c.dispatch_kernel.empty()) o.plan.forced_kernels["alltoall_dispatch"] = c.dispatch_kernel;
   o.comm = &nccl.groups;
   CudaSession s(rank_graph(config, layout, rank, {.scope = "layer", .chunks = c.chunks, .dtype = DType::bf16}), o);
   s.set_tokens(layout.tokens_of(rank));
@@ -86,6 +89,12 @@ std::vector<GpuCase> gpu_cases() {
           if (ep || k != DispatchKind::alltoall) all.push_back({k, ep, tp, chunks});
   all.push_back({DispatchKind::alltoall, true, 1, 2, Policy::concurrent});
   all.push_back({DispatchKind::allgather, false, 2, 2, Policy::concurrent});
+  // Both alltoall dispatch kernels whichever the planner would take on this many ranks: the rows
+  // counted on the host, and the fixed blocks (uneven tokens per rank, empty chunk rows included).
+  for (const char* kernel : {"nccl.alltoall_v", "nccl.alltoall_blocks"}) {
+    for (int chunks : {1, 2}) all.push_back({DispatchKind::alltoall, true, 1, chunks, Policy::serial, kernel});
+    all.push_back({DispatchKind::alltoall, true, 2, 2, Policy::concurrent, kernel});
+  }
   return all;
 }
 
