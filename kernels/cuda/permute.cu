@@ -296,43 +296,30 @@ __global__ void __launch_bounds__(kRowThreads)
 
 // ---- the alltoall's fixed blocks ------------------------------------------------------------------
 
-// A routed (t, j)'s slot, from its place in the owner-rank order to its place in the blocks of
-// `capacity` rows per rank: rank r's i-th row at r · capacity + i.
-__global__ void place_by_rank_kernel(const int32_t* __restrict__ dest, int64_t n, const int32_t* __restrict__ offsets,
-                                     int64_t capacity, int32_t* __restrict__ slot_of) {
-  const int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (i >= n || slot_of[i] < 0) return;
-  const int r = dest[i];
-  slot_of[i] = static_cast<int32_t>(r * capacity + slot_of[i] - offsets[r]);
-}
-
-// Padded row p = r · capacity + i: rank r's i-th row (its token row, ids and weights) where r has
-// that many, else ids -1 and weights 0 (a row no expert reads). Rank `me`'s block goes to `self`.
-template <bool kVec>
-__global__ void __launch_bounds__(kRowThreads)
-    pack_by_rank_kernel(const uint16_t* __restrict__ x, const int32_t* __restrict__ ids, const float* __restrict__ weights,
-                        const int32_t* __restrict__ row_source, const int32_t* __restrict__ offsets, int ranks, int me,
-                        int64_t capacity, int top_k, int hidden, int shift, RankBlocks send, RankBlocks self) {
-  const int64_t p = (static_cast<int64_t>(blockIdx.x) << (kRowThreadsLog2 - shift)) + (threadIdx.x >> shift);
-  if (p >= ranks * capacity) return;
-  const int r = static_cast<int>(p / capacity);
-  const int64_t i = p - r * capacity;
-  const RankBlocks& to = r == me ? self : send;
-  const int64_t row = r == me ? i : p;
-  const int sub = static_cast<int>(threadIdx.x) & ((1 << shift) - 1);
-  const bool routed = i < offsets[r + 1] - offsets[r];
-  const int64_t src = routed ? row_source[offsets[r] + i] / top_k : -1;
-  for (int j = sub; j < top_k; j += 1 << shift) {
-    to.ids[row * top_k + j] = routed ? ids[src * top_k + j] : -1;
-    to.weights[row * top_k + j] = routed ? weights[src * top_k + j] : 0.0f;
+// Token t of `tokens`: each choice's slot (owner rank r's block, row t: r * tokens + t, for the
+// first choice a rank owns; -1 for later choices of the same rank), and in every rank's block the
+// token's ids and weights where that rank owns one of its choices, else ids -1 and weights 0.
+__global__ void mark_token_blocks_kernel(const int32_t* __restrict__ ids, const float* __restrict__ weights,
+                                         int64_t tokens, int top_k, int experts_per_rank, int ranks, int me,
+                                         int32_t* __restrict__ slot_of, TokenBlocks send, TokenBlocks self) {
+  const int64_t t = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (t >= tokens) return;
+  uint64_t owners = 0;
+  for (int j = 0; j < top_k; ++j) {
+    const int32_t id = ids[t * top_k + j];
+    const int owner = id >= 0 && id / experts_per_rank < ranks ? id / experts_per_rank : -1;
+    const bool first = owner >= 0 && !(owners >> owner & 1u);
+    if (first) owners |= uint64_t{1} << owner;
+    slot_of[t * top_k + j] = first ? static_cast<int32_t>(owner * tokens + t) : -1;
   }
-  if (!routed) return;
-  if constexpr (kVec) {
-    const uint4* s = reinterpret_cast<const uint4*>(x + src * hidden);
-    uint4* d = reinterpret_cast<uint4*>(to.rows + row * hidden);
-    for (int v = sub; v < hidden / 8; v += 1 << shift) d[v] = s[v];
-  } else {
-    for (int h = sub; h < hidden; h += 1 << shift) to.rows[row * hidden + h] = x[src * hidden + h];
+  for (int r = 0; r < ranks; ++r) {
+    const TokenBlocks& to = r == me ? self : send;
+    const int64_t row = r == me ? t : r * tokens + t;
+    const bool routed = owners >> r & 1u;
+    for (int j = 0; j < top_k; ++j) {
+      to.ids[row * top_k + j] = routed ? ids[t * top_k + j] : -1;
+      to.weights[row * top_k + j] = routed ? weights[t * top_k + j] : 0.0f;
+    }
   }
 }
 
@@ -389,30 +376,17 @@ void owner_ranks(const int32_t* ids, int64_t tokens, int top_k, int experts_per_
   MOEFLOW_CUDA_LAUNCH_CHECK();
 }
 
-void place_by_rank(const int32_t* dest, int64_t n, const int32_t* offsets, int64_t capacity, int32_t* slot_of,
-                   Stream stream) {
-  if (n <= 0) return;
-  place_by_rank_kernel<<<flat_blocks(n), kFlatThreads, 0, stream>>>(dest, n, offsets, capacity, slot_of);
-  MOEFLOW_CUDA_LAUNCH_CHECK();
-}
-
-void pack_by_rank(const uint16_t* x, const int32_t* ids, const float* weights, const int32_t* row_source,
-                  const int32_t* offsets, int ranks, int me, int64_t capacity, int top_k, int hidden,
-                  const RankBlocks& send, const RankBlocks& self, Stream stream) {
-  if (ranks <= 0 || me < 0 || me >= ranks || capacity < 0 || top_k <= 0 || hidden <= 0)
-    fail_input("cuda pack_by_rank: ranks = " + std::to_string(ranks) + ", me = " + std::to_string(me) +
-               ", capacity = " + std::to_string(capacity) + ", top_k = " + std::to_string(top_k) +
-               ", hidden = " + std::to_string(hidden));
-  const int64_t rows = ranks * capacity;
-  if (rows == 0) return;
-  const bool vec = hidden % 8 == 0 && aligned16(x) && aligned16(send.rows) && aligned16(self.rows);
-  const RowGrid g = row_grid(rows, vec ? hidden / 8 : hidden, "cuda pack_by_rank");
-  if (vec)
-    pack_by_rank_kernel<true><<<g.blocks, kRowThreads, 0, stream>>>(x, ids, weights, row_source, offsets, ranks, me,
-                                                                    capacity, top_k, hidden, g.shift, send, self);
-  else
-    pack_by_rank_kernel<false><<<g.blocks, kRowThreads, 0, stream>>>(x, ids, weights, row_source, offsets, ranks, me,
-                                                                     capacity, top_k, hidden, g.shift, send, self);
+void mark_token_blocks(const int32_t* ids, const float* weights, int64_t tokens, int top_k, int experts_per_rank,
+                       int ranks, int me, int32_t* slot_of, const TokenBlocks& send, const TokenBlocks& self,
+                       Stream stream) {
+  if (ranks <= 0 || ranks > kMostBlockRanks || me < 0 || me >= ranks || top_k <= 0 || experts_per_rank <= 0)
+    fail_input("cuda mark_token_blocks: ranks = " + std::to_string(ranks) + " (at most " +
+               std::to_string(kMostBlockRanks) + "), me = " + std::to_string(me) + ", top_k = " +
+               std::to_string(top_k) + ", experts_per_rank = " + std::to_string(experts_per_rank));
+  if (tokens <= 0) return;
+  mark_token_blocks_kernel<<<flat_blocks(tokens), kFlatThreads, 0, stream>>>(ids, weights, tokens, top_k,
+                                                                             experts_per_rank, ranks, me, slot_of,
+                                                                             send, self);
   MOEFLOW_CUDA_LAUNCH_CHECK();
 }
 

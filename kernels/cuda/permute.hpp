@@ -59,24 +59,20 @@ void drop_unrouted_slots(const int32_t* local_ids, int64_t n, int32_t* slot_of, 
 // choice of token t already goes to that rank: each row goes once to each rank owning its experts.
 void owner_ranks(const int32_t* ids, int64_t tokens, int top_k, int experts_per_rank, int32_t* dest, Stream stream);
 
-// The alltoall in blocks of fixed size (each rank sends every rank `capacity` rows: as many as it
-// has tokens, since a token goes at most once to each rank), so no count has to reach the host.
-// One rank's block of rows [capacity, H] with their ids and weights [capacity, k].
-struct RankBlocks {
-  uint16_t* rows = nullptr;
+// The alltoall in blocks of fixed size, in token order: rank q's block for every rank r is q's
+// token rows x [T_q, H] as they are (sent from x itself, no copy), with ids and weights [T_q, k]
+// that are the token's own where r owns one of its choices and -1 / 0 (a row no expert reads)
+// elsewhere. So no count has to reach the host and no row is gathered.
+struct TokenBlocks {
   int32_t* ids = nullptr;
   float* weights = nullptr;
 };
-// slot_of [n] from build_permutation over owner ranks (dest [n], offsets [ranks + 1]): each routed
-// slot s of rank r = dest[i] becomes r * capacity + (s - offsets[r]); -1 stays -1.
-void place_by_rank(const int32_t* dest, int64_t n, const int32_t* offsets, int64_t capacity, int32_t* slot_of,
-                   Stream stream);
-// Row p = r * capacity + i of the blocks: rank r's i-th row in owner-rank order (x's token row
-// row_source / k, its ids and weights), or, past rank r's count, ids -1 and weights 0 (its x row is
-// left as it is: no expert reads it). Rank `me`'s block is written to `self` (rows 0..capacity),
-// every other rank's to `send` at row p.
-void pack_by_rank(const uint16_t* x, const int32_t* ids, const float* weights, const int32_t* row_source,
-                  const int32_t* offsets, int ranks, int me, int64_t capacity, int top_k, int hidden,
-                  const RankBlocks& send, const RankBlocks& self, Stream stream);
+inline constexpr int kMostBlockRanks = 64;  // a token's owner ranks fit one 64-bit mask
+// slot_of [T, k]: the first choice of token t that rank r owns gets r * T + t (its row in the
+// blocks coming back), later choices of that rank -1. send: every rank's block, rank r's rows at
+// r * T (rank me's unused); self: rank me's own block.
+void mark_token_blocks(const int32_t* ids, const float* weights, int64_t tokens, int top_k, int experts_per_rank,
+                       int ranks, int me, int32_t* slot_of, const TokenBlocks& send, const TokenBlocks& self,
+                       Stream stream);
 
 }  // namespace moeflow::cuda

@@ -2,8 +2,9 @@
 // (NCCL), ordered on the node's lane stream. The alltoall dispatch routes rows by destination rank
 // with the same permutation kernels as the expert dispatch (destination = owner rank, each row once
 // per rank). nccl.alltoall_v needs the per-rank counts on the host (NCCL's send/receive sizes): it
-// synchronises its stream once and exchanges them through MPI. nccl.alltoall_blocks sends blocks of
-// fixed size instead (rows a rank does not need marked with id -1): no host round trip. Either way
+// synchronises its stream once and exchanges them through MPI. nccl.alltoall_blocks sends every
+// token row to every rank instead (those a rank does not need marked with id -1): no host round
+// trip and no gather. Either way
 // the counts (or block sizes) stay in pinned host memory, so the way back starts without waiting for
 // the device.
 #include <cuda_runtime.h>
@@ -86,19 +87,14 @@ DispatchScratch dispatch_scratch(std::byte* base, int64_t rows, int top_k, int r
   return s;
 }
 
-// Workspace of the fixed-block alltoall dispatch: owner ranks, their permutation and one block of
-// `rows` rows per rank to send (the own block unused: it is written where it is received).
+// Workspace of the fixed-block alltoall dispatch: every rank's block of ids and weights ([rows, k]
+// each; the rows themselves are sent from x as they are).
 struct BlockScratch {
-  int32_t* dest;
-  int32_t* offsets;
-  int32_t* row_source;
-  void* sort;
-  std::size_t sort_bytes;
-  cuda::RankBlocks send;
+  cuda::TokenBlocks send;
   int64_t bytes;
 };
 
-BlockScratch block_scratch(std::byte* base, int64_t rows, int top_k, int ranks, int hidden) {
+BlockScratch block_scratch(std::byte* base, int64_t rows, int top_k, int ranks) {
   BlockScratch s{};
   int64_t at = 0;
   auto take = [&](int64_t bytes) {
@@ -106,12 +102,6 @@ BlockScratch block_scratch(std::byte* base, int64_t rows, int top_k, int ranks, 
     at += aligned(bytes);
     return p;
   };
-  s.dest = reinterpret_cast<int32_t*>(take(4 * rows * top_k));
-  s.offsets = reinterpret_cast<int32_t*>(take(4 * (ranks + 1)));
-  s.row_source = reinterpret_cast<int32_t*>(take(4 * rows * top_k));
-  s.sort_bytes = cuda::permutation_workspace_bytes(rows, top_k, ranks);
-  s.sort = take(static_cast<int64_t>(s.sort_bytes));
-  s.send.rows = reinterpret_cast<uint16_t*>(take(2 * ranks * rows * hidden));
   s.send.ids = reinterpret_cast<int32_t*>(take(4 * ranks * rows * top_k));
   s.send.weights = reinterpret_cast<float*>(take(4 * ranks * rows * top_k));
   s.bytes = at;
@@ -264,11 +254,12 @@ void register_cuda_comm_kernels(KernelRegistry& r) {
   dispatch.launches = 8;
   r.add(std::move(dispatch));
 
-  // The same exchange in blocks of fixed size: rank q sends every rank a block of as many rows as q
-  // has tokens (a token goes at most once to each rank), the rows a rank does not need marked with
-  // id -1. Neither the receive layout nor NCCL's sizes then depend on the routing: no counts to the
-  // host, no synchronisation, no MPI exchange, and the packing needs no host value either. It moves
-  // the padding too, so it is planned where little is expected (expected_padding).
+  // The same exchange in blocks of fixed size: rank q sends every rank its T_q token rows as they are
+  // (from x itself), with the ids and weights of each token where that rank owns one of its choices
+  // and id -1 (a row no expert reads) elsewhere. Neither the receive layout nor NCCL's sizes depend
+  // on the routing: no counts to the host, no synchronisation, no MPI exchange, no row gathered. It
+  // moves the rows a rank does not need too, so it is planned where few are expected
+  // (expected_padding).
   KernelEntry blocks{
       "alltoall_dispatch", Backend::cuda, "nccl.alltoall_blocks", 1,
       [](const Graph& g, const Node& n) {
@@ -276,12 +267,14 @@ void register_cuda_comm_kernels(KernelRegistry& r) {
         if (op.experts_per_rank() == 0)
           return Support::no("alltoall without --ep sends every row to every rank: use allgather on the GPU");
         const int ranks = static_cast<int>(op.rows().size());
+        if (ranks > cuda::kMostBlockRanks)
+          return Support::no(std::to_string(ranks) + " ranks; the blocks take at most " + std::to_string(cuda::kMostBlockRanks));
         const double pad = expected_padding(ranks, op.top_k());
-        return device_transport(g, n, "rows in fixed blocks (as many per rank as the sender has tokens; about " +
-                                          std::to_string(static_cast<int>(100 * pad + 0.5)) +
-                                          "% padding for k = " + std::to_string(op.top_k()) + " over " +
-                                          std::to_string(ranks) + " ranks), NCCL send/recv with no counts on the "
-                                          "host and no synchronisation");
+        return device_transport(g, n, "every token row to every rank as it is, ids -1 where that rank owns none of its "
+                                      "choices (about " + std::to_string(static_cast<int>(100 * pad + 0.5)) +
+                                      "% of rows for k = " + std::to_string(op.top_k()) + " over " +
+                                      std::to_string(ranks) + " ranks): no counts on the host, no synchronisation, "
+                                      "no gather");
       },
       [](const KernelCall& c) {
         const auto& op = static_cast<const AlltoallDispatchOp&>(*c.node.op);
@@ -291,29 +284,29 @@ void register_cuda_comm_kernels(KernelRegistry& r) {
         const int hidden = static_cast<int>(width_of(c.input_value(0)));
         const int64_t rows = op.rows()[static_cast<std::size_t>(me)];
         const int64_t most = *std::max_element(op.rows().begin(), op.rows().end());
-        const BlockScratch s = block_scratch(static_cast<std::byte*>(c.workspace), most, k, ranks, hidden);
-        int32_t* slot_of = c.out<int32_t>(3);
+        const BlockScratch s = block_scratch(static_cast<std::byte*>(c.workspace), most, k, ranks);
         // Block sizes: `rows` to every rank, each rank's own token count from it (host values).
         const std::vector<int64_t> sent(static_cast<std::size_t>(ranks), rows);
-        std::vector<int64_t> received(op.rows().begin(), op.rows().end());
-        const comm::RowBlocks out_rows = comm::row_blocks(sent, hidden), in_rows = comm::row_blocks(received, hidden);
-        const comm::RowBlocks out_k = comm::row_blocks(sent, k), in_k = comm::row_blocks(received, k);
+        const std::vector<int64_t> received(op.rows().begin(), op.rows().end());
+        const comm::RowBlocks in_rows = comm::row_blocks(received, hidden), in_k = comm::row_blocks(received, k);
+        const comm::RowBlocks out_k = comm::row_blocks(sent, k);
+        // x goes to every rank from x itself: every block starts at its first row.
+        comm::RowBlocks out_rows{std::vector<int64_t>(static_cast<std::size_t>(ranks), rows * hidden),
+                                 std::vector<int64_t>(static_cast<std::size_t>(ranks), 0)};
         const auto me_at = static_cast<std::size_t>(me);
         if (rows > 0) {
-          cuda::owner_ranks(c.in<int32_t>(1), rows, k, op.experts_per_rank(), s.dest, stream);
-          cuda::build_permutation(s.dest, rows, k, ranks, s.offsets, slot_of, s.row_source, s.sort, s.sort_bytes, stream);
-          cuda::drop_unrouted_slots(s.dest, rows * k, slot_of, stream);
-          cuda::place_by_rank(s.dest, rows * k, s.offsets, rows, slot_of, stream);
-          // The own block straight to where it is received; the others' into the send blocks.
-          const cuda::RankBlocks self{c.out<uint16_t>(0) + in_rows.offsets[me_at], c.out<int32_t>(1) + in_k.offsets[me_at],
-                                      c.out<float>(2) + in_k.offsets[me_at]};
-          cuda::pack_by_rank(c.in<uint16_t>(0), c.in<int32_t>(1), c.in<float>(2), s.row_source, s.offsets, ranks, me, rows,
-                             k, hidden, s.send, self, stream);
+          const cuda::TokenBlocks self{c.out<int32_t>(1) + in_k.offsets[me_at], c.out<float>(2) + in_k.offsets[me_at]};
+          cuda::mark_token_blocks(c.in<int32_t>(1), c.in<float>(2), rows, k, op.experts_per_rank(), ranks, me,
+                                  c.out<int32_t>(3), s.send, self, stream);
+          // The own block: x copied to where the others' blocks are received.
+          MOEFLOW_CUDA_CHECK(cudaMemcpyAsync(c.out<uint16_t>(0) + in_rows.offsets[me_at], c.in<uint16_t>(0),
+                                             static_cast<std::size_t>(rows * hidden) * 2, cudaMemcpyDeviceToDevice,
+                                             stream));
         }
         const comm::RowBlocks out_rows_p = comm::without_self(out_rows, me), in_rows_p = comm::without_self(in_rows, me);
         const comm::RowBlocks out_k_p = comm::without_self(out_k, me), in_k_p = comm::without_self(in_k, me);
         g.group_start();
-        g.all_to_all_v(s.send.rows, out_rows_p.counts.data(), out_rows_p.offsets.data(), c.outputs[0],
+        g.all_to_all_v(c.inputs[0], out_rows_p.counts.data(), out_rows_p.offsets.data(), c.outputs[0],
                        in_rows_p.counts.data(), in_rows_p.offsets.data(), comm::Element::bf16);
         g.all_to_all_v(s.send.ids, out_k_p.counts.data(), out_k_p.offsets.data(), c.outputs[1], in_k_p.counts.data(),
                        in_k_p.offsets.data(), comm::Element::i32);
@@ -325,14 +318,12 @@ void register_cuda_comm_kernels(KernelRegistry& r) {
         std::copy(sent.begin(), sent.end(), counts);
         std::copy(received.begin(), received.end(), counts + ranks);
       },
-      [](const Graph& gr, const Node& n, int64_t) {
+      [](const Graph&, const Node& n, int64_t) {
         const auto& op = static_cast<const AlltoallDispatchOp&>(*n.op);
         const int64_t most = *std::max_element(op.rows().begin(), op.rows().end());
-        return block_scratch(nullptr, most, op.top_k(), static_cast<int>(op.rows().size()),
-                             static_cast<int>(width_of(gr.value(n.inputs[0]))))
-            .bytes;
+        return block_scratch(nullptr, most, op.top_k(), static_cast<int>(op.rows().size())).bytes;
       }};
-  blocks.launches = 6;
+  blocks.launches = 3;
   blocks.priority_on = [](const Graph&, const Node& n) {
     const auto& op = static_cast<const AlltoallDispatchOp&>(*n.op);
     return expected_padding(static_cast<int>(op.rows().size()), op.top_k()) <= kMostPadding ? 1 : -1;
