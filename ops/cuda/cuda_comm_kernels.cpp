@@ -12,6 +12,8 @@
 #include <algorithm>
 #include <cmath>
 #include <functional>
+#include <iomanip>
+#include <sstream>
 #include <string>
 #include <vector>
 
@@ -270,8 +272,10 @@ void register_cuda_comm_kernels(KernelRegistry& r) {
         if (ranks > cuda::kMostBlockRanks)
           return Support::no(std::to_string(ranks) + " ranks; the blocks take at most " + std::to_string(cuda::kMostBlockRanks));
         const double pad = expected_padding(ranks, op.top_k());
+        std::ostringstream percent;
+        percent << std::fixed << std::setprecision(1) << 100 * pad;
         return device_transport(g, n, "every token row to every rank as it is, ids -1 where that rank owns none of its "
-                                      "choices (about " + std::to_string(static_cast<int>(100 * pad + 0.5)) +
+                                      "choices (about " + percent.str() +
                                       "% of rows for k = " + std::to_string(op.top_k()) + " over " +
                                       std::to_string(ranks) + " ranks): no counts on the host, no synchronisation, "
                                       "no gather");
