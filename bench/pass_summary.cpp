@@ -10,7 +10,9 @@ namespace moeflow {
 namespace {
 
 // What tells two rows of a sweep apart; the timings and what follows from them do not.
-constexpr const char* kKeyFields[] = {"scope", "preset", "T", "chunks", "plan", "experts_kernel"};
+// (experts_kernel_asked: two rows that asked for different kernels stay apart even where the
+// planner's choice, experts_kernel, is the same.)
+constexpr const char* kKeyFields[] = {"scope", "preset", "T", "chunks", "plan", "experts_kernel_asked", "experts_kernel"};
 
 nlohmann::json key_of(const nlohmann::json& row) {
   nlohmann::json key = nlohmann::json::object();

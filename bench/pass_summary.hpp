@@ -11,7 +11,7 @@
 namespace moeflow {
 
 struct PassPoint {
-  nlohmann::json key;             // the row's identifying fields (scope, preset, T, chunks, plan, experts_kernel)
+  nlohmann::json key;             // the row's identifying fields (scope, preset, T, chunks, plan, experts kernels)
   std::vector<double> time_us;    // one per pass, in pass order
   double median_us = 0.0;
   double spread = 0.0;            // (max - min) / median_us

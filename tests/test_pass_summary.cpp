@@ -39,6 +39,13 @@ TEST(PassSummary, GroupsRowsByPointWithMedianAndSpread) {
   EXPECT_DOUBLE_EQ(points[2].median_us, 21.0);  // one slow pass moves the spread, not the median
   EXPECT_DOUBLE_EQ(points[2].spread, 10.0 / 21.0);
 
+  // Rows that asked for different kernels stay apart, though the planner chose the same one.
+  nlohmann::json asked_auto = row(2, "serial", 5.0), asked_x = row(2, "serial", 9.0);
+  asked_auto["experts_kernel_asked"] = "auto";
+  asked_x["experts_kernel_asked"] = "cuda.x";
+  asked_auto["experts_kernel"] = asked_x["experts_kernel"] = "cuda.x";
+  EXPECT_EQ(summarize_passes({asked_auto, asked_x, asked_auto, asked_x}).size(), 2u);
+
   // An even number of passes: the mean of the middle two.
   const std::vector<PassPoint> two = summarize_passes({row(4, "serial", 10.0), row(4, "serial", 14.0)});
   ASSERT_EQ(two.size(), 1u);

@@ -106,6 +106,7 @@ std::vector<nlohmann::json> run_cuda_bench(const CudaBenchOptions& o, std::ostre
             nlohmann::json row = bench_row(scope, config.name, T, plan_name,
                                            s.plan().lanes.size(), kernel_names, t, floor, o.input_sets);
             row["experts_kernel"] = experts_kernel;
+            row["experts_kernel_asked"] = kernel.empty() ? "auto" : kernel;  // --experts-kernels (what tells rows apart)
             row["chunks"] = chunks;
             row["gpu"] = gpu;
             if (serial_time.count(kernel)) row["ratio_serial"] = t.median_s / serial_time[kernel];

@@ -279,9 +279,9 @@ std::vector<int32_t> CudaSession::read_i32(ValueId v, int64_t count) {
   if (plan_.graph->value(v).dtype() != DType::i32)
     fail_input("read_i32: value '" + plan_.graph->value(v).name + "' is " + plan_.graph->value(v).type_str());
   std::vector<int32_t> h(static_cast<std::size_t>(count));
-  // A graph input is the current input set's; any other value may live in pinned host memory (the
-  // plan's host arena): cudaMemcpyDefault reads either.
-  const void* src = plan_.graph->value(v).is_graph_input() ? inputs_[static_cast<std::size_t>(set_)]->data(v)
+  // An input is the current input set's; any other value may live in pinned host memory (the plan's
+  // host arena): cudaMemcpyDefault reads either.
+  const void* src = plan_.buffer(v).arena == Arena::inputs ? inputs_[static_cast<std::size_t>(set_)]->data(v)
                                                            : executor_->data(v);
   MOEFLOW_CUDA_CHECK(cudaMemcpy(h.data(), src, h.size() * 4, cudaMemcpyDefault));
   return h;

@@ -318,6 +318,14 @@ RouteParams route_params(const RoutingRule& rule) {
   return p;
 }
 
+// Shared memory of logits_and_route_kernel: its dynamic routing scratch (kSmallWarps warps) and its
+// static partial sums and flag.
+constexpr std::size_t kSmallSharedBytes = 48 * 1024;
+std::size_t small_router_shared_bytes(const RouteParams& p) {
+  return sizeof(float) * static_cast<std::size_t>(p.warp_words) * kSmallWarps +
+         sizeof(float) * kSmallWarps * kRouteSmallMaxTokens + 16;
+}
+
 }  // namespace
 
 void route_tokens(const RoutingRule& rule, const float* logits, const float* bias, int64_t tokens, int32_t* ids,
@@ -344,6 +352,12 @@ bool route_small_supported(const RoutingRule& rule, int hidden, int64_t max_toke
   if (hidden <= 0 || hidden % 8 != 0) return no("H = " + std::to_string(hidden) + " is not a multiple of 8 (16-byte loads)");
   if (rule.experts <= 0 || rule.experts > kRouteMaxExperts)
     return no(std::to_string(rule.experts) + " experts; the routing warp takes at most " + std::to_string(kRouteMaxExperts));
+  // The routing scratch of every warp and the kernel's own partial sums must fit the 48 KiB a block
+  // gets without opting in (the two-launch router takes larger rules).
+  const std::size_t scratch = small_router_shared_bytes(route_params(rule));
+  if (scratch > kSmallSharedBytes)
+    return no(std::to_string(scratch) + " bytes of shared memory for " + std::to_string(rule.experts) + " experts in " +
+              std::to_string(rule.n_group) + " groups; one block has " + std::to_string(kSmallSharedBytes));
   return true;
 }
 
@@ -359,10 +373,7 @@ void route_tokens_small(const LaneContext& ctx, const RoutingRule& rule, const u
   int* counter = launch_counters(ctx, 1, static_cast<int*>(workspace));
   const int per_expert = small_warps_per_expert(hidden), experts_per_block = kSmallWarps / per_expert;
   const unsigned blocks = static_cast<unsigned>((rule.experts + experts_per_block - 1) / experts_per_block);
-  const size_t smem = sizeof(float) * static_cast<size_t>(p.warp_words) * kSmallWarps;  // <= 64 KiB
-  if (smem > 48 * 1024)
-    MOEFLOW_CUDA_CHECK(cudaFuncSetAttribute(logits_and_route_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                            static_cast<int>(smem)));
+  const size_t smem = sizeof(float) * static_cast<size_t>(p.warp_words) * kSmallWarps;  // fits: route_small_supported
   logits_and_route_kernel<<<blocks, kSmallThreads, smem, ctx.stream>>>(p, x, gate_w, hidden, static_cast<int>(tokens),
                                                                         per_expert, bias, logits, ids, weights, counter);
   MOEFLOW_CUDA_LAUNCH_CHECK();

@@ -476,7 +476,7 @@ void register_cuda_kernels(KernelRegistry& r) {
                                             g.max_tokens_of(n), &why))
              return Support::no(why);
            return Support::yes("at most " + std::to_string(cuda::kRouteSmallMaxTokens) +
-                               " tokens: logits (fp32 from bf16, 4 warps per expert) and top-k in one launch");
+                               " tokens: logits (fp32 from bf16, 1-8 warps per expert by H) and top-k in one launch");
          },
          [](const KernelCall& c) {
            const auto& op = static_cast<const GateOp&>(*c.node.op);
