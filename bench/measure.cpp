@@ -20,13 +20,18 @@ Timing time_runs(const std::function<double(int)>& run_once, int warmup, int min
     times.push_back(s);
     spent += s;
   }
-  std::sort(times.begin(), times.end());
+  return timing_of(std::move(times));
+}
+
+Timing timing_of(std::vector<double> samples) {
   Timing t;
-  t.runs = static_cast<int>(times.size());
-  const std::size_t mid = times.size() / 2;
-  t.median_s = times.size() % 2 ? times[mid] : 0.5 * (times[mid - 1] + times[mid]);
-  t.min_s = times.front();
-  t.max_s = times.back();
+  t.runs = static_cast<int>(samples.size());
+  if (samples.empty()) return t;
+  std::sort(samples.begin(), samples.end());
+  const std::size_t mid = samples.size() / 2;
+  t.median_s = samples.size() % 2 ? samples[mid] : 0.5 * (samples[mid - 1] + samples[mid]);
+  t.min_s = samples.front();
+  t.max_s = samples.back();
   return t;
 }
 

@@ -20,6 +20,9 @@ struct Timing {
   int runs = 0;
 };
 
+// Median (of an even count: the mean of the middle two), minimum and maximum of `samples` seconds.
+Timing timing_of(std::vector<double> samples);
+
 // Warm-up runs, then at least `min_runs` timed runs, more while the budget lasts (up to max_runs).
 // `run_once(i)` runs iteration i (so callers can rotate over input sets) and returns its seconds.
 Timing time_runs(const std::function<double(int)>& run_once, int warmup, int min_runs, int max_runs, double budget_s);

@@ -5,6 +5,8 @@
 #include <ostream>
 #include <string>
 
+#include "bench/measure.hpp"
+
 namespace moeflow {
 
 namespace {
@@ -19,12 +21,6 @@ nlohmann::json key_of(const nlohmann::json& row) {
   for (const char* field : kKeyFields)
     if (row.contains(field)) key[field] = row[field];
   return key;
-}
-
-double median_of(std::vector<double> v) {
-  std::sort(v.begin(), v.end());
-  const std::size_t n = v.size();
-  return n % 2 ? v[n / 2] : 0.5 * (v[n / 2 - 1] + v[n / 2]);
 }
 
 }  // namespace
@@ -45,9 +41,9 @@ std::vector<PassPoint> summarize_passes(const std::vector<nlohmann::json>& rows)
   }
   for (std::size_t i = 0; i < points.size(); ++i) {
     PassPoint& p = points[i];
-    p.median_us = median_of(p.time_us);
-    const auto [lo, hi] = std::minmax_element(p.time_us.begin(), p.time_us.end());
-    p.spread = p.median_us > 0 ? (*hi - *lo) / p.median_us : 0.0;
+    const Timing t = timing_of(p.time_us);  // the runs' statistics, here over passes and in µs
+    p.median_us = t.median_s;
+    p.spread = p.median_us > 0 ? (t.max_s - t.min_s) / p.median_us : 0.0;
     p.ratio_floor = floors[i] > 0 ? p.median_us / floors[i] : 0.0;
   }
   return points;

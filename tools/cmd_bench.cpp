@@ -1,5 +1,6 @@
 // `moeflow bench`: the benchmark sweep (bench/cpu_bench.hpp) from the command line.
 #include <fstream>
+#include <functional>
 #include <iostream>
 #include <tbb/info.h>
 
@@ -114,10 +115,8 @@ Command add_bench_command(CLI::App& app) {
       if (f->passes > 1) with_pass["pass"] = pass;
       json_out << with_pass.dump() << std::endl;
     };
-    std::vector<nlohmann::json> all_rows;
-    for (pass = 0; pass < f->passes; ++pass) {
-    if (f->passes > 1) std::cout << "== pass " << pass + 1 << " of " << f->passes << "\n";
-    std::vector<nlohmann::json> rows;
+    // The sweep, set up once; --passes runs it that many times over.
+    std::function<std::vector<nlohmann::json>()> sweep;
     if (f->backend == "cuda") {
 #ifdef MOEFLOW_HAVE_CUDA
       CudaBenchOptions o;
@@ -132,28 +131,32 @@ Command add_bench_command(CLI::App& app) {
       o.min_runs = std::max(f->min_runs, 50);
       o.input_sets = std::max(f->input_sets, 8);
       if (cuda::device_count() == 0) fail_resource("bench --backend cuda: no CUDA device here");
-      rows = run_cuda_bench(o, std::cout, on_row);
+      sweep = [o, &on_row] { return run_cuda_bench(o, std::cout, on_row); };
 #else
       fail_resource("bench --backend cuda: this build has no CUDA backend");
 #endif
     } else {
-    for (const std::string& p : f->plans)
-      if (p == "graph" || p == "graph-any") fail_input("bench: plan '" + p + "' (CUDA graph replay) needs --backend cuda");
-    BenchOptions o;
-    o.input_sets = f->input_sets;
-    o.models = f->models;
-    o.sets = f->sets;
-    o.tokens = f->tokens;
-    for (const std::string& p : f->plans) o.plans.push_back(parse_policy(p));
-    o.scopes = scopes;
-    o.chunks = f->chunks;
-    o.threads = f->threads > 0 ? f->threads : tbb::info::default_concurrency();
-    o.seed = f->seed;
-    o.min_runs = f->min_runs;
-    o.budget_s = f->budget_s;
-    rows = run_cpu_bench(o, std::cout, on_row);
+      for (const std::string& p : f->plans)
+        if (p == "graph" || p == "graph-any") fail_input("bench: plan '" + p + "' (CUDA graph replay) needs --backend cuda");
+      BenchOptions o;
+      o.input_sets = f->input_sets;
+      o.models = f->models;
+      o.sets = f->sets;
+      o.tokens = f->tokens;
+      for (const std::string& p : f->plans) o.plans.push_back(parse_policy(p));
+      o.scopes = scopes;
+      o.chunks = f->chunks;
+      o.threads = f->threads > 0 ? f->threads : tbb::info::default_concurrency();
+      o.seed = f->seed;
+      o.min_runs = f->min_runs;
+      o.budget_s = f->budget_s;
+      sweep = [o, &on_row] { return run_cpu_bench(o, std::cout, on_row); };
     }
-    all_rows.insert(all_rows.end(), rows.begin(), rows.end());
+    std::vector<nlohmann::json> all_rows;
+    for (pass = 0; pass < f->passes; ++pass) {
+      if (f->passes > 1) std::cout << "== pass " << pass + 1 << " of " << f->passes << "\n";
+      const std::vector<nlohmann::json> rows = sweep();
+      all_rows.insert(all_rows.end(), rows.begin(), rows.end());
     }
     if (f->passes > 1) print_pass_summary(summarize_passes(all_rows), std::cout);
     return 0;

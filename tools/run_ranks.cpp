@@ -387,19 +387,18 @@ std::pair<double, double> routed_alltoall_bytes(RankSession& session, comm::Comm
     const Value& x = g.value(n.inputs[0]);
     hidden_bytes = static_cast<double>(x.shape().elements(1) * static_cast<int64_t>(dtype_size(x.dtype())));
     const int64_t rows = op->rows()[static_cast<std::size_t>(rank)];
-    const int k = op->top_k(), per_rank = op->experts_per_rank();
+    const int k = op->top_k();
+    const comm::ExpertOwners owners{op->experts_per_rank()};
     const std::vector<int32_t> ids = session.read_i32(n.inputs[1], rows * k);
-    std::vector<char> to(static_cast<std::size_t>(ranks));
-    for (int64_t t = 0; t < rows; ++t) {
-      std::fill(to.begin(), to.end(), 0);
-      for (int j = 0; j < k; ++j) {
-        const int32_t e = ids[static_cast<std::size_t>(t * k + j)];
-        if (per_rank == 0) std::fill(to.begin(), to.end(), 1);
-        else if (e >= 0 && e / per_rank < ranks) to[static_cast<std::size_t>(e / per_rank)] = 1;
+    for (int64_t t = 0; t < rows; ++t)
+      for (int r = 0; r < ranks; ++r) {
+        if (r == rank) continue;
+        for (int j = 0; j < k; ++j)
+          if (owners.owns(r, ids[static_cast<std::size_t>(t * k + j)])) {
+            ++sent[static_cast<std::size_t>(r)];
+            break;
+          }
       }
-      for (int r = 0; r < ranks; ++r)
-        if (r != rank && to[static_cast<std::size_t>(r)]) ++sent[static_cast<std::size_t>(r)];
-    }
   }
   if (!any) return {-1.0, -1.0};
   const std::vector<int64_t> received = comm::exchange_counts(all, sent);

@@ -110,6 +110,39 @@ BlockScratch block_scratch(std::byte* base, int64_t rows, int top_k, int ranks) 
   return s;
 }
 
+// What both alltoall dispatch kernels start from.
+struct DispatchCall {
+  const AlltoallDispatchOp& op;
+  comm::Communicator& group;
+  cudaStream_t stream;
+  int ranks, me, k, hidden;
+  int64_t rows, most;  // this rank's tokens, and the most any rank has (what the scratch is sized for)
+};
+DispatchCall dispatch_call(const KernelCall& c) {
+  const auto& op = static_cast<const AlltoallDispatchOp&>(*c.node.op);
+  comm::Communicator& g = group(c, op.group());
+  return {op, g, lane_of(c).stream, g.size(), g.rank(), op.top_k(), static_cast<int>(width_of(c.input_value(0))),
+          op.rows()[static_cast<std::size_t>(g.rank())], *std::max_element(op.rows().begin(), op.rows().end())};
+}
+
+// Rows, ids and weights (k-wide rows) to the other ranks in one NCCL group, one launch for all
+// three: sent as out_rows and out_k lay them out, received into the node's first three outputs as
+// in_rows and in_k say. The own rank's blocks are left out (each kernel places them itself).
+void send_to_others(const DispatchCall& d, const KernelCall& c, const void* rows, const void* ids, const void* weights,
+                    const comm::RowBlocks& out_rows, const comm::RowBlocks& out_k, const comm::RowBlocks& in_rows,
+                    const comm::RowBlocks& in_k) {
+  const comm::RowBlocks out_rows_p = comm::without_self(out_rows, d.me), in_rows_p = comm::without_self(in_rows, d.me);
+  const comm::RowBlocks out_k_p = comm::without_self(out_k, d.me), in_k_p = comm::without_self(in_k, d.me);
+  d.group.group_start();
+  d.group.all_to_all_v(rows, out_rows_p.counts.data(), out_rows_p.offsets.data(), c.outputs[0], in_rows_p.counts.data(),
+                       in_rows_p.offsets.data(), comm::Element::bf16);
+  d.group.all_to_all_v(ids, out_k_p.counts.data(), out_k_p.offsets.data(), c.outputs[1], in_k_p.counts.data(),
+                       in_k_p.offsets.data(), comm::Element::i32);
+  d.group.all_to_all_v(weights, out_k_p.counts.data(), out_k_p.offsets.data(), c.outputs[2], in_k_p.counts.data(),
+                       in_k_p.offsets.data(), comm::Element::f32);
+  d.group.group_end();
+}
+
 // The share of fixed-block rows that carry nothing with uniform routing: a token has none of its
 // k experts on a given other rank with probability about (1 - 1/ranks)^k.
 double expected_padding(int ranks, int top_k) { return std::pow(1.0 - 1.0 / ranks, top_k); }
@@ -165,13 +198,12 @@ void register_cuda_comm_kernels(KernelRegistry& r) {
                                       "(a rank's rows for itself copied beside the transfer)");
       },
       [](const KernelCall& c) {
-        const auto& op = static_cast<const AlltoallDispatchOp&>(*c.node.op);
-        comm::Communicator& g = group(c, op.group());
-        const cudaStream_t stream = lane_of(c).stream;
-        const int ranks = g.size(), me = g.rank(), k = op.top_k();
-        const int hidden = static_cast<int>(width_of(c.input_value(0)));
-        const int64_t rows = op.rows()[static_cast<std::size_t>(me)];
-        const int64_t most = *std::max_element(op.rows().begin(), op.rows().end());
+        const DispatchCall d = dispatch_call(c);
+        const auto& op = d.op;
+        comm::Communicator& g = d.group;
+        const cudaStream_t stream = d.stream;
+        const int ranks = d.ranks, me = d.me, k = d.k, hidden = d.hidden;
+        const int64_t rows = d.rows, most = d.most;
         const DispatchScratch s = dispatch_scratch(static_cast<std::byte*>(c.workspace), most, k, ranks, hidden);
         int32_t* slot_of = c.out<int32_t>(3);
         int32_t* counts = c.out<int32_t>(4);  // pinned host memory: written here, read by the way back
@@ -223,17 +255,7 @@ void register_cuda_comm_kernels(KernelRegistry& r) {
           cuda::gather_rows(reinterpret_cast<const uint16_t*>(c.in<float>(2)), s.row_source, total, k, 2 * k,
                             reinterpret_cast<uint16_t*>(s.send_weights), stream, skip);
         }
-        // Rows, ids and weights to the other ranks in one NCCL group: one launch moves all three.
-        const comm::RowBlocks out_rows_p = comm::without_self(out_rows, me), in_rows_p = comm::without_self(in_rows, me);
-        const comm::RowBlocks out_k_p = comm::without_self(out_k, me), in_k_p = comm::without_self(in_k, me);
-        g.group_start();
-        g.all_to_all_v(s.send_x, out_rows_p.counts.data(), out_rows_p.offsets.data(), c.outputs[0],
-                       in_rows_p.counts.data(), in_rows_p.offsets.data(), comm::Element::bf16);
-        g.all_to_all_v(s.send_ids, out_k_p.counts.data(), out_k_p.offsets.data(), c.outputs[1], in_k_p.counts.data(),
-                       in_k_p.offsets.data(), comm::Element::i32);
-        g.all_to_all_v(s.send_weights, out_k_p.counts.data(), out_k_p.offsets.data(), c.outputs[2], in_k_p.counts.data(),
-                       in_k_p.offsets.data(), comm::Element::f32);
-        g.group_end();
+        send_to_others(d, c, s.send_x, s.send_ids, s.send_weights, out_rows, out_k, in_rows, in_k);
         if (self_hi > self_lo) MOEFLOW_CUDA_CHECK(cudaStreamWaitEvent(stream, lane.side_join, 0));
         // Slots past those received route nowhere: their ids are -1, so no expert reads their rows
         // (which stay as they are: clearing them would cost a write of the whole tail).
@@ -281,13 +303,11 @@ void register_cuda_comm_kernels(KernelRegistry& r) {
                                       "no gather");
       },
       [](const KernelCall& c) {
-        const auto& op = static_cast<const AlltoallDispatchOp&>(*c.node.op);
-        comm::Communicator& g = group(c, op.group());
-        const cudaStream_t stream = lane_of(c).stream;
-        const int ranks = g.size(), me = g.rank(), k = op.top_k();
-        const int hidden = static_cast<int>(width_of(c.input_value(0)));
-        const int64_t rows = op.rows()[static_cast<std::size_t>(me)];
-        const int64_t most = *std::max_element(op.rows().begin(), op.rows().end());
+        const DispatchCall d = dispatch_call(c);
+        const auto& op = d.op;
+        const cudaStream_t stream = d.stream;
+        const int ranks = d.ranks, me = d.me, k = d.k, hidden = d.hidden;
+        const int64_t rows = d.rows, most = d.most;
         const BlockScratch s = block_scratch(static_cast<std::byte*>(c.workspace), most, k, ranks);
         // Block sizes: `rows` to every rank, each rank's own token count from it (host values).
         const std::vector<int64_t> sent(static_cast<std::size_t>(ranks), rows);
@@ -307,16 +327,7 @@ void register_cuda_comm_kernels(KernelRegistry& r) {
                                              static_cast<std::size_t>(rows * hidden) * 2, cudaMemcpyDeviceToDevice,
                                              stream));
         }
-        const comm::RowBlocks out_rows_p = comm::without_self(out_rows, me), in_rows_p = comm::without_self(in_rows, me);
-        const comm::RowBlocks out_k_p = comm::without_self(out_k, me), in_k_p = comm::without_self(in_k, me);
-        g.group_start();
-        g.all_to_all_v(c.inputs[0], out_rows_p.counts.data(), out_rows_p.offsets.data(), c.outputs[0],
-                       in_rows_p.counts.data(), in_rows_p.offsets.data(), comm::Element::bf16);
-        g.all_to_all_v(s.send.ids, out_k_p.counts.data(), out_k_p.offsets.data(), c.outputs[1], in_k_p.counts.data(),
-                       in_k_p.offsets.data(), comm::Element::i32);
-        g.all_to_all_v(s.send.weights, out_k_p.counts.data(), out_k_p.offsets.data(), c.outputs[2], in_k_p.counts.data(),
-                       in_k_p.offsets.data(), comm::Element::f32);
-        g.group_end();
+        send_to_others(d, c, c.inputs[0], s.send.ids, s.send.weights, out_rows, out_k, in_rows, in_k);
         // The way back uses the same blocks: sent[r] rows come back from each rank.
         int32_t* counts = c.out<int32_t>(4);
         std::copy(sent.begin(), sent.end(), counts);
