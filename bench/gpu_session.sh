@@ -2,7 +2,7 @@
 # One call on the GPU machine (see the device README): unpack the carried .deb files, build there,
 # run the gpu tests (plain, memcheck, racecheck), the CLI checks of every preset, the CUDA-graph
 # host cost (mode `tests`), or the benchmark sweep (mode `bench`). Everything lands in $OUT.
-# Usage: bash bench/gpu_session.sh tests|full|racecheck|bench|overlap|chunks|decode|timeline|layers|probe|ranks|cutlass|anyt|resources|fused|fusedprof|validate|tune [models] [experts kernels] [tokens] [scopes]
+# Usage: bash bench/gpu_session.sh tests|full|racecheck|bench|overlap|chunks|decode|timeline|layers|probe|ranks|cutlass|anyt|resources|fused|fusedprof|validate|shared|tune [models] [experts kernels] [tokens] [scopes]
 set -uo pipefail
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 mkdir -p /opt/deps && for f in .deps/*.deb; do dpkg -x "$f" /opt/deps; done
@@ -257,6 +257,36 @@ if [[ $mode == fused ]]; then
       $b/moeflow run --backend cuda --model $m --tokens 1 --scope experts --runs 5 > "$OUT/fused_ncu_$m.log" 2>&1
     echo "$m: $(grep -E "gpu__time|dram__|lts__" "$OUT/fused_ncu_$m.log" | tr -s ' ' | tr '\n' ';')"
   done
+  exit 0
+fi
+if [[ $mode == shared ]]; then
+  # The shared expert folded into the fused decode kernel (ops/fuse_experts.hpp). Part `tests`: every
+  # gpu test, the folded kernel's test under the three sanitizers, the resource report, run --check
+  # of the full presets as planned. Part `bench`: whole layers as CUDA-graph replays folded and with
+  # --no-fold-shared, then the layer beside its two branches alone (issue 3's overlap figure).
+  models=${3:-qwen1.5-moe-a2.7b deepseek-v3}
+  if [[ ${2:-tests} == tests ]]; then
+    echo "== gpu tests"; timeout 240 $b/moeflow_gpu_tests --gtest_brief=1 > "$OUT/gpu_tests.log" 2>&1; echo "rc=$?"
+    grep -E "FAILED|Failure|tests ran|PASSED" "$OUT/gpu_tests.log" | head -12
+    for tool in memcheck racecheck synccheck; do
+      timeout 100 compute-sanitizer --tool $tool --error-exitcode 9 $b/moeflow_gpu_tests --gtest_brief=1 \
+        --gtest_filter='CudaFusedDecodeShared.*' > "$OUT/shared_$tool.log" 2>&1; echo "$tool rc=$?: $(tail -n 2 "$OUT/shared_$tool.log" | tr '\n' ' ')"
+    done
+    obj=$(find $b -name fused_decode.cu.o | head -1)
+    echo "== resources: $(cuobjdump -res-usage "$obj" 2>&1 | grep -E "REG" | head -2 | tr -s ' ')" | tee "$OUT/fused_resources.txt"
+    for m in $models; do for t in 1 4; do
+      $b/moeflow run --backend cuda --model $m --tokens $t --plan concurrent --cuda-graph --check 2>&1 \
+        | grep -E "fused_experts|check|error" | cut -c1-260
+    done; done | tee "$OUT/run_checks.txt"
+  else
+    for m in $models; do for t in ${4:-1 2 4}; do for flags in "" "--no-fold-shared"; do
+      $b/moeflow run --backend cuda --model $m --tokens $t --plan concurrent --cuda-graph --runs ${RUNS:-300} $flags --json 2>&1 \
+        | python3 -c "import json,sys; r=json.load(sys.stdin); print('%-18s T=%-4s %-18s median %8.1f us  replay host cost %5.1f us' % (sys.argv[1], sys.argv[2], sys.argv[3] or 'as planned', r['median_us'], r['graph_launch_us']))" $m $t "$flags"
+    done; done; done | tee "$OUT/layers.txt"
+    timeout 240 $b/moeflow bench --backend cuda --models ${models// /,} --tokens ${5:-1,4} --plans serial,concurrent,graph \
+      --scope layer,routed,shared --runs 100 --json "$OUT/overlap.jsonl" > "$OUT/overlap.log" 2>&1; echo "rc=$?"
+    grep -v "^skipped" "$OUT/overlap.log" | tail -30
+  fi
   exit 0
 fi
 if [[ $mode == tune ]]; then

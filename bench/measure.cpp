@@ -56,6 +56,11 @@ Floor roofline_floor(const Graph& g, int64_t T, const int32_t* ids, const Machin
           (weight_bytes(n.inputs[routed->w13_input]) + weight_bytes(n.inputs[routed->w13_input + 1])) / routed->experts;
       f.bytes += per_expert * static_cast<double>(touched.size());
       f.flops += 6.0 * static_cast<double>(T) * routed->top_k * H * routed->intermediate;
+      if (n.op->kind() == "fused_experts")  // a shared expert folded in counts as the shared_expert node did
+        if (const auto& shared = static_cast<const FusedExpertsOp&>(*n.op).shared()) {
+          for (std::size_t i = 5; i < n.inputs.size(); ++i) f.bytes += weight_bytes(n.inputs[i]);
+          f.flops += 6.0 * static_cast<double>(T) * H * shared->intermediate + (shared->gated ? 2.0 * static_cast<double>(T) * H : 0.0);
+        }
     } else if (kind == "gate" || kind == "shared_expert") {
       for (std::size_t i = 1; i < n.inputs.size(); ++i) f.bytes += weight_bytes(n.inputs[i]);
       const auto in = g.input_values(n);

@@ -128,9 +128,16 @@ ReferenceResult reference_run(const Graph& g, int64_t run_tokens, const std::fun
     } else if (kind == "fused_experts") {  // the fuse pass's dispatch → experts → combine
       const auto& op = static_cast<const FusedExpertsOp&>(*n.op);
       const std::vector<double> w = weights_of(n.inputs[2]);
-      vals[n.outputs[0]].data =
+      std::vector<double> out =
           reference::experts_path(floats(n.inputs[0]), T, static_cast<int>(H), op.intermediate(), op.top_k(),
                                   ids_of(n.inputs[1]), w.data(), floats(n.inputs[3]), floats(n.inputs[4]));
+      if (const auto& shared = op.shared()) {  // the folded shared expert and the reduce that added it
+        reference::SharedMlp mlp{floats(n.inputs[5]), floats(n.inputs[6]), shared->gated ? floats(n.inputs[7]) : nullptr,
+                                 shared->intermediate};
+        const std::vector<double> y = reference::shared_mlp(floats(n.inputs[0]), T, static_cast<int>(H), mlp);
+        for (std::size_t i = 0; i < out.size(); ++i) out[i] += y[i];
+      }
+      vals[n.outputs[0]].data = std::move(out);
     } else if (kind == "reduce") {
       std::vector<double> sum(static_cast<std::size_t>(T * H), 0.0);
       for (ValueId v : n.inputs) {

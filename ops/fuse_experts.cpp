@@ -11,6 +11,7 @@
 #include "ops/dispatch_op.hpp"
 #include "ops/experts_op.hpp"
 #include "ops/fused_experts_op.hpp"
+#include "ops/shared_expert_op.hpp"
 
 namespace moeflow {
 
@@ -18,9 +19,22 @@ namespace {
 
 struct Chain {
   NodeId dispatch = kNoNode, experts = kNoNode, combine = kNoNode;
+  // Where the shared expert is folded in: the shared_expert node and the reduce that adds it (the
+  // fused node then takes the reduce's place and output).
+  NodeId shared = kNoNode, reduce = kNoNode;
+  bool folds_shared() const { return reduce != kNoNode; }
+  NodeId anchor() const { return folds_shared() ? reduce : combine; }
 };
 
 bool plain(const Node& n) { return n.after.empty() && n.fixed_rows < 0; }
+
+// An intermediate the fused node may swallow: read by exactly one node, not a graph output, not kept.
+bool internal(const Graph& g, ValueId v, const std::set<std::string>& keep) {
+  const Value& val = g.value(v);
+  const auto& outputs = g.outputs();
+  return val.consumers.size() == 1 && !keep.count(val.name) &&
+         std::find(outputs.begin(), outputs.end(), v) == outputs.end();
+}
 
 // The chain that ends at combine node `c`, if it is one the pass may fuse.
 std::optional<Chain> chain_ending_at(const Graph& g, const Node& c, const std::set<std::string>& keep) {
@@ -36,14 +50,32 @@ std::optional<Chain> chain_ending_at(const Graph& g, const Node& c, const std::s
   // dispatch outputs: rows, offsets, slot_of; the experts read the first two, the combine the third.
   if (x.inputs[1] != d.outputs[1] || c.inputs[1] != d.outputs[2]) return std::nullopt;
   if (!plain(d) || !plain(x) || !plain(c) || d.chunk != x.chunk || x.chunk != c.chunk) return std::nullopt;
-  const auto& outputs = g.outputs();
-  for (ValueId v : {d.outputs[0], d.outputs[1], d.outputs[2], x.outputs[0]}) {
-    const Value& val = g.value(v);
-    if (val.consumers.size() != 1 || keep.count(val.name) ||
-        std::find(outputs.begin(), outputs.end(), v) != outputs.end())
-      return std::nullopt;
-  }
+  for (ValueId v : {d.outputs[0], d.outputs[1], d.outputs[2], x.outputs[0]})
+    if (!internal(g, v, keep)) return std::nullopt;
   return Chain{d.id, x.id, c.id};
+}
+
+bool whole(const Value& v) { return v.type && v.type->dist.kind == Distribution::Kind::replicated; }
+
+// The chain with the layer's shared expert folded in, where the combine's output feeds only a reduce
+// that adds exactly one shared expert of the same x, every value involved is whole (no sum over ranks
+// owed: the reduce is where a Partial one would be paid) and read by nobody else.
+std::optional<Chain> with_shared_expert(const Graph& g, Chain ch, const std::set<std::string>& keep) {
+  const Node& c = g.node(ch.combine);
+  const ValueId routed = c.outputs[0];
+  if (!internal(g, routed, keep)) return std::nullopt;
+  const Node& r = g.node(g.value(routed).consumers[0]);
+  if (r.op->kind() != "reduce" || r.inputs.size() != 2 || !plain(r) || r.chunk != c.chunk) return std::nullopt;
+  const ValueId other = r.inputs[0] == routed ? r.inputs[1] : r.inputs[0];
+  const Value& y = g.value(other);
+  if (other == routed || y.producer == kNoNode || !internal(g, other, keep)) return std::nullopt;
+  const Node& s = g.node(y.producer);
+  if (s.op->kind() != "shared_expert" || !plain(s) || s.chunk != c.chunk) return std::nullopt;
+  if (s.inputs[0] != g.node(ch.dispatch).inputs[0]) return std::nullopt;  // the routed experts' x
+  if (!whole(g.value(routed)) || !whole(y) || !whole(g.value(r.outputs[0]))) return std::nullopt;
+  ch.shared = s.id;
+  ch.reduce = r.id;
+  return ch;
 }
 
 constexpr std::string_view kFusedPrefix = "fused_";
@@ -51,12 +83,16 @@ std::string fused_name(const Node& experts) { return std::string(kFusedPrefix) +
 
 // g rebuilt with the given chains fused (each fused node where its combine was).
 Graph rebuild(const Graph& g, const std::vector<Chain>& chains) {
-  std::map<NodeId, const Chain*> by_combine;
+  std::map<NodeId, const Chain*> by_anchor;
   std::set<NodeId> dropped;
   for (const Chain& ch : chains) {
-    by_combine[ch.combine] = &ch;
+    by_anchor[ch.anchor()] = &ch;
     dropped.insert(ch.dispatch);
     dropped.insert(ch.experts);
+    if (ch.folds_shared()) {
+      dropped.insert(ch.combine);
+      dropped.insert(ch.shared);
+    }
   }
   Graph out(g.name(), g.max_tokens());
   out.set_description(g.description());
@@ -69,14 +105,23 @@ Graph rebuild(const Graph& g, const std::vector<Chain>& chains) {
     std::vector<ValueId> inputs, outputs;
     std::string name = n.name;
     std::shared_ptr<const OpSchema> op = n.op;
-    if (auto it = by_combine.find(n.id); it != by_combine.end()) {
-      const Node& d = g.node(it->second->dispatch);
-      const Node& x = g.node(it->second->experts);
+    if (auto it = by_anchor.find(n.id); it != by_anchor.end()) {
+      const Chain& ch = *it->second;
+      const Node& d = g.node(ch.dispatch);
+      const Node& x = g.node(ch.experts);
+      const Node& c = g.node(ch.combine);
       const auto& eo = static_cast<const ExpertsOp&>(*x.op);
       name = fused_name(x);
-      op = std::make_shared<FusedExpertsOp>(eo.experts(), eo.top_k(), eo.intermediate());
-      inputs = {value_of.at(d.inputs[0]), value_of.at(d.inputs[1]), value_of.at(n.inputs[2]),
+      std::optional<FoldedShared> shared;
+      if (ch.folds_shared()) {
+        const auto& so = static_cast<const SharedExpertOp&>(*g.node(ch.shared).op);
+        shared = FoldedShared{so.intermediate(), so.gated()};
+      }
+      op = std::make_shared<FusedExpertsOp>(eo.experts(), eo.top_k(), eo.intermediate(), shared);
+      inputs = {value_of.at(d.inputs[0]), value_of.at(d.inputs[1]), value_of.at(c.inputs[2]),
                 value_of.at(x.inputs[2]), value_of.at(x.inputs[3])};
+      if (ch.folds_shared())  // w13, w2 (and the gate's weight) of the shared expert
+        for (std::size_t i = 1; i < g.node(ch.shared).inputs.size(); ++i) inputs.push_back(value_of.at(g.node(ch.shared).inputs[i]));
     } else {
       for (ValueId v : n.inputs) inputs.push_back(value_of.at(v));
     }
@@ -102,23 +147,35 @@ std::string fused_experts_source(const std::string& fused_node_name) {
 }
 
 std::shared_ptr<const Graph> fuse_experts_chains(const Graph& g, const FusionFilter& accept,
-                                                 const std::vector<std::string>& keep_values) {
+                                                 const std::vector<std::string>& keep_values, bool fold_shared) {
   if (!g.validated()) fail_input("fuse: graph '" + g.name() + "' is not validated");
   const std::set<std::string> keep(keep_values.begin(), keep_values.end());
-  std::vector<Chain> chains;
-  for (const Node& n : g.nodes())
-    if (auto ch = chain_ending_at(g, n, keep)) chains.push_back(*ch);
-  if (chains.empty()) return nullptr;
+  std::vector<Chain> offered;
+  for (const Node& n : g.nodes()) {
+    auto ch = chain_ending_at(g, n, keep);
+    if (!ch) continue;
+    if (fold_shared)
+      if (auto folded = with_shared_expert(g, *ch, keep)) ch = folded;
+    offered.push_back(*ch);
+  }
+  if (offered.empty()) return nullptr;
   // Offer every chain fused at once, then keep those the filter accepts (their nodes do not depend
-  // on one another, so the answer for one does not change with the others).
-  const Graph all = rebuild(g, chains);
+  // on one another, so the answer for one does not change with the others). A chain offered with
+  // its shared expert and declined is offered again without it.
   std::vector<Chain> accepted;
-  for (const Chain& ch : chains) {
-    const auto fused = all.find_node(fused_name(g.node(ch.experts)));
-    if (fused && accept(all, all.node(*fused))) accepted.push_back(ch);
+  for (int round = 0; round < 2 && !offered.empty(); ++round) {
+    std::vector<Chain> all_chains = accepted;
+    all_chains.insert(all_chains.end(), offered.begin(), offered.end());
+    const Graph all = rebuild(g, all_chains);
+    std::vector<Chain> again;
+    for (const Chain& ch : offered) {
+      const auto fused = all.find_node(fused_name(g.node(ch.experts)));
+      if (fused && accept(all, all.node(*fused))) accepted.push_back(ch);
+      else if (ch.folds_shared()) again.push_back(Chain{ch.dispatch, ch.experts, ch.combine});
+    }
+    offered = std::move(again);
   }
   if (accepted.empty()) return nullptr;
-  if (accepted.size() == chains.size()) return std::make_shared<const Graph>(all);
   return std::make_shared<const Graph>(rebuild(g, accepted));
 }
 

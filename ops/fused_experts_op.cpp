@@ -5,18 +5,21 @@
 
 namespace moeflow {
 
-FusedExpertsOp::FusedExpertsOp(int experts, int top_k, int intermediate)
-    : experts_(experts), top_k_(top_k), intermediate_(intermediate) {
+FusedExpertsOp::FusedExpertsOp(int experts, int top_k, int intermediate, std::optional<FoldedShared> shared)
+    : experts_(experts), top_k_(top_k), intermediate_(intermediate), shared_(shared) {
   if (intermediate_ <= 0)
     fail_input("fused_experts: intermediate size = " + std::to_string(intermediate_) + " must be > 0");
   if (experts_ <= 0 || top_k_ <= 0 || top_k_ > experts_)
     fail_input("fused_experts: top_k = " + std::to_string(top_k_) + " must be in [1, experts = " +
                std::to_string(experts_) + "]");
+  if (shared_ && shared_->intermediate <= 0)
+    fail_input("fused_experts: shared expert intermediate size = " + std::to_string(shared_->intermediate) + " must be > 0");
 }
 
 std::string FusedExpertsOp::summary() const {
   return "dispatch+swiglu+combine E=" + std::to_string(experts_) + " k=" + std::to_string(top_k_) +
-         " I=" + std::to_string(intermediate_);
+         " I=" + std::to_string(intermediate_) +
+         (shared_ ? " +shared I=" + std::to_string(shared_->intermediate) + (shared_->gated ? " sigmoid-gated" : "") : "");
 }
 
 std::vector<ValueType> FusedExpertsOp::infer(const Node& n, std::span<const Value* const> in) const {
@@ -27,6 +30,12 @@ std::vector<ValueType> FusedExpertsOp::infer(const Node& n, std::span<const Valu
   expect_type(n, *in[2], Shape{Dim::tokens(), Dim::of(top_k_)}, DType::f32);
   expect_type(n, *in[3], Shape{Dim::of(E), Dim::of(2 * I), Dim::of(H)}, x.dtype());
   expect_type(n, *in[4], Shape{Dim::of(E), Dim::of(H), Dim::of(I)}, x.dtype());
+  if (shared_) {
+    const int64_t S = shared_->intermediate;
+    expect_type(n, *in[5], Shape{Dim::of(2 * S), Dim::of(H)}, x.dtype());
+    expect_type(n, *in[6], Shape{Dim::of(H), Dim::of(S)}, x.dtype());
+    if (shared_->gated) expect_type(n, *in[7], Shape{Dim::of(1), Dim::of(H)}, x.dtype());
+  }
   return {ValueType{x.shape(), x.dtype(), {}}};
 }
 
@@ -35,7 +44,13 @@ Cost FusedExpertsOp::cost(const OpOperands& ops, int64_t tokens) const {
   const double H = static_cast<double>(ops.inputs[0]->shape()[1].fixed);
   const double b = static_cast<double>(dtype_size(ops.inputs[0]->dtype()));
   const double touched = expected_touched_experts(experts_, k, T);
-  return {6.0 * k * T * H * I + 2.0 * k * T * H, b * (touched * 3.0 * H * I + 2.0 * T * H) + 8.0 * k * T};
+  Cost c{6.0 * k * T * H * I + 2.0 * k * T * H, b * (touched * 3.0 * H * I + 2.0 * T * H) + 8.0 * k * T};
+  if (shared_) {
+    const double S = shared_->intermediate;
+    c.flops += 6.0 * T * H * S + T * H + (shared_->gated ? 2.0 * T * H : 0.0);
+    c.bytes += b * (3.0 * H * S + (shared_->gated ? H : 0.0));
+  }
+  return c;
 }
 
 std::optional<RoutedExperts> routed_experts(const Node& n) {

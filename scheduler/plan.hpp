@@ -42,6 +42,9 @@ struct PlanOptions {
   // Fuse dispatch → experts → combine chains into one fused_experts node where a kernel of the
   // backend can run it (ops/fuse_experts.hpp); a --kernel forced on one of the three keeps them apart.
   bool fuse = true;
+  // With `fuse`: offer the fused node the layer's shared expert and the reduce adding it too, kept
+  // where a fused kernel runs both (ops/fuse_experts.hpp).
+  bool fold_shared = true;
 };
 
 struct Lane {

@@ -9,6 +9,7 @@
 
 #include "graph/error.hpp"
 #include "ops/fuse_experts.hpp"
+#include "ops/fused_experts_op.hpp"
 #include "ops/to_host_op.hpp"
 #include "scheduler/memory_planner.hpp"
 #include "scheduler/plan.hpp"
@@ -424,9 +425,12 @@ std::optional<KernelChoice> tuned_choice(const KernelRegistry& registry, const G
   return c;
 }
 
+constexpr const char* kNotFused = "not fused with its dispatch and combine: ";
+
 // The graph with its dispatch → experts → combine chains fused where a kernel of the backend runs
 // the fused node; null where nothing is fused (fusion off, a kernel forced on the chain, no kernel).
-// `declined` gets, per experts node left in a chain, why no fused kernel took it.
+// `declined` gets, per experts node left in a chain, why no fused kernel took it, and per fused node
+// whose shared expert stayed apart, why no kernel took it folded in.
 std::shared_ptr<const Graph> fused_where_a_kernel_runs_it(const KernelRegistry& registry, const Graph& g,
                                                           const PlanOptions& options,
                                                           std::map<std::string, std::string>& declined) {
@@ -440,8 +444,16 @@ std::shared_ptr<const Graph> fused_where_a_kernel_runs_it(const KernelRegistry& 
   return fuse_experts_chains(
       g,
       [&](const Graph& fused, const Node& n) {
-        // A forced fused kernel is checked (and refused by name) when the fused graph is planned.
-        if (forced) return true;
+        // A forced fused kernel is checked (and refused by name) when the fused graph is planned;
+        // it takes the shared expert folded in only where it can run that node.
+        const bool folds_shared = static_cast<const FusedExpertsOp&>(*n.op).shared().has_value();
+        if (forced && !folds_shared) return true;
+        if (forced) {
+          const std::string& name = options.forced_kernels.at("fused_experts");
+          if (registry.select_named(fused, n, options.backend, name, options.capturable)) return true;
+          declined[n.name] = "shared expert not folded in: the forced " + name + " does not run it";
+          return false;
+        }
         // `moeflow tune` measured the fused kernels beside the experts kernels: where an experts
         // kernel of the chain was fastest, and can run here (captured, under --cuda-graph), the
         // chain stays.
@@ -456,19 +468,22 @@ std::shared_ptr<const Graph> fused_where_a_kernel_runs_it(const KernelRegistry& 
           std::ostringstream why;
           why << "tuned: " << tuned->kernel << " on the chain measured fastest at T=" << tuned->tokens << " ("
               << std::fixed << std::setprecision(1) << tuned->time_us << " us, " << options.tuning->source() << ")";
-          declined[source] = why.str();
+          declined[source] = kNotFused + why.str();
           return false;
         }
         std::string why;
         if (registry.select_any(fused, n, options.backend, options.capturable, &why)) return true;
-        declined[source] = why;
+        // A node offered with the shared expert folded in is offered again without it: where that
+        // one is taken, its step says why the shared expert stayed apart.
+        if (folds_shared) declined[n.name] = "shared expert not folded in: " + why;
+        else declined[source] = kNotFused + why;
         return false;
       },
-      options.keep_values);
+      options.keep_values, options.fold_shared);
 }
 
-// The plan of a graph the fuse pass has already seen; `not_fused` (experts node -> why its chain
-// stayed apart) goes into the steps' reasons. Re-entered with the graph that host copies rewrite.
+// The plan of a graph the fuse pass has already seen; `not_fused` (node -> why its chain, or its
+// shared expert, stayed apart) goes into the steps' reasons. Re-entered with the graph that host copies rewrite.
 Plan plan_fused_graph(std::shared_ptr<const Graph> graph, const PlanOptions& options,
                       const std::map<std::string, std::string>& not_fused) {
   Plan plan;
@@ -501,7 +516,7 @@ Plan plan_fused_graph(std::shared_ptr<const Graph> graph, const PlanOptions& opt
     s.kernel = choice.kernel;
     s.reason = choice.reason;
     if (auto it = not_fused.find(n.name); it != not_fused.end())
-      s.reason += " [not fused with its dispatch and combine: " + it->second + "]";
+      s.reason += " [" + it->second + "]";
     const auto in = graph->input_values(n);
     const auto out = graph->output_values(n);
     s.cost = n.op->cost({in, out}, graph->tokens_of(n, T));

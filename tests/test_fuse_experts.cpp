@@ -9,6 +9,7 @@
 #include "bench/cpu_session.hpp"
 #include "graph/chunk.hpp"
 #include "graph/error.hpp"
+#include "kernels/cpu/elementwise.hpp"
 #include "kernels/cpu/permute.hpp"
 #include "kernels/cpu/swiglu_mlp.hpp"
 #include "ops/fuse_experts.hpp"
@@ -36,14 +37,17 @@ int count_kind(const Graph& g, const std::string& kind) {
 const FusionFilter accept_all = [](const Graph&, const Node&) { return true; };
 
 // The builtin kernels plus a CPU kernel for the fused node that runs the chain's own CPU kernels
-// one after the other in its workspace: the fused graph must then give the unfused graph's bytes.
+// one after the other in its workspace (and, with a shared expert folded in, the shared expert's
+// and the reduce's): the fused graph must then give the unfused graph's bytes.
 KernelRegistry registry_with_cpu_fused_kernel() {
   KernelRegistry r = KernelRegistry::builtin();
   auto layout = [](const Graph& g, const Node& n, int64_t tokens) {
     const auto& op = static_cast<const FusedExpertsOp&>(*n.op);
     const int64_t H = g.value(n.inputs[0]).shape()[1].fixed, rows = tokens * op.top_k();
-    // rows, y [kT, H]; act [kT, I]; offsets [E + 1]; slot_of [kT]
-    return std::array<int64_t, 5>{rows * H, rows * H, rows * op.intermediate(), op.experts() + 1, rows};
+    const int64_t S = op.shared() ? op.shared()->intermediate : 0;
+    // rows, y [kT, H]; act [kT, I]; offsets [E + 1]; slot_of [kT]; shared y [T, H], act [T, S]
+    return std::array<int64_t, 7>{rows * H, rows * H, rows * op.intermediate(), op.experts() + 1, rows,
+                                  S ? tokens * H : 0, tokens * S};
   };
   r.add({"fused_experts", Backend::cpu, "test.fused_chain", 0,
          [](const Graph&, const Node&) { return Support::yes("the chain's CPU kernels in one node"); },
@@ -60,6 +64,13 @@ KernelRegistry registry_with_cpu_fused_kernel() {
            cpu::gather_rows(c.in<float>(0), slot_of, c.tokens, op.top_k(), H, rows);
            cpu::grouped_swiglu_mlp(rows, offsets, op.experts(), H, op.intermediate(), c.in<float>(3), c.in<float>(4), y, act);
            cpu::combine_rows(y, slot_of, c.in<float>(2), c.tokens, op.top_k(), H, c.out<float>(0));
+           if (const auto& shared = op.shared()) {
+             float* shared_y = reinterpret_cast<float*>(slot_of + sizes[4]);
+             cpu::swiglu_mlp(c.in<float>(0), c.tokens, H, shared->intermediate, c.in<float>(5), c.in<float>(6),
+                             shared->gated ? c.in<float>(7) : nullptr, shared_y, shared_y + sizes[5]);
+             const float* addends[] = {c.out<float>(0), shared_y};
+             cpu::sum_arrays(addends, 2, c.tokens * H, c.out<float>(0));
+           }
          },
          [layout](const Graph& g, const Node& n, int64_t tokens) {
            int64_t words = 0;
@@ -108,7 +119,7 @@ TEST(FuseExperts, TheChainBecomesOneNodeReadingTheChainsInputsAndKeepingTheOutpu
 TEST(FuseExperts, EachChunkIsFusedWithItsTagAndTheWholeLayerKeepsItsOtherNodes) {
   const Graph layer = build_moe_layer(small_qwen(), {.max_tokens = 10});
   const Graph g = chunk_tokens(layer, {.chunks = 2});
-  const auto fused = fuse_experts_chains(g, accept_all);
+  const auto fused = fuse_experts_chains(g, accept_all, {}, /*fold_shared=*/false);
   ASSERT_TRUE(fused);
   EXPECT_EQ(count_kind(*fused, "fused_experts"), 2);
   EXPECT_EQ(count_kind(*fused, "gate"), 2);
@@ -120,6 +131,92 @@ TEST(FuseExperts, EachChunkIsFusedWithItsTagAndTheWholeLayerKeepsItsOtherNodes) 
     EXPECT_EQ(fused->node(*id).chunk, k);
   }
   EXPECT_EQ(fused->nodes().size(), g.nodes().size() - 2 * 2);  // two of three nodes gone per chunk
+}
+
+TEST(FuseExperts, TheSharedExpertAndTheReduceFoldIntoTheFusedNodeWhichKeepsTheLayersOutput) {
+  const Graph g = build_moe_layer(small_qwen(), {.max_tokens = 8});  // gated shared expert, S = 64
+  const auto fused = fuse_experts_chains(g, accept_all);
+  ASSERT_TRUE(fused);
+  EXPECT_EQ(count_kind(*fused, "shared_expert") + count_kind(*fused, "reduce") + count_kind(*fused, "combine"), 0);
+  ASSERT_EQ(count_kind(*fused, "fused_experts"), 1);
+  const Node& n = fused->node(*fused->find_node("fused_experts"));
+  const auto& op = static_cast<const FusedExpertsOp&>(*n.op);
+  ASSERT_TRUE(op.shared());
+  EXPECT_EQ(op.shared()->intermediate, 64);
+  EXPECT_TRUE(op.shared()->gated);
+  // The chain's five inputs, then the shared expert's w13, w2 and gate weight.
+  const Node& s = g.node(*g.find_node("shared_expert"));
+  ASSERT_EQ(n.inputs.size(), 8u);
+  for (std::size_t i = 1; i < 4; ++i) EXPECT_EQ(fused->value(n.inputs[4 + i]).name, g.value(s.inputs[i]).name) << i;
+  EXPECT_NE(op.summary().find("+shared I=64 sigmoid-gated"), std::string::npos) << op.summary();
+  // The layer's output is the fused node's, under the reduce's name.
+  ASSERT_EQ(fused->outputs().size(), 1u);
+  EXPECT_EQ(fused->value(fused->outputs()[0]).producer, n.id);
+  EXPECT_EQ(fused->value(fused->outputs()[0]).name, g.value(g.outputs()[0]).name);
+  EXPECT_EQ(fused->nodes().size(), g.nodes().size() - 4);  // gate and the fused node
+  // Without folding (or without a shared expert) the reduce and the shared expert stay.
+  const auto apart = fuse_experts_chains(g, accept_all, {}, /*fold_shared=*/false);
+  ASSERT_TRUE(apart);
+  EXPECT_EQ(count_kind(*apart, "shared_expert"), 1);
+  EXPECT_EQ(count_kind(*apart, "reduce"), 1);
+  EXPECT_FALSE(static_cast<const FusedExpertsOp&>(*apart->node(*apart->find_node("fused_experts")).op).shared());
+  // An ungated shared expert (DeepSeek's) folds with seven inputs.
+  const MoEConfig deepseek = load_config("deepseek-v3", {"hidden_size=64", "moe_intermediate_size=16"});
+  const auto ds = fuse_experts_chains(build_moe_layer(deepseek, {.max_tokens = 4}), accept_all);
+  ASSERT_TRUE(ds);
+  const Node& dn = ds->node(*ds->find_node("fused_experts"));
+  ASSERT_TRUE(static_cast<const FusedExpertsOp&>(*dn.op).shared());
+  EXPECT_FALSE(static_cast<const FusedExpertsOp&>(*dn.op).shared()->gated);
+  EXPECT_EQ(dn.inputs.size(), 7u);
+}
+
+TEST(FuseExperts, AFoldDeclinedIsOfferedAgainWithoutTheSharedExpertAndAReadSharedOutputKeepsItApart) {
+  const Graph layer = chunk_tokens(build_moe_layer(small_qwen(), {.max_tokens = 10}), {.chunks = 2});
+  // Chunk 0 takes the fold, chunk 1 only the plain chain.
+  const auto mixed = fuse_experts_chains(layer, [](const Graph&, const Node& n) {
+    return n.chunk == 0 || !static_cast<const FusedExpertsOp&>(*n.op).shared();
+  });
+  ASSERT_TRUE(mixed);
+  EXPECT_EQ(count_kind(*mixed, "fused_experts"), 2);
+  EXPECT_EQ(count_kind(*mixed, "shared_expert"), 1);
+  EXPECT_TRUE(mixed->find_node("shared_expert\u00b7c1"));
+  EXPECT_TRUE(static_cast<const FusedExpertsOp&>(*mixed->node(*mixed->find_node("fused_experts\u00b7c0")).op).shared());
+  EXPECT_FALSE(static_cast<const FusedExpertsOp&>(*mixed->node(*mixed->find_node("fused_experts\u00b7c1")).op).shared());
+  // The shared expert's output read after the run (kept): it stays its own node.
+  const Graph g = build_moe_layer(small_qwen(), {.max_tokens = 8});
+  const std::string shared_y = g.value(g.node(*g.find_node("shared_expert")).outputs[0]).name;
+  const auto kept = fuse_experts_chains(g, accept_all, {shared_y});
+  ASSERT_TRUE(kept);
+  EXPECT_EQ(count_kind(*kept, "shared_expert"), 1);
+  EXPECT_EQ(count_kind(*kept, "fused_experts"), 1);
+}
+
+TEST(FuseExperts, APlanSaysWhyTheSharedExpertStayedApart) {
+  const auto g = std::make_shared<const Graph>(build_moe_layer(small_qwen(), {.max_tokens = 8}));
+  KernelRegistry registry = registry_with_cpu_fused_kernel();
+  registry.add({"fused_experts", Backend::cpu, "test.routed_only", 1,
+                [](const Graph&, const Node& n) {
+                  return static_cast<const FusedExpertsOp&>(*n.op).shared() ? Support::no("routed experts only")
+                                                                             : Support::yes("routed");
+                },
+                [](const KernelCall&) {}, {}});
+  PlanOptions po;
+  po.registry = &registry;
+  // test.fused_chain (behind it) still takes the fold.
+  EXPECT_EQ(count_kind(*make_plan(g, po).graph, "shared_expert"), 0);
+  // Forced, the routed-only kernel leaves the shared expert apart and the plan says so.
+  po.forced_kernels["fused_experts"] = "test.routed_only";
+  const Plan plan = make_plan(g, po);
+  EXPECT_EQ(count_kind(*plan.graph, "shared_expert"), 1);
+  std::string reason;
+  for (const PlanStep& step : plan.steps)
+    if (plan.graph->node(step.node).op->kind() == "fused_experts") reason = step.reason;
+  EXPECT_NE(reason.find("[shared expert not folded in: the forced test.routed_only does not run it]"), std::string::npos)
+      << reason;
+  // --no-fold-shared: apart, whatever the kernels.
+  po.forced_kernels.clear();
+  po.fold_shared = false;
+  EXPECT_EQ(count_kind(*make_plan(g, po).graph, "shared_expert"), 1);
 }
 
 TEST(FuseExperts, LeavesAChainAloneWhereTheFilterOrAKeptIntermediateSaysSo) {
@@ -150,6 +247,7 @@ TEST(FuseExperts, PlannerFusesWhereABackendKernelRunsTheNodeAndResultsAreTheChai
     po.fuse = false;
     const std::vector<float> chain = run_once(g, po, 13, &chain_kinds);
     EXPECT_NE(fused_kinds.find("fused_experts"), std::string::npos) << fused_kinds;
+    EXPECT_EQ(fused_kinds.find("shared_expert"), std::string::npos) << fused_kinds;  // folded in
     EXPECT_EQ(chain_kinds.find("fused_experts"), std::string::npos) << chain_kinds;
     ASSERT_EQ(fused.size(), chain.size());
     EXPECT_EQ(0, std::memcmp(fused.data(), chain.data(), fused.size() * 4)) << "chunked " << chunked;

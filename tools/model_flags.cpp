@@ -38,6 +38,9 @@ void PlanFlags::add_to(CLI::App& app) {
   app.add_flag("--no-fuse", no_fuse,
                "keep dispatch, experts and combine as three nodes (by default they become one fused_experts node "
                "where the backend has a kernel for it)");
+  app.add_flag("--no-fold-shared", no_fold_shared,
+               "keep the shared expert (and the reduce adding it) apart from the fused experts node (by default a "
+               "kernel that streams both in one launch takes them)");
   app.add_flag("--no-reuse-memory", no_reuse_memory,
                "give every value its own workspace range (by default buffers share bytes where the plan proves it safe)");
   app.add_option("--tuning-cache", tuning_cache,
@@ -64,6 +67,7 @@ PlanOptions PlanFlags::options() const {
   o.max_lanes = max_lanes;
   o.reuse_memory = !no_reuse_memory;
   o.fuse = !no_fuse;
+  o.fold_shared = !no_fold_shared;
   for (const std::string& k : kernels) {
     const auto eq = k.find('=');
     if (eq == std::string::npos || eq == 0 || eq + 1 == k.size())

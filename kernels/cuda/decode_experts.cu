@@ -98,7 +98,7 @@ __global__ void __launch_bounds__(kThreads)
   const uint4* w = reinterpret_cast<const uint4*>(w2 + static_cast<int64_t>(g.expert) * hidden * inter);
   const ContiguousRows a{reinterpret_cast<const uint4*>(act + static_cast<int64_t>(g.first) * inter), vecs};
   float acc[kRows][kOutputs] = {};
-  rows_dot<kRows, kOutputs, ActLoad::plain>(w, h0, vecs, a, g.count, lane, acc);  // act: the previous kernel's
+  rows_dot<kRows, kOutputs, ActLoad::plain>(w, h0, vecs, vecs, a, g.count, lane, acc);  // act: the previous kernel's
 #pragma unroll
   for (int q = 0; q < kRows; ++q) {
     if (q >= g.count) break;

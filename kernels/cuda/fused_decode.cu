@@ -34,6 +34,11 @@ constexpr int kUpTile = kWarps * kUpPerWarp;
 constexpr int kDownTile = kWarps * kDownPerWarp;
 
 struct Args : FusedOperands {  // plus this kernel's scratch and counters
+  // A folded shared expert: S / I more choices per token (`parts`), experts E .. E + parts - 1, each
+  // a slice of I features of the shared MLP (null pointers and parts 0 without one).
+  FusedSharedWeights shared;
+  int shared_inter, parts;
+  int choices;    // per token: k + parts
   uint16_t* act;  // [P, I] bf16, by (token, choice)
   float* y;       // [P, H] fp32, by (token, choice)
   int* up_done;   // [kMaxPairs]: phase-1 tiles finished per group
@@ -107,13 +112,19 @@ __device__ void up_tile(const Args& a, const WorkList& w, int group, int tile) {
   if (j0 >= a.inter) return;
   const int count = w.count[group];
   const int vecs = a.hidden / 8;
-  const uint4* wt = reinterpret_cast<const uint4*>(a.w13 + static_cast<int64_t>(w.expert[group]) * 2 * a.inter * a.hidden);
+  const int e = w.expert[group];
+  // A routed expert's [2I, H], or part e - E of the shared expert: its gate rows from row (e - E)·I
+  // of the shared [2S, H], its up rows S further.
+  const bool routed = e < a.experts;
+  const uint4* wt = reinterpret_cast<const uint4*>(
+      routed ? a.w13 + static_cast<int64_t>(e) * 2 * a.inter * a.hidden
+             : a.shared.w13 + static_cast<int64_t>(e - a.experts) * a.inter * a.hidden);
   GatheredRows<kRows> x;  // each choice's token row of x, read in place
 #pragma unroll
   for (int q = 0; q < kRows; ++q)
-    x.row[q] = reinterpret_cast<const uint4*>(a.x + static_cast<int64_t>(w.member[group][q < count ? q : 0] / a.top_k) * a.hidden);
+    x.row[q] = reinterpret_cast<const uint4*>(a.x + static_cast<int64_t>(w.member[group][q < count ? q : 0] / a.choices) * a.hidden);
   float gate[kRows][kUpPerWarp] = {}, up[kRows][kUpPerWarp] = {};
-  gate_up_dot<kRows, kUpPerWarp, ActLoad::read_only>(wt, j0, a.inter, vecs, x, count, lane, gate, up);
+  gate_up_dot<kRows, kUpPerWarp, ActLoad::read_only>(wt, j0, routed ? a.inter : a.shared_inter, vecs, x, count, lane, gate, up);
 #pragma unroll
   for (int q = 0; q < kRows; ++q) {
     if (q >= count) break;
@@ -132,7 +143,16 @@ __device__ void prefetch_down_tile(const Args& a, const WorkList& w, int group, 
   const int warp = static_cast<int>(threadIdx.x) >> 5, lane = static_cast<int>(threadIdx.x) & 31;
   const int h0 = tile * kDownTile + warp * kDownPerWarp;
   if (h0 >= a.hidden) return;
-  const char* rows = reinterpret_cast<const char*>(a.w2 + (static_cast<int64_t>(w.expert[group]) * a.hidden + h0) * a.inter);
+  const int e = w.expert[group];
+  if (e >= a.experts) {  // a slice of the shared expert's rows: I of every S features
+    const char* rows = reinterpret_cast<const char*>(a.shared.w2 + static_cast<int64_t>(h0) * a.shared_inter +
+                                                     static_cast<int64_t>(e - a.experts) * a.inter);
+    for (int o = 0; o < kDownPerWarp; ++o)
+      for (int64_t off = static_cast<int64_t>(lane) * 128; off < a.inter * 2; off += 32 * 128)
+        prefetch_l2(rows + static_cast<int64_t>(o) * a.shared_inter * 2 + off);
+    return;
+  }
+  const char* rows = reinterpret_cast<const char*>(a.w2 + (static_cast<int64_t>(e) * a.hidden + h0) * a.inter);
   const int64_t bytes = static_cast<int64_t>(kDownPerWarp) * a.inter * 2;  // contiguous rows
   for (int64_t off = static_cast<int64_t>(lane) * 128; off < bytes; off += 32 * 128) prefetch_l2(rows + off);
 }
@@ -145,14 +165,19 @@ __device__ void down_tile(const Args& a, const WorkList& w, int group, int tile)
   if (h0 >= a.hidden) return;
   const int count = w.count[group];
   const int vecs = a.inter / 8;
-  const uint4* wt = reinterpret_cast<const uint4*>(a.w2 + static_cast<int64_t>(w.expert[group]) * a.hidden * a.inter);
+  const int e = w.expert[group];
+  // A routed expert's [H, I], or part e - E of the shared expert: columns (e - E)·I on of its [H, S].
+  const bool routed = e < a.experts;
+  const uint4* wt = reinterpret_cast<const uint4*>(routed ? a.w2 + static_cast<int64_t>(e) * a.hidden * a.inter
+                                                          : a.shared.w2 + static_cast<int64_t>(e - a.experts) * a.inter);
+  const int stride = routed ? vecs : a.shared_inter / 8;
   GatheredRows<kRows> act;
 #pragma unroll
   for (int q = 0; q < kRows; ++q)
     act.row[q] = reinterpret_cast<const uint4*>(a.act + static_cast<int64_t>(w.member[group][q < count ? q : 0]) * a.inter);
   float acc[kRows][kDownPerWarp] = {};
   // act was written by other blocks of this launch: read from L2, not L1.
-  rows_dot<kRows, kDownPerWarp, ActLoad::coherent>(wt, h0, vecs, act, count, lane, acc);
+  rows_dot<kRows, kDownPerWarp, ActLoad::coherent>(wt, h0, vecs, stride, act, count, lane, acc);
 #pragma unroll
   for (int q = 0; q < kRows; ++q) {
     if (q >= count) break;
@@ -165,18 +190,47 @@ __device__ void down_tile(const Args& a, const WorkList& w, int group, int tile)
   if (lane == 0) __threadfence();  // the writer's stores before the block counts its tile
 }
 
-// out[t, h] = Σ_j weight[t, j] · y[t·k + j, h] over j in order, for the tile's 32 features h and every
-// token: the same sum whichever block runs it.
+// g_t = σ(x_t · gate_w) of a gated shared expert (1 without a gate) for every token, into `scale`:
+// a warp per token, the sum in a fixed order.
+__device__ void shared_scales(const Args& a, int tokens, float* scale) {
+  const int warp = static_cast<int>(threadIdx.x) >> 5, lane = static_cast<int>(threadIdx.x) & 31;
+  for (int t = warp; t < tokens; t += kWarps) {
+    float v = 1.0f;
+    if (a.shared.gate) {
+      const uint4* x = reinterpret_cast<const uint4*>(a.x + static_cast<int64_t>(t) * a.hidden);
+      const uint4* g = reinterpret_cast<const uint4*>(a.shared.gate);
+      float acc = 0.0f;
+      for (int i = lane; i < a.hidden / 8; i += 32) {
+        float xv[8], gv[8];
+        unpack8(__ldg(x + i), xv);
+        unpack8(__ldg(g + i), gv);
+        acc = dot8(xv, gv, acc);
+      }
+      v = 1.0f / (1.0f + __expf(-warp_sum(acc)));
+    }
+    if (lane == 0) scale[t] = v;
+  }
+}
+
+// out[t, h] = Σ_j weight[t, j] · y[t·k' + j, h] over the token's k' = k + parts choices in order
+// (a shared part's weight is g_t), for the tile's 32 features h and every token: the same sum
+// whichever block runs it. Every thread of the block calls it.
 __device__ void combine_tile(const Args& a, const WorkList& w, int tokens, int tile) {
+  __shared__ float scale[kMaxPairs];
+  if (a.parts > 0) {
+    shared_scales(a, tokens, scale);
+    __syncthreads();
+  }
   const int h0 = tile * kDownTile;
   for (int i = static_cast<int>(threadIdx.x); i < tokens * kDownTile; i += kThreads) {
     const int t = i / kDownTile, h = h0 + i % kDownTile;
     if (h >= a.hidden) continue;
     float sum = 0.0f;
-    for (int j = 0; j < a.top_k; ++j) {
-      const int p = t * a.top_k + j;
+    for (int j = 0; j < a.choices; ++j) {
+      const int p = t * a.choices + j;
       if (w.leader[p] < 0) continue;  // an id outside [0, E): no expert, no contribution
-      sum = fmaf(a.weights[p], __ldcg(a.y + static_cast<int64_t>(p) * a.hidden + h), sum);
+      const float weight = j < a.top_k ? a.weights[t * a.top_k + j] : scale[t];
+      sum = fmaf(weight, __ldcg(a.y + static_cast<int64_t>(p) * a.hidden + h), sum);
     }
     a.out[static_cast<int64_t>(t) * a.hidden + h] = float_to_bf16_bits(sum);
   }
@@ -213,13 +267,17 @@ __global__ void __launch_bounds__(kThreads, 3) fused_decode_kernel(Args a) {
   // node), measured on the H100, experts path in a CUDA graph at T=1: qwen1.5 38.4-39.0 µs, qwen3
   // 40.7-40.8 (before: 38.7-40.7 and 40.5-42.8 over this session's and the last one's runs).
   const int tid = static_cast<int>(threadIdx.x);
-  const int id = tid < a.max_tokens * a.top_k ? a.ids[tid] : -1;
+  // Choice j of token t is thread t·k' + j: a routed id for j < k, else part j - k of the shared expert.
+  const int choice = tid % a.choices, token = tid / a.choices;
+  const int id = tid >= a.max_tokens * a.choices ? -1
+                 : choice < a.top_k           ? a.ids[token * a.top_k + choice]
+                                              : a.experts + choice - a.top_k;
   const int live = a.live_tokens ? *a.live_tokens : a.max_tokens;
   const int first = tid == 0 ? atomicAdd(a.next_item, 1) : 0;
   const int tokens = max(0, min(live, a.max_tokens));
-  const int pairs = tokens * a.top_k;
+  const int pairs = tokens * a.choices;
   if (tid == 0) next = first;
-  build_work_list(w, id, pairs, a.experts);
+  build_work_list(w, id, pairs, a.experts + a.parts);
   const int groups = w.groups;
   const int up_tiles = (a.inter + kUpTile - 1) / kUpTile;
   const int down_tiles = (a.hidden + kDownTile - 1) / kDownTile;
@@ -276,8 +334,10 @@ __global__ void __launch_bounds__(kThreads, 3) fused_decode_kernel(Args a) {
 
 constexpr int64_t align256(int64_t n) { return (n + 255) / 256 * 256; }
 
-int64_t act_bytes(const FusedDecodeShape& s) { return align256(s.max_tokens * s.top_k * s.intermediate * 2); }
-int64_t y_bytes(const FusedDecodeShape& s) { return align256(s.max_tokens * s.top_k * s.hidden * 4); }
+int shared_parts(const FusedDecodeShape& s) { return s.shared_intermediate > 0 ? s.shared_intermediate / s.intermediate : 0; }
+int choices(const FusedDecodeShape& s) { return s.top_k + shared_parts(s); }
+int64_t act_bytes(const FusedDecodeShape& s) { return align256(s.max_tokens * choices(s) * s.intermediate * 2); }
+int64_t y_bytes(const FusedDecodeShape& s) { return align256(s.max_tokens * choices(s) * s.hidden * 4); }
 int down_tile_count(const FusedDecodeShape& s) { return (s.hidden + kDownTile - 1) / kDownTile; }
 int counter_words(const FusedDecodeShape& s) { return kMaxPairs + down_tile_count(s) + 2; }
 int64_t counter_bytes(const FusedDecodeShape& s) { return align256(counter_words(s) * 4); }
@@ -291,9 +351,12 @@ std::string fused_decode_unsupported(const FusedDecodeShape& s) {
     return "H = " + std::to_string(s.hidden) + ", I = " + std::to_string(s.intermediate) +
            ": the fused decode kernel's 16-byte loads need positive multiples of 8";
   if (s.experts <= 0 || s.top_k <= 0) return "E = " + std::to_string(s.experts) + ", k = " + std::to_string(s.top_k);
-  if (s.max_tokens * s.top_k > kMaxPairs)
-    return "T*k = " + std::to_string(s.max_tokens * s.top_k) + " > " + std::to_string(kMaxPairs) +
-           ": the fused decode kernel builds its work list in one block";
+  if (s.shared_intermediate < 0 || s.shared_intermediate % s.intermediate != 0)
+    return "shared S = " + std::to_string(s.shared_intermediate) + " is not a multiple of I = " +
+           std::to_string(s.intermediate) + ": the fused decode kernel folds a shared expert in as S / I experts of I";
+  if (s.max_tokens * choices(s) > kMaxPairs)
+    return "T*k = " + std::to_string(s.max_tokens * choices(s)) + (shared_parts(s) ? " (shared parts included)" : "") +
+           " > " + std::to_string(kMaxPairs) + ": the fused decode kernel builds its work list in one block";
   return {};
 }
 
@@ -301,8 +364,11 @@ int64_t fused_decode_workspace_bytes(const FusedDecodeShape& s) { return act_byt
 
 void experts_fused_decode(const LaneContext& ctx, const FusedDecodeShape& s, int64_t tokens, const int32_t* live_tokens,
                           const uint16_t* x, const int32_t* ids, const float* weights, const uint16_t* w13,
-                          const uint16_t* w2, uint16_t* out, void* workspace) {
+                          const uint16_t* w2, uint16_t* out, void* workspace, const FusedSharedWeights& shared) {
   if (const std::string why = fused_decode_unsupported(s); !why.empty()) fail_input("experts_fused_decode: " + why);
+  if (s.shared_intermediate > 0 && (!shared.w13 || !shared.w2 || s.shared_gated != (shared.gate != nullptr)))
+    fail_input("experts_fused_decode: the shared expert's weights do not match its shape (S = " +
+               std::to_string(s.shared_intermediate) + (s.shared_gated ? ", gated" : "") + ")");
   if (tokens < 0 || tokens > s.max_tokens)
     fail_input("experts_fused_decode: T = " + std::to_string(tokens) + " outside [0, " + std::to_string(s.max_tokens) + "]");
   if (tokens == 0 && !live_tokens) return;
@@ -318,9 +384,13 @@ void experts_fused_decode(const LaneContext& ctx, const FusedDecodeShape& s, int
   a.next_item = a.down_done + down_tile_count(s);
   a.done_blocks = a.next_item + 1;
   a.max_tokens = static_cast<int>(tokens);
+  a.shared = shared;
+  a.shared_inter = s.shared_intermediate;
+  a.parts = shared_parts(s);
+  a.choices = choices(s);
   // Enough blocks for the most work the sizes allow, at most what is resident at once.
   const int64_t up_tiles = (s.intermediate + kUpTile - 1) / kUpTile;
-  const int64_t most_items = tokens * s.top_k * (up_tiles + down_tile_count(s));
+  const int64_t most_items = tokens * choices(s) * (up_tiles + down_tile_count(s));
   const int grid = static_cast<int>(std::max<int64_t>(
       1, std::min<int64_t>(std::max<int64_t>(most_items, down_tile_count(s)),
                             resident_blocks(fused_decode_kernel, kThreads, ctx.device, blocks_per_sm))));

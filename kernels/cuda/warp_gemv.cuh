@@ -48,7 +48,8 @@ __device__ __forceinline__ uint4 load_act(const uint4* p) {
 }
 
 // gate[q][o] = w1_{j0+o} · x_q and up[q][o] = w3_{j0+o} · x_q (lane partial sums) for the first
-// `count` of kRows rows; w13 is one expert's [2I, H] (gate rows, then up rows), vecs = H / 8.
+// `count` of kRows rows; w13 is one expert's [2I, H] (gate rows, then up rows `inter` rows further:
+// I, or S where w13 points into a wider shared expert's [2S, H]), vecs = H / 8.
 template <int kRows, int kOutputs, ActLoad kLoad, class Rows>
 __device__ __forceinline__ void gate_up_dot(const uint4* w13, int j0, int inter, int vecs, const Rows& x, int count, int lane,
                                             float (&gate)[kRows][kOutputs], float (&up)[kRows][kOutputs]) {
@@ -75,15 +76,16 @@ __device__ __forceinline__ void gate_up_dot(const uint4* w13, int j0, int inter,
 }
 
 // acc[q][o] = w_{h0+o} · act_q (lane partial sums) for the first `count` of kRows rows; w is one
-// expert's [H, I], vecs = I / 8.
+// expert's [H, I], vecs = I / 8, its rows `stride` vectors apart (vecs, or more where w is a slice of
+// the columns of a wider matrix: a shared expert folded in as several experts of I).
 template <int kRows, int kOutputs, ActLoad kLoad, class Rows>
-__device__ __forceinline__ void rows_dot(const uint4* w, int h0, int vecs, const Rows& act, int count, int lane,
+__device__ __forceinline__ void rows_dot(const uint4* w, int h0, int vecs, int stride, const Rows& act, int count, int lane,
                                          float (&acc)[kRows][kOutputs]) {
 #pragma unroll 2
   for (int v = lane; v < vecs; v += 32) {
     float wv[kOutputs][8];
 #pragma unroll
-    for (int o = 0; o < kOutputs; ++o) unpack8(__ldg(w + static_cast<int64_t>(h0 + o) * vecs + v), wv[o]);
+    for (int o = 0; o < kOutputs; ++o) unpack8(__ldg(w + static_cast<int64_t>(h0 + o) * stride + v), wv[o]);
 #pragma unroll
     for (int q = 0; q < kRows; ++q) {
       if (q >= count) break;

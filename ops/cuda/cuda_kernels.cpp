@@ -355,8 +355,20 @@ void register_experts(KernelRegistry& r) {
 
 cuda::FusedDecodeShape fused_shape(const Graph& g, const Node& n) {
   const auto& op = static_cast<const FusedExpertsOp&>(*n.op);
-  return {op.experts(), op.top_k(), static_cast<int>(g.value(n.inputs[0]).shape()[1].fixed), op.intermediate(),
-          g.max_tokens_of(n)};
+  cuda::FusedDecodeShape s{op.experts(), op.top_k(), static_cast<int>(g.value(n.inputs[0]).shape()[1].fixed),
+                           op.intermediate(), g.max_tokens_of(n)};
+  if (const auto& shared = op.shared()) {
+    s.shared_intermediate = shared->intermediate;
+    s.shared_gated = shared->gated;
+  }
+  return s;
+}
+
+// The folded shared expert's weights (inputs 5, 6 and the gate's 7), where the node has one.
+cuda::FusedSharedWeights fused_shared_weights(const KernelCall& c) {
+  const auto& shared = static_cast<const FusedExpertsOp&>(*c.node.op).shared();
+  if (!shared) return {};
+  return {bf16_in(c, 5), bf16_in(c, 6), shared->gated ? bf16_in(c, 7) : nullptr};
 }
 
 // The fuse pass (ops/fuse_experts.hpp) makes a fused_experts node wherever this kernel supports it.
@@ -377,14 +389,25 @@ void register_fused_experts(KernelRegistry& r) {
            if (huge_experts(shape.hidden, shape.intermediate))
              return Support::no(expert_mib(shape.hidden, shape.intermediate) + ": its second phase would have too few "
                                 "items to fill the GPU; the chain's decode kernels stream faster");
+           std::string shared;
+           if (shape.shared_intermediate > 0) {
+             // Every token uses the shared expert: its weights stream once per group of rows, so
+             // only where all tokens fit one group.
+             if (shape.max_tokens > cuda::kFusedRowsPerGroup)
+               return Support::no("shared expert folded in: " + std::to_string(shape.max_tokens) + " tokens would stream its "
+                                  "weights once per " + std::to_string(cuda::kFusedRowsPerGroup) + " of them");
+             shared = "; the shared expert (S = " + std::to_string(shape.shared_intermediate) + ") folded in as " +
+                      std::to_string(shape.shared_intermediate / shape.intermediate) +
+                      " more experts of I every token uses, its weights in the same stream, its add in the combine";
+           }
            return Support::yes("T*k = " + std::to_string(rows) + " <= E: dispatch, SwiGLU MLP and combine in one launch "
                                "(saves four); each touched expert's weights streamed once per " +
-                               std::to_string(cuda::kFusedRowsPerGroup) + " rows, x read in place");
+                               std::to_string(cuda::kFusedRowsPerGroup) + " rows, x read in place" + shared);
          },
          [](const KernelCall& c) {
            cuda::experts_fused_decode(lane(c), fused_shape(c.graph, c.node), c.tokens, c.live_tokens, bf16_in(c, 0),
                                       c.in<int32_t>(1), c.in<float>(2), bf16_in(c, 3), bf16_in(c, 4), bf16_out(c, 0),
-                                      c.workspace);
+                                      c.workspace, fused_shared_weights(c));
          },
          [](const Graph& g, const Node& n, int64_t tokens) {
            cuda::FusedDecodeShape shape = fused_shape(g, n);
@@ -413,6 +436,8 @@ void register_fused_experts(KernelRegistry& r) {
            if (!s.ok) return s;
            if (g.max_tokens_of(n) != 1)
              return Support::no("at most " + std::to_string(g.max_tokens_of(n)) + " tokens: it runs one token");
+           if (static_cast<const FusedExpertsOp&>(*n.op).shared())
+             return Support::no("a shared expert folded in: it runs the routed experts only");
            const cuda::FusedSingleTokenShape shape = single_token_shape(g, n);
            if (const std::string why = cuda::fused_single_token_unsupported(shape); !why.empty()) return Support::no(why);
            if (huge_experts(shape.hidden, shape.intermediate))

@@ -6,11 +6,13 @@
 #include <gtest/gtest.h>
 
 #include <cstring>
+#include <map>
 
 #include "bench/cuda/cuda_session.hpp"
 #include "graph/chunk.hpp"
 #include "graph/error.hpp"
 #include "kernels/cuda/device.hpp"
+#include "ops/fused_experts_op.hpp"
 #include "ops/moe_layer.hpp"
 #include "tests/reference/reference.hpp"
 
@@ -208,7 +210,8 @@ TEST(CudaFusedSingleToken, PlannedWhereTheMaximumTIsOneAndTheShapeAllows) {  // 
   // measured faster (deepseek-v3's 1024 items); the single-token kernel can still be forced there.
   const auto many_items = experts_graph("qwen1.5-moe-a2.7b", {"hidden_size=256", "moe_intermediate_size=4096"}, 1);
   EXPECT_EQ(fused_kernel(make_plan(many_items, po)), "cuda.fused_decode");
-  // Beside a shared expert (a branch the concurrent plan runs at the same time) the two-phase kernel.
+  // A layer with a shared expert: folded into the two-phase kernel (the single-token kernel runs the
+  // routed experts only).
   const MoEConfig shared = load_config("qwen1.5-moe-a2.7b", {"hidden_size=256", "moe_intermediate_size=128",
                                                               "shared_expert_intermediate_size=256"});
   const auto layer = std::make_shared<const Graph>(build_moe_layer(shared, {.max_tokens = 1, .dtype = DType::bf16}));
@@ -285,5 +288,130 @@ TEST(CudaFusedSingleToken, OneCaptureReplaysTheEagerBytes) {
     s.replay();
     const std::vector<float> replayed = s.output();
     EXPECT_EQ(0, std::memcmp(replayed.data(), eager.data(), eager.size() * 4)) << "replay " << replay;
+  }
+}
+
+// A shared expert folded into the two-phase kernel (ops/fuse_experts.hpp): S / I more choices per
+// token whose weights stream in the same launch, the sigmoid gate (Qwen2-MoE) or 1 (DeepSeek) as
+// their weight, the reduce gone. Planned where every token fits one group of rows; checked against
+// the fp64 reference, against the same layer with the shared expert apart, bit-identical reruns and
+// captured replays.
+namespace {
+
+const Node* fused_node(const Plan& plan, const PlanStep** step_out = nullptr) {
+  for (const PlanStep& step : plan.steps)
+    if (plan.graph->node(step.node).op->kind() == "fused_experts") {
+      if (step_out) *step_out = &step;
+      return &plan.graph->node(step.node);
+    }
+  return nullptr;
+}
+
+bool folds_shared(const Plan& plan) {
+  const Node* n = fused_node(plan);
+  return n && static_cast<const FusedExpertsOp&>(*n->op).shared().has_value();
+}
+
+int count_kind(const Plan& plan, const std::string& kind) {
+  int n = 0;
+  for (const Node& node : plan.graph->nodes()) n += node.op->kind() == kind;
+  return n;
+}
+
+struct SharedCase {
+  std::string name, preset;
+  std::vector<std::string> sets;
+};
+
+std::vector<SharedCase> shared_cases() {
+  return {
+      // gated, S = 4 I (qwen1.5's own ratio), H and I multiples of 8 but of no tile
+      {"qwen15", "qwen1.5-moe-a2.7b", {"hidden_size=264", "moe_intermediate_size=88", "shared_expert_intermediate_size=352"}},
+      // ungated, S = I (one shared expert of the routed experts' size), 8 + 1 choices per token
+      {"deepseek", "deepseek-v3", {"hidden_size=128", "moe_intermediate_size=40"}},
+  };
+}
+
+std::shared_ptr<const Graph> layer_graph(const SharedCase& c, int64_t max_tokens) {
+  return std::make_shared<const Graph>(build_moe_layer(load_config(c.preset, c.sets), {.max_tokens = max_tokens, .dtype = DType::bf16}));
+}
+
+}  // namespace
+
+TEST(CudaFusedDecodeShared, FoldedWhereEveryTokenFitsOneGroupAndThePlanSaysWhyNotElsewhere) {  // planning only
+  PlanOptions po;
+  po.backend = Backend::cuda;
+  for (const SharedCase& c : shared_cases()) {
+    for (int64_t T : {1, 2, 4}) {
+      const Plan plan = make_plan(layer_graph(c, T), po);
+      const PlanStep* step = nullptr;
+      ASSERT_TRUE(fused_node(plan, &step)) << c.name << " T=" << T;
+      EXPECT_EQ(step->kernel->name, "cuda.fused_decode") << c.name;
+      EXPECT_TRUE(folds_shared(plan)) << c.name << " T=" << T;
+      EXPECT_EQ(count_kind(plan, "shared_expert") + count_kind(plan, "reduce"), 0) << c.name;
+      EXPECT_NE(step->reason.find("folded in as"), std::string::npos) << step->reason;
+    }
+  }
+  // Five tokens would stream the shared weights twice: apart, and the fused step says why.
+  const SharedCase qwen = shared_cases()[0];
+  const Plan five = make_plan(layer_graph(qwen, 5), po);
+  const PlanStep* step = nullptr;
+  ASSERT_TRUE(fused_node(five, &step));
+  EXPECT_FALSE(folds_shared(five));
+  EXPECT_EQ(count_kind(five, "shared_expert"), 1);
+  EXPECT_NE(step->reason.find("shared expert not folded in"), std::string::npos) << step->reason;
+  EXPECT_NE(step->reason.find("5 tokens"), std::string::npos) << step->reason;
+  // S not a multiple of I: apart.
+  const SharedCase odd{"odd", "qwen1.5-moe-a2.7b", {"hidden_size=264", "moe_intermediate_size=88", "shared_expert_intermediate_size=120"}};
+  EXPECT_FALSE(folds_shared(make_plan(layer_graph(odd, 1), po)));
+  // The single-token kernel forced: it runs routed experts only, so the shared expert stays apart.
+  po.forced_kernels["fused_experts"] = "cuda.fused_single_token";
+  const SharedCase tiled{"tiled", "qwen1.5-moe-a2.7b", {"hidden_size=256", "moe_intermediate_size=128", "shared_expert_intermediate_size=256"}};
+  const Plan forced = make_plan(layer_graph(tiled, 1), po);
+  EXPECT_FALSE(folds_shared(forced));
+  EXPECT_EQ(fused_kernel(forced), "cuda.fused_single_token");
+  po.forced_kernels.clear();
+  po.fold_shared = false;  // --no-fold-shared
+  EXPECT_FALSE(folds_shared(make_plan(layer_graph(qwen, 1), po)));
+}
+
+TEST(CudaFusedDecodeShared, MatchesReferenceAndTheLayerWithTheSharedExpertApartRepeatsAndReplays) {
+  if (cuda::device_count() == 0) GTEST_SKIP() << "no CUDA device";
+  for (const SharedCase& c : shared_cases()) {
+    const auto g = layer_graph(c, 4);
+    CudaSessionOptions so;
+    so.seed = 13;
+    so.plan.capturable = true;
+    CudaSession s(g, so);
+    ASSERT_TRUE(folds_shared(s.plan())) << c.name;
+    CudaSessionOptions apart_options = so;
+    apart_options.plan.fold_shared = false;
+    CudaSession apart(g, apart_options, &s);
+    ASSERT_FALSE(folds_shared(apart.plan())) << c.name;
+    std::map<int64_t, std::vector<float>> eager;
+    for (int64_t T : {int64_t{1}, int64_t{3}, int64_t{4}}) {
+      s.set_tokens(T);
+      s.run();
+      const CheckReport r = s.check(1e-2);
+      EXPECT_TRUE(r.pass) << c.name << " T=" << T << " rel_norm " << r.comparison.rel_norm;
+      eager[T] = s.output();
+      s.run();
+      const std::vector<float> again = s.output();
+      EXPECT_EQ(0, std::memcmp(again.data(), eager[T].data(), again.size() * 4)) << c.name << " rerun differs, T=" << T;
+      apart.set_tokens(T);
+      apart.run();
+      const std::vector<float> other = apart.output();
+      EXPECT_LT(reference::compare(eager[T].data(), std::vector<double>(other.begin(), other.end())).rel_norm, 1e-2)
+          << c.name << " folded vs apart, T=" << T;
+    }
+    for (int64_t T : {int64_t{4}, int64_t{1}, int64_t{3}}) {  // the gate reads T on the host: a graph per T
+      s.set_tokens(T);
+      s.capture();
+      for (int replay = 0; replay < 2; ++replay) {  // the kernel leaves its lane counters zero for the next
+        s.replay();
+        const std::vector<float> replayed = s.output();
+        EXPECT_EQ(0, std::memcmp(replayed.data(), eager[T].data(), replayed.size() * 4)) << c.name << " replay T=" << T;
+      }
+    }
   }
 }
