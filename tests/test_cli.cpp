@@ -8,6 +8,7 @@
 #include <filesystem>
 #include <set>
 #include <fstream>
+#include <iomanip>
 #include <sstream>
 #include <sys/wait.h>
 
@@ -94,6 +95,14 @@ TEST(Cli, TraceOfConcurrentPlanShowsSharedExpertBesideRoutedPath) {
   ASSERT_NE(shared, nullptr);
   const double overlap = std::min(shared->start_us + shared->duration_us, routed_end) - std::max(shared->start_us, routed_start);
   EXPECT_GT(overlap, 0.0) << "the shared expert should run while the routed path runs";
+  // The summary: the span, every lane's busy time, and the shared expert's time on its own row.
+  const Result sum = run_moeflow("trace " + trace + " --summary");
+  ASSERT_EQ(sum.status, 0) << sum.output;
+  EXPECT_THAT(sum.output, HasSubstr(" us, 6 nodes"));
+  EXPECT_THAT(sum.output, HasSubstr("% of the span)"));
+  std::ostringstream shared_row;
+  shared_row << std::fixed << std::setprecision(1) << shared->duration_us;
+  EXPECT_THAT(sum.output, testing::ContainsRegex("shared_expert +cpu\\.swiglu_mlp +1 +" + shared_row.str())) << sum.output;
   const std::string svg = (dir / "timeline.svg").string();
   if (std::system("command -v neato >/dev/null") == 0) {
     const Result tr = run_moeflow("trace " + trace + " --svg " + svg);

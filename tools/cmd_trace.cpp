@@ -1,11 +1,15 @@
-// `moeflow trace run.json --svg timeline.svg`: a measured run as a timeline. The DOT has fixed
+// `moeflow trace run.json --svg timeline.svg`: a measured run as a timeline (`--summary`: where its
+// time went, as text). The DOT has fixed
 // positions (x = time, one row per lane) and is laid out by Graphviz's `neato -n2`, run as a program:
 // moeflow links only libcgraph.
+#include <algorithm>
 #include <cstdio>
 #include <fstream>
 #include <iomanip>
 #include <iostream>
+#include <map>
 #include <sstream>
+#include <vector>
 
 #include "graph/dot_document.hpp"
 #include "graph/error.hpp"
@@ -48,26 +52,63 @@ std::string timeline_dot(const Trace& t) {
   return doc.str();
 }
 
+// Where the time of a run went: its span, each lane's busy time, and per op and kernel the nodes'
+// summed durations, largest first (what to compare between two plans of one layer).
+std::string trace_summary(const Trace& t) {
+  double start = 0.0, end = 0.0;
+  if (!t.events.empty()) start = end = t.events.front().start_us;
+  std::map<int, double> busy;
+  std::map<std::pair<std::string, std::string>, std::pair<int, double>> by_kernel;
+  for (const TraceEvent& e : t.events) {
+    start = std::min(start, e.start_us);
+    end = std::max(end, e.start_us + e.duration_us);
+    busy[e.lane] += e.duration_us;
+    auto& [count, total] = by_kernel[{e.op, e.kernel}];
+    ++count;
+    total += e.duration_us;
+  }
+  const double span = end - start;
+  std::ostringstream out;
+  out << std::fixed << std::setprecision(1) << t.process << ": span " << span << " us, " << t.events.size() << " nodes\n";
+  for (const auto& [lane, us] : busy) {
+    const std::string name = lane >= 0 && static_cast<std::size_t>(lane) < t.lanes.size() ? t.lanes[static_cast<std::size_t>(lane)]
+                                                                                         : "lane" + std::to_string(lane);
+    out << "  " << std::left << std::setw(24) << name << std::right << std::setw(10) << us << " us busy ("
+        << (span > 0 ? 100.0 * us / span : 0.0) << "% of the span)\n";
+  }
+  std::vector<std::pair<std::pair<std::string, std::string>, std::pair<int, double>>> rows(by_kernel.begin(), by_kernel.end());
+  std::stable_sort(rows.begin(), rows.end(), [](const auto& a, const auto& b) { return a.second.second > b.second.second; });
+  out << "  " << std::left << std::setw(16) << "op" << std::setw(34) << "kernel" << std::right << std::setw(6) << "nodes"
+      << std::setw(12) << "sum us" << "\n";
+  for (const auto& [key, value] : rows)
+    out << "  " << std::left << std::setw(16) << key.first << std::setw(34) << key.second << std::right << std::setw(6)
+        << value.first << std::setw(12) << value.second << "\n";
+  return out.str();
+}
+
 }  // namespace
 
 Command add_trace_command(CLI::App& app) {
   struct Flags {
     std::string input, svg, dot;
+    bool summary = false;
   };
   auto f = std::make_shared<Flags>();
   CLI::App* sub = app.add_subcommand("trace", "draw a measured run (a --trace JSON) as a timeline");
   sub->add_option("trace", f->input, "a trace written by run --trace")->required();
   sub->add_option("--svg", f->svg, "SVG output (runs Graphviz's neato -n2)");
   sub->add_option("--dot", f->dot, "write the timeline's DOT (fixed positions)");
+  sub->add_flag("--summary", f->summary, "print the span, each lane's busy time and the time per op and kernel instead of the DOT");
   return [f] {
     const Trace trace = Trace::read_chrome_json(f->input);
+    if (f->summary) std::cout << trace_summary(trace);
     const std::string dot = timeline_dot(trace);
     if (!f->dot.empty()) {
       std::ofstream out(f->dot);
       if (!out) fail_input("cannot write '" + f->dot + "'");
       out << dot;
     }
-    if (f->svg.empty() && f->dot.empty()) std::cout << dot;
+    if (f->svg.empty() && f->dot.empty() && !f->summary) std::cout << dot;
     if (!f->svg.empty()) {
       const std::string command = "neato -q -n2 -Tsvg -o '" + f->svg + "'";  // -q: nodes narrower than their label are fine
       FILE* pipe = popen(command.c_str(), "w");

@@ -2,6 +2,7 @@
 // and the reason each gives the plan. Built only with MOEFLOW_CUDA.
 #include <cuda_runtime.h>
 
+#include <iomanip>
 #include <sstream>
 
 #include "kernels/cuda/check.cuh"
@@ -87,6 +88,13 @@ std::string fmt(double v) {
 // 1.60 1.35 1.22 1.17) and slower on mixtral (T = 1, 2: 1.37 1.10 against 1.28 1.02), whose second
 // phase gets too few, too large items to fill the GPU.
 constexpr int64_t kHugeExpertBytes = int64_t{128} << 20;
+// A shared expert is folded into the fused decode kernel where its weights are at least this share of
+// the routed experts' expected touched weights. Measured on the H100 (whole layer, concurrent plan,
+// CUDA-graph replays, folded against --no-fold-shared, bench/results/h100_fold_shared_2026-11-23.txt):
+// qwen1.5-moe-a2.7b (share 1.0 / 0.5 / 0.27 at T = 1 / 2 / 4) 80.7 / 105.2 / 150.9 against 92.5 /
+// 118.5 / 157.8 µs; deepseek-v3 (share 0.125 at T=1, less beyond) 295.2 / 526.2 / 934.8 against
+// 294.8 / 525.5 / 925.4: its 88 MB already hid beside 704 MB of routed weights.
+constexpr double kFoldSharedBytes = 0.25;
 int64_t expert_bytes(int64_t hidden, int intermediate) { return 3 * hidden * static_cast<int64_t>(intermediate) * 2; }
 bool huge_experts(int64_t hidden, int intermediate) { return expert_bytes(hidden, intermediate) > kHugeExpertBytes; }
 std::string expert_mib(int64_t hidden, int intermediate) {
@@ -396,6 +404,18 @@ void register_fused_experts(KernelRegistry& r) {
              if (shape.max_tokens > cuda::kFusedRowsPerGroup)
                return Support::no("shared expert folded in: " + std::to_string(shape.max_tokens) + " tokens would stream its "
                                   "weights once per " + std::to_string(cuda::kFusedRowsPerGroup) + " of them");
+             // Where its weights are a small part of the bytes it hides beside the routed branch as
+             // well (kFoldSharedBytes).
+             const double touched = expected_touched_experts(shape.experts, shape.top_k, static_cast<double>(shape.max_tokens));
+             const double share = static_cast<double>(expert_bytes(shape.hidden, shape.shared_intermediate)) /
+                                  (touched * static_cast<double>(expert_bytes(shape.hidden, shape.intermediate)));
+             if (share < kFoldSharedBytes) {
+               std::ostringstream why;
+               why << std::fixed << std::setprecision(2) << "shared expert folded in: its weights are " << share
+                   << " of the routed experts' expected at T=" << shape.max_tokens << " (folded from " << kFoldSharedBytes
+                   << "): beside the routed branch it costs as little";
+               return Support::no(why.str());
+             }
              shared = "; the shared expert (S = " + std::to_string(shape.shared_intermediate) + ") folded in as " +
                       std::to_string(shape.shared_intermediate / shape.intermediate) +
                       " more experts of I every token uses, its weights in the same stream, its add in the combine";
