@@ -262,8 +262,9 @@ fi
 if [[ $mode == shared ]]; then
   # The shared expert folded into the fused decode kernel (ops/fuse_experts.hpp). Part `tests`: every
   # gpu test, the folded kernel's test under the three sanitizers, the resource report, run --check
-  # of the full presets as planned. Part `bench`: whole layers as CUDA-graph replays folded and with
-  # --no-fold-shared, then the layer beside its two branches alone (issue 3's overlap figure).
+  # of the full presets as planned. Part `bench`: whole layers as CUDA-graph replays as planned and
+  # with each flag set of $VARIANTS (default: --no-fold-shared), then the layer beside its two
+  # branches alone (issue 3's overlap figure).
   models=${3:-qwen1.5-moe-a2.7b deepseek-v3}
   if [[ ${2:-tests} == tests ]]; then
     echo "== gpu tests"; timeout 240 $b/moeflow_gpu_tests --gtest_brief=1 > "$OUT/gpu_tests.log" 2>&1; echo "rc=$?"
@@ -279,7 +280,8 @@ if [[ $mode == shared ]]; then
         | grep -E "fused_experts|check|error" | cut -c1-260
     done; done | tee "$OUT/run_checks.txt"
   else
-    for m in $models; do for t in ${4:-1 2 4}; do for flags in "" "--no-fold-shared"; do
+    IFS=';' read -r -a variants <<< "${VARIANTS:-;--no-fold-shared}"  # flag sets, ';'-separated ('' = as planned)
+    for m in $models; do for t in ${4:-1 2 4}; do for flags in "${variants[@]}"; do
       $b/moeflow run --backend cuda --model $m --tokens $t --plan concurrent --cuda-graph --runs ${RUNS:-300} $flags --json 2>&1 \
         | python3 -c "import json,sys; r=json.load(sys.stdin); print('%-18s T=%-4s %-18s median %8.1f us  replay host cost %5.1f us' % (sys.argv[1], sys.argv[2], sys.argv[3] or 'as planned', r['median_us'], r['graph_launch_us']))" $m $t "$flags"
     done; done; done | tee "$OUT/layers.txt"

@@ -35,6 +35,9 @@ struct KernelCall {
   // in device memory, read by the kernels when they run; `tokens` is then the plan's maximum, what
   // the launches are sized for.
   const int32_t* live_tokens = nullptr;
+  // Set where the plan lets this kernel start while the previous kernel of its lane still runs
+  // (PlanStep::starts_early): it must be launched so, and wait before reading that kernel's outputs.
+  bool starts_early = false;
 
   // The most rows this node ever gets (its chunk's size in a chunked graph): what scratch is sized for.
   int64_t max_tokens() const { return graph.max_tokens_of(node); }
@@ -81,6 +84,12 @@ struct KernelEntry {
   // Where the kernel is the better choice on some shapes only (a measured crossover): its priority
   // on this node. Empty: `priority` everywhere. Candidates are ordered per node by priority_for().
   std::function<int(const Graph&, const Node&)> priority_on = {};
+  // Programmatic dependent launch (CUDA, Hopper): a kernel that `releases_next` lets the next kernel
+  // of its lane start while it runs; one that `starts_early` can make use of that (work that needs
+  // none of the previous kernel's outputs goes first, then it waits for them). The planner pairs
+  // them (PlanStep::starts_early) where nothing else comes between.
+  bool releases_next = false;
+  bool starts_early = false;
 
   int priority_for(const Graph& g, const Node& n) const { return priority_on ? priority_on(g, n) : priority; }
 };

@@ -14,11 +14,14 @@ constexpr int64_t kAlignment = 256;
 int64_t align_up(int64_t n) { return (n + kAlignment - 1) / kAlignment * kAlignment; }
 
 // before[i][j]: step j finishes before step i starts (by lane order and waits, transitively).
-// Issue order is topological for both kinds of edge, so one forward pass closes it.
+// Issue order is topological for both kinds of edge, so one forward pass closes it. A step that
+// starts early (PlanStep::starts_early) runs beside the previous step of its lane: only what was
+// over before that one started is over before it; once it ends, that step has ended too.
 std::vector<std::vector<bool>> happens_before(const Plan& plan) {
   const std::size_t n = plan.steps.size();
   std::vector<std::vector<bool>> before(n, std::vector<bool>(n, false));
   std::vector<int> last_on_lane(plan.lanes.size(), -1);
+  std::vector<int> beside(n, -1);  // the step an early one starts beside
   for (std::size_t i = 0; i < n; ++i) {
     const PlanStep& s = plan.steps[i];
     std::vector<std::size_t> preds;
@@ -26,10 +29,19 @@ std::vector<std::vector<bool>> happens_before(const Plan& plan) {
     if (last >= 0) preds.push_back(static_cast<std::size_t>(last));
     last = static_cast<int>(i);
     for (NodeId w : s.waits) preds.push_back(static_cast<std::size_t>(plan.step_of_node[static_cast<std::size_t>(w)]));
+    if (s.starts_early && !preds.empty()) {
+      beside[i] = static_cast<int>(preds.front());
+      for (std::size_t j = 0; j < n; ++j) before[i][j] = before[preds.front()][j];
+      preds.erase(preds.begin());
+    }
     for (std::size_t p : preds) {
-      before[i][p] = true;
-      for (std::size_t j = 0; j < n; ++j)
-        if (before[p][j]) before[i][j] = true;
+      std::vector<std::size_t> ended = {p};
+      if (beside[p] >= 0) ended.push_back(static_cast<std::size_t>(beside[p]));
+      for (std::size_t e : ended) {
+        before[i][e] = true;
+        for (std::size_t j = 0; j < n; ++j)
+          if (before[e][j]) before[i][j] = true;
+      }
     }
   }
   return before;

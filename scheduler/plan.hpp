@@ -45,6 +45,9 @@ struct PlanOptions {
   // With `fuse`: offer the fused node the layer's shared expert and the reduce adding it too, kept
   // where a fused kernel runs both (ops/fuse_experts.hpp).
   bool fold_shared = true;
+  // Let a kernel start while the previous one of its lane runs where both allow it (CUDA's
+  // programmatic dependent launch; PlanStep::starts_early).
+  bool early_start = true;
 };
 
 struct Lane {
@@ -67,6 +70,9 @@ struct PlanStep {
   int64_t workspace_bytes = 0;   // at the maximum T
   int64_t host_workspace_offset = 0;  // the kernel's pinned host scratch in the host arena
   int64_t host_workspace_bytes = 0;
+  // Starts while the previous step of its lane still runs (KernelEntry::starts_early and that step's
+  // releases_next, no cross-lane wait): the memory planner keeps its buffers apart from that step's.
+  bool starts_early = false;
 };
 
 // Which allocation a buffer lives in.

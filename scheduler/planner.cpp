@@ -374,6 +374,23 @@ void order_and_wait(Plan& plan, std::vector<PlanStep>& by_node) {
     plan.step_of_node[static_cast<std::size_t>(plan.steps[i].node)] = static_cast<int>(i);
 }
 
+// A step whose kernel can start early (KernelEntry::starts_early) does so where the previous step
+// of its lane releases it and it waits for no other lane (an event wait would order it after that
+// lane's work anyway).
+void start_early_where_released(Plan& plan) {
+  std::vector<int> last_on_lane(plan.lanes.size(), -1);
+  for (std::size_t i = 0; i < plan.steps.size(); ++i) {
+    PlanStep& s = plan.steps[i];
+    int& last = last_on_lane[static_cast<std::size_t>(s.lane)];
+    if (last >= 0 && s.kernel->starts_early && s.waits.empty() && plan.steps[static_cast<std::size_t>(last)].kernel->releases_next) {
+      s.starts_early = true;
+      s.reason += " [starts while '" + plan.graph->node(plan.steps[static_cast<std::size_t>(last)].node).name +
+                  "' runs: programmatic dependent launch]";
+    }
+    last = static_cast<int>(i);
+  }
+}
+
 // Where a chosen kernel reads an input on the host, route that input through a to_host node.
 // Returns null when no kernel needs one.
 std::shared_ptr<const Graph> with_host_copies(const Graph& g, const std::vector<const KernelEntry*>& chosen) {
@@ -531,6 +548,7 @@ Plan plan_fused_graph(std::shared_ptr<const Graph> graph, const PlanOptions& opt
   else schedule_concurrent(plan, by_node);
   leave_sms_to_communication(plan, by_node);
   order_and_wait(plan, by_node);
+  if (options.early_start) start_early_where_released(plan);
   lay_out_buffers(plan);
   if (options.reuse_memory) plan_workspace_reuse(plan);
   return plan;

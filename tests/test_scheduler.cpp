@@ -4,6 +4,7 @@
 #include <gtest/gtest.h>
 
 #include <chrono>
+#include <functional>
 #include <fstream>
 #include <random>
 #include <sstream>
@@ -43,9 +44,12 @@ class ProbeOp final : public OpSchema {
   int sleep_us_;
 };
 
-KernelRegistry probe_registry() {
+// `early`: the probe kernel releases the next kernel of its lane and starts early itself
+// (KernelEntry::releases_next / starts_early), so the planner lets every step that waits for no
+// other lane start beside the previous one of its lane.
+KernelRegistry probe_registry(bool early = false) {
   KernelRegistry r;
-  r.add({"probe", Backend::cpu, "test.probe", 0, [](const Graph&, const Node&) { return Support::yes("test kernel"); },
+  KernelEntry probe{"probe", Backend::cpu, "test.probe", 0, [](const Graph&, const Node&) { return Support::yes("test kernel"); },
          [](const KernelCall& c) {
            std::this_thread::sleep_for(
                std::chrono::microseconds(static_cast<const ProbeOp&>(*c.node.op).sleep_us()));
@@ -57,7 +61,9 @@ KernelRegistry probe_registry() {
              out[i] = s;
            }
          },
-         {}});
+         {}};
+  probe.releases_next = probe.starts_early = early;
+  r.add(std::move(probe));
   return r;
 }
 
@@ -425,46 +431,66 @@ TEST(Plan, KernelThatReadsAnInputOnTheHostGetsAToHostNodeInFrontOfIt) {
 namespace {
 
 // Independent of the memory planner: does step a finish before step b starts, following only the
-// plan's lane order and waits (a breadth-first search backwards from b)?
+// plan's lane order and waits? A step that starts early starts once the previous step of its lane
+// has started (not finished), and ends after it.
 bool finishes_before(const Plan& plan, std::size_t a, std::size_t b) {
-  std::vector<bool> seen(plan.steps.size(), false);
-  std::vector<std::size_t> todo{b};
-  while (!todo.empty()) {
-    const std::size_t s = todo.back();
-    todo.pop_back();
-    std::vector<std::size_t> preds;
+  auto lane_pred = [&](std::size_t s) -> int {
     for (std::size_t p = s; p-- > 0;)
-      if (plan.steps[p].lane == plan.steps[s].lane) {
-        preds.push_back(p);
-        break;
-      }
-    for (NodeId w : plan.steps[s].waits) preds.push_back(static_cast<std::size_t>(plan.step_of_node[static_cast<std::size_t>(w)]));
-    for (std::size_t p : preds) {
-      if (p == a) return true;
-      if (!seen[p]) {
-        seen[p] = true;
-        todo.push_back(p);
-      }
+      if (plan.steps[p].lane == plan.steps[s].lane) return static_cast<int>(p);
+    return -1;
+  };
+  std::vector<bool> finished(plan.steps.size(), false);
+  std::function<void(std::size_t)> mark_finished;
+  // What has finished when step s starts.
+  std::function<void(std::size_t)> before_start = [&](std::size_t s) {
+    const int p = lane_pred(s);
+    if (p >= 0) {
+      if (plan.steps[s].starts_early) before_start(static_cast<std::size_t>(p));
+      else mark_finished(static_cast<std::size_t>(p));
     }
-  }
-  return false;
+    for (NodeId w : plan.steps[s].waits) mark_finished(static_cast<std::size_t>(plan.step_of_node[static_cast<std::size_t>(w)]));
+  };
+  mark_finished = [&](std::size_t s) {
+    if (finished[s]) return;
+    finished[s] = true;
+    before_start(s);
+    if (plan.steps[s].starts_early && lane_pred(s) >= 0) mark_finished(static_cast<std::size_t>(lane_pred(s)));
+  };
+  before_start(b);
+  return finished[a];
 }
 
 }  // namespace
 
 TEST(MemoryPlanner, OverlappingBuffersAreNeverLiveTogetherAndTheyAddUpToThePeak) {
-  const KernelRegistry registry = probe_registry();
+  const KernelRegistry registry = probe_registry(), early_registry = probe_registry(/*early=*/true);
   std::mt19937 rng(99);
-  for (int trial = 0; trial < 20; ++trial) {
-    RandomDag dag = random_dag(rng, 5 + trial);
+  for (int trial = 0; trial < 40; ++trial) {
+    RandomDag dag = random_dag(rng, 5 + trial % 20);
     PlanOptions po;
-    po.registry = &registry;
+    po.registry = trial >= 20 ? &early_registry : &registry;  // steps starting beside their lane's previous one
     po.policy = trial % 4 == 0 ? Policy::serial : Policy::concurrent;
     po.max_lanes = 1 + trial % 4;
     po.reuse_memory = true;
     const Plan plan = make_plan(dag.graph, po);
     const Plan plain = make_plan(dag.graph, [&] { PlanOptions p = po; p.reuse_memory = false; return p; }());
     const Graph& g = *plan.graph;
+    // A step starts early exactly where the kernels allow it, it follows a step of its lane and
+    // waits for no other lane.
+    int early = 0;
+    for (std::size_t i = 0; i < plan.steps.size(); ++i) {
+      const PlanStep& s = plan.steps[i];
+      bool follows = false;
+      for (std::size_t p = 0; p < i; ++p) follows = follows || plan.steps[p].lane == s.lane;
+      EXPECT_EQ(s.starts_early, trial >= 20 && follows && s.waits.empty()) << "trial " << trial << " step " << i;
+      if (s.starts_early) {
+        EXPECT_NE(s.reason.find("programmatic dependent launch"), std::string::npos) << s.reason;
+      }
+      early += s.starts_early;
+    }
+    if (trial >= 20) {
+      EXPECT_GT(early, 0) << "trial " << trial;
+    }
     struct Use {
       std::string name;
       int64_t lo, hi;
@@ -500,6 +526,27 @@ TEST(MemoryPlanner, OverlappingBuffersAreNeverLiveTogetherAndTheyAddUpToThePeak)
             << "trial " << trial << ": " << a.name << " and " << b.name << " share bytes but may be live together";
       }
   }
+}
+
+TEST(Plan, NoStepStartsEarlyWhereThePlanSaysSoOrAKernelDoesNotAllowIt) {
+  std::mt19937 rng(5);
+  const RandomDag dag = random_dag(rng, 12);
+  const KernelRegistry early = probe_registry(/*early=*/true), plain = probe_registry();
+  PlanOptions po;
+  po.policy = Policy::serial;
+  po.registry = &early;
+  auto count = [](const Plan& p) {
+    int n = 0;
+    for (const PlanStep& s : p.steps) n += s.starts_early;
+    return n;
+  };
+  const Plan serial = make_plan(dag.graph, po);
+  EXPECT_EQ(count(serial), static_cast<int>(serial.steps.size()) - 1);  // one lane: every step but the first
+  po.early_start = false;                          // --no-early-start
+  EXPECT_EQ(count(make_plan(dag.graph, po)), 0);
+  po.early_start = true;
+  po.registry = &plain;
+  EXPECT_EQ(count(make_plan(dag.graph, po)), 0);
 }
 
 TEST(MemoryPlanner, RandomDagsComputeTheSameValuesWithReuse) {

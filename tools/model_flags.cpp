@@ -41,6 +41,9 @@ void PlanFlags::add_to(CLI::App& app) {
   app.add_flag("--no-fold-shared", no_fold_shared,
                "keep the shared expert (and the reduce adding it) apart from the fused experts node (by default a "
                "kernel that streams both in one launch takes them)");
+  app.add_flag("--no-early-start", no_early_start,
+               "every kernel waits for the previous one of its lane to finish (by default a kernel that can, such as "
+               "the fused decode kernel after the one-launch gate, starts while it runs: programmatic dependent launch)");
   app.add_flag("--no-reuse-memory", no_reuse_memory,
                "give every value its own workspace range (by default buffers share bytes where the plan proves it safe)");
   app.add_option("--tuning-cache", tuning_cache,
@@ -68,6 +71,7 @@ PlanOptions PlanFlags::options() const {
   o.reuse_memory = !no_reuse_memory;
   o.fuse = !no_fuse;
   o.fold_shared = !no_fold_shared;
+  o.early_start = !no_early_start;
   for (const std::string& k : kernels) {
     const auto eq = k.find('=');
     if (eq == std::string::npos || eq == 0 || eq + 1 == k.size())

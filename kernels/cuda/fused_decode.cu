@@ -10,6 +10,7 @@
 #include "kernels/cuda/bf16_vec.cuh"
 #include "kernels/cuda/warp_gemv.cuh"
 #include "kernels/cuda/check.cuh"
+#include "kernels/cuda/dependent_launch.cuh"
 #include "kernels/cuda/device.hpp"
 #include "kernels/cuda/fused_operands.hpp"
 #include "kernels/cuda/grid_sync.cuh"
@@ -39,6 +40,9 @@ struct Args : FusedOperands {  // plus this kernel's scratch and counters
   FusedSharedWeights shared;
   int shared_inter, parts;
   int choices;    // per token: k + parts
+  // Launched to start while the previous kernel of the lane (the gate) still runs: the shared
+  // expert's gate/up items first, then wait for the routing (dependent_launch.cuh).
+  bool early;
   uint16_t* act;  // [P, I] bf16, by (token, choice)
   float* y;       // [P, H] fp32, by (token, choice)
   int* up_done;   // [kMaxPairs]: phase-1 tiles finished per group
@@ -48,13 +52,21 @@ struct Args : FusedOperands {  // plus this kernel's scratch and counters
   int max_tokens;  // T of this launch (live_tokens, where set, may be lower)
 };
 
+// Choice p of a launch for T tokens: part p % parts of the shared expert for token p / parts below
+// T·parts, then the routed choices, token-major (choice j of token t at T·parts + t·k + j). The shared
+// choices come first so that their groups are numbered the same before the routing is known as after.
+__device__ __forceinline__ int token_of(const Args& a, int p) {
+  const int shared = a.max_tokens * a.parts;
+  return p < shared ? p / a.parts : (p - shared) / a.top_k;
+}
+
 // The work list every block derives from the ids, in shared memory. Groups are numbered by their
-// first choice (token-major), and every block computes the same numbering.
+// first choice (in choice order), and every block computes the same numbering.
 struct WorkList {
   int ids[kMaxPairs];
   int expert[kMaxPairs];           // per group
   int count[kMaxPairs];            // per group: 1..kRows choices
-  int member[kMaxPairs][kRows];    // per group: the choices p = t·k + j
+  int member[kMaxPairs][kRows];    // per group: its choices p (token_of)
   int leader[kMaxPairs];           // per choice: the first choice of its group (-1: id out of range)
   int occurrence[kMaxPairs];       // per choice: earlier choices of the same expert
   int group_of[kMaxPairs];         // per leader choice: its group's number
@@ -104,7 +116,7 @@ __device__ void build_work_list(WorkList& w, int id, int pairs, int experts) {
   __syncthreads();
 }
 
-// act[p, j] = silu(w1_j · x_t) · (w3_j · x_t) for the group's choices p (token t = p / k), for the
+// act[p, j] = silu(w1_j · x_t) · (w3_j · x_t) for the group's choices p (token t = token_of(p)), for the
 // warp's two features j of the tile's 16. I is a multiple of 8: both are in range or neither.
 __device__ void up_tile(const Args& a, const WorkList& w, int group, int tile) {
   const int warp = static_cast<int>(threadIdx.x) >> 5, lane = static_cast<int>(threadIdx.x) & 31;
@@ -122,7 +134,7 @@ __device__ void up_tile(const Args& a, const WorkList& w, int group, int tile) {
   GatheredRows<kRows> x;  // each choice's token row of x, read in place
 #pragma unroll
   for (int q = 0; q < kRows; ++q)
-    x.row[q] = reinterpret_cast<const uint4*>(a.x + static_cast<int64_t>(w.member[group][q < count ? q : 0] / a.choices) * a.hidden);
+    x.row[q] = reinterpret_cast<const uint4*>(a.x + static_cast<int64_t>(token_of(a, w.member[group][q < count ? q : 0])) * a.hidden);
   float gate[kRows][kUpPerWarp] = {}, up[kRows][kUpPerWarp] = {};
   gate_up_dot<kRows, kUpPerWarp, ActLoad::read_only>(wt, j0, routed ? a.inter : a.shared_inter, vecs, x, count, lane, gate, up);
 #pragma unroll
@@ -212,9 +224,9 @@ __device__ void shared_scales(const Args& a, int tokens, float* scale) {
   }
 }
 
-// out[t, h] = Σ_j weight[t, j] · y[t·k' + j, h] over the token's k' = k + parts choices in order
-// (a shared part's weight is g_t), for the tile's 32 features h and every token: the same sum
-// whichever block runs it. Every thread of the block calls it.
+// out[t, h] = Σ_j weight[t, j] · y[(t, j), h] over the token's k routed choices, then its shared parts
+// (weight g_t), in that order, for the tile's 32 features h and every token: the same sum whichever
+// block runs it. Every thread of the block calls it.
 __device__ void combine_tile(const Args& a, const WorkList& w, int tokens, int tile) {
   __shared__ float scale[kMaxPairs];
   if (a.parts > 0) {
@@ -227,9 +239,10 @@ __device__ void combine_tile(const Args& a, const WorkList& w, int tokens, int t
     if (h >= a.hidden) continue;
     float sum = 0.0f;
     for (int j = 0; j < a.choices; ++j) {
-      const int p = t * a.choices + j;
+      const bool routed = j < a.top_k;
+      const int p = routed ? a.max_tokens * a.parts + t * a.top_k + j : t * a.parts + j - a.top_k;
       if (w.leader[p] < 0) continue;  // an id outside [0, E): no expert, no contribution
-      const float weight = j < a.top_k ? a.weights[t * a.top_k + j] : scale[t];
+      const float weight = routed ? a.weights[t * a.top_k + j] : scale[t];
       sum = fmaf(weight, __ldcg(a.y + static_cast<int64_t>(p) * a.hidden + h), sum);
     }
     a.out[static_cast<int64_t>(t) * a.hidden + h] = float_to_bf16_bits(sum);
@@ -258,6 +271,14 @@ __device__ void leave(const Args& a, int groups, int down_tiles) {
   }
 }
 
+// One phase-1 item: the group's act values for one tile of 16 features of I, then the group's count.
+__device__ void up_item(const Args& a, const WorkList& w, int item, int up_tiles) {
+  const int group = item / up_tiles;
+  up_tile(a, w, group, item % up_tiles);
+  __syncthreads();
+  if (threadIdx.x == 0) atomicAdd(a.up_done + group, 1);
+}
+
 __global__ void __launch_bounds__(kThreads, 3) fused_decode_kernel(Args a) {
   __shared__ WorkList w;
   __shared__ int flag, next;
@@ -265,22 +286,43 @@ __global__ void __launch_bounds__(kThreads, 3) fused_decode_kernel(Args a) {
   // this thread's id (up to the maximum T·k; entries past the run's T are never used), the run's T,
   // and the block's first item. With the counters left zero for the next launch (leave(), no memset
   // node), measured on the H100, experts path in a CUDA graph at T=1: qwen1.5 38.4-39.0 µs, qwen3
-  // 40.7-40.8 (before: 38.7-40.7 and 40.5-42.8 over this session's and the last one's runs).
+  // 40.7-40.8 (before: 38.7-40.7 and 40.5-42.8 over this session's and the last one's runs). The live
+  // T was written before the previous kernel ran, so it is read before the wait of an early start.
   const int tid = static_cast<int>(threadIdx.x);
-  // Choice j of token t is thread t·k' + j: a routed id for j < k, else part j - k of the shared expert.
-  const int choice = tid % a.choices, token = tid / a.choices;
-  const int id = tid >= a.max_tokens * a.choices ? -1
-                 : choice < a.top_k           ? a.ids[token * a.top_k + choice]
-                                              : a.experts + choice - a.top_k;
+  const int pairs = a.max_tokens * a.choices, shared_pairs = a.max_tokens * a.parts;
+  const bool routed_choice = tid >= shared_pairs && tid < pairs;
+  const int* routed_id = a.ids + (tid - shared_pairs);  // choice j of token t at ids[t·k + j]
+  int id = !a.early && routed_choice ? *routed_id : -1;
   const int live = a.live_tokens ? *a.live_tokens : a.max_tokens;
   const int first = tid == 0 ? atomicAdd(a.next_item, 1) : 0;
   const int tokens = max(0, min(live, a.max_tokens));
-  const int pairs = tokens * a.choices;
+  const bool in_run = tid < pairs && token_of(a, tid) < tokens;
+  const int shared_id = tid < shared_pairs && in_run ? a.experts + tid % a.parts : -1;
   if (tid == 0) next = first;
-  build_work_list(w, id, pairs, a.experts + a.parts);
-  const int groups = w.groups;
   const int up_tiles = (a.inter + kUpTile - 1) / kUpTile;
   const int down_tiles = (a.hidden + kDownTile - 1) / kDownTile;
+  int item = -1;
+  if (a.early) {
+    if (a.parts > 0) {
+      // The shared expert's gate/up items need no routing: they run while the gate still does. Its
+      // groups are the first ones of the full list too (token_of), so the items keep their numbers.
+      build_work_list(w, shared_id, pairs, a.experts + a.parts);
+      const int shared_up_items = w.groups * up_tiles;
+      item = next;
+      while (item < shared_up_items) {
+        __syncthreads();  // every thread has read `next`
+        if (threadIdx.x == 0) next = atomicAdd(a.next_item, 1);
+        up_item(a, w, item, up_tiles);
+        __syncthreads();
+        item = next;
+      }
+    }
+    wait_for_previous_kernel();  // the routing: ids and weights
+    if (routed_choice) id = *routed_id;
+  }
+  build_work_list(w, tid < shared_pairs ? shared_id : in_run ? id : -1, pairs, a.experts + a.parts);
+  if (item < 0) item = next;
+  const int groups = w.groups;
   if (groups == 0) {  // nothing routed to an expert here: the output is zeros
     for (int tile = static_cast<int>(blockIdx.x); tile < down_tiles; tile += static_cast<int>(gridDim.x))
       combine_tile(a, w, tokens, tile);
@@ -297,15 +339,11 @@ __global__ void __launch_bounds__(kThreads, 3) fused_decode_kernel(Args a) {
   // deepseek-v3 (qwen3 T=4 106.0 against 114.9 µs, deepseek-v3 T=1 243.5 against 256.8). The next
   // item is fetched while this one is worked on, hiding the atomic's latency (the first was fetched
   // at entry; build_work_list's barriers publish it).
-  int item = next;
   while (item < items) {
     __syncthreads();  // every thread has read `next`
     if (threadIdx.x == 0) next = atomicAdd(a.next_item, 1);
     if (item < up_items) {
-      const int group = item / up_tiles, tile = item % up_tiles;
-      up_tile(a, w, group, tile);
-      __syncthreads();
-      if (threadIdx.x == 0) atomicAdd(a.up_done + group, 1);
+      up_item(a, w, item, up_tiles);
     } else {
       const int down = item - up_items;
       const int group = down / down_tiles, tile = down % down_tiles;
@@ -344,6 +382,20 @@ int64_t counter_bytes(const FusedDecodeShape& s) { return align256(counter_words
 
 std::atomic<int> blocks_per_sm{0};
 
+// An early start needs the device's programmatic dependent launch (compute capability 9.0) and this
+// kernel's sm_90 code, whose wait (dependent_launch.cuh) a binary built for older devices lacks:
+// launched early without it, the kernel would read the routing before the gate wrote it.
+bool early_start_supported(int device) {
+  static const bool supported = [device] {
+    int major = 0;
+    MOEFLOW_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device));
+    cudaFuncAttributes attributes{};
+    MOEFLOW_CUDA_CHECK(cudaFuncGetAttributes(&attributes, fused_decode_kernel));
+    return major >= 9 && attributes.binaryVersion >= 90;
+  }();
+  return supported;
+}
+
 }  // namespace
 
 std::string fused_decode_unsupported(const FusedDecodeShape& s) {
@@ -364,7 +416,8 @@ int64_t fused_decode_workspace_bytes(const FusedDecodeShape& s) { return act_byt
 
 void experts_fused_decode(const LaneContext& ctx, const FusedDecodeShape& s, int64_t tokens, const int32_t* live_tokens,
                           const uint16_t* x, const int32_t* ids, const float* weights, const uint16_t* w13,
-                          const uint16_t* w2, uint16_t* out, void* workspace, const FusedSharedWeights& shared) {
+                          const uint16_t* w2, uint16_t* out, void* workspace, const FusedSharedWeights& shared,
+                          bool start_early) {
   if (const std::string why = fused_decode_unsupported(s); !why.empty()) fail_input("experts_fused_decode: " + why);
   if (s.shared_intermediate > 0 && (!shared.w13 || !shared.w2 || s.shared_gated != (shared.gate != nullptr)))
     fail_input("experts_fused_decode: the shared expert's weights do not match its shape (S = " +
@@ -379,7 +432,8 @@ void experts_fused_decode(const LaneContext& ctx, const FusedDecodeShape& s, int
   a.y = reinterpret_cast<float*>(bytes + act_bytes(s));
   // The counters: the lane's, which the kernel leaves zero, where they fit; else the workspace's
   // (shared with other nodes' buffers), zeroed before every run by a memset.
-  a.up_done = launch_counters(ctx, counter_words(s), reinterpret_cast<int*>(bytes + act_bytes(s) + y_bytes(s)));
+  a.early = start_early && early_start_supported(ctx.device);
+  a.up_done = launch_counters(ctx, counter_words(s), reinterpret_cast<int*>(bytes + act_bytes(s) + y_bytes(s)), a.early);
   a.down_done = a.up_done + kMaxPairs;
   a.next_item = a.down_done + down_tile_count(s);
   a.done_blocks = a.next_item + 1;
@@ -394,7 +448,20 @@ void experts_fused_decode(const LaneContext& ctx, const FusedDecodeShape& s, int
   const int grid = static_cast<int>(std::max<int64_t>(
       1, std::min<int64_t>(std::max<int64_t>(most_items, down_tile_count(s)),
                             resident_blocks(fused_decode_kernel, kThreads, ctx.device, blocks_per_sm))));
-  fused_decode_kernel<<<grid, kThreads, 0, ctx.stream>>>(a);
+  if (!a.early) {
+    fused_decode_kernel<<<grid, kThreads, 0, ctx.stream>>>(a);
+  } else {
+    cudaLaunchAttribute early{};
+    early.id = cudaLaunchAttributeProgrammaticStreamSerialization;
+    early.val.programmaticStreamSerializationAllowed = 1;
+    cudaLaunchConfig_t config{};
+    config.gridDim = dim3(static_cast<unsigned>(grid));
+    config.blockDim = dim3(kThreads);
+    config.stream = ctx.stream;
+    config.attrs = &early;
+    config.numAttrs = 1;
+    MOEFLOW_CUDA_CHECK(cudaLaunchKernelEx(&config, fused_decode_kernel, a));
+  }
   MOEFLOW_CUDA_LAUNCH_CHECK();
 }
 

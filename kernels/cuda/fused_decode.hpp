@@ -56,9 +56,14 @@ int64_t fused_decode_workspace_bytes(const FusedDecodeShape& s);
 // w13 bf16 [E, 2I, H] (gate rows, then up rows); w2 bf16 [E, H, I]; out bf16 [T, H].
 // live_tokens: null, or the run's T in device memory (read by the kernel; T <= max_tokens), so one
 // captured graph serves any T. With a shared expert in the shape, out also holds g_t · its MLP of
-// x_t (`shared`). Throws Error(bad_input) for unsupported shapes.
+// x_t (`shared`). `start_early`: launched to start while the previous kernel of the stream (the one
+// writing ids and weights, which must release it: dependent_launch.cuh) still runs, where the device
+// allows; the shared expert's gate/up work runs before the kernel waits for the routing. Nothing the
+// previous kernel reads or writes may share bytes with x, the shared weights or this scratch.
+// Throws Error(bad_input) for unsupported shapes.
 void experts_fused_decode(const LaneContext& ctx, const FusedDecodeShape& s, int64_t tokens, const int32_t* live_tokens,
                           const uint16_t* x, const int32_t* ids, const float* weights, const uint16_t* w13,
-                          const uint16_t* w2, uint16_t* out, void* workspace, const FusedSharedWeights& shared = {});
+                          const uint16_t* w2, uint16_t* out, void* workspace, const FusedSharedWeights& shared = {},
+                          bool start_early = false);
 
 }  // namespace moeflow::cuda

@@ -20,9 +20,13 @@ __device__ __forceinline__ int load_acquire(const int* p) {
 }
 
 // `words` counters for a kernel that leaves them zero when it ends: the lane's own where they fit
-// (no memset: one launch), else `scratch` in the kernel's workspace, zeroed on the lane's stream.
-inline int* launch_counters(const LaneContext& ctx, int words, int* scratch) {
-  if (ctx.counters != nullptr && words <= ctx.counter_words) return ctx.counters;
+// (no memset: one launch), else `scratch` in the kernel's workspace, zeroed on the lane's stream. A
+// kernel that starts while the previous one of the lane runs (`starts_early`) counts in the second
+// half of the lane's words, the previous one (which did not start early) in the first.
+inline int* launch_counters(const LaneContext& ctx, int words, int* scratch, bool starts_early = false) {
+  const int half = ctx.counter_words / 2;
+  if (ctx.counters != nullptr && starts_early && words <= half) return ctx.counters + half;
+  if (ctx.counters != nullptr && !starts_early && words <= ctx.counter_words) return ctx.counters;
   MOEFLOW_CUDA_CHECK(cudaMemsetAsync(scratch, 0, static_cast<size_t>(words) * sizeof(int), ctx.stream));
   return scratch;
 }

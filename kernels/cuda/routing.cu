@@ -6,6 +6,7 @@
 #include "graph/error.hpp"
 #include "kernels/cuda/bf16_vec.cuh"
 #include "kernels/cuda/check.cuh"
+#include "kernels/cuda/dependent_launch.cuh"
 #include "kernels/cuda/grid_sync.cuh"
 #include "kernels/cuda/routing.hpp"
 
@@ -222,6 +223,9 @@ __global__ void __launch_bounds__(kSmallThreads)
   extern __shared__ float smem[];  // the routing scratch of kSmallWarps warps
   __shared__ float partial[kSmallWarps][kRouteSmallMaxTokens];
   __shared__ bool last;
+  // The next kernel of the lane may start now where it was launched to (the fused decode kernel
+  // streams the shared expert's weights meanwhile); it waits for this grid before reading the routing.
+  release_dependent_launch();
   const int warp = static_cast<int>(threadIdx.x) / 32, lane = static_cast<int>(threadIdx.x) % 32;
   const int experts_per_block = kSmallWarps / per_expert;
   const int e = static_cast<int>(blockIdx.x) * experts_per_block + warp / per_expert;

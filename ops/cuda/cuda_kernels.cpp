@@ -41,6 +41,16 @@ KernelEntry launching(int launches, KernelEntry e) {
   return e;
 }
 
+// Programmatic dependent launch (KernelEntry::releases_next / starts_early; dependent_launch.cuh).
+KernelEntry releasing_next(KernelEntry e) {
+  e.releases_next = true;
+  return e;
+}
+KernelEntry starting_early(KernelEntry e) {
+  e.starts_early = true;
+  return e;
+}
+
 // A kernel that sizes its launches for the plan's maximum T and reads the live T from the device
 // when KernelCall::live_tokens is set (one captured graph for any T).
 KernelEntry reading_live_tokens(KernelEntry e) {
@@ -381,7 +391,7 @@ cuda::FusedSharedWeights fused_shared_weights(const KernelCall& c) {
 
 // The fuse pass (ops/fuse_experts.hpp) makes a fused_experts node wherever this kernel supports it.
 void register_fused_experts(KernelRegistry& r) {
-  r.add(reading_live_tokens(launching(1, {"fused_experts", Backend::cuda, "cuda.fused_decode", 0,
+  r.add(starting_early(reading_live_tokens(launching(1, {"fused_experts", Backend::cuda, "cuda.fused_decode", 0,
          [](const Graph& g, const Node& n) {
            Support s = cuda_supports_bf16(g, n, "");
            if (!s.ok) return s;
@@ -427,13 +437,13 @@ void register_fused_experts(KernelRegistry& r) {
          [](const KernelCall& c) {
            cuda::experts_fused_decode(lane(c), fused_shape(c.graph, c.node), c.tokens, c.live_tokens, bf16_in(c, 0),
                                       c.in<int32_t>(1), c.in<float>(2), bf16_in(c, 3), bf16_in(c, 4), bf16_out(c, 0),
-                                      c.workspace, fused_shared_weights(c));
+                                      c.workspace, fused_shared_weights(c), c.starts_early);
          },
          [](const Graph& g, const Node& n, int64_t tokens) {
            cuda::FusedDecodeShape shape = fused_shape(g, n);
            shape.max_tokens = tokens;
            return cuda::fused_decode_workspace_bytes(shape);
-         }})));
+         }}))));
   // One token (decode of one sequence): every block one equal slice of the k experts' weight
   // streams, w2 read in quads of 64 features, instead of a down projection that waits for each
   // expert's whole gate/up phase. Ahead of the two-phase kernel where the graph's maximum T is 1 and
@@ -512,7 +522,7 @@ void register_cuda_kernels(KernelRegistry& r) {
          },
          {}}));
   // A few tokens: logits and routing in one launch of our own (routing.hpp says why).
-  r.add(launching(1, {"gate", Backend::cuda, "cuda.router_small", 1,
+  r.add(releasing_next(launching(1, {"gate", Backend::cuda, "cuda.router_small", 1,
          [](const Graph& g, const Node& n) {
            if (g.value(n.inputs[0]).dtype() != DType::bf16) return Support::no("x must be bf16 on CUDA");
            const auto& op = static_cast<const GateOp&>(*n.op);
@@ -529,7 +539,7 @@ void register_cuda_kernels(KernelRegistry& r) {
                                     op.rule().use_bias ? c.in<float>(2) : nullptr, c.out<float>(2), c.out<int32_t>(0),
                                     c.out<float>(1), c.workspace);
          },
-         [](const Graph&, const Node&, int64_t) { return cuda::route_small_workspace_bytes(); }}));
+         [](const Graph&, const Node&, int64_t) { return cuda::route_small_workspace_bytes(); }})));
   // Four launches with Qwen2-MoE's sigmoid gate, three without.
   r.add(launching(4, {"shared_expert", Backend::cuda, "cuda.cublas_swiglu", 0,
          bf16_kernel("cuBLAS GEMM x*w13^T, SwiGLU kernel, cuBLAS GEMM act*w2^T (sigmoid gate kernel when gated)"),

@@ -236,7 +236,7 @@ void CudaExecutor::issue_step(std::size_t i, const DeviceArena& inputs, const De
     step.kernel->run(KernelCall{g, n, in, out, rows, &lane,
                                 step.workspace_bytes ? s.workspace->base() + step.workspace_offset : nullptr,
                                 step.host_workspace_bytes ? s.host->base() + step.host_workspace_offset : nullptr,
-                                comm_, live_tokens});
+                                comm_, live_tokens, step.starts_early});
   // A launch the kernel's wrapper did not check fails here, on the thread that issued it (the
   // runtime keeps the last error per host thread, and lanes may be issued from their own threads).
   if (const cudaError_t launch = cudaGetLastError(); launch != cudaSuccess)

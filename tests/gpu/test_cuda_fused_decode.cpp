@@ -393,6 +393,11 @@ TEST(CudaFusedDecodeShared, MatchesReferenceAndTheLayerWithTheSharedExpertApartR
     so.plan.capturable = true;
     CudaSession s(g, so);
     ASSERT_TRUE(folds_shared(s.plan())) << c.name;
+    // The one-launch gate releases the fused kernel, which streams the shared expert's gate/up rows
+    // while the gate runs (programmatic dependent launch).
+    const PlanStep* step = nullptr;
+    ASSERT_TRUE(fused_node(s.plan(), &step));
+    EXPECT_TRUE(step->starts_early) << step->reason;
     CudaSessionOptions apart_options = so;
     apart_options.plan.fold_shared = false;
     CudaSession apart(g, apart_options, &s);
