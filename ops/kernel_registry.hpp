@@ -85,11 +85,11 @@ struct KernelEntry {
   // on this node. Empty: `priority` everywhere. Candidates are ordered per node by priority_for().
   std::function<int(const Graph&, const Node&)> priority_on = {};
   // Programmatic dependent launch (CUDA, Hopper): a kernel that `releases_next` lets the next kernel
-  // of its lane start while it runs; one that `starts_early` can make use of that (work that needs
-  // none of the previous kernel's outputs goes first, then it waits for them). The planner pairs
-  // them (PlanStep::starts_early) where nothing else comes between.
+  // of its lane start while it runs; one that `starts_early` on a node can make use of that there
+  // (work that needs none of the previous kernel's outputs goes first, then it waits for them;
+  // empty: never). The planner pairs them (PlanStep::starts_early) where nothing else comes between.
   bool releases_next = false;
-  bool starts_early = false;
+  std::function<bool(const Graph&, const Node&)> starts_early = {};
 
   int priority_for(const Graph& g, const Node& n) const { return priority_on ? priority_on(g, n) : priority; }
 };

@@ -382,7 +382,9 @@ void start_early_where_released(Plan& plan) {
   for (std::size_t i = 0; i < plan.steps.size(); ++i) {
     PlanStep& s = plan.steps[i];
     int& last = last_on_lane[static_cast<std::size_t>(s.lane)];
-    if (last >= 0 && s.kernel->starts_early && s.waits.empty() && plan.steps[static_cast<std::size_t>(last)].kernel->releases_next) {
+    const Node& n = plan.graph->node(s.node);
+    if (last >= 0 && s.kernel->starts_early && s.kernel->starts_early(*plan.graph, n) && s.waits.empty() &&
+        plan.steps[static_cast<std::size_t>(last)].kernel->releases_next) {
       s.starts_early = true;
       s.reason += " [starts while '" + plan.graph->node(plan.steps[static_cast<std::size_t>(last)].node).name +
                   "' runs: programmatic dependent launch]";

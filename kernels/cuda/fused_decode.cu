@@ -316,6 +316,7 @@ __global__ void __launch_bounds__(kThreads, 3) fused_decode_kernel(Args a) {
         __syncthreads();
         item = next;
       }
+      __syncthreads();  // every thread has read w.groups and `next` before the full list overwrites them
     }
     wait_for_previous_kernel();  // the routing: ids and weights
     if (routed_choice) id = *routed_id;

@@ -351,6 +351,8 @@ TEST(CudaFusedDecodeShared, FoldedWhereEveryTokenFitsOneGroupAndThePlanSaysWhyNo
       EXPECT_TRUE(folds_shared(plan)) << c.name << " T=" << T;
       EXPECT_EQ(count_kind(plan, "shared_expert") + count_kind(plan, "reduce"), 0) << c.name;
       EXPECT_NE(step->reason.find("folded in as"), std::string::npos) << step->reason;
+      // The one-launch gate before it releases it: the shared expert's gate/up rows stream meanwhile.
+      EXPECT_TRUE(step->starts_early) << step->reason;
     }
   }
   // Five tokens would stream the shared weights twice: apart, and the fused step says why.
@@ -370,6 +372,7 @@ TEST(CudaFusedDecodeShared, FoldedWhereEveryTokenFitsOneGroupAndThePlanSaysWhyNo
   ASSERT_TRUE(fused_node(real, &step));
   EXPECT_FALSE(folds_shared(real));
   EXPECT_NE(step->reason.find("its weights are 0.12 of the routed experts' expected at T=1"), std::string::npos) << step->reason;
+  EXPECT_FALSE(step->starts_early) << "nothing to do before the routing: " << step->reason;
   // S not a multiple of I: apart.
   const SharedCase odd{"odd", "qwen1.5-moe-a2.7b", {"hidden_size=264", "moe_intermediate_size=88", "shared_expert_intermediate_size=120"}};
   EXPECT_FALSE(folds_shared(make_plan(layer_graph(odd, 1), po)));
