@@ -5,6 +5,7 @@
 #include <algorithm>
 #include <atomic>
 #include <string>
+#include <type_traits>
 
 #include "graph/error.hpp"
 #include "kernels/cuda/bf16_vec.cuh"
@@ -55,30 +56,47 @@ struct Args : FusedOperands {  // plus this kernel's scratch and counters
 // Choice p of a launch for T tokens: part p % parts of the shared expert for token p / parts below
 // T·parts, then the routed choices, token-major (choice j of token t at T·parts + t·k + j). The shared
 // choices come first so that their groups are numbered the same before the routing is known as after.
+// The kernel is compiled twice: with a folded shared expert (kFolded) and without, where the code is
+// the routed experts' alone (measured on the H100: one kernel for both was 1-5% slower on the
+// routed experts alone, from the registers its choices took; 80 of them, 12 bytes spilled).
+template <bool kFolded>
 __device__ __forceinline__ int token_of(const Args& a, int p) {
+  if constexpr (!kFolded) return p / a.top_k;
   const int shared = a.max_tokens * a.parts;
   return p < shared ? p / a.parts : (p - shared) / a.top_k;
 }
 
 // The work list every block derives from the ids, in shared memory. Groups are numbered by their
 // first choice (in choice order), and every block computes the same numbering.
-struct WorkList {
+struct RoutedWorkList {
   int ids[kMaxPairs];
   int expert[kMaxPairs];           // per group
   int count[kMaxPairs];            // per group: 1..kRows choices
-  int member[kMaxPairs][kRows];    // per group: its choices p (token_of)
+  int member[kMaxPairs][kRows];    // per group: its choices p
   int leader[kMaxPairs];           // per choice: the first choice of its group (-1: id out of range)
   int occurrence[kMaxPairs];       // per choice: earlier choices of the same expert
   int group_of[kMaxPairs];         // per leader choice: its group's number
   int groups;
 };
+// With a folded shared expert, per group also where its rows are (the item code reads them here
+// rather than choosing in registers).
+struct FoldedWorkList : RoutedWorkList {
+  int token[kMaxPairs][kRows];     // its choices' tokens (token_of), the rows of x they read
+  const uint4* gate_up[kMaxPairs];  // its expert's gate rows (a routed expert's, or a slice of the shared one's)
+  int up_rows[kMaxPairs];           // how many rows further its up rows start: I, or S
+  const uint4* down[kMaxPairs];     // its w2 rows
+  int down_stride[kMaxPairs];       // how many 16-byte vectors apart they are: I / 8, or S / 8
+};
+template <bool kFolded>
+using WorkListOf = std::conditional_t<kFolded, FoldedWorkList, RoutedWorkList>;
 
 __device__ __forceinline__ void prefetch_l2(const void* p) { asm volatile("prefetch.global.L2 [%0];" ::"l"(p)); }
 
 // Choices of one expert, in choice order, are cut into groups of kRows; a group's leader is its
 // first choice. One thread per choice, O(P) over shared memory each: P <= 256, about a microsecond.
 // `id`: this thread's choice's expert, loaded by the caller (tid < pairs).
-__device__ void build_work_list(WorkList& w, int id, int pairs, int experts) {
+template <bool kFolded>
+__device__ void build_work_list(const Args& a, WorkListOf<kFolded>& w, int id, int pairs, int experts) {
   static_assert(kMaxPairs <= kThreads, "one thread per choice");
   const int tid = static_cast<int>(threadIdx.x);
   if (tid < pairs) w.ids[tid] = id;
@@ -107,36 +125,57 @@ __device__ void build_work_list(WorkList& w, int id, int pairs, int experts) {
     int group = 0;  // leaders before this one: the same number in every block
     for (int q = 0; q < tid; ++q) group += w.leader[q] == q;
     w.group_of[tid] = group;
-    w.expert[group] = w.ids[tid];
+    const int e = w.ids[tid];
+    w.expert[group] = e;
     w.count[group] = min(kRows, total - w.occurrence[tid]);
+    if constexpr (kFolded) {
+    const bool routed = e < a.experts;
+    w.gate_up[group] = reinterpret_cast<const uint4*>(
+        routed ? a.w13 + static_cast<int64_t>(e) * 2 * a.inter * a.hidden
+               : a.shared.w13 + static_cast<int64_t>(e - a.experts) * a.inter * a.hidden);
+    w.up_rows[group] = routed ? a.inter : a.shared_inter;
+    w.down[group] = reinterpret_cast<const uint4*>(routed ? a.w2 + static_cast<int64_t>(e) * a.hidden * a.inter
+                                                          : a.shared.w2 + static_cast<int64_t>(e - a.experts) * a.inter);
+    w.down_stride[group] = (routed ? a.inter : a.shared_inter) / 8;
+    }
     atomicAdd(&w.groups, 1);
   }
   __syncthreads();
-  if (tid < pairs && w.leader[tid] >= 0) w.member[w.group_of[w.leader[tid]]][w.occurrence[tid] % kRows] = tid;
+  if (tid < pairs && w.leader[tid] >= 0) {
+    const int group = w.group_of[w.leader[tid]], slot = w.occurrence[tid] % kRows;
+    w.member[group][slot] = tid;
+    if constexpr (kFolded) w.token[group][slot] = token_of<true>(a, tid);
+  }
   __syncthreads();
 }
 
 // act[p, j] = silu(w1_j · x_t) · (w3_j · x_t) for the group's choices p (token t = token_of(p)), for the
 // warp's two features j of the tile's 16. I is a multiple of 8: both are in range or neither.
-__device__ void up_tile(const Args& a, const WorkList& w, int group, int tile) {
+template <bool kFolded>
+__device__ void up_tile(const Args& a, const WorkListOf<kFolded>& w, int group, int tile) {
   const int warp = static_cast<int>(threadIdx.x) >> 5, lane = static_cast<int>(threadIdx.x) & 31;
   const int j0 = tile * kUpTile + warp * kUpPerWarp;
   if (j0 >= a.inter) return;
   const int count = w.count[group];
   const int vecs = a.hidden / 8;
-  const int e = w.expert[group];
   // A routed expert's [2I, H], or part e - E of the shared expert: its gate rows from row (e - E)·I
-  // of the shared [2S, H], its up rows S further.
-  const bool routed = e < a.experts;
-  const uint4* wt = reinterpret_cast<const uint4*>(
-      routed ? a.w13 + static_cast<int64_t>(e) * 2 * a.inter * a.hidden
-             : a.shared.w13 + static_cast<int64_t>(e - a.experts) * a.inter * a.hidden);
+  // of the shared [2S, H], its up rows S further (build_work_list).
   GatheredRows<kRows> x;  // each choice's token row of x, read in place
 #pragma unroll
-  for (int q = 0; q < kRows; ++q)
-    x.row[q] = reinterpret_cast<const uint4*>(a.x + static_cast<int64_t>(token_of(a, w.member[group][q < count ? q : 0])) * a.hidden);
+  for (int q = 0; q < kRows; ++q) {
+    const int slot = q < count ? q : 0;
+    int t;
+    if constexpr (kFolded) t = w.token[group][slot];
+    else t = w.member[group][slot] / a.top_k;
+    x.row[q] = reinterpret_cast<const uint4*>(a.x + static_cast<int64_t>(t) * a.hidden);
+  }
   float gate[kRows][kUpPerWarp] = {}, up[kRows][kUpPerWarp] = {};
-  gate_up_dot<kRows, kUpPerWarp, ActLoad::read_only>(wt, j0, routed ? a.inter : a.shared_inter, vecs, x, count, lane, gate, up);
+  if constexpr (kFolded) {
+    gate_up_dot<kRows, kUpPerWarp, ActLoad::read_only>(w.gate_up[group], j0, w.up_rows[group], vecs, x, count, lane, gate, up);
+  } else {
+    const uint4* wt = reinterpret_cast<const uint4*>(a.w13 + static_cast<int64_t>(w.expert[group]) * 2 * a.inter * a.hidden);
+    gate_up_dot<kRows, kUpPerWarp, ActLoad::read_only>(wt, j0, a.inter, vecs, x, count, lane, gate, up);
+  }
 #pragma unroll
   for (int q = 0; q < kRows; ++q) {
     if (q >= count) break;
@@ -151,38 +190,48 @@ __device__ void up_tile(const Args& a, const WorkList& w, int group, int tile) {
 }
 
 // The w2 rows of a phase-2 tile into L2 while the block waits for its group's phase 1.
-__device__ void prefetch_down_tile(const Args& a, const WorkList& w, int group, int tile) {
+template <bool kFolded>
+__device__ void prefetch_down_tile(const Args& a, const WorkListOf<kFolded>& w, int group, int tile) {
   const int warp = static_cast<int>(threadIdx.x) >> 5, lane = static_cast<int>(threadIdx.x) & 31;
   const int h0 = tile * kDownTile + warp * kDownPerWarp;
   if (h0 >= a.hidden) return;
-  const int e = w.expert[group];
-  if (e >= a.experts) {  // a slice of the shared expert's rows: I of every S features
-    const char* rows = reinterpret_cast<const char*>(a.shared.w2 + static_cast<int64_t>(h0) * a.shared_inter +
-                                                     static_cast<int64_t>(e - a.experts) * a.inter);
-    for (int o = 0; o < kDownPerWarp; ++o)
-      for (int64_t off = static_cast<int64_t>(lane) * 128; off < a.inter * 2; off += 32 * 128)
-        prefetch_l2(rows + static_cast<int64_t>(o) * a.shared_inter * 2 + off);
+  int stride = a.inter / 8;
+  const uint4* rows = reinterpret_cast<const uint4*>(a.w2 + static_cast<int64_t>(w.expert[group]) * a.hidden * a.inter);
+  if constexpr (kFolded) {
+    stride = w.down_stride[group];
+    rows = w.down[group];
+  }
+  const uint4* first = rows + static_cast<int64_t>(h0) * stride;
+  if (!kFolded || stride == a.inter / 8) {  // a routed expert's rows: contiguous
+    const char* rows = reinterpret_cast<const char*>(first);
+    const int64_t bytes = static_cast<int64_t>(kDownPerWarp) * a.inter * 2;
+    for (int64_t off = static_cast<int64_t>(lane) * 128; off < bytes; off += 32 * 128) prefetch_l2(rows + off);
     return;
   }
-  const char* rows = reinterpret_cast<const char*>(a.w2 + (static_cast<int64_t>(e) * a.hidden + h0) * a.inter);
-  const int64_t bytes = static_cast<int64_t>(kDownPerWarp) * a.inter * 2;  // contiguous rows
-  for (int64_t off = static_cast<int64_t>(lane) * 128; off < bytes; off += 32 * 128) prefetch_l2(rows + off);
+  for (int o = 0; o < kDownPerWarp; ++o)  // a slice of the shared expert's rows: I of every S features
+    for (int64_t off = static_cast<int64_t>(lane) * 128; off < a.inter * 2; off += 32 * 128)
+      prefetch_l2(reinterpret_cast<const char*>(first + static_cast<int64_t>(o) * stride) + off);
 }
 
 // y[p, h] = w2_h · act_p for the group's choices p and the warp's four features h of the tile's 32.
 // H is a multiple of 8 (so of 4): all four are in range or none.
-__device__ void down_tile(const Args& a, const WorkList& w, int group, int tile) {
+template <bool kFolded>
+__device__ void down_tile(const Args& a, const WorkListOf<kFolded>& w, int group, int tile) {
   const int warp = static_cast<int>(threadIdx.x) >> 5, lane = static_cast<int>(threadIdx.x) & 31;
   const int h0 = tile * kDownTile + warp * kDownPerWarp;
   if (h0 >= a.hidden) return;
   const int count = w.count[group];
   const int vecs = a.inter / 8;
-  const int e = w.expert[group];
   // A routed expert's [H, I], or part e - E of the shared expert: columns (e - E)·I on of its [H, S].
-  const bool routed = e < a.experts;
-  const uint4* wt = reinterpret_cast<const uint4*>(routed ? a.w2 + static_cast<int64_t>(e) * a.hidden * a.inter
-                                                          : a.shared.w2 + static_cast<int64_t>(e - a.experts) * a.inter);
-  const int stride = routed ? vecs : a.shared_inter / 8;
+  const uint4* wt;
+  int stride;
+  if constexpr (kFolded) {
+    wt = w.down[group];
+    stride = w.down_stride[group];
+  } else {
+    wt = reinterpret_cast<const uint4*>(a.w2 + static_cast<int64_t>(w.expert[group]) * a.hidden * a.inter);
+    stride = vecs;
+  }
   GatheredRows<kRows> act;
 #pragma unroll
   for (int q = 0; q < kRows; ++q)
@@ -227,9 +276,10 @@ __device__ void shared_scales(const Args& a, int tokens, float* scale) {
 // out[t, h] = Σ_j weight[t, j] · y[(t, j), h] over the token's k routed choices, then its shared parts
 // (weight g_t), in that order, for the tile's 32 features h and every token: the same sum whichever
 // block runs it. Every thread of the block calls it.
-__device__ void combine_tile(const Args& a, const WorkList& w, int tokens, int tile) {
-  __shared__ float scale[kMaxPairs];
-  if (a.parts > 0) {
+template <bool kFolded>
+__device__ void combine_tile(const Args& a, const WorkListOf<kFolded>& w, int tokens, int tile) {
+  __shared__ float scale[kFolded ? kMaxPairs : 1];
+  if constexpr (kFolded) {
     shared_scales(a, tokens, scale);
     __syncthreads();
   }
@@ -238,9 +288,9 @@ __device__ void combine_tile(const Args& a, const WorkList& w, int tokens, int t
     const int t = i / kDownTile, h = h0 + i % kDownTile;
     if (h >= a.hidden) continue;
     float sum = 0.0f;
-    for (int j = 0; j < a.choices; ++j) {
-      const bool routed = j < a.top_k;
-      const int p = routed ? a.max_tokens * a.parts + t * a.top_k + j : t * a.parts + j - a.top_k;
+    for (int j = 0; j < (kFolded ? a.choices : a.top_k); ++j) {
+      const bool routed = !kFolded || j < a.top_k;
+      const int p = !kFolded ? t * a.top_k + j : routed ? a.max_tokens * a.parts + t * a.top_k + j : t * a.parts + j - a.top_k;
       if (w.leader[p] < 0) continue;  // an id outside [0, E): no expert, no contribution
       const float weight = routed ? a.weights[t * a.top_k + j] : scale[t];
       sum = fmaf(weight, __ldcg(a.y + static_cast<int64_t>(p) * a.hidden + h), sum);
@@ -271,16 +321,27 @@ __device__ void leave(const Args& a, int groups, int down_tiles) {
   }
 }
 
+// Choice p's expert for the work list (token_of): its shared part E + p % parts, or its routed id
+// (`routed`, loaded by the caller; null: the routing is not known yet, -1), -1 past the run's T.
+template <bool kFolded>
+__device__ __forceinline__ int choice_id(const Args& a, int p, int tokens, const int* routed) {
+  if (p >= a.max_tokens * a.choices || token_of<kFolded>(a, p) >= tokens) return -1;
+  if (kFolded && p < a.max_tokens * a.parts) return a.experts + p % a.parts;
+  return routed ? *routed : -1;
+}
+
 // One phase-1 item: the group's act values for one tile of 16 features of I, then the group's count.
-__device__ void up_item(const Args& a, const WorkList& w, int item, int up_tiles) {
+template <bool kFolded>
+__device__ void up_item(const Args& a, const WorkListOf<kFolded>& w, int item, int up_tiles) {
   const int group = item / up_tiles;
-  up_tile(a, w, group, item % up_tiles);
+  up_tile<kFolded>(a, w, group, item % up_tiles);
   __syncthreads();
   if (threadIdx.x == 0) atomicAdd(a.up_done + group, 1);
 }
 
+template <bool kFolded>
 __global__ void __launch_bounds__(kThreads, 3) fused_decode_kernel(Args a) {
-  __shared__ WorkList w;
+  __shared__ WorkListOf<kFolded> w;
   __shared__ int flag, next;
   // Three independent round trips issued together before any is used (they were one after another):
   // this thread's id (up to the maximum T·k; entries past the run's T are never used), the run's T,
@@ -289,85 +350,75 @@ __global__ void __launch_bounds__(kThreads, 3) fused_decode_kernel(Args a) {
   // 40.7-40.8 (before: 38.7-40.7 and 40.5-42.8 over this session's and the last one's runs). The live
   // T was written before the previous kernel ran, so it is read before the wait of an early start.
   const int tid = static_cast<int>(threadIdx.x);
-  const int pairs = a.max_tokens * a.choices, shared_pairs = a.max_tokens * a.parts;
-  const bool routed_choice = tid >= shared_pairs && tid < pairs;
-  const int* routed_id = a.ids + (tid - shared_pairs);  // choice j of token t at ids[t·k + j]
-  int id = !a.early && routed_choice ? *routed_id : -1;
+  const int pairs = a.max_tokens * a.choices;
+  const int routed_id = !a.early && tid >= a.max_tokens * a.parts && tid < pairs ? a.ids[tid - a.max_tokens * a.parts] : -1;
   const int live = a.live_tokens ? *a.live_tokens : a.max_tokens;
   const int first = tid == 0 ? atomicAdd(a.next_item, 1) : 0;
   const int tokens = max(0, min(live, a.max_tokens));
-  const bool in_run = tid < pairs && token_of(a, tid) < tokens;
-  const int shared_id = tid < shared_pairs && in_run ? a.experts + tid % a.parts : -1;
   if (tid == 0) next = first;
   const int up_tiles = (a.inter + kUpTile - 1) / kUpTile;
   const int down_tiles = (a.hidden + kDownTile - 1) / kDownTile;
-  int item = -1;
-  if (a.early) {
-    if (a.parts > 0) {
-      // The shared expert's gate/up items need no routing: they run while the gate still does. Its
-      // groups are the first ones of the full list too (token_of), so the items keep their numbers.
-      build_work_list(w, shared_id, pairs, a.experts + a.parts);
-      const int shared_up_items = w.groups * up_tiles;
-      item = next;
-      while (item < shared_up_items) {
-        __syncthreads();  // every thread has read `next`
-        if (threadIdx.x == 0) next = atomicAdd(a.next_item, 1);
-        up_item(a, w, item, up_tiles);
-        __syncthreads();
-        item = next;
-      }
+  // Started early, the block first works through the shared expert's gate/up items, which need no
+  // routing: its groups are the first ones of the full list too (token_of), so the items keep their
+  // numbers. Past them it waits for the routing and builds the full list. One loop serves both, so
+  // the item code is inlined once (a second copy of it spilled registers in the main loop).
+  bool routed = !kFolded || !a.early;
+  build_work_list<kFolded>(a, w, choice_id<kFolded>(a, tid, tokens, routed ? &routed_id : nullptr), pairs, a.experts + a.parts);
+  int groups = w.groups;
+  int up_items = groups * up_tiles;
+  int items = routed ? up_items + groups * down_tiles : up_items;
+  int item = next;
+  for (;;) {
+    if (item >= items) {
+      if (routed) break;
       __syncthreads();  // every thread has read w.groups and `next` before the full list overwrites them
+      wait_for_previous_kernel();  // the routing: ids and weights
+      const int routed_now = tid >= a.max_tokens * a.parts && tid < pairs ? a.ids[tid - a.max_tokens * a.parts] : -1;
+      build_work_list<kFolded>(a, w, choice_id<kFolded>(a, tid, tokens, &routed_now), pairs, a.experts + a.parts);
+      routed = true;
+      groups = w.groups;
+      up_items = groups * up_tiles;
+      items = up_items + groups * down_tiles;
+      continue;
     }
-    wait_for_previous_kernel();  // the routing: ids and weights
-    if (routed_choice) id = *routed_id;
-  }
-  build_work_list(w, tid < shared_pairs ? shared_id : in_run ? id : -1, pairs, a.experts + a.parts);
-  if (item < 0) item = next;
-  const int groups = w.groups;
-  if (groups == 0) {  // nothing routed to an expert here: the output is zeros
-    for (int tile = static_cast<int>(blockIdx.x); tile < down_tiles; tile += static_cast<int>(gridDim.x))
-      combine_tile(a, w, tokens, tile);
-    leave(a, 0, down_tiles);
-    return;
-  }
-  const int up_items = groups * up_tiles;
-  const int items = up_items + groups * down_tiles;
-  // Blocks take items from one counter, every phase-1 item (group-major) before any phase-2 item
-  // (group-major: the first groups' phase 1 ends first). A block waiting on a group waits only for
-  // items that running blocks took and finish without waiting, so no residency guarantee is needed.
-  // Measured on the H100 against dealing the same items round-robin over a cooperative grid: the
-  // same at T=1 on qwen (40.3 / 42.5 against 37.1-38.8 / 41.8-42.7 µs), faster from T=2 and on
-  // deepseek-v3 (qwen3 T=4 106.0 against 114.9 µs, deepseek-v3 T=1 243.5 against 256.8). The next
-  // item is fetched while this one is worked on, hiding the atomic's latency (the first was fetched
-  // at entry; build_work_list's barriers publish it).
-  while (item < items) {
+    // Blocks take items from one counter, every phase-1 item (group-major) before any phase-2 item
+    // (group-major: the first groups' phase 1 ends first). A block waiting on a group waits only for
+    // items that running blocks took and finish without waiting, so no residency guarantee is needed.
+    // Measured on the H100 against dealing the same items round-robin over a cooperative grid: the
+    // same at T=1 on qwen (40.3 / 42.5 against 37.1-38.8 / 41.8-42.7 µs), faster from T=2 and on
+    // deepseek-v3 (qwen3 T=4 106.0 against 114.9 µs, deepseek-v3 T=1 243.5 against 256.8). The next
+    // item is fetched while this one is worked on, hiding the atomic's latency (the first was fetched
+    // at entry; build_work_list's barriers publish it).
     __syncthreads();  // every thread has read `next`
     if (threadIdx.x == 0) next = atomicAdd(a.next_item, 1);
     if (item < up_items) {
-      up_item(a, w, item, up_tiles);
+      up_item<kFolded>(a, w, item, up_tiles);
     } else {
       const int down = item - up_items;
       const int group = down / down_tiles, tile = down % down_tiles;
       if (threadIdx.x == 0) flag = load_acquire(a.up_done + group) >= up_tiles;
       __syncthreads();
       if (!flag) {
-        prefetch_down_tile(a, w, group, tile);
+        prefetch_down_tile<kFolded>(a, w, group, tile);
         if (threadIdx.x == 0)
           while (load_acquire(a.up_done + group) < up_tiles) __nanosleep(100);
         __syncthreads();
       }
-      down_tile(a, w, group, tile);
+      down_tile<kFolded>(a, w, group, tile);
       __syncthreads();
       if (threadIdx.x == 0) flag = atomicAdd(a.down_done + tile, 1) == groups - 1;
       __syncthreads();
       if (flag) {
         __threadfence();
-        combine_tile(a, w, tokens, tile);
+        combine_tile<kFolded>(a, w, tokens, tile);
       }
     }
     __syncthreads();  // `next` is written; `flag` is rewritten by the next item
     item = next;
   }
+  if (groups == 0)  // nothing routed to an expert here: the output is zeros
+    for (int tile = static_cast<int>(blockIdx.x); tile < down_tiles; tile += static_cast<int>(gridDim.x))
+      combine_tile<kFolded>(a, w, tokens, tile);
   leave(a, groups, down_tiles);
 }
 
@@ -381,7 +432,7 @@ int down_tile_count(const FusedDecodeShape& s) { return (s.hidden + kDownTile - 
 int counter_words(const FusedDecodeShape& s) { return kMaxPairs + down_tile_count(s) + 2; }
 int64_t counter_bytes(const FusedDecodeShape& s) { return align256(counter_words(s) * 4); }
 
-std::atomic<int> blocks_per_sm{0};
+std::atomic<int> blocks_per_sm{0}, folded_blocks_per_sm{0};
 
 // An early start needs the device's programmatic dependent launch (compute capability 9.0) and this
 // kernel's sm_90 code, whose wait (dependent_launch.cuh) a binary built for older devices lacks:
@@ -391,7 +442,7 @@ bool early_start_supported(int device) {
     int major = 0;
     MOEFLOW_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device));
     cudaFuncAttributes attributes{};
-    MOEFLOW_CUDA_CHECK(cudaFuncGetAttributes(&attributes, fused_decode_kernel));
+    MOEFLOW_CUDA_CHECK(cudaFuncGetAttributes(&attributes, fused_decode_kernel<true>));
     return major >= 9 && attributes.binaryVersion >= 90;
   }();
   return supported;
@@ -433,7 +484,8 @@ void experts_fused_decode(const LaneContext& ctx, const FusedDecodeShape& s, int
   a.y = reinterpret_cast<float*>(bytes + act_bytes(s));
   // The counters: the lane's, which the kernel leaves zero, where they fit; else the workspace's
   // (shared with other nodes' buffers), zeroed before every run by a memset.
-  a.early = start_early && early_start_supported(ctx.device);
+  // Only the folded kernel has work before the routing, and only it waits for it.
+  a.early = start_early && s.shared_intermediate > 0 && early_start_supported(ctx.device);
   a.up_done = launch_counters(ctx, counter_words(s), reinterpret_cast<int*>(bytes + act_bytes(s) + y_bytes(s)), a.early);
   a.down_done = a.up_done + kMaxPairs;
   a.next_item = a.down_done + down_tile_count(s);
@@ -444,13 +496,17 @@ void experts_fused_decode(const LaneContext& ctx, const FusedDecodeShape& s, int
   a.parts = shared_parts(s);
   a.choices = choices(s);
   // Enough blocks for the most work the sizes allow, at most what is resident at once.
+  const bool folded = a.parts > 0;
   const int64_t up_tiles = (s.intermediate + kUpTile - 1) / kUpTile;
   const int64_t most_items = tokens * choices(s) * (up_tiles + down_tile_count(s));
-  const int grid = static_cast<int>(std::max<int64_t>(
-      1, std::min<int64_t>(std::max<int64_t>(most_items, down_tile_count(s)),
-                            resident_blocks(fused_decode_kernel, kThreads, ctx.device, blocks_per_sm))));
-  if (!a.early) {
-    fused_decode_kernel<<<grid, kThreads, 0, ctx.stream>>>(a);
+  const int resident = folded ? resident_blocks(fused_decode_kernel<true>, kThreads, ctx.device, folded_blocks_per_sm)
+                              : resident_blocks(fused_decode_kernel<false>, kThreads, ctx.device, blocks_per_sm);
+  const int grid = static_cast<int>(
+      std::max<int64_t>(1, std::min<int64_t>(std::max<int64_t>(most_items, down_tile_count(s)), resident)));
+  if (!folded) {
+    fused_decode_kernel<false><<<grid, kThreads, 0, ctx.stream>>>(a);
+  } else if (!a.early) {
+    fused_decode_kernel<true><<<grid, kThreads, 0, ctx.stream>>>(a);
   } else {
     cudaLaunchAttribute early{};
     early.id = cudaLaunchAttributeProgrammaticStreamSerialization;
@@ -461,7 +517,7 @@ void experts_fused_decode(const LaneContext& ctx, const FusedDecodeShape& s, int
     config.stream = ctx.stream;
     config.attrs = &early;
     config.numAttrs = 1;
-    MOEFLOW_CUDA_CHECK(cudaLaunchKernelEx(&config, fused_decode_kernel, a));
+    MOEFLOW_CUDA_CHECK(cudaLaunchKernelEx(&config, fused_decode_kernel<true>, a));
   }
   MOEFLOW_CUDA_LAUNCH_CHECK();
 }
