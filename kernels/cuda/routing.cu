@@ -220,7 +220,7 @@ __global__ void __launch_bounds__(kSmallThreads)
     logits_and_route_kernel(RouteParams p, const uint16_t* __restrict__ x, const uint16_t* __restrict__ w, int hidden,
                             int tokens, int per_expert, const float* __restrict__ bias, float* __restrict__ logits,
                             int32_t* __restrict__ ids, float* __restrict__ weights, int* __restrict__ counter) {
-  extern __shared__ float smem[];  // the routing scratch of kSmallWarps warps
+  extern __shared__ float smem[];  // the routing scratch of the routing warps (one per token)
   __shared__ float partial[kSmallWarps][kRouteSmallMaxTokens];
   __shared__ bool last;
   // The next kernel of the lane may start now where it was launched to (the fused decode kernel
@@ -322,12 +322,16 @@ RouteParams route_params(const RoutingRule& rule) {
   return p;
 }
 
-// Shared memory of logits_and_route_kernel: its dynamic routing scratch (kSmallWarps warps) and its
-// static partial sums and flag.
+// Shared memory of logits_and_route_kernel: its dynamic routing scratch (one per routing warp: the
+// last block routes each of its at most kRouteSmallMaxTokens tokens with one warp) and its static
+// partial sums and flag. At most 4 warps' 2048 words and 128 bytes: every rule the routing warp
+// takes fits the 48 KiB (it reserved all 8 warps' scratch before, refusing the widest rules).
 constexpr std::size_t kSmallSharedBytes = 48 * 1024;
+std::size_t small_router_dynamic_bytes(const RouteParams& p) {
+  return sizeof(float) * static_cast<std::size_t>(p.warp_words) * kRouteSmallMaxTokens;
+}
 std::size_t small_router_shared_bytes(const RouteParams& p) {
-  return sizeof(float) * static_cast<std::size_t>(p.warp_words) * kSmallWarps +
-         sizeof(float) * kSmallWarps * kRouteSmallMaxTokens + 16;
+  return small_router_dynamic_bytes(p) + sizeof(float) * kSmallWarps * kRouteSmallMaxTokens + 16;
 }
 
 }  // namespace
@@ -377,7 +381,7 @@ void route_tokens_small(const LaneContext& ctx, const RoutingRule& rule, const u
   int* counter = launch_counters(ctx, 1, static_cast<int*>(workspace));
   const int per_expert = small_warps_per_expert(hidden), experts_per_block = kSmallWarps / per_expert;
   const unsigned blocks = static_cast<unsigned>((rule.experts + experts_per_block - 1) / experts_per_block);
-  const size_t smem = sizeof(float) * static_cast<size_t>(p.warp_words) * kSmallWarps;  // fits: route_small_supported
+  const size_t smem = small_router_dynamic_bytes(p);  // fits: route_small_supported
   logits_and_route_kernel<<<blocks, kSmallThreads, smem, ctx.stream>>>(p, x, gate_w, hidden, static_cast<int>(tokens),
                                                                         per_expert, bias, logits, ids, weights, counter);
   MOEFLOW_CUDA_LAUNCH_CHECK();

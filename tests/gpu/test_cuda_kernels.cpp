@@ -323,11 +323,16 @@ TEST(CudaRouting, SmallBatchRouterComputesLogitsAndRoutesThemInOneLaunch) {
   v3.renormalize = true;
   v3.renorm_epsilon = 1e-20f;
   v3.scale = 2.5f;
+  // The widest scratch a routing warp takes: 512 biased experts in 256 groups (2048 words per warp).
+  RoutingRule widest = make_rule(512, 8, Scoring::sigmoid, TopKMethod::noaux_tc, 256, 128);
+  widest.use_bias = true;
+  widest.renormalize = true;
   const std::pair<std::string, RoutingRule> rules[] = {{"mixtral", mixtral},
                                                        {"qwen15", make_rule(60, 4, Scoring::softmax, TopKMethod::greedy)},
                                                        {"v2", v2},
                                                        {"v3", v3},
-                                                       {"e512k32", make_rule(512, 32, Scoring::softmax, TopKMethod::greedy)}};
+                                                       {"e512k32", make_rule(512, 32, Scoring::softmax, TopKMethod::greedy)},
+                                                       {"e512g256", widest}};
   DeviceBuffer<int> lane_counters(std::vector<int>(4, 0));
   for (const auto& [name, rule] : rules)
     for (int hidden : {264, 2048, 7168})  // 1, 4 and 8 warps per expert

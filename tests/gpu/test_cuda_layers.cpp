@@ -263,18 +263,23 @@ TEST(CudaGateChoice, OneLaunchRouterUpToFourTokens) {
       EXPECT_EQ(choice.kernel->name, tokens <= 4 ? "cuda.router_small" : "cuda.router_topk") << preset << " T=" << tokens;
     }
   }
-  // A rule whose routing scratch would not fit one block's 48 KiB (512 biased experts in 256 groups)
-  // keeps the two-launch router, and the plan says why.
+  // The widest rule the routing warp takes (512 biased experts in 256 groups) fits one block's 48 KiB:
+  // the routing scratch is reserved for the routing warps only (one per token).
   const MoEConfig wide = load_config("deepseek-v3", {"n_routed_experts=512", "n_group=256", "topk_group=128",
                                                      "hidden_size=256", "moe_intermediate_size=64"});
   const Graph g = build_moe_layer(wide, {.max_tokens = 1, .dtype = DType::bf16});
   const Node& gate = g.node(*g.find_node("gate"));
-  EXPECT_EQ(r.select(g, gate, Backend::cuda, {}, true).kernel->name, "cuda.router_topk");
+  EXPECT_EQ(r.select(g, gate, Backend::cuda, {}, true).kernel->name, "cuda.router_small");
+  // More experts than the routing warp takes: the two-launch router's question, and the plan says why.
+  const MoEConfig wider = load_config("deepseek-v3", {"n_routed_experts=1024", "n_group=8", "topk_group=4",
+                                                      "hidden_size=256", "moe_intermediate_size=64"});
+  const Graph g2 = build_moe_layer(wider, {.max_tokens = 1, .dtype = DType::bf16});
+  const Node& gate2 = g2.node(*g2.find_node("gate"));
   const KernelEntry* small = r.find("cuda.router_small", Backend::cuda);
   ASSERT_NE(small, nullptr);
-  const Support s = small->supports(g, gate);
+  const Support s = small->supports(g2, gate2);
   EXPECT_FALSE(s.ok);
-  EXPECT_NE(s.reason.find("bytes of shared memory"), std::string::npos) << s.reason;
+  EXPECT_NE(s.reason.find("experts; the routing warp takes at most"), std::string::npos) << s.reason;
 }
 
 // Planning only (no device needed): the alltoall dispatch moves rows in fixed blocks where a token
