@@ -13,6 +13,17 @@ b=/tmp/b
   && ninja -C $b moeflow moeflow_gpu_tests; } > "$OUT/build.log" 2>&1 || { tail -40 "$OUT/build.log"; exit 1; }
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/gpu.txt"
 mode=${1:-tests}
+# Every gpu test, then the tests matching $1 (if given) under memcheck, racecheck and synccheck, their
+# logs in $OUT/$2_<tool>.log.
+tests_and_sanitizers() {
+  echo "== gpu tests"; timeout 240 $b/moeflow_gpu_tests --gtest_brief=1 > "$OUT/gpu_tests.log" 2>&1; echo "rc=$?"
+  grep -E "FAILED|Failure|tests ran|PASSED" "$OUT/gpu_tests.log" | head -12
+  [[ -z ${1:-} ]] && return
+  for tool in memcheck racecheck synccheck; do
+    timeout 100 compute-sanitizer --tool $tool --error-exitcode 9 $b/moeflow_gpu_tests --gtest_brief=1 \
+      --gtest_filter="$1" > "$OUT/$2_$tool.log" 2>&1; echo "$tool rc=$?: $(tail -n 2 "$OUT/$2_$tool.log" | tr '\n' ' ')"
+  done
+}
 if [[ $mode == ranks ]]; then
   # Multi-rank on this host's GPUs (NCCL, ranks by mpirun): the GPU lowering tests over 2 and 4
   # ranks, run --check of the full presets, and the bench rows of the multi-rank issue.
@@ -174,12 +185,7 @@ if [[ $mode == layers ]]; then
   # replay per model and T, once as planned and once with $AB (default --no-reuse-memory: every value
   # its own bytes, no kernel in place; or e.g. AB="--kernel gate=cuda.router_topk"). Every gpu test
   # first, and the three sanitizers on the tests matching $SAN where it is set.
-  echo "== gpu tests"; timeout 240 $b/moeflow_gpu_tests --gtest_brief=1 > "$OUT/gpu_tests.log" 2>&1; echo "rc=$?"
-  grep -E "FAILED|Failure|tests ran|PASSED" "$OUT/gpu_tests.log" | head -12
-  for tool in ${SAN:+memcheck racecheck synccheck}; do
-    timeout 100 compute-sanitizer --tool $tool --error-exitcode 9 $b/moeflow_gpu_tests --gtest_brief=1 \
-      --gtest_filter="$SAN" > "$OUT/san_$tool.log" 2>&1; echo "$tool rc=$?: $(tail -n 2 "$OUT/san_$tool.log" | tr '\n' ' ')"
-  done
+  tests_and_sanitizers "${SAN:-}" san
   for m in ${2:-qwen3-30b-a3b mixtral-8x7b qwen1.5-moe-a2.7b deepseek-v3}; do for t in ${3:-1 8}; do
     for flags in "" "${AB:---no-reuse-memory}"; do
       $b/moeflow run --backend cuda --model $m --tokens $t --plan concurrent --cuda-graph --runs ${RUNS:-300} $flags --json 2>&1 \
@@ -203,12 +209,7 @@ fi
 if [[ $mode == validate ]]; then
   # Before a commit that touches the kernels: every gpu test, the fused kernel under the three
   # sanitizers, the resource report of the decode kernels, and the experts path at small T.
-  echo "== gpu tests"; timeout 240 $b/moeflow_gpu_tests --gtest_brief=1 > "$OUT/gpu_tests.log" 2>&1; echo "rc=$?"
-  grep -E "FAILED|Failure|tests ran|PASSED" "$OUT/gpu_tests.log" | head -12
-  for tool in memcheck racecheck synccheck; do
-    timeout 100 compute-sanitizer --tool $tool --error-exitcode 9 $b/moeflow_gpu_tests --gtest_brief=1 \
-      --gtest_filter='CudaFusedDecode.*:CudaFusedSingleToken.*' > "$OUT/fused_$tool.log" 2>&1; echo "$tool rc=$?: $(tail -n 2 "$OUT/fused_$tool.log" | tr '\n' ' ')"
-  done
+  tests_and_sanitizers 'CudaFusedDecode.*:CudaFusedSingleToken.*' fused
   for o in $(find $b -name "fused_decode.cu.o" -o -name "fused_single_token.cu.o" -o -name "decode_experts.cu.o"); do
     cuobjdump -res-usage "$o" 2>/dev/null | awk '/Function/ { name = $2 } /REG:/ { print name, $1, $2, $4 }' | cu++filt | cut -c1-160
   done | tee "$OUT/decode_resources.txt"
@@ -267,12 +268,7 @@ if [[ $mode == shared ]]; then
   # branches alone (issue 3's overlap figure).
   models=${3:-qwen1.5-moe-a2.7b deepseek-v3}
   if [[ ${2:-tests} == tests ]]; then
-    echo "== gpu tests"; timeout 240 $b/moeflow_gpu_tests --gtest_brief=1 > "$OUT/gpu_tests.log" 2>&1; echo "rc=$?"
-    grep -E "FAILED|Failure|tests ran|PASSED" "$OUT/gpu_tests.log" | head -12
-    for tool in memcheck racecheck synccheck; do
-      timeout 100 compute-sanitizer --tool $tool --error-exitcode 9 $b/moeflow_gpu_tests --gtest_brief=1 \
-        --gtest_filter='CudaFusedDecodeShared.*' > "$OUT/shared_$tool.log" 2>&1; echo "$tool rc=$?: $(tail -n 2 "$OUT/shared_$tool.log" | tr '\n' ' ')"
-    done
+    tests_and_sanitizers 'CudaFusedDecodeShared.*' shared
     obj=$(find $b -name fused_decode.cu.o | head -1)
     echo "== resources: $(cuobjdump -res-usage "$obj" 2>&1 | grep -E "REG" | head -2 | tr -s ' ')" | tee "$OUT/fused_resources.txt"
     for m in $models; do for t in 1 4; do
