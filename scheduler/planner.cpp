@@ -375,8 +375,9 @@ void order_and_wait(Plan& plan, std::vector<PlanStep>& by_node) {
 }
 
 // A step whose kernel can start early (KernelEntry::starts_early) does so where the previous step
-// of its lane releases it and it waits for no other lane (an event wait would order it after that
-// lane's work anyway).
+// of its lane releases it, it waits for no other lane (an event wait would order it after that
+// lane's work anyway) and both belong to one chunk: a step of a chunk the run's T does not reach
+// launches nothing, so the stream's previous kernel would be another than the plan's.
 void start_early_where_released(Plan& plan) {
   std::vector<int> last_on_lane(plan.lanes.size(), -1);
   for (std::size_t i = 0; i < plan.steps.size(); ++i) {
@@ -384,7 +385,8 @@ void start_early_where_released(Plan& plan) {
     int& last = last_on_lane[static_cast<std::size_t>(s.lane)];
     const Node& n = plan.graph->node(s.node);
     if (last >= 0 && s.kernel->starts_early && s.kernel->starts_early(*plan.graph, n) && s.waits.empty() &&
-        plan.steps[static_cast<std::size_t>(last)].kernel->releases_next) {
+        plan.steps[static_cast<std::size_t>(last)].kernel->releases_next &&
+        plan.graph->node(plan.steps[static_cast<std::size_t>(last)].node).chunk == n.chunk) {
       s.starts_early = true;
       s.reason += " [starts while '" + plan.graph->node(plan.steps[static_cast<std::size_t>(last)].node).name +
                   "' runs: programmatic dependent launch]";

@@ -3,6 +3,7 @@
 #include <cuda_runtime.h>
 
 #include <algorithm>
+#include <array>
 #include <atomic>
 #include <string>
 #include <type_traits>
@@ -322,12 +323,13 @@ __device__ void leave(const Args& a, int groups, int down_tiles) {
 }
 
 // Choice p's expert for the work list (token_of): its shared part E + p % parts, or its routed id
-// (`routed`, loaded by the caller; null: the routing is not known yet, -1), -1 past the run's T.
+// (`routed`, loaded by the caller; null: the routing is not known yet, -1), -1 past the run's T and
+// for a routed id outside [0, E) (it contributes nothing; E .. E + parts - 1 are the shared parts').
 template <bool kFolded>
 __device__ __forceinline__ int choice_id(const Args& a, int p, int tokens, const int* routed) {
   if (p >= a.max_tokens * a.choices || token_of<kFolded>(a, p) >= tokens) return -1;
   if (kFolded && p < a.max_tokens * a.parts) return a.experts + p % a.parts;
-  return routed ? *routed : -1;
+  return routed && *routed >= 0 && *routed < a.experts ? *routed : -1;
 }
 
 // One phase-1 item: the group's act values for one tile of 16 features of I, then the group's count.
@@ -436,16 +438,27 @@ std::atomic<int> blocks_per_sm{0}, folded_blocks_per_sm{0};
 
 // An early start needs the device's programmatic dependent launch (compute capability 9.0) and this
 // kernel's sm_90 code, whose wait (dependent_launch.cuh) a binary built for older devices lacks:
-// launched early without it, the kernel would read the routing before the gate wrote it.
+// launched early without it, the kernel would read the routing before the gate wrote it. Asked once
+// per device (a host may mix architectures).
 bool early_start_supported(int device) {
-  static const bool supported = [device] {
+  constexpr int kDevices = 64;
+  static std::array<std::atomic<int>, kDevices> answer{};  // 0: not asked, 1: yes, 2: no
+  if (device < 0 || device >= kDevices) return false;
+  int known = answer[static_cast<std::size_t>(device)].load(std::memory_order_relaxed);
+  if (known == 0) {
     int major = 0;
     MOEFLOW_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device));
+    int current = 0;
+    MOEFLOW_CUDA_CHECK(cudaGetDevice(&current));
+    MOEFLOW_CUDA_CHECK(cudaSetDevice(device));
     cudaFuncAttributes attributes{};
-    MOEFLOW_CUDA_CHECK(cudaFuncGetAttributes(&attributes, fused_decode_kernel<true>));
-    return major >= 9 && attributes.binaryVersion >= 90;
-  }();
-  return supported;
+    const cudaError_t asked = cudaFuncGetAttributes(&attributes, fused_decode_kernel<true>);
+    MOEFLOW_CUDA_CHECK(cudaSetDevice(current));
+    MOEFLOW_CUDA_CHECK(asked);
+    known = major >= 9 && attributes.binaryVersion >= 90 ? 1 : 2;
+    answer[static_cast<std::size_t>(device)].store(known, std::memory_order_relaxed);
+  }
+  return known == 1;
 }
 
 }  // namespace

@@ -13,6 +13,7 @@
 #include "graph/error.hpp"
 #include "kernels/cuda/device.hpp"
 #include "ops/fused_experts_op.hpp"
+#include "ops/layer_builder.hpp"
 #include "ops/moe_layer.hpp"
 #include "tests/reference/reference.hpp"
 
@@ -383,6 +384,25 @@ TEST(CudaFusedDecodeShared, FoldedWhereEveryTokenFitsOneGroupAndThePlanSaysWhyNo
   EXPECT_FALSE(folds_shared(forced));
   EXPECT_EQ(fused_kernel(forced), "cuda.fused_single_token");
   po.forced_kernels.clear();
+  // Chunked (two chunks of 2 tokens, both folded): a step starts early only beside the previous step
+  // of its lane in its own chunk (a step of a chunk the run's T does not reach launches nothing).
+  for (const Policy policy : {Policy::serial, Policy::concurrent}) {
+    po.policy = policy;
+    const auto chunked = std::make_shared<const Graph>(chunk_tokens(*layer_graph(qwen, 4), {.chunks = 2}));
+    const Plan plan = make_plan(chunked, po);
+    int early = 0;
+    for (std::size_t i = 0; i < plan.steps.size(); ++i) {
+      if (!plan.steps[i].starts_early) continue;
+      ++early;
+      std::size_t p = i;
+      while (p-- > 0 && plan.steps[p].lane != plan.steps[i].lane) {}
+      ASSERT_LT(p, i);
+      EXPECT_EQ(plan.graph->node(plan.steps[p].node).chunk, plan.graph->node(plan.steps[i].node).chunk);
+      EXPECT_TRUE(plan.steps[p].kernel->releases_next);
+    }
+    EXPECT_GT(early, 0);
+  }
+  po.policy = Policy::serial;
   po.fold_shared = false;  // --no-fold-shared
   EXPECT_FALSE(folds_shared(make_plan(layer_graph(qwen, 1), po)));
 }
@@ -431,4 +451,39 @@ TEST(CudaFusedDecodeShared, MatchesReferenceAndTheLayerWithTheSharedExpertApartR
       }
     }
   }
+}
+
+// Routed ids outside [0, E) contribute nothing in the folded kernel too, E .. E + parts - 1 (the
+// shared parts' own numbers) included: a layer whose route is a graph input, the same routing with
+// the shared expert folded in and apart, early start or not.
+TEST(CudaFusedDecodeShared, RoutedIdsOutsideTheExpertsContributeNothing) {
+  if (cuda::device_count() == 0) GTEST_SKIP() << "no CUDA device";
+  const MoEConfig c = load_config("qwen1.5-moe-a2.7b", {"hidden_size=264", "moe_intermediate_size=88",
+                                                        "shared_expert_intermediate_size=352"});
+  LayerBuilder b("qwen15.route_given", 3);
+  const ValueId x = b.input("x", Shape{Dim::tokens(), Dim::of(c.hidden)}, DType::bf16);
+  const Route route = b.route_input("route", c.experts, c.top_k);
+  const ValueId shared = b.shared_expert(x, {.intermediate = c.shared_intermediate, .gated = c.shared_gate});
+  const ValueId out = b.reduce(b.combine(b.experts(b.dispatch(x, route), {.intermediate = c.intermediate}), route), {shared});
+  const auto g = std::make_shared<const Graph>(std::move(b).finish({out}));
+  CudaSessionOptions so;
+  so.seed = 17;
+  CudaSession folded(g, so);
+  ASSERT_TRUE(folds_shared(folded.plan()));
+  CudaSessionOptions apart_options = so;
+  apart_options.plan.fold_shared = false;
+  CudaSession apart(g, apart_options, &folded);
+  ASSERT_FALSE(folds_shared(apart.plan()));
+  const int k = c.top_k, E = c.experts;
+  // Token 0: ids E (shared part 0's number), E + 3, -1 and a real expert; token 1: all real, one
+  // repeated; token 2: E + 1 twice and two real.
+  const std::vector<int32_t> ids = {E, E + 3, -1, 7, 1, 2, 2, 40, E + 1, 5, E + 1, 9};
+  ASSERT_EQ(ids.size(), static_cast<std::size_t>(3 * k));
+  for (CudaSession* s : {&folded, &apart}) {
+    s->set_tokens(3);
+    s->write_input(*s->graph().find_value("route.ids"), ids.data(), ids.size() * sizeof(int32_t));
+    s->run();
+  }
+  const std::vector<float> mine = folded.output(), theirs = apart.output();
+  EXPECT_LT(reference::compare(mine.data(), std::vector<double>(theirs.begin(), theirs.end())).rel_norm, 1e-2);
 }
