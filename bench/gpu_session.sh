@@ -24,6 +24,16 @@ tests_and_sanitizers() {
       --gtest_filter="$1" > "$OUT/$2_$tool.log" 2>&1; echo "$tool rc=$?: $(tail -n 2 "$OUT/$2_$tool.log" | tr '\n' ' ')"
   done
 }
+# Whole layers as CUDA-graph replays (concurrent plan, $RUNS runs): the median and the host's cost of
+# one replay for every model in $1 (space-separated), T in $2 and flag set in the rest ('' = as
+# planned), into $OUT/layers.txt.
+layer_timings() {
+  local models=$1 tokens=$2; shift 2
+  for m in $models; do for t in $tokens; do for flags in "$@"; do
+    $b/moeflow run --backend cuda --model $m --tokens $t --plan concurrent --cuda-graph --runs ${RUNS:-300} $flags --json 2>&1 \
+      | python3 -c "import json,sys; r=json.load(sys.stdin); print('%-18s T=%-4s %-28s median %8.1f us  replay host cost %5.1f us' % (sys.argv[1], sys.argv[2], sys.argv[3] or 'as planned', r['median_us'], r['graph_launch_us']))" $m $t "$flags"
+  done; done; done | tee "$OUT/layers.txt"
+}
 if [[ $mode == ranks ]]; then
   # Multi-rank on this host's GPUs (NCCL, ranks by mpirun): the GPU lowering tests over 2 and 4
   # ranks, run --check of the full presets, and the bench rows of the multi-rank issue.
@@ -181,17 +191,11 @@ if [[ $mode == cutlass ]]; then
   exit 0
 fi
 if [[ $mode == layers ]]; then
-  # Whole layers as CUDA-graph replays (concurrent plan): the median time and the host's cost of one
-  # replay per model and T, once as planned and once with $AB (default --no-reuse-memory: every value
-  # its own bytes, no kernel in place; or e.g. AB="--kernel gate=cuda.router_topk"). Every gpu test
-  # first, and the three sanitizers on the tests matching $SAN where it is set.
+  # Whole layers (layer_timings) once as planned and once with $AB (default --no-reuse-memory: every
+  # value its own bytes, no kernel in place; or e.g. AB="--kernel gate=cuda.router_topk"). Every gpu
+  # test first, and the three sanitizers on the tests matching $SAN where it is set.
   tests_and_sanitizers "${SAN:-}" san
-  for m in ${2:-qwen3-30b-a3b mixtral-8x7b qwen1.5-moe-a2.7b deepseek-v3}; do for t in ${3:-1 8}; do
-    for flags in "" "${AB:---no-reuse-memory}"; do
-      $b/moeflow run --backend cuda --model $m --tokens $t --plan concurrent --cuda-graph --runs ${RUNS:-300} $flags --json 2>&1 \
-        | python3 -c "import json,sys; r=json.load(sys.stdin); print('%-18s T=%-4s %-28s median %8.1f us  replay host cost %5.1f us' % (sys.argv[1], sys.argv[2], sys.argv[3] or 'as planned', r['median_us'], r['graph_launch_us']))" $m $t "$flags"
-    done
-  done; done | tee "$OUT/layers.txt"
+  layer_timings "${2:-qwen3-30b-a3b mixtral-8x7b qwen1.5-moe-a2.7b deepseek-v3}" "${3:-1 8}" "" "${AB:---no-reuse-memory}"
   exit 0
 fi
 if [[ $mode == resources ]]; then
@@ -277,10 +281,7 @@ if [[ $mode == shared ]]; then
     done; done | tee "$OUT/run_checks.txt"
   else
     IFS=';' read -r -a variants <<< "${VARIANTS:-;--no-fold-shared}"  # flag sets, ';'-separated ('' = as planned)
-    for m in $models; do for t in ${4:-1 2 4}; do for flags in "${variants[@]}"; do
-      $b/moeflow run --backend cuda --model $m --tokens $t --plan concurrent --cuda-graph --runs ${RUNS:-300} $flags --json 2>&1 \
-        | python3 -c "import json,sys; r=json.load(sys.stdin); print('%-18s T=%-4s %-18s median %8.1f us  replay host cost %5.1f us' % (sys.argv[1], sys.argv[2], sys.argv[3] or 'as planned', r['median_us'], r['graph_launch_us']))" $m $t "$flags"
-    done; done; done | tee "$OUT/layers.txt"
+    layer_timings "$models" "${4:-1 2 4}" "${variants[@]}"
     timeout 240 $b/moeflow bench --backend cuda --models ${models// /,} --tokens ${5:-1,4} --plans serial,concurrent,graph \
       --scope layer,routed,shared --runs 100 --json "$OUT/overlap.jsonl" > "$OUT/overlap.log" 2>&1; echo "rc=$?"
     grep -v "^skipped" "$OUT/overlap.log" | tail -30

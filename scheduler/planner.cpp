@@ -383,13 +383,14 @@ void start_early_where_released(Plan& plan) {
   for (std::size_t i = 0; i < plan.steps.size(); ++i) {
     PlanStep& s = plan.steps[i];
     int& last = last_on_lane[static_cast<std::size_t>(s.lane)];
-    const Node& n = plan.graph->node(s.node);
-    if (last >= 0 && s.kernel->starts_early && s.kernel->starts_early(*plan.graph, n) && s.waits.empty() &&
-        plan.steps[static_cast<std::size_t>(last)].kernel->releases_next &&
-        plan.graph->node(plan.steps[static_cast<std::size_t>(last)].node).chunk == n.chunk) {
-      s.starts_early = true;
-      s.reason += " [starts while '" + plan.graph->node(plan.steps[static_cast<std::size_t>(last)].node).name +
-                  "' runs: programmatic dependent launch]";
+    if (last >= 0) {
+      const Node& n = plan.graph->node(s.node);
+      const Node& previous = plan.graph->node(plan.steps[static_cast<std::size_t>(last)].node);
+      if (s.kernel->starts_early && s.kernel->starts_early(*plan.graph, n) && s.waits.empty() &&
+          plan.steps[static_cast<std::size_t>(last)].kernel->releases_next && previous.chunk == n.chunk) {
+        s.starts_early = true;
+        s.reason += " [starts while '" + previous.name + "' runs: programmatic dependent launch]";
+      }
     }
     last = static_cast<int>(i);
   }

@@ -197,16 +197,16 @@ __device__ void prefetch_down_tile(const Args& a, const WorkListOf<kFolded>& w, 
   const int h0 = tile * kDownTile + warp * kDownPerWarp;
   if (h0 >= a.hidden) return;
   int stride = a.inter / 8;
-  const uint4* rows = reinterpret_cast<const uint4*>(a.w2 + static_cast<int64_t>(w.expert[group]) * a.hidden * a.inter);
+  const uint4* expert_rows = reinterpret_cast<const uint4*>(a.w2 + static_cast<int64_t>(w.expert[group]) * a.hidden * a.inter);
   if constexpr (kFolded) {
     stride = w.down_stride[group];
-    rows = w.down[group];
+    expert_rows = w.down[group];
   }
-  const uint4* first = rows + static_cast<int64_t>(h0) * stride;
-  if (!kFolded || stride == a.inter / 8) {  // a routed expert's rows: contiguous
-    const char* rows = reinterpret_cast<const char*>(first);
+  const uint4* first = expert_rows + static_cast<int64_t>(h0) * stride;
+  if (!kFolded || stride == a.inter / 8) {  // a routed expert's rows (or a shared slice of S = I): contiguous
+    const char* bytes_at = reinterpret_cast<const char*>(first);
     const int64_t bytes = static_cast<int64_t>(kDownPerWarp) * a.inter * 2;
-    for (int64_t off = static_cast<int64_t>(lane) * 128; off < bytes; off += 32 * 128) prefetch_l2(rows + off);
+    for (int64_t off = static_cast<int64_t>(lane) * 128; off < bytes; off += 32 * 128) prefetch_l2(bytes_at + off);
     return;
   }
   for (int o = 0; o < kDownPerWarp; ++o)  // a slice of the shared expert's rows: I of every S features
@@ -363,7 +363,7 @@ __global__ void __launch_bounds__(kThreads, 3) fused_decode_kernel(Args a) {
   // Started early, the block first works through the shared expert's gate/up items, which need no
   // routing: its groups are the first ones of the full list too (token_of), so the items keep their
   // numbers. Past them it waits for the routing and builds the full list. One loop serves both, so
-  // the item code is inlined once (a second copy of it spilled registers in the main loop).
+  // the item code is compiled once (a second copy of it spilled registers in the main loop).
   bool routed = !kFolded || !a.early;
   build_work_list<kFolded>(a, w, choice_id<kFolded>(a, tid, tokens, routed ? &routed_id : nullptr), pairs, a.experts + a.parts);
   int groups = w.groups;
@@ -375,6 +375,7 @@ __global__ void __launch_bounds__(kThreads, 3) fused_decode_kernel(Args a) {
       if (routed) break;
       __syncthreads();  // every thread has read w.groups and `next` before the full list overwrites them
       wait_for_previous_kernel();  // the routing: ids and weights
+      // (the same load as routed_id's above; through a shared helper the folded kernel spilled more)
       const int routed_now = tid >= a.max_tokens * a.parts && tid < pairs ? a.ids[tid - a.max_tokens * a.parts] : -1;
       build_work_list<kFolded>(a, w, choice_id<kFolded>(a, tid, tokens, &routed_now), pairs, a.experts + a.parts);
       routed = true;
