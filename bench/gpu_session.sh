@@ -2,7 +2,7 @@
 # One call on the GPU machine (see the device README): unpack the carried .deb files, build there,
 # run the gpu tests (plain, memcheck, racecheck), the CLI checks of every preset, the CUDA-graph
 # host cost (mode `tests`), or the benchmark sweep (mode `bench`). Everything lands in $OUT.
-# Usage: bash bench/gpu_session.sh tests|full|racecheck|bench|overlap|chunks|decode|timeline|layers|probe|ranks|cutlass|anyt|resources|fused|fusedprof|validate|shared|tune [models] [experts kernels] [tokens] [scopes]
+# Usage: bash bench/gpu_session.sh tests|full|racecheck|bench|overlap|chunks|decode|timeline|layers|probe|ranks|cutlass|anyt|resources|fused|fusedprof|validate|shared|tune|views [models] [experts kernels] [tokens] [scopes]
 set -uo pipefail
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 mkdir -p /opt/deps && for f in .deps/*.deb; do dpkg -x "$f" /opt/deps; done
@@ -133,6 +133,23 @@ if [[ $mode == decode ]]; then
   timeout 200 $b/moeflow bench --backend cuda --models qwen1.5-moe-a2.7b,deepseek-v3 --tokens 1,8,32 \
     --plans serial,concurrent,graph --experts-kernels cuda.decode_gemv --scope layer,routed,shared \
     --json "$OUT/overlap.jsonl" > "$OUT/overlap.log" 2>&1; echo "rc=$?"
+  exit 0
+fi
+if [[ $mode == views ]]; then
+  # Chunks whose rows are views of the whole value: every gpu test and the chunked ones under the
+  # sanitizers, then mixtral-8x7b at T=8192 chunked 1/2/4 over the plans and experts kernels
+  # ($KERNELS; --passes 3 alternates the rows), then one traced run per chunk count and kernel.
+  tests_and_sanitizers "${SAN:-Families/CudaChunkedLayer.*}" chunks
+  echo "== mixtral-8x7b T=8192, chunks 1,2,4"
+  timeout ${BENCH_S:-300} $b/moeflow bench --backend cuda --models mixtral-8x7b --tokens 8192 --chunks 1,2,4 \
+    --plans serial,concurrent,graph --experts-kernels ${KERNELS:-auto,cuda.cublas_per_expert_loop,cuda.cutlass_grouped_wide} \
+    --scope layer --runs ${RUNS:-30} --passes ${PASSES:-3} --json "$OUT/mixtral_chunks.jsonl" > "$OUT/mixtral_chunks.log" 2>&1
+  echo "rc=$?"; sed -n '/over the passes/,$p' "$OUT/mixtral_chunks.log" | grep -v "^skipped" | tail -40
+  for c in 1 2 4; do for k in ${TRACE_KERNELS:-cuda.cublas_per_expert_loop cuda.cutlass_grouped_wide}; do
+    $b/moeflow run --backend cuda --model mixtral-8x7b --tokens 8192 --plan concurrent --chunks $c --runs 8 --warmup 2 \
+      --kernel experts=$k --trace /tmp/trace_$c.json --json 2>&1 | python3 -c "import json,sys; print('chunks=$c $k median %.1f us' % json.load(sys.stdin)['median_us'])"
+    $b/moeflow trace /tmp/trace_$c.json --summary 2>&1 | head -16
+  done; done
   exit 0
 fi
 if [[ $mode == chunks ]]; then

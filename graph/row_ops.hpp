@@ -1,7 +1,9 @@
 #pragma once
 // The two structural ops of the chunk pass (graph/chunk.hpp): slice_rows takes one chunk's rows of
 // a token-indexed value, concat_rows joins every chunk's rows back in order. They move rows and
-// compute nothing; kernels for them are registered per backend like any op's.
+// compute nothing; kernels for them are registered per backend like any op's. Where the memory
+// planner can, it lays a chunk's rows out inside the whole value's bytes (a view), and the kernels
+// then copy nothing (KernelEntry::row_views).
 #include "graph/op_schema.hpp"
 
 namespace moeflow {
@@ -13,6 +15,8 @@ class SliceRowsOp final : public OpSchema {
   SliceRowsOp(int chunk, int64_t rows) : chunk_(chunk), rows_(rows) {}
   int chunk() const { return chunk_; }
   int64_t rows() const { return rows_; }
+  // Where the chunk's rows start in the input's bytes (`row_bytes` per token row).
+  int64_t first_byte(int64_t row_bytes) const { return chunk_ * rows_ * row_bytes; }
   std::string kind() const override { return "slice_rows"; }
   std::string summary() const override;
   std::vector<std::string> output_names() const override { return {"rows"}; }
@@ -32,6 +36,8 @@ class ConcatRowsOp final : public OpSchema {
  public:
   ConcatRowsOp(int chunks, int64_t rows) : chunks_(chunks), rows_(rows) {}
   int64_t rows() const { return rows_; }
+  // Where input `chunk`'s rows start in the output's bytes (`row_bytes` per token row).
+  int64_t first_byte(int chunk, int64_t row_bytes) const { return chunk * rows_ * row_bytes; }
   std::string kind() const override { return "concat_rows"; }
   std::string summary() const override;
   std::vector<std::string> output_names() const override { return {"joined"}; }

@@ -78,6 +78,10 @@ struct KernelEntry {
   // every element read before it is written. The memory planner uses one only where input i is
   // read by nothing after this node and both live in the workspace.
   std::vector<std::pair<int, int>> in_place = {};
+  // Whether the kernel (of slice_rows or concat_rows) copies nothing where the source and the
+  // destination rows are the same bytes, so the memory planner may lay the chunk's rows out as a
+  // view inside the whole value (memory_planner.hpp).
+  bool row_views = false;
   // Whether the kernel reads its token count from KernelCall::live_tokens when that is set, so one
   // captured CUDA graph serves any T (CudaExecutor::capture_any_tokens).
   bool live_tokens = false;

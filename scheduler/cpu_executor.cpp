@@ -51,13 +51,8 @@ CpuExecutor::CpuExecutor(const Plan& plan, int threads, const CommGroups* comm)
             const PlanStep& s = plan_.steps[i];
             const Node& n = g.node(s.node);
             std::vector<void*> in, out;
-            for (ValueId v : n.inputs) {
-              const Value& val = g.value(v);
-              in.push_back(val.role == ValueRole::weight ? fl.weights->data(v)
-                           : val.role == ValueRole::input ? fl.inputs->data(v)
-                                                          : activation(v));
-            }
-            for (ValueId v : n.outputs) out.push_back(activation(v));
+            for (ValueId v : n.inputs) in.push_back(locate(v));
+            for (ValueId v : n.outputs) out.push_back(locate(v));
             const auto t0 = Clock::now();
             try {
               // A chunk the run's tokens do not reach has no rows: it runs and produces nothing.
@@ -105,8 +100,19 @@ CpuExecutor::CpuExecutor(const Plan& plan, int threads, const CommGroups* comm)
 
 CpuExecutor::~CpuExecutor() = default;
 
-void* CpuExecutor::activation(ValueId v) const {
-  return plan_.buffer(v).arena == Arena::host ? host_.data(v) : workspace_.data(v);
+void* CpuExecutor::locate(ValueId v) const {
+  switch (plan_.buffer(v).arena) {
+    case Arena::inputs:
+    case Arena::weights: {
+      // A view may put an activation in the inputs arena (a chunk's rows of x): the run's arenas.
+      const HostArena* arena = plan_.buffer(v).arena == Arena::inputs ? flow_->inputs : flow_->weights;
+      if (!arena) fail_input("value '" + plan_.graph->value(v).name + "': no run has bound its arena yet");
+      return arena->data(v);
+    }
+    case Arena::workspace: return workspace_.data(v);
+    case Arena::host: return host_.data(v);
+  }
+  return nullptr;
 }
 
 void CpuExecutor::run(const HostArena& inputs, const HostArena& weights, int64_t tokens, Trace* trace) {
@@ -137,7 +143,7 @@ void CpuExecutor::run(const HostArena& inputs, const HostArena& weights, int64_t
 }
 
 const float* CpuExecutor::output(std::size_t i) const {
-  return static_cast<const float*>(activation(plan_.graph->outputs().at(i)));
+  return static_cast<const float*>(locate(plan_.graph->outputs().at(i)));
 }
 
 }  // namespace moeflow

@@ -22,8 +22,8 @@ class CpuExecutor {
   // Runs the plan for `tokens` ≤ the graph's maximum. When `trace` is given, records every node.
   void run(const HostArena& inputs, const HostArena& weights, int64_t tokens, Trace* trace = nullptr);
 
-  // A value of the last run (activations live in the workspace).
-  const void* data(ValueId v) const { return activation(v); }
+  // A value of the last run, wherever the plan put it.
+  const void* data(ValueId v) const { return locate(v); }
   const float* output(std::size_t i = 0) const;
   int threads() const { return threads_; }
 
@@ -34,7 +34,7 @@ class CpuExecutor {
   const CommGroups* comm_;
   HostArena workspace_;
   HostArena host_;  // values the plan keeps in host memory on every backend (Arena::host)
-  void* activation(ValueId v) const;
+  void* locate(ValueId v) const;  // a value's bytes by its buffer's arena
   std::unique_ptr<FlowGraph> flow_;
 };
 

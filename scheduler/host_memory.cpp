@@ -162,7 +162,7 @@ void fill_random_value(const Value& v, void* data, int64_t tokens, uint64_t seed
 
 void fill_random(const Plan& plan, HostArena& arena, int64_t tokens, uint64_t seed) {
   for (const Buffer& b : plan.buffers)
-    if (b.arena == arena.arena()) fill_random_value(plan.graph->value(b.value), arena.data(b.value), tokens, seed);
+    if (b.arena == arena.arena() && !b.is_view()) fill_random_value(plan.graph->value(b.value), arena.data(b.value), tokens, seed);
 }
 
 }  // namespace moeflow

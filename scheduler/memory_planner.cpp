@@ -2,8 +2,11 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <stdexcept>
+#include <string>
 #include <vector>
 
+#include "graph/row_ops.hpp"
 #include "scheduler/plan.hpp"
 
 namespace moeflow {
@@ -47,18 +50,117 @@ std::vector<std::vector<bool>> happens_before(const Plan& plan) {
   return before;
 }
 
-// A workspace buffer and the steps that touch it (the first one writes it).
+using Before = std::vector<std::vector<bool>>;
+
+// The steps that touch value v: its producer first, then its consumers.
+std::vector<std::size_t> uses_of(const Plan& plan, const Value& v) {
+  std::vector<std::size_t> steps = {static_cast<std::size_t>(plan.step_of_node.at(static_cast<std::size_t>(v.producer)))};
+  for (NodeId c : v.consumers) steps.push_back(static_cast<std::size_t>(plan.step_of_node[static_cast<std::size_t>(c)]));
+  return steps;
+}
+
+// Graph outputs, and values the caller reads after a run: they keep their own bytes.
+bool pinned(const Graph& g, const PlanOptions& options, const Value& v) {
+  const auto& keep = options.keep_values;
+  return std::find(g.outputs().begin(), g.outputs().end(), v.id) != g.outputs().end() ||
+         std::find(keep.begin(), keep.end(), v.name) != keep.end();
+}
+bool pinned(const Plan& plan, const Value& v) { return pinned(*plan.graph, plan.options, v); }
+
+// Calls fn(part, whole, byte offset) for each chunk's rows of a slice_rows or concat_rows node.
+template <class Fn>
+void for_each_row_part(const Graph& g, const Node& n, Fn&& fn) {
+  if (const auto* slice = dynamic_cast<const SliceRowsOp*>(n.op.get())) {
+    fn(n.outputs[0], n.inputs[0], slice->first_byte(g.value(n.inputs[0]).bytes(1)));
+  } else if (const auto* concat = dynamic_cast<const ConcatRowsOp*>(n.op.get())) {
+    const int64_t row_bytes = g.value(n.outputs[0]).bytes(1);
+    for (std::size_t i = 0; i < n.inputs.size(); ++i)
+      fn(n.inputs[i], n.outputs[0], concat->first_byte(static_cast<int>(i), row_bytes));
+  }
+}
+
+// Whether `part` may lie `at` bytes into `whole`, by the graph alone: a workspace value nobody
+// reads after the run, inside a workspace or input value, at the arenas' alignment.
+bool may_view(const Graph& g, const PlanOptions& options, ValueId part, ValueId whole, int64_t at) {
+  const Value& p = g.value(part);
+  const Value& w = g.value(whole);
+  const Arena pa = arena_of(p), wa = arena_of(w);
+  return pa == Arena::workspace && (wa == Arena::workspace || wa == Arena::inputs) && !pinned(g, options, p) &&
+         at % kAlignment == 0 && at + p.bytes(p.tokens_in(g.max_tokens())) <= w.bytes(w.tokens_in(g.max_tokens()));
+}
+
+// Where a value lies inside another one's bytes (base -1: it has its own).
+struct View {
+  ValueId base = -1;
+  int64_t offset = 0;
+};
+
+// The views the plan can afford. First the chunk pass's rows: a chunk's slice of x is read where x
+// has it, and each chunk's output is written where the joined output keeps it, so slice_rows and
+// concat_rows copy nothing (their kernels allow it: KernelEntry::row_views). Then, walking back, a
+// kernel computing in place over an input carries its output's view to that input where the input
+// is read by nothing after it (a layer's one-addend reduce before concat_rows: the combine then
+// writes straight into the output's rows and the reduce launches nothing). A view keeps the
+// arena's 256-byte alignment and stays inside its base.
+struct Views {
+  std::vector<View> of;                             // indexed by value id
+  std::vector<std::pair<ValueId, ValueId>> in_place;  // (output, input) pairs that carried a view
+};
+
+Views find_views(const Plan& plan, const Before& before) {
+  const Graph& g = *plan.graph;
+  Views views;
+  std::vector<View>& view = views.of;
+  view.resize(g.values().size());
+  std::vector<bool> is_base(g.values().size(), false);
+  auto add = [&](ValueId part, ValueId whole, int64_t at) {
+    if (view[static_cast<std::size_t>(part)].base >= 0 || is_base[static_cast<std::size_t>(part)] ||
+        !may_view(g, plan.options, part, whole, at))
+      return false;
+    view[static_cast<std::size_t>(part)] = {whole, at};
+    is_base[static_cast<std::size_t>(whole)] = true;
+    return true;
+  };
+  for (const PlanStep& s : plan.steps)
+    if (s.kernel->row_views) for_each_row_part(g, g.node(s.node), add);
+  for (std::size_t k = plan.steps.size(); k-- > 0;) {
+    const PlanStep& s = plan.steps[k];
+    const Node& n = g.node(s.node);
+    for (const auto& [o, i] : s.kernel->in_place) {
+      const ValueId out = n.outputs.at(static_cast<std::size_t>(o)), in = n.inputs.at(static_cast<std::size_t>(i));
+      if (view[static_cast<std::size_t>(out)].base < 0 || plan.buffer(in).bytes != plan.buffer(out).bytes) continue;
+      bool last_use = true;
+      for (std::size_t u : uses_of(plan, g.value(in)))
+        if (u != k && !before[k][u]) last_use = false;
+      if (last_use && add(in, out, 0)) views.in_place.emplace_back(out, in);
+    }
+  }
+  return views;
+}
+
+// The value whose bytes v lies in, and how far into them.
+ValueId root_of(const std::vector<View>& view, ValueId v, int64_t& offset) {
+  offset = 0;
+  for (std::size_t hops = 0; view[static_cast<std::size_t>(v)].base >= 0; ++hops) {
+    if (hops > view.size()) throw std::logic_error("memory planner: views form a cycle");  // cannot happen: see find_views
+    offset += view[static_cast<std::size_t>(v)].offset;
+    v = view[static_cast<std::size_t>(v)].base;
+  }
+  return v;
+}
+
+// A workspace buffer and the steps that touch it, its views' included (the first one writes it).
 struct Item {
   ValueId value = -1;              // -1: a kernel's scratch
   int64_t bytes = 0;
-  std::vector<std::size_t> steps;  // steps[0] writes it
+  std::vector<std::size_t> steps;  // ascending issue order: steps[0] writes it
   bool pinned = false;             // a graph output: never shares
   int64_t* offset = nullptr;       // where the result goes
   int64_t placed = -1;
 };
 
 // True when all of a's uses are over before b is written.
-bool dead_before(const Item& a, const Item& b, const std::vector<std::vector<bool>>& before) {
+bool dead_before(const Item& a, const Item& b, const Before& before) {
   const std::size_t birth = b.steps.front();
   for (std::size_t s : a.steps)
     if (!before[birth][s]) return false;
@@ -67,23 +169,44 @@ bool dead_before(const Item& a, const Item& b, const std::vector<std::vector<boo
 
 }  // namespace
 
+bool rows_become_views(const Graph& g, const Node& n, const KernelEntry& kernel, const PlanOptions& options) {
+  if (!options.reuse_memory || !kernel.row_views) return false;
+  bool all = true;
+  for_each_row_part(g, n, [&](ValueId part, ValueId whole, int64_t at) { all = all && may_view(g, options, part, whole, at); });
+  return all;
+}
+
 void plan_workspace_reuse(Plan& plan) {
   const Graph& g = *plan.graph;
   const auto before = happens_before(plan);
+  const Views views = find_views(plan, before);
+  const std::vector<View>& view = views.of;
   std::vector<Item> items;
+  std::vector<int> item_of(g.values().size(), -1);  // the item of each value that has its own bytes
   for (Buffer& b : plan.buffers) {
-    if (b.arena != Arena::workspace) continue;
+    if (b.arena != Arena::workspace || view[static_cast<std::size_t>(b.value)].base >= 0) continue;
     const Value& v = g.value(b.value);
     Item it;
     it.value = v.id;
     it.bytes = b.bytes;
     it.offset = &b.offset;
-    it.steps.push_back(static_cast<std::size_t>(plan.step_of_node.at(static_cast<std::size_t>(v.producer))));
-    for (NodeId c : v.consumers) it.steps.push_back(static_cast<std::size_t>(plan.step_of_node[static_cast<std::size_t>(c)]));
-    const auto& keep = plan.options.keep_values;
-    it.pinned = std::find(g.outputs().begin(), g.outputs().end(), v.id) != g.outputs().end() ||
-                std::find(keep.begin(), keep.end(), v.name) != keep.end();
+    it.steps = uses_of(plan, v);
+    it.pinned = pinned(plan, v);
+    item_of[static_cast<std::size_t>(v.id)] = static_cast<int>(items.size());
     items.push_back(it);
+  }
+  // A view's uses are its root's: the root's bytes stay taken from the first write of either.
+  for (const Value& v : g.values()) {
+    int64_t offset = 0;
+    const ValueId root = root_of(view, v.id, offset);
+    if (root == v.id || item_of[static_cast<std::size_t>(root)] < 0) continue;
+    auto& steps = items[static_cast<std::size_t>(item_of[static_cast<std::size_t>(root)])].steps;
+    const auto more = uses_of(plan, v);
+    steps.insert(steps.end(), more.begin(), more.end());
+  }
+  for (Item& it : items) {
+    std::sort(it.steps.begin(), it.steps.end());
+    it.steps.erase(std::unique(it.steps.begin(), it.steps.end()), it.steps.end());
   }
   for (std::size_t i = 0; i < plan.steps.size(); ++i) {
     PlanStep& s = plan.steps[i];
@@ -99,14 +222,14 @@ void plan_workspace_reuse(Plan& plan) {
     if (a.steps.front() != b.steps.front()) return a.steps.front() < b.steps.front();
     return a.bytes > b.bytes;
   });
-  // The placed item of each value, for in-place outputs.
-  std::vector<int> item_of(g.values().size(), -1);
+  item_of.assign(g.values().size(), -1);  // from here: the placed item of each value, for in-place outputs
   // Whether value `out`, written by step s, may take over the bytes of input item `in`: the kernel
   // declares it, `in` is an unpinned workspace value at least as large, and every other use of `in`
   // is over before s (so nothing reads it after s starts writing).
   auto in_place_source = [&](const Item& out) -> int {
     if (out.value < 0) return -1;
-    const std::size_t s = out.steps.front();
+    const std::size_t s = static_cast<std::size_t>(plan.step_of_node[static_cast<std::size_t>(g.value(out.value).producer)]);
+    if (out.steps.front() != s) return -1;  // a view of it is written before it is
     const PlanStep& step = plan.steps[s];
     const Node& n = g.node(step.node);
     for (const auto& [o, i] : step.kernel->in_place) {
@@ -153,6 +276,34 @@ void plan_workspace_reuse(Plan& plan) {
     peak = std::max(peak, offset + align_up(it.bytes));
   }
   plan.arena_bytes[Arena::workspace] = peak;
+  // Views go where their roots were placed.
+  for (const Value& v : g.values()) {
+    const View& w = view[static_cast<std::size_t>(v.id)];
+    if (w.base < 0) continue;
+    int64_t offset = 0;
+    const Buffer& root = plan.buffers[static_cast<std::size_t>(root_of(view, v.id, offset))];
+    Buffer& b = plan.buffers[static_cast<std::size_t>(v.id)];
+    b.arena = root.arena;
+    b.offset = root.offset + offset;
+    b.view_of = w.base;
+    b.view_offset = w.offset;
+  }
+  for (const auto& [out, in] : views.in_place) plan.buffers[static_cast<std::size_t>(out)].in_place_of = in;
+  // The row copies say what is left of them.
+  for (PlanStep& s : plan.steps) {
+    if (!s.kernel->row_views) continue;
+    const Node& n = g.node(s.node);
+    const bool joins = n.op->kind() == "concat_rows";
+    const auto& parts = joins ? n.inputs : n.outputs;
+    const auto viewed = std::count_if(parts.begin(), parts.end(), [&](ValueId v) { return view[static_cast<std::size_t>(v)].base >= 0; });
+    if (viewed == 0) continue;
+    const std::string whole = g.value(joins ? n.outputs[0] : n.inputs[0]).name;
+    s.reason = viewed == static_cast<std::ptrdiff_t>(parts.size())
+                   ? (joins ? "every chunk wrote its rows into " + whole : "a view of " + whole + "'s rows") +
+                         ": nothing to copy (memory planner)"
+                   : std::to_string(viewed) + " of " + std::to_string(parts.size()) + " chunks wrote their rows into " +
+                         whole + " (memory planner); " + s.reason + " for the others";
+  }
 }
 
 }  // namespace moeflow

@@ -78,6 +78,8 @@ struct PlanStep {
 // Which allocation a buffer lives in.
 enum class Arena { inputs, weights, workspace, host };  // host: pinned host memory on a GPU backend
 const char* to_string(Arena a);
+// The arena a value's buffer belongs to by its role (a view may put it in its base's instead).
+Arena arena_of(const Value& v);
 
 struct Buffer {
   ValueId value = -1;
@@ -85,6 +87,11 @@ struct Buffer {
   int64_t offset = 0;  // bytes from the arena's start, 256-byte aligned
   int64_t bytes = 0;   // at the maximum T
   ValueId in_place_of = -1;  // the input whose bytes this value overwrites (memory planner), or -1
+  // A view (memory planner): the value has no bytes of its own but lies `view_offset` bytes into
+  // value `view_of`'s (a chunk's rows of the whole value); arena and offset are where that puts it.
+  ValueId view_of = -1;
+  int64_t view_offset = 0;
+  bool is_view() const { return view_of >= 0; }
 };
 
 class Plan {

@@ -56,7 +56,10 @@ void Plan::write_memory(std::ostream& out) const {
       const Value& v = g.value(b.value);
       out << "  " << std::left << std::setw(10) << to_string(a) << std::setw(28) << v.name << std::setw(22)
           << v.type_str(g.max_tokens()) << std::right << std::setw(14) << b.offset << std::setw(14) << b.bytes
-          << (b.in_place_of >= 0 ? "  in place over " + g.value(b.in_place_of).name : std::string()) << "\n";
+          << (b.in_place_of >= 0 ? "  in place over " + g.value(b.in_place_of).name : std::string())
+          << (b.is_view() ? "  view: " + std::to_string(b.view_offset) + " bytes into " + g.value(b.view_of).name
+                          : std::string())
+          << "\n";
     }
   for (const PlanStep& s : steps) {
     if (s.workspace_bytes == 0) continue;

@@ -39,6 +39,13 @@ int64_t Plan::bytes(Arena a) const {
   return it == arena_bytes.end() ? 0 : it->second;
 }
 
+Arena arena_of(const Value& v) {
+  return v.role == ValueRole::weight  ? Arena::weights
+         : v.role == ValueRole::input ? Arena::inputs
+         : v.type->host_memory        ? Arena::host
+                                      : Arena::workspace;
+}
+
 namespace {
 
 constexpr int64_t kAlignment = 256;
@@ -51,10 +58,7 @@ void lay_out_buffers(Plan& plan) {
   for (const Value& v : g.values()) {
     Buffer& b = plan.buffers[static_cast<std::size_t>(v.id)];
     b.value = v.id;
-    b.arena = v.role == ValueRole::weight  ? Arena::weights
-              : v.role == ValueRole::input ? Arena::inputs
-              : v.type->host_memory        ? Arena::host
-                                           : Arena::workspace;
+    b.arena = arena_of(v);
     b.bytes = v.bytes(v.tokens_in(g.max_tokens()));
     b.offset = plan.arena_bytes[b.arena];
     plan.arena_bytes[b.arena] += align_up(b.bytes);
@@ -541,8 +545,10 @@ Plan plan_fused_graph(std::shared_ptr<const Graph> graph, const PlanOptions& opt
       s.reason += " [" + it->second + "]";
     const auto in = graph->input_values(n);
     const auto out = graph->output_values(n);
-    s.cost = n.op->cost({in, out}, graph->tokens_of(n, T));
-    const Prediction predicted = predict(s.cost, options.rates, s.kernel->launches);
+    // Rows laid out as views are copied by nobody: such a step costs nothing.
+    const bool viewed = rows_become_views(*graph, n, *s.kernel, options);
+    s.cost = viewed ? Cost{} : n.op->cost({in, out}, graph->tokens_of(n, T));
+    const Prediction predicted = predict(s.cost, options.rates, viewed ? 0 : s.kernel->launches);
     s.predicted_s = predicted.total_s();
     s.work_s = predicted.work_s;
     if (s.kernel->workspace) s.workspace_bytes = s.kernel->workspace(*graph, n, graph->max_tokens_of(n));

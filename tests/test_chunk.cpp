@@ -10,11 +10,13 @@
 #include "graph/chunk.hpp"
 #include "graph/error.hpp"
 #include "ops/moe_layer.hpp"
+#include "tests/buffer_checks.hpp"
 #include "tests/expect_error.hpp"
 #include "tests/family_cases.hpp"
 
 using namespace moeflow;
 using testing::HasSubstr;
+using testing::Not;
 
 namespace {
 
@@ -129,6 +131,74 @@ INSTANTIATE_TEST_SUITE_P(
              to_string(std::get<3>(i.param));
     });
 
+TEST(Chunk, ChunkRowsAreViewsOfTheWholeValueSoNothingIsCopied) {
+  // qwen3 has no shared expert: its reduce has one addend, computed in place, so the combine writes
+  // each chunk's rows straight into the output.
+  const MoEConfig config = load_config("qwen3-30b-a3b", {"hidden_size=128", "moe_intermediate_size=64", "num_experts=16"});
+  auto g = std::make_shared<const Graph>(build_moe_layer(config, {.max_tokens = 24}));
+  auto chunked = std::make_shared<const Graph>(chunk_tokens(*g, {.chunks = 2}));
+  for (Policy policy : {Policy::serial, Policy::concurrent}) {
+    PlanOptions po;
+    po.policy = policy;
+    const Plan plan = make_plan(chunked, po);
+    const Graph& c = *plan.graph;
+    const ValueId x = *c.find_value("x"), out = c.outputs()[0];
+    for (int k = 0; k < 2; ++k) {
+      const std::string tag = "\u00b7c" + std::to_string(k);
+      const Node& slice = c.node(*c.find_node("slice_x" + tag));
+      const Buffer& rows = plan.buffer(slice.outputs[0]);
+      EXPECT_EQ(rows.view_of, x) << to_string(policy);
+      EXPECT_EQ(rows.arena, Arena::inputs);
+      EXPECT_EQ(rows.offset, plan.buffer(x).offset + k * 12 * 128 * 4);
+      EXPECT_THAT(plan.step_for(slice.id).reason, HasSubstr("nothing to copy"));
+      const Node& combine = c.node(*c.find_node("combine" + tag));
+      const Node& reduce = c.node(*c.find_node("reduce" + tag));
+      EXPECT_EQ(plan.buffer(reduce.outputs[0]).view_of, out);
+      EXPECT_EQ(plan.buffer(reduce.outputs[0]).in_place_of, combine.outputs[0]);
+      EXPECT_EQ(plan.buffer(combine.outputs[0]).view_of, reduce.outputs[0]);
+      EXPECT_EQ(plan.buffer(combine.outputs[0]).offset, plan.buffer(out).offset + k * 12 * 128 * 4);
+    }
+    const Node& concat = c.node(c.value(out).producer);
+    EXPECT_THAT(plan.step_for(concat.id).reason, HasSubstr("every chunk wrote its rows into"));
+    EXPECT_EQ(testing_buffers::expect_live_values_apart(plan, to_string(policy)), 6);
+  }
+  // The joined output is the unchunked graph's, at a T that leaves the second chunk short.
+  EXPECT_LT(rel_norm(run_once(chunked, Policy::concurrent, 19, /*reuse=*/true), run_once(g, Policy::serial, 19)), 1e-6);
+}
+
+TEST(Chunk, RowsOffTheArenaAlignmentAreCopied) {
+  // 72 f32 features: a chunk of 12 rows starts 3456 bytes in, off the 256-byte alignment.
+  const MoEConfig config = load_config("qwen3-30b-a3b", {"hidden_size=72", "moe_intermediate_size=64", "num_experts=16"});
+  auto g = std::make_shared<const Graph>(build_moe_layer(config, {.max_tokens = 24}));
+  auto chunked = std::make_shared<const Graph>(chunk_tokens(*g, {.chunks = 2}));
+  PlanOptions po;
+  po.policy = Policy::concurrent;
+  const Plan plan = make_plan(chunked, po);
+  const Graph& c = *plan.graph;
+  EXPECT_TRUE(plan.buffer(c.node(*c.find_node("slice_x\u00b7c0")).outputs[0]).is_view());
+  const Node& second = c.node(*c.find_node("slice_x\u00b7c1"));
+  EXPECT_FALSE(plan.buffer(second.outputs[0]).is_view());
+  EXPECT_THAT(plan.step_for(second.id).reason, Not(HasSubstr("nothing to copy")));
+  EXPECT_THAT(plan.step_for(c.value(c.outputs()[0]).producer).reason, HasSubstr("1 of 2 chunks wrote their rows into"));
+  testing_buffers::expect_live_values_apart(plan, "H=72");
+  EXPECT_LT(rel_norm(run_once(chunked, Policy::concurrent, 24, /*reuse=*/true), run_once(g, Policy::serial, 24)), 1e-6);
+}
+
+TEST(Chunk, ChunkedPlansNeverLetTwoLiveValuesShareBytes) {
+  for (const auto& fc : testing_cases::family_cases()) {
+    const Graph g = build_moe_layer(load_config(fc.preset, fc.sets), {.max_tokens = 24});
+    for (int chunks : {2, 3, 5})
+      for (Policy policy : {Policy::serial, Policy::concurrent}) {
+        PlanOptions po;
+        po.policy = policy;
+        const Plan plan = make_plan(std::make_shared<const Graph>(chunk_tokens(g, {.chunks = chunks})), po);
+        const int views = testing_buffers::expect_live_values_apart(
+            plan, fc.name + " " + std::to_string(chunks) + " chunks " + to_string(policy));
+        EXPECT_GT(views, 0) << fc.name << " " << chunks << " chunks";
+      }
+  }
+}
+
 TEST(Chunk, ExpertsOnlyGraphSlicesEveryTokenInput) {
   const MoEConfig config = load_config("qwen3-30b-a3b", {"hidden_size=128", "moe_intermediate_size=64", "num_experts=16"});
   const Graph g = build_experts_graph(config, {.max_tokens = 20});
@@ -183,3 +253,4 @@ TEST(Chunk, TheFloorIsTheLayersHoweverItIsChunked) {
   EXPECT_DOUBLE_EQ(parts.bytes, whole.bytes);
   EXPECT_DOUBLE_EQ(parts.flops, whole.flops);
 }
+

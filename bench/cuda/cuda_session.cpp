@@ -239,7 +239,7 @@ void CudaSession::set_tokens(int64_t tokens, int input_sets) {
     auto& arena = inputs_[static_cast<std::size_t>(s)];
     if (!arena) arena = std::make_unique<DeviceArena>(plan_, Arena::inputs, options_.plan.device);
     for (const Buffer& b : plan_.buffers)
-      if (b.arena == Arena::inputs) fill_device_value(plan_.graph->value(b.value), arena->data(b.value), tokens, set_seed(options_.seed, s));
+      if (b.arena == Arena::inputs && !b.is_view()) fill_device_value(plan_.graph->value(b.value), arena->data(b.value), tokens, set_seed(options_.seed, s));
   }
   MOEFLOW_CUDA_CHECK(cudaDeviceSynchronize());
   overwritten_.clear();

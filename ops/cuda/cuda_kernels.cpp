@@ -612,30 +612,35 @@ void register_cuda_kernels(KernelRegistry& r) {
                    {}};
   sum.in_place = {{0, 0}};  // sum_rows: each element of the first addend is read by the thread that writes it
   r.add(std::move(sum));
-  r.add({"slice_rows", Backend::cuda, "cuda.copy_rows",
-         0, [](const Graph&, const Node&) { return Support::yes("one device-to-device copy of the chunk's rows"); },
-         [](const KernelCall& c) {
-           const auto& op = static_cast<const SliceRowsOp&>(*c.node.op);
-           const int64_t row_bytes = c.input_value(0).bytes(1);
-           MOEFLOW_CUDA_CHECK(cudaMemcpyAsync(c.outputs[0], static_cast<const std::byte*>(c.inputs[0]) + op.chunk() * op.rows() * row_bytes,
-                                              static_cast<std::size_t>(c.tokens * row_bytes), cudaMemcpyDeviceToDevice,
-                                              lane(c).stream));
-         },
-         {}});
-  r.add({"concat_rows", Backend::cuda, "cuda.copy_rows",
-         0, [](const Graph&, const Node&) { return Support::yes("one device-to-device copy per chunk"); },
-         [](const KernelCall& c) {
-           const auto& op = static_cast<const ConcatRowsOp&>(*c.node.op);
-           const int64_t row_bytes = c.input_value(0).bytes(1);
-           for (std::size_t i = 0; i < c.inputs.size(); ++i) {
-             const int64_t rows = c.input_value(i).tokens_in(c.tokens);
-             if (rows == 0) continue;
-             MOEFLOW_CUDA_CHECK(cudaMemcpyAsync(static_cast<std::byte*>(c.outputs[0]) + static_cast<int64_t>(i) * op.rows() * row_bytes,
-                                                c.inputs[i], static_cast<std::size_t>(rows * row_bytes),
-                                                cudaMemcpyDeviceToDevice, lane(c).stream));
-           }
-         },
-         {}});
+  // The chunk pass's row copies; where the memory planner laid the rows out as views, source and
+  // destination are the same bytes and nothing is issued.
+  auto copy_rows = [](const KernelCall& c, void* dst, const void* src, int64_t bytes) {
+    if (dst == src || bytes <= 0) return;
+    MOEFLOW_CUDA_CHECK(cudaMemcpyAsync(dst, src, static_cast<std::size_t>(bytes), cudaMemcpyDeviceToDevice, lane(c).stream));
+  };
+  KernelEntry slice{"slice_rows", Backend::cuda, "cuda.copy_rows", 0,
+                    [](const Graph&, const Node&) { return Support::yes("one device-to-device copy of the chunk's rows"); },
+                    [copy_rows](const KernelCall& c) {
+                      const auto& op = static_cast<const SliceRowsOp&>(*c.node.op);
+                      const int64_t row_bytes = c.input_value(0).bytes(1);
+                      copy_rows(c, c.outputs[0], static_cast<const std::byte*>(c.inputs[0]) + op.first_byte(row_bytes),
+                                c.tokens * row_bytes);
+                    },
+                    {}};
+  slice.row_views = true;
+  r.add(std::move(slice));
+  KernelEntry concat{"concat_rows", Backend::cuda, "cuda.copy_rows", 0,
+                     [](const Graph&, const Node&) { return Support::yes("one device-to-device copy per chunk"); },
+                     [copy_rows](const KernelCall& c) {
+                       const auto& op = static_cast<const ConcatRowsOp&>(*c.node.op);
+                       const int64_t row_bytes = c.input_value(0).bytes(1);
+                       for (std::size_t i = 0; i < c.inputs.size(); ++i)
+                         copy_rows(c, static_cast<std::byte*>(c.outputs[0]) + op.first_byte(static_cast<int>(i), row_bytes),
+                                   c.inputs[i], c.input_value(i).tokens_in(c.tokens) * row_bytes);
+                     },
+                     {}};
+  concat.row_views = true;
+  r.add(std::move(concat));
   r.add({"to_host", Backend::cuda, "cuda.copy_and_wait", 0,
          [](const Graph&, const Node&) { return Support::yes("cudaMemcpyAsync to pinned memory, then the host waits"); },
          [](const KernelCall& c) {
