@@ -367,7 +367,7 @@ TEST(CudaExpertsKernels, AnIdOutsideTheExpertsContributesNothing) {
 }
 
 // Planning only (no device needed): a communication lane beside compute lanes gets SMs of its own
-// where the exchange is at least a quarter of the compute (qwen3-30b-a3b's rank at 4096 tokens), not
+// where the exchange is at least a third of the compute (qwen3-30b-a3b's rank at 4096 tokens), not
 // where the compute dwarfs it (deepseek-v3's), and never in a serial plan.
 TEST(CudaPlan, ComputeLanesLeaveSmsToCommunicationWhereTheExchangeIsWorthIt) {
   PlanOptions po;
