@@ -2,7 +2,7 @@
 # One call on the GPU machine (see the device README): unpack the carried .deb files, build there,
 # run the gpu tests (plain, memcheck, racecheck), the CLI checks of every preset, the CUDA-graph
 # host cost (mode `tests`), or the benchmark sweep (mode `bench`). Everything lands in $OUT.
-# Usage: bash bench/gpu_session.sh tests|full|racecheck|bench|overlap|chunks|decode|timeline|layers|probe|ranks|cutlass|anyt|resources|fused|fusedprof|validate|shared|tune|views [models] [experts kernels] [tokens] [scopes]
+# Usage: bash bench/gpu_session.sh tests|full|racecheck|bench|overlap|chunks|decode|timeline|layers|probe|ranks|cutlass|anyt|resources|fused|fusedprof|validate|shared|tune|views|tiles [models] [experts kernels] [tokens] [scopes]
 set -uo pipefail
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 mkdir -p /opt/deps && for f in .deps/*.deb; do dpkg -x "$f" /opt/deps; done
@@ -135,6 +135,23 @@ if [[ $mode == decode ]]; then
     --json "$OUT/overlap.jsonl" > "$OUT/overlap.log" 2>&1; echo "rc=$?"
   exit 0
 fi
+if [[ $mode == tiles ]]; then
+  # The CUTLASS tile configurations side by side: every gpu test (the kernels matching $SAN under
+  # the sanitizers), the experts path at large T for every preset, then mixtral-8x7b at T=8192 in
+  # 1, 2 and 4 chunks (the layer; --passes alternates the rows).
+  tests_and_sanitizers "${SAN:-*narrow*}" tiles
+  kernels=${KERNELS:-auto,cuda.cutlass_grouped,cuda.cutlass_grouped_narrow,cuda.cutlass_grouped_wide}
+  echo "== experts path, CUDA graph"
+  timeout 240 $b/moeflow bench --backend cuda --models ${2:-mixtral-8x7b,qwen3-30b-a3b,qwen1.5-moe-a2.7b,deepseek-v3} \
+    --tokens ${TOKENS:-512,2048,8192} --plans graph --experts-kernels $kernels --scope experts --runs ${RUNS:-30} \
+    --json "$OUT/tiles_experts.jsonl" > "$OUT/tiles_experts.log" 2>&1; echo "rc=$?"; grep -v "^skipped" "$OUT/tiles_experts.log" | tail -50
+  echo "== mixtral-8x7b T=8192 layer, chunks 1,2,4"
+  timeout 200 $b/moeflow bench --backend cuda --models mixtral-8x7b --tokens 8192 --chunks 1,2,4 --plans concurrent,graph \
+    --experts-kernels ${CHUNK_KERNELS:-auto,cuda.cublas_per_expert_loop,cuda.cutlass_grouped,cuda.cutlass_grouped_narrow} \
+    --scope layer --runs 20 --passes 2 --json "$OUT/tiles_chunks.jsonl" > "$OUT/tiles_chunks.log" 2>&1
+  echo "rc=$?"; sed -n '/over passes/,$p' "$OUT/tiles_chunks.log" | sed 's/experts_kernel_asked=[^ ]* //' | tail -30
+  exit 0
+fi
 if [[ $mode == views ]]; then
   # Chunks whose rows are views of the whole value: every gpu test and the chunked ones under the
   # sanitizers, then mixtral-8x7b at T=8192 chunked 1/2/4 over the plans and experts kernels
@@ -144,7 +161,7 @@ if [[ $mode == views ]]; then
   timeout ${BENCH_S:-300} $b/moeflow bench --backend cuda --models mixtral-8x7b --tokens 8192 --chunks 1,2,4 \
     --plans serial,concurrent,graph --experts-kernels ${KERNELS:-auto,cuda.cublas_per_expert_loop,cuda.cutlass_grouped_wide} \
     --scope layer --runs ${RUNS:-30} --passes ${PASSES:-3} --json "$OUT/mixtral_chunks.jsonl" > "$OUT/mixtral_chunks.log" 2>&1
-  echo "rc=$?"; sed -n '/over the passes/,$p' "$OUT/mixtral_chunks.log" | grep -v "^skipped" | tail -40
+  echo "rc=$?"; sed -n '/over passes/,$p' "$OUT/mixtral_chunks.log" | grep -v "^skipped" | tail -40
   for c in 1 2 4; do for k in ${TRACE_KERNELS:-cuda.cublas_per_expert_loop cuda.cutlass_grouped_wide}; do
     $b/moeflow run --backend cuda --model mixtral-8x7b --tokens 8192 --plan concurrent --chunks $c --runs 8 --warmup 2 \
       --kernel experts=$k --trace /tmp/trace_$c.json --json 2>&1 | python3 -c "import json,sys; print('chunks=$c $k median %.1f us' % json.load(sys.stdin)['median_us'])"

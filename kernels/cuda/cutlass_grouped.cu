@@ -58,33 +58,47 @@ constexpr int kElementsPer16B = 8;
 using ProblemShape = cutlass::gemm::GroupProblemShape<Shape<int, int, int>>;
 using Shape3 = typename ProblemShape::UnderlyingProblemShape;
 
-template <class TileShape, class ClusterShape>
+struct Cooperative {
+  using Mainloop = cutlass::gemm::KernelPtrArrayTmaWarpSpecializedCooperative;
+  using Epilogue = cutlass::epilogue::PtrArrayTmaWarpSpecializedCooperative;
+};
+struct Pingpong {
+  using Mainloop = cutlass::gemm::KernelPtrArrayTmaWarpSpecializedPingpong;
+  using Epilogue = cutlass::epilogue::PtrArrayTmaWarpSpecializedPingpong;
+};
+
+template <class TileShape, class ClusterShape, class Schedule = Cooperative>
 struct GroupedGemm {
   using Epilogue = typename cutlass::epilogue::collective::CollectiveBuilder<
       cutlass::arch::Sm90, cutlass::arch::OpClassTensorOp, TileShape, ClusterShape,
       cutlass::epilogue::collective::EpilogueTileAuto, float, float, void, LayoutD*, kElementsPer16B, Element,
-      LayoutD*, kElementsPer16B, cutlass::epilogue::PtrArrayTmaWarpSpecializedCooperative,
+      LayoutD*, kElementsPer16B, typename Schedule::Epilogue,
       cutlass::epilogue::fusion::LinearCombination<Element, float, void, float>>::CollectiveOp;
   using Mainloop = typename cutlass::gemm::collective::CollectiveBuilder<
       cutlass::arch::Sm90, cutlass::arch::OpClassTensorOp, Element, LayoutA*, kElementsPer16B, Element, LayoutB*,
       kElementsPer16B, float, TileShape, ClusterShape,
       cutlass::gemm::collective::StageCountAutoCarveout<static_cast<int>(sizeof(typename Epilogue::SharedStorage))>,
-      cutlass::gemm::KernelPtrArrayTmaWarpSpecializedCooperative>::CollectiveOp;
+      typename Schedule::Mainloop>::CollectiveOp;
   using Kernel = cutlass::gemm::kernel::GemmUniversal<ProblemShape, Mainloop, Epilogue>;
   using Gemm = cutlass::gemm::device::GemmUniversalAdapter<Kernel>;
 };
 
 // 128x128x64, no cluster: any expert size. 128x256x64 in 2x1 clusters: experts of hundreds of rows,
 // where a weight tile multicast to the two CTAs of a cluster (same n, next m) halves its loads.
+// 64x256x64, no cluster, ping-pong (each consumer warp group its own tile): an expert's rows rounded
+// up to 64, not 128 or 256, where a few rows past a multiple of 128 would cost a whole row tile.
 using General = GroupedGemm<Shape<_128, _128, _64>, Shape<_1, _1, _1>>;
 using Wide = GroupedGemm<Shape<_128, _256, _64>, Shape<_2, _1, _1>>;
+using Narrow = GroupedGemm<Shape<_64, _256, _64>, Shape<_1, _1, _1>, Pingpong>;
 // Both builders give the same operand strides (a row pitch and unit steps).
 using StrideA = typename General::Kernel::InternalStrideA;
 using StrideB = typename General::Kernel::InternalStrideB;
 using StrideD = typename General::Kernel::InternalStrideD;
-static_assert(std::is_same_v<StrideA, typename Wide::Kernel::InternalStrideA> &&
-              std::is_same_v<StrideB, typename Wide::Kernel::InternalStrideB> &&
-              std::is_same_v<StrideD, typename Wide::Kernel::InternalStrideD>);
+template <class Config>
+constexpr bool kSameStrides = std::is_same_v<StrideA, typename Config::Kernel::InternalStrideA> &&
+                              std::is_same_v<StrideB, typename Config::Kernel::InternalStrideB> &&
+                              std::is_same_v<StrideD, typename Config::Kernel::InternalStrideD>;
+static_assert(kSameStrides<Wide> && kSameStrides<Narrow>);
 
 // One GEMM's per-group arrays, each E long, carved from the workspace.
 struct GroupArrays {
@@ -228,7 +242,9 @@ void experts_cutlass_grouped(const LaneContext& ctx, const uint16_t* rows, const
       pitch<StrideA>(H), pitch<StrideB>(H), pitch<StrideD>(2 * I), pitch<StrideA>(I), pitch<StrideB>(I),
       pitch<StrideD>(H));
   MOEFLOW_CUDA_LAUNCH_CHECK();
-  auto gemm = tiles == CutlassTiles::wide ? run_group<Wide> : run_group<General>;
+  auto gemm = tiles == CutlassTiles::wide     ? run_group<Wide>
+              : tiles == CutlassTiles::narrow ? run_group<Narrow>
+                                              : run_group<General>;
   gemm(ctx, experts, g1, cutlass_workspace);
   // Only the routed rows (offsets[E], on the device): with a live T the launch bound is the maximum.
   swiglu(h, total_rows, intermediate, act, ctx.stream, LiveRows{offsets + experts, 1});

@@ -221,6 +221,10 @@ void register_experts(KernelRegistry& r) {
   r.add(cutlass_grouped("cuda.cutlass_grouped_wide", 6, cuda::CutlassTiles::wide, 128, 0,
                         "128x256 tiles in 2x1 clusters (each weight tile multicast to two row tiles)"));
   r.add(cutlass_grouped("cuda.cutlass_grouped", 5, cuda::CutlassTiles::general, 0, 128, "128x128 tiles"));
+  // Under test (--kernel experts=cuda.cutlass_grouped_narrow): the general rule at a priority that
+  // never wins it a node.
+  r.add(cutlass_grouped("cuda.cutlass_grouped_narrow", 4, cuda::CutlassTiles::narrow, 0, 128,
+                        "64x256 tiles, ping-pong (rows padded to 64 per expert)"));
   r.add(launching(4, {"experts", Backend::cuda, "cuda.cublas_rows_batched", 3,
          [](const Graph& g, const Node& n) {
            Support s = cuda_supports_bf16(g, n, "");

@@ -69,7 +69,7 @@ INSTANTIATE_TEST_SUITE_P(
     testing::Combine(testing::Range(0, 5), testing::Values("serial", "concurrent"),
                      testing::Values("cuda.cublas_grouped_batched", "cuda.cublas_per_expert_loop",
                                      "cuda.cublas_padded_strided", "cuda.cublas_rows_batched",
-                                     "cuda.decode_gemv", "cuda.cutlass_grouped")),
+                                     "cuda.decode_gemv", "cuda.cutlass_grouped", "cuda.cutlass_grouped_narrow")),
     [](const testing::TestParamInfo<Param>& i) {
       const std::string& name = std::get<2>(i.param);
       const std::string cublas = "cuda.cublas_";
@@ -182,7 +182,7 @@ TEST(CudaLayerGraph, OneCaptureForAnyTokensMatchesEagerRunsAtEveryT) {
   };
   // qwen3: E = 128, k = 8. decode: T·k <= E at the maximum; wide: 2048·8/128 = 128 rows per expert.
   for (const Case& c : {Case{"cuda.decode_gemv", 16}, Case{"cuda.cutlass_grouped", 96},
-                        Case{"cuda.cutlass_grouped_wide", 2048}}) {
+                        Case{"cuda.cutlass_grouped_narrow", 96}, Case{"cuda.cutlass_grouped_wide", 2048}}) {
     auto g = std::make_shared<const Graph>(build_experts_graph(config, {.max_tokens = c.max_tokens, .dtype = DType::bf16}));
     CudaSessionOptions so;
     so.plan.policy = Policy::concurrent;
