@@ -2,7 +2,7 @@
 # One call on the GPU machine (see the device README): unpack the carried .deb files, build there,
 # run the gpu tests (plain, memcheck, racecheck), the CLI checks of every preset, the CUDA-graph
 # host cost (mode `tests`), or the benchmark sweep (mode `bench`). Everything lands in $OUT.
-# Usage: bash bench/gpu_session.sh tests|full|racecheck|bench|overlap|chunks|decode|timeline|layers|probe|ranks|cutlass|anyt|resources|fused|fusedprof|validate|shared|tune|views|tiles [models] [experts kernels] [tokens] [scopes]
+# Usage: bash bench/gpu_session.sh tests|full|racecheck|bench|overlap|chunks|decode|timeline|layers|probe|ranks|cutlass|anyt|resources|fused|fusedprof|validate|shared|tune|views|tiles|sweep [models] [experts kernels] [tokens] [scopes]
 set -uo pipefail
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 mkdir -p /opt/deps && for f in .deps/*.deb; do dpkg -x "$f" /opt/deps; done
@@ -133,6 +133,21 @@ if [[ $mode == decode ]]; then
   timeout 200 $b/moeflow bench --backend cuda --models qwen1.5-moe-a2.7b,deepseek-v3 --tokens 1,8,32 \
     --plans serial,concurrent,graph --experts-kernels cuda.decode_gemv --scope layer,routed,shared \
     --json "$OUT/overlap.jsonl" > "$OUT/overlap.log" 2>&1; echo "rc=$?"
+  exit 0
+fi
+if [[ $mode == sweep ]]; then
+  # Every gpu test, then the experts path as planned over every preset and T (concurrent plan, and
+  # in a CUDA graph), then time(chunked) / time(unchunked) of the layer at T = 2048, 8192.
+  tests_and_sanitizers
+  models=${2:-mixtral-8x7b,qwen3-30b-a3b,qwen1.5-moe-a2.7b,deepseek-v3}
+  echo "== experts path, as planned"
+  timeout 260 $b/moeflow bench --backend cuda --models $models --tokens ${TOKENS:-1,8,32,128,512,2048,8192} \
+    --plans concurrent,graph --scope experts --runs ${RUNS:-30} --json "$OUT/sweep_experts.jsonl" > "$OUT/sweep_experts.log" 2>&1
+  echo "rc=$?"; grep -v "^skipped" "$OUT/sweep_experts.log" | tail -58
+  echo "== layer, chunks 1,2,4"
+  timeout ${CHUNKS_S:-150} $b/moeflow bench --backend cuda --models $models --tokens 2048,8192 --chunks 1,2,4 \
+    --plans concurrent,graph --scope layer --runs 10 --json "$OUT/sweep_chunks.jsonl" > "$OUT/sweep_chunks.log" 2>&1
+  echo "rc=$?"; grep -v "^skipped" "$OUT/sweep_chunks.log" | tail -50
   exit 0
 fi
 if [[ $mode == tiles ]]; then

@@ -4,6 +4,7 @@
 
 #include <functional>
 #include <iomanip>
+#include <limits>
 #include <sstream>
 
 #include "kernels/cuda/check.cuh"
@@ -147,13 +148,20 @@ void run_grouped(const KernelCall& c, std::byte* workspace) {
                                 c.host_workspace);
 }
 
-// A CUTLASS grouped GEMM configuration as an experts kernel; it declines plans whose experts get
-// fewer than `min_rows` rows on average at the maximum T (its tiles would run mostly empty).
-// It also declines huge experts below `huge_min_rows` rows on average (huge_experts()).
-KernelEntry cutlass_grouped(std::string name, int priority, cuda::CutlassTiles tiles, double min_rows,
-                            double huge_min_rows, std::string tiles_text) {
+// A CUTLASS grouped GEMM configuration as an experts kernel for experts that get [min_rows,
+// max_rows) rows on average at the maximum T (below, its tiles would run mostly empty; above,
+// another configuration is faster). It also declines huge experts below `huge_min_rows` rows on
+// average (huge_experts()).
+struct RowRange {
+  double min_rows = 0;
+  double max_rows = std::numeric_limits<double>::infinity();
+  double huge_min_rows = 0;
+};
+
+KernelEntry cutlass_grouped(std::string name, int priority, cuda::CutlassTiles tiles, RowRange range,
+                            std::string tiles_text) {
   return reading_live_tokens(launching(4, {"experts", Backend::cuda, std::move(name), priority,
-      [min_rows, huge_min_rows, tiles_text](const Graph& g, const Node& n) {
+      [range, tiles_text](const Graph& g, const Node& n) {
         Support s = cuda_supports_bf16(g, n, "");
         if (!s.ok) return s;
         const auto& op = static_cast<const ExpertsOp&>(*n.op);
@@ -161,9 +169,11 @@ KernelEntry cutlass_grouped(std::string name, int priority, cuda::CutlassTiles t
         if (const std::string why = cuda::cutlass_grouped_unbuildable(static_cast<int>(H), op.intermediate()); !why.empty())
           return Support::no(why);
         const double mean = rows_per_expert(n, g.max_tokens_of(n));
-        if (mean < min_rows)
-          return Support::no(fmt(mean) + " rows/expert at max T: fewer than the " + fmt(min_rows) + " its tiles want");
-        if (mean < huge_min_rows && huge_experts(H, op.intermediate()))
+        if (mean < range.min_rows)
+          return Support::no(fmt(mean) + " rows/expert at max T: fewer than the " + fmt(range.min_rows) + " its tiles want");
+        if (mean >= range.max_rows)
+          return Support::no(fmt(mean) + " rows/expert at max T: from " + fmt(range.max_rows) + " on, wider tiles run faster");
+        if (mean < range.huge_min_rows && huge_experts(H, op.intermediate()))
           return Support::no(fmt(mean) + " rows/expert at max T on " + expert_mib(H, op.intermediate()) +
                              ": cuBLAS's GEMMs stream such experts faster at few rows");
         return Support::yes(fmt(mean) + " rows/expert at max T -> CUTLASS Hopper grouped GEMM, " + tiles_text +
@@ -216,15 +226,19 @@ void register_experts(KernelRegistry& r) {
          },
          [](const Graph&, const Node& n, int64_t tokens) { return experts_scratch_bytes(n, tokens); }})));
   // CUTLASS's Hopper grouped GEMM with its problem sizes written on the device: no host sync, so
-  // capturable, and no padding; ahead of every cuBLAS strategy wherever it can run, the wide tiles
-  // first where experts get enough rows to fill them.
-  r.add(cutlass_grouped("cuda.cutlass_grouped_wide", 6, cuda::CutlassTiles::wide, 128, 0,
+  // capturable, and no padding; ahead of every cuBLAS strategy wherever it can run. Which tiles, by
+  // the mean rows per expert at the maximum T (H100, experts path in a CUDA graph, 2026-11-23,
+  // bench/NOTES.md "CUTLASS grouped GEMM"): 64-row tiles from 16 to 384 rows (an expert's rows
+  // round up to 64, and a few rows past a multiple of 128 cost half a tile, not a whole one:
+  // deepseek-v3 T=8192 (256 rows) 13.4 against 14.4 ms wide, qwen3 / qwen1.5 T=2048 (128 rows) 5%
+  // faster), the wide tiles from 384 (at 512 rows and more their weight multicast wins: qwen3 /
+  // qwen1.5 T=8192 8-12%, mixtral T=8192 17%), 128x128 below 16 rows (not measured against it there).
+  r.add(cutlass_grouped("cuda.cutlass_grouped_wide", 6, cuda::CutlassTiles::wide, {.min_rows = 384},
                         "128x256 tiles in 2x1 clusters (each weight tile multicast to two row tiles)"));
-  r.add(cutlass_grouped("cuda.cutlass_grouped", 5, cuda::CutlassTiles::general, 0, 128, "128x128 tiles"));
-  // Under test (--kernel experts=cuda.cutlass_grouped_narrow): the general rule at a priority that
-  // never wins it a node.
-  r.add(cutlass_grouped("cuda.cutlass_grouped_narrow", 4, cuda::CutlassTiles::narrow, 0, 128,
-                        "64x256 tiles, ping-pong (rows padded to 64 per expert)"));
+  r.add(cutlass_grouped("cuda.cutlass_grouped_narrow", 6, cuda::CutlassTiles::narrow,
+                        {.min_rows = 16, .max_rows = 384, .huge_min_rows = 128},
+                        "64x256 tiles, ping-pong (an expert's rows padded to 64, not 128)"));
+  r.add(cutlass_grouped("cuda.cutlass_grouped", 5, cuda::CutlassTiles::general, {.huge_min_rows = 128}, "128x128 tiles"));
   r.add(launching(4, {"experts", Backend::cuda, "cuda.cublas_rows_batched", 3,
          [](const Graph& g, const Node& n) {
            Support s = cuda_supports_bf16(g, n, "");

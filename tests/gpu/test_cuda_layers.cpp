@@ -228,7 +228,8 @@ TEST(CudaLayerGraph, CaptureForAnyTokensIsRefusedWhereAKernelNeedsTOnTheHost) {
 
 // Planning only (no device needed): experts above 128 MiB with hundreds of rows each go to cuBLAS's
 // padded GEMM where a host sync is allowed and to CUTLASS in a CUDA graph; smaller experts keep
-// CUTLASS either way (ops/cuda/cuda_kernels.cpp has the measurements).
+// CUTLASS either way, its tiles chosen by rows per expert (ops/cuda/cuda_kernels.cpp has the
+// measurements).
 TEST(CudaExpertsChoice, HugeExpertsTakeThePaddedGemmUnlessCaptured) {
   const KernelRegistry& r = KernelRegistry::builtin();
   auto experts_kernel = [&](const MoEConfig& config, int64_t tokens, bool capturable) {
@@ -242,12 +243,20 @@ TEST(CudaExpertsChoice, HugeExpertsTakeThePaddedGemmUnlessCaptured) {
     const KernelChoice eager = experts_kernel(mixtral, tokens, false);
     EXPECT_EQ(eager.kernel->name, "cuda.cublas_padded_to_max") << tokens << ": " << eager.reason;
     EXPECT_NE(eager.reason.find("ahead of CUTLASS on 336 MiB per expert"), std::string::npos) << eager.reason;
-    EXPECT_EQ(experts_kernel(mixtral, tokens, true).kernel->name, "cuda.cutlass_grouped_wide") << tokens;
+    // In a graph: 64-row tiles below 384 rows per expert (T=512: 128), the wide ones from there.
+    EXPECT_EQ(experts_kernel(mixtral, tokens, true).kernel->name,
+              tokens == 512 ? "cuda.cutlass_grouped_narrow" : "cuda.cutlass_grouped_wide")
+        << tokens;
   }
   // Below 128 rows per expert the padded GEMM declines, as before.
   EXPECT_NE(experts_kernel(mixtral, 256, false).kernel->name, "cuda.cublas_padded_to_max");
   const MoEConfig qwen3 = load_config("qwen3-30b-a3b");  // 9 MiB per expert
-  EXPECT_EQ(experts_kernel(qwen3, 8192, false).kernel->name, "cuda.cutlass_grouped_wide");
+  EXPECT_EQ(experts_kernel(qwen3, 8192, false).kernel->name, "cuda.cutlass_grouped_wide");  // 512 rows per expert
+  EXPECT_EQ(experts_kernel(qwen3, 2048, false).kernel->name, "cuda.cutlass_grouped_narrow");  // 128
+  EXPECT_EQ(experts_kernel(qwen3, 512, false).kernel->name, "cuda.cutlass_grouped_narrow");   // 32
+  const MoEConfig deepseek = load_config("deepseek-v3");
+  EXPECT_EQ(experts_kernel(deepseek, 8192, true).kernel->name, "cuda.cutlass_grouped_narrow");  // 256
+  EXPECT_EQ(experts_kernel(deepseek, 256, true).kernel->name, "cuda.cutlass_grouped");  // 8: below the 64-row tiles' 16
 }
 
 // Planning only (no device needed): a gate of at most 4 tokens takes the one-launch router, more
