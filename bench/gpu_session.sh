@@ -153,13 +153,14 @@ fi
 if [[ $mode == tiles ]]; then
   # The CUTLASS tile configurations side by side: every gpu test (the kernels matching $SAN under
   # the sanitizers), the experts path at large T for every preset, then mixtral-8x7b at T=8192 in
-  # 1, 2 and 4 chunks (the layer; --passes alternates the rows).
+  # 1, 2 and 4 chunks (the layer; --passes alternates the rows; CHUNKS=no skips it).
   tests_and_sanitizers "${SAN:-*narrow*}" tiles
   kernels=${KERNELS:-auto,cuda.cutlass_grouped,cuda.cutlass_grouped_narrow,cuda.cutlass_grouped_wide}
   echo "== experts path, CUDA graph"
   timeout 240 $b/moeflow bench --backend cuda --models ${2:-mixtral-8x7b,qwen3-30b-a3b,qwen1.5-moe-a2.7b,deepseek-v3} \
     --tokens ${TOKENS:-512,2048,8192} --plans graph --experts-kernels $kernels --scope experts --runs ${RUNS:-30} \
     --json "$OUT/tiles_experts.jsonl" > "$OUT/tiles_experts.log" 2>&1; echo "rc=$?"; grep -v "^skipped" "$OUT/tiles_experts.log" | tail -50
+  [[ ${CHUNKS:-yes} == no ]] && exit 0
   echo "== mixtral-8x7b T=8192 layer, chunks 1,2,4"
   timeout 200 $b/moeflow bench --backend cuda --models mixtral-8x7b --tokens 8192 --chunks 1,2,4 --plans concurrent,graph \
     --experts-kernels ${CHUNK_KERNELS:-auto,cuda.cublas_per_expert_loop,cuda.cutlass_grouped,cuda.cutlass_grouped_narrow} \

@@ -148,19 +148,22 @@ void run_grouped(const KernelCall& c, std::byte* workspace) {
                                 c.host_workspace);
 }
 
-// A CUTLASS grouped GEMM configuration as an experts kernel for experts that get [min_rows,
-// max_rows) rows on average at the maximum T (below, its tiles would run mostly empty; above,
-// another configuration is faster). It also declines huge experts below `huge_min_rows` rows on
-// average (huge_experts()).
+// A CUTLASS grouped GEMM configuration as an experts kernel. It runs experts that get at least
+// `min_rows` rows on average at the maximum T (fewer, its tiles would run mostly empty), and huge
+// ones (huge_experts()) from `huge_min_rows`. Among the configurations, each is preferred over a
+// range of mean rows per expert (its priority there; `elsewhere` outside it), so a forced one still
+// runs wherever it can.
 struct RowRange {
   double min_rows = 0;
-  double max_rows = std::numeric_limits<double>::infinity();
   double huge_min_rows = 0;
+  double preferred_from = 0;
+  double preferred_to = std::numeric_limits<double>::infinity();
+  int elsewhere = 0;  // the priority outside [preferred_from, preferred_to)
 };
 
 KernelEntry cutlass_grouped(std::string name, int priority, cuda::CutlassTiles tiles, RowRange range,
                             std::string tiles_text) {
-  return reading_live_tokens(launching(4, {"experts", Backend::cuda, std::move(name), priority,
+  KernelEntry e = reading_live_tokens(launching(4, {"experts", Backend::cuda, std::move(name), priority,
       [range, tiles_text](const Graph& g, const Node& n) {
         Support s = cuda_supports_bf16(g, n, "");
         if (!s.ok) return s;
@@ -171,8 +174,6 @@ KernelEntry cutlass_grouped(std::string name, int priority, cuda::CutlassTiles t
         const double mean = rows_per_expert(n, g.max_tokens_of(n));
         if (mean < range.min_rows)
           return Support::no(fmt(mean) + " rows/expert at max T: fewer than the " + fmt(range.min_rows) + " its tiles want");
-        if (mean >= range.max_rows)
-          return Support::no(fmt(mean) + " rows/expert at max T: from " + fmt(range.max_rows) + " on, wider tiles run faster");
         if (mean < range.huge_min_rows && huge_experts(H, op.intermediate()))
           return Support::no(fmt(mean) + " rows/expert at max T on " + expert_mib(H, op.intermediate()) +
                              ": cuBLAS's GEMMs stream such experts faster at few rows");
@@ -192,6 +193,11 @@ KernelEntry cutlass_grouped(std::string name, int priority, cuda::CutlassTiles t
         return experts_scratch_bytes(n, tokens) +
                static_cast<int64_t>(cuda::cutlass_grouped_workspace_bytes(static_cast<const ExpertsOp&>(*n.op).experts()));
       }}));
+  e.priority_on = [range, priority](const Graph& g, const Node& n) {
+    const double mean = rows_per_expert(n, g.max_tokens_of(n));
+    return mean >= range.preferred_from && mean < range.preferred_to ? priority : range.elsewhere;
+  };
+  return e;
 }
 
 void register_experts(KernelRegistry& r) {
@@ -233,12 +239,15 @@ void register_experts(KernelRegistry& r) {
   // deepseek-v3 T=8192 (256 rows) 13.4 against 14.4 ms wide, qwen3 / qwen1.5 T=2048 (128 rows) 5%
   // faster), the wide tiles from 384 (at 512 rows and more their weight multicast wins: qwen3 /
   // qwen1.5 T=8192 8-12%, mixtral T=8192 17%), 128x128 below 16 rows (not measured against it there).
-  r.add(cutlass_grouped("cuda.cutlass_grouped_wide", 6, cuda::CutlassTiles::wide, {.min_rows = 384},
+  // Each still runs where it is not preferred (--kernel), except the wide tiles below 128 rows.
+  r.add(cutlass_grouped("cuda.cutlass_grouped_wide", 6, cuda::CutlassTiles::wide,
+                        {.min_rows = 128, .preferred_from = 384, .elsewhere = 4},
                         "128x256 tiles in 2x1 clusters (each weight tile multicast to two row tiles)"));
   r.add(cutlass_grouped("cuda.cutlass_grouped_narrow", 6, cuda::CutlassTiles::narrow,
-                        {.min_rows = 16, .max_rows = 384, .huge_min_rows = 128},
+                        {.huge_min_rows = 128, .preferred_from = 16, .preferred_to = 384, .elsewhere = 4},
                         "64x256 tiles, ping-pong (an expert's rows padded to 64, not 128)"));
-  r.add(cutlass_grouped("cuda.cutlass_grouped", 5, cuda::CutlassTiles::general, {.huge_min_rows = 128}, "128x128 tiles"));
+  r.add(cutlass_grouped("cuda.cutlass_grouped", 5, cuda::CutlassTiles::general, {.huge_min_rows = 128, .elsewhere = 5},
+                        "128x128 tiles"));
   r.add(launching(4, {"experts", Backend::cuda, "cuda.cublas_rows_batched", 3,
          [](const Graph& g, const Node& n) {
            Support s = cuda_supports_bf16(g, n, "");
