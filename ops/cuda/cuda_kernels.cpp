@@ -234,17 +234,17 @@ void register_experts(KernelRegistry& r) {
   // CUTLASS's Hopper grouped GEMM with its problem sizes written on the device: no host sync, so
   // capturable, and no padding; ahead of every cuBLAS strategy wherever it can run. Which tiles, by
   // the mean rows per expert at the maximum T (H100, experts path in a CUDA graph, 2026-11-23,
-  // bench/NOTES.md "CUTLASS grouped GEMM"): 64-row tiles from 16 to 384 rows (an expert's rows
-  // round up to 64, and a few rows past a multiple of 128 cost half a tile, not a whole one:
-  // deepseek-v3 T=8192 (256 rows) 13.4 against 14.4 ms wide, qwen3 / qwen1.5 T=2048 (128 rows) 5%
-  // faster), the wide tiles from 384 (at 512 rows and more their weight multicast wins: qwen3 /
-  // qwen1.5 T=8192 8-12%, mixtral T=8192 17%), 128x128 below 16 rows (not measured against it there).
+  // bench/NOTES.md "CUTLASS grouped GEMM"): 64-row tiles below 384 rows (an expert's rows round up
+  // to 64, so a few rows past a multiple of 128 cost half a tile, not a whole one: deepseek-v3
+  // T=8192 (256 rows) 13.4 against 14.4 ms wide, qwen3 / qwen1.5 T=2048 (128 rows) 5% faster, and
+  // 1-4% ahead of the 128x128 tiles at every T measured from 8 to 2048), the wide tiles from 384 (at
+  // 512 rows and more their weight multicast wins: qwen3 / qwen1.5 T=8192 8-12%, mixtral T=8192 17%).
   // Each still runs where it is not preferred (--kernel), except the wide tiles below 128 rows.
   r.add(cutlass_grouped("cuda.cutlass_grouped_wide", 6, cuda::CutlassTiles::wide,
                         {.min_rows = 128, .preferred_from = 384, .elsewhere = 4},
                         "128x256 tiles in 2x1 clusters (each weight tile multicast to two row tiles)"));
   r.add(cutlass_grouped("cuda.cutlass_grouped_narrow", 6, cuda::CutlassTiles::narrow,
-                        {.huge_min_rows = 128, .preferred_from = 16, .preferred_to = 384, .elsewhere = 4},
+                        {.huge_min_rows = 128, .preferred_to = 384, .elsewhere = 4},
                         "64x256 tiles, ping-pong (an expert's rows padded to 64, not 128)"));
   r.add(cutlass_grouped("cuda.cutlass_grouped", 5, cuda::CutlassTiles::general, {.huge_min_rows = 128, .elsewhere = 5},
                         "128x128 tiles"));

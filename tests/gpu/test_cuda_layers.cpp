@@ -256,7 +256,7 @@ TEST(CudaExpertsChoice, HugeExpertsTakeThePaddedGemmUnlessCaptured) {
   EXPECT_EQ(experts_kernel(qwen3, 512, false).kernel->name, "cuda.cutlass_grouped_narrow");   // 32
   const MoEConfig deepseek = load_config("deepseek-v3");
   EXPECT_EQ(experts_kernel(deepseek, 8192, true).kernel->name, "cuda.cutlass_grouped_narrow");  // 256
-  EXPECT_EQ(experts_kernel(deepseek, 256, true).kernel->name, "cuda.cutlass_grouped");  // 8: below the 64-row tiles' 16
+  EXPECT_EQ(experts_kernel(deepseek, 256, true).kernel->name, "cuda.cutlass_grouped_narrow");  // 8
 }
 
 // Planning only (no device needed): a gate of at most 4 tokens takes the one-launch router, more
