@@ -112,6 +112,8 @@ bool huge_experts(int64_t hidden, int intermediate) { return expert_bytes(hidden
 std::string expert_mib(int64_t hidden, int intermediate) {
   return std::to_string(expert_bytes(hidden, intermediate) >> 20) + " MiB per expert";
 }
+// From this many rows per expert on average, huge experts take the per-expert loop (exact sizes).
+constexpr double kLoopRows = 1024;
 
 // h [R, 2I] and act [R, I] in bf16 for the experts strategies that run on the permuted rows.
 int64_t experts_scratch_bytes(const Node& n, int64_t tokens) {
@@ -355,11 +357,17 @@ void register_experts(KernelRegistry& r) {
   };
   r.add(std::move(padded));
   // Three launches per touched expert; the planner counts one expert's worth.
-  r.add(launching(3, {"experts", Backend::cuda, "cuda.cublas_per_expert_loop", 1,
+  KernelEntry loop = launching(3, {"experts", Backend::cuda, "cuda.cublas_per_expert_loop", 1,
          [](const Graph& g, const Node& n) {
            Support s = cuda_supports_bf16(g, n, "");
            if (!s.ok) return s;
-           return Support::yes("one cuBLAS GEMM per touched expert and layer (host sync)");
+           const auto& op = static_cast<const ExpertsOp&>(*n.op);
+           const int64_t H = g.value(n.inputs[0]).shape()[1].fixed;
+           return Support::yes("one cuBLAS GEMM per touched expert and layer (host sync)" +
+                               (huge_experts(H, op.intermediate()) && rows_per_expert(n, g.max_tokens_of(n)) >= kLoopRows
+                                    ? "; " + fmt(rows_per_expert(n, g.max_tokens_of(n))) + " rows/expert at max T on " +
+                                          expert_mib(H, op.intermediate()) + ": each GEMM sized to its expert's rows, ahead of padding"
+                                    : std::string()));
          },
          [](const KernelCall& c) {
            const auto& op = static_cast<const ExpertsOp&>(*c.node.op);
@@ -369,7 +377,19 @@ void register_experts(KernelRegistry& r) {
                                          op.intermediate(), bf16_in(c, 2), bf16_in(c, 3), h, act, bf16_out(c, 0));
          },
          [](const Graph&, const Node& n, int64_t tokens) { return experts_scratch_bytes(n, tokens); },
-         {1}}));
+         {1}});
+  // Huge experts with a thousand rows each or more: exact sizes beat padding to the largest expert
+  // (mixtral-8x7b layer on the H100, medians over passes: T=8192 unchunked 9124-9216 against
+  // 9424-9682 µs padded, three calls; 2 chunks of 4096 tokens 9626-9643 against 9888-10050; at 4
+  // chunks (512 rows) padding wins, 10277 against 11026; `h100_mixtral_chunks_views*_2026-11-23.jsonl`).
+  loop.priority_on = [](const Graph& g, const Node& n) {
+    const auto& op = static_cast<const ExpertsOp&>(*n.op);
+    return huge_experts(g.value(n.inputs[0]).shape()[1].fixed, op.intermediate()) &&
+                   rows_per_expert(n, g.max_tokens_of(n)) >= kLoopRows
+               ? 9
+               : 1;
+  };
+  r.add(std::move(loop));
   r.add(launching(5, {"experts", Backend::cuda, "cuda.cublas_padded_strided", 0,
          [](const Graph& g, const Node& n) {
            Support s = cuda_supports_bf16(g, n, "");

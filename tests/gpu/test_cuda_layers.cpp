@@ -227,7 +227,8 @@ TEST(CudaLayerGraph, CaptureForAnyTokensIsRefusedWhereAKernelNeedsTOnTheHost) {
 }
 
 // Planning only (no device needed): experts above 128 MiB with hundreds of rows each go to cuBLAS's
-// padded GEMM where a host sync is allowed and to CUTLASS in a CUDA graph; smaller experts keep
+// padded GEMM where a host sync is allowed (from a thousand rows, one cuBLAS GEMM per expert sized
+// to its rows) and to CUTLASS in a CUDA graph; smaller experts keep
 // CUTLASS either way, its tiles chosen by rows per expert (ops/cuda/cuda_kernels.cpp has the
 // measurements).
 TEST(CudaExpertsChoice, HugeExpertsTakeThePaddedGemmUnlessCaptured) {
@@ -239,10 +240,15 @@ TEST(CudaExpertsChoice, HugeExpertsTakeThePaddedGemmUnlessCaptured) {
     throw std::logic_error("no experts node");
   };
   const MoEConfig mixtral = load_config("mixtral-8x7b");  // 336 MiB per expert
-  for (int64_t tokens : {512, 2048, 8192}) {
+  for (int64_t tokens : {512, 2048, 4096, 8192}) {
     const KernelChoice eager = experts_kernel(mixtral, tokens, false);
-    EXPECT_EQ(eager.kernel->name, "cuda.cublas_padded_to_max") << tokens << ": " << eager.reason;
-    EXPECT_NE(eager.reason.find("ahead of CUTLASS on 336 MiB per expert"), std::string::npos) << eager.reason;
+    if (tokens >= 4096) {  // 1024 rows per expert and more: exact sizes, one GEMM per expert
+      EXPECT_EQ(eager.kernel->name, "cuda.cublas_per_expert_loop") << tokens << ": " << eager.reason;
+      EXPECT_NE(eager.reason.find("ahead of padding"), std::string::npos) << eager.reason;
+    } else {
+      EXPECT_EQ(eager.kernel->name, "cuda.cublas_padded_to_max") << tokens << ": " << eager.reason;
+      EXPECT_NE(eager.reason.find("ahead of CUTLASS on 336 MiB per expert"), std::string::npos) << eager.reason;
+    }
     // In a graph: 64-row tiles below 384 rows per expert (T=512: 128), the wide ones from there.
     EXPECT_EQ(experts_kernel(mixtral, tokens, true).kernel->name,
               tokens == 512 ? "cuda.cutlass_grouped_narrow" : "cuda.cutlass_grouped_wide")
