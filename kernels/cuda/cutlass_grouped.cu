@@ -90,6 +90,9 @@ struct GroupedGemm {
 using General = GroupedGemm<Shape<_128, _128, _64>, Shape<_1, _1, _1>>;
 using Wide = GroupedGemm<Shape<_128, _256, _64>, Shape<_2, _1, _1>>;
 using Narrow = GroupedGemm<Shape<_64, _256, _64>, Shape<_1, _1, _1>, Pingpong>;
+// 128x256x64 with no cluster: the wide tile's work per weight tile, rows rounded up to 128 and not to
+// a cluster's 256 (without the multicast).
+using WideSingle = GroupedGemm<Shape<_128, _256, _64>, Shape<_1, _1, _1>>;
 // Both builders give the same operand strides (a row pitch and unit steps).
 using StrideA = typename General::Kernel::InternalStrideA;
 using StrideB = typename General::Kernel::InternalStrideB;
@@ -98,7 +101,7 @@ template <class Config>
 constexpr bool kSameStrides = std::is_same_v<StrideA, typename Config::Kernel::InternalStrideA> &&
                               std::is_same_v<StrideB, typename Config::Kernel::InternalStrideB> &&
                               std::is_same_v<StrideD, typename Config::Kernel::InternalStrideD>;
-static_assert(kSameStrides<Wide> && kSameStrides<Narrow>);
+static_assert(kSameStrides<Wide> && kSameStrides<Narrow> && kSameStrides<WideSingle>);
 
 // One GEMM's per-group arrays, each E long, carved from the workspace.
 struct GroupArrays {
@@ -242,9 +245,10 @@ void experts_cutlass_grouped(const LaneContext& ctx, const uint16_t* rows, const
       pitch<StrideA>(H), pitch<StrideB>(H), pitch<StrideD>(2 * I), pitch<StrideA>(I), pitch<StrideB>(I),
       pitch<StrideD>(H));
   MOEFLOW_CUDA_LAUNCH_CHECK();
-  auto gemm = tiles == CutlassTiles::wide     ? run_group<Wide>
-              : tiles == CutlassTiles::narrow ? run_group<Narrow>
-                                              : run_group<General>;
+  auto gemm = tiles == CutlassTiles::wide          ? run_group<Wide>
+              : tiles == CutlassTiles::narrow      ? run_group<Narrow>
+              : tiles == CutlassTiles::wide_single ? run_group<WideSingle>
+                                                   : run_group<General>;
   gemm(ctx, experts, g1, cutlass_workspace);
   // Only the routed rows (offsets[E], on the device): with a live T the launch bound is the maximum.
   swiglu(h, total_rows, intermediate, act, ctx.stream, LiveRows{offsets + experts, 1});

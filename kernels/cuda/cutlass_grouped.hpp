@@ -32,8 +32,9 @@ std::size_t cutlass_grouped_workspace_bytes(int experts);
 // Tile configurations: general = 128x128x64 tiles, one CTA per cluster (any expert size); wide =
 // 128x256x64 tiles in 2x1 clusters, for experts of hundreds of rows (each weight tile loaded once
 // for two row tiles, multicast over the cluster); narrow = 64x256x64 tiles, ping-pong, one CTA per
-// cluster (an expert's rows padded to 64, not 128 or 256).
-enum class CutlassTiles { general, wide, narrow };
+// cluster (an expert's rows padded to 64, not 128 or 256); wide_single = 128x256x64 tiles, one CTA
+// per cluster (rows padded to 128, no multicast).
+enum class CutlassTiles { general, wide, narrow, wide_single };
 
 void experts_cutlass_grouped(const LaneContext& ctx, const uint16_t* rows, const int32_t* offsets, int experts,
                              int64_t total_rows, int hidden, int intermediate, const uint16_t* w13, const uint16_t* w2, uint16_t* h,

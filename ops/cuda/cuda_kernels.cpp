@@ -250,6 +250,10 @@ void register_experts(KernelRegistry& r) {
                         "64x256 tiles, ping-pong (an expert's rows padded to 64, not 128)"));
   r.add(cutlass_grouped("cuda.cutlass_grouped", 5, cuda::CutlassTiles::general, {.huge_min_rows = 128, .elsewhere = 5},
                         "128x128 tiles"));
+  // Under test (--kernel experts=cuda.cutlass_grouped_wide_single): never preferred.
+  r.add(cutlass_grouped("cuda.cutlass_grouped_wide_single", 3, cuda::CutlassTiles::wide_single,
+                        {.huge_min_rows = 128, .preferred_to = 0, .elsewhere = 3},
+                        "128x256 tiles, no cluster (rows padded to 128, not a cluster's 256)"));
   r.add(launching(4, {"experts", Backend::cuda, "cuda.cublas_rows_batched", 3,
          [](const Graph& g, const Node& n) {
            Support s = cuda_supports_bf16(g, n, "");

@@ -297,10 +297,12 @@ void check_all_strategies(const std::vector<int>& counts, int hidden, int inter)
   EXPECT_LT(rel_error(padded_max, loop), kBf16Tolerance) << "padded vs loop";
   EXPECT_LT(rel_error(padded_tight, grouped), kBf16Tolerance) << "padded vs grouped";
   if (const std::string why = cuda::cutlass_grouped_unsupported(hidden, inter); why.empty()) {
-    for (const auto tiles : {cuda::CutlassTiles::general, cuda::CutlassTiles::wide, cuda::CutlassTiles::narrow}) {
-      const char* which = tiles == cuda::CutlassTiles::wide     ? "cutlass wide"
-                          : tiles == cuda::CutlassTiles::narrow ? "cutlass narrow"
-                                                                : "cutlass general";
+    for (const auto tiles : {cuda::CutlassTiles::general, cuda::CutlassTiles::wide, cuda::CutlassTiles::narrow,
+                             cuda::CutlassTiles::wide_single}) {
+      const char* which = tiles == cuda::CutlassTiles::wide          ? "cutlass wide"
+                          : tiles == cuda::CutlassTiles::narrow      ? "cutlass narrow"
+                          : tiles == cuda::CutlassTiles::wide_single ? "cutlass wide, no cluster"
+                                                                     : "cutlass general";
       const std::vector<uint16_t> cutlass_bits = run_cutlass(lane, p, tiles);
       EXPECT_LT(rel_error(widen(cutlass_bits), ref), kBf16Tolerance) << which;
       EXPECT_LT(rel_error(widen(cutlass_bits), loop), kBf16Tolerance) << which << " vs loop";

@@ -69,7 +69,8 @@ INSTANTIATE_TEST_SUITE_P(
     testing::Combine(testing::Range(0, 5), testing::Values("serial", "concurrent"),
                      testing::Values("cuda.cublas_grouped_batched", "cuda.cublas_per_expert_loop",
                                      "cuda.cublas_padded_strided", "cuda.cublas_rows_batched",
-                                     "cuda.decode_gemv", "cuda.cutlass_grouped", "cuda.cutlass_grouped_narrow")),
+                                     "cuda.decode_gemv", "cuda.cutlass_grouped", "cuda.cutlass_grouped_narrow",
+                                     "cuda.cutlass_grouped_wide_single")),
     [](const testing::TestParamInfo<Param>& i) {
       const std::string& name = std::get<2>(i.param);
       const std::string cublas = "cuda.cublas_";
