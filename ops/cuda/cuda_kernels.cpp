@@ -235,25 +235,28 @@ void register_experts(KernelRegistry& r) {
          [](const Graph&, const Node& n, int64_t tokens) { return experts_scratch_bytes(n, tokens); }})));
   // CUTLASS's Hopper grouped GEMM with its problem sizes written on the device: no host sync, so
   // capturable, and no padding; ahead of every cuBLAS strategy wherever it can run. Which tiles, by
-  // the mean rows per expert at the maximum T (H100, experts path in a CUDA graph, 2026-11-23,
-  // bench/NOTES.md "CUTLASS grouped GEMM"): 64-row tiles below 384 rows (an expert's rows round up
-  // to 64, so a few rows past a multiple of 128 cost half a tile, not a whole one: deepseek-v3
-  // T=8192 (256 rows) 13.4 against 14.4 ms wide, qwen3 / qwen1.5 T=2048 (128 rows) 5% faster, and
-  // 1-4% ahead of the 128x128 tiles at every T measured from 8 to 2048), the wide tiles from 384 (at
-  // 512 rows and more their weight multicast wins: qwen3 / qwen1.5 T=8192 8-12%, mixtral T=8192 17%).
-  // Each still runs where it is not preferred (--kernel), except the wide tiles below 128 rows.
-  r.add(cutlass_grouped("cuda.cutlass_grouped_wide", 6, cuda::CutlassTiles::wide,
-                        {.min_rows = 128, .preferred_from = 384, .elsewhere = 4},
-                        "128x256 tiles in 2x1 clusters (each weight tile multicast to two row tiles)"));
+  // the mean rows per expert at the maximum T (H100, experts path in a CUDA graph, every
+  // configuration forced in one call, 2026-11-23; bench/NOTES.md "CUTLASS grouped GEMM"): an
+  // expert's rows round up to the tile's rows (a cluster's, where there is one), so experts of a few
+  // hundred rows ± a few dozen pay a whole extra row tile about half the time.
+  //  - 64x256 below 192 rows: qwen3 / qwen1.5 T=2048 (128 / 137 rows) 648 / 545 µs against 665 / 568
+  //    with 128x256 tiles, and 1-6% ahead of the 128x128 tiles from T=8 to 128;
+  //  - 128x256 without a cluster from 192: deepseek-v3 T=8192 (256 rows) 12.6 ms against 13.6 (64-row
+  //    tiles) and 14.1 (2x1 clusters), qwen1.5 T=4096 761 against 823 / 874 µs, and 4-8% ahead of the
+  //    2x1 clusters up to 2048 rows (mixtral T=8192 8892 against 9235-9291 µs);
+  //  - the 2x1 clusters and 128x128 tiles are never preferred now, and every configuration still
+  //    runs where forced (--kernel), except the clusters below 128 rows.
   r.add(cutlass_grouped("cuda.cutlass_grouped_narrow", 6, cuda::CutlassTiles::narrow,
-                        {.huge_min_rows = 128, .preferred_to = 384, .elsewhere = 4},
-                        "64x256 tiles, ping-pong (an expert's rows padded to 64, not 128)"));
+                        {.huge_min_rows = 128, .preferred_to = 192, .elsewhere = 4},
+                        "64x256 tiles, ping-pong (an expert's rows padded to 64)"));
+  r.add(cutlass_grouped("cuda.cutlass_grouped_wide_single", 6, cuda::CutlassTiles::wide_single,
+                        {.huge_min_rows = 128, .preferred_from = 192, .elsewhere = 3},
+                        "128x256 tiles, no cluster (an expert's rows padded to 128)"));
   r.add(cutlass_grouped("cuda.cutlass_grouped", 5, cuda::CutlassTiles::general, {.huge_min_rows = 128, .elsewhere = 5},
                         "128x128 tiles"));
-  // Under test (--kernel experts=cuda.cutlass_grouped_wide_single): never preferred.
-  r.add(cutlass_grouped("cuda.cutlass_grouped_wide_single", 3, cuda::CutlassTiles::wide_single,
-                        {.huge_min_rows = 128, .preferred_to = 0, .elsewhere = 3},
-                        "128x256 tiles, no cluster (rows padded to 128, not a cluster's 256)"));
+  r.add(cutlass_grouped("cuda.cutlass_grouped_wide", 4, cuda::CutlassTiles::wide,
+                        {.min_rows = 128, .preferred_to = 0, .elsewhere = 4},
+                        "128x256 tiles in 2x1 clusters (each weight tile multicast to two row tiles; rows padded to 256)"));
   r.add(launching(4, {"experts", Backend::cuda, "cuda.cublas_rows_batched", 3,
          [](const Graph& g, const Node& n) {
            Support s = cuda_supports_bf16(g, n, "");

@@ -250,19 +250,20 @@ TEST(CudaExpertsChoice, HugeExpertsTakeThePaddedGemmUnlessCaptured) {
       EXPECT_EQ(eager.kernel->name, "cuda.cublas_padded_to_max") << tokens << ": " << eager.reason;
       EXPECT_NE(eager.reason.find("ahead of CUTLASS on 336 MiB per expert"), std::string::npos) << eager.reason;
     }
-    // In a graph: 64-row tiles below 384 rows per expert (T=512: 128), the wide ones from there.
+    // In a graph: 64-row tiles below 192 rows per expert (T=512: 128), 128-row ones from there.
     EXPECT_EQ(experts_kernel(mixtral, tokens, true).kernel->name,
-              tokens == 512 ? "cuda.cutlass_grouped_narrow" : "cuda.cutlass_grouped_wide")
+              tokens == 512 ? "cuda.cutlass_grouped_narrow" : "cuda.cutlass_grouped_wide_single")
         << tokens;
   }
   // Below 128 rows per expert the padded GEMM declines, as before.
   EXPECT_NE(experts_kernel(mixtral, 256, false).kernel->name, "cuda.cublas_padded_to_max");
   const MoEConfig qwen3 = load_config("qwen3-30b-a3b");  // 9 MiB per expert
-  EXPECT_EQ(experts_kernel(qwen3, 8192, false).kernel->name, "cuda.cutlass_grouped_wide");  // 512 rows per expert
+  EXPECT_EQ(experts_kernel(qwen3, 8192, false).kernel->name, "cuda.cutlass_grouped_wide_single");  // 512 rows per expert
   EXPECT_EQ(experts_kernel(qwen3, 2048, false).kernel->name, "cuda.cutlass_grouped_narrow");  // 128
   EXPECT_EQ(experts_kernel(qwen3, 512, false).kernel->name, "cuda.cutlass_grouped_narrow");   // 32
   const MoEConfig deepseek = load_config("deepseek-v3");
-  EXPECT_EQ(experts_kernel(deepseek, 8192, true).kernel->name, "cuda.cutlass_grouped_narrow");  // 256
+  EXPECT_EQ(experts_kernel(deepseek, 8192, true).kernel->name, "cuda.cutlass_grouped_wide_single");  // 256
+  EXPECT_EQ(experts_kernel(deepseek, 4096, true).kernel->name, "cuda.cutlass_grouped_narrow");       // 128
   EXPECT_EQ(experts_kernel(deepseek, 256, true).kernel->name, "cuda.cutlass_grouped_narrow");  // 8
 }
 
