@@ -60,10 +60,12 @@ double CpuSession::run(Trace* trace) {
 }
 
 const void* CpuSession::value_data(ValueId v) const {
-  const Value& val = plan_.graph->value(v);
-  if (val.role == ValueRole::weight) return weights_->data(v);
-  if (val.role == ValueRole::input) return inputs_.at(static_cast<std::size_t>(set_))->data(v);
-  return executor_->data(v);
+  // By the buffer's arena: a view of an input (a chunk's rows of x) lies in the current input set.
+  switch (plan_.buffer(v).arena) {
+    case Arena::weights: return weights_->data(v);
+    case Arena::inputs: return inputs_.at(static_cast<std::size_t>(set_))->data(v);
+    default: return executor_->data(v);
+  }
 }
 
 CheckReport CpuSession::check(double tolerance) const { return check_against(output(), tolerance); }

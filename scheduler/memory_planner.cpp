@@ -121,8 +121,15 @@ Views find_views(const Plan& plan, const Before& before) {
     is_base[static_cast<std::size_t>(whole)] = true;
     return true;
   };
-  for (const PlanStep& s : plan.steps)
-    if (s.kernel->row_views) for_each_row_part(g, g.node(s.node), add);
+  // A joined value's rows are written by each chunk's producer, on lanes the plan need not order,
+  // so the joined value's first write is not one step: only one nobody shares bytes with (a graph
+  // output, or a value read after the run) takes its chunks' rows as views.
+  for (const PlanStep& s : plan.steps) {
+    if (!s.kernel->row_views) continue;
+    const Node& n = g.node(s.node);
+    if (n.op->kind() == "concat_rows" && !pinned(plan, g.value(n.outputs[0]))) continue;
+    for_each_row_part(g, n, add);
+  }
   for (std::size_t k = plan.steps.size(); k-- > 0;) {
     const PlanStep& s = plan.steps[k];
     const Node& n = g.node(s.node);
@@ -171,6 +178,7 @@ bool dead_before(const Item& a, const Item& b, const Before& before) {
 
 bool rows_become_views(const Graph& g, const Node& n, const KernelEntry& kernel, const PlanOptions& options) {
   if (!options.reuse_memory || !kernel.row_views) return false;
+  if (n.op->kind() == "concat_rows" && !pinned(g, options, g.value(n.outputs[0]))) return false;  // as find_views
   bool all = true;
   for_each_row_part(g, n, [&](ValueId part, ValueId whole, int64_t at) { all = all && may_view(g, options, part, whole, at); });
   return all;

@@ -497,6 +497,28 @@ TEST(MemoryPlanner, AViewKeepsTheValueItLiesInAliveUntilItsLastReader) {
   EXPECT_EQ(results[0], results[1]);
 }
 
+TEST(MemoryPlanner, OnlyAJoinedValueNobodySharesBytesWithTakesItsPartsAsViews) {
+  // Each part of a join is written by its own producer, on lanes the plan need not order: a joined
+  // value whose bytes could be reused has no single first write, so its parts keep their own bytes.
+  KernelRegistry registry = probe_registry();
+  register_row_kernels(registry);
+  for (bool joined_is_output : {true, false}) {
+    GraphBuilder b("joined", 16);
+    const ValueId x = b.input("x", {tokens(), Dim::of(64)}, DType::f32);
+    const ValueId a = b.add("a", std::make_shared<ProbeOp>(0), {x})[0];
+    const ValueId c = b.add("c", std::make_shared<ProbeOp>(0), {x})[0];
+    const ValueId joined = b.add("join", std::make_shared<ConcatRowsOp>(2, 8), {a, c})[0];
+    const ValueId out = joined_is_output ? joined : b.add("after", std::make_shared<ProbeOp>(0), {joined})[0];
+    auto g = std::make_shared<const Graph>(std::move(b).finish({out}));
+    PlanOptions po;
+    po.registry = &registry;
+    po.policy = Policy::concurrent;
+    const Plan plan = make_plan(g, po);
+    EXPECT_EQ(plan.buffer(a).view_of, joined_is_output ? joined : -1) << joined_is_output;
+    testing_buffers::expect_live_values_apart(plan, joined_is_output ? "joined output" : "joined mid-graph");
+  }
+}
+
 TEST(Plan, NoStepStartsEarlyWhereThePlanSaysSoOrAKernelDoesNotAllowIt) {
   std::mt19937 rng(5);
   const RandomDag dag = random_dag(rng, 12);

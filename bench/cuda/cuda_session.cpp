@@ -257,7 +257,8 @@ double CudaSession::run(Trace* trace) {
 }
 
 void CudaSession::write_input(ValueId v, const void* host, std::size_t bytes) {
-  if (plan_.buffer(v).arena != Arena::inputs || static_cast<int64_t>(bytes) > plan_.buffer(v).bytes)
+  if (!plan_.graph->value(v).is_graph_input() || plan_.buffer(v).arena != Arena::inputs ||
+      static_cast<int64_t>(bytes) > plan_.buffer(v).bytes)
     fail_input("write_input: '" + plan_.graph->value(v).name + "' is not an input of that size");
   MOEFLOW_CUDA_CHECK(cudaMemcpy(inputs_[static_cast<std::size_t>(set_)]->data(v), host, bytes, cudaMemcpyHostToDevice));
   overwritten_[{set_, v}] = std::vector<std::byte>(static_cast<const std::byte*>(host), static_cast<const std::byte*>(host) + bytes);
@@ -356,7 +357,8 @@ Floor CudaSession::floor(const MachineRates& rates) {
     use_input_set(set);
     if (!routing_is_input(g)) run();
     return gather_routing(g, tokens_, [&](ValueId v, int64_t count) {
-      const void* device_ids = g.value(v).is_graph_input() ? inputs_[static_cast<std::size_t>(set)]->data(v) : executor_->data(v);
+      const void* device_ids = plan_.buffer(v).arena == Arena::inputs ? inputs_[static_cast<std::size_t>(set)]->data(v)
+                                                                      : executor_->data(v);
       return to_host<int32_t>(device_ids, count);
     });
   }, rates);
