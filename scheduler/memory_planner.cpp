@@ -67,18 +67,6 @@ bool pinned(const Graph& g, const PlanOptions& options, const Value& v) {
 }
 bool pinned(const Plan& plan, const Value& v) { return pinned(*plan.graph, plan.options, v); }
 
-// Calls fn(part, whole, byte offset) for each chunk's rows of a slice_rows or concat_rows node.
-template <class Fn>
-void for_each_row_part(const Graph& g, const Node& n, Fn&& fn) {
-  if (const auto* slice = dynamic_cast<const SliceRowsOp*>(n.op.get())) {
-    fn(n.outputs[0], n.inputs[0], slice->first_byte(g.value(n.inputs[0]).bytes(1)));
-  } else if (const auto* concat = dynamic_cast<const ConcatRowsOp*>(n.op.get())) {
-    const int64_t row_bytes = g.value(n.outputs[0]).bytes(1);
-    for (std::size_t i = 0; i < n.inputs.size(); ++i)
-      fn(n.inputs[i], n.outputs[0], concat->first_byte(static_cast<int>(i), row_bytes));
-  }
-}
-
 // Whether `part` may lie `at` bytes into `whole`, by the graph alone: a workspace value nobody
 // reads after the run, inside a workspace or input value, at the arenas' alignment.
 bool may_view(const Graph& g, const PlanOptions& options, ValueId part, ValueId whole, int64_t at) {
@@ -87,6 +75,15 @@ bool may_view(const Graph& g, const PlanOptions& options, ValueId part, ValueId 
   const Arena pa = arena_of(p), wa = arena_of(w);
   return pa == Arena::workspace && (wa == Arena::workspace || wa == Arena::inputs) && !pinned(g, options, p) &&
          at % kAlignment == 0 && at + p.bytes(p.tokens_in(g.max_tokens())) <= w.bytes(w.tokens_in(g.max_tokens()));
+}
+
+// Whether a slice_rows / concat_rows step may lay its rows out as views at all. A joined value's
+// rows are written by each chunk's producer, on lanes the plan need not order, so the joined value's
+// first write is not one step: only one nobody shares bytes with (a graph output, or a value read
+// after the run) takes its chunks' rows as views.
+bool offers_views(const Graph& g, const PlanOptions& options, const Node& n, const KernelEntry& kernel) {
+  if (!kernel.row_views) return false;
+  return n.op->kind() != "concat_rows" || pinned(g, options, g.value(n.outputs[0]));
 }
 
 // Where a value lies inside another one's bytes (base -1: it has its own).
@@ -121,15 +118,8 @@ Views find_views(const Plan& plan, const Before& before) {
     is_base[static_cast<std::size_t>(whole)] = true;
     return true;
   };
-  // A joined value's rows are written by each chunk's producer, on lanes the plan need not order,
-  // so the joined value's first write is not one step: only one nobody shares bytes with (a graph
-  // output, or a value read after the run) takes its chunks' rows as views.
-  for (const PlanStep& s : plan.steps) {
-    if (!s.kernel->row_views) continue;
-    const Node& n = g.node(s.node);
-    if (n.op->kind() == "concat_rows" && !pinned(plan, g.value(n.outputs[0]))) continue;
-    for_each_row_part(g, n, add);
-  }
+  for (const PlanStep& s : plan.steps)
+    if (offers_views(g, plan.options, g.node(s.node), *s.kernel)) for_each_row_part(g, g.node(s.node), add);
   for (std::size_t k = plan.steps.size(); k-- > 0;) {
     const PlanStep& s = plan.steps[k];
     const Node& n = g.node(s.node);
@@ -177,8 +167,7 @@ bool dead_before(const Item& a, const Item& b, const Before& before) {
 }  // namespace
 
 bool rows_become_views(const Graph& g, const Node& n, const KernelEntry& kernel, const PlanOptions& options) {
-  if (!options.reuse_memory || !kernel.row_views) return false;
-  if (n.op->kind() == "concat_rows" && !pinned(g, options, g.value(n.outputs[0]))) return false;  // as find_views
+  if (!options.reuse_memory || !offers_views(g, options, n, kernel)) return false;
   bool all = true;
   for_each_row_part(g, n, [&](ValueId part, ValueId whole, int64_t at) { all = all && may_view(g, options, part, whole, at); });
   return all;

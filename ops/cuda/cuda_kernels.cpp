@@ -112,8 +112,14 @@ bool huge_experts(int64_t hidden, int intermediate) { return expert_bytes(hidden
 std::string expert_mib(int64_t hidden, int intermediate) {
   return std::to_string(expert_bytes(hidden, intermediate) >> 20) + " MiB per expert";
 }
-// From this many rows per expert on average, huge experts take the per-expert loop (exact sizes).
-constexpr double kLoopRows = 1024;
+
+// Huge experts with a thousand rows each or more on average at the maximum T: the per-expert
+// loop's exact sizes beat padding to the largest expert (measurements at its registration).
+bool exact_sizes_pay(const Graph& g, const Node& n) {
+  const auto& op = static_cast<const ExpertsOp&>(*n.op);
+  return huge_experts(g.value(n.inputs[0]).shape()[1].fixed, op.intermediate()) &&
+         rows_per_expert(n, g.max_tokens_of(n)) >= 1024;
+}
 
 // h [R, 2I] and act [R, I] in bf16 for the experts strategies that run on the permuted rows.
 int64_t experts_scratch_bytes(const Node& n, int64_t tokens) {
@@ -371,10 +377,10 @@ void register_experts(KernelRegistry& r) {
            const auto& op = static_cast<const ExpertsOp&>(*n.op);
            const int64_t H = g.value(n.inputs[0]).shape()[1].fixed;
            return Support::yes("one cuBLAS GEMM per touched expert and layer (host sync)" +
-                               (huge_experts(H, op.intermediate()) && rows_per_expert(n, g.max_tokens_of(n)) >= kLoopRows
-                                    ? "; " + fmt(rows_per_expert(n, g.max_tokens_of(n))) + " rows/expert at max T on " +
-                                          expert_mib(H, op.intermediate()) + ": each GEMM sized to its expert's rows, ahead of padding"
-                                    : std::string()));
+                               (exact_sizes_pay(g, n) ? "; " + fmt(rows_per_expert(n, g.max_tokens_of(n))) +
+                                                            " rows/expert at max T on " + expert_mib(H, op.intermediate()) +
+                                                            ": each GEMM sized to its expert's rows, ahead of padding"
+                                                      : std::string()));
          },
          [](const KernelCall& c) {
            const auto& op = static_cast<const ExpertsOp&>(*c.node.op);
@@ -389,13 +395,7 @@ void register_experts(KernelRegistry& r) {
   // (mixtral-8x7b layer on the H100, medians over passes: T=8192 unchunked 9124-9216 against
   // 9424-9682 µs padded, three calls; 2 chunks of 4096 tokens 9626-9643 against 9888-10050; at 4
   // chunks (512 rows) padding wins, 10277 against 11026; `h100_mixtral_chunks_views*_2026-11-23.jsonl`).
-  loop.priority_on = [](const Graph& g, const Node& n) {
-    const auto& op = static_cast<const ExpertsOp&>(*n.op);
-    return huge_experts(g.value(n.inputs[0]).shape()[1].fixed, op.intermediate()) &&
-                   rows_per_expert(n, g.max_tokens_of(n)) >= kLoopRows
-               ? 9
-               : 1;
-  };
+  loop.priority_on = [](const Graph& g, const Node& n) { return exact_sizes_pay(g, n) ? 9 : 1; };
   r.add(std::move(loop));
   r.add(launching(5, {"experts", Backend::cuda, "cuda.cublas_padded_strided", 0,
          [](const Graph& g, const Node& n) {
@@ -668,33 +668,22 @@ void register_cuda_kernels(KernelRegistry& r) {
   r.add(std::move(sum));
   // The chunk pass's row copies; where the memory planner laid the rows out as views, source and
   // destination are the same bytes and nothing is issued.
-  auto copy_rows = [](const KernelCall& c, void* dst, const void* src, int64_t bytes) {
-    if (dst == src || bytes <= 0) return;
-    MOEFLOW_CUDA_CHECK(cudaMemcpyAsync(dst, src, static_cast<std::size_t>(bytes), cudaMemcpyDeviceToDevice, lane(c).stream));
-  };
-  KernelEntry slice{"slice_rows", Backend::cuda, "cuda.copy_rows", 0,
-                    [](const Graph&, const Node&) { return Support::yes("one device-to-device copy of the chunk's rows"); },
-                    [copy_rows](const KernelCall& c) {
-                      const auto& op = static_cast<const SliceRowsOp&>(*c.node.op);
-                      const int64_t row_bytes = c.input_value(0).bytes(1);
-                      copy_rows(c, c.outputs[0], static_cast<const std::byte*>(c.inputs[0]) + op.first_byte(row_bytes),
-                                c.tokens * row_bytes);
-                    },
-                    {}};
-  slice.row_views = true;
-  r.add(std::move(slice));
-  KernelEntry concat{"concat_rows", Backend::cuda, "cuda.copy_rows", 0,
-                     [](const Graph&, const Node&) { return Support::yes("one device-to-device copy per chunk"); },
-                     [copy_rows](const KernelCall& c) {
-                       const auto& op = static_cast<const ConcatRowsOp&>(*c.node.op);
-                       const int64_t row_bytes = c.input_value(0).bytes(1);
-                       for (std::size_t i = 0; i < c.inputs.size(); ++i)
-                         copy_rows(c, static_cast<std::byte*>(c.outputs[0]) + op.first_byte(static_cast<int>(i), row_bytes),
-                                   c.inputs[i], c.input_value(i).tokens_in(c.tokens) * row_bytes);
-                     },
-                     {}};
-  concat.row_views = true;
-  r.add(std::move(concat));
+  for (const auto& [kind, what] : {std::pair{"slice_rows", "one device-to-device copy of the chunk's rows"},
+                                    std::pair{"concat_rows", "one device-to-device copy per chunk"}}) {
+    KernelEntry e{kind, Backend::cuda, "cuda.copy_rows", 0,
+                  [what](const Graph&, const Node&) { return Support::yes(what); },
+                  [](const KernelCall& c) {
+                    copy_chunk_rows(c.graph, c.node, c.inputs, c.outputs, c.tokens,
+                                    [&](void* dst, const void* src, int64_t bytes) {
+                                      if (dst == src || bytes <= 0) return;
+                                      MOEFLOW_CUDA_CHECK(cudaMemcpyAsync(dst, src, static_cast<std::size_t>(bytes),
+                                                                         cudaMemcpyDeviceToDevice, lane(c).stream));
+                                    });
+                  },
+                  {}};
+    e.row_views = true;
+    r.add(std::move(e));
+  }
   r.add({"to_host", Backend::cuda, "cuda.copy_and_wait", 0,
          [](const Graph&, const Node&) { return Support::yes("cudaMemcpyAsync to pinned memory, then the host waits"); },
          [](const KernelCall& c) {
