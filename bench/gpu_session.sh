@@ -2,7 +2,7 @@
 # One call on the GPU machine (see the device README): unpack the carried .deb files, build there,
 # run the gpu tests (plain, memcheck, racecheck), the CLI checks of every preset, the CUDA-graph
 # host cost (mode `tests`), or the benchmark sweep (mode `bench`). Everything lands in $OUT.
-# Usage: bash bench/gpu_session.sh tests|full|racecheck|bench|overlap|chunks|decode|timeline|layers|probe|ranks|cutlass|anyt|resources|fused|fusedprof|validate|shared|tune|views|tiles|sweep [models] [experts kernels] [tokens] [scopes]
+# Usage: bash bench/gpu_session.sh tests|full|racecheck|bench|overlap|chunks|decode|timeline|layers|probe|ranks|cutlass|anyt|resources|fused|fusedprof|validate|shared|tune|views|tiles|swiglu|sweep [models] [experts kernels] [tokens] [scopes]
 set -uo pipefail
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 mkdir -p /opt/deps && for f in .deps/*.deb; do dpkg -x "$f" /opt/deps; done
@@ -148,6 +148,40 @@ if [[ $mode == sweep ]]; then
   timeout ${CHUNKS_S:-150} $b/moeflow bench --backend cuda --models $models --tokens 2048,8192 --chunks 1,2,4 \
     --plans concurrent,graph --scope layer --runs 10 --json "$OUT/sweep_chunks.jsonl" > "$OUT/sweep_chunks.log" 2>&1
   echo "rc=$?"; grep -v "^skipped" "$OUT/sweep_chunks.log" | tail -50
+  exit 0
+fi
+if [[ $mode == swiglu ]]; then
+  # SwiGLU in GEMM 1's epilogue (w13 packed once): every gpu test, the kernel's small tests under the
+  # three sanitizers, the compiler's resource report and HGMMA count of the CUTLASS object, then the
+  # experts path in a CUDA graph with each 256-column configuration fused and unfused, side by side.
+  tests_and_sanitizers "${SAN:-CublasExperts.ZeroTokenExperts:CublasExperts.MoreRowsThanATile*:CublasExperts.Packed*}" swiglu
+  obj=$(find $b -name cutlass_grouped.cu.o | head -1)
+  cuobjdump -res-usage "$obj" 2>/dev/null | awk '/Function/ { name = $2 } /REG:/ { print $1, $2, $3, $4, name }' \
+    | cu++filt | cut -c1-400 > "$OUT/swiglu_resources.txt"
+  cuobjdump -sass "$obj" | awk '/Function :/ { f = $3 } /HGMMA/ { n[f]++ } END { for (k in n) print n[k], k }' \
+    | cu++filt | cut -c1-120 >> "$OUT/swiglu_resources.txt"
+  grep -E "REG|^[0-9]+ " "$OUT/swiglu_resources.txt" | sed -E 's/cutlass::device_kernel<cutlass::gemm::kernel::GemmUniversal<cutlass::gemm::GroupProblemShape<cute::tuple<int, int, int>>, cutlass::gemm::collective::CollectiveMma<cutlass::gemm:://' | cut -c1-200 | head -20
+  if [[ -n ${PROFILE:-} ]]; then
+    # Where the experts path's time goes, kernel by kernel ($PROFILE: "model,T;model,T"): one eager run
+    # under Nsight Compute (duration only, clocks not locked), its last kernels.
+    ncu=$(command -v ncu || ls /usr/local/cuda*/bin/ncu 2>/dev/null | head -1)
+    for point in ${PROFILE//;/ }; do
+      echo "== kernels of ${point} (us, name)" | tee -a "$OUT/swiglu_profile.txt"
+      timeout 150 $ncu --clock-control none --metrics gpu__time_duration.sum --csv $b/moeflow run --backend cuda \
+        --model ${point%,*} --scope experts --tokens ${point#*,} --runs 1 --warmup 0 > /tmp/ncu.csv 2>/dev/null
+      grep '^"' /tmp/ncu.csv | python3 -c 'import csv,sys
+rows=[r for r in csv.DictReader(sys.stdin) if r.get("Metric Name")=="gpu__time_duration.sum"]
+for r in rows[-int(sys.argv[1]):]:
+  v=float(r["Metric Value"].replace(",","")); u=r["Metric Unit"]
+  print("%10.1f" % (v/1000 if u=="nsecond" else v*1000 if u=="msecond" else v), r["Kernel Name"][:100])' ${PROFILE_LAST:-10} \
+        | tee -a "$OUT/swiglu_profile.txt"
+    done
+  fi
+  kernels=${KERNELS:-auto,cuda.cutlass_swiglu_narrow,cuda.cutlass_grouped_narrow,cuda.cutlass_swiglu_wide_single,cuda.cutlass_grouped_wide_single}
+  echo "== experts path, CUDA graph"
+  timeout ${BENCH_S:-300} $b/moeflow bench --backend cuda --models ${2:-qwen3-30b-a3b,qwen1.5-moe-a2.7b,deepseek-v3,mixtral-8x7b} \
+    --tokens ${TOKENS:-512,2048,8192} --plans graph --experts-kernels $kernels --scope experts --runs ${RUNS:-30} \
+    --json "$OUT/swiglu_experts.jsonl" > "$OUT/swiglu_experts.log" 2>&1; echo "rc=$?"; grep -v "^skipped" "$OUT/swiglu_experts.log" | tail -70
   exit 0
 fi
 if [[ $mode == tiles ]]; then

@@ -38,6 +38,8 @@ struct KernelCall {
   // Set where the plan lets this kernel start while the previous kernel of its lane still runs
   // (PlanStep::starts_early): it must be launched so, and wait before reading that kernel's outputs.
   bool starts_early = false;
+  // The node's packed weight (KernelEntry::packed_weight), already written; null where it has none.
+  void* packed = nullptr;
 
   // The most rows this node ever gets (its chunk's size in a chunked graph): what scratch is sized for.
   int64_t max_tokens() const { return graph.max_tokens_of(node); }
@@ -52,6 +54,19 @@ struct Support {
   std::string reason;
   static Support yes(std::string r) { return {true, std::move(r)}; }
   static Support no(std::string r) { return {false, std::move(r)}; }
+};
+
+// A weight the kernel reads in a layout of its own (w13 with gate and up rows interleaved, for a
+// SwiGLU epilogue), derived from one of the node's weight inputs once, when the weights are bound,
+// and never on a run. Nodes whose kernels pack the same input with the same `layout` share one copy
+// (the chunks of a chunked graph, say). The plan lists each copy (Plan::packed) and the executor
+// holds them in one allocation beside the workspace.
+struct PackedWeight {
+  int input = 0;       // the node input (a weight) the copy is derived from
+  std::string layout;  // what the copy holds, e.g. "w13 gate/up interleaved by 128 rows"
+  std::function<int64_t(const Graph&, const Node&)> bytes;
+  // Writes the copy to `packed` from the call's inputs (only weights are meaningful then).
+  std::function<void(const KernelCall&, void* packed)> write;
 };
 
 struct KernelEntry {
@@ -94,6 +109,9 @@ struct KernelEntry {
   // empty: never). The planner pairs them (PlanStep::starts_early) where nothing else comes between.
   bool releases_next = false;
   std::function<bool(const Graph&, const Node&)> starts_early = {};
+
+  // A weight the kernel reads packed (see PackedWeight); empty: none.
+  std::optional<PackedWeight> packed_weight = {};
 
   int priority_for(const Graph& g, const Node& n) const { return priority_on ? priority_on(g, n) : priority; }
 };

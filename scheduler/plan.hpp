@@ -73,6 +73,16 @@ struct PlanStep {
   // Starts while the previous step of its lane still runs (KernelEntry::starts_early and that step's
   // releases_next, no cross-lane wait): the memory planner keeps its buffers apart from that step's.
   bool starts_early = false;
+  int packed = -1;  // index into Plan::packed of the packed weight the kernel reads, or -1
+};
+
+// A weight in a kernel's own layout (PackedWeight), written once when the weights are bound: one per
+// (source weight, layout), shared by every step that reads it.
+struct PackedCopy {
+  ValueId source = -1;
+  std::string layout;
+  NodeId first_reader = kNoNode;  // the node whose kernel's PackedWeight::write fills it
+  int64_t bytes = 0;
 };
 
 // Which allocation a buffer lives in.
@@ -104,6 +114,10 @@ class Plan {
   std::vector<int> step_of_node;    // node id -> index into steps
   std::vector<Buffer> buffers;      // indexed by value id; kernels' scratch is in PlanStep
   std::map<Arena, int64_t> arena_bytes;
+  // Packed weights, written once when the weights are bound (not workspace): device memory beside the
+  // weights, shared by every executor of the same weights (CudaExecutor).
+  std::vector<PackedCopy> packed;
+  int64_t packed_bytes = 0;        // their sum
   double predicted_makespan_s = 0.0;
   double predicted_serial_s = 0.0;  // sum of every node's prediction
   // SMs the compute lanes leave to a communication lane beside them (LaneContext::sm_count): a

@@ -38,6 +38,9 @@ void Plan::write_summary(std::ostream& out) const {
         << std::setw(24) << s.kernel->name << std::setw(14) << us(s.predicted_s) << (waits.empty() ? "" : waits + "; ")
         << s.reason << "\n";
   }
+  for (const PackedCopy& c : packed)
+    out << "  once, when the weights are bound: " << g.value(c.source).name << " packed as " << c.layout << " ("
+        << mib(c.bytes) << ") for " << g.node(c.first_reader).name << "\n";
   out << "  predicted: " << us(predicted_makespan_s) << " (serial sum " << us(predicted_serial_s) << "); workspace "
       << mib(bytes(Arena::workspace)) << ", weights " << mib(bytes(Arena::weights)) << ", inputs "
       << mib(bytes(Arena::inputs)) << "\n";
@@ -67,6 +70,12 @@ void Plan::write_memory(std::ostream& out) const {
         << std::setw(22) << s.kernel->name << std::right << std::setw(14) << s.workspace_offset << std::setw(14)
         << s.workspace_bytes << "\n";
   }
+  for (const PackedCopy& c : packed)
+    out << "  " << std::left << std::setw(10) << "packed" << std::setw(28) << g.value(c.source).name << std::setw(22)
+        << "written once" << std::right << std::setw(14) << "-" << std::setw(14) << c.bytes << "  " << c.layout << "\n";
+  if (!packed.empty())
+    out << "  " << std::left << std::setw(10) << "packed" << " total " << packed_bytes << " bytes (" << mib(packed_bytes)
+        << "): weights in a kernel's own layout, beside the weights\n";
   for (Arena a : {Arena::inputs, Arena::weights, Arena::workspace, Arena::host})
     out << "  " << std::left << std::setw(10) << to_string(a) << " total " << bytes(a) << " bytes (" << mib(bytes(a))
         << ")\n";
@@ -106,6 +115,18 @@ void Plan::write_dot(std::ostream& out) const {
     for (std::size_t i = 1; i < per_lane[l].size(); ++i)
       doc.edge(key(*per_lane[l][i - 1]), key(*per_lane[l][i]),
                {{"color", "gray70"}, {"arrowhead", "none"}, {"weight", "100"}}, cluster);
+  }
+  // Packed weights: nodes of their own, run once when the weights are bound, each feeding the steps
+  // that read it.
+  if (!packed.empty()) {
+    doc.subgraph("cluster_bind", {{"label", "once, when the weights are bound"}, {"color", "gray50"}});
+    for (std::size_t i = 0; i < packed.size(); ++i)
+      doc.node("p" + std::to_string(i),
+               {{"label", "pack " + g.value(packed[i].source).name + "\\n" + packed[i].layout + "\\n" + mib(packed[i].bytes)},
+                {"fillcolor", "lightyellow"}},
+               "cluster_bind");
+    for (const PlanStep& s : steps)
+      if (s.packed >= 0) doc.edge("p" + std::to_string(s.packed), key(s), {{"color", "goldenrod"}});
   }
   int event = 0;
   for (const PlanStep& s : steps)

@@ -51,6 +51,27 @@ namespace {
 constexpr int64_t kAlignment = 256;
 int64_t align_up(int64_t n) { return (n + kAlignment - 1) / kAlignment * kAlignment; }
 
+// The step's packed weight: the copy another step already reads when it packs the same weight the
+// same way, else a new one.
+void add_packed_copy(Plan& plan, PlanStep& s) {
+  const Graph& g = *plan.graph;
+  const Node& n = g.node(s.node);
+  const PackedWeight& p = *s.kernel->packed_weight;
+  const ValueId source = n.inputs.at(static_cast<std::size_t>(p.input));
+  if (g.value(source).role != ValueRole::weight)
+    fail_input("node '" + n.name + "': kernel '" + s.kernel->name + "' packs input " + std::to_string(p.input) + " ('" +
+               g.value(source).name + "'), which is not a weight bound once");
+  for (std::size_t i = 0; i < plan.packed.size(); ++i)
+    if (plan.packed[i].source == source && plan.packed[i].layout == p.layout) {
+      s.packed = static_cast<int>(i);
+      return;
+    }
+  PackedCopy c{source, p.layout, s.node, p.bytes(g, n)};
+  plan.packed_bytes += c.bytes;
+  s.packed = static_cast<int>(plan.packed.size());
+  plan.packed.push_back(c);
+}
+
 // No reuse yet: every value gets its own range in its arena (the memory planner comes later).
 void lay_out_buffers(Plan& plan) {
   const Graph& g = *plan.graph;
@@ -64,6 +85,7 @@ void lay_out_buffers(Plan& plan) {
     plan.arena_bytes[b.arena] += align_up(b.bytes);
   }
   for (PlanStep& s : plan.steps) {
+    if (s.kernel->packed_weight) add_packed_copy(plan, s);
     s.workspace_offset = plan.arena_bytes[Arena::workspace];
     plan.arena_bytes[Arena::workspace] += align_up(s.workspace_bytes);
     s.host_workspace_offset = plan.arena_bytes[Arena::host];

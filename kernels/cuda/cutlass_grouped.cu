@@ -14,6 +14,7 @@
 #include "cute/tensor.hpp"
 #include "cutlass/cutlass.h"
 #include "cutlass/epilogue/collective/collective_builder.hpp"
+#include "cutlass/epilogue/collective/detail.hpp"
 #include "cutlass/gemm/collective/collective_builder.hpp"
 #include "cutlass/gemm/device/gemm_universal_adapter.h"
 #include "cutlass/gemm/dispatch_policy.hpp"
@@ -39,6 +40,46 @@ std::string alignment_problem(int hidden, int intermediate) {
 }
 
 }  // namespace
+
+// packed[e, 256·b + r] = w13[e, 128·b + r] (gate) for r < 128, w13[e, I + 128·b + r - 128] (up) beyond,
+// zero past feature I. One block per packed row, 16-byte copies (H is a multiple of 8: TMA's
+// alignment, checked by the callers).
+__global__ void pack_w13_rows(const uint4* __restrict__ w13, int64_t hidden_vectors, int intermediate,
+                              int64_t features, uint4* __restrict__ packed) {
+  const int64_t row = blockIdx.x;  // packed row: expert e, block b, r
+  const int64_t per_expert = 2 * features;
+  const int64_t e = row / per_expert, within = row % per_expert;
+  const int64_t block = within / (2 * kSwigluHalf), r = within % (2 * kSwigluHalf);
+  const int64_t feature = block * kSwigluHalf + r % kSwigluHalf;
+  uint4* dst = packed + row * hidden_vectors;
+  if (feature >= intermediate) {
+    for (int64_t i = threadIdx.x; i < hidden_vectors; i += blockDim.x) dst[i] = make_uint4(0, 0, 0, 0);
+    return;
+  }
+  const int64_t source = e * 2 * intermediate + (r < kSwigluHalf ? feature : intermediate + feature);
+  const uint4* src = w13 + source * hidden_vectors;
+  for (int64_t i = threadIdx.x; i < hidden_vectors; i += blockDim.x) dst[i] = src[i];
+}
+
+int64_t packed_w13_features(int intermediate) {
+  return (static_cast<int64_t>(intermediate) + kSwigluHalf - 1) / kSwigluHalf * kSwigluHalf;
+}
+
+int64_t packed_w13_bytes(int experts, int hidden, int intermediate) {
+  return static_cast<int64_t>(experts) * 2 * packed_w13_features(intermediate) * hidden * 2;
+}
+
+void pack_w13_interleaved(const uint16_t* w13, int experts, int hidden, int intermediate, uint16_t* packed,
+                          Stream stream) {
+  if (experts <= 0 || hidden <= 0 || intermediate <= 0 || hidden % 8 != 0)
+    fail_input("pack_w13_interleaved: E = " + std::to_string(experts) + ", H = " + std::to_string(hidden) +
+               ", I = " + std::to_string(intermediate) + " (H must be a positive multiple of 8)");
+  const int64_t rows = static_cast<int64_t>(experts) * 2 * packed_w13_features(intermediate);
+  pack_w13_rows<<<static_cast<unsigned>(rows), 128, 0, stream>>>(reinterpret_cast<const uint4*>(w13), hidden / 8,
+                                                                 intermediate, packed_w13_features(intermediate),
+                                                                 reinterpret_cast<uint4*>(packed));
+  MOEFLOW_CUDA_LAUNCH_CHECK();
+}
 
 #if MOEFLOW_HAVE_CUTLASS
 
@@ -67,13 +108,116 @@ struct Pingpong {
   using Epilogue = cutlass::epilogue::PtrArrayTmaWarpSpecializedPingpong;
 };
 
-template <class TileShape, class ClusterShape, class Schedule = Cooperative>
+using StrideRowMajor = cutlass::detail::TagToStrideC_t<LayoutD*>;
+
+// GEMM 1's SwiGLU in its epilogue, straight from the fp32 accumulators to act [m, I]: with w13 packed
+// by pack_w13_interleaved (each 256 rows of B = 128 gate rows, then the same 128 features' up rows),
+// a 256-column tile holds gate j in its first half and up j in its second, and Hopper's wgmma leaves
+// both in the same thread: the value for column n sits in accumulator group n / 8, its partner for
+// n + 128 in group n / 8 + 16. Each thread writes silu(gate)·up for its column pairs (4-byte stores),
+// so h [m, 2I] is never written nor read back. Gate and up are rounded to bf16 first, as h would have
+// been: the result is bit for bit the unfused path's (same mainloop, same accumulation order).
+// The shape of CUTLASS's DefaultEpilogueArray (no shared memory, stores from the registers), run
+// through its Sm90TmaWarpSpecializedAdapter like the ptr-array no-smem schedule.
+class SwigluEpilogueArray {
+ public:
+  using EpilogueSchedule = cutlass::epilogue::PtrArrayNoSmemWarpSpecialized;
+  using DispatchPolicy = EpilogueSchedule;
+  using ElementOutput = Element;
+  using ElementAccumulator = float;
+  using ElementCompute = float;
+  using ElementScalar = float;
+  using ElementC = void;
+  using StrideC = StrideRowMajor;
+  using InternalStrideC = cute::remove_pointer_t<StrideC>;
+  using ElementD = Element;
+  using StrideD = StrideRowMajor;
+  using InternalStrideD = cute::remove_pointer_t<StrideD>;
+  using GmemTiledCopyC = void;
+  using GmemTiledCopyD = void;
+  // Named by CUTLASS's device adapter (its EpilogueOutputOp); the SwiGLU is applied in operator().
+  using ThreadEpilogueOp = cutlass::epilogue::thread::LinearCombination<Element, 1, float, float>;
+  struct SharedStorage {};
+  using TensorMapStorage = SharedStorage;
+
+  struct Arguments {
+    Element** ptr_D = nullptr;  // act rows of each group
+    int64_t pitch = 0;          // act's row pitch (I)
+    int out_cols = 0;           // I: packed columns past it (padding to 128 features) are dropped
+  };
+  using Params = Arguments;
+
+  template <class ProblemShape>
+  static constexpr Params to_underlying_arguments(ProblemShape const&, Arguments const& args, void*) { return args; }
+  template <class ProblemShape>
+  static size_t get_workspace_size(ProblemShape const&, Arguments const&, int) { return 0; }
+  template <class ProblemShape>
+  static cutlass::Status initialize_workspace(ProblemShape const&, Arguments const&, void*, cudaStream_t,
+                                              cutlass::CudaHostAdapter* = nullptr) {
+    return cutlass::Status::kSuccess;
+  }
+  template <class ProblemShape>
+  static bool can_implement(ProblemShape const&, Arguments const& args) {
+    return args.ptr_D != nullptr && args.out_cols % 2 == 0 && args.pitch % 2 == 0;
+  }
+
+  CUTLASS_HOST_DEVICE explicit SwigluEpilogueArray(Params const& p) : params(p) {}
+  CUTLASS_DEVICE bool is_source_needed() { return false; }
+
+  template <class ProblemShapeMNKL, class BlockShapeMNK, class BlockCoordMNKL, class FrgEngine, class FrgLayout,
+            class TiledMma, class ResidueMNK>
+  CUTLASS_DEVICE void operator()(ProblemShapeMNKL problem_shape_mnkl, BlockShapeMNK blk_shape_MNK,
+                                      BlockCoordMNKL blk_coord_mnkl, cute::Tensor<FrgEngine, FrgLayout> const& acc,
+                                      TiledMma tiled_mma, ResidueMNK, int thread_idx, char*) {
+    constexpr int kTileN = size<1>(BlockShapeMNK{});
+    constexpr int kGroups = size<0, 2>(FrgLayout{});  // 8-column groups a thread holds across the tile
+    static_assert(kTileN == 256 && kGroups * 8 == kTileN && size<2>(FrgLayout{}) == 1,
+                  "the SwiGLU epilogue needs one 256-column wgmma per row block: gate and up in one thread");
+    const int M = get<0>(problem_shape_mnkl), N = get<1>(problem_shape_mnkl);
+    const auto [m_coord, n_coord, k_coord, l_coord] = blk_coord_mnkl;
+    Tensor coords = local_tile(make_identity_tensor(make_shape(M, N)), take<0, 2>(blk_shape_MNK),
+                               make_coord(m_coord, n_coord));
+    Tensor tCcD = tiled_mma.get_thread_slice(thread_idx).partition_C(coords);  // (VEC, MMA_M, MMA_N) -> (m, n)
+    Element* out = params.ptr_D[l_coord];
+    CUTLASS_PRAGMA_UNROLL
+    for (int mi = 0; mi < size<1>(acc); ++mi) {
+      CUTLASS_PRAGMA_UNROLL
+      for (int g = 0; g < kGroups / 2; ++g) {
+        CUTLASS_PRAGMA_UNROLL
+        for (int half = 0; half < 2; ++half) {  // rows r and r + 8
+          const auto crd = tCcD(make_coord(0, half, g), mi, 0);
+          const int m = get<0>(crd), n = get<1>(crd);
+          const int col = n / kTileN * (kTileN / 2) + n % kTileN;
+          if (m >= M || col >= params.out_cols) continue;
+          float a[2];
+          CUTLASS_PRAGMA_UNROLL
+          for (int v = 0; v < 2; ++v) {
+            const float gate = static_cast<float>(Element(acc(make_coord(v, half, g), mi, 0)));
+            const float up = static_cast<float>(Element(acc(make_coord(v, half, g + kGroups / 2), mi, 0)));
+            a[v] = gate / (1.0f + expf(-gate)) * up;  // silu_mul of bf16_vec.cuh
+          }
+          cutlass::Array<Element, 2> pair;
+          pair[0] = Element(a[0]);
+          pair[1] = Element(a[1]);
+          *reinterpret_cast<cutlass::Array<Element, 2>*>(out + static_cast<int64_t>(m) * params.pitch + col) = pair;
+        }
+      }
+    }
+  }
+
+ private:
+  Params params;
+};
+
+template <class TileShape, class ClusterShape, class Schedule = Cooperative, bool kSwiglu = false>
 struct GroupedGemm {
-  using Epilogue = typename cutlass::epilogue::collective::CollectiveBuilder<
+  using PlainEpilogue = typename cutlass::epilogue::collective::CollectiveBuilder<
       cutlass::arch::Sm90, cutlass::arch::OpClassTensorOp, TileShape, ClusterShape,
       cutlass::epilogue::collective::EpilogueTileAuto, float, float, void, LayoutD*, kElementsPer16B, Element,
       LayoutD*, kElementsPer16B, typename Schedule::Epilogue,
       cutlass::epilogue::fusion::LinearCombination<Element, float, void, float>>::CollectiveOp;
+  using Epilogue = std::conditional_t<
+      kSwiglu, cutlass::epilogue::collective::detail::Sm90TmaWarpSpecializedAdapter<SwigluEpilogueArray>, PlainEpilogue>;
   using Mainloop = typename cutlass::gemm::collective::CollectiveBuilder<
       cutlass::arch::Sm90, cutlass::arch::OpClassTensorOp, Element, LayoutA*, kElementsPer16B, Element, LayoutB*,
       kElementsPer16B, float, TileShape, ClusterShape,
@@ -93,6 +237,9 @@ using Narrow = GroupedGemm<Shape<_64, _256, _64>, Shape<_1, _1, _1>, Pingpong>;
 // 128x256x64 with no cluster: the wide tile's work per weight tile, rows rounded up to 128 and not to
 // a cluster's 256 (without the multicast).
 using WideSingle = GroupedGemm<Shape<_128, _256, _64>, Shape<_1, _1, _1>>;
+// GEMM 1 of the two 256-column configurations with SwiGLU in its epilogue (SwigluEpilogueArray).
+using NarrowSwiglu = GroupedGemm<Shape<_64, _256, _64>, Shape<_1, _1, _1>, Pingpong, true>;
+using WideSingleSwiglu = GroupedGemm<Shape<_128, _256, _64>, Shape<_1, _1, _1>, Cooperative, true>;
 // Both builders give the same operand strides (a row pitch and unit steps).
 using StrideA = typename General::Kernel::InternalStrideA;
 using StrideB = typename General::Kernel::InternalStrideB;
@@ -101,7 +248,8 @@ template <class Config>
 constexpr bool kSameStrides = std::is_same_v<StrideA, typename Config::Kernel::InternalStrideA> &&
                               std::is_same_v<StrideB, typename Config::Kernel::InternalStrideB> &&
                               std::is_same_v<StrideD, typename Config::Kernel::InternalStrideD>;
-static_assert(kSameStrides<Wide> && kSameStrides<Narrow> && kSameStrides<WideSingle>);
+static_assert(kSameStrides<Wide> && kSameStrides<Narrow> && kSameStrides<WideSingle> && kSameStrides<NarrowSwiglu> &&
+              kSameStrides<WideSingleSwiglu>);
 
 // One GEMM's per-group arrays, each E long, carved from the workspace.
 struct GroupArrays {
@@ -145,20 +293,22 @@ Stride pitch(int64_t elements) {
   return s;
 }
 
-// Every group's problem (m_e, n, k) and pointers for both GEMMs, from the device offsets.
+// Every group's problem (m_e, n, k) and pointers for both GEMMs, from the device offsets. GEMM 1
+// multiplies by w13 as stored ([2I, H] per expert, into h [m, 2I]) or packed ([2·I128, H], into act
+// [m, I] through the SwiGLU epilogue): `w13_rows` and `d1`, `d1_pitch` say which.
 __global__ void fill_groups(const int32_t* __restrict__ offsets, int experts, int hidden, int intermediate,
-                            const Element* rows, const Element* w13, const Element* w2, Element* h, Element* act,
-                            Element* out, GroupArrays g1, GroupArrays g2, StrideA s1a, StrideB s1b, StrideD s1d,
-                            StrideA s2a, StrideB s2b, StrideD s2d) {
+                            const Element* rows, const Element* w13, int64_t w13_rows, const Element* w2, Element* d1,
+                            int64_t d1_pitch, const Element* act, Element* out, GroupArrays g1, GroupArrays g2,
+                            StrideA s1a, StrideB s1b, StrideD s1d, StrideA s2a, StrideB s2b, StrideD s2d) {
   const int e = static_cast<int>(blockIdx.x * blockDim.x + threadIdx.x);
   if (e >= experts) return;
   const int64_t first = offsets[e];
   const int m = offsets[e + 1] - offsets[e];
   const int64_t H = hidden, I = intermediate;
-  g1.shapes[e] = Shape3{m, static_cast<int>(2 * I), hidden};
+  g1.shapes[e] = Shape3{m, static_cast<int>(w13_rows), hidden};
   g1.a[e] = rows + first * H;
-  g1.b[e] = w13 + static_cast<int64_t>(e) * 2 * I * H;
-  g1.d[e] = h + first * 2 * I;
+  g1.b[e] = w13 + static_cast<int64_t>(e) * w13_rows * H;
+  g1.d[e] = d1 + first * d1_pitch;
   g1.sa[e] = s1a;
   g1.sb[e] = s1b;
   g1.sd[e] = s1d;
@@ -177,17 +327,14 @@ void check(cutlass::Status s, const char* what) {
 }
 
 template <class Config>
-void run_group(const LaneContext& ctx, int experts, const GroupArrays& g, std::byte* cutlass_workspace) {
+void run_group(const LaneContext& ctx, int experts, const GroupArrays& g, std::byte* cutlass_workspace,
+               const typename Config::Kernel::EpilogueArguments& epilogue) {
   using Gemm = typename Config::Gemm;
   typename Gemm::Arguments args;
   args.mode = cutlass::gemm::GemmUniversalMode::kGrouped;
   args.problem_shape = {experts, g.shapes, nullptr};  // sizes on the device only: a persistent grid
   args.mainloop = {g.a, g.sa, g.b, g.sb};
-  args.epilogue.thread.alpha = 1.0f;
-  args.epilogue.thread.beta = 0.0f;
-  args.epilogue.ptr_C = nullptr;
-  args.epilogue.ptr_D = g.d;
-  args.epilogue.dD = g.sd;
+  args.epilogue = epilogue;
   args.hw_info.device_id = ctx.device;
   args.hw_info.sm_count = ctx.sm_count > 0 ? ctx.sm_count : multiprocessor_count(ctx.device);  // its persistent grid
   Gemm gemm;
@@ -197,6 +344,25 @@ void run_group(const LaneContext& ctx, int experts, const GroupArrays& g, std::b
                   " bytes, above the " + std::to_string(kCutlassReserve) + " reserved");
   check(gemm.initialize(args, cutlass_workspace, ctx.stream), "initialize");
   check(gemm.run(ctx.stream), "run");
+}
+
+// D = A·Bᵀ into each group's d (the plain epilogue: alpha 1, no source).
+template <class Config>
+void run_plain(const LaneContext& ctx, int experts, const GroupArrays& g, std::byte* cutlass_workspace) {
+  typename Config::Kernel::EpilogueArguments epilogue{};
+  epilogue.thread.alpha = 1.0f;
+  epilogue.thread.beta = 0.0f;
+  epilogue.ptr_C = nullptr;
+  epilogue.ptr_D = g.d;
+  epilogue.dD = g.sd;
+  run_group<Config>(ctx, experts, g, cutlass_workspace, epilogue);
+}
+
+// act = SwiGLU(rows · packed w13ᵀ) into each group's d (SwigluEpilogueArray).
+template <class Config>
+void run_swiglu(const LaneContext& ctx, int experts, const GroupArrays& g, std::byte* cutlass_workspace,
+                int intermediate) {
+  run_group<Config>(ctx, experts, g, cutlass_workspace, {g.d, intermediate, intermediate});
 }
 
 }  // namespace
@@ -226,7 +392,8 @@ std::size_t cutlass_grouped_workspace_bytes(int experts) {
 
 void experts_cutlass_grouped(const LaneContext& ctx, const uint16_t* rows, const int32_t* offsets, int experts,
                              int64_t total_rows, int hidden, int intermediate, const uint16_t* w13, const uint16_t* w2, uint16_t* h,
-                             uint16_t* act, uint16_t* out, void* workspace, CutlassTiles tiles) {
+                             uint16_t* act, uint16_t* out, void* workspace, CutlassTiles tiles,
+                             const uint16_t* w13_packed) {
   if (experts <= 0 || hidden <= 0 || intermediate <= 0)
     fail_input("experts_cutlass_grouped: E = " + std::to_string(experts) + ", H = " + std::to_string(hidden) +
                ", I = " + std::to_string(intermediate));
@@ -239,20 +406,31 @@ void experts_cutlass_grouped(const LaneContext& ctx, const uint16_t* rows, const
   const int64_t H = hidden, I = intermediate;
   auto bf = [](const uint16_t* p) { return reinterpret_cast<const Element*>(p); };
   auto bf_out = [](uint16_t* p) { return reinterpret_cast<Element*>(p); };
+  const bool fused = w13_packed != nullptr;
+  if (fused && tiles != CutlassTiles::narrow && tiles != CutlassTiles::wide_single)
+    fail_input("experts_cutlass_grouped: the SwiGLU epilogue runs on the 256-column tiles (narrow, wide_single) only");
+  const int64_t w13_rows = fused ? 2 * packed_w13_features(intermediate) : 2 * I;
   const int threads = 128;
   fill_groups<<<(experts + threads - 1) / threads, threads, 0, ctx.stream>>>(
-      offsets, experts, hidden, intermediate, bf(rows), bf(w13), bf(w2), bf_out(h), bf_out(act), bf_out(out), g1, g2,
-      pitch<StrideA>(H), pitch<StrideB>(H), pitch<StrideD>(2 * I), pitch<StrideA>(I), pitch<StrideB>(I),
-      pitch<StrideD>(H));
+      offsets, experts, hidden, intermediate, bf(rows), bf(fused ? w13_packed : w13), w13_rows, bf(w2),
+      bf_out(fused ? act : h), fused ? I : 2 * I, bf(act), bf_out(out), g1, g2, pitch<StrideA>(H), pitch<StrideB>(H),
+      pitch<StrideD>(fused ? I : 2 * I), pitch<StrideA>(I), pitch<StrideB>(I), pitch<StrideD>(H));
   MOEFLOW_CUDA_LAUNCH_CHECK();
-  auto gemm = tiles == CutlassTiles::wide          ? run_group<Wide>
-              : tiles == CutlassTiles::narrow      ? run_group<Narrow>
-              : tiles == CutlassTiles::wide_single ? run_group<WideSingle>
-                                                   : run_group<General>;
-  gemm(ctx, experts, g1, cutlass_workspace);
-  // Only the routed rows (offsets[E], on the device): with a live T the launch bound is the maximum.
-  swiglu(h, total_rows, intermediate, act, ctx.stream, LiveRows{offsets + experts, 1});
-  gemm(ctx, experts, g2, cutlass_workspace);
+  auto plain = [](CutlassTiles t) {
+    return t == CutlassTiles::wide          ? run_plain<Wide>
+           : t == CutlassTiles::narrow      ? run_plain<Narrow>
+           : t == CutlassTiles::wide_single ? run_plain<WideSingle>
+                                            : run_plain<General>;
+  };
+  if (fused) {
+    if (tiles == CutlassTiles::narrow) run_swiglu<NarrowSwiglu>(ctx, experts, g1, cutlass_workspace, intermediate);
+    else run_swiglu<WideSingleSwiglu>(ctx, experts, g1, cutlass_workspace, intermediate);
+  } else {
+    plain(tiles)(ctx, experts, g1, cutlass_workspace);
+    // Only the routed rows (offsets[E], on the device): with a live T the launch bound is the maximum.
+    swiglu(h, total_rows, intermediate, act, ctx.stream, LiveRows{offsets + experts, 1});
+  }
+  plain(tiles)(ctx, experts, g2, cutlass_workspace);
 }
 
 #else  // built without CUTLASS's headers
@@ -263,7 +441,7 @@ std::string cutlass_grouped_unbuildable(int, int) {
 std::string cutlass_grouped_unsupported(int h, int i) { return cutlass_grouped_unbuildable(h, i); }
 std::size_t cutlass_grouped_workspace_bytes(int) { return 0; }
 void experts_cutlass_grouped(const LaneContext&, const uint16_t*, const int32_t*, int, int64_t, int, int, const uint16_t*,
-                             const uint16_t*, uint16_t*, uint16_t*, uint16_t*, void*, CutlassTiles) {
+                             const uint16_t*, uint16_t*, uint16_t*, uint16_t*, void*, CutlassTiles, const uint16_t*) {
   fail_input("experts_cutlass_grouped: " + cutlass_grouped_unbuildable(0, 0));
 }
 

@@ -36,8 +36,22 @@ std::size_t cutlass_grouped_workspace_bytes(int experts);
 // per cluster (rows padded to 128, no multicast).
 enum class CutlassTiles { general, wide, narrow, wide_single };
 
+// With `w13_packed` (w13 as pack_w13_interleaved wrote it; narrow and wide_single tiles only), GEMM 1
+// applies SwiGLU in its epilogue and writes act directly: h is not touched (it may be null) and no
+// SwiGLU kernel runs. The result is bit for bit the unfused one of the same tiles.
 void experts_cutlass_grouped(const LaneContext& ctx, const uint16_t* rows, const int32_t* offsets, int experts,
                              int64_t total_rows, int hidden, int intermediate, const uint16_t* w13, const uint16_t* w2, uint16_t* h,
-                             uint16_t* act, uint16_t* out, void* workspace, CutlassTiles tiles = CutlassTiles::general);
+                             uint16_t* act, uint16_t* out, void* workspace, CutlassTiles tiles = CutlassTiles::general,
+                             const uint16_t* w13_packed = nullptr);
+
+// w13 [E, 2I, H] rearranged for the SwiGLU epilogue: per expert, blocks of 2·kSwigluHalf rows, the gate
+// rows of kSwigluHalf features and then the up rows of the same features, so that one 256-column
+// tile of GEMM 1 holds both halves of its features; I is padded with zero rows to whole blocks.
+// Written once, when the weights are bound (KernelEntry::pack), never on a run.
+constexpr int kSwigluHalf = 128;
+int64_t packed_w13_features(int intermediate);  // I rounded up to kSwigluHalf
+int64_t packed_w13_bytes(int experts, int hidden, int intermediate);
+void pack_w13_interleaved(const uint16_t* w13, int experts, int hidden, int intermediate, uint16_t* packed,
+                          Stream stream);
 
 }  // namespace moeflow::cuda

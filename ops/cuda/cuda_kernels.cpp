@@ -167,18 +167,32 @@ struct RowRange {
   double preferred_from = 0;
   double preferred_to = std::numeric_limits<double>::infinity();
   int elsewhere = 0;  // the priority outside [preferred_from, preferred_to)
+  bool preferred_on_huge = true;  // false: `elsewhere` on huge experts (huge_experts()) whatever the rows
 };
 
+// With `swiglu_epilogue` (the 256-column tiles only), GEMM 1 applies SwiGLU in its epilogue from w13
+// packed once at bind time (cuda::pack_w13_interleaved): no h [R, 2I] written and read back, no
+// SwiGLU launch; the scratch is act [R, I] alone.
 KernelEntry cutlass_grouped(std::string name, int priority, cuda::CutlassTiles tiles, RowRange range,
-                            std::string tiles_text) {
-  KernelEntry e = reading_live_tokens(launching(4, {"experts", Backend::cuda, std::move(name), priority,
-      [range, tiles_text](const Graph& g, const Node& n) {
+                            std::string tiles_text, bool swiglu_epilogue = false) {
+  auto act_bytes = [](const Node& n, int64_t tokens) {
+    const auto& op = static_cast<const ExpertsOp&>(*n.op);
+    return align256(tokens * op.top_k() * op.intermediate() * 2);
+  };
+  auto scratch_bytes = [swiglu_epilogue, act_bytes](const Node& n, int64_t tokens) {
+    return swiglu_epilogue ? act_bytes(n, tokens) : experts_scratch_bytes(n, tokens);
+  };
+  if (swiglu_epilogue) tiles_text += ", SwiGLU in GEMM 1's epilogue from w13 packed once";
+  KernelEntry e = reading_live_tokens(launching(swiglu_epilogue ? 3 : 4, {"experts", Backend::cuda, std::move(name), priority,
+      [range, tiles_text, swiglu_epilogue](const Graph& g, const Node& n) {
         Support s = cuda_supports_bf16(g, n, "");
         if (!s.ok) return s;
         const auto& op = static_cast<const ExpertsOp&>(*n.op);
         const int64_t H = g.value(n.inputs[0]).shape()[1].fixed;
         if (const std::string why = cuda::cutlass_grouped_unbuildable(static_cast<int>(H), op.intermediate()); !why.empty())
           return Support::no(why);
+        if (swiglu_epilogue && g.value(n.inputs[2]).role != ValueRole::weight)
+          return Support::no("w13 ('" + g.value(n.inputs[2]).name + "') is not a weight bound once, so it cannot be packed once");
         const double mean = rows_per_expert(n, g.max_tokens_of(n));
         if (mean < range.min_rows)
           return Support::no(fmt(mean) + " rows/expert at max T: fewer than the " + fmt(range.min_rows) + " its tiles want");
@@ -188,23 +202,42 @@ KernelEntry cutlass_grouped(std::string name, int priority, cuda::CutlassTiles t
         return Support::yes(fmt(mean) + " rows/expert at max T -> CUTLASS Hopper grouped GEMM, " + tiles_text +
                             ", one group per expert sized on the device from the offsets (no host sync, capturable)");
       },
-      [tiles](const KernelCall& c) {
+      [tiles, swiglu_epilogue, scratch_bytes](const KernelCall& c) {
         const auto& op = static_cast<const ExpertsOp&>(*c.node.op);
-        uint16_t *h, *act;
+        uint16_t *h = nullptr, *act;
         auto* ws = static_cast<std::byte*>(c.workspace);
-        experts_scratch(c, ws, h, act);
+        if (swiglu_epilogue) act = reinterpret_cast<uint16_t*>(ws);
+        else experts_scratch(c, ws, h, act);
+        if (swiglu_epilogue && c.packed == nullptr) fail_input("node '" + c.node.name + "': w13 was not packed");
         cuda::experts_cutlass_grouped(lane(c), bf16_in(c, 0), c.in<int32_t>(1), op.experts(), c.tokens * op.top_k(),
                                       hidden_of(c), op.intermediate(), bf16_in(c, 2), bf16_in(c, 3), h, act,
-                                      bf16_out(c, 0), ws + experts_scratch_bytes(c.node, c.max_tokens()), tiles);
+                                      bf16_out(c, 0), ws + scratch_bytes(c.node, c.max_tokens()), tiles,
+                                      static_cast<const uint16_t*>(c.packed));
       },
-      [](const Graph&, const Node& n, int64_t tokens) {
-        return experts_scratch_bytes(n, tokens) +
+      [scratch_bytes](const Graph&, const Node& n, int64_t tokens) {
+        return scratch_bytes(n, tokens) +
                static_cast<int64_t>(cuda::cutlass_grouped_workspace_bytes(static_cast<const ExpertsOp&>(*n.op).experts()));
       }}));
   e.priority_on = [range, priority](const Graph& g, const Node& n) {
     const double mean = rows_per_expert(n, g.max_tokens_of(n));
+    if (!range.preferred_on_huge &&
+        huge_experts(g.value(n.inputs[0]).shape()[1].fixed, static_cast<const ExpertsOp&>(*n.op).intermediate()))
+      return range.elsewhere;
     return mean >= range.preferred_from && mean < range.preferred_to ? priority : range.elsewhere;
   };
+  if (swiglu_epilogue)
+    e.packed_weight = PackedWeight{
+        2, "w13 gate/up interleaved by " + std::to_string(cuda::kSwigluHalf) + " rows",
+        [](const Graph& g, const Node& n) {
+          const auto& op = static_cast<const ExpertsOp&>(*n.op);
+          return cuda::packed_w13_bytes(op.experts(), static_cast<int>(g.value(n.inputs[0]).shape()[1].fixed),
+                                        op.intermediate());
+        },
+        [](const KernelCall& c, void* packed) {
+          const auto& op = static_cast<const ExpertsOp&>(*c.node.op);
+          cuda::pack_w13_interleaved(bf16_in(c, 2), op.experts(), hidden_of(c), op.intermediate(),
+                                     static_cast<uint16_t*>(packed), lane(c).stream);
+        }};
   return e;
 }
 
@@ -252,6 +285,19 @@ void register_experts(KernelRegistry& r) {
   //    2x1 clusters up to 2048 rows (mixtral T=8192 8892 against 9235-9291 µs);
   //  - the 2x1 clusters and 128x128 tiles are never preferred now, and every configuration still
   //    runs where forced (--kernel), except the clusters below 128 rows.
+  //  - GEMM 1 with SwiGLU in its epilogue (w13 packed once at bind time) ahead of the same tiles
+  //    without it, in the same ranges (registered first: ties go to it). Same call, CUDA graph
+  //    (bench/NOTES.md "SwiGLU in GEMM 1's epilogue"): 64x256 qwen3 / qwen1.5 T=2048 616-621 / 514-519
+  //    against 651 / 547 µs, T=512 527 / 454 against 536 / 463; deepseek-v3 T=2048 8763 against
+  //    8925; 128x256 at T=8192: qwen3 1447-1460 against 1474, deepseek-v3 12834 against 12987,
+  //    qwen1.5 even (1244-1271 against 1270). Not on huge experts: mixtral-8x7b T=8192 9421-9638
+  //    against 9274 µs, so the unfused tiles keep them.
+  r.add(cutlass_grouped("cuda.cutlass_swiglu_narrow", 6, cuda::CutlassTiles::narrow,
+                        {.huge_min_rows = 128, .preferred_to = 192, .elsewhere = 4, .preferred_on_huge = false},
+                        "64x256 tiles, ping-pong (an expert's rows padded to 64)", true));
+  r.add(cutlass_grouped("cuda.cutlass_swiglu_wide_single", 6, cuda::CutlassTiles::wide_single,
+                        {.huge_min_rows = 128, .preferred_from = 192, .elsewhere = 3, .preferred_on_huge = false},
+                        "128x256 tiles, no cluster (an expert's rows padded to 128)", true));
   r.add(cutlass_grouped("cuda.cutlass_grouped_narrow", 6, cuda::CutlassTiles::narrow,
                         {.huge_min_rows = 128, .preferred_to = 192, .elsewhere = 4},
                         "64x256 tiles, ping-pong (an expert's rows padded to 64)"));

@@ -6,6 +6,9 @@
 #include <chrono>
 #include <cstdio>
 #include <functional>
+#include <map>
+#include <memory>
+#include <mutex>
 #include <thread>
 
 #include "graph/error.hpp"
@@ -51,6 +54,8 @@ struct CudaExecutor::State {
   int32_t* live_tokens_host = nullptr;             // ...pinned host memory by the graph's first node
   std::unique_ptr<LaneThreads> lane_threads;       // set when a step holds the host and there are lanes beside it
   IssueOrder issue_order;
+  std::vector<std::shared_ptr<std::byte>> packed;  // device, per Plan::packed: held while this executor is
+  const std::byte* packed_from = nullptr;          // the weights arena they were found for
 };
 
 CudaExecutor::State::~State() {
@@ -201,6 +206,70 @@ void CudaExecutor::issue(const DeviceArena& inputs, const DeviceArena& weights, 
   MOEFLOW_CUDA_CHECK(cudaEventRecord(s.run_end, main));
 }
 
+void* CudaExecutor::locate(ValueId v, const DeviceArena& inputs, const DeviceArena& weights) const {
+  switch (plan_.buffer(v).arena) {
+    case Arena::inputs: return inputs.data(v);
+    // By this plan's offset: a weights arena may be lent by a session of another plan of the same
+    // layer (a fused or unfused graph numbers its values differently; the offsets agree).
+    case Arena::weights: return weights.base() + plan_.buffer(v).offset;
+    case Arena::workspace: return s_->workspace->data(v);
+    case Arena::host: return s_->host->data(v);
+  }
+  return nullptr;
+}
+
+namespace {
+
+// Packed weights by the source weight's device address and the layout. The executors of several
+// plans of one layer (a benchmark's serial, concurrent and captured plans, sharing one weights
+// arena) share one copy of each; the last executor holding it frees it. The weights outlive it: a
+// session keeps its weights arena while its executor exists.
+struct PackedWeights {
+  std::mutex mutex;
+  std::map<std::pair<const void*, std::string>, std::weak_ptr<std::byte>> copies;
+};
+PackedWeights& packed_weights() {
+  static PackedWeights p;
+  return p;
+}
+
+}  // namespace
+
+// The plan's packed weights for `weights`: found where another executor has them, else written once
+// on lane 0's stream and waited for, before any run or capture reads them.
+void CudaExecutor::ensure_packed(const DeviceArena& inputs, const DeviceArena& weights) {
+  State& s = *s_;
+  if (plan_.packed.empty() || s.packed_from == weights.base()) return;
+  const Graph& g = *plan_.graph;
+  PackedWeights& cache = packed_weights();
+  const std::lock_guard<std::mutex> lock(cache.mutex);
+  s.packed.clear();
+  for (const PackedCopy& c : plan_.packed) {
+    const auto key = std::make_pair(static_cast<const void*>(locate(c.source, inputs, weights)), c.layout);
+    if (std::shared_ptr<std::byte> held = cache.copies[key].lock()) {
+      s.packed.push_back(std::move(held));
+      continue;
+    }
+    const PlanStep& step = plan_.step_for(c.first_reader);
+    const Node& n = g.node(c.first_reader);
+    require_device_bytes(s.device, c.bytes, "node '" + n.name + "': " + g.value(c.source).name + " packed as " + c.layout);
+    void* bytes = nullptr;
+    MOEFLOW_CUDA_CHECK(cudaMalloc(&bytes, static_cast<std::size_t>(c.bytes)));
+    std::shared_ptr<std::byte> copy(static_cast<std::byte*>(bytes), [](std::byte* p) { cudaFree(p); });
+    std::vector<void*> in, out;
+    for (ValueId v : n.inputs) in.push_back(locate(v, inputs, weights));
+    for (ValueId v : n.outputs) out.push_back(locate(v, inputs, weights));
+    step.kernel->packed_weight->write(KernelCall{g, n, in, out, g.max_tokens_of(n), &s.lanes[0]}, copy.get());
+    if (const cudaError_t launch = cudaGetLastError(); launch != cudaSuccess)
+      fail_resource("node '" + n.name + "' (" + step.kernel->name + "): packing " + g.value(c.source).name +
+                    " failed: " + cudaGetErrorString(launch));
+    MOEFLOW_CUDA_CHECK(cudaStreamSynchronize(s.streams[0]));
+    cache.copies[key] = copy;
+    s.packed.push_back(std::move(copy));
+  }
+  s.packed_from = weights.base();
+}
+
 // One step on its lane's stream: its cross-lane waits, its kernel, its timing records and the
 // event other lanes wait on.
 void CudaExecutor::issue_step(std::size_t i, const DeviceArena& inputs, const DeviceArena& weights, int64_t tokens,
@@ -212,22 +281,11 @@ void CudaExecutor::issue_step(std::size_t i, const DeviceArena& inputs, const De
   cuda::LaneContext& lane = s.lanes[static_cast<std::size_t>(step.lane)];
   for (NodeId w : step.waits)
     MOEFLOW_CUDA_CHECK(cudaStreamWaitEvent(lane.stream, s.done[static_cast<std::size_t>(plan_.step_of_node[static_cast<std::size_t>(w)])], 0));
-  auto locate = [&](ValueId v) -> void* {
-    switch (plan_.buffer(v).arena) {
-      case Arena::inputs: return inputs.data(v);
-      // By this plan's offset: a weights arena may be lent by a session of another plan of the same
-      // layer (a fused or unfused graph numbers its values differently; the offsets agree).
-      case Arena::weights: return weights.base() + plan_.buffer(v).offset;
-      case Arena::workspace: return s.workspace->data(v);
-      case Arena::host: return s.host->data(v);
-    }
-    return nullptr;
-  };
   std::vector<void*> in, out;
   in.reserve(n.inputs.size());
   out.reserve(n.outputs.size());
-  for (ValueId v : n.inputs) in.push_back(locate(v));
-  for (ValueId v : n.outputs) out.push_back(locate(v));
+  for (ValueId v : n.inputs) in.push_back(locate(v, inputs, weights));
+  for (ValueId v : n.outputs) out.push_back(locate(v, inputs, weights));
   if (timing == NodeTiming::events) MOEFLOW_CUDA_CHECK(cudaEventRecord(s.node_start[i], lane.stream));
   if (timing == NodeTiming::stamps) cuda::record_global_time(s.stamps + 2 * i, lane.stream);
   // A chunk the run's tokens do not reach has no rows: it runs (its events still fire) and
@@ -236,7 +294,8 @@ void CudaExecutor::issue_step(std::size_t i, const DeviceArena& inputs, const De
     step.kernel->run(KernelCall{g, n, in, out, rows, &lane,
                                 step.workspace_bytes ? s.workspace->base() + step.workspace_offset : nullptr,
                                 step.host_workspace_bytes ? s.host->base() + step.host_workspace_offset : nullptr,
-                                comm_, live_tokens, step.starts_early});
+                                comm_, live_tokens, step.starts_early,
+                                step.packed >= 0 ? s.packed[static_cast<std::size_t>(step.packed)].get() : nullptr});
   // A launch the kernel's wrapper did not check fails here, on the thread that issued it (the
   // runtime keeps the last error per host thread, and lanes may be issued from their own threads).
   if (const cudaError_t launch = cudaGetLastError(); launch != cudaSuccess)
@@ -295,6 +354,7 @@ double CudaExecutor::run(const DeviceArena& inputs, const DeviceArena& weights, 
   if (tokens <= 0 || tokens > g.max_tokens())
     fail_input("tokens = " + std::to_string(tokens) + " must be in [1, " + std::to_string(g.max_tokens()) + "]");
   MOEFLOW_CUDA_CHECK(cudaSetDevice(s_->device));
+  ensure_packed(inputs, weights);
   issue(inputs, weights, tokens, trace ? NodeTiming::events : NodeTiming::none, s_->lane_threads != nullptr);
   wait_run_end();
   MOEFLOW_CUDA_CHECK(cudaGetLastError());
@@ -370,6 +430,7 @@ void CudaExecutor::capture_graph(const DeviceArena& inputs, const DeviceArena& w
   if (s.graph) MOEFLOW_CUDA_CHECK(cudaGraphDestroy(s.graph));
   s.graph_exec = nullptr;
   s.graph = nullptr;
+  ensure_packed(inputs, weights);  // outside the graph: written once, not on every replay
   MOEFLOW_CUDA_CHECK(cudaStreamSynchronize(s.streams[0]));
   *s.live_tokens_host = static_cast<int32_t>(tokens);
   MOEFLOW_CUDA_CHECK(cudaStreamBeginCapture(s.streams[0], cudaStreamCaptureModeThreadLocal));

@@ -57,6 +57,8 @@ class CudaExecutor {
   void capture_graph(const DeviceArena& inputs, const DeviceArena& weights, int64_t tokens, bool stamped, bool live);
   void fill_trace(Trace& trace, int64_t tokens, const std::vector<double>& start_us, const std::vector<double>& end_us) const;
   void check_device_flags();
+  void* locate(ValueId v, const DeviceArena& inputs, const DeviceArena& weights) const;
+  void ensure_packed(const DeviceArena& inputs, const DeviceArena& weights);
   void wait_run_end();
   const Plan& plan_;
   const CommGroups* comm_;

@@ -9,6 +9,7 @@
 #include <cstdio>
 #include <memory>
 #include <stdexcept>
+#include <random>
 #include <string>
 #include <vector>
 
@@ -263,17 +264,37 @@ std::vector<uint16_t> run_decode(const Lane& lane, const Problem& p, int64_t ext
 
 // CUTLASS's grouped GEMM (sizes from the device offsets), in a workspace poisoned first so that an
 // array it failed to fill shows.
+// With `swiglu_epilogue`, w13 is packed first (poisoned before, so a row it failed to write shows)
+// and GEMM 1 applies SwiGLU in its epilogue; h is then null, so a kernel touching it faults.
 std::vector<uint16_t> run_cutlass(const Lane& lane, const Problem& p,
-                                  cuda::CutlassTiles tiles = cuda::CutlassTiles::general) {
+                                  cuda::CutlassTiles tiles = cuda::CutlassTiles::general, bool swiglu_epilogue = false) {
   DeviceProblem d(p);
   const std::size_t R = static_cast<std::size_t>(std::max<int64_t>(p.total(), 1));
   DeviceBuffer h(R * 2 * p.inter * 2), act(R * p.inter * 2), ws(cuda::cutlass_grouped_workspace_bytes(p.experts));
   ok(cudaMemset(ws.get(), 0xff, cuda::cutlass_grouped_workspace_bytes(p.experts)), "poison workspace");
+  const auto packed_bytes = static_cast<std::size_t>(cuda::packed_w13_bytes(p.experts, p.hidden, p.inter));
+  DeviceBuffer packed(swiglu_epilogue ? packed_bytes : 1);
+  if (swiglu_epilogue) {
+    ok(cudaMemset(packed.get(), 0xff, packed_bytes), "poison packed w13");
+    cuda::pack_w13_interleaved(d.w13->as<uint16_t>(), p.experts, p.hidden, p.inter, packed.as<uint16_t>(), lane.ctx.stream);
+  }
   cuda::experts_cutlass_grouped(lane.ctx, d.rows->as<uint16_t>(), d.offsets->as<int32_t>(), p.experts, p.total(),
-                                p.hidden, p.inter, d.w13->as<uint16_t>(), d.w2->as<uint16_t>(), h.as<uint16_t>(),
-                                act.as<uint16_t>(), d.out.as<uint16_t>(), ws.get(), tiles);
+                                p.hidden, p.inter, d.w13->as<uint16_t>(), d.w2->as<uint16_t>(),
+                                swiglu_epilogue ? nullptr : h.as<uint16_t>(), act.as<uint16_t>(), d.out.as<uint16_t>(),
+                                ws.get(), tiles, swiglu_epilogue ? packed.as<uint16_t>() : nullptr);
   lane.sync();
   return download<uint16_t>(d.out, d.out_count);
+}
+
+// The SwiGLU epilogue against the same tiles' unfused GEMM, SwiGLU kernel, GEMM: the same mainloop and
+// accumulation order, gate and up rounded to bf16 as h holds them, so the bits must agree.
+void check_swiglu_epilogue(const Lane& lane, const Problem& p) {
+  for (const auto tiles : {cuda::CutlassTiles::narrow, cuda::CutlassTiles::wide_single}) {
+    const char* which = tiles == cuda::CutlassTiles::narrow ? "narrow" : "wide, no cluster";
+    const std::vector<uint16_t> fused = run_cutlass(lane, p, tiles, true);
+    EXPECT_EQ(fused, run_cutlass(lane, p, tiles)) << "SwiGLU epilogue, " << which << ", against the unfused GEMMs";
+    EXPECT_EQ(fused, run_cutlass(lane, p, tiles, true)) << "SwiGLU epilogue, " << which << ": rerun differs";
+  }
 }
 
 constexpr double kBf16Tolerance = 1e-2;
@@ -308,6 +329,7 @@ void check_all_strategies(const std::vector<int>& counts, int hidden, int inter)
       EXPECT_LT(rel_error(widen(cutlass_bits), loop), kBf16Tolerance) << which << " vs loop";
       EXPECT_EQ(cutlass_bits, run_cutlass(lane, p, tiles)) << which << " rerun differs";
     }
+    if (hidden % 8 == 0 && inter % 8 == 0) check_swiglu_epilogue(lane, p);
   } else {
     std::printf("    cutlass grouped not run: %s\n", why.c_str());
   }
@@ -352,6 +374,46 @@ TEST(CublasExperts, MoreRowsThanATileAndSizesThatAreNoTileMultiple) {
   if (moeflow::cuda::device_count() == 0) GTEST_SKIP() << "no CUDA device";
   // 128x128x64 tiles: experts of 1, 129 and 300 rows, N = 2I = 272 and H = 200, K not a multiple of 64.
   check_all_strategies({300, 0, 129, 1, 0, 77}, 200, 136);
+}
+
+// Random counts over many experts, a few hundred rows each (several row tiles, ragged), I neither a
+// multiple of the packing's 128 features nor of a tile: the fused GEMM 1 against the unfused one.
+TEST(CublasExperts, SwigluEpilogueMatchesTheUnfusedGemmsOnLargeRandomShapes) {
+  if (moeflow::cuda::device_count() == 0) GTEST_SKIP() << "no CUDA device";
+  if (const std::string why = cuda::cutlass_grouped_unsupported(520, 200); !why.empty()) GTEST_SKIP() << why;
+  std::mt19937 rng(20261123);
+  Lane lane;
+  for (const auto& [hidden, inter] : {std::pair{520, 200}, std::pair{1024, 384}, std::pair{264, 520}}) {
+    std::vector<int> counts(12);
+    for (int& c : counts) c = std::uniform_int_distribution<int>(0, 5)(rng) == 0 ? 0 : std::uniform_int_distribution<int>(1, 700)(rng);
+    SCOPED_TRACE("H = " + std::to_string(hidden) + ", I = " + std::to_string(inter));
+    check_swiglu_epilogue(lane, make_problem(counts, hidden, inter));
+  }
+}
+
+TEST(CublasExperts, PackedW13InterleavesGateAndUpBy128Rows) {
+  if (moeflow::cuda::device_count() == 0) GTEST_SKIP() << "no CUDA device";
+  const int experts = 2, hidden = 16, inter = 136;  // two blocks of 128 features, the second mostly padding
+  const Problem p = make_problem({1, 1}, hidden, inter);
+  DeviceProblem d(p);
+  const auto bytes = static_cast<std::size_t>(cuda::packed_w13_bytes(experts, hidden, inter));
+  ASSERT_EQ(bytes, std::size_t{2} * 2 * 256 * hidden * 2);
+  DeviceBuffer packed(bytes);
+  ok(cudaMemset(packed.get(), 0xff, bytes), "poison");
+  Lane lane;
+  cuda::pack_w13_interleaved(d.w13->as<uint16_t>(), experts, hidden, inter, packed.as<uint16_t>(), lane.ctx.stream);
+  lane.sync();
+  const std::vector<uint16_t> w13 = download<uint16_t>(*d.w13, static_cast<std::size_t>(experts) * 2 * inter * hidden);
+  const std::vector<uint16_t> got = download<uint16_t>(packed, bytes / 2);
+  for (int e = 0; e < experts; ++e)
+    for (int row = 0; row < 512; ++row) {
+      const int block = row / 256, r = row % 256, feature = block * 128 + r % 128;
+      for (int k = 0; k < hidden; ++k) {
+        const uint16_t want = feature >= inter ? 0
+                              : w13[(static_cast<std::size_t>(e) * 2 * inter + (r < 128 ? feature : inter + feature)) * hidden + k];
+        ASSERT_EQ(got[(static_cast<std::size_t>(e) * 512 + row) * hidden + k], want) << "expert " << e << " row " << row << " k " << k;
+      }
+    }
 }
 
 TEST(CublasExperts, CutlassGroupedWithNoRowsWritesNothing) {

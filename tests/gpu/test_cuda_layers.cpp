@@ -4,11 +4,13 @@
 #include <gtest/gtest.h>
 
 #include <cstring>
+#include <sstream>
 
 #include "bench/cuda/cuda_session.hpp"
 #include "bench/multi_rank.hpp"
 #include "ops/comm_ops.hpp"
 #include "tests/family_cases.hpp"
+#include "graph/chunk.hpp"
 #include "graph/error.hpp"
 #include "kernels/cuda/device.hpp"
 #include "ops/kernel_registry.hpp"
@@ -183,7 +185,8 @@ TEST(CudaLayerGraph, OneCaptureForAnyTokensMatchesEagerRunsAtEveryT) {
   };
   // qwen3: E = 128, k = 8. decode: T·k <= E at the maximum; wide: 2048·8/128 = 128 rows per expert.
   for (const Case& c : {Case{"cuda.decode_gemv", 16}, Case{"cuda.cutlass_grouped", 96},
-                        Case{"cuda.cutlass_grouped_narrow", 96}, Case{"cuda.cutlass_grouped_wide", 2048}}) {
+                        Case{"cuda.cutlass_grouped_narrow", 96}, Case{"cuda.cutlass_grouped_wide", 2048},
+                        Case{"cuda.cutlass_swiglu_narrow", 96}, Case{"cuda.cutlass_swiglu_wide_single", 2048}}) {
     auto g = std::make_shared<const Graph>(build_experts_graph(config, {.max_tokens = c.max_tokens, .dtype = DType::bf16}));
     CudaSessionOptions so;
     so.plan.policy = Policy::concurrent;
@@ -250,7 +253,8 @@ TEST(CudaExpertsChoice, HugeExpertsTakeThePaddedGemmUnlessCaptured) {
       EXPECT_EQ(eager.kernel->name, "cuda.cublas_padded_to_max") << tokens << ": " << eager.reason;
       EXPECT_NE(eager.reason.find("ahead of CUTLASS on 336 MiB per expert"), std::string::npos) << eager.reason;
     }
-    // In a graph: 64-row tiles below 192 rows per expert (T=512: 128), 128-row ones from there.
+    // In a graph: 64-row tiles below 192 rows per expert (T=512: 128), 128-row ones from there;
+    // on such huge experts without the SwiGLU epilogue.
     EXPECT_EQ(experts_kernel(mixtral, tokens, true).kernel->name,
               tokens == 512 ? "cuda.cutlass_grouped_narrow" : "cuda.cutlass_grouped_wide_single")
         << tokens;
@@ -258,13 +262,56 @@ TEST(CudaExpertsChoice, HugeExpertsTakeThePaddedGemmUnlessCaptured) {
   // Below 128 rows per expert the padded GEMM declines, as before.
   EXPECT_NE(experts_kernel(mixtral, 256, false).kernel->name, "cuda.cublas_padded_to_max");
   const MoEConfig qwen3 = load_config("qwen3-30b-a3b");  // 9 MiB per expert
-  EXPECT_EQ(experts_kernel(qwen3, 8192, false).kernel->name, "cuda.cutlass_grouped_wide_single");  // 512 rows per expert
-  EXPECT_EQ(experts_kernel(qwen3, 2048, false).kernel->name, "cuda.cutlass_grouped_narrow");  // 128
-  EXPECT_EQ(experts_kernel(qwen3, 512, false).kernel->name, "cuda.cutlass_grouped_narrow");   // 32
+  EXPECT_EQ(experts_kernel(qwen3, 8192, false).kernel->name, "cuda.cutlass_swiglu_wide_single");  // 512 rows per expert
+  EXPECT_EQ(experts_kernel(qwen3, 2048, false).kernel->name, "cuda.cutlass_swiglu_narrow");  // 128
+  EXPECT_EQ(experts_kernel(qwen3, 512, false).kernel->name, "cuda.cutlass_swiglu_narrow");   // 32
   const MoEConfig deepseek = load_config("deepseek-v3");
-  EXPECT_EQ(experts_kernel(deepseek, 8192, true).kernel->name, "cuda.cutlass_grouped_wide_single");  // 256
-  EXPECT_EQ(experts_kernel(deepseek, 4096, true).kernel->name, "cuda.cutlass_grouped_narrow");       // 128
-  EXPECT_EQ(experts_kernel(deepseek, 256, true).kernel->name, "cuda.cutlass_grouped_narrow");  // 8
+  EXPECT_EQ(experts_kernel(deepseek, 8192, true).kernel->name, "cuda.cutlass_swiglu_wide_single");  // 256
+  EXPECT_EQ(experts_kernel(deepseek, 4096, true).kernel->name, "cuda.cutlass_swiglu_narrow");       // 128
+  EXPECT_EQ(experts_kernel(deepseek, 256, true).kernel->name, "cuda.cutlass_swiglu_narrow");  // 8
+}
+
+// Planning only (no device needed): a kernel that reads w13 packed gets one packed copy per (weight,
+// layout), listed in the plan (summary, memory table, DOT as a node run once at bind time) and
+// shared by the chunks of a chunked graph, outside the workspace.
+TEST(CudaPlan, PackedWeightsAreListedOnceAndSharedByChunks) {
+  const MoEConfig qwen3 = load_config("qwen3-30b-a3b");  // E = 128, H = 2048, I = 768
+  for (int chunks : {1, 4}) {
+    Graph g = build_experts_graph(qwen3, {.max_tokens = 8192, .dtype = DType::bf16});
+    if (chunks > 1) g = chunk_tokens(g, {.chunks = chunks});
+    PlanOptions o;
+    o.backend = Backend::cuda;
+    o.policy = Policy::concurrent;
+    const Plan plan = make_plan(std::make_shared<const Graph>(std::move(g)), o);
+    ASSERT_EQ(plan.packed.size(), 1u) << chunks << " chunks";
+    const int64_t bytes = int64_t{128} * 2 * 768 * 2048 * 2;  // I = 768 is six whole blocks of 128 features
+    EXPECT_EQ(plan.packed[0].bytes, bytes);
+    EXPECT_EQ(plan.packed_bytes, bytes);
+    EXPECT_EQ(plan.graph->value(plan.packed[0].source).name, "experts.w13");
+    int readers = 0;
+    for (const PlanStep& s : plan.steps)
+      if (s.packed >= 0) {
+        ++readers;
+        EXPECT_EQ(s.packed, 0);
+        EXPECT_EQ(s.kernel->name.rfind("cuda.cutlass_swiglu_", 0), 0u) << s.kernel->name;
+      }
+    EXPECT_EQ(readers, chunks);
+    std::ostringstream summary, memory, dot;
+    plan.write_summary(summary);
+    plan.write_memory(memory);
+    plan.write_dot(dot);
+    EXPECT_NE(summary.str().find("once, when the weights are bound: experts.w13 packed as w13 gate/up interleaved by 128 rows"),
+              std::string::npos) << summary.str();
+    EXPECT_NE(memory.str().find("packed     total " + std::to_string(bytes) + " bytes"), std::string::npos) << memory.str();
+    EXPECT_NE(dot.str().find("cluster_bind"), std::string::npos);
+  }
+  // Forcing the unfused tiles packs nothing.
+  PlanOptions o;
+  o.backend = Backend::cuda;
+  o.forced_kernels["experts"] = "cuda.cutlass_grouped_wide_single";
+  const Plan plain = make_plan(std::make_shared<const Graph>(build_experts_graph(qwen3, {.max_tokens = 8192, .dtype = DType::bf16})), o);
+  EXPECT_TRUE(plain.packed.empty());
+  EXPECT_EQ(plain.packed_bytes, 0);
 }
 
 // Planning only (no device needed): a gate of at most 4 tokens takes the one-launch router, more
