@@ -59,7 +59,8 @@ CpuExecutor::CpuExecutor(const Plan& plan, int threads, const CommGroups* comm)
               if (const int64_t rows = g.tokens_of(n, fl.tokens); rows > 0)
                 s.kernel->run(KernelCall{g, n, in, out, rows, nullptr,
                                          s.workspace_bytes ? workspace_.base() + s.workspace_offset : nullptr, nullptr,
-                                         comm_});
+                                         comm_, nullptr, false,
+                                         s.packed >= 0 ? packed_[static_cast<std::size_t>(s.packed)].get() : nullptr});
             } catch (...) {
               std::lock_guard<std::mutex> lock(fl.error_mutex);
               if (!fl.error) fl.error = std::current_exception();
@@ -115,6 +116,27 @@ void* CpuExecutor::locate(ValueId v) const {
   return nullptr;
 }
 
+// The plan's packed weights, written from `weights` before the first run (again only when another
+// weights arena is bound), by the first step that reads each, on this thread.
+void CpuExecutor::ensure_packed(const HostArena& weights) {
+  if (plan_.packed.empty() || packed_from_ == weights.base()) return;
+  const Graph& g = *plan_.graph;
+  packed_.clear();
+  for (const PackedCopy& c : plan_.packed) {
+    const Node& n = g.node(c.first_reader);
+    const PlanStep& step = plan_.step_for(c.first_reader);
+    std::vector<void*> in, out;
+    for (ValueId v : n.inputs) in.push_back(locate(v));
+    for (ValueId v : n.outputs) out.push_back(locate(v));
+    auto& copy = packed_.emplace_back(new std::byte[static_cast<std::size_t>(c.bytes)]);
+    flow_->arena.execute([&] {
+      step.kernel->packed_weight->write(KernelCall{g, n, in, out, g.max_tokens_of(n), nullptr, nullptr, nullptr, comm_},
+                                        copy.get());
+    });
+  }
+  packed_from_ = weights.base();
+}
+
 void CpuExecutor::run(const HostArena& inputs, const HostArena& weights, int64_t tokens, Trace* trace) {
   const Graph& g = *plan_.graph;
   if (tokens <= 0 || tokens > g.max_tokens())
@@ -123,6 +145,7 @@ void CpuExecutor::run(const HostArena& inputs, const HostArena& weights, int64_t
   FlowGraph& f = *flow_;
   f.inputs = &inputs;
   f.weights = &weights;
+  ensure_packed(weights);
   f.tokens = tokens;
   f.error = nullptr;
   std::vector<TraceEvent> events(trace ? plan_.steps.size() : 0);

@@ -3,7 +3,9 @@
 // run concurrently as tasks (a oneTBB flow graph whose edges are the lane order and the plan's
 // cross-lane waits), and kernels parallelise inside the same arena. The workspace is allocated once,
 // at the plan's size; inputs and weights are bound per run, so several plans share one set of weights.
+#include <cstddef>
 #include <memory>
+#include <vector>
 
 #include "scheduler/host_memory.hpp"
 #include "scheduler/plan.hpp"
@@ -35,7 +37,10 @@ class CpuExecutor {
   HostArena workspace_;
   HostArena host_;  // values the plan keeps in host memory on every backend (Arena::host)
   void* locate(ValueId v) const;  // a value's bytes by its buffer's arena
+  void ensure_packed(const HostArena& weights);
   std::unique_ptr<FlowGraph> flow_;
+  std::vector<std::unique_ptr<std::byte[]>> packed_;  // per Plan::packed (16-byte aligned)
+  const std::byte* packed_from_ = nullptr;            // the weights arena they were written from
 };
 
 }  // namespace moeflow

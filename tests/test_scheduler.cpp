@@ -3,8 +3,11 @@
 #include <gmock/gmock.h>
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <chrono>
+#include <cstring>
 #include <functional>
+#include <limits>
 #include <fstream>
 #include <random>
 #include <sstream>
@@ -596,4 +599,68 @@ TEST(MemoryPlanner, ReduceWritesOverItsFirstAddendOnlyWhenNothingReadsItAfterwar
     return std::vector<float>(s.output(), s.output() + 29 * 256);
   };
   EXPECT_EQ(output_of(true), output_of(false));
+}
+
+// A kernel that reads a packed weight (KernelEntry::packed_weight): here an exact copy of w13, so its
+// results must equal the built-in kernel's. The copy is written once per executor and weights arena,
+// one copy serves every chunk, and runs after it read the copy, not w13 (w13 is overwritten with NaN
+// after the first run: the second run's output must not change).
+TEST(CpuExecutor, PackedWeightsAreWrittenOnceAndReadInsteadOfTheirSource) {
+  const MoEConfig config = load_config("qwen3-30b-a3b", {"hidden_size=64", "moe_intermediate_size=32", "num_experts=8"});
+  KernelRegistry registry = KernelRegistry::builtin();
+  const KernelEntry* plain = registry.find("cpu.grouped_swiglu", Backend::cpu);
+  ASSERT_NE(plain, nullptr);
+  KernelEntry packed = *plain;
+  packed.name = "test.grouped_swiglu_from_copy";
+  packed.priority = 100;
+  auto writes = std::make_shared<int>(0);
+  const auto w13_bytes = [](const Graph& g, const Node& n) { return g.value(n.inputs[2]).bytes(g.max_tokens()); };
+  packed.packed_weight = PackedWeight{2, "a copy of w13", w13_bytes, [writes, w13_bytes](const KernelCall& c, void* to) {
+                                        ++*writes;
+                                        std::memcpy(to, c.inputs[2], static_cast<std::size_t>(w13_bytes(c.graph, c.node)));
+                                      }};
+  packed.run = [run = plain->run](const KernelCall& c) {
+    ASSERT_NE(c.packed, nullptr);
+    std::vector<void*> in(c.inputs.begin(), c.inputs.end());
+    in[2] = c.packed;
+    run(KernelCall{c.graph, c.node, in, c.outputs, c.tokens, c.lane, c.workspace, c.host_workspace, c.comm});
+  };
+  registry.add(packed);
+  for (int chunks : {1, 3}) {
+    SCOPED_TRACE(std::to_string(chunks) + " chunk(s)");
+    Graph graph = build_experts_graph(config, {.max_tokens = 24});
+    if (chunks > 1) graph = chunk_tokens(graph, {.chunks = chunks});
+    auto g = std::make_shared<const Graph>(std::move(graph));
+    PlanOptions po;
+    po.fuse = false;
+    po.policy = Policy::concurrent;
+    PlanOptions reference_options = po;
+    po.registry = &registry;
+    const Plan plan = make_plan(g, po);
+    const Plan reference_plan = make_plan(g, reference_options);
+    ASSERT_EQ(plan.packed.size(), 1u);
+    EXPECT_EQ(plan.packed[0].bytes, int64_t{8} * 2 * 32 * 64 * 4);
+    int readers = 0;
+    for (const PlanStep& s : plan.steps) readers += s.packed == 0;
+    EXPECT_EQ(readers, chunks);
+    HostArena inputs(plan, Arena::inputs), weights(plan, Arena::weights);
+    fill_random(plan, inputs, 24, 5);
+    fill_random(plan, weights, 24, 5);
+    const ValueId out = g->outputs()[0];
+    const std::size_t n = static_cast<std::size_t>(g->value(out).bytes(24) / 4);
+    CpuExecutor reference(reference_plan, 2);
+    reference.run(inputs, weights, 24);
+    const std::vector<float> want(static_cast<const float*>(reference.data(out)), static_cast<const float*>(reference.data(out)) + n);
+    *writes = 0;
+    CpuExecutor exec(plan, 2);
+    exec.run(inputs, weights, 24);
+    const auto* got = static_cast<const float*>(exec.data(out));
+    for (std::size_t i = 0; i < n; ++i) ASSERT_EQ(got[i], want[i]) << i;
+    float* w13 = weights.as<float>(*g->find_value("experts.w13"));
+    std::fill(w13, w13 + plan.packed[0].bytes / 4, std::numeric_limits<float>::quiet_NaN());
+    exec.run(inputs, weights, 17);
+    exec.run(inputs, weights, 24);
+    for (std::size_t i = 0; i < n; ++i) ASSERT_EQ(got[i], want[i]) << "after w13 was overwritten, " << i;
+    EXPECT_EQ(*writes, 1);
+  }
 }
