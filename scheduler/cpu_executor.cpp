@@ -121,19 +121,21 @@ void* CpuExecutor::locate(ValueId v) const {
 void CpuExecutor::ensure_packed(const HostArena& weights) {
   if (plan_.packed.empty() || packed_from_ == weights.base()) return;
   const Graph& g = *plan_.graph;
-  packed_.clear();
+  // Built aside and swapped in at the end: a failure part-way leaves the executor as it was.
+  std::vector<std::unique_ptr<std::byte[]>> written;
   for (const PackedCopy& c : plan_.packed) {
     const Node& n = g.node(c.first_reader);
     const PlanStep& step = plan_.step_for(c.first_reader);
     std::vector<void*> in, out;
     for (ValueId v : n.inputs) in.push_back(locate(v));
     for (ValueId v : n.outputs) out.push_back(locate(v));
-    auto& copy = packed_.emplace_back(new std::byte[static_cast<std::size_t>(c.bytes)]);
+    auto& copy = written.emplace_back(new std::byte[static_cast<std::size_t>(c.bytes)]);
     flow_->arena.execute([&] {
       step.kernel->packed_weight->write(KernelCall{g, n, in, out, g.max_tokens_of(n), nullptr, nullptr, nullptr, comm_},
                                         copy.get());
     });
   }
+  packed_ = std::move(written);
   packed_from_ = weights.base();
 }
 

@@ -38,11 +38,16 @@ void Plan::write_summary(std::ostream& out) const {
         << std::setw(24) << s.kernel->name << std::setw(14) << us(s.predicted_s) << (waits.empty() ? "" : waits + "; ")
         << s.reason << "\n";
   }
-  for (const PackedCopy& c : packed)
+  for (std::size_t i = 0; i < packed.size(); ++i) {
+    const PackedCopy& c = packed[i];
+    int readers = 0;
+    for (const PlanStep& s : steps) readers += s.packed == static_cast<int>(i);
     out << "  once, when the weights are bound: " << g.value(c.source).name << " packed as " << c.layout << " ("
-        << mib(c.bytes) << ") for " << g.node(c.first_reader).name << "\n";
+        << mib(c.bytes) << "), read by " << readers << " step(s) from " << g.node(c.first_reader).name << " on\n";
+  }
   out << "  predicted: " << us(predicted_makespan_s) << " (serial sum " << us(predicted_serial_s) << "); workspace "
-      << mib(bytes(Arena::workspace)) << ", weights " << mib(bytes(Arena::weights)) << ", inputs "
+      << mib(bytes(Arena::workspace)) << ", weights " << mib(bytes(Arena::weights))
+      << (packed.empty() ? std::string() : " (+ " + mib(packed_bytes) + " packed)") << ", inputs "
       << mib(bytes(Arena::inputs)) << "\n";
 }
 
@@ -72,7 +77,8 @@ void Plan::write_memory(std::ostream& out) const {
   }
   for (const PackedCopy& c : packed)
     out << "  " << std::left << std::setw(10) << "packed" << std::setw(28) << g.value(c.source).name << std::setw(22)
-        << "written once" << std::right << std::setw(14) << "-" << std::setw(14) << c.bytes << "  " << c.layout << "\n";
+        << "-" << std::right << std::setw(14) << "-" << std::setw(14) << c.bytes
+        << "  " << c.layout << ", written once\n";
   if (!packed.empty())
     out << "  " << std::left << std::setw(10) << "packed" << " total " << packed_bytes << " bytes (" << mib(packed_bytes)
         << "): weights in a kernel's own layout, beside the weights\n";
@@ -88,6 +94,7 @@ void Plan::write_dot(std::ostream& out) const {
   std::ostringstream label;
   label << "plan: " << to_string(options.backend) << " " << to_string(options.policy) << ", " << lanes.size()
         << " lane(s), T<=" << g.max_tokens() << ", workspace " << mib(bytes(Arena::workspace))
+        << (packed.empty() ? std::string() : ", packed weights " + mib(packed_bytes))
         << "; #k = issue order, red = cross-lane wait";
   for (const std::string& note : notes) label << "\\n" << note;
   doc.graph_attrs({{"rankdir", "LR"}, {"newrank", "true"}, {"fontname", "Helvetica"}, {"label", label.str()}});

@@ -178,7 +178,8 @@ CudaSession::CudaSession(std::shared_ptr<const Graph> graph, CudaSessionOptions 
     loaded_ = share_weights->loaded_;
   }
   require_device_bytes(device,
-                       (weights_ ? 0 : plan_.bytes(Arena::weights)) + plan_.bytes(Arena::workspace) + plan_.bytes(Arena::inputs),
+                       (weights_ ? 0 : plan_.bytes(Arena::weights)) + plan_.bytes(Arena::workspace) + plan_.bytes(Arena::inputs) +
+                           plan_.packed_bytes,  // at most: a copy another executor holds is shared
                        what.str());
   if (!weights_) {
     weights_ = std::make_shared<DeviceArena>(plan_, Arena::weights, device);

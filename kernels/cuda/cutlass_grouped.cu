@@ -2,6 +2,7 @@
 
 #include <cuda_runtime.h>
 
+#include <limits>
 #include <string>
 #include <type_traits>
 
@@ -75,6 +76,8 @@ void pack_w13_interleaved(const uint16_t* w13, int experts, int hidden, int inte
     fail_input("pack_w13_interleaved: E = " + std::to_string(experts) + ", H = " + std::to_string(hidden) +
                ", I = " + std::to_string(intermediate) + " (H must be a positive multiple of 8)");
   const int64_t rows = static_cast<int64_t>(experts) * 2 * packed_w13_features(intermediate);
+  if (rows > std::numeric_limits<int32_t>::max())
+    fail_input("pack_w13_interleaved: " + std::to_string(rows) + " packed rows, more than a grid's blocks");
   pack_w13_rows<<<static_cast<unsigned>(rows), 128, 0, stream>>>(reinterpret_cast<const uint4*>(w13), hidden / 8,
                                                                  intermediate, packed_w13_features(intermediate),
                                                                  reinterpret_cast<uint4*>(packed));

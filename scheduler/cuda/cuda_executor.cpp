@@ -243,11 +243,12 @@ void CudaExecutor::ensure_packed(const DeviceArena& inputs, const DeviceArena& w
   const Graph& g = *plan_.graph;
   PackedWeights& cache = packed_weights();
   const std::lock_guard<std::mutex> lock(cache.mutex);
-  s.packed.clear();
+  // Built aside and swapped in at the end: a failure part-way leaves the executor as it was.
+  std::vector<std::shared_ptr<std::byte>> found;
   for (const PackedCopy& c : plan_.packed) {
     const auto key = std::make_pair(static_cast<const void*>(locate(c.source, inputs, weights)), c.layout);
     if (std::shared_ptr<std::byte> held = cache.copies[key].lock()) {
-      s.packed.push_back(std::move(held));
+      found.push_back(std::move(held));
       continue;
     }
     const PlanStep& step = plan_.step_for(c.first_reader);
@@ -265,8 +266,17 @@ void CudaExecutor::ensure_packed(const DeviceArena& inputs, const DeviceArena& w
                     " failed: " + cudaGetErrorString(launch));
     MOEFLOW_CUDA_CHECK(cudaStreamSynchronize(s.streams[0]));
     cache.copies[key] = copy;
-    s.packed.push_back(std::move(copy));
+    found.push_back(std::move(copy));
   }
+  std::erase_if(cache.copies, [](const auto& entry) { return entry.second.expired(); });
+  // A graph captured against other weights would replay with copies this executor lets go.
+  if (s.packed_from != nullptr && s.graph_exec != nullptr) {
+    MOEFLOW_CUDA_CHECK(cudaGraphExecDestroy(s.graph_exec));
+    MOEFLOW_CUDA_CHECK(cudaGraphDestroy(s.graph));
+    s.graph_exec = nullptr;
+    s.graph = nullptr;
+  }
+  s.packed = std::move(found);
   s.packed_from = weights.base();
 }
 

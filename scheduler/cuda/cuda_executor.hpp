@@ -1,4 +1,8 @@
 #pragma once
+// Weights: the arena a run or capture is given must outlive the executor's use of it and keep its
+// contents; weights a kernel reads packed (Plan::packed) are derived from it once, and shared with
+// other executors given the same weights (keyed by the weights' device addresses). Giving another
+// arena repacks, and drops a graph captured against the previous one.
 // Runs a Plan on one GPU: each lane is a CUDA stream (the critical lane at the highest priority, the
 // others lowest), each cross-lane wait an event, every activation in one device allocation sized by
 // the plan's buffer table, one cuBLAS handle and workspace per stream. A run can be issued eagerly

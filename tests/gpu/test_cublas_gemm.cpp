@@ -272,6 +272,7 @@ std::vector<uint16_t> run_cutlass(const Lane& lane, const Problem& p,
   const std::size_t R = static_cast<std::size_t>(std::max<int64_t>(p.total(), 1));
   DeviceBuffer h(R * 2 * p.inter * 2), act(R * p.inter * 2), ws(cuda::cutlass_grouped_workspace_bytes(p.experts));
   ok(cudaMemset(ws.get(), 0xff, cuda::cutlass_grouped_workspace_bytes(p.experts)), "poison workspace");
+  ok(cudaMemset(act.get(), 0xff, R * p.inter * 2), "poison act");  // an act element nobody wrote shows
   const auto packed_bytes = static_cast<std::size_t>(cuda::packed_w13_bytes(p.experts, p.hidden, p.inter));
   DeviceBuffer packed(swiglu_epilogue ? packed_bytes : 1);
   if (swiglu_epilogue) {
