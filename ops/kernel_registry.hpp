@@ -59,8 +59,8 @@ struct Support {
 // A weight the kernel reads in a layout of its own (w13 with gate and up rows interleaved, for a
 // SwiGLU epilogue), derived from one of the node's weight inputs once, when the weights are bound,
 // and never on a run. Nodes whose kernels pack the same input with the same `layout` share one copy
-// (the chunks of a chunked graph, say). The plan lists each copy (Plan::packed) and the executor
-// holds them in one allocation beside the workspace.
+// (the chunks of a chunked graph, say). The plan lists each copy (Plan::packed); the executors write
+// each before their first run, outside the workspace.
 struct PackedWeight {
   int input = 0;       // the node input (a weight) the copy is derived from
   std::string layout;  // what the copy holds, e.g. "w13 gate/up interleaved by 128 rows"

@@ -50,14 +50,12 @@ CpuExecutor::CpuExecutor(const Plan& plan, int threads, const CommGroups* comm)
             if (fl.error) return tbb::flow::continue_msg();  // a node failed: let the rest drain
             const PlanStep& s = plan_.steps[i];
             const Node& n = g.node(s.node);
-            std::vector<void*> in, out;
-            for (ValueId v : n.inputs) in.push_back(locate(v));
-            for (ValueId v : n.outputs) out.push_back(locate(v));
+            const Operands o = operands(n);
             const auto t0 = Clock::now();
             try {
               // A chunk the run's tokens do not reach has no rows: it runs and produces nothing.
               if (const int64_t rows = g.tokens_of(n, fl.tokens); rows > 0)
-                s.kernel->run(KernelCall{g, n, in, out, rows, nullptr,
+                s.kernel->run(KernelCall{g, n, o.in, o.out, rows, nullptr,
                                          s.workspace_bytes ? workspace_.base() + s.workspace_offset : nullptr, nullptr,
                                          comm_, nullptr, false,
                                          s.packed >= 0 ? packed_[static_cast<std::size_t>(s.packed)].get() : nullptr});
@@ -116,6 +114,13 @@ void* CpuExecutor::locate(ValueId v) const {
   return nullptr;
 }
 
+CpuExecutor::Operands CpuExecutor::operands(const Node& n) const {
+  Operands o;
+  for (ValueId v : n.inputs) o.in.push_back(locate(v));
+  for (ValueId v : n.outputs) o.out.push_back(locate(v));
+  return o;
+}
+
 // The plan's packed weights, written from `weights` before the first run (again only when another
 // weights arena is bound), by the first step that reads each, on this thread.
 void CpuExecutor::ensure_packed(const HostArena& weights) {
@@ -126,12 +131,10 @@ void CpuExecutor::ensure_packed(const HostArena& weights) {
   for (const PackedCopy& c : plan_.packed) {
     const Node& n = g.node(c.first_reader);
     const PlanStep& step = plan_.step_for(c.first_reader);
-    std::vector<void*> in, out;
-    for (ValueId v : n.inputs) in.push_back(locate(v));
-    for (ValueId v : n.outputs) out.push_back(locate(v));
+    const Operands o = operands(n);
     auto& copy = written.emplace_back(new std::byte[static_cast<std::size_t>(c.bytes)]);
     flow_->arena.execute([&] {
-      step.kernel->packed_weight->write(KernelCall{g, n, in, out, g.max_tokens_of(n), nullptr, nullptr, nullptr, comm_},
+      step.kernel->packed_weight->write(KernelCall{g, n, o.in, o.out, g.max_tokens_of(n), nullptr, nullptr, nullptr, comm_},
                                         copy.get());
     });
   }

@@ -37,6 +37,10 @@ class CpuExecutor {
   HostArena workspace_;
   HostArena host_;  // values the plan keeps in host memory on every backend (Arena::host)
   void* locate(ValueId v) const;  // a value's bytes by its buffer's arena
+  struct Operands {
+    std::vector<void*> in, out;
+  };
+  Operands operands(const Node& n) const;  // the node's inputs' and outputs' bytes, in node order
   void ensure_packed(const HostArena& weights);
   std::unique_ptr<FlowGraph> flow_;
   std::vector<std::unique_ptr<std::byte[]>> packed_;  // per Plan::packed (16-byte aligned)

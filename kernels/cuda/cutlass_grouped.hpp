@@ -47,7 +47,7 @@ void experts_cutlass_grouped(const LaneContext& ctx, const uint16_t* rows, const
 // w13 [E, 2I, H] rearranged for the SwiGLU epilogue: per expert, blocks of 2·kSwigluHalf rows, the gate
 // rows of kSwigluHalf features and then the up rows of the same features, so that one 256-column
 // tile of GEMM 1 holds both halves of its features; I is padded with zero rows to whole blocks.
-// Written once, when the weights are bound (KernelEntry::pack), never on a run.
+// Written once, when the weights are bound (KernelEntry::packed_weight), never on a run.
 constexpr int kSwigluHalf = 128;
 int64_t packed_w13_features(int intermediate);  // I rounded up to kSwigluHalf
 int64_t packed_w13_bytes(int experts, int hidden, int intermediate);

@@ -109,6 +109,10 @@ constexpr int64_t kHugeExpertBytes = int64_t{128} << 20;
 constexpr double kFoldSharedBytes = 0.25;
 int64_t expert_bytes(int64_t hidden, int intermediate) { return 3 * hidden * static_cast<int64_t>(intermediate) * 2; }
 bool huge_experts(int64_t hidden, int intermediate) { return expert_bytes(hidden, intermediate) > kHugeExpertBytes; }
+// The same question of an experts node (H from its rows input).
+bool huge_experts(const Graph& g, const Node& n) {
+  return huge_experts(g.value(n.inputs[0]).shape()[1].fixed, static_cast<const ExpertsOp&>(*n.op).intermediate());
+}
 std::string expert_mib(int64_t hidden, int intermediate) {
   return std::to_string(expert_bytes(hidden, intermediate) >> 20) + " MiB per expert";
 }
@@ -116,16 +120,18 @@ std::string expert_mib(int64_t hidden, int intermediate) {
 // Huge experts with a thousand rows each or more on average at the maximum T: the per-expert
 // loop's exact sizes beat padding to the largest expert (measurements at its registration).
 bool exact_sizes_pay(const Graph& g, const Node& n) {
-  const auto& op = static_cast<const ExpertsOp&>(*n.op);
-  return huge_experts(g.value(n.inputs[0]).shape()[1].fixed, op.intermediate()) &&
-         rows_per_expert(n, g.max_tokens_of(n)) >= 1024;
+  return huge_experts(g, n) && rows_per_expert(n, g.max_tokens_of(n)) >= 1024;
 }
 
+// act [R, I] in bf16: the scratch between the two GEMMs of the experts strategies.
+int64_t act_scratch_bytes(const Node& n, int64_t tokens) {
+  const auto& op = static_cast<const ExpertsOp&>(*n.op);
+  return align256(tokens * op.top_k() * op.intermediate() * 2);
+}
 // h [R, 2I] and act [R, I] in bf16 for the experts strategies that run on the permuted rows.
 int64_t experts_scratch_bytes(const Node& n, int64_t tokens) {
   const auto& op = static_cast<const ExpertsOp&>(*n.op);
-  const int64_t rows = tokens * op.top_k();
-  return align256(rows * 2 * op.intermediate() * 2) + align256(rows * op.intermediate() * 2);
+  return align256(tokens * op.top_k() * 2 * op.intermediate() * 2) + act_scratch_bytes(n, tokens);
 }
 
 // Where the bf16 scratch h [R, 2I] and act [R, I] sit in a workspace sized for the plan's maximum T.
@@ -175,12 +181,8 @@ struct RowRange {
 // SwiGLU launch; the scratch is act [R, I] alone.
 KernelEntry cutlass_grouped(std::string name, int priority, cuda::CutlassTiles tiles, RowRange range,
                             std::string tiles_text, bool swiglu_epilogue = false) {
-  auto act_bytes = [](const Node& n, int64_t tokens) {
-    const auto& op = static_cast<const ExpertsOp&>(*n.op);
-    return align256(tokens * op.top_k() * op.intermediate() * 2);
-  };
-  auto scratch_bytes = [swiglu_epilogue, act_bytes](const Node& n, int64_t tokens) {
-    return swiglu_epilogue ? act_bytes(n, tokens) : experts_scratch_bytes(n, tokens);
+  auto scratch_bytes = [swiglu_epilogue](const Node& n, int64_t tokens) {
+    return swiglu_epilogue ? act_scratch_bytes(n, tokens) : experts_scratch_bytes(n, tokens);
   };
   if (swiglu_epilogue) tiles_text += ", SwiGLU in GEMM 1's epilogue from w13 packed once";
   KernelEntry e = reading_live_tokens(launching(swiglu_epilogue ? 3 : 4, {"experts", Backend::cuda, std::move(name), priority,
@@ -220,9 +222,7 @@ KernelEntry cutlass_grouped(std::string name, int priority, cuda::CutlassTiles t
       }}));
   e.priority_on = [range, priority](const Graph& g, const Node& n) {
     const double mean = rows_per_expert(n, g.max_tokens_of(n));
-    if (!range.preferred_on_huge &&
-        huge_experts(g.value(n.inputs[0]).shape()[1].fixed, static_cast<const ExpertsOp&>(*n.op).intermediate()))
-      return range.elsewhere;
+    if (!range.preferred_on_huge && huge_experts(g, n)) return range.elsewhere;
     return mean >= range.preferred_from && mean < range.preferred_to ? priority : range.elsewhere;
   };
   if (swiglu_epilogue)
@@ -410,10 +410,7 @@ void register_experts(KernelRegistry& r) {
   // on the H100: mixtral-8x7b experts path T=2048 2334 against 2616 µs (wide CUTLASS), layer T=8192
   // 9040 against 9256 µs, and in 4 chunks of 2048 tokens 10200 against 11639 µs
   // (h100_mixtral_chunks_padded_vs_wide_2026-11-22.jsonl, h100_tune_2026-11-22.txt).
-  padded.priority_on = [](const Graph& g, const Node& n) {
-    const auto& op = static_cast<const ExpertsOp&>(*n.op);
-    return huge_experts(g.value(n.inputs[0]).shape()[1].fixed, op.intermediate()) ? 8 : 4;
-  };
+  padded.priority_on = [](const Graph& g, const Node& n) { return huge_experts(g, n) ? 8 : 4; };
   r.add(std::move(padded));
   // Three launches per touched expert; the planner counts one expert's worth.
   KernelEntry loop = launching(3, {"experts", Backend::cuda, "cuda.cublas_per_expert_loop", 1,

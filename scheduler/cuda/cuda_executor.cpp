@@ -206,6 +206,15 @@ void CudaExecutor::issue(const DeviceArena& inputs, const DeviceArena& weights, 
   MOEFLOW_CUDA_CHECK(cudaEventRecord(s.run_end, main));
 }
 
+CudaExecutor::Operands CudaExecutor::operands(const Node& n, const DeviceArena& inputs, const DeviceArena& weights) const {
+  Operands o;
+  o.in.reserve(n.inputs.size());
+  o.out.reserve(n.outputs.size());
+  for (ValueId v : n.inputs) o.in.push_back(locate(v, inputs, weights));
+  for (ValueId v : n.outputs) o.out.push_back(locate(v, inputs, weights));
+  return o;
+}
+
 void* CudaExecutor::locate(ValueId v, const DeviceArena& inputs, const DeviceArena& weights) const {
   switch (plan_.buffer(v).arena) {
     case Arena::inputs: return inputs.data(v);
@@ -257,10 +266,8 @@ void CudaExecutor::ensure_packed(const DeviceArena& inputs, const DeviceArena& w
     void* bytes = nullptr;
     MOEFLOW_CUDA_CHECK(cudaMalloc(&bytes, static_cast<std::size_t>(c.bytes)));
     std::shared_ptr<std::byte> copy(static_cast<std::byte*>(bytes), [](std::byte* p) { cudaFree(p); });
-    std::vector<void*> in, out;
-    for (ValueId v : n.inputs) in.push_back(locate(v, inputs, weights));
-    for (ValueId v : n.outputs) out.push_back(locate(v, inputs, weights));
-    step.kernel->packed_weight->write(KernelCall{g, n, in, out, g.max_tokens_of(n), &s.lanes[0]}, copy.get());
+    const Operands o = operands(n, inputs, weights);
+    step.kernel->packed_weight->write(KernelCall{g, n, o.in, o.out, g.max_tokens_of(n), &s.lanes[0]}, copy.get());
     if (const cudaError_t launch = cudaGetLastError(); launch != cudaSuccess)
       fail_resource("node '" + n.name + "' (" + step.kernel->name + "): packing " + g.value(c.source).name +
                     " failed: " + cudaGetErrorString(launch));
@@ -291,17 +298,13 @@ void CudaExecutor::issue_step(std::size_t i, const DeviceArena& inputs, const De
   cuda::LaneContext& lane = s.lanes[static_cast<std::size_t>(step.lane)];
   for (NodeId w : step.waits)
     MOEFLOW_CUDA_CHECK(cudaStreamWaitEvent(lane.stream, s.done[static_cast<std::size_t>(plan_.step_of_node[static_cast<std::size_t>(w)])], 0));
-  std::vector<void*> in, out;
-  in.reserve(n.inputs.size());
-  out.reserve(n.outputs.size());
-  for (ValueId v : n.inputs) in.push_back(locate(v, inputs, weights));
-  for (ValueId v : n.outputs) out.push_back(locate(v, inputs, weights));
+  const Operands o = operands(n, inputs, weights);
   if (timing == NodeTiming::events) MOEFLOW_CUDA_CHECK(cudaEventRecord(s.node_start[i], lane.stream));
   if (timing == NodeTiming::stamps) cuda::record_global_time(s.stamps + 2 * i, lane.stream);
   // A chunk the run's tokens do not reach has no rows: it runs (its events still fire) and
   // produces nothing.
   if (const int64_t rows = g.tokens_of(n, tokens); rows > 0)
-    step.kernel->run(KernelCall{g, n, in, out, rows, &lane,
+    step.kernel->run(KernelCall{g, n, o.in, o.out, rows, &lane,
                                 step.workspace_bytes ? s.workspace->base() + step.workspace_offset : nullptr,
                                 step.host_workspace_bytes ? s.host->base() + step.host_workspace_offset : nullptr,
                                 comm_, live_tokens, step.starts_early,

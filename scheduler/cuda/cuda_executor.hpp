@@ -62,6 +62,10 @@ class CudaExecutor {
   void fill_trace(Trace& trace, int64_t tokens, const std::vector<double>& start_us, const std::vector<double>& end_us) const;
   void check_device_flags();
   void* locate(ValueId v, const DeviceArena& inputs, const DeviceArena& weights) const;
+  struct Operands {
+    std::vector<void*> in, out;
+  };
+  Operands operands(const Node& n, const DeviceArena& inputs, const DeviceArena& weights) const;  // in node order
   void ensure_packed(const DeviceArena& inputs, const DeviceArena& weights);
   void wait_run_end();
   const Plan& plan_;
