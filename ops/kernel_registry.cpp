@@ -38,15 +38,23 @@ std::vector<const KernelEntry*> KernelRegistry::candidates(const std::string& op
 }
 
 namespace {
-// Whether `k` can run the node, a CUDA graph's constraint included.
-Support usable(const KernelEntry& k, const Graph& g, const Node& n, bool capturable) {
-  if (capturable && !k.host_inputs.empty()) return Support::no("needs a host sync, not capturable in a CUDA graph");
+// Why `limits` rule the kernel out, or empty.
+std::string outside_limits(const KernelEntry& k, const KernelLimits& limits) {
+  if (limits.capturable && !k.host_inputs.empty()) return "needs a host sync, not capturable in a CUDA graph";
+  if (!limits.packed_weights && k.packed_weight)
+    return "reads " + k.packed_weight->layout + ", a packed copy, and packed weights are off";
+  return {};
+}
+
+// Whether `k` can run the node within `limits`.
+Support usable(const KernelEntry& k, const Graph& g, const Node& n, const KernelLimits& limits) {
+  if (std::string why = outside_limits(k, limits); !why.empty()) return Support::no(std::move(why));
   return k.supports(g, n);
 }
 }  // namespace
 
 KernelChoice KernelRegistry::select(const Graph& g, const Node& n, Backend backend,
-                                    const std::map<std::string, std::string>& forced, bool capturable) const {
+                                    const std::map<std::string, std::string>& forced, const KernelLimits& limits) const {
   const std::vector<const KernelEntry*> list = candidates(n.op->kind(), backend);
   if (list.empty())
     fail_input("node '" + n.name + "': no " + std::string(to_string(backend)) + " kernel for op '" + n.op->kind() + "'");
@@ -56,9 +64,12 @@ KernelChoice KernelRegistry::select(const Graph& g, const Node& n, Backend backe
       if (k->name != it->second) continue;
       Support s = k->supports(g, n);
       if (!s.ok) fail_input("node '" + n.name + "': forced kernel '" + k->name + "' cannot run it: " + s.reason);
-      if (capturable && !k->host_inputs.empty())
+      if (limits.capturable && !k->host_inputs.empty())
         fail_input("node '" + n.name + "': forced kernel '" + k->name +
                    "' reads sizes on the host, which a CUDA graph cannot capture (drop --cuda-graph or the --kernel)");
+      if (!limits.packed_weights && k->packed_weight)
+        fail_input("node '" + n.name + "': forced kernel '" + k->name + "' reads " + k->packed_weight->layout +
+                   ", a packed copy, and packed weights are off (drop --no-packed-weights or the --kernel)");
       return {k, "forced by --kernel " + n.op->kind() + "=" + k->name + " (" + s.reason + ")"};
     }
     std::string names;
@@ -67,7 +78,7 @@ KernelChoice KernelRegistry::select(const Graph& g, const Node& n, Backend backe
                " kernel; known: " + names);
   }
   std::string refusals;
-  if (auto choice = select_any(g, n, backend, capturable, &refusals)) return *choice;
+  if (auto choice = select_any(g, n, backend, limits, &refusals)) return *choice;
   fail_input("node '" + n.name + "': no " + std::string(to_string(backend)) + " kernel supports it; " + refusals);
 }
 
@@ -78,10 +89,10 @@ const KernelEntry* KernelRegistry::find(const std::string& name, Backend backend
 }
 
 std::optional<KernelChoice> KernelRegistry::select_named(const Graph& g, const Node& n, Backend backend,
-                                                         const std::string& name, bool capturable) const {
+                                                         const std::string& name, const KernelLimits& limits) const {
   for (const KernelEntry* k : candidates(n.op->kind(), backend)) {
     if (k->name != name) continue;
-    const Support s = usable(*k, g, n, capturable);
+    const Support s = usable(*k, g, n, limits);
     if (s.ok) return KernelChoice{k, s.reason};
     return std::nullopt;
   }
@@ -89,14 +100,14 @@ std::optional<KernelChoice> KernelRegistry::select_named(const Graph& g, const N
 }
 
 std::optional<KernelChoice> KernelRegistry::select_any(const Graph& g, const Node& n, Backend backend,
-                                                       bool capturable, std::string* refusals) const {
+                                                       const KernelLimits& limits, std::string* refusals) const {
   // Each candidate's priority on this node, asked once (priority_on may look at the whole graph).
   std::vector<std::pair<int, const KernelEntry*>> ranked;
   for (const KernelEntry* k : candidates(n.op->kind(), backend)) ranked.emplace_back(k->priority_for(g, n), k);
   std::stable_sort(ranked.begin(), ranked.end(), [](const auto& a, const auto& b) { return a.first > b.first; });
   std::string why;
   for (const auto& [priority, k] : ranked) {
-    const Support s = usable(*k, g, n, capturable);
+    const Support s = usable(*k, g, n, limits);
     if (s.ok) return KernelChoice{k, s.reason};
     why += (why.empty() ? "" : "; ") + k->name + ": " + s.reason;
   }

@@ -121,6 +121,12 @@ struct KernelChoice {
   std::string reason;
 };
 
+// What a plan rules out beyond each kernel's supports().
+struct KernelLimits {
+  bool capturable = false;     // pass over kernels that read inputs on the host (a CUDA graph cannot sync)
+  bool packed_weights = true;  // false: pass over kernels that read a packed copy of a weight (PackedWeight)
+};
+
 class KernelRegistry {
  public:
   // Every kernel moeflow ships, registered once.
@@ -132,19 +138,17 @@ class KernelRegistry {
   const KernelEntry* find(const std::string& name, Backend backend) const;
   // The highest-priority kernel that supports the node, or the forced one. Throws Error(bad_input)
   // naming the node and every candidate's reason when none can run it.
-  // With `capturable`, kernels that read inputs on the host are passed over (a CUDA graph cannot
-  // contain a host synchronisation).
+  // Kernels the `limits` rule out are passed over (a forced one is an error).
   KernelChoice select(const Graph& g, const Node& n, Backend backend,
-                      const std::map<std::string, std::string>& forced = {}, bool capturable = false) const;
-  // The kernel called `name` where it exists and can run the node (and be captured, with
-  // `capturable`); its reason is its supports() reason. None otherwise: the caller falls back.
+                      const std::map<std::string, std::string>& forced = {}, const KernelLimits& limits = {}) const;
+  // The kernel called `name` where it exists, can run the node and is within `limits`; its reason is
+  // its supports() reason. None otherwise: the caller falls back.
   std::optional<KernelChoice> select_named(const Graph& g, const Node& n, Backend backend, const std::string& name,
-                                           bool capturable = false) const;
-  // The highest-priority kernel (priority_for the node) that can run the node (and be captured, with
-  // `capturable`), or none:
-  // for callers that have another way (the fuse pass leaves a chain unfused). Where there is none and
-  // `refusals` is given, it gets every candidate's reason ("name: why; ...").
-  std::optional<KernelChoice> select_any(const Graph& g, const Node& n, Backend backend, bool capturable = false,
+                                           const KernelLimits& limits = {}) const;
+  // The highest-priority kernel (priority_for the node) that can run the node within `limits`, or
+  // none: for callers that have another way (the fuse pass leaves a chain unfused). Where there is
+  // none and `refusals` is given, it gets every candidate's reason ("name: why; ...").
+  std::optional<KernelChoice> select_any(const Graph& g, const Node& n, Backend backend, const KernelLimits& limits = {},
                                          std::string* refusals = nullptr) const;
 
  private:

@@ -48,6 +48,12 @@ struct PlanOptions {
   // Let a kernel start while the previous one of its lane runs where both allow it (CUDA's
   // programmatic dependent launch; PlanStep::starts_early).
   bool early_start = true;
+  // Let kernels read a weight packed once at bind time (PackedWeight: w13 interleaved for a SwiGLU
+  // epilogue); off (--no-packed-weights, or CudaSession where the copies would not fit in device
+  // memory) they are passed over, and the plan holds no packed copy.
+  bool packed_weights = true;
+
+  KernelLimits limits() const { return {.capturable = capturable, .packed_weights = packed_weights}; }
 };
 
 struct Lane {

@@ -466,7 +466,7 @@ std::optional<KernelChoice> tuned_choice(const KernelRegistry& registry, const G
   if (!options.tuning || options.forced_kernels.count(n.op->kind())) return std::nullopt;
   const TunedKernel* t = options.tuning->find(options.tuning_device, tuning_signature(g, n), g.tokens_of(n, T));
   if (!t) return std::nullopt;
-  std::optional<KernelChoice> c = registry.select_named(g, n, options.backend, t->kernel, options.capturable);
+  std::optional<KernelChoice> c = registry.select_named(g, n, options.backend, t->kernel, options.limits());
   if (!c) return std::nullopt;
   std::ostringstream why;
   why << "tuned: fastest measured at T=" << t->tokens << " on " << t->device << " (" << std::fixed
@@ -500,7 +500,7 @@ std::shared_ptr<const Graph> fused_where_a_kernel_runs_it(const KernelRegistry& 
         if (forced && !folds_shared) return true;
         if (forced) {
           const std::string& name = options.forced_kernels.at("fused_experts");
-          if (registry.select_named(fused, n, options.backend, name, options.capturable)) return true;
+          if (registry.select_named(fused, n, options.backend, name, options.limits())) return true;
           declined[n.name] = "shared expert not folded in: the forced " + name + " does not run it";
           return false;
         }
@@ -514,7 +514,7 @@ std::shared_ptr<const Graph> fused_where_a_kernel_runs_it(const KernelRegistry& 
                                                               g.tokens_of(g.node(*experts), tuned_tokens(g, options)))
                                       : nullptr;
         // (select_named answers for the experts node, so a cached fused kernel never matches here.)
-        if (tuned && registry.select_named(g, g.node(*experts), options.backend, tuned->kernel, options.capturable)) {
+        if (tuned && registry.select_named(g, g.node(*experts), options.backend, tuned->kernel, options.limits())) {
           std::ostringstream why;
           why << "tuned: " << tuned->kernel << " on the chain measured fastest at T=" << tuned->tokens << " ("
               << std::fixed << std::setprecision(1) << tuned->time_us << " us, " << options.tuning->source() << ")";
@@ -522,7 +522,7 @@ std::shared_ptr<const Graph> fused_where_a_kernel_runs_it(const KernelRegistry& 
           return false;
         }
         std::string why;
-        if (registry.select_any(fused, n, options.backend, options.capturable, &why)) return true;
+        if (registry.select_any(fused, n, options.backend, options.limits(), &why)) return true;
         // A node offered with the shared expert folded in is offered again without it: where that
         // one is taken, its step says why the shared expert stayed apart.
         if (folds_shared) declined[n.name] = "shared expert not folded in: " + why;
@@ -550,7 +550,7 @@ Plan plan_fused_graph(std::shared_ptr<const Graph> graph, const PlanOptions& opt
   std::vector<KernelChoice> choices;
   for (const Node& n : graph->nodes()) {
     if (auto tuned = tuned_choice(registry, *graph, n, options, T)) choices.push_back(std::move(*tuned));
-    else choices.push_back(registry.select(*graph, n, options.backend, options.forced_kernels, options.capturable));
+    else choices.push_back(registry.select(*graph, n, options.backend, options.forced_kernels, options.limits()));
   }
   {
     std::vector<const KernelEntry*> chosen;

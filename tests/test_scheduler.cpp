@@ -351,7 +351,7 @@ TEST(KernelRegistry, APriorityThatDependsOnTheNodeOrdersTheCandidatesForThatNode
   specialist.host_inputs = {0};
   syncing.add(specialist);
   EXPECT_EQ(syncing.select(g, g.node(1), Backend::cpu).kernel->name, "test.specialist");
-  EXPECT_EQ(syncing.select(g, g.node(1), Backend::cpu, {}, /*capturable=*/true).kernel->name, "test.probe");
+  EXPECT_EQ(syncing.select(g, g.node(1), Backend::cpu, {}, {.capturable = true}).kernel->name, "test.probe");
 }
 
 TEST(Plan, GoldenDotFiles) {

@@ -44,6 +44,10 @@ void PlanFlags::add_to(CLI::App& app) {
   app.add_flag("--no-early-start", no_early_start,
                "every kernel waits for the previous one of its lane to finish (by default a kernel that can, such as "
                "the fused decode kernel after the one-launch gate, starts while it runs: programmatic dependent launch)");
+  app.add_flag("--no-packed-weights", no_packed_weights,
+               "no kernel that reads a weight packed once at bind time (by default GEMM 1 with SwiGLU in its epilogue "
+               "reads w13 interleaved, a copy as large as w13; the CUDA session turns them off by itself where the "
+               "copies would not fit in device memory)");
   app.add_flag("--no-reuse-memory", no_reuse_memory,
                "give every value its own workspace range (by default buffers share bytes where the plan proves it safe)");
   app.add_option("--tuning-cache", tuning_cache,
@@ -72,6 +76,7 @@ PlanOptions PlanFlags::options() const {
   o.fuse = !no_fuse;
   o.fold_shared = !no_fold_shared;
   o.early_start = !no_early_start;
+  o.packed_weights = !no_packed_weights;
   for (const std::string& k : kernels) {
     const auto eq = k.find('=');
     if (eq == std::string::npos || eq == 0 || eq + 1 == k.size())

@@ -12,6 +12,7 @@
 #include "kernels/cuda/bf16.hpp"
 #include "kernels/cuda/check.cuh"
 #include "kernels/cuda/cublas_gemm.hpp"
+#include "kernels/cuda/device.hpp"
 #include "kernels/cuda/random_fill.hpp"
 #include "scheduler/host_memory.hpp"
 
@@ -153,10 +154,36 @@ MachineRates measure_cuda_rates(int device) {
   return r;
 }
 
+namespace {
+// Device bytes a session of `plan` allocates: weights (unless held by another session), inputs,
+// workspace and packed copies (at most: a copy another executor holds is shared).
+int64_t session_device_bytes(const Plan& plan, bool weights_held) {
+  return (weights_held ? 0 : plan.bytes(Arena::weights)) + plan.bytes(Arena::workspace) + plan.bytes(Arena::inputs) +
+         plan.packed_bytes;
+}
+}  // namespace
+
+Plan plan_within_device_memory(std::shared_ptr<const Graph> graph, PlanOptions options, int64_t free_bytes,
+                               bool weights_held) {
+  Plan plan = make_plan(graph, options);
+  const int64_t needed = session_device_bytes(plan, weights_held);
+  if (plan.packed_bytes == 0 || needed <= free_bytes) return plan;
+  options.packed_weights = false;
+  Plan without = make_plan(graph, options);
+  without.notes.push_back("packed weights off: with them the plan needs " + format_gib(needed) + " of device memory (" +
+                          format_gib(plan.packed_bytes) + " of packed copies), " + format_gib(free_bytes) +
+                          " are free; without them " + format_gib(session_device_bytes(without, weights_held)));
+  return without;
+}
+
 CudaSession::CudaSession(std::shared_ptr<const Graph> graph, CudaSessionOptions options, CudaSession* share_weights)
     : plan_([&] {
         options.plan.backend = Backend::cuda;
-        return make_plan(graph, observing(*graph, options.plan));
+        const PlanOptions po = observing(*graph, options.plan);
+        if (cuda::device_count() <= po.device) return make_plan(graph, po);  // the memory check below says why
+        int64_t free_bytes = 0, total = 0;
+        cuda::device_memory(po.device, free_bytes, total);
+        return plan_within_device_memory(graph, po, free_bytes, share_weights != nullptr);
       }()),
       options_(options) {
   const int device = options_.plan.device;
@@ -177,10 +204,7 @@ CudaSession::CudaSession(std::shared_ptr<const Graph> graph, CudaSessionOptions 
     weights_ = share_weights->weights_;
     loaded_ = share_weights->loaded_;
   }
-  require_device_bytes(device,
-                       (weights_ ? 0 : plan_.bytes(Arena::weights)) + plan_.bytes(Arena::workspace) + plan_.bytes(Arena::inputs) +
-                           plan_.packed_bytes,  // at most: a copy another executor holds is shared
-                       what.str());
+  require_device_bytes(device, session_device_bytes(plan_, weights_ != nullptr), what.str());
   if (!weights_) {
     weights_ = std::make_shared<DeviceArena>(plan_, Arena::weights, device);
     if (options_.load_weights) {

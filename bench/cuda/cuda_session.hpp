@@ -29,6 +29,13 @@ struct CudaSessionOptions {
 // written) and median cuBLAS bf16 8192^3 product on random data.
 MachineRates measure_cuda_rates(int device);
 
+// The session's plan: `options` as they are where everything it needs fits in `free_bytes` of device
+// memory (the weights unless `weights_held` by another session, inputs, workspace and packed weight
+// copies); where only the packed copies do not fit, the plan without them (PlanOptions::packed_weights
+// off), with a note saying so. The caller checks the result's bytes against the device.
+Plan plan_within_device_memory(std::shared_ptr<const Graph> graph, PlanOptions options, int64_t free_bytes,
+                               bool weights_held);
+
 class CudaSession {
  public:
   // `share_weights`: a session of the same layer under another plan lends its weights (the plans'

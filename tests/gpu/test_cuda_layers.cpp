@@ -240,7 +240,7 @@ TEST(CudaExpertsChoice, HugeExpertsTakeThePaddedGemmUnlessCaptured) {
   auto experts_kernel = [&](const MoEConfig& config, int64_t tokens, bool capturable) {
     const Graph g = build_experts_graph(config, {.max_tokens = tokens, .dtype = DType::bf16});
     for (const Node& n : g.nodes())
-      if (n.op->kind() == "experts") return r.select(g, n, Backend::cuda, {}, capturable);
+      if (n.op->kind() == "experts") return r.select(g, n, Backend::cuda, {}, {.capturable = capturable});
     throw std::logic_error("no experts node");
   };
   const MoEConfig mixtral = load_config("mixtral-8x7b");  // 336 MiB per expert
@@ -316,6 +316,51 @@ TEST(CudaPlan, PackedWeightsAreListedOnceAndSharedByChunks) {
   EXPECT_EQ(plain.packed_bytes, 0);
 }
 
+// Planning only (no device needed): with packed weights off (--no-packed-weights, or a session whose
+// device has no room for the copies) the same tiles run unfused and nothing is packed; forcing a
+// packing kernel then is an error naming the node; the session's planner turns them off by itself
+// only where the copies do not fit, and says so in a note.
+TEST(CudaPlan, PackedWeightsOffWhereAskedOrWhereTheCopiesDoNotFit) {
+  const MoEConfig qwen3 = load_config("qwen3-30b-a3b");
+  auto graph = std::make_shared<const Graph>(build_experts_graph(qwen3, {.max_tokens = 8192, .dtype = DType::bf16}));
+  PlanOptions o;
+  o.backend = Backend::cuda;
+  o.packed_weights = false;
+  const Plan off = make_plan(graph, o);
+  EXPECT_TRUE(off.packed.empty());
+  EXPECT_EQ(off.packed_bytes, 0);
+  const PlanStep& experts = off.step_for(*graph->find_node("experts"));
+  EXPECT_EQ(experts.kernel->name, "cuda.cutlass_grouped_wide_single");  // the same tiles as the SwiGLU kernel's
+  o.forced_kernels["experts"] = "cuda.cutlass_swiglu_wide_single";
+  try {
+    (void)make_plan(graph, o);
+    ADD_FAILURE() << "a forced packing kernel with packed weights off planned";
+  } catch (const Error& e) {
+    EXPECT_NE(std::string(e.what()).find("node 'experts': forced kernel 'cuda.cutlass_swiglu_wide_single' reads w13 "
+                                         "gate/up interleaved by 128 rows, a packed copy, and packed weights are off"),
+              std::string::npos)
+        << e.what();
+  }
+
+  o = PlanOptions{};
+  o.backend = Backend::cuda;
+  const Plan with = make_plan(graph, o);
+  ASSERT_GT(with.packed_bytes, 0);
+  const int64_t everything = with.bytes(Arena::weights) + with.bytes(Arena::workspace) + with.bytes(Arena::inputs) +
+                             with.packed_bytes;
+  const Plan roomy = plan_within_device_memory(graph, o, everything, false);
+  EXPECT_EQ(roomy.packed_bytes, with.packed_bytes);
+  EXPECT_TRUE(roomy.notes.empty());
+  const Plan tight = plan_within_device_memory(graph, o, everything - 1, false);
+  EXPECT_EQ(tight.packed_bytes, 0);
+  EXPECT_EQ(tight.step_for(*graph->find_node("experts")).kernel->name, "cuda.cutlass_grouped_wide_single");
+  ASSERT_EQ(tight.notes.size(), 1u);
+  EXPECT_EQ(tight.notes[0].rfind("packed weights off: with them the plan needs ", 0), 0u) << tight.notes[0];
+  // Weights another session holds are not counted again: the same free bytes then hold the copies.
+  EXPECT_EQ(plan_within_device_memory(graph, o, everything - with.bytes(Arena::weights), true).packed_bytes,
+            with.packed_bytes);
+}
+
 // Planning only (no device needed): a gate of at most 4 tokens takes the one-launch router, more
 // tokens keep cuBLAS's logits and the routing kernel, on every preset.
 TEST(CudaGateChoice, OneLaunchRouterUpToFourTokens) {
@@ -325,7 +370,7 @@ TEST(CudaGateChoice, OneLaunchRouterUpToFourTokens) {
     for (int64_t tokens : {1, 4, 5, 64}) {
       const Graph g = build_moe_layer(config, {.max_tokens = tokens, .dtype = DType::bf16});
       const Node& gate = g.node(*g.find_node("gate"));
-      const KernelChoice choice = r.select(g, gate, Backend::cuda, {}, true);
+      const KernelChoice choice = r.select(g, gate, Backend::cuda, {}, {.capturable = true});
       EXPECT_EQ(choice.kernel->name, tokens <= 4 ? "cuda.router_small" : "cuda.router_topk") << preset << " T=" << tokens;
     }
   }
@@ -335,7 +380,7 @@ TEST(CudaGateChoice, OneLaunchRouterUpToFourTokens) {
                                                      "hidden_size=256", "moe_intermediate_size=64"});
   const Graph g = build_moe_layer(wide, {.max_tokens = 1, .dtype = DType::bf16});
   const Node& gate = g.node(*g.find_node("gate"));
-  EXPECT_EQ(r.select(g, gate, Backend::cuda, {}, true).kernel->name, "cuda.router_small");
+  EXPECT_EQ(r.select(g, gate, Backend::cuda, {}, {.capturable = true}).kernel->name, "cuda.router_small");
   // More experts than the routing warp takes: the two-launch router's question, and the plan says why.
   const MoEConfig wider = load_config("deepseek-v3", {"n_routed_experts=1024", "n_group=8", "topk_group=4",
                                                       "hidden_size=256", "moe_intermediate_size=64"});
@@ -373,7 +418,7 @@ TEST(CudaAlltoallChoice, FixedBlocksWhereLittlePaddingIsExpected) {
     for (const Node& n : g->nodes())
       if (n.op->kind() == "alltoall_dispatch") dispatch = &n;
     ASSERT_NE(dispatch, nullptr) << c.preset;
-    const KernelChoice choice = KernelRegistry::builtin().select(*g, *dispatch, Backend::cuda, {}, false);
+    const KernelChoice choice = KernelRegistry::builtin().select(*g, *dispatch, Backend::cuda, {});
     EXPECT_EQ(choice.kernel->name, c.kernel) << c.preset << " over " << c.ranks << " ranks: " << choice.reason;
   }
 }
