@@ -2,7 +2,7 @@
 # One call on the GPU machine (see the device README): unpack the carried .deb files, build there,
 # run the gpu tests (plain, memcheck, racecheck), the CLI checks of every preset, the CUDA-graph
 # host cost (mode `tests`), or the benchmark sweep (mode `bench`). Everything lands in $OUT.
-# Usage: bash bench/gpu_session.sh tests|full|racecheck|bench|overlap|chunks|decode|timeline|layers|probe|ranks|cutlass|anyt|resources|fused|fusedprof|validate|shared|tune|views|tiles|swiglu|sweep [models] [experts kernels] [tokens] [scopes]
+# Usage: bash bench/gpu_session.sh tests|full|racecheck|bench|overlap|chunks|decode|timeline|layers|probe|ranks|cutlass|anyt|resources|fused|fusedprof|validate|shared|tune|views|tiles|swiglu|single|sweep [models] [experts kernels] [tokens] [scopes]
 set -uo pipefail
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 mkdir -p /opt/deps && for f in .deps/*.deb; do dpkg -x "$f" /opt/deps; done
@@ -148,6 +148,30 @@ if [[ $mode == sweep ]]; then
   timeout ${CHUNKS_S:-150} $b/moeflow bench --backend cuda --models $models --tokens 2048,8192 --chunks 1,2,4 \
     --plans concurrent,graph --scope layer --runs 10 --json "$OUT/sweep_chunks.jsonl" > "$OUT/sweep_chunks.log" 2>&1
   echo "rc=$?"; grep -v "^skipped" "$OUT/sweep_chunks.log" | tail -50
+  exit 0
+fi
+if [[ $mode == single ]]; then
+  # The one-token kernels (w2 in place, in quads; w2 transposed from a packed copy): every gpu test,
+  # their tests under the three sanitizers, resources, then T=1 side by side (experts path and
+  # qwen3's layer in CUDA graphs), then where the experts path's time goes at large T.
+  tests_and_sanitizers "${SAN:-CudaFusedSingleToken.*}" single
+  obj=$(find $b -name fused_single_token.cu.o | head -1)
+  cuobjdump -res-usage "$obj" 2>/dev/null | awk '/Function/ { name = $2 } /REG:/ { print $1, $2, $3, $4, name }' \
+    | cu++filt | cut -c1-160 | tee "$OUT/single_resources.txt"
+  echo "== experts path, T=1, CUDA graph"
+  timeout 150 $b/moeflow bench --backend cuda --models qwen1.5-moe-a2.7b,qwen3-30b-a3b,deepseek-v3 --tokens 1 --plans graph \
+    --experts-kernels auto,cuda.fused_single_token,cuda.fused_single_token_w2t --scope experts --runs ${RUNS:-300} \
+    --passes 3 --json "$OUT/single_experts.jsonl" > "$OUT/single_experts.log" 2>&1; echo "rc=$?"; grep -v "^skipped" "$OUT/single_experts.log" | tail -12
+  echo "== qwen3 layer, T=1"
+  timeout 60 $b/moeflow bench --backend cuda --models qwen3-30b-a3b --tokens 1 --plans concurrent,graph \
+    --experts-kernels auto,cuda.fused_single_token --scope layer --runs ${RUNS:-300} --json "$OUT/single_layer.jsonl" \
+    > "$OUT/single_layer.log" 2>&1; echo "rc=$?"; grep -v "^skipped" "$OUT/single_layer.log" | tail -6
+  echo "== where the experts path's time goes (eager concurrent runs with events around each node)"
+  for point in ${BREAKDOWN:-qwen3-30b-a3b,2048 qwen3-30b-a3b,8192 qwen1.5-moe-a2.7b,2048 qwen1.5-moe-a2.7b,8192 deepseek-v3,2048 deepseek-v3,8192}; do
+    timeout 60 $b/moeflow run --backend cuda --model ${point%,*} --scope experts --tokens ${point#*,} --plan concurrent \
+      --runs 20 --warmup 5 --trace /tmp/trace.json > /dev/null 2>&1
+    $b/moeflow trace /tmp/trace.json --summary 2>&1 | tee -a "$OUT/single_breakdown.txt" | grep -v "^  lane"
+  done
   exit 0
 fi
 if [[ $mode == swiglu ]]; then

@@ -1,4 +1,5 @@
 // The ways a Plan shows itself: a text summary, the buffer table, and DOT.
+#include <algorithm>
 #include <iomanip>
 #include <sstream>
 
@@ -29,13 +30,20 @@ void Plan::write_summary(std::ostream& out) const {
       << lanes.size() << " lane(s), T<=" << g.max_tokens() << "\n";
   for (std::size_t l = 0; l < lanes.size(); ++l) out << "  " << lanes[l].name << ": " << lanes[l].why << "\n";
   for (const std::string& note : notes) out << "  note: " << note << "\n";
-  out << "  " << std::left << std::setw(4) << "#" << std::setw(6) << "lane" << std::setw(22) << "node" << std::setw(24)
+  // Columns at least as wide as their longest entry and a space, so no name runs into the next one.
+  std::size_t node_width = 22, kernel_width = 24;
+  for (const PlanStep& s : steps) {
+    node_width = std::max(node_width, g.node(s.node).name.size() + 1);
+    kernel_width = std::max(kernel_width, s.kernel->name.size() + 1);
+  }
+  const auto nw = static_cast<int>(node_width), kw = static_cast<int>(kernel_width);
+  out << "  " << std::left << std::setw(4) << "#" << std::setw(6) << "lane" << std::setw(nw) << "node" << std::setw(kw)
       << "kernel" << std::setw(14) << "predicted" << "waits / why this kernel\n";
   for (const PlanStep& s : steps) {
     std::string waits;
     for (NodeId w : s.waits) waits += (waits.empty() ? "waits " : ", ") + g.node(w).name;
-    out << "  " << std::setw(4) << s.order << std::setw(6) << s.lane << std::setw(22) << g.node(s.node).name
-        << std::setw(24) << s.kernel->name << std::setw(14) << us(s.predicted_s) << (waits.empty() ? "" : waits + "; ")
+    out << "  " << std::setw(4) << s.order << std::setw(6) << s.lane << std::setw(nw) << g.node(s.node).name
+        << std::setw(kw) << s.kernel->name << std::setw(14) << us(s.predicted_s) << (waits.empty() ? "" : waits + "; ")
         << s.reason << "\n";
   }
   for (std::size_t i = 0; i < packed.size(); ++i) {

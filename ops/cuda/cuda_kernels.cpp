@@ -549,12 +549,14 @@ void register_fused_experts(KernelRegistry& r) {
          // deepseek-v3 330.9 / 576.5 / 1006.6 against 322.3 / 562.1 / 1002.6.
          [](const Graph&, const Node& n) { return static_cast<const FusedExpertsOp&>(*n.op).shared().has_value(); }));
   // One token (decode of one sequence): every block one equal slice of the k experts' weight
-  // streams, w2 read in quads of 64 features, instead of a down projection that waits for each
-  // expert's whole gate/up phase. Ahead of the two-phase kernel where the graph's maximum T is 1 and
-  // its items fit about one round of resident blocks; behind it elsewhere (priority_on). Measured on
-  // the H100 (experts path, CUDA graph, T=1; bench/results/h100_fused_single_token_2026-11-23.jsonl):
-  // qwen1.5 / qwen3 (352 / 384 items) 37.4 / 39.2 µs against 39.8 / 41.6; deepseek-v3 (1024 items,
-  // three rounds) 271.6 against 242.6.
+  // streams, instead of a down projection that waits for each expert's whole gate/up phase. Two
+  // kernels, by how they read w2: in place, in quads of 64 features (cuda.fused_single_token), or
+  // transposed from a copy packed once at bind time (cuda.fused_single_token_w2t, below). Ahead of the
+  // two-phase kernel where the graph's maximum T is 1 and its items fit about one round of resident
+  // blocks; behind it elsewhere (priority_on). Measured on the H100 (experts path, CUDA graph, T=1;
+  // bench/results/h100_fused_single_token_2026-11-23.jsonl), the quads: qwen1.5 / qwen3 (352 / 384
+  // items) 37.4 / 39.2 µs against 39.8 / 41.6; deepseek-v3 (1024 items, three rounds) 271.6 against
+  // 242.6.
   constexpr int kSingleTokenMostItems = 512;
   auto single_token_shape = [](const Graph& g, const Node& n) {
     const cuda::FusedDecodeShape f = fused_shape(g, n);
@@ -564,27 +566,46 @@ void register_fused_experts(KernelRegistry& r) {
     const cuda::FusedSingleTokenShape shape = single_token_shape(g, n);
     return shape.top_k * shape.intermediate / 16;
   };
+  // supports() of either kernel: `unsupported` says which shapes it runs, `how_w2` how it reads w2;
+  // with `w2_packed` it reads a copy of w2, which must then be a weight (bound once, packed once).
+  auto single_token_supports = [single_token_shape](std::string (*unsupported)(const cuda::FusedSingleTokenShape&),
+                                                    std::string how_w2, bool w2_packed) {
+    return [single_token_shape, unsupported, how_w2 = std::move(how_w2), w2_packed](const Graph& g, const Node& n) {
+      Support s = cuda_supports_bf16(g, n, "");
+      if (!s.ok) return s;
+      if (g.max_tokens_of(n) != 1)
+        return Support::no("at most " + std::to_string(g.max_tokens_of(n)) + " tokens: it runs one token");
+      if (static_cast<const FusedExpertsOp&>(*n.op).shared())
+        return Support::no("a shared expert folded in: it runs the routed experts only");
+      const cuda::FusedSingleTokenShape shape = single_token_shape(g, n);
+      if (const std::string why = unsupported(shape); !why.empty()) return Support::no(why);
+      if (huge_experts(shape.hidden, shape.intermediate))
+        return Support::no(expert_mib(shape.hidden, shape.intermediate) + ": the chain's decode kernels stream "
+                           "such experts faster");
+      if (w2_packed && g.value(n.inputs[4]).role != ValueRole::weight)
+        return Support::no("w2 ('" + g.value(n.inputs[4]).name + "') is not a weight bound once, so it cannot be packed once");
+      const int items = shape.top_k * shape.intermediate / 16;
+      return Support::yes("one token: its k experts' gate/up and down projections cut into " + std::to_string(items) +
+                          " equal items of 16 features (" + how_w2 + "), no item waiting for a whole expert; partials "
+                          "summed in order" +
+                          (items > kSingleTokenMostItems ? "; behind the two-phase kernel beyond " +
+                                                               std::to_string(kSingleTokenMostItems) + " items"
+                                                         : std::string()));
+    };
+  };
+  // Beside a shared expert (another branch the concurrent plan runs at the same time) the quads
+  // measured slower in the whole layer: qwen1.5 T=1, concurrent plan in a CUDA graph, 95.3 against
+  // 92.2 µs (its routed branch alone 54.6 against 61.8; h100_fused_single_token_layer_2026-11-23.jsonl).
+  // Its cooperative launch starts only once every block fits, so it waits for the SMs the shared
+  // branch holds instead of filling them as they free up (the suspected cause; not traced). The w2t
+  // kernel's launch is as cooperative: the same rule for both.
+  auto single_token_preferred = [single_token_items](const Graph& g, const Node& n) {
+    for (const Node& other : g.nodes())
+      if (other.op->kind() == "shared_expert") return false;
+    return single_token_items(g, n) <= kSingleTokenMostItems;
+  };
   KernelEntry single_token = reading_live_tokens(launching(1, {"fused_experts", Backend::cuda, "cuda.fused_single_token", 1,
-         [single_token_shape](const Graph& g, const Node& n) {
-           Support s = cuda_supports_bf16(g, n, "");
-           if (!s.ok) return s;
-           if (g.max_tokens_of(n) != 1)
-             return Support::no("at most " + std::to_string(g.max_tokens_of(n)) + " tokens: it runs one token");
-           if (static_cast<const FusedExpertsOp&>(*n.op).shared())
-             return Support::no("a shared expert folded in: it runs the routed experts only");
-           const cuda::FusedSingleTokenShape shape = single_token_shape(g, n);
-           if (const std::string why = cuda::fused_single_token_unsupported(shape); !why.empty()) return Support::no(why);
-           if (huge_experts(shape.hidden, shape.intermediate))
-             return Support::no(expert_mib(shape.hidden, shape.intermediate) + ": the chain's decode kernels stream "
-                                "such experts faster");
-           const int items = shape.top_k * shape.intermediate / 16;
-           return Support::yes("one token: its k experts' gate/up and down projections cut into " + std::to_string(items) +
-                               " equal items of 16 features (w2 read in quads of 64), no item waiting for a whole "
-                               "expert; partials summed in order" +
-                               (items > kSingleTokenMostItems ? "; behind the two-phase kernel beyond " +
-                                                                    std::to_string(kSingleTokenMostItems) + " items"
-                                                              : std::string()));
-         },
+         single_token_supports(cuda::fused_single_token_unsupported, "w2 read in quads of 64", false),
          [single_token_shape](const KernelCall& c) {
            cuda::experts_fused_single_token(lane(c), single_token_shape(c.graph, c.node), c.tokens, c.live_tokens,
                                             bf16_in(c, 0), c.in<int32_t>(1), c.in<float>(2), bf16_in(c, 3),
@@ -593,17 +614,47 @@ void register_fused_experts(KernelRegistry& r) {
          [single_token_shape](const Graph& g, const Node& n, int64_t) {
            return cuda::fused_single_token_workspace_bytes(single_token_shape(g, n));
          }}));
-  // Beside a shared expert (another branch the concurrent plan runs at the same time) it measured
-  // slower in the whole layer: qwen1.5 T=1, concurrent plan in a CUDA graph, 95.3 against 92.2 µs
-  // (its routed branch alone 54.6 against 61.8; h100_fused_single_token_layer_2026-11-23.jsonl). Its
-  // cooperative launch starts only once every block fits, so it waits for the SMs the shared branch
-  // holds instead of filling them as they free up (the suspected cause; not traced).
-  single_token.priority_on = [single_token_items](const Graph& g, const Node& n) {
-    for (const Node& other : g.nodes())
-      if (other.op->kind() == "shared_expert") return -1;
-    return single_token_items(g, n) <= kSingleTokenMostItems ? 1 : -1;
+  single_token.priority_on = [single_token_preferred](const Graph& g, const Node& n) {
+    return single_token_preferred(g, n) ? 1 : -1;
   };
   r.add(std::move(single_token));
+  // w2 read transposed, w2t [E, I, H], from a copy packed once at bind time (cuda::pack_w2_transposed):
+  // an item's 16 features are 16 contiguous rows of w2t over all of H, so it needs no quad and no wait
+  // but the final one. Measured in the probe (bench/probes/uniform_decode.cu, H100, T=1) 7% ahead of
+  // the quads: qwen1.5 / qwen3 32.5 / 34.3 µs against 34.9 / 36.6. The copy costs a third of the routed
+  // experts' weights more device memory; where it does not fit, the plan goes without packed weights
+  // (PlanOptions::packed_weights) and the quads run. One above the quads wherever they are planned.
+  KernelEntry single_token_w2t = reading_live_tokens(launching(1, {"fused_experts", Backend::cuda,
+         "cuda.fused_single_token_w2t", 2,
+         single_token_supports(cuda::fused_single_token_w2t_unsupported,
+                               "w2 read transposed, from a copy packed once at bind time: each item's 16 rows over all "
+                               "of H, no wait per quad",
+                               true),
+         [single_token_shape](const KernelCall& c) {
+           if (c.packed == nullptr)
+             fail_input("node '" + c.node.name + "' (cuda.fused_single_token_w2t): w2 was not packed transposed");
+           cuda::experts_fused_single_token_w2t(lane(c), single_token_shape(c.graph, c.node), c.tokens, c.live_tokens,
+                                                bf16_in(c, 0), c.in<int32_t>(1), c.in<float>(2), bf16_in(c, 3),
+                                                static_cast<const uint16_t*>(c.packed), bf16_out(c, 0), c.workspace);
+         },
+         [single_token_shape](const Graph& g, const Node& n, int64_t) {
+           return cuda::fused_single_token_w2t_workspace_bytes(single_token_shape(g, n));
+         }}));
+  single_token_w2t.priority_on = [single_token_preferred](const Graph& g, const Node& n) {
+    return single_token_preferred(g, n) ? 2 : -1;
+  };
+  single_token_w2t.packed_weight = PackedWeight{
+      4, "w2 transposed [E, I, H]",
+      [single_token_shape](const Graph& g, const Node& n) {
+        const cuda::FusedSingleTokenShape s = single_token_shape(g, n);
+        return cuda::packed_w2t_bytes(s.experts, s.hidden, s.intermediate);
+      },
+      [single_token_shape](const KernelCall& c, void* packed) {
+        const cuda::FusedSingleTokenShape s = single_token_shape(c.graph, c.node);
+        cuda::pack_w2_transposed(bf16_in(c, 4), s.experts, s.hidden, s.intermediate, static_cast<uint16_t*>(packed),
+                                 lane(c).stream);
+      }};
+  r.add(std::move(single_token_w2t));
 }
 
 }  // namespace

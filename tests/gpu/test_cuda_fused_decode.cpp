@@ -3,15 +3,21 @@
 // inputs (up to 256 choices, one block's work list) and on skewed routing (many rows on few experts:
 // several groups per expert), with H and I multiples of 8 but of no tile; bit-identical reruns; one
 // graph captured for any T gives the eager bytes at every T; and the planner's choice shows in the plan.
+#include <cuda_runtime.h>
 #include <gtest/gtest.h>
 
 #include <cstring>
 #include <map>
+#include <memory>
+#include <random>
+#include <sstream>
+#include <tuple>
 
 #include "bench/cuda/cuda_session.hpp"
 #include "graph/chunk.hpp"
 #include "graph/error.hpp"
 #include "kernels/cuda/device.hpp"
+#include "kernels/cuda/fused_single_token.hpp"
 #include "ops/fused_experts_op.hpp"
 #include "ops/layer_builder.hpp"
 #include "ops/moe_layer.hpp"
@@ -180,11 +186,17 @@ TEST(CudaFusedDecode, ChainIsKeptForMoreRowsThanExpertsHugeExpertsOrAForcedKerne
   EXPECT_TRUE(chain);
 }
 
-// The single-token kernel (cuda.fused_single_token): planned ahead of the two-phase kernel where the
-// graph's maximum T is 1; checked against the fp64 reference and against the two-phase kernel on the
-// same inputs (duplicate and out-of-range ids included), bit-identical reruns, and a shape whose items
-// outnumber the resident blocks (several rounds per block).
+// The single-token kernels: cuda.fused_single_token_w2t (w2 read transposed, from a copy packed
+// once at bind time) and cuda.fused_single_token (w2 read in place, in quads). Planned ahead of the
+// two-phase kernel where the graph's maximum T is 1, the w2t kernel first, its copy of w2 listed in
+// the plan; checked against the fp64 reference, against each other and against the two-phase kernel
+// on the same inputs (repeated and out-of-range ids included), bit-identical reruns, captured replays,
+// shapes whose items outnumber the resident blocks (several rounds per block) or whose H is above
+// 2048 and no multiple of it; and the packing against a host transpose.
 namespace {
+
+constexpr const char* kW2t = "cuda.fused_single_token_w2t";
+constexpr const char* kQuads = "cuda.fused_single_token";
 
 std::string fused_kernel(const Plan& plan) {
   for (const PlanStep& step : plan.steps)
@@ -196,99 +208,220 @@ std::shared_ptr<const Graph> experts_graph(const std::string& preset, const std:
   return std::make_shared<const Graph>(build_experts_graph(load_config(preset, sets), {.max_tokens = max_tokens, .dtype = DType::bf16}));
 }
 
+double rel_norm(const std::vector<float>& got, const std::vector<float>& want) {
+  return reference::compare(got.data(), std::vector<double>(want.begin(), want.end())).rel_norm;
+}
+
 }  // namespace
 
 TEST(CudaFusedSingleToken, PlannedWhereTheMaximumTIsOneAndTheShapeAllows) {  // planning only: no device needed
   PlanOptions po;
   po.backend = Backend::cuda;
   const std::vector<std::string> sets = {"hidden_size=256", "moe_intermediate_size=128"};
-  EXPECT_EQ(fused_kernel(make_plan(experts_graph("qwen1.5-moe-a2.7b", sets, 1), po)), "cuda.fused_single_token");
+  EXPECT_EQ(fused_kernel(make_plan(experts_graph("qwen1.5-moe-a2.7b", sets, 1), po)), kW2t);
   EXPECT_EQ(fused_kernel(make_plan(experts_graph("qwen1.5-moe-a2.7b", sets, 2), po)), "cuda.fused_decode");
-  // I = 88 is no multiple of 64: the two-phase kernel runs it.
+  // I = 88 is no multiple of 16 (the w2t kernel's items) nor of 64 (the quads): the two-phase kernel runs it.
   EXPECT_EQ(fused_kernel(make_plan(experts_graph("qwen1.5-moe-a2.7b", {"hidden_size=256", "moe_intermediate_size=88"}, 1), po)),
             "cuda.fused_decode");
+  // H = 200 and I = 80: multiples of 8 and 16 (the w2t kernel's) but not of 32 and 64 (the quads').
+  const auto odd = experts_graph("qwen1.5-moe-a2.7b", {"hidden_size=200", "moe_intermediate_size=80"}, 1);
+  EXPECT_EQ(fused_kernel(make_plan(odd, po)), kW2t);
   // 4 choices x 256 items: more than about one round of resident blocks, where the two-phase kernel
-  // measured faster (deepseek-v3's 1024 items); the single-token kernel can still be forced there.
+  // measured faster (deepseek-v3's 1024 items); either single-token kernel can still be forced there.
   const auto many_items = experts_graph("qwen1.5-moe-a2.7b", {"hidden_size=256", "moe_intermediate_size=4096"}, 1);
   EXPECT_EQ(fused_kernel(make_plan(many_items, po)), "cuda.fused_decode");
-  // A layer with a shared expert: folded into the two-phase kernel (the single-token kernel runs the
+  // A layer with a shared expert: folded into the two-phase kernel (the single-token kernels run the
   // routed experts only).
   const MoEConfig shared = load_config("qwen1.5-moe-a2.7b", {"hidden_size=256", "moe_intermediate_size=128",
                                                               "shared_expert_intermediate_size=256"});
   const auto layer = std::make_shared<const Graph>(build_moe_layer(shared, {.max_tokens = 1, .dtype = DType::bf16}));
   EXPECT_EQ(fused_kernel(make_plan(layer, po)), "cuda.fused_decode");
   const auto routed = std::make_shared<const Graph>(build_scope_graph(shared, "routed", {.max_tokens = 1, .dtype = DType::bf16}));
-  EXPECT_EQ(fused_kernel(make_plan(routed, po)), "cuda.fused_single_token");
-  po.forced_kernels["fused_experts"] = "cuda.fused_single_token";
-  EXPECT_EQ(fused_kernel(make_plan(many_items, po)), "cuda.fused_single_token");
+  EXPECT_EQ(fused_kernel(make_plan(routed, po)), kW2t);
+  for (const char* kernel : {kW2t, kQuads}) {
+    po.forced_kernels["fused_experts"] = kernel;
+    EXPECT_EQ(fused_kernel(make_plan(many_items, po)), kernel);
+    EXPECT_EQ(fused_kernel(make_plan(experts_graph("qwen1.5-moe-a2.7b", sets, 1), po)), kernel);
+  }
   po.forced_kernels["fused_experts"] = "cuda.fused_decode";
   EXPECT_EQ(fused_kernel(make_plan(experts_graph("qwen1.5-moe-a2.7b", sets, 1), po)), "cuda.fused_decode");
 }
 
-TEST(CudaFusedSingleToken, MatchesReferenceAndTheTwoPhaseKernelAndRepeatsBitForBit) {
+// Planning only (no device needed): the w2t kernel's plan holds exactly one packed copy, w2
+// transposed (as large as w2), read by its step and listed in the summary; the quads read w2 in place
+// and pack nothing, and are what a plan without packed weights runs.
+TEST(CudaFusedSingleToken, TheW2tKernelReadsOneTransposedCopyOfW2ListedInThePlan) {
+  PlanOptions po;
+  po.backend = Backend::cuda;
+  const MoEConfig config = load_config("qwen1.5-moe-a2.7b", {"hidden_size=256", "moe_intermediate_size=128"});
+  const auto g = std::make_shared<const Graph>(build_experts_graph(config, {.max_tokens = 1, .dtype = DType::bf16}));
+  const Plan plan = make_plan(g, po);
+  ASSERT_EQ(fused_kernel(plan), kW2t);
+  ASSERT_EQ(plan.packed.size(), 1u);
+  const int64_t bytes = int64_t{config.experts} * 256 * 128 * 2;
+  EXPECT_EQ(plan.packed[0].bytes, bytes);
+  EXPECT_EQ(plan.packed_bytes, bytes);
+  EXPECT_EQ(plan.packed[0].layout, "w2 transposed [E, I, H]");
+  EXPECT_EQ(plan.graph->value(plan.packed[0].source).name, "experts.w2");
+  int readers = 0;
+  for (const PlanStep& step : plan.steps)
+    if (step.packed >= 0) {
+      ++readers;
+      EXPECT_EQ(step.packed, 0);
+      EXPECT_EQ(step.kernel->name, kW2t);
+      EXPECT_NE(step.reason.find("w2 read transposed, from a copy packed once at bind time"), std::string::npos) << step.reason;
+    }
+  EXPECT_EQ(readers, 1);
+  std::ostringstream summary;
+  plan.write_summary(summary);
+  EXPECT_NE(summary.str().find("once, when the weights are bound: experts.w2 packed as w2 transposed [E, I, H]"),
+            std::string::npos) << summary.str();
+  po.forced_kernels["fused_experts"] = kQuads;
+  const Plan quads = make_plan(g, po);
+  EXPECT_EQ(fused_kernel(quads), kQuads);
+  EXPECT_TRUE(quads.packed.empty());
+  EXPECT_EQ(quads.packed_bytes, 0);
+  po.forced_kernels.clear();
+  po.packed_weights = false;  // --no-packed-weights, or a device the copy does not fit on
+  const Plan unpacked = make_plan(g, po);
+  EXPECT_EQ(fused_kernel(unpacked), kQuads);
+  EXPECT_TRUE(unpacked.packed.empty());
+}
+
+TEST(CudaFusedSingleToken, MatchesReferenceEachOtherAndTheTwoPhaseKernelAndRepeatsBitForBit) {
   if (cuda::device_count() == 0) GTEST_SKIP() << "no CUDA device";
-  const std::vector<FusedCase> cases = {
-      {"qwen3", "qwen3-30b-a3b", {"hidden_size=256", "moe_intermediate_size=192"}, 1},
-      {"qwen15", "qwen1.5-moe-a2.7b", {"hidden_size=320", "moe_intermediate_size=128"}, 1},
-      {"deepseek", "deepseek-v3", {"hidden_size=128", "moe_intermediate_size=64"}, 1},
-      {"mixtral", "mixtral-8x7b", {"hidden_size=96", "intermediate_size=320"}, 1},
-      // 8 choices x 256 items of 16 features: more items than resident blocks, several rounds each.
-      {"rounds", "qwen3-30b-a3b", {"hidden_size=64", "moe_intermediate_size=4096"}, 1},
+  struct Case {
+    FusedCase shape;
+    bool quads;  // the quads run it too (H a multiple of 32, I of 64)
   };
-  for (const FusedCase& fc : cases) {
+  const std::vector<Case> cases = {
+      {{"qwen3", "qwen3-30b-a3b", {"hidden_size=256", "moe_intermediate_size=192"}, 1}, true},
+      {{"qwen15", "qwen1.5-moe-a2.7b", {"hidden_size=320", "moe_intermediate_size=128"}, 1}, true},
+      {{"deepseek", "deepseek-v3", {"hidden_size=128", "moe_intermediate_size=64"}, 1}, true},
+      {{"mixtral", "mixtral-8x7b", {"hidden_size=96", "intermediate_size=320"}, 1}, true},
+      // 8 choices x 256 items of 16 features: more items than resident blocks, several rounds each.
+      {{"rounds", "qwen3-30b-a3b", {"hidden_size=64", "moe_intermediate_size=4096"}, 1}, true},
+      // H above 2048 and no multiple of it: a w2t item's 320 vectors of 8 features of H take two
+      // rounds of its 256 threads (the probe's kernel stopped at 2048).
+      {{"wide", "qwen1.5-moe-a2.7b", {"hidden_size=2560", "moe_intermediate_size=128"}, 1}, true},
+      // H and I multiples of 8 and 16 only (257 vectors of H, 5 items per choice): the w2t kernel alone.
+      {{"odd", "qwen1.5-moe-a2.7b", {"hidden_size=2056", "moe_intermediate_size=80"}, 1}, false},
+  };
+  for (const Case& c : cases) {
+    const FusedCase& fc = c.shape;
     const auto g = experts_graph(fc.preset, fc.sets, 1);
     CudaSessionOptions so;
     so.seed = 5;
-    so.plan.forced_kernels["fused_experts"] = "cuda.fused_single_token";  // "rounds" is planned two-phase
+    so.plan.forced_kernels["fused_experts"] = kW2t;  // "rounds" is planned two-phase
     CudaSession s(g, so);
-    ASSERT_EQ(fused_kernel(s.plan()), "cuda.fused_single_token") << fc.name;
+    ASSERT_EQ(fused_kernel(s.plan()), kW2t) << fc.name;
+    ASSERT_EQ(s.plan().packed.size(), 1u) << fc.name;
     CudaSessionOptions two_phase = so;
     two_phase.plan.forced_kernels["fused_experts"] = "cuda.fused_decode";
     CudaSession other(g, two_phase, &s);
     ASSERT_EQ(fused_kernel(other.plan()), "cuda.fused_decode") << fc.name;
-    s.set_tokens(1);
-    other.set_tokens(1);
+    std::unique_ptr<CudaSession> quads;
+    if (c.quads) {
+      CudaSessionOptions in_place = so;
+      in_place.plan.forced_kernels["fused_experts"] = kQuads;
+      quads = std::make_unique<CudaSession>(g, in_place, &s);
+      ASSERT_EQ(fused_kernel(quads->plan()), kQuads) << fc.name;
+    }
+    std::vector<CudaSession*> sessions = {&s, &other};
+    if (quads) sessions.push_back(quads.get());
+    for (CudaSession* session : sessions) session->set_tokens(1);
+    // The w2t kernel twice (the same bytes), then the others on the same inputs: the two-phase kernel
+    // within the usual bf16 tolerance; the quads, whose sums differ only in their order, closer.
+    const auto compare = [&](const std::string& what) {
+      s.run();
+      const std::vector<float> first = s.output();
+      s.run();
+      const std::vector<float> second = s.output();
+      EXPECT_EQ(0, std::memcmp(first.data(), second.data(), first.size() * 4)) << fc.name << what << ": rerun differs";
+      other.run();
+      EXPECT_LT(rel_norm(first, other.output()), 1e-2) << fc.name << what << ": against the two-phase kernel";
+      if (quads) {
+        quads->run();
+        EXPECT_LT(rel_norm(first, quads->output()), 5e-3) << fc.name << what << ": against the quads";
+      }
+    };
     s.run();
     const CheckReport r = s.check(1e-2);
     EXPECT_TRUE(r.pass) << fc.name << " rel_norm " << r.comparison.rel_norm;
-    const std::vector<float> first = s.output();
-    s.run();
-    const std::vector<float> second = s.output();
-    EXPECT_EQ(0, std::memcmp(first.data(), second.data(), first.size() * 4)) << fc.name << ": rerun differs";
-    other.run();
-    const std::vector<float> theirs = other.output();
-    EXPECT_LT(reference::compare(first.data(), std::vector<double>(theirs.begin(), theirs.end())).rel_norm, 1e-2) << fc.name;
-    // A repeated expert and an id outside [0, E) (it contributes nothing), the same routing for both.
+    if (quads) {
+      quads->run();
+      const CheckReport q = quads->check(1e-2);
+      EXPECT_TRUE(q.pass) << fc.name << " (quads) rel_norm " << q.comparison.rel_norm;
+    }
+    compare("");
+    // A repeated expert, -1 and E (ids outside [0, E) contribute nothing), the same routing for all.
     const MoEConfig config = load_config(fc.preset, fc.sets);
-    std::vector<int32_t> ids(static_cast<std::size_t>(config.top_k));
-    for (int j = 0; j < config.top_k; ++j) ids[static_cast<std::size_t>(j)] = j % std::max(1, config.top_k - 1);
+    const int k = config.top_k;
+    std::vector<int32_t> ids(static_cast<std::size_t>(k));
+    for (int j = 0; j < k; ++j) ids[static_cast<std::size_t>(j)] = j % std::max(1, k / 2);
+    if (k >= 4) ids[1] = -1;
     ids.back() = config.experts;
-    for (CudaSession* session : {&s, &other})
+    for (CudaSession* session : sessions)
       session->write_input(*session->graph().find_value("route.ids"), ids.data(), ids.size() * sizeof(int32_t));
-    s.run();
-    other.run();
-    const std::vector<float> mine = s.output(), two = other.output();
-    EXPECT_LT(reference::compare(mine.data(), std::vector<double>(two.begin(), two.end())).rel_norm, 1e-2)
-        << fc.name << " with a repeated and an out-of-range id";
+    compare(" with repeated and out-of-range ids");
   }
 }
 
 TEST(CudaFusedSingleToken, OneCaptureReplaysTheEagerBytes) {
   if (cuda::device_count() == 0) GTEST_SKIP() << "no CUDA device";
-  const auto g = experts_graph("qwen1.5-moe-a2.7b", {"hidden_size=256", "moe_intermediate_size=128"}, 1);
-  CudaSessionOptions so;
-  so.plan.capturable = true;
-  so.seed = 11;
-  CudaSession s(g, so);
-  ASSERT_EQ(fused_kernel(s.plan()), "cuda.fused_single_token");
-  s.set_tokens(1);
-  s.run();
-  const std::vector<float> eager = s.output();
-  s.capture_any_tokens();
-  for (int replay = 0; replay < 3; ++replay) {  // the counters are left zero for the next replay
-    s.replay();
-    const std::vector<float> replayed = s.output();
-    EXPECT_EQ(0, std::memcmp(replayed.data(), eager.data(), eager.size() * 4)) << "replay " << replay;
+  for (const char* kernel : {kW2t, kQuads})
+    for (const char* hidden : {"hidden_size=256", "hidden_size=2560"}) {
+      const auto g = experts_graph("qwen1.5-moe-a2.7b", {hidden, "moe_intermediate_size=128"}, 1);
+      CudaSessionOptions so;
+      so.plan.capturable = true;
+      so.plan.forced_kernels["fused_experts"] = kernel;
+      so.seed = 11;
+      CudaSession s(g, so);
+      ASSERT_EQ(fused_kernel(s.plan()), kernel);
+      s.set_tokens(1);
+      s.run();
+      const std::vector<float> eager = s.output();
+      s.capture_any_tokens();
+      for (int replay = 0; replay < 3; ++replay) {  // the counters are left zero for the next replay
+        s.replay();
+        const std::vector<float> replayed = s.output();
+        EXPECT_EQ(0, std::memcmp(replayed.data(), eager.data(), eager.size() * 4)) << kernel << " " << hidden << " replay " << replay;
+      }
+    }
+}
+
+// pack_w2_transposed on its own: random bits (any 16-bit pattern, NaNs included, moved as they are)
+// into a poisoned buffer, against a host transpose; a shape of partial tiles on both sides, and one
+// with more tiles than the packing's grid has blocks (each block several tiles).
+TEST(CudaFusedSingleToken, PackW2TransposedMatchesAHostTranspose) {
+  if (cuda::device_count() == 0) GTEST_SKIP() << "no CUDA device";
+  std::mt19937 rng(20261124);
+  for (const auto& [experts, hidden, inter] : {std::tuple{3, 40, 48}, std::tuple{5, 1000, 900}}) {
+    SCOPED_TRACE("E = " + std::to_string(experts) + ", H = " + std::to_string(hidden) + ", I = " + std::to_string(inter));
+    const std::size_t n = static_cast<std::size_t>(experts) * hidden * inter;
+    ASSERT_EQ(cuda::packed_w2t_bytes(experts, hidden, inter), static_cast<int64_t>(n * 2));
+    std::vector<uint16_t> w2(n);
+    for (uint16_t& v : w2) v = static_cast<uint16_t>(rng());
+    const auto device_bytes = [](std::size_t bytes) {
+      void* p = nullptr;
+      EXPECT_EQ(cudaMalloc(&p, bytes), cudaSuccess);
+      return std::unique_ptr<void, cudaError_t (*)(void*)>(p, cudaFree);
+    };
+    const auto source = device_bytes(n * 2), packed = device_bytes(n * 2);
+    ASSERT_EQ(cudaMemcpy(source.get(), w2.data(), n * 2, cudaMemcpyHostToDevice), cudaSuccess);
+    ASSERT_EQ(cudaMemset(packed.get(), 0xff, n * 2), cudaSuccess);  // poison: a place left unwritten shows
+    cuda::pack_w2_transposed(static_cast<const uint16_t*>(source.get()), experts, hidden, inter,
+                             static_cast<uint16_t*>(packed.get()), nullptr);
+    ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
+    std::vector<uint16_t> got(n);
+    ASSERT_EQ(cudaMemcpy(got.data(), packed.get(), n * 2, cudaMemcpyDeviceToHost), cudaSuccess);
+    for (int e = 0; e < experts; ++e)
+      for (int i = 0; i < inter; ++i)
+        for (int h = 0; h < hidden; ++h) {
+          const std::size_t at = (static_cast<std::size_t>(e) * inter + i) * hidden + h;
+          const std::size_t from = (static_cast<std::size_t>(e) * hidden + h) * inter + i;
+          ASSERT_EQ(got[at], w2[from]) << "expert " << e << " i " << i << " h " << h;
+        }
   }
 }
 
@@ -377,12 +510,14 @@ TEST(CudaFusedDecodeShared, FoldedWhereEveryTokenFitsOneGroupAndThePlanSaysWhyNo
   // S not a multiple of I: apart.
   const SharedCase odd{"odd", "qwen1.5-moe-a2.7b", {"hidden_size=264", "moe_intermediate_size=88", "shared_expert_intermediate_size=120"}};
   EXPECT_FALSE(folds_shared(make_plan(layer_graph(odd, 1), po)));
-  // The single-token kernel forced: it runs routed experts only, so the shared expert stays apart.
-  po.forced_kernels["fused_experts"] = "cuda.fused_single_token";
+  // Either single-token kernel forced: it runs routed experts only, so the shared expert stays apart.
   const SharedCase tiled{"tiled", "qwen1.5-moe-a2.7b", {"hidden_size=256", "moe_intermediate_size=128", "shared_expert_intermediate_size=256"}};
-  const Plan forced = make_plan(layer_graph(tiled, 1), po);
-  EXPECT_FALSE(folds_shared(forced));
-  EXPECT_EQ(fused_kernel(forced), "cuda.fused_single_token");
+  for (const char* kernel : {kW2t, kQuads}) {
+    po.forced_kernels["fused_experts"] = kernel;
+    const Plan forced = make_plan(layer_graph(tiled, 1), po);
+    EXPECT_FALSE(folds_shared(forced)) << kernel;
+    EXPECT_EQ(fused_kernel(forced), kernel);
+  }
   po.forced_kernels.clear();
   // Chunked (two chunks of 2 tokens, both folded): a step starts early only beside the previous step
   // of its lane in its own chunk (a step of a chunk the run's T does not reach launches nothing).
