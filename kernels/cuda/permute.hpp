@@ -42,6 +42,12 @@ struct RowWindow {
 void gather_rows(const uint16_t* x, const int32_t* row_source, int64_t rows, int top_k, int hidden, uint16_t* out,
                  Stream stream, RowWindow window = {}, LiveRows live = {});
 
+// out[slot_of[t, j], :] = x[t, :] for every choice with slot_of ≥ 0 (the CPU's gather_rows): each row
+// of x read once. Rows no choice maps to are left as they are (a permutation's rows of ids outside
+// [0, E), which no expert reads). With a live count (per_count 1), `tokens` is the bound.
+void scatter_rows(const uint16_t* x, const int32_t* slot_of, int64_t tokens, int top_k, int hidden, uint16_t* out,
+                  Stream stream, LiveRows live = {});
+
 // out[t, :] = Σ_j weights[t, j] · y_rows[slot_of[t, j], :] over slot_of ≥ 0 (a choice with no row
 // here is skipped), fp32 accumulation in j order and one rounding to bf16 at the end. y_rows bf16
 // [T*k, H], out bf16 [T, H]; weights null: every weight 1 (the sum of a token's returned parts).

@@ -714,7 +714,8 @@ void register_cuda_kernels(KernelRegistry& r) {
            return align256(tokens * 2 * I * 2) + align256(tokens * I * 2);
          }}));
   r.add(reading_live_tokens(launching(4, {"dispatch", Backend::cuda, "cuda.permute_rows", 0,
-         bf16_kernel("counting sort on the device (per-expert counts, offsets, stable ranks), then a row gather (16-byte loads where rows allow)"),
+         bf16_kernel("counting sort on the device (per-expert counts, offsets, stable ranks), then each token's row read once "
+                     "and written to its k slots (16-byte accesses where rows allow)"),
          [](const KernelCall& c) {
            const auto& op = static_cast<const DispatchOp&>(*c.node.op);
            const int64_t rows = c.max_tokens() * op.top_k();
@@ -731,8 +732,8 @@ void register_cuda_kernels(KernelRegistry& r) {
            const cuda::LiveRows live{c.live_tokens, op.top_k()};
            cuda::build_permutation(ids, c.tokens, op.top_k(), op.experts(), c.out<int32_t>(1), c.out<int32_t>(2),
                                    row_source, sort_ws, sort_bytes, lane(c).stream, live);
-           cuda::gather_rows(bf16_in(c, 0), row_source, c.tokens * op.top_k(), op.top_k(), hidden_of(c), bf16_out(c, 0),
-                             lane(c).stream, {}, live);
+           cuda::scatter_rows(bf16_in(c, 0), c.out<int32_t>(2), c.tokens, op.top_k(), hidden_of(c), bf16_out(c, 0),
+                              lane(c).stream, {c.live_tokens, 1});
            if (op.shared_out()) cuda::drop_unrouted_slots(local_ids, c.tokens * op.top_k(), c.out<int32_t>(2), lane(c).stream);
          },
          [](const Graph&, const Node& n, int64_t tokens) {

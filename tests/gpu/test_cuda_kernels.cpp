@@ -591,6 +591,24 @@ void check_gather_combine(int64_t tokens, int k, int experts, int hidden) {
   const std::vector<float> xf = to_f32(x);
   cpu::gather_rows(xf.data(), h_slot.data(), tokens, k, hidden, ref_rows.data());
   EXPECT_EQ(d_rows.download(), to_bf16(ref_rows)) << what << ": gather";
+  // Scatter by token (each row of x read once): the same rows; with a live count of fewer tokens,
+  // only their k slots each are written.
+  {
+    const std::vector<uint16_t> marker(static_cast<size_t>(rows * hidden), 0x7fc1);  // a NaN no row holds
+    DeviceBuffer<uint16_t> d_scattered(marker);
+    cuda::scatter_rows(d_x.get(), slot_of.get(), tokens, k, hidden, d_scattered.get(), nullptr);
+    EXPECT_EQ(d_scattered.download(), to_bf16(ref_rows)) << what << ": scatter";
+    const int32_t live_tokens = static_cast<int32_t>(tokens / 2);
+    DeviceBuffer<int32_t> d_live(std::vector<int32_t>{live_tokens});
+    DeviceBuffer<uint16_t> d_live_rows(marker);
+    cuda::scatter_rows(d_x.get(), slot_of.get(), tokens, k, hidden, d_live_rows.get(), nullptr, {d_live.get(), 1});
+    const std::vector<uint16_t> live_rows = d_live_rows.download(), all = to_bf16(ref_rows);
+    for (int64_t i = 0; i < rows; ++i)
+      for (int h = 0; h < hidden; ++h) {
+        const size_t at = static_cast<size_t>(h_slot[static_cast<size_t>(i)]) * hidden + h;
+        ASSERT_EQ(live_rows[at], i / k < live_tokens ? all[at] : uint16_t{0x7fc1}) << what << ": live scatter, choice " << i;
+      }
+  }
 
   // Combine: fp32 in j order, one rounding.
   const auto y = random_bf16(static_cast<size_t>(rows * hidden), what + ".y", 1.0f);

@@ -1,0 +1,162 @@
+// Probe, not part of the build: where the dispatch node's time goes at large T. The node
+// (cuda.permute_rows) took 220 µs for qwen3-30b-a3b at T=8192 in a traced run, where writing its
+// 268 MB of permuted rows alone should take ~95 µs (bench/NOTES.md, "Where the experts path's time
+// goes"). Each part is timed alone (CUDA events, median of 50 after 5): the counting sort's three
+// kernels at the tile length the library picks and at shorter ones, the row scatter (by token) and
+// gather (by permuted row), the combine, and a device memset / copy of as many bytes for comparison.
+// It includes kernels/cuda/permute.cu to call its kernels with other tile lengths.
+// Built and run on the GPU machine from the repository root:
+//   nvcc -O3 -std=c++17 -arch=sm_90a -I. bench/probes/dispatch_parts.cu -o /tmp/dp && /tmp/dp
+#include <algorithm>
+#include <random>
+#include <vector>
+
+#include "bench/probes/probe_common.cuh"
+#include "kernels/cuda/permute.cu"
+
+namespace dispatch_probe {  // named: nvcc's stubs cannot tell two anonymous namespaces of one file apart
+
+using namespace moeflow::cuda;
+
+template <class Launch>
+float median_us(Launch launch) {
+  cudaEvent_t a, b;
+  CK(cudaEventCreate(&a));
+  CK(cudaEventCreate(&b));
+  std::vector<float> t;
+  for (int r = 0; r < 55; ++r) {
+    CK(cudaEventRecord(a));
+    launch();
+    CK(cudaEventRecord(b));
+    CK(cudaEventSynchronize(b));
+    float ms = 0;
+    CK(cudaEventElapsedTime(&ms, a, b));
+    if (r >= 5) t.push_back(ms * 1000.0f);
+  }
+  CK(cudaGetLastError());
+  std::sort(t.begin(), t.end());
+  cudaEventDestroy(a);
+  cudaEventDestroy(b);
+  return t[t.size() / 2];
+}
+
+// The scatter with fewer threads per token, each moving kVecs 16-byte words per step with all its
+// loads issued before its stores (more bytes in flight per thread).
+template <int kVecs>
+__global__ void __launch_bounds__(256) scatter_wide(const uint4* __restrict__ x, const int32_t* __restrict__ slot_of,
+                                                    int64_t tokens, int top_k, int hvecs, int threads_per_token,
+                                                    uint4* __restrict__ out) {
+  const int64_t t = (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) / threads_per_token;
+  if (t >= tokens) return;
+  const int sub = static_cast<int>(threadIdx.x) % threads_per_token;
+  int32_t slots[8];
+  for (int j = 0; j < top_k; ++j) slots[j] = slot_of[t * top_k + j];
+  for (int v0 = sub * kVecs; v0 < hvecs; v0 += threads_per_token * kVecs) {
+    uint4 q[kVecs];
+#pragma unroll
+    for (int u = 0; u < kVecs; ++u) q[u] = x[t * hvecs + v0 + u];
+    for (int j = 0; j < top_k; ++j)
+#pragma unroll
+      for (int u = 0; u < kVecs; ++u) out[static_cast<int64_t>(slots[j]) * hvecs + v0 + u] = q[u];
+  }
+}
+
+struct Shape {
+  const char* name;
+  int64_t tokens;
+  int k, experts, hidden;
+};
+
+void probe(const Shape& s) {
+  const int64_t n = s.tokens * s.k;
+  std::mt19937 rng(7);
+  std::vector<int32_t> ids(static_cast<size_t>(n));
+  for (int64_t t = 0; t < s.tokens; ++t) {  // k distinct experts per token, uniform
+    std::vector<int32_t> pool(static_cast<size_t>(s.experts));
+    for (int e = 0; e < s.experts; ++e) pool[static_cast<size_t>(e)] = e;
+    for (int j = 0; j < s.k; ++j) {
+      std::uniform_int_distribution<int> d(j, s.experts - 1);
+      std::swap(pool[static_cast<size_t>(j)], pool[static_cast<size_t>(d(rng))]);
+      ids[static_cast<size_t>(t * s.k + j)] = pool[static_cast<size_t>(j)];
+    }
+  }
+  int32_t *d_ids, *offsets, *slot_of, *row_source, *hist;
+  uint16_t *x, *rows, *out;
+  float* weights;
+  const size_t row_bytes = static_cast<size_t>(n) * s.hidden * 2;
+  CK(cudaMalloc(&d_ids, n * 4));
+  CK(cudaMalloc(&offsets, (s.experts + 1) * 4));
+  CK(cudaMalloc(&slot_of, n * 4));
+  CK(cudaMalloc(&row_source, n * 4));
+  CK(cudaMalloc(&hist, 64 << 20));
+  CK(cudaMalloc(&x, s.tokens * s.hidden * 2));
+  CK(cudaMalloc(&rows, row_bytes));
+  CK(cudaMalloc(&out, s.tokens * s.hidden * 2));
+  CK(cudaMalloc(&weights, n * 4));
+  CK(cudaMemcpy(d_ids, ids.data(), n * 4, cudaMemcpyHostToDevice));
+  CK(cudaMemset(x, 0x3c, s.tokens * s.hidden * 2));
+  CK(cudaMemset(weights, 0, n * 4));
+  std::printf("== %s: T=%lld k=%d E=%d H=%d, %lld rows, %.1f MB of rows\n", s.name, static_cast<long long>(s.tokens), s.k,
+              s.experts, s.hidden, static_cast<long long>(n), row_bytes / 1e6);
+  const size_t ws = permutation_workspace_bytes(s.tokens, s.k, s.experts);
+  std::printf("  build_permutation (library)       %8.1f us\n", median_us([&] {
+    build_permutation(d_ids, s.tokens, s.k, s.experts, offsets, slot_of, row_source, hist, ws, nullptr);
+  }));
+  const int wpb = warps_per_block(s.experts);
+  const size_t smem = sizeof(int32_t) * (static_cast<size_t>(s.experts) + 1) * wpb;
+  for (int64_t tile : {tile_length(n, s.experts), int64_t{512}, int64_t{256}, int64_t{128}}) {
+    const int64_t num_tiles = (n + tile - 1) / tile, entries = (static_cast<int64_t>(s.experts) + 1) * num_tiles;
+    if (entries * 4 > (64 << 20)) continue;
+    const unsigned blocks = static_cast<unsigned>((num_tiles + wpb - 1) / wpb);
+    const float count = median_us([&] {
+      perm_count_kernel<<<blocks, wpb * 32, smem>>>(d_ids, n, s.experts, tile, num_tiles, hist, {});
+    });
+    const float scan = median_us([&] { perm_scan_kernel<<<1, kScanThreads>>>(hist, entries, num_tiles, offsets); });
+    perm_count_kernel<<<blocks, wpb * 32, smem>>>(d_ids, n, s.experts, tile, num_tiles, hist, {});
+    perm_scan_kernel<<<1, kScanThreads>>>(hist, entries, num_tiles, offsets);
+    const float rank = median_us([&] {
+      perm_rank_kernel<<<blocks, wpb * 32, smem>>>(d_ids, n, s.experts, tile, num_tiles, hist, slot_of, row_source, {});
+    });
+    std::printf("  tile %5lld (%4lld warps, %6lld scan entries): count %6.1f  scan %6.1f  rank %6.1f us\n",
+                static_cast<long long>(tile), static_cast<long long>(num_tiles), static_cast<long long>(entries), count,
+                scan, rank);
+  }
+  build_permutation(d_ids, s.tokens, s.k, s.experts, offsets, slot_of, row_source, hist, ws, nullptr);
+  CK(cudaDeviceSynchronize());
+  const double mb = row_bytes / 1e6;
+  auto rate = [&](float us) { return mb / us; };  // MB/us = TB/s
+  float t;
+  t = median_us([&] { scatter_rows(x, slot_of, s.tokens, s.k, s.hidden, rows, nullptr); });
+  std::printf("  scatter_rows (library)            %8.1f us  %.2f TB/s written\n", t, rate(t));
+  t = median_us([&] { gather_rows(x, row_source, n, s.k, s.hidden, rows, nullptr); });
+  std::printf("  gather_rows (library)             %8.1f us  %.2f TB/s written\n", t, rate(t));
+  const int hvecs = s.hidden / 8;
+  for (int tpt : {32, 64, 128}) {
+    t = median_us([&] {
+      const int64_t threads = s.tokens * tpt;
+      scatter_wide<4><<<static_cast<unsigned>((threads + 255) / 256), 256>>>(
+          reinterpret_cast<const uint4*>(x), slot_of, s.tokens, s.k, hvecs, tpt, reinterpret_cast<uint4*>(rows));
+    });
+    std::printf("  scatter, %3d threads/token, 4 vec %8.1f us  %.2f TB/s written\n", tpt, t, rate(t));
+  }
+  t = median_us([&] { combine_rows(rows, slot_of, weights, s.tokens, s.k, s.hidden, out, nullptr); });
+  std::printf("  combine_rows (library)            %8.1f us  %.2f TB/s read\n", t, rate(t));
+  t = median_us([&] { CK(cudaMemsetAsync(rows, 0, row_bytes)); });
+  std::printf("  memset of the rows                %8.1f us  %.2f TB/s written\n", t, rate(t));
+  uint16_t* copy;
+  CK(cudaMalloc(&copy, row_bytes));
+  t = median_us([&] { CK(cudaMemcpyAsync(copy, rows, row_bytes, cudaMemcpyDeviceToDevice)); });
+  std::printf("  device copy of the rows           %8.1f us  %.2f TB/s written\n", t, rate(t));
+  for (void* p : std::initializer_list<void*>{d_ids, offsets, slot_of, row_source, hist, x, rows, out, weights, copy})
+    cudaFree(p);
+}
+
+}  // namespace dispatch_probe
+
+int main() {
+  using dispatch_probe::Shape;
+  for (const Shape& s : {Shape{"qwen3-30b-a3b", 8192, 8, 128, 2048}, Shape{"qwen3-30b-a3b", 2048, 8, 128, 2048},
+                         Shape{"qwen1.5-moe-a2.7b", 8192, 4, 60, 2048}, Shape{"deepseek-v3", 8192, 8, 256, 7168}})
+    dispatch_probe::probe(s);
+  return 0;
+}
