@@ -38,11 +38,13 @@ std::vector<const KernelEntry*> KernelRegistry::candidates(const std::string& op
 }
 
 namespace {
-// Why `limits` rule the kernel out, or empty.
+// Why `limits` rule the kernel out (and which setting does), or empty.
 std::string outside_limits(const KernelEntry& k, const KernelLimits& limits) {
-  if (limits.capturable && !k.host_inputs.empty()) return "needs a host sync, not capturable in a CUDA graph";
+  if (limits.capturable && !k.host_inputs.empty())
+    return "reads sizes on the host, which a CUDA graph cannot capture (--cuda-graph)";
   if (!limits.packed_weights && k.packed_weight)
-    return "reads " + k.packed_weight->layout + ", a packed copy, and packed weights are off";
+    return "reads " + k.packed_weight->layout +
+           ", a packed copy, and packed weights are off (--no-packed-weights, or too little device memory for the copy)";
   return {};
 }
 
@@ -64,12 +66,8 @@ KernelChoice KernelRegistry::select(const Graph& g, const Node& n, Backend backe
       if (k->name != it->second) continue;
       Support s = k->supports(g, n);
       if (!s.ok) fail_input("node '" + n.name + "': forced kernel '" + k->name + "' cannot run it: " + s.reason);
-      if (limits.capturable && !k->host_inputs.empty())
-        fail_input("node '" + n.name + "': forced kernel '" + k->name +
-                   "' reads sizes on the host, which a CUDA graph cannot capture (drop --cuda-graph or the --kernel)");
-      if (!limits.packed_weights && k->packed_weight)
-        fail_input("node '" + n.name + "': forced kernel '" + k->name + "' reads " + k->packed_weight->layout +
-                   ", a packed copy, and packed weights are off (drop --no-packed-weights or the --kernel)");
+      if (const std::string why = outside_limits(*k, limits); !why.empty())
+        fail_input("node '" + n.name + "': forced kernel '" + k->name + "' " + why + "; drop that or the --kernel");
       return {k, "forced by --kernel " + n.op->kind() + "=" + k->name + " (" + s.reason + ")"};
     }
     std::string names;

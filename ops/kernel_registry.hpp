@@ -67,6 +67,9 @@ struct PackedWeight {
   std::function<int64_t(const Graph&, const Node&)> bytes;
   // Writes the copy to `packed` from the call's inputs (only weights are meaningful then).
   std::function<void(const KernelCall&, void* packed)> write;
+  // The kernel that computes the same without the copy (e.g. the same tiles unfused): what a plan
+  // with packed weights off runs where a tuning cache names this one.
+  std::string unpacked_twin;
 };
 
 struct KernelEntry {

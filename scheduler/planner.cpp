@@ -459,18 +459,29 @@ int64_t tuned_tokens(const Graph& g, const PlanOptions& options) {
   return options.cost_tokens > 0 ? std::min(options.cost_tokens, g.max_tokens()) : g.max_tokens();
 }
 
+// The kernel a cached choice stands for in this plan: itself, or, where packed weights are off and it
+// reads a packed copy, the kernel that computes the same without it (PackedWeight::unpacked_twin).
+std::string runnable_tuned_kernel(const KernelRegistry& registry, const std::string& name, const PlanOptions& options) {
+  if (options.packed_weights) return name;
+  const KernelEntry* k = registry.find(name, options.backend);
+  return k && k->packed_weight && !k->packed_weight->unpacked_twin.empty() ? k->packed_weight->unpacked_twin : name;
+}
+
 // The kernel a tuning cache measured fastest for this node near its T, where it can run the node
-// (and be captured, under --cuda-graph); none where --kernel forces the op or nothing was measured.
+// within the plan's limits (captured under --cuda-graph; its unpacked twin where packed weights are
+// off); none where --kernel forces the op or nothing was measured.
 std::optional<KernelChoice> tuned_choice(const KernelRegistry& registry, const Graph& g, const Node& n,
                                          const PlanOptions& options, int64_t T) {
   if (!options.tuning || options.forced_kernels.count(n.op->kind())) return std::nullopt;
   const TunedKernel* t = options.tuning->find(options.tuning_device, tuning_signature(g, n), g.tokens_of(n, T));
   if (!t) return std::nullopt;
-  std::optional<KernelChoice> c = registry.select_named(g, n, options.backend, t->kernel, options.limits());
+  const std::string name = runnable_tuned_kernel(registry, t->kernel, options);
+  std::optional<KernelChoice> c = registry.select_named(g, n, options.backend, name, options.limits());
   if (!c) return std::nullopt;
   std::ostringstream why;
   why << "tuned: fastest measured at T=" << t->tokens << " on " << t->device << " (" << std::fixed
-      << std::setprecision(1) << t->time_us << " us, " << options.tuning->source() << "); " << c->reason;
+      << std::setprecision(1) << t->time_us << " us, " << options.tuning->source() << ")"
+      << (name != t->kernel ? " as " + t->kernel + ", here without its packed copy" : std::string()) << "; " << c->reason;
   c->reason = why.str();
   return c;
 }
@@ -514,7 +525,8 @@ std::shared_ptr<const Graph> fused_where_a_kernel_runs_it(const KernelRegistry& 
                                                               g.tokens_of(g.node(*experts), tuned_tokens(g, options)))
                                       : nullptr;
         // (select_named answers for the experts node, so a cached fused kernel never matches here.)
-        if (tuned && registry.select_named(g, g.node(*experts), options.backend, tuned->kernel, options.limits())) {
+        if (tuned && registry.select_named(g, g.node(*experts), options.backend,
+                                           runnable_tuned_kernel(registry, tuned->kernel, options), options.limits())) {
           std::ostringstream why;
           why << "tuned: " << tuned->kernel << " on the chain measured fastest at T=" << tuned->tokens << " ("
               << std::fixed << std::setprecision(1) << tuned->time_us << " us, " << options.tuning->source() << ")";

@@ -96,8 +96,8 @@ Command add_tune_command(CLI::App& app) {
           if (n.op->kind() == "experts") experts = &n;
         cache.record({device, tuning_signature(*graph, *experts), T, fastest->first, fastest->second});
         const std::string heuristic = planned_experts_kernel(graph);
-        std::cout << "  " << std::left << std::setw(20) << model << std::setw(7) << T << std::setw(28) << fastest->first
-                  << std::fixed << std::setprecision(1) << std::setw(11) << fastest->second << std::setw(28) << heuristic
+        std::cout << "  " << std::left << std::setw(20) << model << std::setw(7) << T << std::setw(34) << fastest->first
+                  << std::fixed << std::setprecision(1) << std::setw(11) << fastest->second << std::setw(34) << heuristic
                   << (best_of.count(heuristic) ? std::to_string(best_of[heuristic] / fastest->second).substr(0, 4) + "x"
                                                : std::string("not measured"))
                   << std::endl;

@@ -46,8 +46,8 @@ void PlanFlags::add_to(CLI::App& app) {
                "the fused decode kernel after the one-launch gate, starts while it runs: programmatic dependent launch)");
   app.add_flag("--no-packed-weights", no_packed_weights,
                "no kernel that reads a weight packed once at bind time (by default GEMM 1 with SwiGLU in its epilogue "
-               "reads w13 interleaved, a copy as large as w13; the CUDA session turns them off by itself where the "
-               "copies would not fit in device memory)");
+               "reads w13 interleaved, a copy as large as w13, and the one-token kernel w2 transposed, as large as w2; "
+               "the CUDA session turns them off by itself where the copies would not fit in device memory)");
   app.add_flag("--no-reuse-memory", no_reuse_memory,
                "give every value its own workspace range (by default buffers share bytes where the plan proves it safe)");
   app.add_option("--tuning-cache", tuning_cache,

@@ -154,25 +154,24 @@ MachineRates measure_cuda_rates(int device) {
   return r;
 }
 
-namespace {
-// Device bytes a session of `plan` allocates: weights (unless held by another session), inputs,
-// workspace and packed copies (at most: a copy another executor holds is shared).
 int64_t session_device_bytes(const Plan& plan, bool weights_held) {
   return (weights_held ? 0 : plan.bytes(Arena::weights)) + plan.bytes(Arena::workspace) + plan.bytes(Arena::inputs) +
-         plan.packed_bytes;
+         plan.packed_bytes + CudaExecutor::own_device_bytes(plan);
 }
-}  // namespace
 
 Plan plan_within_device_memory(std::shared_ptr<const Graph> graph, PlanOptions options, int64_t free_bytes,
                                bool weights_held) {
   Plan plan = make_plan(graph, options);
   const int64_t needed = session_device_bytes(plan, weights_held);
-  if (plan.packed_bytes == 0 || needed <= free_bytes) return plan;
+  if (plan.packed_bytes == 0 || needed + kPackedWeightsHeadroom <= free_bytes) return plan;
+  for (const PlanStep& s : plan.steps)
+    if (s.packed >= 0 && options.forced_kernels.count(plan.graph->node(s.node).op->kind())) return plan;
   options.packed_weights = false;
   Plan without = make_plan(graph, options);
   without.notes.push_back("packed weights off: with them the plan needs " + format_gib(needed) + " of device memory (" +
-                          format_gib(plan.packed_bytes) + " of packed copies), " + format_gib(free_bytes) +
-                          " are free; without them " + format_gib(session_device_bytes(without, weights_held)));
+                          format_gib(plan.packed_bytes) + " of packed copies) and " + format_gib(kPackedWeightsHeadroom) +
+                          " left free, " + format_gib(free_bytes) + " are free; without them " +
+                          format_gib(session_device_bytes(without, weights_held)));
   return without;
 }
 

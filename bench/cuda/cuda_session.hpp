@@ -29,10 +29,19 @@ struct CudaSessionOptions {
 // written) and median cuBLAS bf16 8192^3 product on random data.
 MachineRates measure_cuda_rates(int device);
 
-// The session's plan: `options` as they are where everything it needs fits in `free_bytes` of device
-// memory (the weights unless `weights_held` by another session, inputs, workspace and packed weight
-// copies); where only the packed copies do not fit, the plan without them (PlanOptions::packed_weights
-// off), with a note saying so. The caller checks the result's bytes against the device.
+// Device bytes a session of `plan` allocates: the weights unless `weights_held` by another session,
+// inputs, workspace, packed weight copies (at most: a copy another executor holds is shared) and the
+// executor's own (CudaExecutor::own_device_bytes).
+int64_t session_device_bytes(const Plan& plan, bool weights_held);
+// Room a plan with packed weights must leave free (CUDA graphs, cuBLAS's own allocations) before
+// plan_within_device_memory keeps its packed copies.
+constexpr int64_t kPackedWeightsHeadroom = int64_t{256} << 20;
+
+// The session's plan: `options` as they are where session_device_bytes and kPackedWeightsHeadroom
+// fit in `free_bytes` of device memory; where they do not and the plan packs weights, the plan
+// without packed copies (PlanOptions::packed_weights off), with a note saying so, unless the
+// options force a kernel that packs (then the caller's memory check says what is missing). The
+// caller checks the result's bytes against the device.
 Plan plan_within_device_memory(std::shared_ptr<const Graph> graph, PlanOptions options, int64_t free_bytes,
                                bool weights_held);
 

@@ -359,8 +359,9 @@ void experts_padded_strided_batched(const LaneContext& ctx, const uint16_t* rows
 namespace {
 
 // Pointer arrays of experts_rows_batched, one entry per permuted row r: the expert owning r is the
-// last e with offsets[e] <= r (binary search). Rows past offsets[E] (ids the permutation set aside)
-// point at a real expert and are computed harmlessly: they have no slot, so the combine skips them.
+// last e with offsets[e] <= r (binary search). Rows past offsets[E] (ids the permutation set aside,
+// which the dispatch's scatter leaves unwritten) point at a real expert and are computed harmlessly
+// from whatever those rows hold: they have no slot, so the combine skips them.
 __global__ void row_pointers_kernel(const int32_t* offsets, int experts, int64_t rows, int64_t hidden,
                                     int64_t intermediate, const uint16_t* x_rows, const uint16_t* w13, const uint16_t* w2,
                                     uint16_t* h, uint16_t* act, uint16_t* out, const void** ptrs) {

@@ -10,7 +10,7 @@
 // Blocks take items from one counter, every phase-1 item before any phase-2 item; a phase-2 item
 // waits for its group's phase 1 (prefetching its weights into L2 meanwhile), which only running
 // blocks hold, so no wait can deadlock. Why one launch: at T = 1 the touched experts' weights take
-// ~25 µs to stream while five launches (permute, gather, two GEMVs, combine) cost ~10 µs more. Where
+// ~25 µs to stream while five launches (permutation, row scatter, two GEMVs, combine) cost ~10 µs more. Where
 // the chain's two decode kernels stream faster, the planner keeps the chain (huge_experts() in
 // ops/cuda/cuda_kernels.cpp).
 // Pointers are device pointers.

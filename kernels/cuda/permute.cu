@@ -161,7 +161,7 @@ __global__ void perm_rank_kernel(const int32_t* __restrict__ ids, int64_t n, int
     if (valid) {
       const int32_t slot = base[static_cast<int64_t>(key) * num_tiles + w] + cnt[key] + __popc(peers & lower_lanes);
       slot_of[i] = key == experts ? -1 : slot;  // an id outside [0, E): no row for the combine to add
-      row_source[slot] = static_cast<int32_t>(i);
+      if (row_source) row_source[slot] = static_cast<int32_t>(i);
     }
     __syncwarp();
     if (valid && lane == __ffs(peers) - 1) cnt[key] += __popc(peers);
@@ -197,7 +197,7 @@ __global__ void __launch_bounds__(kSmallRows)
     }
     slot += before;
     slot_of[i] = key == experts ? -1 : slot;  // an id outside [0, E): no row for the combine to add
-    row_source[slot] = i;
+    if (row_source) row_source[slot] = i;
   }
 }
 

@@ -15,7 +15,8 @@ std::size_t permutation_workspace_bytes(int64_t max_tokens, int top_k, int exper
 
 // offsets [E + 1]: offsets[e] = first permuted row of expert e, offsets[E] = rows of valid ids.
 // slot_of [T, k]: the permuted row of (t, j). row_source [T * k]: the flat index t*k + j each
-// permuted row holds (the inverse of slot_of).
+// permuted row holds (the inverse of slot_of), or null where the caller needs only slot_of (a
+// scatter by token).
 // Ids outside [0, E) are not an error here (the device cannot throw): they contribute nothing. Their
 // rows go after every valid row, to [offsets[E], T*k) in flat-index order (row_source set like any
 // other, so a gather stays in bounds), no expert counts them, and their slot_of is -1, so the combine

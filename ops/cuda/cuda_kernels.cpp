@@ -176,11 +176,12 @@ struct RowRange {
   bool preferred_on_huge = true;  // false: `elsewhere` on huge experts (huge_experts()) whatever the rows
 };
 
-// With `swiglu_epilogue` (the 256-column tiles only), GEMM 1 applies SwiGLU in its epilogue from w13
-// packed once at bind time (cuda::pack_w13_interleaved): no h [R, 2I] written and read back, no
-// SwiGLU launch; the scratch is act [R, I] alone.
+// With `swiglu_twin` (the 256-column tiles only: the kernel of the same tiles without the epilogue),
+// GEMM 1 applies SwiGLU in its epilogue from w13 packed once at bind time (cuda::pack_w13_interleaved):
+// no h [R, 2I] written and read back, no SwiGLU launch; the scratch is act [R, I] alone.
 KernelEntry cutlass_grouped(std::string name, int priority, cuda::CutlassTiles tiles, RowRange range,
-                            std::string tiles_text, bool swiglu_epilogue = false) {
+                            std::string tiles_text, std::string swiglu_twin = {}) {
+  const bool swiglu_epilogue = !swiglu_twin.empty();
   auto scratch_bytes = [swiglu_epilogue](const Node& n, int64_t tokens) {
     return swiglu_epilogue ? act_scratch_bytes(n, tokens) : experts_scratch_bytes(n, tokens);
   };
@@ -237,7 +238,8 @@ KernelEntry cutlass_grouped(std::string name, int priority, cuda::CutlassTiles t
           const auto& op = static_cast<const ExpertsOp&>(*c.node.op);
           cuda::pack_w13_interleaved(bf16_in(c, 2), op.experts(), hidden_of(c), op.intermediate(),
                                      static_cast<uint16_t*>(packed), lane(c).stream);
-        }};
+        },
+        std::move(swiglu_twin)};
   return e;
 }
 
@@ -294,10 +296,10 @@ void register_experts(KernelRegistry& r) {
   //    against 9274 µs, so the unfused tiles keep them.
   r.add(cutlass_grouped("cuda.cutlass_swiglu_narrow", 6, cuda::CutlassTiles::narrow,
                         {.huge_min_rows = 128, .preferred_to = 192, .elsewhere = 4, .preferred_on_huge = false},
-                        "64x256 tiles, ping-pong (an expert's rows padded to 64)", true));
+                        "64x256 tiles, ping-pong (an expert's rows padded to 64)", "cuda.cutlass_grouped_narrow"));
   r.add(cutlass_grouped("cuda.cutlass_swiglu_wide_single", 6, cuda::CutlassTiles::wide_single,
                         {.huge_min_rows = 128, .preferred_from = 192, .elsewhere = 3, .preferred_on_huge = false},
-                        "128x256 tiles, no cluster (an expert's rows padded to 128)", true));
+                        "128x256 tiles, no cluster (an expert's rows padded to 128)", "cuda.cutlass_grouped_wide_single"));
   r.add(cutlass_grouped("cuda.cutlass_grouped_narrow", 6, cuda::CutlassTiles::narrow,
                         {.huge_min_rows = 128, .preferred_to = 192, .elsewhere = 4},
                         "64x256 tiles, ping-pong (an expert's rows padded to 64)"));
@@ -568,9 +570,11 @@ void register_fused_experts(KernelRegistry& r) {
   };
   // supports() of either kernel: `unsupported` says which shapes it runs, `how_w2` how it reads w2;
   // with `w2_packed` it reads a copy of w2, which must then be a weight (bound once, packed once).
-  auto single_token_supports = [single_token_shape](std::string (*unsupported)(const cuda::FusedSingleTokenShape&),
-                                                    std::string how_w2, bool w2_packed) {
-    return [single_token_shape, unsupported, how_w2 = std::move(how_w2), w2_packed](const Graph& g, const Node& n) {
+  auto single_token_supports = [single_token_shape, single_token_items](
+                                   std::string (*unsupported)(const cuda::FusedSingleTokenShape&), std::string how_w2,
+                                   bool w2_packed) {
+    return [single_token_shape, single_token_items, unsupported, how_w2 = std::move(how_w2), w2_packed](const Graph& g,
+                                                                                                      const Node& n) {
       Support s = cuda_supports_bf16(g, n, "");
       if (!s.ok) return s;
       if (g.max_tokens_of(n) != 1)
@@ -584,7 +588,7 @@ void register_fused_experts(KernelRegistry& r) {
                            "such experts faster");
       if (w2_packed && g.value(n.inputs[4]).role != ValueRole::weight)
         return Support::no("w2 ('" + g.value(n.inputs[4]).name + "') is not a weight bound once, so it cannot be packed once");
-      const int items = shape.top_k * shape.intermediate / 16;
+      const int items = single_token_items(g, n);
       return Support::yes("one token: its k experts' gate/up and down projections cut into " + std::to_string(items) +
                           " equal items of 16 features (" + how_w2 + "), no item waiting for a whole expert; partials "
                           "summed in order" +
@@ -653,7 +657,8 @@ void register_fused_experts(KernelRegistry& r) {
         const cuda::FusedSingleTokenShape s = single_token_shape(c.graph, c.node);
         cuda::pack_w2_transposed(bf16_in(c, 4), s.experts, s.hidden, s.intermediate, static_cast<uint16_t*>(packed),
                                  lane(c).stream);
-      }};
+      },
+      "cuda.fused_single_token"};
   r.add(std::move(single_token_w2t));
 }
 
@@ -719,9 +724,8 @@ void register_cuda_kernels(KernelRegistry& r) {
          [](const KernelCall& c) {
            const auto& op = static_cast<const DispatchOp&>(*c.node.op);
            const int64_t rows = c.max_tokens() * op.top_k();
-           auto* row_source = static_cast<int32_t*>(c.workspace);
-           auto* local_ids = reinterpret_cast<int32_t*>(static_cast<std::byte*>(c.workspace) + align256(rows * 4));
-           void* sort_ws = static_cast<std::byte*>(c.workspace) + 2 * align256(rows * 4);
+           auto* local_ids = static_cast<int32_t*>(c.workspace);
+           void* sort_ws = static_cast<std::byte*>(c.workspace) + align256(rows * 4);
            const std::size_t sort_bytes = cuda::permutation_workspace_bytes(c.max_tokens(), op.top_k(), op.experts());
            // A rank's share of the experts: its ids renumbered from 0, the others' out of the way.
            const int32_t* ids = c.in<int32_t>(1);
@@ -731,14 +735,14 @@ void register_cuda_kernels(KernelRegistry& r) {
            }
            const cuda::LiveRows live{c.live_tokens, op.top_k()};
            cuda::build_permutation(ids, c.tokens, op.top_k(), op.experts(), c.out<int32_t>(1), c.out<int32_t>(2),
-                                   row_source, sort_ws, sort_bytes, lane(c).stream, live);
+                                   nullptr, sort_ws, sort_bytes, lane(c).stream, live);
            cuda::scatter_rows(bf16_in(c, 0), c.out<int32_t>(2), c.tokens, op.top_k(), hidden_of(c), bf16_out(c, 0),
                               lane(c).stream, {c.live_tokens, 1});
            if (op.shared_out()) cuda::drop_unrouted_slots(local_ids, c.tokens * op.top_k(), c.out<int32_t>(2), lane(c).stream);
          },
          [](const Graph&, const Node& n, int64_t tokens) {
            const auto& op = static_cast<const DispatchOp&>(*n.op);
-           return 2 * align256(tokens * op.top_k() * 4) +
+           return align256(tokens * op.top_k() * 4) +
                   static_cast<int64_t>(cuda::permutation_workspace_bytes(tokens, op.top_k(), op.experts()));
          }})));
   register_experts(r);

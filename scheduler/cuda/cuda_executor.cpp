@@ -93,16 +93,19 @@ namespace {
 bool holds_host(const Node& n) { return n.op->kind() == "to_host" || n.op->communicates(); }
 }  // namespace
 
+int64_t CudaExecutor::own_device_bytes(const Plan& plan) {
+  const std::size_t per_lane = cuda::recommended_blas_workspace_bytes() + sizeof(int) * cuda::kLaneCounterWords;
+  return static_cast<int64_t>(per_lane * plan.lanes.size()) + 4096;
+}
+
 CudaExecutor::CudaExecutor(const Plan& plan, const CommGroups* comm)
     : plan_(plan), comm_(comm), s_(std::make_unique<State>()) {
   if (plan.options.backend != Backend::cuda) fail_input("CudaExecutor: the plan was made for the cpu backend");
   State& s = *s_;
   s.device = plan.options.device;
-  const std::size_t blas_bytes = cuda::recommended_blas_workspace_bytes();
-  require_device_bytes(s.device,
-                       plan.bytes(Arena::workspace) +
-                           static_cast<int64_t>((blas_bytes + sizeof(int) * cuda::kLaneCounterWords) * plan.lanes.size()) + 4096,
+  require_device_bytes(s.device, plan.bytes(Arena::workspace) + own_device_bytes(plan),
                        "plan '" + plan.graph->name() + "' (workspace and cuBLAS workspaces)");
+  const std::size_t blas_bytes = cuda::recommended_blas_workspace_bytes();
   MOEFLOW_CUDA_CHECK(cudaSetDevice(s.device));
   s.workspace = std::make_unique<DeviceArena>(plan, Arena::workspace, s.device);
   s.host = std::make_unique<DeviceArena>(plan, Arena::host, s.device);

@@ -24,6 +24,9 @@ class CudaExecutor {
   // `comm`: this rank's communicators when the plan's graph was lowered for several ranks.
   explicit CudaExecutor(const Plan& plan, const CommGroups* comm = nullptr);
   ~CudaExecutor();
+  // Device bytes an executor of `plan` allocates beyond the plan's arenas and packed copies: a
+  // cuBLAS workspace and counters per lane, and a few flags.
+  static int64_t own_device_bytes(const Plan& plan);
   CudaExecutor(const CudaExecutor&) = delete;
   CudaExecutor& operator=(const CudaExecutor&) = delete;
 

@@ -555,6 +555,22 @@ TEST(CudaPermute, InvalidIdsStayInBoundsAfterTheValidRows) {
     EXPECT_EQ(d.slot_of[i], valid ? row : -1) << i;
     EXPECT_EQ(d.row_source[static_cast<size_t>(row)], static_cast<int32_t>(i)) << i;
   }
+  // The dispatch's row scatter writes every valid choice's row from its token and leaves the rows
+  // after the valid ones (ids outside [0, E): no expert reads them) as they were.
+  const int hidden = 24;
+  const auto x = random_bf16(static_cast<size_t>(tokens * hidden), "invalid.x", 1.0f);
+  const std::vector<uint16_t> marker(static_cast<size_t>(ids.size() * hidden), 0x7fc1);  // a NaN no row holds
+  DeviceBuffer<uint16_t> d_x(x), d_rows(marker);
+  DeviceBuffer<int32_t> d_slot(d.slot_of);
+  cuda::scatter_rows(d_x.get(), d_slot.get(), tokens, k, hidden, d_rows.get(), nullptr);
+  const std::vector<uint16_t> rows = d_rows.download();
+  for (size_t i = 0; i < ids.size(); ++i) {
+    if (d.slot_of[i] < 0) continue;
+    for (int h = 0; h < hidden; ++h)
+      ASSERT_EQ(rows[static_cast<size_t>(d.slot_of[i]) * hidden + h], x[i / k * hidden + h]) << "choice " << i;
+  }
+  for (size_t r = static_cast<size_t>(valid_counts[experts]); r < ids.size(); ++r)
+    for (int h = 0; h < hidden; ++h) ASSERT_EQ(rows[r * hidden + h], 0x7fc1) << "row " << r << " of an invalid id written";
 }
 
 TEST(CudaPermute, TooSmallWorkspaceIsRefused) {

@@ -347,7 +347,8 @@ TEST(CudaPlan, PackedWeightsOffWhereAskedOrWhereTheCopiesDoNotFit) {
   const Plan with = make_plan(graph, o);
   ASSERT_GT(with.packed_bytes, 0);
   const int64_t everything = with.bytes(Arena::weights) + with.bytes(Arena::workspace) + with.bytes(Arena::inputs) +
-                             with.packed_bytes;
+                             with.packed_bytes + CudaExecutor::own_device_bytes(with) + kPackedWeightsHeadroom;
+  EXPECT_EQ(session_device_bytes(with, false) + kPackedWeightsHeadroom, everything);
   const Plan roomy = plan_within_device_memory(graph, o, everything, false);
   EXPECT_EQ(roomy.packed_bytes, with.packed_bytes);
   EXPECT_TRUE(roomy.notes.empty());
@@ -359,6 +360,29 @@ TEST(CudaPlan, PackedWeightsOffWhereAskedOrWhereTheCopiesDoNotFit) {
   // Weights another session holds are not counted again: the same free bytes then hold the copies.
   EXPECT_EQ(plan_within_device_memory(graph, o, everything - with.bytes(Arena::weights), true).packed_bytes,
             with.packed_bytes);
+  // A tuning cache naming a packing kernel: with packed weights off, its unpacked twin (the same
+  // tiles) runs, and the reason says so; with them on, the cached kernel itself.
+  {
+    PlanOptions tuned;
+    tuned.backend = Backend::cuda;
+    auto cache = std::make_shared<TuningCache>();
+    cache->record({"any GPU", tuning_signature(*graph, graph->node(*graph->find_node("experts"))), 8192,
+                   "cuda.cutlass_swiglu_narrow", 1.0});
+    tuned.tuning = cache;
+    EXPECT_EQ(make_plan(graph, tuned).step_for(*graph->find_node("experts")).kernel->name, "cuda.cutlass_swiglu_narrow");
+    tuned.packed_weights = false;
+    const Plan twin = make_plan(graph, tuned);
+    const PlanStep& step = twin.step_for(*graph->find_node("experts"));
+    EXPECT_EQ(step.kernel->name, "cuda.cutlass_grouped_narrow");
+    EXPECT_NE(step.reason.find("as cuda.cutlass_swiglu_narrow, here without its packed copy"), std::string::npos)
+        << step.reason;
+    EXPECT_TRUE(twin.packed.empty());
+  }
+  // A forced packing kernel is kept: the session's memory check then says what is missing.
+  o.forced_kernels["experts"] = "cuda.cutlass_swiglu_narrow";
+  const Plan forced = plan_within_device_memory(graph, o, 1, false);
+  EXPECT_GT(forced.packed_bytes, 0);
+  EXPECT_TRUE(forced.notes.empty());
 }
 
 // Planning only (no device needed): a gate of at most 4 tokens takes the one-launch router, more
