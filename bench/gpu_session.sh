@@ -24,6 +24,24 @@ tests_and_sanitizers() {
       --gtest_filter="$1" > "$OUT/$2_$tool.log" 2>&1; echo "$tool rc=$?: $(tail -n 2 "$OUT/$2_$tool.log" | tr '\n' ' ')"
   done
 }
+# Where the experts path's time goes, kernel by kernel, where $PROFILE is set ("model,T;model,T"):
+# one eager run each under Nsight Compute (duration only, clocks not locked), its last
+# ${PROFILE_LAST:-10} kernels, into $OUT/kernel_profile.txt.
+kernel_profile() {
+  [[ -z ${PROFILE:-} ]] && return
+  ncu=$(command -v ncu || ls /usr/local/cuda*/bin/ncu 2>/dev/null | head -1)
+  for point in ${PROFILE//;/ }; do
+    echo "== kernels of ${point} (us, name)" | tee -a "$OUT/kernel_profile.txt"
+    timeout 150 $ncu --clock-control none --metrics gpu__time_duration.sum --csv $b/moeflow run --backend cuda \
+      --model ${point%,*} --scope experts --tokens ${point#*,} --runs 1 --warmup 0 > /tmp/ncu.csv 2>/dev/null
+    grep '^"' /tmp/ncu.csv | python3 -c 'import csv,sys
+rows=[r for r in csv.DictReader(sys.stdin) if r.get("Metric Name")=="gpu__time_duration.sum"]
+for r in rows[-int(sys.argv[1]):]:
+  v=float(r["Metric Value"].replace(",","")); u=r["Metric Unit"]
+  print("%10.1f" % (v/1000 if u in ("ns","nsecond") else v*1000 if u in ("ms","msecond") else v), r["Kernel Name"][:100])' ${PROFILE_LAST:-10} \
+      | tee -a "$OUT/kernel_profile.txt"
+  done
+}
 # Whole layers as CUDA-graph replays (concurrent plan, $RUNS runs): the median and the host's cost of
 # one replay for every model in $1 (space-separated), T in $2 and flag set in the rest ('' = as
 # planned), into $OUT/layers.txt.
@@ -155,6 +173,7 @@ if [[ $mode == single ]]; then
   # their tests under the three sanitizers, resources, then T=1 side by side (experts path and
   # qwen3's layer in CUDA graphs), then where the experts path's time goes at large T.
   tests_and_sanitizers "${SAN:-CudaFusedSingleToken.*}" single
+  kernel_profile
   obj=$(find $b -name fused_single_token.cu.o | head -1)
   cuobjdump -res-usage "$obj" 2>/dev/null | awk '/Function/ { name = $2 } /REG:/ { print $1, $2, $3, $4, name }' \
     | cu++filt | cut -c1-160 | tee "$OUT/single_resources.txt"
@@ -185,22 +204,7 @@ if [[ $mode == swiglu ]]; then
   cuobjdump -sass "$obj" | awk '/Function :/ { f = $3 } /HGMMA/ { n[f]++ } END { for (k in n) print n[k], k }' \
     | cu++filt | cut -c1-120 >> "$OUT/swiglu_resources.txt"
   grep -E "REG|^[0-9]+ " "$OUT/swiglu_resources.txt" | sed -E 's/cutlass::device_kernel<cutlass::gemm::kernel::GemmUniversal<cutlass::gemm::GroupProblemShape<cute::tuple<int, int, int>>, cutlass::gemm::collective::CollectiveMma<cutlass::gemm:://' | cut -c1-200 | head -20
-  if [[ -n ${PROFILE:-} ]]; then
-    # Where the experts path's time goes, kernel by kernel ($PROFILE: "model,T;model,T"): one eager run
-    # under Nsight Compute (duration only, clocks not locked), its last kernels.
-    ncu=$(command -v ncu || ls /usr/local/cuda*/bin/ncu 2>/dev/null | head -1)
-    for point in ${PROFILE//;/ }; do
-      echo "== kernels of ${point} (us, name)" | tee -a "$OUT/swiglu_profile.txt"
-      timeout 150 $ncu --clock-control none --metrics gpu__time_duration.sum --csv $b/moeflow run --backend cuda \
-        --model ${point%,*} --scope experts --tokens ${point#*,} --runs 1 --warmup 0 > /tmp/ncu.csv 2>/dev/null
-      grep '^"' /tmp/ncu.csv | python3 -c 'import csv,sys
-rows=[r for r in csv.DictReader(sys.stdin) if r.get("Metric Name")=="gpu__time_duration.sum"]
-for r in rows[-int(sys.argv[1]):]:
-  v=float(r["Metric Value"].replace(",","")); u=r["Metric Unit"]
-  print("%10.1f" % (v/1000 if u=="nsecond" else v*1000 if u=="msecond" else v), r["Kernel Name"][:100])' ${PROFILE_LAST:-10} \
-        | tee -a "$OUT/swiglu_profile.txt"
-    done
-  fi
+  kernel_profile
   kernels=${KERNELS:-auto,cuda.cutlass_swiglu_narrow,cuda.cutlass_grouped_narrow,cuda.cutlass_swiglu_wide_single,cuda.cutlass_grouped_wide_single}
   echo "== experts path, CUDA graph"
   timeout ${BENCH_S:-300} $b/moeflow bench --backend cuda --models ${2:-qwen3-30b-a3b,qwen1.5-moe-a2.7b,deepseek-v3,mixtral-8x7b} \

@@ -40,24 +40,63 @@ float median_us(Launch launch) {
   return t[t.size() / 2];
 }
 
-// The scatter with fewer threads per token, each moving kVecs 16-byte words per step with all its
-// loads issued before its stores (more bytes in flight per thread).
-template <int kVecs>
-__global__ void __launch_bounds__(256) scatter_wide(const uint4* __restrict__ x, const int32_t* __restrict__ slot_of,
-                                                    int64_t tokens, int top_k, int hvecs, int threads_per_token,
-                                                    uint4* __restrict__ out) {
-  const int64_t t = (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) / threads_per_token;
+// The library's scatter (one token per 256 threads at H = 2048) with each thread moving kPer words
+// spaced a row's worth of threads apart (loads first, then stores; a warp's stores stay contiguous),
+// and optionally streaming stores (evict-first: the rows are not read again soon from L2).
+template <int kPer, bool kStream>
+__global__ void __launch_bounds__(256) scatter_per_thread(const uint4* __restrict__ x, const int32_t* __restrict__ slot_of,
+                                                          int64_t tokens, int top_k, int hvecs, int tpt,
+                                                          uint4* __restrict__ out) {
+  const int64_t t = (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) / tpt;
   if (t >= tokens) return;
-  const int sub = static_cast<int>(threadIdx.x) % threads_per_token;
+  const int sub = static_cast<int>(threadIdx.x) % tpt;
+  for (int v0 = sub; v0 < hvecs; v0 += tpt * kPer) {
+    uint4 q[kPer];
+#pragma unroll
+    for (int u = 0; u < kPer; ++u)
+      if (v0 + u * tpt < hvecs) q[u] = x[t * hvecs + v0 + u * tpt];
+    for (int j = 0; j < top_k; ++j) {
+      const int32_t slot = slot_of[t * top_k + j];
+      if (slot < 0) continue;
+#pragma unroll
+      for (int u = 0; u < kPer; ++u)
+        if (v0 + u * tpt < hvecs) {
+          uint4* d = out + static_cast<int64_t>(slot) * hvecs + v0 + u * tpt;
+          if constexpr (kStream) __stcs(d, q[u]);
+          else *d = q[u];
+        }
+    }
+  }
+}
+
+// The library's combine with every choice's 16-byte word loaded before any is added (up to 8
+// choices), the adds in the same order: the same bits.
+__global__ void __launch_bounds__(256) combine_loads_first(const uint4* __restrict__ y, const int32_t* __restrict__ slot_of,
+                                                           const float* __restrict__ weights, int64_t tokens, int top_k,
+                                                           int hvecs, int tpt, uint4* __restrict__ out) {
+  const int64_t t = (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) / tpt;
+  if (t >= tokens) return;
+  const int sub = static_cast<int>(threadIdx.x) % tpt;
   int32_t slots[8];
-  for (int j = 0; j < top_k; ++j) slots[j] = slot_of[t * top_k + j];
-  for (int v0 = sub * kVecs; v0 < hvecs; v0 += threads_per_token * kVecs) {
-    uint4 q[kVecs];
+  float w[8];
+  for (int j = 0; j < 8; ++j) {
+    slots[j] = j < top_k ? slot_of[t * top_k + j] : -1;
+    w[j] = j < top_k ? weights[t * top_k + j] : 0.0f;
+  }
+  for (int v = sub; v < hvecs; v += tpt) {
+    uint4 q[8];
 #pragma unroll
-    for (int u = 0; u < kVecs; ++u) q[u] = x[t * hvecs + v0 + u];
-    for (int j = 0; j < top_k; ++j)
+    for (int j = 0; j < 8; ++j) q[j] = slots[j] >= 0 ? y[static_cast<int64_t>(slots[j]) * hvecs + v] : make_uint4(0, 0, 0, 0);
+    float acc[8] = {};
 #pragma unroll
-      for (int u = 0; u < kVecs; ++u) out[static_cast<int64_t>(slots[j]) * hvecs + v0 + u] = q[u];
+    for (int j = 0; j < 8; ++j) {
+      if (slots[j] < 0) continue;
+      float f[8];
+      unpack8(q[j], f);
+#pragma unroll
+      for (int i = 0; i < 8; ++i) acc[i] = fmaf(w[j], f[i], acc[i]);
+    }
+    out[t * hvecs + v] = pack8(acc);
   }
 }
 
@@ -130,17 +169,65 @@ void probe(const Shape& s) {
   std::printf("  scatter_rows (library)            %8.1f us  %.2f TB/s written\n", t, rate(t));
   t = median_us([&] { gather_rows(x, row_source, n, s.k, s.hidden, rows, nullptr); });
   std::printf("  gather_rows (library)             %8.1f us  %.2f TB/s written\n", t, rate(t));
+  auto download = [](const void* p, size_t bytes) {
+    std::vector<uint16_t> h(bytes / 2);
+    CK(cudaMemcpy(h.data(), p, bytes, cudaMemcpyDeviceToHost));
+    return h;
+  };
   const int hvecs = s.hidden / 8;
-  for (int tpt : {32, 64, 128}) {
-    t = median_us([&] {
-      const int64_t threads = s.tokens * tpt;
-      scatter_wide<4><<<static_cast<unsigned>((threads + 255) / 256), 256>>>(
-          reinterpret_cast<const uint4*>(x), slot_of, s.tokens, s.k, hvecs, tpt, reinterpret_cast<uint4*>(rows));
-    });
-    std::printf("  scatter, %3d threads/token, 4 vec %8.1f us  %.2f TB/s written\n", tpt, t, rate(t));
+  const auto* xv = reinterpret_cast<const uint4*>(x);
+  auto* rv = reinterpret_cast<uint4*>(rows);
+  auto blocks_for = [&](int tpt) { return static_cast<unsigned>((s.tokens * tpt + 255) / 256); };
+  t = median_us([&] { scatter_per_thread<1, true><<<blocks_for(256), 256>>>(xv, slot_of, s.tokens, s.k, hvecs, 256, rv); });
+  std::printf("  scatter, 256 thr/token, streaming %8.1f us  %.2f TB/s written\n", t, rate(t));
+  t = median_us([&] { scatter_per_thread<2, false><<<blocks_for(128), 256>>>(xv, slot_of, s.tokens, s.k, hvecs, 128, rv); });
+  std::printf("  scatter, 128 thr/token, 2 words   %8.1f us  %.2f TB/s written\n", t, rate(t));
+  t = median_us([&] { scatter_per_thread<2, true><<<blocks_for(128), 256>>>(xv, slot_of, s.tokens, s.k, hvecs, 128, rv); });
+  std::printf("  scatter, 128 thr/token, 2, stream %8.1f us  %.2f TB/s written\n", t, rate(t));
+  t = median_us([&] { scatter_per_thread<4, false><<<blocks_for(64), 256>>>(xv, slot_of, s.tokens, s.k, hvecs, 64, rv); });
+  std::printf("  scatter,  64 thr/token, 4 words   %8.1f us  %.2f TB/s written\n", t, rate(t));
+  {
+    std::vector<uint16_t> xs(static_cast<size_t>(s.tokens) * s.hidden);
+    for (size_t i = 0; i < xs.size(); ++i) xs[i] = static_cast<uint16_t>(i * 40503u);
+    CK(cudaMemcpy(x, xs.data(), xs.size() * 2, cudaMemcpyHostToDevice));
+    scatter_rows(x, slot_of, s.tokens, s.k, s.hidden, rows, nullptr);
+    const std::vector<uint16_t> lib = download(rows, row_bytes);
+    CK(cudaMemset(rows, 0, row_bytes));
+    scatter_per_thread<2, true><<<blocks_for(128), 256>>>(xv, slot_of, s.tokens, s.k, hvecs, 128, rv);
+    const bool two = download(rows, row_bytes) == lib;
+    CK(cudaMemset(rows, 0, row_bytes));
+    scatter_per_thread<4, false><<<blocks_for(64), 256>>>(xv, slot_of, s.tokens, s.k, hvecs, 64, rv);
+    std::printf("  scatter variants (2 words streaming, 4 words): %s, %s the library's rows\n", two ? "same" : "DIFFERENT",
+                download(rows, row_bytes) == lib ? "same as" : "DIFFERENT FROM");
+  }
+  // The variants' bytes against the library's (rows from the last scatter; random weights).
+  {
+    std::vector<float> w(static_cast<size_t>(n));
+    std::uniform_real_distribution<float> d(0.0f, 1.0f);
+    for (float& v : w) v = d(rng);
+    CK(cudaMemcpy(weights, w.data(), n * 4, cudaMemcpyHostToDevice));
+    std::vector<uint16_t> y(static_cast<size_t>(n) * s.hidden);
+    for (size_t i = 0; i < y.size(); ++i) y[i] = static_cast<uint16_t>(0x3c00 + (i * 2654435761u >> 20) % 0x300);
+    CK(cudaMemcpy(rows, y.data(), row_bytes, cudaMemcpyHostToDevice));
+  }
+  combine_rows(rows, slot_of, weights, s.tokens, s.k, s.hidden, out, nullptr);
+  const std::vector<uint16_t> want = download(out, s.tokens * s.hidden * 2);
+  if (s.k <= 8) {
+    combine_loads_first<<<blocks_for(128), 256>>>(reinterpret_cast<const uint4*>(rows), slot_of, weights, s.tokens, s.k,
+                                                  hvecs, 128, reinterpret_cast<uint4*>(out));
+    std::printf("  combine, loads first: %s the library's bytes\n",
+                download(out, s.tokens * s.hidden * 2) == want ? "the same as" : "DIFFERENT FROM");
   }
   t = median_us([&] { combine_rows(rows, slot_of, weights, s.tokens, s.k, s.hidden, out, nullptr); });
   std::printf("  combine_rows (library)            %8.1f us  %.2f TB/s read\n", t, rate(t));
+  if (s.k <= 8)
+    for (int tpt : {256, 128}) {
+      t = median_us([&] {
+        combine_loads_first<<<blocks_for(tpt), 256>>>(reinterpret_cast<const uint4*>(rows), slot_of, weights, s.tokens, s.k,
+                                                      hvecs, tpt, reinterpret_cast<uint4*>(out));
+      });
+      std::printf("  combine, loads first, %3d thr/tok %8.1f us  %.2f TB/s read\n", tpt, t, rate(t));
+    }
   t = median_us([&] { CK(cudaMemsetAsync(rows, 0, row_bytes)); });
   std::printf("  memset of the rows                %8.1f us  %.2f TB/s written\n", t, rate(t));
   uint16_t* copy;

@@ -258,6 +258,8 @@ __global__ void __launch_bounds__(kRowThreads)
 // One token per 2^shift threads: its row of x read once, written to each of its k slots (slot_of
 // < 0: no row). Where a gather by permuted row reads each row of x k times in expert order (from
 // DRAM once x outgrows L2: deepseek-v3's 117 MB at T=8192), this reads x once and only writes.
+// Streaming stores (evict first): 34.4 -> 29.3 us for qwen3's 67 MB at T=2048, the same at T=8192
+// (bench/probes/dispatch_parts.cu).
 template <bool kVec>
 __global__ void __launch_bounds__(kRowThreads)
     scatter_kernel(const uint16_t* __restrict__ x, const int32_t* __restrict__ slot_of, int64_t tokens, int top_k,
@@ -271,7 +273,7 @@ __global__ void __launch_bounds__(kRowThreads)
     for (int v = sub; v < hidden / 8; v += 1 << shift) {
       const uint4 q = s[v];
       for (int j = 0; j < top_k; ++j)
-        if (const int32_t slot = slots[j]; slot >= 0) reinterpret_cast<uint4*>(out + static_cast<int64_t>(slot) * hidden)[v] = q;
+        if (const int32_t slot = slots[j]; slot >= 0) __stcs(reinterpret_cast<uint4*>(out + static_cast<int64_t>(slot) * hidden) + v, q);
     }
   } else {
     for (int h = sub; h < hidden; h += 1 << shift) {
