@@ -49,8 +49,8 @@ struct PlanOptions {
   // programmatic dependent launch; PlanStep::starts_early).
   bool early_start = true;
   // Let kernels read a weight packed once at bind time (PackedWeight: w13 interleaved for a SwiGLU
-  // epilogue, w2 transposed for the one-token kernel); off (--no-packed-weights, or CudaSession where the copies would not fit in device
-  // memory) they are passed over, and the plan holds no packed copy.
+  // epilogue, w2 transposed for the one-token kernel); off (--no-packed-weights, or CudaSession where
+  // the copies would not fit in device memory) they are passed over, and the plan holds no packed copy.
   bool packed_weights = true;
 
   KernelLimits limits() const { return {.capturable = capturable, .packed_weights = packed_weights}; }

@@ -727,7 +727,8 @@ void register_cuda_kernels(KernelRegistry& r) {
            auto* local_ids = static_cast<int32_t*>(c.workspace);
            void* sort_ws = static_cast<std::byte*>(c.workspace) + align256(rows * 4);
            const std::size_t sort_bytes = cuda::permutation_workspace_bytes(c.max_tokens(), op.top_k(), op.experts());
-           // A rank's share of the experts: its ids renumbered from 0, the others' out of the way.
+           // A rank's share of the experts: its ids renumbered from 0, the others' -1, which the
+           // permutation gives no slot (slot_of -1) and the scatter and combine therefore skip.
            const int32_t* ids = c.in<int32_t>(1);
            if (op.shared_out()) {
              cuda::localize_ids(ids, c.tokens * op.top_k(), op.share().first_expert, op.experts(), local_ids, lane(c).stream);
@@ -738,7 +739,6 @@ void register_cuda_kernels(KernelRegistry& r) {
                                    nullptr, sort_ws, sort_bytes, lane(c).stream, live);
            cuda::scatter_rows(bf16_in(c, 0), c.out<int32_t>(2), c.tokens, op.top_k(), hidden_of(c), bf16_out(c, 0),
                               lane(c).stream, {c.live_tokens, 1});
-           if (op.shared_out()) cuda::drop_unrouted_slots(local_ids, c.tokens * op.top_k(), c.out<int32_t>(2), lane(c).stream);
          },
          [](const Graph&, const Node& n, int64_t tokens) {
            const auto& op = static_cast<const DispatchOp&>(*n.op);
