@@ -247,7 +247,13 @@ void register_experts(KernelRegistry& r) {
   // Our own decode kernel: for few rows per expert it streams each touched expert's weights once,
   // which is what bounds decode; a GEMM library pays tile padding and extra launches there.
   // Sized for the maximum rows, it writes zeros past offsets[E], so it serves a live T as it is.
-  r.add(reading_live_tokens(launching(2, {"experts", Backend::cuda, "cuda.decode_gemv", 7,
+  // Measured on the H100: ahead of every cuBLAS strategy up to one row per expert on average. At
+  // two, a GEMM's reuse of each weight wins on small experts (qwen3 T=32), so the kernel is planned
+  // there only on huge ones: mixtral-8x7b T=8 (16 rows on 8 experts of 336 MiB) 922-927 µs = 1.09x
+  // the floor eager and in a CUDA graph, against the padded GEMM (the capturable alternative, which
+  // reads every expert) 1022-1033 µs and cuBLAS's grouped GEMM with its host sync 910 µs (2026-11-23,
+  // bench/NOTES.md "Our decode kernel"): 1.7% behind that one, without stalling the host.
+  KernelEntry decode = reading_live_tokens(launching(2, {"experts", Backend::cuda, "cuda.decode_gemv", 7,
          [](const Graph& g, const Node& n) {
            Support s = cuda_supports_bf16(g, n, "");
            if (!s.ok) return s;
@@ -256,15 +262,18 @@ void register_experts(KernelRegistry& r) {
            if (!cuda::decode_experts_supported(static_cast<int>(H), op.intermediate()))
              return Support::no("H = " + std::to_string(H) + ", I = " + std::to_string(op.intermediate()) +
                                 ": the decode kernel's 16-byte loads need multiples of 8");
-           // Measured on the H100: ahead of every cuBLAS strategy up to one row per expert on average,
-           // 2-3% behind the batched GEMMs at two (qwen3 T=32, mixtral T=8).
            const int64_t rows = g.max_tokens_of(n) * op.top_k();
-           if (rows > op.experts())
-             return Support::no("T*k = " + std::to_string(rows) + " > E = " + std::to_string(op.experts()) +
-                                ": more than one row per expert on average, where a GEMM reuses each weight better");
-           return Support::yes("T*k = " + std::to_string(rows) + " <= E: our decode kernel streams each touched "
-                               "expert's w13 and w2 once per " + std::to_string(cuda::kDecodeRowsPerPass) +
-                               " rows, SwiGLU in registers, offsets on the device (no host sync, capturable)");
+           const std::string streams = ": our decode kernel streams each touched expert's w13 and w2 once per " +
+                                       std::to_string(cuda::kDecodeRowsPerPass) +
+                                       " rows, SwiGLU in registers, offsets on the device (no host sync, capturable)";
+           if (rows <= op.experts()) return Support::yes("T*k = " + std::to_string(rows) + " <= E" + streams);
+           if (rows > 2 * op.experts())
+             return Support::no("T*k = " + std::to_string(rows) + " > 2E = " + std::to_string(2 * op.experts()) +
+                                ": more than two rows per expert on average, where a GEMM reuses each weight better");
+           return Support::yes("T*k = " + std::to_string(rows) + " <= 2E" + streams +
+                               (huge_experts(H, op.intermediate())
+                                    ? "; on " + expert_mib(H, op.intermediate()) + " the weights read are all that counts"
+                                    : std::string("; behind a GEMM's reuse of each weight here, so planned only where forced")));
          },
          [](const KernelCall& c) {
            const auto& op = static_cast<const ExpertsOp&>(*c.node.op);
@@ -273,7 +282,12 @@ void register_experts(KernelRegistry& r) {
            cuda::experts_decode(lane(c), bf16_in(c, 0), c.in<int32_t>(1), op.experts(), c.tokens * op.top_k(),
                                 hidden_of(c), op.intermediate(), bf16_in(c, 2), bf16_in(c, 3), act, bf16_out(c, 0));
          },
-         [](const Graph&, const Node& n, int64_t tokens) { return experts_scratch_bytes(n, tokens); }})));
+         [](const Graph&, const Node& n, int64_t tokens) { return experts_scratch_bytes(n, tokens); }}));
+  decode.priority_on = [](const Graph& g, const Node& n) {
+    const auto& op = static_cast<const ExpertsOp&>(*n.op);
+    return g.max_tokens_of(n) * op.top_k() <= op.experts() || huge_experts(g, n) ? 7 : 0;
+  };
+  r.add(std::move(decode));
   // CUTLASS's Hopper grouped GEMM with its problem sizes written on the device: no host sync, so
   // capturable, and no padding; ahead of every cuBLAS strategy wherever it can run. Which tiles, by
   // the mean rows per expert at the maximum T (H100, experts path in a CUDA graph, every

@@ -4,6 +4,7 @@
 #include <gtest/gtest.h>
 
 #include <cstring>
+#include <map>
 #include <sstream>
 
 #include "bench/cuda/cuda_session.hpp"
@@ -269,6 +270,49 @@ TEST(CudaExpertsChoice, HugeExpertsTakeThePaddedGemmUnlessCaptured) {
   EXPECT_EQ(experts_kernel(deepseek, 8192, true).kernel->name, "cuda.cutlass_swiglu_wide_single");  // 256
   EXPECT_EQ(experts_kernel(deepseek, 4096, true).kernel->name, "cuda.cutlass_swiglu_narrow");       // 128
   EXPECT_EQ(experts_kernel(deepseek, 256, true).kernel->name, "cuda.cutlass_swiglu_narrow");  // 8
+}
+
+// Planning only (no device needed): our decode kernel up to one row per expert on average anywhere,
+// up to two on huge experts (mixtral-8x7b T=8: 16 rows on 8 experts of 336 MiB), with or without a
+// host sync; on smaller experts at two rows per expert it runs only where forced, and beyond two
+// rows per expert it declines, saying why.
+TEST(CudaExpertsChoice, DecodeKernelUpToTwoRowsPerExpertOnHugeExperts) {
+  const KernelRegistry& r = KernelRegistry::builtin();
+  auto choice = [&](const MoEConfig& config, int64_t tokens, bool capturable, const std::string& forced = "") {
+    const Graph g = build_experts_graph(config, {.max_tokens = tokens, .dtype = DType::bf16});
+    for (const Node& n : g.nodes())
+      if (n.op->kind() == "experts")
+        return r.select(g, n, Backend::cuda, forced.empty() ? std::map<std::string, std::string>{}
+                                                            : std::map<std::string, std::string>{{"experts", forced}},
+                        {.capturable = capturable});
+    throw std::logic_error("no experts node");
+  };
+  const MoEConfig mixtral = load_config("mixtral-8x7b");  // E = 8, k = 2
+  for (const bool capturable : {false, true}) {
+    for (const int64_t tokens : {1, 4, 8}) {
+      const KernelChoice c = choice(mixtral, tokens, capturable);
+      EXPECT_EQ(c.kernel->name, "cuda.decode_gemv") << tokens << (capturable ? " captured: " : ": ") << c.reason;
+    }
+    const KernelChoice eight = choice(mixtral, 8, capturable);
+    EXPECT_NE(eight.reason.find("T*k = 16 <= 2E: our decode kernel streams"), std::string::npos) << eight.reason;
+    EXPECT_NE(eight.reason.find("on 336 MiB per expert the weights read are all that counts"), std::string::npos)
+        << eight.reason;
+    EXPECT_NE(choice(mixtral, 16, capturable).kernel->name, "cuda.decode_gemv");
+  }
+  const MoEConfig qwen3 = load_config("qwen3-30b-a3b");  // E = 128, k = 8, 9 MiB per expert
+  const KernelChoice two = choice(qwen3, 32, true);  // 256 rows = 2E
+  EXPECT_NE(two.kernel->name, "cuda.decode_gemv") << two.reason;
+  const KernelChoice forced = choice(qwen3, 32, true, "cuda.decode_gemv");
+  EXPECT_EQ(forced.kernel->name, "cuda.decode_gemv");
+  EXPECT_NE(forced.reason.find("planned only where forced"), std::string::npos) << forced.reason;
+  try {
+    (void)choice(qwen3, 33, true, "cuda.decode_gemv");
+    ADD_FAILURE() << "the decode kernel accepted 264 rows on 128 experts";
+  } catch (const Error& e) {
+    EXPECT_NE(std::string(e.what()).find("node 'experts': forced kernel 'cuda.decode_gemv' cannot run it: T*k = 264 > "
+                                         "2E = 256: more than two rows per expert on average"),
+              std::string::npos) << e.what();
+  }
 }
 
 // Planning only (no device needed): a kernel that reads w13 packed gets one packed copy per (weight,
