@@ -209,7 +209,7 @@ if [[ $mode == swiglu ]]; then
   echo "== experts path, CUDA graph"
   timeout ${BENCH_S:-300} $b/moeflow bench --backend cuda --models ${2:-qwen3-30b-a3b,qwen1.5-moe-a2.7b,deepseek-v3,mixtral-8x7b} \
     --tokens ${TOKENS:-512,2048,8192} --plans graph --experts-kernels $kernels --scope experts --runs ${RUNS:-30} \
-    --json "$OUT/swiglu_experts.jsonl" > "$OUT/swiglu_experts.log" 2>&1; echo "rc=$?"; grep -v "^skipped" "$OUT/swiglu_experts.log" | tail -70
+    --passes ${PASSES:-1} --json "$OUT/swiglu_experts.jsonl" > "$OUT/swiglu_experts.log" 2>&1; echo "rc=$?"; grep -v "^skipped" "$OUT/swiglu_experts.log" | tail -70
   exit 0
 fi
 if [[ $mode == tiles ]]; then
