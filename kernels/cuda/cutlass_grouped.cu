@@ -243,6 +243,10 @@ using WideSingle = GroupedGemm<Shape<_128, _256, _64>, Shape<_1, _1, _1>>;
 // GEMM 1 of the two 256-column configurations with SwiGLU in its epilogue (SwigluEpilogueArray).
 using NarrowSwiglu = GroupedGemm<Shape<_64, _256, _64>, Shape<_1, _1, _1>, Pingpong, true>;
 using WideSingleSwiglu = GroupedGemm<Shape<_128, _256, _64>, Shape<_1, _1, _1>, Cooperative, true>;
+// 64x256x64 ping-pong tiles in 2x1 clusters: the narrow tiles' 64-row granularity per CTA with each
+// weight tile multicast to the cluster's two row tiles, so it leaves L2 once per 128 rows, not per 64.
+using NarrowPair = GroupedGemm<Shape<_64, _256, _64>, Shape<_2, _1, _1>, Pingpong>;
+using NarrowPairSwiglu = GroupedGemm<Shape<_64, _256, _64>, Shape<_2, _1, _1>, Pingpong, true>;
 // Both builders give the same operand strides (a row pitch and unit steps).
 using StrideA = typename General::Kernel::InternalStrideA;
 using StrideB = typename General::Kernel::InternalStrideB;
@@ -252,7 +256,7 @@ constexpr bool kSameStrides = std::is_same_v<StrideA, typename Config::Kernel::I
                               std::is_same_v<StrideB, typename Config::Kernel::InternalStrideB> &&
                               std::is_same_v<StrideD, typename Config::Kernel::InternalStrideD>;
 static_assert(kSameStrides<Wide> && kSameStrides<Narrow> && kSameStrides<WideSingle> && kSameStrides<NarrowSwiglu> &&
-              kSameStrides<WideSingleSwiglu>);
+              kSameStrides<WideSingleSwiglu> && kSameStrides<NarrowPair> && kSameStrides<NarrowPairSwiglu>);
 
 // One GEMM's per-group arrays, each E long, carved from the workspace.
 struct GroupArrays {
@@ -410,8 +414,9 @@ void experts_cutlass_grouped(const LaneContext& ctx, const uint16_t* rows, const
   auto bf = [](const uint16_t* p) { return reinterpret_cast<const Element*>(p); };
   auto bf_out = [](uint16_t* p) { return reinterpret_cast<Element*>(p); };
   const bool fused = w13_packed != nullptr;
-  if (fused && tiles != CutlassTiles::narrow && tiles != CutlassTiles::wide_single)
-    fail_input("experts_cutlass_grouped: the SwiGLU epilogue runs on the 256-column tiles (narrow, wide_single) only");
+  if (fused && tiles != CutlassTiles::narrow && tiles != CutlassTiles::wide_single && tiles != CutlassTiles::narrow_pair)
+    fail_input("experts_cutlass_grouped: the SwiGLU epilogue runs on the 256-column tiles (narrow, wide_single, "
+               "narrow_pair) only");
   const int64_t w13_rows = fused ? 2 * packed_w13_features(intermediate) : 2 * I;
   const int threads = 128;
   fill_groups<<<(experts + threads - 1) / threads, threads, 0, ctx.stream>>>(
@@ -423,10 +428,12 @@ void experts_cutlass_grouped(const LaneContext& ctx, const uint16_t* rows, const
     return t == CutlassTiles::wide          ? run_plain<Wide>
            : t == CutlassTiles::narrow      ? run_plain<Narrow>
            : t == CutlassTiles::wide_single ? run_plain<WideSingle>
+           : t == CutlassTiles::narrow_pair ? run_plain<NarrowPair>
                                             : run_plain<General>;
   };
   if (fused) {
     if (tiles == CutlassTiles::narrow) run_swiglu<NarrowSwiglu>(ctx, experts, g1, cutlass_workspace, intermediate);
+    else if (tiles == CutlassTiles::narrow_pair) run_swiglu<NarrowPairSwiglu>(ctx, experts, g1, cutlass_workspace, intermediate);
     else run_swiglu<WideSingleSwiglu>(ctx, experts, g1, cutlass_workspace, intermediate);
   } else {
     plain(tiles)(ctx, experts, g1, cutlass_workspace);

@@ -33,10 +33,11 @@ std::size_t cutlass_grouped_workspace_bytes(int experts);
 // 128x256x64 tiles in 2x1 clusters, for experts of hundreds of rows (each weight tile loaded once
 // for two row tiles, multicast over the cluster); narrow = 64x256x64 tiles, ping-pong, one CTA per
 // cluster (an expert's rows padded to 64, not 128 or 256); wide_single = 128x256x64 tiles, one CTA
-// per cluster (rows padded to 128, no multicast).
-enum class CutlassTiles { general, wide, narrow, wide_single };
+// per cluster (rows padded to 128, no multicast); narrow_pair = the narrow tiles in 2x1 clusters (each
+// weight tile multicast to two 64-row tiles; an expert's rows padded to 128).
+enum class CutlassTiles { general, wide, narrow, wide_single, narrow_pair };
 
-// With `w13_packed` (w13 as pack_w13_interleaved wrote it; narrow and wide_single tiles only), GEMM 1
+// With `w13_packed` (w13 as pack_w13_interleaved wrote it; the 256-column tiles only), GEMM 1
 // applies SwiGLU in its epilogue and writes act directly: h is not touched (it may be null) and no
 // SwiGLU kernel runs. The result is bit for bit the unfused one of the same tiles.
 void experts_cutlass_grouped(const LaneContext& ctx, const uint16_t* rows, const int32_t* offsets, int experts,

@@ -243,6 +243,9 @@ KernelEntry cutlass_grouped(std::string name, int priority, cuda::CutlassTiles t
   return e;
 }
 
+constexpr const char* kNarrowPairText =
+    "64x256 tiles, ping-pong, in 2x1 clusters (each weight tile multicast to two row tiles; rows padded to 128)";
+
 void register_experts(KernelRegistry& r) {
   // Our own decode kernel: for few rows per expert it streams each touched expert's weights once,
   // which is what bounds decode; a GEMM library pays tile padding and extra launches there.
@@ -296,6 +299,12 @@ void register_experts(KernelRegistry& r) {
   // hundred rows ± a few dozen pay a whole extra row tile about half the time.
   //  - 64x256 below 192 rows: qwen3 / qwen1.5 T=2048 (128 / 137 rows) 648 / 545 µs against 665 / 568
   //    with 128x256 tiles, and 1-6% ahead of the 128x128 tiles from T=8 to 128;
+  //  - below 96 rows the same tiles in 2x1 clusters (a weight tile multicast to two 64-row tiles; an
+  //    expert's rows padded to 128). Fused, µs, pairs / alone (2026-11-23, seventh session,
+  //    bench/NOTES.md "CUTLASS grouped GEMM"): qwen1.5 T=1024 (68 rows) 455 / 501-508, deepseek-v3
+  //    T=2048 (64) 8396 / 8723, T=512 (16) 7853 / 8049, T=128 (4) 7501 / 7662; qwen3 T=32..1024
+  //    0.5-2.5% ahead; but at 128 rows, where the rows past 128 cost a second pair, behind: qwen3 /
+  //    qwen1.5 T=2048 625 / 543 against 604 / 503, and further at 256 (T=4096);
   //  - 128x256 without a cluster from 192: deepseek-v3 T=8192 (256 rows) 12.6 ms against 13.6 (64-row
   //    tiles) and 14.1 (2x1 clusters), qwen1.5 T=4096 761 against 823 / 874 µs, and 4-8% ahead of the
   //    2x1 clusters up to 2048 rows (mixtral T=8192 8892 against 9235-9291 µs);
@@ -308,14 +317,20 @@ void register_experts(KernelRegistry& r) {
   //    8925; 128x256 at T=8192: qwen3 1447-1460 against 1474, deepseek-v3 12834 against 12987,
   //    qwen1.5 even (1244-1271 against 1270). Not on huge experts: mixtral-8x7b T=8192 9421-9638
   //    against 9274 µs, so the unfused tiles keep them.
+  r.add(cutlass_grouped("cuda.cutlass_swiglu_narrow_pair", 6, cuda::CutlassTiles::narrow_pair,
+                        {.huge_min_rows = 128, .preferred_to = 96, .elsewhere = 2, .preferred_on_huge = false},
+                        kNarrowPairText, "cuda.cutlass_grouped_narrow_pair"));
   r.add(cutlass_grouped("cuda.cutlass_swiglu_narrow", 6, cuda::CutlassTiles::narrow,
-                        {.huge_min_rows = 128, .preferred_to = 192, .elsewhere = 4, .preferred_on_huge = false},
+                        {.huge_min_rows = 128, .preferred_from = 96, .preferred_to = 192, .elsewhere = 4,
+                         .preferred_on_huge = false},
                         "64x256 tiles, ping-pong (an expert's rows padded to 64)", "cuda.cutlass_grouped_narrow"));
   r.add(cutlass_grouped("cuda.cutlass_swiglu_wide_single", 6, cuda::CutlassTiles::wide_single,
                         {.huge_min_rows = 128, .preferred_from = 192, .elsewhere = 3, .preferred_on_huge = false},
                         "128x256 tiles, no cluster (an expert's rows padded to 128)", "cuda.cutlass_grouped_wide_single"));
+  r.add(cutlass_grouped("cuda.cutlass_grouped_narrow_pair", 6, cuda::CutlassTiles::narrow_pair,
+                        {.huge_min_rows = 128, .preferred_to = 96, .elsewhere = 2}, kNarrowPairText));
   r.add(cutlass_grouped("cuda.cutlass_grouped_narrow", 6, cuda::CutlassTiles::narrow,
-                        {.huge_min_rows = 128, .preferred_to = 192, .elsewhere = 4},
+                        {.huge_min_rows = 128, .preferred_from = 96, .preferred_to = 192, .elsewhere = 4},
                         "64x256 tiles, ping-pong (an expert's rows padded to 64)"));
   r.add(cutlass_grouped("cuda.cutlass_grouped_wide_single", 6, cuda::CutlassTiles::wide_single,
                         {.huge_min_rows = 128, .preferred_from = 192, .elsewhere = 3},

@@ -290,8 +290,10 @@ std::vector<uint16_t> run_cutlass(const Lane& lane, const Problem& p,
 // The SwiGLU epilogue against the same tiles' unfused GEMM, SwiGLU kernel, GEMM: the same mainloop and
 // accumulation order, gate and up rounded to bf16 as h holds them, so the bits must agree.
 void check_swiglu_epilogue(const Lane& lane, const Problem& p) {
-  for (const auto tiles : {cuda::CutlassTiles::narrow, cuda::CutlassTiles::wide_single}) {
-    const char* which = tiles == cuda::CutlassTiles::narrow ? "narrow" : "wide, no cluster";
+  for (const auto tiles : {cuda::CutlassTiles::narrow, cuda::CutlassTiles::wide_single, cuda::CutlassTiles::narrow_pair}) {
+    const char* which = tiles == cuda::CutlassTiles::narrow        ? "narrow"
+                        : tiles == cuda::CutlassTiles::wide_single ? "wide, no cluster"
+                                                                   : "narrow, 2x1 clusters";
     const std::vector<uint16_t> fused = run_cutlass(lane, p, tiles, true);
     EXPECT_EQ(fused, run_cutlass(lane, p, tiles)) << "SwiGLU epilogue, " << which << ", against the unfused GEMMs";
     EXPECT_EQ(fused, run_cutlass(lane, p, tiles, true)) << "SwiGLU epilogue, " << which << ": rerun differs";
@@ -320,10 +322,11 @@ void check_all_strategies(const std::vector<int>& counts, int hidden, int inter)
   EXPECT_LT(rel_error(padded_tight, grouped), kBf16Tolerance) << "padded vs grouped";
   if (const std::string why = cuda::cutlass_grouped_unsupported(hidden, inter); why.empty()) {
     for (const auto tiles : {cuda::CutlassTiles::general, cuda::CutlassTiles::wide, cuda::CutlassTiles::narrow,
-                             cuda::CutlassTiles::wide_single}) {
+                             cuda::CutlassTiles::wide_single, cuda::CutlassTiles::narrow_pair}) {
       const char* which = tiles == cuda::CutlassTiles::wide          ? "cutlass wide"
                           : tiles == cuda::CutlassTiles::narrow      ? "cutlass narrow"
                           : tiles == cuda::CutlassTiles::wide_single ? "cutlass wide, no cluster"
+                          : tiles == cuda::CutlassTiles::narrow_pair ? "cutlass narrow, 2x1 clusters"
                                                                      : "cutlass general";
       const std::vector<uint16_t> cutlass_bits = run_cutlass(lane, p, tiles);
       EXPECT_LT(rel_error(widen(cutlass_bits), ref), kBf16Tolerance) << which;

@@ -73,7 +73,7 @@ INSTANTIATE_TEST_SUITE_P(
                      testing::Values("cuda.cublas_grouped_batched", "cuda.cublas_per_expert_loop",
                                      "cuda.cublas_padded_strided", "cuda.cublas_rows_batched",
                                      "cuda.decode_gemv", "cuda.cutlass_grouped", "cuda.cutlass_grouped_narrow",
-                                     "cuda.cutlass_grouped_wide_single")),
+                                     "cuda.cutlass_grouped_wide_single", "cuda.cutlass_grouped_narrow_pair")),
     [](const testing::TestParamInfo<Param>& i) {
       const std::string& name = std::get<2>(i.param);
       const std::string cublas = "cuda.cublas_";
@@ -187,7 +187,8 @@ TEST(CudaLayerGraph, OneCaptureForAnyTokensMatchesEagerRunsAtEveryT) {
   // qwen3: E = 128, k = 8. decode: T·k <= E at the maximum; wide: 2048·8/128 = 128 rows per expert.
   for (const Case& c : {Case{"cuda.decode_gemv", 16}, Case{"cuda.cutlass_grouped", 96},
                         Case{"cuda.cutlass_grouped_narrow", 96}, Case{"cuda.cutlass_grouped_wide", 2048},
-                        Case{"cuda.cutlass_swiglu_narrow", 96}, Case{"cuda.cutlass_swiglu_wide_single", 2048}}) {
+                        Case{"cuda.cutlass_swiglu_narrow", 96}, Case{"cuda.cutlass_swiglu_wide_single", 2048},
+                        Case{"cuda.cutlass_swiglu_narrow_pair", 96}}) {
     auto g = std::make_shared<const Graph>(build_experts_graph(config, {.max_tokens = c.max_tokens, .dtype = DType::bf16}));
     CudaSessionOptions so;
     so.plan.policy = Policy::concurrent;
@@ -265,11 +266,14 @@ TEST(CudaExpertsChoice, HugeExpertsTakeThePaddedGemmUnlessCaptured) {
   const MoEConfig qwen3 = load_config("qwen3-30b-a3b");  // 9 MiB per expert
   EXPECT_EQ(experts_kernel(qwen3, 8192, false).kernel->name, "cuda.cutlass_swiglu_wide_single");  // 512 rows per expert
   EXPECT_EQ(experts_kernel(qwen3, 2048, false).kernel->name, "cuda.cutlass_swiglu_narrow");  // 128
-  EXPECT_EQ(experts_kernel(qwen3, 512, false).kernel->name, "cuda.cutlass_swiglu_narrow");   // 32
+  EXPECT_EQ(experts_kernel(qwen3, 512, false).kernel->name, "cuda.cutlass_swiglu_narrow_pair");  // 32: 2x1 clusters
+  EXPECT_EQ(experts_kernel(qwen3, 1528, false).kernel->name, "cuda.cutlass_swiglu_narrow_pair");  // 95.5
+  EXPECT_EQ(experts_kernel(qwen3, 1536, false).kernel->name, "cuda.cutlass_swiglu_narrow");       // 96
   const MoEConfig deepseek = load_config("deepseek-v3");
   EXPECT_EQ(experts_kernel(deepseek, 8192, true).kernel->name, "cuda.cutlass_swiglu_wide_single");  // 256
   EXPECT_EQ(experts_kernel(deepseek, 4096, true).kernel->name, "cuda.cutlass_swiglu_narrow");       // 128
-  EXPECT_EQ(experts_kernel(deepseek, 256, true).kernel->name, "cuda.cutlass_swiglu_narrow");  // 8
+  EXPECT_EQ(experts_kernel(deepseek, 256, true).kernel->name, "cuda.cutlass_swiglu_narrow_pair");  // 8
+  EXPECT_EQ(experts_kernel(deepseek, 2048, true).kernel->name, "cuda.cutlass_swiglu_narrow_pair");  // 64
 }
 
 // Planning only (no device needed): our decode kernel up to one row per expert on average anywhere,
