@@ -297,19 +297,19 @@ void register_experts(KernelRegistry& r) {
   // configuration forced in one call, 2026-11-23; bench/NOTES.md "CUTLASS grouped GEMM"): an
   // expert's rows round up to the tile's rows (a cluster's, where there is one), so experts of a few
   // hundred rows ± a few dozen pay a whole extra row tile about half the time.
-  //  - 64x256 below 192 rows: qwen3 / qwen1.5 T=2048 (128 / 137 rows) 648 / 545 µs against 665 / 568
-  //    with 128x256 tiles, and 1-6% ahead of the 128x128 tiles from T=8 to 128;
+  //  - 64x256 from 96 to 192 rows: qwen3 / qwen1.5 T=2048 (128 / 137 rows) 648 / 545 µs against
+  //    665 / 568 with 128x256 tiles, and 1-6% ahead of the 128x128 tiles from T=8 to 128;
   //  - below 96 rows the same tiles in 2x1 clusters (a weight tile multicast to two 64-row tiles; an
   //    expert's rows padded to 128). Fused, µs, pairs / alone (2026-11-23, seventh session,
-  //    bench/NOTES.md "CUTLASS grouped GEMM"): qwen1.5 T=1024 (68 rows) 455 / 501-508, deepseek-v3
+  //    bench/NOTES.md "The 64-row tiles in pairs"): qwen1.5 T=1024 (68 rows) 455 / 501-508, deepseek-v3
   //    T=2048 (64) 8396 / 8723, T=512 (16) 7853 / 8049, T=128 (4) 7501 / 7662; qwen3 T=32..1024
   //    0.5-2.5% ahead; but at 128 rows, where the rows past 128 cost a second pair, behind: qwen3 /
   //    qwen1.5 T=2048 625 / 543 against 604 / 503, and further at 256 (T=4096);
   //  - 128x256 without a cluster from 192: deepseek-v3 T=8192 (256 rows) 12.6 ms against 13.6 (64-row
   //    tiles) and 14.1 (2x1 clusters), qwen1.5 T=4096 761 against 823 / 874 µs, and 4-8% ahead of the
   //    2x1 clusters up to 2048 rows (mixtral T=8192 8892 against 9235-9291 µs);
-  //  - the 2x1 clusters and 128x128 tiles are never preferred now, and every configuration still
-  //    runs where forced (--kernel), except the clusters below 128 rows.
+  //  - the 128x256 tiles in 2x1 clusters and the 128x128 tiles are never preferred now, and every
+  //    configuration still runs where forced (--kernel), except the 128x256 clusters below 128 rows.
   //  - GEMM 1 with SwiGLU in its epilogue (w13 packed once at bind time) ahead of the same tiles
   //    without it, in the same ranges (registered first: ties go to it). Same call, CUDA graph
   //    (bench/NOTES.md "SwiGLU in GEMM 1's epilogue"): 64x256 qwen3 / qwen1.5 T=2048 616-621 / 514-519
