@@ -315,14 +315,15 @@ void register_experts(KernelRegistry& r) {
   //    (bench/NOTES.md "SwiGLU in GEMM 1's epilogue"): 64x256 qwen3 / qwen1.5 T=2048 616-621 / 514-519
   //    against 651 / 547 µs, T=512 527 / 454 against 536 / 463; deepseek-v3 T=2048 8763 against
   //    8925; 128x256 at T=8192: qwen3 1447-1460 against 1474, deepseek-v3 12834 against 12987,
-  //    qwen1.5 even (1244-1271 against 1270). Not on huge experts: mixtral-8x7b T=8192 9421-9638
-  //    against 9274 µs, so the unfused tiles keep them.
+  //    qwen1.5 even (1244-1271 against 1270). The 128x256 ones not on huge experts: mixtral-8x7b
+  //    T=8192 9421-9638 against 9274 µs, so the unfused tiles keep them there; the 64x256 ones on
+  //    huge experts too: mixtral-8x7b T=512 / 640 / 736 (128-184 rows) 1124 / 1147 / 1267 against
+  //    1163-1165 / 1170-1180 / 1308-1310 µs (2026-11-23, seventh session, same call, CUDA graph).
   r.add(cutlass_grouped("cuda.cutlass_swiglu_narrow_pair", 6, cuda::CutlassTiles::narrow_pair,
                         {.huge_min_rows = 128, .preferred_to = 96, .elsewhere = 2, .preferred_on_huge = false},
                         kNarrowPairText, "cuda.cutlass_grouped_narrow_pair"));
   r.add(cutlass_grouped("cuda.cutlass_swiglu_narrow", 6, cuda::CutlassTiles::narrow,
-                        {.huge_min_rows = 128, .preferred_from = 96, .preferred_to = 192, .elsewhere = 4,
-                         .preferred_on_huge = false},
+                        {.huge_min_rows = 128, .preferred_from = 96, .preferred_to = 192, .elsewhere = 4},
                         "64x256 tiles, ping-pong (an expert's rows padded to 64)", "cuda.cutlass_grouped_narrow"));
   r.add(cutlass_grouped("cuda.cutlass_swiglu_wide_single", 6, cuda::CutlassTiles::wide_single,
                         {.huge_min_rows = 128, .preferred_from = 192, .elsewhere = 3, .preferred_on_huge = false},
