@@ -320,7 +320,7 @@ void register_experts(KernelRegistry& r) {
   //    huge experts too: mixtral-8x7b T=512 / 640 / 736 (128-184 rows) 1124 / 1147 / 1267 against
   //    1163-1165 / 1170-1180 / 1308-1310 µs (2026-11-23, seventh session, same call, CUDA graph).
   r.add(cutlass_grouped("cuda.cutlass_swiglu_narrow_pair", 6, cuda::CutlassTiles::narrow_pair,
-                        {.huge_min_rows = 128, .preferred_to = 96, .elsewhere = 2, .preferred_on_huge = false},
+                        {.huge_min_rows = 128, .preferred_to = 96, .elsewhere = 2},
                         kNarrowPairText, "cuda.cutlass_grouped_narrow_pair"));
   r.add(cutlass_grouped("cuda.cutlass_swiglu_narrow", 6, cuda::CutlassTiles::narrow,
                         {.huge_min_rows = 128, .preferred_from = 96, .preferred_to = 192, .elsewhere = 4},
