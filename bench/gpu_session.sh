@@ -2,7 +2,7 @@
 # One call on the GPU machine (see the device README): unpack the carried .deb files, build there,
 # run the gpu tests (plain, memcheck, racecheck), the CLI checks of every preset, the CUDA-graph
 # host cost (mode `tests`), or the benchmark sweep (mode `bench`). Everything lands in $OUT.
-# Usage: bash bench/gpu_session.sh tests|full|racecheck|bench|overlap|chunks|decode|timeline|layers|probe|ranks|cutlass|anyt|resources|fused|fusedprof|validate|shared|tune|views|tiles|swiglu|single|sweep [models] [experts kernels] [tokens] [scopes]
+# Usage: bash bench/gpu_session.sh tests|full|profile|racecheck|bench|overlap|chunks|decode|timeline|layers|probe|ranks|cutlass|anyt|resources|fused|fusedprof|validate|shared|tune|views|tiles|swiglu|single|sweep [models] [experts kernels] [tokens] [scopes]
 set -uo pipefail
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 mkdir -p /opt/deps && for f in .deps/*.deb; do dpkg -x "$f" /opt/deps; done
@@ -24,16 +24,18 @@ tests_and_sanitizers() {
       --gtest_filter="$1" > "$OUT/$2_$tool.log" 2>&1; echo "$tool rc=$?: $(tail -n 2 "$OUT/$2_$tool.log" | tr '\n' ' ')"
   done
 }
-# Where the experts path's time goes, kernel by kernel, where $PROFILE is set ("model,T;model,T"):
-# one eager run each under Nsight Compute (duration only, clocks not locked), its last
-# ${PROFILE_LAST:-10} kernels, into $OUT/kernel_profile.txt.
+# Where the experts path's time goes, kernel by kernel, where $PROFILE is set ("model,T;model,T", or
+# "model,T,kernel" to force the experts kernel): one eager run each under Nsight Compute (duration
+# only, clocks not locked), its last ${PROFILE_LAST:-10} kernels, into $OUT/kernel_profile.txt.
 kernel_profile() {
   [[ -z ${PROFILE:-} ]] && return
   ncu=$(command -v ncu || ls /usr/local/cuda*/bin/ncu 2>/dev/null | head -1)
   for point in ${PROFILE//;/ }; do
+    IFS=, read -r model tokens kernel <<< "$point"
     echo "== kernels of ${point} (us, name)" | tee -a "$OUT/kernel_profile.txt"
     timeout 150 $ncu --clock-control none --metrics gpu__time_duration.sum --csv $b/moeflow run --backend cuda \
-      --model ${point%,*} --scope experts --tokens ${point#*,} --runs 1 --warmup 0 > /tmp/ncu.csv 2>/dev/null
+      --model $model --scope experts --tokens $tokens --runs 1 --warmup 0 ${kernel:+--kernel experts=$kernel} \
+      > /tmp/ncu.csv 2>/dev/null
     grep '^"' /tmp/ncu.csv | python3 -c 'import csv,sys
 rows=[r for r in csv.DictReader(sys.stdin) if r.get("Metric Name")=="gpu__time_duration.sum"]
 for r in rows[-int(sys.argv[1]):]:
@@ -52,6 +54,11 @@ layer_timings() {
       | python3 -c "import json,sys; r=json.load(sys.stdin); print('%-18s T=%-4s %-28s median %8.1f us  replay host cost %5.1f us' % (sys.argv[1], sys.argv[2], sys.argv[3] or 'as planned', r['median_us'], r['graph_launch_us']))" $m $t "$flags"
   done; done; done | tee "$OUT/layers.txt"
 }
+if [[ $mode == profile ]]; then
+  # Only the kernel-by-kernel profile of the points in $PROFILE (no tests).
+  kernel_profile
+  exit 0
+fi
 if [[ $mode == ranks ]]; then
   # Multi-rank on this host's GPUs (NCCL, ranks by mpirun): the GPU lowering tests over 2 and 4
   # ranks, run --check of the full presets, and the bench rows of the multi-rank issue.
