@@ -21,6 +21,7 @@
 #include "cutlass/gemm/dispatch_policy.hpp"
 #include "cutlass/gemm/group_array_problem_shape.hpp"
 #include "cutlass/gemm/kernel/gemm_universal.hpp"
+#include "kernels/cuda/cutlass_weight_tiles.cuh"
 #endif
 
 namespace moeflow::cuda {
@@ -81,6 +82,67 @@ void pack_w13_interleaved(const uint16_t* w13, int experts, int hidden, int inte
   pack_w13_rows<<<static_cast<unsigned>(rows), 128, 0, stream>>>(reinterpret_cast<const uint4*>(w13), hidden / 8,
                                                                  intermediate, packed_w13_features(intermediate),
                                                                  reinterpret_cast<uint4*>(packed));
+  MOEFLOW_CUDA_LAUNCH_CHECK();
+}
+
+namespace {
+
+constexpr int kTileRows = 256, kTileCols = 64;  // cutlass_weight_tiles.cuh's box
+int64_t tiles_n(int64_t rows) { return (rows + kTileRows - 1) / kTileRows; }
+int64_t blocks_k(int64_t k) { return (k + kTileCols - 1) / kTileCols; }
+int64_t tiles_bytes(int64_t experts, int64_t rows, int64_t k) {
+  return experts * tiles_n(rows) * blocks_k(k) * kTileRows * kTileCols * 2;
+}
+
+// One block per packed tile (expert e, weight tile n, k-block kb), thread r its row: 64 columns of
+// source row `row_of(n, r)` of expert e (w [E, rows, k]), zero past k or where there is no row.
+// `swiglu_half` > 0: w is w13 [E, 2I, k] and tile n holds the gate rows of features n·half .. + half
+// then their up rows (pack_w13_interleaved's order, half = kSwigluHalf); 0: rows n·256 + r of w.
+__global__ void pack_weight_tile_rows(const uint16_t* __restrict__ w, int64_t rows, int64_t k, int swiglu_half,
+                                      int64_t n_tiles, int64_t k_blocks, uint4* __restrict__ packed) {
+  const int64_t tile = blockIdx.x;  // (e · n_tiles + n) · k_blocks + kb
+  const int64_t kb = tile % k_blocks, n = tile / k_blocks % n_tiles, e = tile / k_blocks / n_tiles;
+  const int r = threadIdx.x;
+  int64_t row;
+  bool valid;
+  if (swiglu_half > 0) {
+    const int64_t feature = n * swiglu_half + r % swiglu_half, features = rows / 2;
+    valid = feature < features;
+    row = r < swiglu_half ? feature : features + feature;
+  } else {
+    row = n * kTileRows + r;
+    valid = row < rows;
+  }
+  uint4* dst = packed + (tile * kTileRows + r) * (kTileCols / 8);
+  const uint16_t* src = w + (e * rows + row) * k + kb * kTileCols;
+  for (int v = 0; v < kTileCols / 8; ++v) {
+    const int64_t column = kb * kTileCols + v * 8;
+    // k is a multiple of 8 (TMA's alignment, checked by the callers): whole 16-byte groups.
+    dst[v] = valid && column < k ? *reinterpret_cast<const uint4*>(src + v * 8) : make_uint4(0, 0, 0, 0);
+  }
+}
+
+}  // namespace
+
+int64_t weight_tiles_bytes(int experts, int hidden, int intermediate) {
+  return tiles_bytes(experts, 2 * packed_w13_features(intermediate), hidden) + tiles_bytes(experts, hidden, intermediate);
+}
+
+void pack_weight_tiles(const uint16_t* w13, const uint16_t* w2, int experts, int hidden, int intermediate,
+                       uint16_t* packed, Stream stream) {
+  if (experts <= 0 || hidden <= 0 || intermediate <= 0 || hidden % 8 != 0 || intermediate % 8 != 0)
+    fail_input("pack_weight_tiles: E = " + std::to_string(experts) + ", H = " + std::to_string(hidden) +
+               ", I = " + std::to_string(intermediate) + " (H and I must be positive multiples of 8)");
+  const int64_t H = hidden, I = intermediate, w13_rows = 2 * packed_w13_features(intermediate);
+  const int64_t blocks1 = experts * tiles_n(w13_rows) * blocks_k(H), blocks2 = experts * tiles_n(H) * blocks_k(I);
+  if (blocks1 > std::numeric_limits<int32_t>::max() || blocks2 > std::numeric_limits<int32_t>::max())
+    fail_input("pack_weight_tiles: more tiles than a grid's blocks");
+  pack_weight_tile_rows<<<static_cast<unsigned>(blocks1), kTileRows, 0, stream>>>(
+      w13, 2 * I, H, kSwigluHalf, tiles_n(w13_rows), blocks_k(H), reinterpret_cast<uint4*>(packed));
+  MOEFLOW_CUDA_LAUNCH_CHECK();
+  pack_weight_tile_rows<<<static_cast<unsigned>(blocks2), kTileRows, 0, stream>>>(
+      w2, H, I, 0, tiles_n(H), blocks_k(I),
+      reinterpret_cast<uint4*>(packed + tiles_bytes(experts, w13_rows, H) / 2));
   MOEFLOW_CUDA_LAUNCH_CHECK();
 }
 
@@ -212,7 +274,14 @@ class SwigluEpilogueArray {
   Params params;
 };
 
-template <class TileShape, class ClusterShape, class Schedule = Cooperative, bool kSwiglu = false>
+template <class Collective>
+using AsBuilt = Collective;
+using cutlass_detail::WeightTiles;
+using cutlass_detail::WeightTilesMainloop;
+
+// `Wrap` may replace parts of the mainloop CUTLASS's builder makes (WeightTilesMainloop).
+template <class TileShape, class ClusterShape, class Schedule = Cooperative, bool kSwiglu = false,
+          template <class> class Wrap = AsBuilt>
 struct GroupedGemm {
   using PlainEpilogue = typename cutlass::epilogue::collective::CollectiveBuilder<
       cutlass::arch::Sm90, cutlass::arch::OpClassTensorOp, TileShape, ClusterShape,
@@ -221,11 +290,11 @@ struct GroupedGemm {
       cutlass::epilogue::fusion::LinearCombination<Element, float, void, float>>::CollectiveOp;
   using Epilogue = std::conditional_t<
       kSwiglu, cutlass::epilogue::collective::detail::Sm90TmaWarpSpecializedAdapter<SwigluEpilogueArray>, PlainEpilogue>;
-  using Mainloop = typename cutlass::gemm::collective::CollectiveBuilder<
+  using Mainloop = Wrap<typename cutlass::gemm::collective::CollectiveBuilder<
       cutlass::arch::Sm90, cutlass::arch::OpClassTensorOp, Element, LayoutA*, kElementsPer16B, Element, LayoutB*,
       kElementsPer16B, float, TileShape, ClusterShape,
       cutlass::gemm::collective::StageCountAutoCarveout<static_cast<int>(sizeof(typename Epilogue::SharedStorage))>,
-      typename Schedule::Mainloop>::CollectiveOp;
+      typename Schedule::Mainloop>::CollectiveOp>;
   using Kernel = cutlass::gemm::kernel::GemmUniversal<ProblemShape, Mainloop, Epilogue>;
   using Gemm = cutlass::gemm::device::GemmUniversalAdapter<Kernel>;
 };
@@ -248,6 +317,15 @@ using WideSingleSwiglu = GroupedGemm<Shape<_128, _256, _64>, Shape<_1, _1, _1>, 
 // ~100 rows per expert, behind from 128 (measurements where they are registered).
 using NarrowPair = GroupedGemm<Shape<_64, _256, _64>, Shape<_2, _1, _1>, Pingpong>;
 using NarrowPairSwiglu = GroupedGemm<Shape<_64, _256, _64>, Shape<_2, _1, _1>, Pingpong, true>;
+// The 256-column tiles without a cluster reading the weights packed tile by tile
+// (cutlass_weight_tiles.cuh): GEMM 1 with the SwiGLU epilogue, GEMM 2 plain.
+using NarrowSwigluTiles = GroupedGemm<Shape<_64, _256, _64>, Shape<_1, _1, _1>, Pingpong, true, WeightTilesMainloop>;
+using NarrowTiles = GroupedGemm<Shape<_64, _256, _64>, Shape<_1, _1, _1>, Pingpong, false, WeightTilesMainloop>;
+using WideSingleSwigluTiles =
+    GroupedGemm<Shape<_128, _256, _64>, Shape<_1, _1, _1>, Cooperative, true, WeightTilesMainloop>;
+using WideSingleTiles = GroupedGemm<Shape<_128, _256, _64>, Shape<_1, _1, _1>, Cooperative, false, WeightTilesMainloop>;
+using NarrowPairSwigluTiles = GroupedGemm<Shape<_64, _256, _64>, Shape<_2, _1, _1>, Pingpong, true, WeightTilesMainloop>;
+using NarrowPairTiles = GroupedGemm<Shape<_64, _256, _64>, Shape<_2, _1, _1>, Pingpong, false, WeightTilesMainloop>;
 // Both builders give the same operand strides (a row pitch and unit steps).
 using StrideA = typename General::Kernel::InternalStrideA;
 using StrideB = typename General::Kernel::InternalStrideB;
@@ -257,7 +335,9 @@ constexpr bool kSameStrides = std::is_same_v<StrideA, typename Config::Kernel::I
                               std::is_same_v<StrideB, typename Config::Kernel::InternalStrideB> &&
                               std::is_same_v<StrideD, typename Config::Kernel::InternalStrideD>;
 static_assert(kSameStrides<Wide> && kSameStrides<Narrow> && kSameStrides<WideSingle> && kSameStrides<NarrowSwiglu> &&
-              kSameStrides<WideSingleSwiglu> && kSameStrides<NarrowPair> && kSameStrides<NarrowPairSwiglu>);
+              kSameStrides<WideSingleSwiglu> && kSameStrides<NarrowPair> && kSameStrides<NarrowPairSwiglu> &&
+              kSameStrides<NarrowSwigluTiles> && kSameStrides<NarrowTiles> && kSameStrides<WideSingleSwigluTiles> &&
+              kSameStrides<WideSingleTiles> && kSameStrides<NarrowPairSwigluTiles> && kSameStrides<NarrowPairTiles>);
 
 // One GEMM's per-group arrays, each E long, carved from the workspace.
 struct GroupArrays {
@@ -334,14 +414,21 @@ void check(cutlass::Status s, const char* what) {
     throw Error(ErrorKind::resource, std::string("cutlass grouped GEMM: ") + what + ": " + cutlassGetStatusString(s));
 }
 
-template <class Config>
+// One grouped launch: can_implement -> workspace -> initialize -> run. `extra` may add to the
+// mainloop's arguments (a packed weights' tiles) before CUTLASS checks them.
+template <class Config, class ExtraMainloopArguments = void (*)(typename Config::Gemm::Arguments&)>
 void run_group(const LaneContext& ctx, int experts, const GroupArrays& g, std::byte* cutlass_workspace,
-               const typename Config::Kernel::EpilogueArguments& epilogue) {
+               const typename Config::Kernel::EpilogueArguments& epilogue,
+               ExtraMainloopArguments extra = [](typename Config::Gemm::Arguments&) {}) {
   using Gemm = typename Config::Gemm;
   typename Gemm::Arguments args;
   args.mode = cutlass::gemm::GemmUniversalMode::kGrouped;
   args.problem_shape = {experts, g.shapes, nullptr};  // sizes on the device only: a persistent grid
-  args.mainloop = {g.a, g.sa, g.b, g.sb};
+  args.mainloop.ptr_A = g.a;
+  args.mainloop.dA = g.sa;
+  args.mainloop.ptr_B = g.b;
+  args.mainloop.dB = g.sb;
+  extra(args);
   args.epilogue = epilogue;
   args.hw_info.device_id = ctx.device;
   args.hw_info.sm_count = ctx.sm_count > 0 ? ctx.sm_count : multiprocessor_count(ctx.device);  // its persistent grid
@@ -356,14 +443,26 @@ void run_group(const LaneContext& ctx, int experts, const GroupArrays& g, std::b
 
 // D = A·Bᵀ into each group's d (the plain epilogue: alpha 1, no source).
 template <class Config>
-void run_plain(const LaneContext& ctx, int experts, const GroupArrays& g, std::byte* cutlass_workspace) {
+typename Config::Kernel::EpilogueArguments plain_epilogue(const GroupArrays& g) {
   typename Config::Kernel::EpilogueArguments epilogue{};
   epilogue.thread.alpha = 1.0f;
   epilogue.thread.beta = 0.0f;
   epilogue.ptr_C = nullptr;
   epilogue.ptr_D = g.d;
   epilogue.dD = g.sd;
-  run_group<Config>(ctx, experts, g, cutlass_workspace, epilogue);
+  return epilogue;
+}
+template <class Config>
+void run_plain(const LaneContext& ctx, int experts, const GroupArrays& g, std::byte* cutlass_workspace) {
+  run_group<Config>(ctx, experts, g, cutlass_workspace, plain_epilogue<Config>(g));
+}
+
+// The same with B read from packed tiles.
+template <class Config>
+void run_tiles(const LaneContext& ctx, int experts, const GroupArrays& g, std::byte* cutlass_workspace,
+               const typename Config::Kernel::EpilogueArguments& epilogue, const WeightTiles& weights) {
+  run_group<Config>(ctx, experts, g, cutlass_workspace, epilogue,
+                    [&weights](typename Config::Gemm::Arguments& args) { args.mainloop.weights = weights; });
 }
 
 // act = SwiGLU(rows · packed w13ᵀ) into each group's d (SwigluEpilogueArray).
@@ -444,8 +543,55 @@ void experts_cutlass_grouped(const LaneContext& ctx, const uint16_t* rows, const
   plain(tiles)(ctx, experts, g2, cutlass_workspace);
 }
 
+void experts_cutlass_weight_tiles(const LaneContext& ctx, const uint16_t* rows, const int32_t* offsets, int experts,
+                                  int hidden, int intermediate, const uint16_t* weight_tiles, const uint16_t* w2,
+                                  uint16_t* act, uint16_t* out, void* workspace, CutlassTiles tiles) {
+  if (experts <= 0 || hidden <= 0 || intermediate <= 0)
+    fail_input("experts_cutlass_weight_tiles: E = " + std::to_string(experts) + ", H = " + std::to_string(hidden) +
+               ", I = " + std::to_string(intermediate));
+  if (std::string why = alignment_problem(hidden, intermediate); !why.empty())
+    fail_input("experts_cutlass_weight_tiles: " + why);
+  if (tiles != CutlassTiles::narrow && tiles != CutlassTiles::wide_single && tiles != CutlassTiles::narrow_pair)
+    fail_input("experts_cutlass_weight_tiles: packed weight tiles run on the 256-column tiles (narrow, narrow_pair, "
+               "wide_single) only");
+  if (weight_tiles == nullptr || workspace == nullptr || reinterpret_cast<uintptr_t>(workspace) % kAlign != 0)
+    fail_input("experts_cutlass_weight_tiles: the packed tiles and a 256-byte aligned workspace must be given");
+  Carver c{static_cast<std::byte*>(workspace)};
+  const GroupArrays g1 = c.group(experts), g2 = c.group(experts);
+  std::byte* cutlass_workspace = static_cast<std::byte*>(workspace) + c.at;
+  const int64_t H = hidden, I = intermediate, w13_rows = 2 * packed_w13_features(intermediate);
+  auto bf = [](const uint16_t* p) { return reinterpret_cast<const Element*>(p); };
+  auto bf_out = [](uint16_t* p) { return reinterpret_cast<Element*>(p); };
+  // The groups' B pointers stay the weights as stored: CUTLASS keeps a tensor map per group, which
+  // then loads nothing (B comes from the packed tiles).
+  const int threads = 128;
+  fill_groups<<<(experts + threads - 1) / threads, threads, 0, ctx.stream>>>(
+      offsets, experts, hidden, intermediate, bf(rows), bf(weight_tiles), w13_rows, bf(w2), bf_out(act), I, bf(act),
+      bf_out(out), g1, g2, pitch<StrideA>(H), pitch<StrideB>(H), pitch<StrideD>(I), pitch<StrideA>(I),
+      pitch<StrideB>(I), pitch<StrideD>(H));
+  MOEFLOW_CUDA_LAUNCH_CHECK();
+  const WeightTiles w13{weight_tiles, experts, static_cast<int>(tiles_n(w13_rows)), static_cast<int>(blocks_k(H))};
+  const WeightTiles w2_tiles{weight_tiles + tiles_bytes(experts, w13_rows, H) / 2, experts, static_cast<int>(tiles_n(H)),
+                             static_cast<int>(blocks_k(I))};
+  const SwigluEpilogueArray::Arguments swiglu{g1.d, intermediate, intermediate};
+  if (tiles == CutlassTiles::narrow) {
+    run_tiles<NarrowSwigluTiles>(ctx, experts, g1, cutlass_workspace, swiglu, w13);
+    run_tiles<NarrowTiles>(ctx, experts, g2, cutlass_workspace, plain_epilogue<NarrowTiles>(g2), w2_tiles);
+  } else if (tiles == CutlassTiles::narrow_pair) {
+    run_tiles<NarrowPairSwigluTiles>(ctx, experts, g1, cutlass_workspace, swiglu, w13);
+    run_tiles<NarrowPairTiles>(ctx, experts, g2, cutlass_workspace, plain_epilogue<NarrowPairTiles>(g2), w2_tiles);
+  } else {
+    run_tiles<WideSingleSwigluTiles>(ctx, experts, g1, cutlass_workspace, swiglu, w13);
+    run_tiles<WideSingleTiles>(ctx, experts, g2, cutlass_workspace, plain_epilogue<WideSingleTiles>(g2), w2_tiles);
+  }
+}
+
 #else  // built without CUTLASS's headers
 
+void experts_cutlass_weight_tiles(const LaneContext&, const uint16_t*, const int32_t*, int, int, int, const uint16_t*,
+                                  const uint16_t*, uint16_t*, uint16_t*, void*, CutlassTiles) {
+  fail_input("experts_cutlass_weight_tiles: built without CUTLASS");
+}
 std::string cutlass_grouped_unbuildable(int, int) {
   return "built without CUTLASS (its headers were not found: see CUTLASS_DIR in CMakeLists.txt)";
 }

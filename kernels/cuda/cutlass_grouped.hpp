@@ -55,4 +55,18 @@ int64_t packed_w13_bytes(int experts, int hidden, int intermediate);
 void pack_w13_interleaved(const uint16_t* w13, int experts, int hidden, int intermediate, uint16_t* packed,
                           Stream stream);
 
+// The experts' weights packed once, at bind time, tile by tile for the 256-column tiles
+// (cutlass_weight_tiles.cuh): w13 in pack_w13_interleaved's order, then w2, each as
+// [E, rows / 256, K / 64, 256, 64] (rows and K padded with zeros), so that every weight tile a
+// k-block loads is one contiguous 32 KB. One buffer of weight_tiles_bytes.
+int64_t weight_tiles_bytes(int experts, int hidden, int intermediate);
+void pack_weight_tiles(const uint16_t* w13, const uint16_t* w2, int experts, int hidden, int intermediate,
+                       uint16_t* packed, Stream stream);
+// experts_cutlass_grouped with the SwiGLU epilogue, both GEMMs reading the packed tiles (`tiles`:
+// narrow, narrow_pair or wide_single). w2 is only named for the groups' arrays (not read). Same
+// workspace.
+void experts_cutlass_weight_tiles(const LaneContext& ctx, const uint16_t* rows, const int32_t* offsets, int experts,
+                                  int hidden, int intermediate, const uint16_t* weight_tiles, const uint16_t* w2,
+                                  uint16_t* act, uint16_t* out, void* workspace, CutlassTiles tiles);
+
 }  // namespace moeflow::cuda

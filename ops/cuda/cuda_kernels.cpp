@@ -179,15 +179,19 @@ struct RowRange {
 // With `swiglu_twin` (the 256-column tiles only: the kernel of the same tiles without the epilogue),
 // GEMM 1 applies SwiGLU in its epilogue from w13 packed once at bind time (cuda::pack_w13_interleaved):
 // no h [R, 2I] written and read back, no SwiGLU launch; the scratch is act [R, I] alone.
+// With `weight_tiles` as well (the 256-column tiles only), w13 and w2 are packed once tile by tile
+// (cuda::pack_weight_tiles, one copy of both): every weight tile a k-block loads is one contiguous
+// 32 KB instead of 256 rows of 128 bytes 2·K bytes apart, which DRAM serves faster.
 KernelEntry cutlass_grouped(std::string name, int priority, cuda::CutlassTiles tiles, RowRange range,
-                            std::string tiles_text, std::string swiglu_twin = {}) {
+                            std::string tiles_text, std::string swiglu_twin = {}, bool weight_tiles = false) {
   const bool swiglu_epilogue = !swiglu_twin.empty();
   auto scratch_bytes = [swiglu_epilogue](const Node& n, int64_t tokens) {
     return swiglu_epilogue ? act_scratch_bytes(n, tokens) : experts_scratch_bytes(n, tokens);
   };
   if (swiglu_epilogue) tiles_text += ", SwiGLU in GEMM 1's epilogue from w13 packed once";
+  if (weight_tiles) tiles_text += ", w13 and w2 packed once tile by tile (each weight tile one contiguous 32 KB)";
   KernelEntry e = reading_live_tokens(launching(swiglu_epilogue ? 3 : 4, {"experts", Backend::cuda, std::move(name), priority,
-      [range, tiles_text, swiglu_epilogue](const Graph& g, const Node& n) {
+      [range, tiles_text, swiglu_epilogue, weight_tiles](const Graph& g, const Node& n) {
         Support s = cuda_supports_bf16(g, n, "");
         if (!s.ok) return s;
         const auto& op = static_cast<const ExpertsOp&>(*n.op);
@@ -196,6 +200,8 @@ KernelEntry cutlass_grouped(std::string name, int priority, cuda::CutlassTiles t
           return Support::no(why);
         if (swiglu_epilogue && g.value(n.inputs[2]).role != ValueRole::weight)
           return Support::no("w13 ('" + g.value(n.inputs[2]).name + "') is not a weight bound once, so it cannot be packed once");
+        if (weight_tiles && g.value(n.inputs[3]).role != ValueRole::weight)
+          return Support::no("w2 ('" + g.value(n.inputs[3]).name + "') is not a weight bound once, so it cannot be packed once");
         const double mean = rows_per_expert(n, g.max_tokens_of(n));
         if (mean < range.min_rows)
           return Support::no(fmt(mean) + " rows/expert at max T: fewer than the " + fmt(range.min_rows) + " its tiles want");
@@ -205,13 +211,18 @@ KernelEntry cutlass_grouped(std::string name, int priority, cuda::CutlassTiles t
         return Support::yes(fmt(mean) + " rows/expert at max T -> CUTLASS Hopper grouped GEMM, " + tiles_text +
                             ", one group per expert sized on the device from the offsets (no host sync, capturable)");
       },
-      [tiles, swiglu_epilogue, scratch_bytes](const KernelCall& c) {
+      [tiles, swiglu_epilogue, scratch_bytes, weight_tiles](const KernelCall& c) {
         const auto& op = static_cast<const ExpertsOp&>(*c.node.op);
         uint16_t *h = nullptr, *act;
         auto* ws = static_cast<std::byte*>(c.workspace);
         if (swiglu_epilogue) act = reinterpret_cast<uint16_t*>(ws);
         else experts_scratch(c, ws, h, act);
         if (swiglu_epilogue && c.packed == nullptr) fail_input("node '" + c.node.name + "': w13 was not packed");
+        if (weight_tiles)
+          return cuda::experts_cutlass_weight_tiles(lane(c), bf16_in(c, 0), c.in<int32_t>(1), op.experts(), hidden_of(c),
+                                                    op.intermediate(), static_cast<const uint16_t*>(c.packed),
+                                                    bf16_in(c, 3), act, bf16_out(c, 0),
+                                                    ws + scratch_bytes(c.node, c.max_tokens()), tiles);
         cuda::experts_cutlass_grouped(lane(c), bf16_in(c, 0), c.in<int32_t>(1), op.experts(), c.tokens * op.top_k(),
                                       hidden_of(c), op.intermediate(), bf16_in(c, 2), bf16_in(c, 3), h, act,
                                       bf16_out(c, 0), ws + scratch_bytes(c.node, c.max_tokens()), tiles,
@@ -226,7 +237,21 @@ KernelEntry cutlass_grouped(std::string name, int priority, cuda::CutlassTiles t
     if (!range.preferred_on_huge && huge_experts(g, n)) return range.elsewhere;
     return mean >= range.preferred_from && mean < range.preferred_to ? priority : range.elsewhere;
   };
-  if (swiglu_epilogue)
+  if (weight_tiles)
+    e.packed_weight = PackedWeight{
+        2, "w13 gate/up interleaved by " + std::to_string(cuda::kSwigluHalf) + " rows, then w2, in 256x64 tiles",
+        [](const Graph& g, const Node& n) {
+          const auto& op = static_cast<const ExpertsOp&>(*n.op);
+          return cuda::weight_tiles_bytes(op.experts(), static_cast<int>(g.value(n.inputs[0]).shape()[1].fixed),
+                                          op.intermediate());
+        },
+        [](const KernelCall& c, void* packed) {
+          const auto& op = static_cast<const ExpertsOp&>(*c.node.op);
+          cuda::pack_weight_tiles(bf16_in(c, 2), bf16_in(c, 3), op.experts(), hidden_of(c), op.intermediate(),
+                                  static_cast<uint16_t*>(packed), lane(c).stream);
+        },
+        std::move(swiglu_twin)};
+  else if (swiglu_epilogue)
     e.packed_weight = PackedWeight{
         2, "w13 gate/up interleaved by " + std::to_string(cuda::kSwigluHalf) + " rows",
         [](const Graph& g, const Node& n) {
@@ -242,6 +267,9 @@ KernelEntry cutlass_grouped(std::string name, int priority, cuda::CutlassTiles t
         std::move(swiglu_twin)};
   return e;
 }
+
+// Below this many rows per expert the 64x256 tiles read the weights packed tile by tile (register_experts).
+constexpr double kTilesBelowRows = 56;
 
 constexpr const char* kNarrowPairText =
     "64x256 tiles, ping-pong, in 2x1 clusters (each weight tile multicast to two row tiles; rows padded to 128)";
@@ -319,6 +347,24 @@ void register_experts(KernelRegistry& r) {
   //    T=8192 9421-9638 against 9274 µs, so the unfused tiles keep them there; the 64x256 ones on
   //    huge experts too: mixtral-8x7b T=512 / 640 / 736 (128-184 rows) 1124 / 1147 / 1267 against
   //    1163-1165 / 1170-1180 / 1308-1310 µs (2026-11-23, seventh session, same call, CUDA graph).
+  //  - Ahead of all of them below 56 rows per expert: the 64x256 tiles reading w13 and w2 packed tile
+  //    by tile (each weight tile a k-block loads one contiguous 32 KB), where the GEMMs stream the
+  //    weights. Same call, CUDA graph, 20 runs x 2 passes (2026-11-23, eighth session, bench/NOTES.md
+  //    "Weights packed tile by tile"), µs, packed 64x256 / as planned before: qwen3 T=32 / 128 / 512
+  //    (2 / 8 / 32 rows) 402 / 464 / 496 against 446 / 477 / 510; qwen1.5 T=128 / 512 397 / 417
+  //    against 412 / 431; deepseek-v3 T=128 / 512 / 1024 / 1536 (4 / 16 / 32 / 48 rows) 7260 / 7655 /
+  //    7920 / 8139 against 7511 / 7852 / 8032 / 8211. Not from 64 rows: deepseek-v3 T=2048 (64) 8516
+  //    against 8404 and T=4096 (128) 13380 against 9460 (not understood); qwen at 96-137 rows 0.5-2.4%
+  //    ahead. Not on huge experts (mixtral-8x7b T=512: 1229 against 1118). The packed tiles in 2x1
+  //    clusters and the 128x256 ones run where forced (or tuned) only.
+  r.add(cutlass_grouped("cuda.cutlass_tiles_narrow", 6, cuda::CutlassTiles::narrow,
+                        {.huge_min_rows = 128, .preferred_to = kTilesBelowRows, .elsewhere = 1, .preferred_on_huge = false},
+                        "64x256 tiles, ping-pong (an expert's rows padded to 64)", "cuda.cutlass_grouped_narrow", true));
+  r.add(cutlass_grouped("cuda.cutlass_tiles_narrow_pair", 1, cuda::CutlassTiles::narrow_pair,
+                        {.huge_min_rows = 128, .elsewhere = 1}, kNarrowPairText, "cuda.cutlass_grouped_narrow_pair", true));
+  r.add(cutlass_grouped("cuda.cutlass_tiles_wide_single", 1, cuda::CutlassTiles::wide_single,
+                        {.huge_min_rows = 128, .elsewhere = 1}, "128x256 tiles, no cluster (an expert's rows padded to 128)",
+                        "cuda.cutlass_grouped_wide_single", true));
   r.add(cutlass_grouped("cuda.cutlass_swiglu_narrow_pair", 6, cuda::CutlassTiles::narrow_pair,
                         {.huge_min_rows = 128, .preferred_to = 96, .elsewhere = 2},
                         kNarrowPairText, "cuda.cutlass_grouped_narrow_pair"));

@@ -287,6 +287,26 @@ std::vector<uint16_t> run_cutlass(const Lane& lane, const Problem& p,
   return download<uint16_t>(d.out, d.out_count);
 }
 
+// The weights packed tile by tile (cuda::pack_weight_tiles, poisoned first so that a tile it failed
+// to write shows), both GEMMs reading them; the workspace poisoned as above.
+std::vector<uint16_t> run_cutlass_weight_tiles(const Lane& lane, const Problem& p, cuda::CutlassTiles tiles) {
+  DeviceProblem d(p);
+  const std::size_t R = static_cast<std::size_t>(std::max<int64_t>(p.total(), 1));
+  DeviceBuffer act(R * p.inter * 2), ws(cuda::cutlass_grouped_workspace_bytes(p.experts));
+  ok(cudaMemset(ws.get(), 0xff, cuda::cutlass_grouped_workspace_bytes(p.experts)), "poison workspace");
+  ok(cudaMemset(act.get(), 0xff, R * p.inter * 2), "poison act");
+  const auto packed_bytes = static_cast<std::size_t>(cuda::weight_tiles_bytes(p.experts, p.hidden, p.inter));
+  DeviceBuffer packed(packed_bytes);
+  ok(cudaMemset(packed.get(), 0xff, packed_bytes), "poison packed tiles");
+  cuda::pack_weight_tiles(d.w13->as<uint16_t>(), d.w2->as<uint16_t>(), p.experts, p.hidden, p.inter,
+                          packed.as<uint16_t>(), lane.ctx.stream);
+  cuda::experts_cutlass_weight_tiles(lane.ctx, d.rows->as<uint16_t>(), d.offsets->as<int32_t>(), p.experts, p.hidden,
+                                     p.inter, packed.as<uint16_t>(), d.w2->as<uint16_t>(), act.as<uint16_t>(),
+                                     d.out.as<uint16_t>(), ws.get(), tiles);
+  lane.sync();
+  return download<uint16_t>(d.out, d.out_count);
+}
+
 // The SwiGLU epilogue against the same tiles' unfused GEMM, SwiGLU kernel, GEMM: the same mainloop and
 // accumulation order, gate and up rounded to bf16 as h holds them, so the bits must agree.
 void check_swiglu_epilogue(const Lane& lane, const Problem& p) {
@@ -297,6 +317,8 @@ void check_swiglu_epilogue(const Lane& lane, const Problem& p) {
     const std::vector<uint16_t> fused = run_cutlass(lane, p, tiles, true);
     EXPECT_EQ(fused, run_cutlass(lane, p, tiles)) << "SwiGLU epilogue, " << which << ", against the unfused GEMMs";
     EXPECT_EQ(fused, run_cutlass(lane, p, tiles, true)) << "SwiGLU epilogue, " << which << ": rerun differs";
+    // Only where B comes from differs (the same tiles, the same accumulation order): the same bits.
+    EXPECT_EQ(fused, run_cutlass_weight_tiles(lane, p, tiles)) << "weights packed tile by tile, " << which;
   }
 }
 

@@ -13,6 +13,7 @@
 #include "tests/family_cases.hpp"
 #include "graph/chunk.hpp"
 #include "graph/error.hpp"
+#include "kernels/cuda/cutlass_grouped.hpp"
 #include "kernels/cuda/device.hpp"
 #include "ops/kernel_registry.hpp"
 #include "ops/moe_layer.hpp"
@@ -188,7 +189,8 @@ TEST(CudaLayerGraph, OneCaptureForAnyTokensMatchesEagerRunsAtEveryT) {
   for (const Case& c : {Case{"cuda.decode_gemv", 16}, Case{"cuda.cutlass_grouped", 96},
                         Case{"cuda.cutlass_grouped_narrow", 96}, Case{"cuda.cutlass_grouped_wide", 2048},
                         Case{"cuda.cutlass_swiglu_narrow", 96}, Case{"cuda.cutlass_swiglu_wide_single", 2048},
-                        Case{"cuda.cutlass_swiglu_narrow_pair", 96}}) {
+                        Case{"cuda.cutlass_swiglu_narrow_pair", 96}, Case{"cuda.cutlass_tiles_narrow", 96},
+                        Case{"cuda.cutlass_tiles_narrow_pair", 96}, Case{"cuda.cutlass_tiles_wide_single", 2048}}) {
     auto g = std::make_shared<const Graph>(build_experts_graph(config, {.max_tokens = c.max_tokens, .dtype = DType::bf16}));
     CudaSessionOptions so;
     so.plan.policy = Policy::concurrent;
@@ -266,13 +268,15 @@ TEST(CudaExpertsChoice, HugeExpertsTakeThePaddedGemmUnlessCaptured) {
   const MoEConfig qwen3 = load_config("qwen3-30b-a3b");  // 9 MiB per expert
   EXPECT_EQ(experts_kernel(qwen3, 8192, false).kernel->name, "cuda.cutlass_swiglu_wide_single");  // 512 rows per expert
   EXPECT_EQ(experts_kernel(qwen3, 2048, false).kernel->name, "cuda.cutlass_swiglu_narrow");  // 128
-  EXPECT_EQ(experts_kernel(qwen3, 512, false).kernel->name, "cuda.cutlass_swiglu_narrow_pair");  // 32: 2x1 clusters
+  EXPECT_EQ(experts_kernel(qwen3, 512, false).kernel->name, "cuda.cutlass_tiles_narrow");  // 32: weights in packed tiles
+  EXPECT_EQ(experts_kernel(qwen3, 888, false).kernel->name, "cuda.cutlass_tiles_narrow");  // 55.5
+  EXPECT_EQ(experts_kernel(qwen3, 896, false).kernel->name, "cuda.cutlass_swiglu_narrow_pair");  // 56: 2x1 clusters
   EXPECT_EQ(experts_kernel(qwen3, 1528, false).kernel->name, "cuda.cutlass_swiglu_narrow_pair");  // 95.5
   EXPECT_EQ(experts_kernel(qwen3, 1536, false).kernel->name, "cuda.cutlass_swiglu_narrow");       // 96
   const MoEConfig deepseek = load_config("deepseek-v3");
   EXPECT_EQ(experts_kernel(deepseek, 8192, true).kernel->name, "cuda.cutlass_swiglu_wide_single");  // 256
   EXPECT_EQ(experts_kernel(deepseek, 4096, true).kernel->name, "cuda.cutlass_swiglu_narrow");       // 128
-  EXPECT_EQ(experts_kernel(deepseek, 256, true).kernel->name, "cuda.cutlass_swiglu_narrow_pair");  // 8
+  EXPECT_EQ(experts_kernel(deepseek, 256, true).kernel->name, "cuda.cutlass_tiles_narrow");  // 8
   EXPECT_EQ(experts_kernel(deepseek, 2048, true).kernel->name, "cuda.cutlass_swiglu_narrow_pair");  // 64
 }
 
@@ -362,6 +366,39 @@ TEST(CudaPlan, PackedWeightsAreListedOnceAndSharedByChunks) {
   const Plan plain = make_plan(std::make_shared<const Graph>(build_experts_graph(qwen3, {.max_tokens = 8192, .dtype = DType::bf16})), o);
   EXPECT_TRUE(plain.packed.empty());
   EXPECT_EQ(plain.packed_bytes, 0);
+}
+
+// Planning only (no device needed): below 56 rows per expert the 64x256 tiles read w13 and w2 from one
+// copy packed tile by tile, listed once with its size; with packed weights off the same rows take the
+// unfused 2x1-cluster tiles, and huge experts never take the packed tiles.
+TEST(CudaPlan, WeightTilesBelow56RowsPerExpertFromOneCopyOfBothWeights) {
+  const MoEConfig qwen3 = load_config("qwen3-30b-a3b");  // E = 128, H = 2048, I = 768
+  auto graph = std::make_shared<const Graph>(build_experts_graph(qwen3, {.max_tokens = 512, .dtype = DType::bf16}));
+  PlanOptions o;
+  o.backend = Backend::cuda;
+  const Plan plan = make_plan(graph, o);
+  EXPECT_EQ(plan.step_for(*graph->find_node("experts")).kernel->name, "cuda.cutlass_tiles_narrow");
+  ASSERT_EQ(plan.packed.size(), 1u);
+  // w13: 1536 rows (six tiles of 256) x 32 k-blocks of 64; w2: 2048 rows (eight) x 12 k-blocks; 32 KB each.
+  const int64_t bytes = int64_t{128} * (6 * 32 + 8 * 12) * 256 * 64 * 2;
+  EXPECT_EQ(plan.packed[0].bytes, bytes);
+  EXPECT_EQ(cuda::weight_tiles_bytes(128, 2048, 768), bytes);
+  EXPECT_EQ(plan.graph->value(plan.packed[0].source).name, "experts.w13");
+  std::ostringstream summary;
+  plan.write_summary(summary);
+  EXPECT_NE(summary.str().find("then w2, in 256x64 tiles"), std::string::npos) << summary.str();
+  // H and I not multiples of a tile: the copy is padded to whole tiles (H = 520, I = 200: w13 packed
+  // to 2 x 256 features, two tiles of 9 k-blocks; w2 three tiles of 4 k-blocks).
+  EXPECT_EQ(cuda::weight_tiles_bytes(3, 520, 200), int64_t{3} * (2 * 9 + 3 * 4) * 256 * 64 * 2);
+  o.packed_weights = false;
+  EXPECT_EQ(make_plan(graph, o).step_for(*graph->find_node("experts")).kernel->name, "cuda.cutlass_grouped_narrow_pair");
+  const MoEConfig mixtral = load_config("mixtral-8x7b");  // 336 MiB per expert
+  auto huge = std::make_shared<const Graph>(build_experts_graph(mixtral, {.max_tokens = 512, .dtype = DType::bf16}));
+  PlanOptions graph_options;
+  graph_options.backend = Backend::cuda;
+  graph_options.capturable = true;
+  EXPECT_EQ(make_plan(huge, graph_options).step_for(*huge->find_node("experts")).kernel->name,
+            "cuda.cutlass_swiglu_narrow");
 }
 
 // Planning only (no device needed): with packed weights off (--no-packed-weights, or a session whose
