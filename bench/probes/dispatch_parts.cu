@@ -18,28 +18,6 @@ namespace dispatch_probe {  // named: nvcc's stubs cannot tell two anonymous nam
 
 using namespace moeflow::cuda;
 
-template <class Launch>
-float median_us(Launch launch) {
-  cudaEvent_t a, b;
-  CK(cudaEventCreate(&a));
-  CK(cudaEventCreate(&b));
-  std::vector<float> t;
-  for (int r = 0; r < 55; ++r) {
-    CK(cudaEventRecord(a));
-    launch();
-    CK(cudaEventRecord(b));
-    CK(cudaEventSynchronize(b));
-    float ms = 0;
-    CK(cudaEventElapsedTime(&ms, a, b));
-    if (r >= 5) t.push_back(ms * 1000.0f);
-  }
-  CK(cudaGetLastError());
-  std::sort(t.begin(), t.end());
-  cudaEventDestroy(a);
-  cudaEventDestroy(b);
-  return t[t.size() / 2];
-}
-
 // The library's scatter (one token per 256 threads at H = 2048) with each thread moving kPer words
 // spaced a row's worth of threads apart (loads first, then stores; a warp's stores stay contiguous),
 // and optionally streaming stores (evict-first: the rows are not read again soon from L2).

@@ -3,9 +3,11 @@
 // machine): a CUDA status check that stops the probe, and the bare read every probe compares with.
 #include <cuda_runtime.h>
 
+#include <algorithm>
 #include <cstdint>
 #include <cstdio>
 #include <cstdlib>
+#include <vector>
 
 #define CK(x)                                                                                     \
   do {                                                                                            \
@@ -35,4 +37,27 @@ __global__ void read_all(const uint4* p, size_t vecs, unsigned* sink) {
     acc += v.x ^ v.y ^ v.z ^ v.w;
   }
   if (acc == 0x9e3779b9u) *sink = acc;  // never true on the probes' data
+}
+
+// The median of `runs` timed launches (CUDA events around each) after `warmup` untimed ones, in µs.
+template <class Launch>
+float median_us(Launch launch, int runs = 50, int warmup = 5) {
+  cudaEvent_t a, b;
+  CK(cudaEventCreate(&a));
+  CK(cudaEventCreate(&b));
+  std::vector<float> t;
+  for (int r = 0; r < warmup + runs; ++r) {
+    CK(cudaEventRecord(a));
+    launch();
+    CK(cudaEventRecord(b));
+    CK(cudaEventSynchronize(b));
+    float ms = 0;
+    CK(cudaEventElapsedTime(&ms, a, b));
+    if (r >= warmup) t.push_back(ms * 1000.0f);
+  }
+  CK(cudaGetLastError());
+  std::sort(t.begin(), t.end());
+  cudaEventDestroy(a);
+  cudaEventDestroy(b);
+  return t[t.size() / 2];
 }

@@ -54,24 +54,8 @@ int main() {
   CK(cudaMalloc(&w, bytes));
   CK(cudaMalloc(&sink, 4));
   CK(cudaMemset(w, 1, bytes));
-  cudaEvent_t a, b;
-  CK(cudaEventCreate(&a));
-  CK(cudaEventCreate(&b));
-  auto time_us = [&](auto&& launch) {
-    std::vector<float> runs;
-    for (int r = 0; r < 23; ++r) {
-      CK(cudaEventRecord(a));
-      launch();
-      CK(cudaEventRecord(b));
-      CK(cudaEventSynchronize(b));
-      float ms = 0;
-      CK(cudaEventElapsedTime(&ms, a, b));
-      if (r >= 3) runs.push_back(ms * 1000);
-    }
-    std::sort(runs.begin(), runs.end());
-    return runs[runs.size() / 2];
-  };
   std::printf("%zu MB of weights, %d SMs; median of 20 runs\n", bytes >> 20, sms);
+  auto time_us = [](auto&& launch) { return median_us(launch, 20, 3); };
   for (int per_sm : {2, 4, 8}) {
     const float row_major = time_us([&] { read_tiles<false><<<sms * per_sm, 256>>>(w, sink); });
     const float packed = time_us([&] { read_tiles<true><<<sms * per_sm, 256>>>(w, sink); });

@@ -176,6 +176,22 @@ struct RowRange {
   bool preferred_on_huge = true;  // false: `elsewhere` on huge experts (huge_experts()) whatever the rows
 };
 
+// A copy of an experts node's weights made once at bind time, keyed on w13 (input 2): `layout` names
+// it, `bytes` (E, H, I) sizes it, `write` fills it from the call's weights; `twin` runs without it.
+PackedWeight packed_experts_weights(std::string layout, int64_t (*bytes)(int experts, int hidden, int intermediate),
+                                    void (*write)(const KernelCall&, const ExpertsOp&, uint16_t* packed), std::string twin) {
+  return PackedWeight{
+      2, std::move(layout),
+      [bytes](const Graph& g, const Node& n) {
+        const auto& op = static_cast<const ExpertsOp&>(*n.op);
+        return bytes(op.experts(), static_cast<int>(g.value(n.inputs[0]).shape()[1].fixed), op.intermediate());
+      },
+      [write](const KernelCall& c, void* packed) {
+        write(c, static_cast<const ExpertsOp&>(*c.node.op), static_cast<uint16_t*>(packed));
+      },
+      std::move(twin)};
+}
+
 // With `swiglu_twin` (the 256-column tiles only: the kernel of the same tiles without the epilogue),
 // GEMM 1 applies SwiGLU in its epilogue from w13 packed once at bind time (cuda::pack_w13_interleaved):
 // no h [R, 2I] written and read back, no SwiGLU launch; the scratch is act [R, I] alone.
@@ -238,33 +254,21 @@ KernelEntry cutlass_grouped(std::string name, int priority, cuda::CutlassTiles t
     return mean >= range.preferred_from && mean < range.preferred_to ? priority : range.elsewhere;
   };
   if (weight_tiles)
-    e.packed_weight = PackedWeight{
-        2, "w13 gate/up interleaved by " + std::to_string(cuda::kSwigluHalf) + " rows, then w2, in 256x64 tiles",
-        [](const Graph& g, const Node& n) {
-          const auto& op = static_cast<const ExpertsOp&>(*n.op);
-          return cuda::weight_tiles_bytes(op.experts(), static_cast<int>(g.value(n.inputs[0]).shape()[1].fixed),
-                                          op.intermediate());
+    e.packed_weight = packed_experts_weights(
+        "w13 gate/up interleaved by " + std::to_string(cuda::kSwigluHalf) + " rows, then w2, in 256x64 tiles",
+        cuda::weight_tiles_bytes,
+        [](const KernelCall& c, const ExpertsOp& op, uint16_t* packed) {
+          cuda::pack_weight_tiles(bf16_in(c, 2), bf16_in(c, 3), op.experts(), hidden_of(c), op.intermediate(), packed,
+                                  lane(c).stream);
         },
-        [](const KernelCall& c, void* packed) {
-          const auto& op = static_cast<const ExpertsOp&>(*c.node.op);
-          cuda::pack_weight_tiles(bf16_in(c, 2), bf16_in(c, 3), op.experts(), hidden_of(c), op.intermediate(),
-                                  static_cast<uint16_t*>(packed), lane(c).stream);
-        },
-        std::move(swiglu_twin)};
+        std::move(swiglu_twin));
   else if (swiglu_epilogue)
-    e.packed_weight = PackedWeight{
-        2, "w13 gate/up interleaved by " + std::to_string(cuda::kSwigluHalf) + " rows",
-        [](const Graph& g, const Node& n) {
-          const auto& op = static_cast<const ExpertsOp&>(*n.op);
-          return cuda::packed_w13_bytes(op.experts(), static_cast<int>(g.value(n.inputs[0]).shape()[1].fixed),
-                                        op.intermediate());
+    e.packed_weight = packed_experts_weights(
+        "w13 gate/up interleaved by " + std::to_string(cuda::kSwigluHalf) + " rows", cuda::packed_w13_bytes,
+        [](const KernelCall& c, const ExpertsOp& op, uint16_t* packed) {
+          cuda::pack_w13_interleaved(bf16_in(c, 2), op.experts(), hidden_of(c), op.intermediate(), packed, lane(c).stream);
         },
-        [](const KernelCall& c, void* packed) {
-          const auto& op = static_cast<const ExpertsOp&>(*c.node.op);
-          cuda::pack_w13_interleaved(bf16_in(c, 2), op.experts(), hidden_of(c), op.intermediate(),
-                                     static_cast<uint16_t*>(packed), lane(c).stream);
-        },
-        std::move(swiglu_twin)};
+        std::move(swiglu_twin));
   return e;
 }
 
