@@ -2,7 +2,7 @@
 # One call on the GPU machine (see the device README): unpack the carried .deb files, build there,
 # run the gpu tests (plain, memcheck, racecheck), the CLI checks of every preset, the CUDA-graph
 # host cost (mode `tests`), or the benchmark sweep (mode `bench`). Everything lands in $OUT.
-# Usage: bash bench/gpu_session.sh tests|full|profile|racecheck|bench|overlap|chunks|decode|timeline|layers|probe|ranks|cutlass|anyt|resources|fused|fusedprof|validate|shared|tune|views|tiles|swiglu|single|sweep [models] [experts kernels] [tokens] [scopes]
+# Usage: bash bench/gpu_session.sh tests|full|profile|metrics|racecheck|bench|overlap|chunks|decode|timeline|layers|probe|ranks|cutlass|anyt|resources|fused|fusedprof|validate|shared|tune|views|tiles|swiglu|single|sweep [models] [experts kernels] [tokens] [scopes]
 set -uo pipefail
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 mkdir -p /opt/deps && for f in .deps/*.deb; do dpkg -x "$f" /opt/deps; done
@@ -57,6 +57,23 @@ layer_timings() {
 if [[ $mode == profile ]]; then
   # Only the kernel-by-kernel profile of the points in $PROFILE (no tests).
   kernel_profile
+  exit 0
+fi
+if [[ $mode == metrics ]]; then
+  # DRAM and L2 metrics of the CUTLASS GEMMs under Nsight Compute, one eager run per point of
+  # $POINTS ("model,T,experts-kernel ..."), one line per GEMM launch, into $OUT/metrics.txt.
+  ncu=$(command -v ncu || ls /usr/local/cuda*/bin/ncu 2>/dev/null | head -1)
+  for point in ${POINTS:?POINTS=\"model,T,kernel ...\"}; do
+    IFS=, read -r model tokens kernel <<< "$point"
+    echo "== $point"
+    timeout 100 $ncu --clock-control none --kernel-name regex:device_kernel --csv --metrics \
+      gpu__time_duration.sum,dram__bytes_read.sum,dram__throughput.avg.pct_of_peak_sustained_elapsed,lts__t_sector_hit_rate.pct \
+      $b/moeflow run --backend cuda --model $model --scope experts --tokens $tokens --runs 1 --warmup 0 \
+      --kernel experts=$kernel 2>/dev/null | grep '^"' | python3 -c 'import csv,sys
+by = {}
+for r in csv.DictReader(sys.stdin): by.setdefault(int(r["ID"]), {})[r["Metric Name"]] = r["Metric Value"] + r["Metric Unit"]
+for i in sorted(by): print(i, "  ".join(n + "=" + v for n, v in sorted(by[i].items())))'
+  done | tee "$OUT/metrics.txt"
   exit 0
 fi
 if [[ $mode == ranks ]]; then
