@@ -94,10 +94,11 @@ int64_t tiles_bytes(int64_t experts, int64_t rows, int64_t k) {
   return experts * tiles_n(rows) * blocks_k(k) * kTileRows * kTileCols * 2;
 }
 
-// One block per packed tile (expert e, weight tile n, k-block kb), thread r its row: 64 columns of
-// source row `row_of(n, r)` of expert e (w [E, rows, k]), zero past k or where there is no row.
-// `swiglu_half` > 0: w is w13 [E, 2I, k] and tile n holds the gate rows of features n·half .. + half
-// then their up rows (pack_w13_interleaved's order, half = kSwigluHalf); 0: rows n·256 + r of w.
+// One block per packed tile (expert e, weight tile n, k-block kb), thread r its row r: 64 columns of
+// one source row of expert e (w [E, rows, k]), zeros past k or where there is no such row. Which row:
+// with `swiglu_half` > 0, w is w13 [E, 2I, k] and tile n holds the gate rows of features n·half ..
+// n·half + half - 1, then their up rows (pack_w13_interleaved's order, half = kSwigluHalf); with 0,
+// row n·256 + r of w.
 __global__ void pack_weight_tile_rows(const uint16_t* __restrict__ w, int64_t rows, int64_t k, int swiglu_half,
                                       int64_t n_tiles, int64_t k_blocks, uint4* __restrict__ packed) {
   const int64_t tile = blockIdx.x;  // (e · n_tiles + n) · k_blocks + kb
@@ -317,8 +318,8 @@ using WideSingleSwiglu = GroupedGemm<Shape<_128, _256, _64>, Shape<_1, _1, _1>, 
 // ~100 rows per expert, behind from 128 (measurements where they are registered).
 using NarrowPair = GroupedGemm<Shape<_64, _256, _64>, Shape<_2, _1, _1>, Pingpong>;
 using NarrowPairSwiglu = GroupedGemm<Shape<_64, _256, _64>, Shape<_2, _1, _1>, Pingpong, true>;
-// The 256-column tiles without a cluster reading the weights packed tile by tile
-// (cutlass_weight_tiles.cuh): GEMM 1 with the SwiGLU epilogue, GEMM 2 plain.
+// The 256-column tiles reading the weights packed tile by tile (cutlass_weight_tiles.cuh): GEMM 1
+// with the SwiGLU epilogue, GEMM 2 plain.
 using NarrowSwigluTiles = GroupedGemm<Shape<_64, _256, _64>, Shape<_1, _1, _1>, Pingpong, true, WeightTilesMainloop>;
 using NarrowTiles = GroupedGemm<Shape<_64, _256, _64>, Shape<_1, _1, _1>, Pingpong, false, WeightTilesMainloop>;
 using WideSingleSwigluTiles =
@@ -570,18 +571,18 @@ void experts_cutlass_weight_tiles(const LaneContext& ctx, const uint16_t* rows, 
       bf_out(out), g1, g2, pitch<StrideA>(H), pitch<StrideB>(H), pitch<StrideD>(I), pitch<StrideA>(I),
       pitch<StrideB>(I), pitch<StrideD>(H));
   MOEFLOW_CUDA_LAUNCH_CHECK();
-  const WeightTiles w13{weight_tiles, experts, static_cast<int>(tiles_n(w13_rows)), static_cast<int>(blocks_k(H))};
+  const WeightTiles w13_tiles{weight_tiles, experts, static_cast<int>(tiles_n(w13_rows)), static_cast<int>(blocks_k(H))};
   const WeightTiles w2_tiles{weight_tiles + tiles_bytes(experts, w13_rows, H) / 2, experts, static_cast<int>(tiles_n(H)),
                              static_cast<int>(blocks_k(I))};
   const SwigluEpilogueArray::Arguments swiglu{g1.d, intermediate, intermediate};
   if (tiles == CutlassTiles::narrow) {
-    run_tiles<NarrowSwigluTiles>(ctx, experts, g1, cutlass_workspace, swiglu, w13);
+    run_tiles<NarrowSwigluTiles>(ctx, experts, g1, cutlass_workspace, swiglu, w13_tiles);
     run_tiles<NarrowTiles>(ctx, experts, g2, cutlass_workspace, plain_epilogue<NarrowTiles>(g2), w2_tiles);
   } else if (tiles == CutlassTiles::narrow_pair) {
-    run_tiles<NarrowPairSwigluTiles>(ctx, experts, g1, cutlass_workspace, swiglu, w13);
+    run_tiles<NarrowPairSwigluTiles>(ctx, experts, g1, cutlass_workspace, swiglu, w13_tiles);
     run_tiles<NarrowPairTiles>(ctx, experts, g2, cutlass_workspace, plain_epilogue<NarrowPairTiles>(g2), w2_tiles);
   } else {
-    run_tiles<WideSingleSwigluTiles>(ctx, experts, g1, cutlass_workspace, swiglu, w13);
+    run_tiles<WideSingleSwigluTiles>(ctx, experts, g1, cutlass_workspace, swiglu, w13_tiles);
     run_tiles<WideSingleTiles>(ctx, experts, g2, cutlass_workspace, plain_epilogue<WideSingleTiles>(g2), w2_tiles);
   }
 }
