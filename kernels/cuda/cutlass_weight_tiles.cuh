@@ -2,16 +2,19 @@
 // A CUTLASS Hopper pointer-array mainloop that reads B (the experts' weights) from a copy packed once
 // tile by tile: for group (expert) e, weight tile n and k-block k, the 256 rows × 64 columns the
 // mainloop loads are one contiguous 32 KB at ((e · tiles_n + n) · blocks_k + k) · 256 rows of a
-// [rows, 64] tensor. Stored [E, N, K], those 256 pieces of 128 bytes lie 2·K bytes apart, and DRAM
-// serves them slower: reading qwen3's w13 in the GEMM's order ran at 2.23 TB/s that way against 2.63
-// packed and 3.04 for a plain streaming read (bench/probes/tile_order_read.cu, H100). Where the
-// GEMMs stream the weights (up to a few hundred rows per expert) that is their bound.
+// [rows, 64] tensor. Stored [E, N, K], those 256 pieces of 128 bytes lie 2·K bytes apart. Plain loads
+// in the GEMM's order read qwen3's w13 at 2.23 TB/s that way against 2.63 packed and 3.04 for a
+// streaming read (bench/probes/tile_order_read.cu, H100); the TMA reads the stored layout better
+// (80-90% of the DRAM's peak in Nsight Compute), and the experts path gains 2.5-4% below ~50 rows per
+// expert (bench/NOTES.md, "Weights packed tile by tile", where it also loses at 128 rows on
+// deepseek-v3's large K).
 //
 // The box is loaded by one 2-D TMA with the 128-byte swizzle of the stage's layout, on the stage's
 // barrier, its bytes those CUTLASS expects for B (in a cluster along M each CTA loads its share of
-// the rows and multicasts it, as CUTLASS does B); A is loaded exactly as CUTLASS does. Everything else is CUTLASS's: this class derives from the
-// collective it replaces and hides load_init, load and tensors_perform_update (which carries the
-// group index to load: the kernel passes load a block coordinate without it) and the arguments.
+// the rows and multicasts it, as CUTLASS does B); A is loaded exactly as CUTLASS does. Everything
+// else is CUTLASS's: this class derives from the collective it replaces and hides load_init, load and
+// tensors_perform_update (which carries the group index to load: the kernel passes load a block
+// coordinate without it) and the arguments.
 #include <cuda.h>
 
 #include <cstdint>

@@ -197,7 +197,7 @@ PackedWeight packed_experts_weights(std::string layout, int64_t (*bytes)(int exp
 // no h [R, 2I] written and read back, no SwiGLU launch; the scratch is act [R, I] alone.
 // With `weight_tiles` as well (the 256-column tiles only), w13 and w2 are packed once tile by tile
 // (cuda::pack_weight_tiles, one copy of both): every weight tile a k-block loads is one contiguous
-// 32 KB instead of 256 rows of 128 bytes 2·K bytes apart, which DRAM serves faster.
+// 32 KB instead of 256 rows of 128 bytes 2·K bytes apart (measured where they are registered).
 KernelEntry cutlass_grouped(std::string name, int priority, cuda::CutlassTiles tiles, RowRange range,
                             std::string tiles_text, std::string swiglu_twin = {}, bool weight_tiles = false) {
   const bool swiglu_epilogue = !swiglu_twin.empty();
@@ -358,8 +358,9 @@ void register_experts(KernelRegistry& r) {
   //    (2 / 8 / 32 rows) 402 / 464 / 496 against 446 / 477 / 510; qwen1.5 T=128 / 512 397 / 417
   //    against 412 / 431; deepseek-v3 T=128 / 512 / 1024 / 1536 (4 / 16 / 32 / 48 rows) 7260 / 7655 /
   //    7920 / 8139 against 7511 / 7852 / 8032 / 8211. Not from 64 rows: deepseek-v3 T=2048 (64) 8516
-  //    against 8404 and T=4096 (128) 13380 against 9460 (not understood); qwen at 96-137 rows 0.5-2.4%
-  //    ahead. Not on huge experts (mixtral-8x7b T=512: 1229 against 1118). The packed tiles in 2x1
+  //    against 8404 and T=4096 (128) 13380 against 9460 (GEMM 1 then reads the weights ~1.8 times from
+  //    DRAM, 27 GB against 16 in Nsight Compute: each expert's second row tile misses L2); qwen at
+  //    96-137 rows 0.5-2.4% ahead. Not on huge experts (mixtral-8x7b T=512: 1229 against 1118). The packed tiles in 2x1
   //    clusters and the 128x256 ones run where forced (or tuned) only.
   r.add(cutlass_grouped("cuda.cutlass_tiles_narrow", 6, cuda::CutlassTiles::narrow,
                         {.huge_min_rows = 128, .preferred_to = kTilesBelowRows, .elsewhere = 1, .preferred_on_huge = false},
