@@ -358,9 +358,9 @@ void register_experts(KernelRegistry& r) {
   //    (2 / 8 / 32 rows) 402 / 464 / 496 against 446 / 477 / 510; qwen1.5 T=128 / 512 397 / 417
   //    against 412 / 431; deepseek-v3 T=128 / 512 / 1024 / 1536 (4 / 16 / 32 / 48 rows) 7260 / 7655 /
   //    7920 / 8139 against 7511 / 7852 / 8032 / 8211. Not from 64 rows: deepseek-v3 T=2048 (64) 8516
-  //    against 8404 and T=4096 (128) 13380 against 9460 (GEMM 1 then reads the weights ~1.8 times from
-  //    DRAM, 27 GB against 16 in Nsight Compute: each expert's second row tile misses L2); qwen at
-  //    96-137 rows 0.5-2.4% ahead. Not on huge experts (mixtral-8x7b T=512: 1229 against 1118). The packed tiles in 2x1
+  //    against 8404 and T=4096 (128) 13380 against 9460 (GEMM 1 then reads 27 GB from DRAM against 16
+  //    in Nsight Compute: A's rows or the weight tiles miss L2 where they did not); qwen at 96-137
+  //    rows 0.5-2.4% ahead. Not on huge experts (mixtral-8x7b T=512: 1229 against 1118). The packed tiles in 2x1
   //    clusters and the 128x256 ones run where forced (or tuned) only.
   r.add(cutlass_grouped("cuda.cutlass_tiles_narrow", 6, cuda::CutlassTiles::narrow,
                         {.huge_min_rows = 128, .preferred_to = kTilesBelowRows, .elsewhere = 1, .preferred_on_huge = false},
