@@ -43,22 +43,28 @@ std::string alignment_problem(int hidden, int intermediate) {
 
 }  // namespace
 
-// packed[e, 256·b + r] = w13[e, 128·b + r] (gate) for r < 128, w13[e, I + 128·b + r - 128] (up) beyond,
-// zero past feature I. One block per packed row, 16-byte copies (H is a multiple of 8: TMA's
-// alignment, checked by the callers).
+// The SwiGLU interleave: row r (< 2·kSwigluHalf) of block b of an expert's packed w13 copies w13 row
+// 128·b + r (gate) for r < 128, I + 128·b + r - 128 (up) beyond; -1 past feature I (a zero row).
+__device__ inline int64_t interleaved_w13_row(int64_t block, int64_t r, int64_t intermediate) {
+  const int64_t feature = block * kSwigluHalf + r % kSwigluHalf;
+  if (feature >= intermediate) return -1;
+  return r < kSwigluHalf ? feature : intermediate + feature;
+}
+
+// packed[e, 256·b + r] = w13[e, interleaved_w13_row(b, r)]. One block per packed row, 16-byte copies
+// (H is a multiple of 8: TMA's alignment, checked by the callers).
 __global__ void pack_w13_rows(const uint4* __restrict__ w13, int64_t hidden_vectors, int intermediate,
                               int64_t features, uint4* __restrict__ packed) {
   const int64_t row = blockIdx.x;  // packed row: expert e, block b, r
   const int64_t per_expert = 2 * features;
   const int64_t e = row / per_expert, within = row % per_expert;
-  const int64_t block = within / (2 * kSwigluHalf), r = within % (2 * kSwigluHalf);
-  const int64_t feature = block * kSwigluHalf + r % kSwigluHalf;
+  const int64_t source_row = interleaved_w13_row(within / (2 * kSwigluHalf), within % (2 * kSwigluHalf), intermediate);
   uint4* dst = packed + row * hidden_vectors;
-  if (feature >= intermediate) {
+  if (source_row < 0) {
     for (int64_t i = threadIdx.x; i < hidden_vectors; i += blockDim.x) dst[i] = make_uint4(0, 0, 0, 0);
     return;
   }
-  const int64_t source = e * 2 * intermediate + (r < kSwigluHalf ? feature : intermediate + feature);
+  const int64_t source = e * 2 * intermediate + source_row;
   const uint4* src = w13 + source * hidden_vectors;
   for (int64_t i = threadIdx.x; i < hidden_vectors; i += blockDim.x) dst[i] = src[i];
 }
@@ -87,7 +93,7 @@ void pack_w13_interleaved(const uint16_t* w13, int experts, int hidden, int inte
 
 namespace {
 
-constexpr int kTileRows = 256, kTileCols = 64;  // cutlass_weight_tiles.cuh's box
+constexpr int kTileRows = kWeightTileRows, kTileCols = kWeightTileCols;
 int64_t tiles_n(int64_t rows) { return (rows + kTileRows - 1) / kTileRows; }
 int64_t blocks_k(int64_t k) { return (k + kTileCols - 1) / kTileCols; }
 int64_t tiles_bytes(int64_t experts, int64_t rows, int64_t k) {
@@ -96,24 +102,16 @@ int64_t tiles_bytes(int64_t experts, int64_t rows, int64_t k) {
 
 // One block per packed tile (expert e, weight tile n, k-block kb), thread r its row r: 64 columns of
 // one source row of expert e (w [E, rows, k]), zeros past k or where there is no such row. Which row:
-// with `swiglu_half` > 0, w is w13 [E, 2I, k] and tile n holds the gate rows of features n·half ..
-// n·half + half - 1, then their up rows (pack_w13_interleaved's order, half = kSwigluHalf); with 0,
-// row n·256 + r of w.
-__global__ void pack_weight_tile_rows(const uint16_t* __restrict__ w, int64_t rows, int64_t k, int swiglu_half,
+// with `interleaved`, w is w13 [E, 2I, k] and tile n is interleave block n of pack_w13_interleaved
+// (a 256-row tile is one block of 2·kSwigluHalf rows); otherwise row n·256 + r of w.
+__global__ void pack_weight_tile_rows(const uint16_t* __restrict__ w, int64_t rows, int64_t k, bool interleaved,
                                       int64_t n_tiles, int64_t k_blocks, uint4* __restrict__ packed) {
+  static_assert(kTileRows == 2 * kSwigluHalf, "a weight tile is one interleave block of w13");
   const int64_t tile = blockIdx.x;  // (e · n_tiles + n) · k_blocks + kb
   const int64_t kb = tile % k_blocks, n = tile / k_blocks % n_tiles, e = tile / k_blocks / n_tiles;
   const int r = threadIdx.x;
-  int64_t row;
-  bool valid;
-  if (swiglu_half > 0) {
-    const int64_t feature = n * swiglu_half + r % swiglu_half, features = rows / 2;
-    valid = feature < features;
-    row = r < swiglu_half ? feature : features + feature;
-  } else {
-    row = n * kTileRows + r;
-    valid = row < rows;
-  }
+  const int64_t row = interleaved ? interleaved_w13_row(n, r, rows / 2) : n * kTileRows + r;
+  const bool valid = row >= 0 && row < rows;
   uint4* dst = packed + (tile * kTileRows + r) * (kTileCols / 8);
   const uint16_t* src = w + (e * rows + row) * k + kb * kTileCols;
   for (int v = 0; v < kTileCols / 8; ++v) {
@@ -139,10 +137,10 @@ void pack_weight_tiles(const uint16_t* w13, const uint16_t* w2, int experts, int
   if (blocks1 > std::numeric_limits<int32_t>::max() || blocks2 > std::numeric_limits<int32_t>::max())
     fail_input("pack_weight_tiles: more tiles than a grid's blocks");
   pack_weight_tile_rows<<<static_cast<unsigned>(blocks1), kTileRows, 0, stream>>>(
-      w13, 2 * I, H, kSwigluHalf, tiles_n(w13_rows), blocks_k(H), reinterpret_cast<uint4*>(packed));
+      w13, 2 * I, H, true, tiles_n(w13_rows), blocks_k(H), reinterpret_cast<uint4*>(packed));
   MOEFLOW_CUDA_LAUNCH_CHECK();
   pack_weight_tile_rows<<<static_cast<unsigned>(blocks2), kTileRows, 0, stream>>>(
-      w2, H, I, 0, tiles_n(H), blocks_k(I),
+      w2, H, I, false, tiles_n(H), blocks_k(I),
       reinterpret_cast<uint4*>(packed + tiles_bytes(experts, w13_rows, H) / 2));
   MOEFLOW_CUDA_LAUNCH_CHECK();
 }
@@ -498,33 +496,61 @@ std::size_t cutlass_grouped_workspace_bytes(int experts) {
   return c.at + kCutlassReserve;
 }
 
+namespace {
+
+// The configurations whose 256 columns hold the SwiGLU epilogue's gate and up halves in one thread.
+bool has_256_columns(CutlassTiles t) {
+  return t == CutlassTiles::narrow || t == CutlassTiles::wide_single || t == CutlassTiles::narrow_pair;
+}
+
+// Both GEMMs' group arrays and CUTLASS's own workspace, carved from the caller's.
+struct Groups {
+  GroupArrays g1, g2;
+  std::byte* cutlass_workspace;
+};
+
+// What every entry point does first: check the sizes and the workspace (errors name `who`), carve the
+// groups' arrays and fill them from the device offsets. GEMM 1 reads w13 as `w13_rows` rows per
+// expert and writes d1 with row pitch `d1_pitch`; GEMM 2 reads act and w2 into out.
+Groups prepare_groups(const char* who, const LaneContext& ctx, const uint16_t* rows, const int32_t* offsets,
+                      int experts, int hidden, int intermediate, const uint16_t* w13, int64_t w13_rows,
+                      const uint16_t* w2, uint16_t* d1, int64_t d1_pitch, const uint16_t* act, uint16_t* out,
+                      void* workspace) {
+  if (experts <= 0 || hidden <= 0 || intermediate <= 0)
+    fail_input(std::string(who) + ": E = " + std::to_string(experts) + ", H = " + std::to_string(hidden) +
+               ", I = " + std::to_string(intermediate));
+  if (std::string why = alignment_problem(hidden, intermediate); !why.empty()) fail_input(std::string(who) + ": " + why);
+  if (workspace == nullptr || reinterpret_cast<uintptr_t>(workspace) % kAlign != 0)
+    fail_input(std::string(who) + ": the workspace must be non-null and 256-byte aligned");
+  Carver c{static_cast<std::byte*>(workspace)};
+  Groups g{c.group(experts), c.group(experts), nullptr};
+  g.cutlass_workspace = static_cast<std::byte*>(workspace) + c.at;
+  const int64_t H = hidden, I = intermediate;
+  auto bf = [](const uint16_t* p) { return reinterpret_cast<const Element*>(p); };
+  auto bf_out = [](uint16_t* p) { return reinterpret_cast<Element*>(p); };
+  const int threads = 128;
+  fill_groups<<<(experts + threads - 1) / threads, threads, 0, ctx.stream>>>(
+      offsets, experts, hidden, intermediate, bf(rows), bf(w13), w13_rows, bf(w2), bf_out(d1), d1_pitch, bf(act),
+      bf_out(out), g.g1, g.g2, pitch<StrideA>(H), pitch<StrideB>(H), pitch<StrideD>(d1_pitch), pitch<StrideA>(I),
+      pitch<StrideB>(I), pitch<StrideD>(H));
+  MOEFLOW_CUDA_LAUNCH_CHECK();
+  return g;
+}
+
+}  // namespace
+
 void experts_cutlass_grouped(const LaneContext& ctx, const uint16_t* rows, const int32_t* offsets, int experts,
                              int64_t total_rows, int hidden, int intermediate, const uint16_t* w13, const uint16_t* w2, uint16_t* h,
                              uint16_t* act, uint16_t* out, void* workspace, CutlassTiles tiles,
                              const uint16_t* w13_packed) {
-  if (experts <= 0 || hidden <= 0 || intermediate <= 0)
-    fail_input("experts_cutlass_grouped: E = " + std::to_string(experts) + ", H = " + std::to_string(hidden) +
-               ", I = " + std::to_string(intermediate));
-  if (std::string why = alignment_problem(hidden, intermediate); !why.empty()) fail_input("experts_cutlass_grouped: " + why);
-  if (workspace == nullptr || reinterpret_cast<uintptr_t>(workspace) % kAlign != 0)
-    fail_input("experts_cutlass_grouped: the workspace must be non-null and 256-byte aligned");
-  Carver c{static_cast<std::byte*>(workspace)};
-  const GroupArrays g1 = c.group(experts), g2 = c.group(experts);
-  std::byte* cutlass_workspace = static_cast<std::byte*>(workspace) + c.at;
-  const int64_t H = hidden, I = intermediate;
-  auto bf = [](const uint16_t* p) { return reinterpret_cast<const Element*>(p); };
-  auto bf_out = [](uint16_t* p) { return reinterpret_cast<Element*>(p); };
   const bool fused = w13_packed != nullptr;
-  if (fused && tiles != CutlassTiles::narrow && tiles != CutlassTiles::wide_single && tiles != CutlassTiles::narrow_pair)
+  if (fused && !has_256_columns(tiles))
     fail_input("experts_cutlass_grouped: the SwiGLU epilogue runs on the 256-column tiles (narrow, wide_single, "
                "narrow_pair) only");
-  const int64_t w13_rows = fused ? 2 * packed_w13_features(intermediate) : 2 * I;
-  const int threads = 128;
-  fill_groups<<<(experts + threads - 1) / threads, threads, 0, ctx.stream>>>(
-      offsets, experts, hidden, intermediate, bf(rows), bf(fused ? w13_packed : w13), w13_rows, bf(w2),
-      bf_out(fused ? act : h), fused ? I : 2 * I, bf(act), bf_out(out), g1, g2, pitch<StrideA>(H), pitch<StrideB>(H),
-      pitch<StrideD>(fused ? I : 2 * I), pitch<StrideA>(I), pitch<StrideB>(I), pitch<StrideD>(H));
-  MOEFLOW_CUDA_LAUNCH_CHECK();
+  const int64_t I = intermediate;
+  const Groups g = prepare_groups("experts_cutlass_grouped", ctx, rows, offsets, experts, hidden, intermediate,
+                                  fused ? w13_packed : w13, fused ? 2 * packed_w13_features(intermediate) : 2 * I, w2,
+                                  fused ? act : h, fused ? I : 2 * I, act, out, workspace);
   auto plain = [](CutlassTiles t) {
     return t == CutlassTiles::wide          ? run_plain<Wide>
            : t == CutlassTiles::narrow      ? run_plain<Narrow>
@@ -533,57 +559,44 @@ void experts_cutlass_grouped(const LaneContext& ctx, const uint16_t* rows, const
                                             : run_plain<General>;
   };
   if (fused) {
-    if (tiles == CutlassTiles::narrow) run_swiglu<NarrowSwiglu>(ctx, experts, g1, cutlass_workspace, intermediate);
-    else if (tiles == CutlassTiles::narrow_pair) run_swiglu<NarrowPairSwiglu>(ctx, experts, g1, cutlass_workspace, intermediate);
-    else run_swiglu<WideSingleSwiglu>(ctx, experts, g1, cutlass_workspace, intermediate);
+    if (tiles == CutlassTiles::narrow) run_swiglu<NarrowSwiglu>(ctx, experts, g.g1, g.cutlass_workspace, intermediate);
+    else if (tiles == CutlassTiles::narrow_pair)
+      run_swiglu<NarrowPairSwiglu>(ctx, experts, g.g1, g.cutlass_workspace, intermediate);
+    else run_swiglu<WideSingleSwiglu>(ctx, experts, g.g1, g.cutlass_workspace, intermediate);
   } else {
-    plain(tiles)(ctx, experts, g1, cutlass_workspace);
+    plain(tiles)(ctx, experts, g.g1, g.cutlass_workspace);
     // Only the routed rows (offsets[E], on the device): with a live T the launch bound is the maximum.
     swiglu(h, total_rows, intermediate, act, ctx.stream, LiveRows{offsets + experts, 1});
   }
-  plain(tiles)(ctx, experts, g2, cutlass_workspace);
+  plain(tiles)(ctx, experts, g.g2, g.cutlass_workspace);
 }
 
 void experts_cutlass_weight_tiles(const LaneContext& ctx, const uint16_t* rows, const int32_t* offsets, int experts,
                                   int hidden, int intermediate, const uint16_t* weight_tiles, const uint16_t* w2,
                                   uint16_t* act, uint16_t* out, void* workspace, CutlassTiles tiles) {
-  if (experts <= 0 || hidden <= 0 || intermediate <= 0)
-    fail_input("experts_cutlass_weight_tiles: E = " + std::to_string(experts) + ", H = " + std::to_string(hidden) +
-               ", I = " + std::to_string(intermediate));
-  if (std::string why = alignment_problem(hidden, intermediate); !why.empty())
-    fail_input("experts_cutlass_weight_tiles: " + why);
-  if (tiles != CutlassTiles::narrow && tiles != CutlassTiles::wide_single && tiles != CutlassTiles::narrow_pair)
+  if (!has_256_columns(tiles))
     fail_input("experts_cutlass_weight_tiles: packed weight tiles run on the 256-column tiles (narrow, narrow_pair, "
                "wide_single) only");
-  if (weight_tiles == nullptr || workspace == nullptr || reinterpret_cast<uintptr_t>(workspace) % kAlign != 0)
-    fail_input("experts_cutlass_weight_tiles: the packed tiles and a 256-byte aligned workspace must be given");
-  Carver c{static_cast<std::byte*>(workspace)};
-  const GroupArrays g1 = c.group(experts), g2 = c.group(experts);
-  std::byte* cutlass_workspace = static_cast<std::byte*>(workspace) + c.at;
+  if (weight_tiles == nullptr) fail_input("experts_cutlass_weight_tiles: the packed tiles must be given");
   const int64_t H = hidden, I = intermediate, w13_rows = 2 * packed_w13_features(intermediate);
-  auto bf = [](const uint16_t* p) { return reinterpret_cast<const Element*>(p); };
-  auto bf_out = [](uint16_t* p) { return reinterpret_cast<Element*>(p); };
-  // The groups' B pointers stay the weights as stored: CUTLASS keeps a tensor map per group, which
-  // then loads nothing (B comes from the packed tiles).
-  const int threads = 128;
-  fill_groups<<<(experts + threads - 1) / threads, threads, 0, ctx.stream>>>(
-      offsets, experts, hidden, intermediate, bf(rows), bf(weight_tiles), w13_rows, bf(w2), bf_out(act), I, bf(act),
-      bf_out(out), g1, g2, pitch<StrideA>(H), pitch<StrideB>(H), pitch<StrideD>(I), pitch<StrideA>(I),
-      pitch<StrideB>(I), pitch<StrideD>(H));
-  MOEFLOW_CUDA_LAUNCH_CHECK();
+  // The groups' B pointers point into the copy and at w2 as stored: CUTLASS keeps a tensor map per
+  // group, which then loads nothing (B comes from the packed tiles).
+  const Groups g = prepare_groups("experts_cutlass_weight_tiles", ctx, rows, offsets, experts, hidden, intermediate,
+                                  weight_tiles, w13_rows, w2, act, I, act, out, workspace);
   const WeightTiles w13_tiles{weight_tiles, experts, static_cast<int>(tiles_n(w13_rows)), static_cast<int>(blocks_k(H))};
   const WeightTiles w2_tiles{weight_tiles + tiles_bytes(experts, w13_rows, H) / 2, experts, static_cast<int>(tiles_n(H)),
                              static_cast<int>(blocks_k(I))};
-  const SwigluEpilogueArray::Arguments swiglu{g1.d, intermediate, intermediate};
+  const SwigluEpilogueArray::Arguments swiglu{g.g1.d, intermediate, intermediate};
+  std::byte* ws = g.cutlass_workspace;
   if (tiles == CutlassTiles::narrow) {
-    run_tiles<NarrowSwigluTiles>(ctx, experts, g1, cutlass_workspace, swiglu, w13_tiles);
-    run_tiles<NarrowTiles>(ctx, experts, g2, cutlass_workspace, plain_epilogue<NarrowTiles>(g2), w2_tiles);
+    run_tiles<NarrowSwigluTiles>(ctx, experts, g.g1, ws, swiglu, w13_tiles);
+    run_tiles<NarrowTiles>(ctx, experts, g.g2, ws, plain_epilogue<NarrowTiles>(g.g2), w2_tiles);
   } else if (tiles == CutlassTiles::narrow_pair) {
-    run_tiles<NarrowPairSwigluTiles>(ctx, experts, g1, cutlass_workspace, swiglu, w13_tiles);
-    run_tiles<NarrowPairTiles>(ctx, experts, g2, cutlass_workspace, plain_epilogue<NarrowPairTiles>(g2), w2_tiles);
+    run_tiles<NarrowPairSwigluTiles>(ctx, experts, g.g1, ws, swiglu, w13_tiles);
+    run_tiles<NarrowPairTiles>(ctx, experts, g.g2, ws, plain_epilogue<NarrowPairTiles>(g.g2), w2_tiles);
   } else {
-    run_tiles<WideSingleSwigluTiles>(ctx, experts, g1, cutlass_workspace, swiglu, w13_tiles);
-    run_tiles<WideSingleTiles>(ctx, experts, g2, cutlass_workspace, plain_epilogue<WideSingleTiles>(g2), w2_tiles);
+    run_tiles<WideSingleSwigluTiles>(ctx, experts, g.g1, ws, swiglu, w13_tiles);
+    run_tiles<WideSingleTiles>(ctx, experts, g.g2, ws, plain_epilogue<WideSingleTiles>(g.g2), w2_tiles);
   }
 }
 

@@ -55,6 +55,8 @@ int64_t packed_w13_bytes(int experts, int hidden, int intermediate);
 void pack_w13_interleaved(const uint16_t* w13, int experts, int hidden, int intermediate, uint16_t* packed,
                           Stream stream);
 
+// The box one k-block of a weight tile is: 256 rows (the tile's columns of D) × 64 of K.
+constexpr int kWeightTileRows = 256, kWeightTileCols = 64;
 // The experts' weights packed once, at bind time, tile by tile for the 256-column tiles
 // (cutlass_weight_tiles.cuh): w13 in pack_w13_interleaved's order, then w2, each as
 // [E, rows / 256, K / 64, 256, 64] (rows and K padded with zeros), so that every weight tile a

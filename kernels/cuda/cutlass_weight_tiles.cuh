@@ -25,10 +25,9 @@
 #include "cute/tensor.hpp"
 #include "cutlass/cuda_host_adapter.hpp"
 #include "cutlass/cutlass.h"
+#include "kernels/cuda/cutlass_grouped.hpp"  // kWeightTileRows, kWeightTileCols
 
 namespace moeflow::cuda::cutlass_detail {
-
-constexpr int kWeightTileRows = 256, kWeightTileCols = 64;
 
 // The packed weights of one GEMM (host arguments).
 struct WeightTiles {
