@@ -193,9 +193,10 @@ if [[ $mode == sweep ]]; then
   exit 0
 fi
 if [[ $mode == single ]]; then
-  # The one-token kernels (w2 in place, in quads; w2 transposed from a packed copy): every gpu test,
-  # their tests under the three sanitizers, resources, then T=1 side by side (experts path and
-  # qwen3's layer in CUDA graphs), then where the experts path's time goes at large T.
+  # The one-token kernels (w2 in place, in quads; transposed from a packed copy; $KERNELS to choose):
+  # every gpu test, their tests under the three sanitizers, resources, then T=1 side by side (experts
+  # path and, unless LAYER=no, qwen3's layer in CUDA graphs), then where the experts path's time goes
+  # at large T (BREAKDOWN= skips it).
   tests_and_sanitizers "${SAN:-CudaFusedSingleToken.*}" single
   kernel_profile
   obj=$(find $b -name fused_single_token.cu.o | head -1)
@@ -203,14 +204,15 @@ if [[ $mode == single ]]; then
     | cu++filt | cut -c1-160 | tee "$OUT/single_resources.txt"
   echo "== experts path, T=1, CUDA graph"
   timeout 150 $b/moeflow bench --backend cuda --models qwen1.5-moe-a2.7b,qwen3-30b-a3b,deepseek-v3 --tokens 1 --plans graph \
-    --experts-kernels auto,cuda.fused_single_token,cuda.fused_single_token_w2t --scope experts --runs ${RUNS:-300} \
+    --experts-kernels ${KERNELS:-auto,cuda.fused_single_token,cuda.fused_single_token_w2t} --scope experts --runs ${RUNS:-300} \
     --passes 3 --json "$OUT/single_experts.jsonl" > "$OUT/single_experts.log" 2>&1; echo "rc=$?"; grep -v "^skipped" "$OUT/single_experts.log" | tail -12
+  [[ ${LAYER:-yes} == no ]] && exit 0
   echo "== qwen3 layer, T=1"
   timeout 60 $b/moeflow bench --backend cuda --models qwen3-30b-a3b --tokens 1 --plans concurrent,graph \
     --experts-kernels auto,cuda.fused_single_token --scope layer --runs ${RUNS:-300} --json "$OUT/single_layer.jsonl" \
     > "$OUT/single_layer.log" 2>&1; echo "rc=$?"; grep -v "^skipped" "$OUT/single_layer.log" | tail -6
   echo "== where the experts path's time goes (eager concurrent runs with events around each node)"
-  for point in ${BREAKDOWN:-qwen3-30b-a3b,2048 qwen3-30b-a3b,8192 qwen1.5-moe-a2.7b,2048 qwen1.5-moe-a2.7b,8192 deepseek-v3,2048 deepseek-v3,8192}; do
+  for point in ${BREAKDOWN-qwen3-30b-a3b,2048 qwen3-30b-a3b,8192 qwen1.5-moe-a2.7b,2048 qwen1.5-moe-a2.7b,8192 deepseek-v3,2048 deepseek-v3,8192}; do
     timeout 60 $b/moeflow run --backend cuda --model ${point%,*} --scope experts --tokens ${point#*,} --plan concurrent \
       --runs 20 --warmup 5 --trace /tmp/trace.json > /dev/null 2>&1
     $b/moeflow trace /tmp/trace.json --summary 2>&1 | tee -a "$OUT/single_breakdown.txt" | grep -v "^  lane"
