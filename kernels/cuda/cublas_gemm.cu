@@ -10,6 +10,7 @@
 #include "kernels/cuda/check.cuh"
 #include "kernels/cuda/cublas_gemm.hpp"
 #include "kernels/cuda/elementwise.hpp"
+#include "kernels/cuda/measured_gemm.hpp"
 
 namespace moeflow::cuda {
 
@@ -213,23 +214,24 @@ void experts_per_expert_loop(const LaneContext& ctx, const uint16_t* rows, const
   check_shape("experts_per_expert_loop", experts, hidden, intermediate);
   const int64_t total = check_host_offsets("experts_per_expert_loop", host_offsets, experts);
   if (total == 0) return;
-  cublasHandle_t handle = handle_of(ctx);
   const int64_t H = hidden, I = intermediate;
   const int two_i = to_int(2 * I, "2I");
+  // Each expert's row count is its own GEMM size, where cuBLAS's heuristic has cliffs (2x at some
+  // counts near 500 rows on mixtral-8x7b): the algorithms are chosen by measurement.
   for (int e = 0; e < experts; ++e) {
     const int count = host_offsets[e + 1] - host_offsets[e];
     if (count == 0) continue;
     const int64_t first = host_offsets[e];
-    gemm_nt(handle, count, two_i, hidden, rows + first * H, hidden, w13 + e * 2 * I * H, hidden, h + first * 2 * I,
-            CUDA_R_16BF, two_i);
+    gemm_nt_measured(ctx, count, two_i, hidden, rows + first * H, hidden, w13 + e * 2 * I * H, hidden, h + first * 2 * I,
+                     false, two_i);
   }
   swiglu(h, total, intermediate, act, ctx.stream);
   for (int e = 0; e < experts; ++e) {
     const int count = host_offsets[e + 1] - host_offsets[e];
     if (count == 0) continue;
     const int64_t first = host_offsets[e];
-    gemm_nt(handle, count, hidden, intermediate, act + first * I, intermediate, w2 + e * H * I, intermediate,
-            out + first * H, CUDA_R_16BF, hidden);
+    gemm_nt_measured(ctx, count, hidden, intermediate, act + first * I, intermediate, w2 + e * H * I, intermediate,
+                     out + first * H, false, hidden);
   }
 }
 
