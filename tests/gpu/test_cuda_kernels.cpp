@@ -519,6 +519,12 @@ TEST(CudaPermute, AllTokensOnOneExpert) {
 
 TEST(CudaPermute, LargeShapesMatchCpu) {
   if (moeflow::cuda::device_count() == 0) GTEST_SKIP() << "no CUDA device";
+  // Around the tile lengths' bounds: past the small kernel's 256 ids, 65536 ids, 350 experts.
+  check_permutation(distinct_ids(257, 1, 16, "block_first"), 257, 1, 16, "E16k1T257");
+  check_permutation(distinct_ids(8192, 8, 128, "block_last"), 8192, 8, 128, "E128k8T8192");
+  check_permutation(distinct_ids(65537, 1, 300, "tiled_first"), 65537, 1, 300, "E300k1T65537");
+  check_permutation(distinct_ids(500, 8, 350, "block_widest"), 500, 8, 350, "E350k8T500");
+  check_permutation(distinct_ids(500, 8, 351, "tiled_widest"), 500, 8, 351, "E351k8T500");
   check_permutation(distinct_ids(1000, 8, 256, "deepseek"), 1000, 8, 256, "E256k8T1000");
   check_permutation(distinct_ids(20000, 2, 8, "mixtral"), 20000, 2, 8, "E8k2T20000");
   check_permutation(distinct_ids(20000, 8, 512, "wide"), 20000, 8, 512, "E512k8T20000");  // tiles past 1024 ids
@@ -533,7 +539,8 @@ TEST(CudaPermute, ZeroTokensWriteZeroOffsets) {
 
 TEST(CudaPermute, InvalidIdsStayInBoundsAfterTheValidRows) {
   if (moeflow::cuda::device_count() == 0) GTEST_SKIP() << "no CUDA device";
-  const int64_t tokens = 37;
+  for (const int64_t tokens : {37, 301}) {  // 148 ids in the small kernel, 1204 in tiles
+  SCOPED_TRACE("T = " + std::to_string(tokens));
   const int k = 4, experts = 16;
   std::vector<int32_t> ids = distinct_ids(tokens, k, experts, "invalid");
   ids[5] = -1;
@@ -571,6 +578,7 @@ TEST(CudaPermute, InvalidIdsStayInBoundsAfterTheValidRows) {
   }
   for (size_t r = static_cast<size_t>(valid_counts[experts]); r < ids.size(); ++r)
     for (int h = 0; h < hidden; ++h) ASSERT_EQ(rows[r * hidden + h], 0x7fc1) << "row " << r << " of an invalid id written";
+  }
 }
 
 TEST(CudaPermute, TooSmallWorkspaceIsRefused) {
