@@ -32,15 +32,6 @@ bool aligned(const void* p, std::size_t bytes) { return reinterpret_cast<std::ui
 
 std::size_t align256(std::size_t bytes) { return (bytes + 255) & ~static_cast<std::size_t>(255); }
 
-// Row-major C[m, n] = A[m, k]·B[n, k]ᵀ is column-major Cᵀ[n, m] = (Bᵀ)ᵀ·Aᵀ: B read transposed
-// (a column-major k×n with leading dimension ldb), A as is (column-major k×m), C with ldc.
-void gemm_nt(cublasHandle_t handle, int m, int n, int k, const void* a, int lda, const void* b, int ldb, void* c,
-             cudaDataType_t ctype, int ldc) {
-  const float alpha = 1.0f, beta = 0.0f;
-  MOEFLOW_CUBLAS_CHECK(cublasGemmEx(handle, CUBLAS_OP_T, CUBLAS_OP_N, n, m, k, &alpha, b, CUDA_R_16BF, ldb, a,
-                                    CUDA_R_16BF, lda, &beta, c, ctype, ldc, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
-}
-
 void check_shape(const char* who, int experts, int hidden, int intermediate) {
   if (experts < 0 || hidden <= 0 || intermediate <= 0)
     fail_input(std::string(who) + ": bad shape E=" + std::to_string(experts) + " H=" + std::to_string(hidden) +
@@ -203,7 +194,7 @@ void gemm_bf16_nt(const LaneContext& ctx, int64_t m, int64_t n, int64_t k, const
     MOEFLOW_CUDA_CHECK(cudaMemsetAsync(c, 0, static_cast<std::size_t>(m) * n * (c_is_f32 ? 4 : 2), ctx.stream));
     return;
   }
-  gemm_nt(handle_of(ctx), mi, ni, ki, a, ki, b, ki, c, c_is_f32 ? CUDA_R_32F : CUDA_R_16BF, ni);
+  gemm_nt_default(ctx, mi, ni, ki, a, ki, b, ki, c, c_is_f32, ni);
 }
 
 // --- (a) per-expert loop ----------------------------------------------------------------------------
@@ -217,7 +208,8 @@ void experts_per_expert_loop(const LaneContext& ctx, const uint16_t* rows, const
   const int64_t H = hidden, I = intermediate;
   const int two_i = to_int(2 * I, "2I");
   // Each expert's row count is its own GEMM size, where cuBLAS's heuristic has cliffs (2x at some
-  // counts near 500 rows on mixtral-8x7b): the algorithms are chosen by measurement.
+  // counts near 500 rows on mixtral-8x7b): the algorithms are chosen by measurement (cuBLAS's own
+  // choice unless one of cuBLASLt's candidates is clearly faster).
   for (int e = 0; e < experts; ++e) {
     const int count = host_offsets[e + 1] - host_offsets[e];
     if (count == 0) continue;
@@ -253,7 +245,7 @@ void experts_grouped_batched(const LaneContext& ctx, const uint16_t* rows, const
   const int64_t H = hidden, I = intermediate;
   const int two_i = to_int(2 * I, "2I");
 
-  // One group per touched expert, each of one problem. In column-major terms (see gemm_nt) the
+  // One group per touched expert, each of one problem. In column-major terms (see gemm_nt_default) the
   // weights are cuBLAS's A (transposed) and the rows its B, so only n (the row count) varies.
   std::vector<int> counts;
   counts.reserve(static_cast<std::size_t>(experts));

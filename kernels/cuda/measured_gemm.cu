@@ -27,9 +27,9 @@ struct Shape {
 };
 
 struct Choice {
-  cublasLtMatmulAlgo_t algo;
-  int measured_rows;  // the row count it was timed at (others of the bucket are checked first)
-  bool switched;      // not the heuristic's first candidate
+  bool lt;                   // a cuBLASLt algorithm; false: cuBLAS's own choice (cublasGemmEx)
+  cublasLtMatmulAlgo_t algo;  // where lt
+  int measured_rows;         // the row count it was timed at (others of the bucket are checked first)
 };
 
 std::mutex choices_mutex;
@@ -136,21 +136,28 @@ class Stopwatch {
   cudaEvent_t start_ = nullptr, stop_ = nullptr;
 };
 
-// Times every candidate (one untimed run, then the faster of kTimedRuns) and returns the choice: the
-// fastest, unless the heuristic's first is within kMeasuredSwitchGain of it.
+// Times cuBLAS's own choice and every candidate (one untimed run, then the faster of kTimedRuns)
+// and returns the kept choice: the fastest candidate where it takes at most kMeasuredSwitchGain of
+// cuBLAS's own choice's time, else cuBLAS's own choice.
+template <class Default>
 Choice measure(cublasLtHandle_t lt, const Problem& p, const std::vector<cublasLtMatmulHeuristicResult_t>& found, int m,
-               const void* a, const void* b, void* c, const LaneContext& ctx) {
+               const void* a, const void* b, void* c, const LaneContext& ctx, Default run_default) {
   Stopwatch watch;
-  std::vector<float> best(found.size());
-  for (std::size_t i = 0; i < found.size(); ++i) {
-    p.run(lt, found[i].algo, a, b, c, ctx);
-    best[i] = watch.milliseconds(ctx.stream, [&] { p.run(lt, found[i].algo, a, b, c, ctx); });
-    for (int r = 1; r < kTimedRuns; ++r)
-      best[i] = std::min(best[i], watch.milliseconds(ctx.stream, [&] { p.run(lt, found[i].algo, a, b, c, ctx); }));
+  const auto fastest_of = [&](const auto& run) {
+    run();
+    float best = watch.milliseconds(ctx.stream, run);
+    for (int r = 1; r < kTimedRuns; ++r) best = std::min(best, watch.milliseconds(ctx.stream, run));
+    return best;
+  };
+  const float own = fastest_of(run_default);
+  Choice choice{false, {}, m};
+  float best = own;
+  for (const auto& candidate : found) {
+    const float t = fastest_of([&] { p.run(lt, candidate.algo, a, b, c, ctx); });
+    if (t < best) best = t, choice.algo = candidate.algo;
   }
-  const std::size_t fastest = static_cast<std::size_t>(std::min_element(best.begin(), best.end()) - best.begin());
-  const bool switched = fastest != 0 && best[fastest] <= kMeasuredSwitchGain * best[0];
-  return {found[switched ? fastest : 0].algo, m, switched};
+  choice.lt = best < own && best <= kMeasuredSwitchGain * own;
+  return choice;
 }
 
 bool capturing(cudaStream_t stream) {
@@ -161,6 +168,16 @@ bool capturing(cudaStream_t stream) {
 
 }  // namespace
 
+void gemm_nt_default(const LaneContext& ctx, int m, int n, int k, const void* a, int lda, const void* b, int ldb, void* c,
+                     bool c_is_f32, int ldc) {
+  if (ctx.blas == nullptr) fail_input("cuBLAS GEMM: the lane has no cuBLAS handle");
+  const float alpha = 1.0f, beta = 0.0f;
+  // Row-major C[m, n] = A[m, k]·B[n, k]ᵀ is column-major Cᵀ[n, m] = (Bᵀ)ᵀ·Aᵀ: B read transposed.
+  MOEFLOW_CUBLAS_CHECK(cublasGemmEx(ctx.blas, CUBLAS_OP_T, CUBLAS_OP_N, n, m, k, &alpha, b, CUDA_R_16BF, ldb, a,
+                                    CUDA_R_16BF, lda, &beta, c, c_is_f32 ? CUDA_R_32F : CUDA_R_16BF, ldc,
+                                    CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
+}
+
 void gemm_nt_measured(const LaneContext& ctx, int m, int n, int k, const void* a, int lda, const void* b, int ldb, void* c,
                       bool c_is_f32, int ldc) {
   if (m < 0 || n < 0 || k <= 0)
@@ -168,8 +185,8 @@ void gemm_nt_measured(const LaneContext& ctx, int m, int n, int k, const void* a
                std::to_string(k) + " (m, n >= 0 and k > 0)");
   last_switched = false;
   if (m == 0 || n == 0) return;
-  const cublasLtHandle_t lt = lt_handle(ctx.device);
-  const Problem p(m, n, k, lda, ldb, ldc, c_is_f32);
+  const auto run_default = [&] { gemm_nt_default(ctx, m, n, k, a, lda, b, ldb, c, c_is_f32, ldc); };
+  if (m >= kMeasuredBelowRows) return run_default();
   const Shape shape{ctx.device, (m + kMeasuredRowBucket - 1) / kMeasuredRowBucket, n, k, lda, ldb, ldc, c_is_f32};
   Choice choice{};
   bool known = false;
@@ -177,31 +194,19 @@ void gemm_nt_measured(const LaneContext& ctx, int m, int n, int k, const void* a
     const std::lock_guard<std::mutex> lock(choices_mutex);
     if (const auto it = choices.find(shape); it != choices.end()) choice = it->second, known = true;
   }
-  if (known && (choice.measured_rows == m || p.supports(lt, choice.algo))) {
-    p.run(lt, choice.algo, a, b, c, ctx);
-    last_switched = choice.switched;
-    return;
-  }
-  const std::vector<cublasLtMatmulHeuristicResult_t> found = p.candidates(lt, ctx.blas_workspace_bytes, kMeasuredCandidates);
-  if (found.empty())
-    fail_input("gemm_nt_measured: cuBLASLt has no algorithm for m = " + std::to_string(m) + ", n = " + std::to_string(n) +
-               ", k = " + std::to_string(k));
-  if (known || capturing(ctx.stream)) {  // a known choice this row count cannot run, or no timing allowed now
-    p.run(lt, found.front().algo, a, b, c, ctx);
-    return;
-  }
-  // Timed without the lock: the stream may wait for work other host threads are still issuing.
-  choice = measure(lt, p, found, m, a, b, c, ctx);
-  {
+  if (known ? !choice.lt : capturing(ctx.stream)) return run_default();  // nothing is timed under capture
+  const cublasLtHandle_t lt = lt_handle(ctx.device);
+  const Problem p(m, n, k, lda, ldb, ldc, c_is_f32);
+  if (!known) {
+    // Timed without the lock: the stream may wait for work other host threads are still issuing.
+    choice = measure(lt, p, p.candidates(lt, ctx.blas_workspace_bytes, kMeasuredCandidates), m, a, b, c, ctx, run_default);
     const std::lock_guard<std::mutex> lock(choices_mutex);
     choice = choices.emplace(shape, choice).first->second;  // another thread's choice, if it came first
   }
-  if (choice.measured_rows != m && !p.supports(lt, choice.algo)) {
-    p.run(lt, found.front().algo, a, b, c, ctx);
-    return;
-  }
-  p.run(lt, choice.algo, a, b, c, ctx);  // the result comes from the algorithm kept
-  last_switched = choice.switched;
+  // The result comes from the choice kept (after a measurement, it overwrites the candidates' output).
+  if (!choice.lt || (choice.measured_rows != m && !p.supports(lt, choice.algo))) return run_default();
+  p.run(lt, choice.algo, a, b, c, ctx);
+  last_switched = true;
 }
 
 MeasuredGemmStats measured_gemm_stats() {

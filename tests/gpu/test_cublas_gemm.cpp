@@ -682,6 +682,14 @@ TEST(MeasuredGemm, MatchesTheReferenceAcrossABucketAndRepeatsBitForBit) {
     // Two buckets measured: 40 measured the first, 64 and 33 ran its choice, 65 measured the second.
     EXPECT_EQ(cuda::measured_gemm_stats().buckets_measured, before + 2) << "f32=" << f32;
   }
+  // From kMeasuredBelowRows rows cuBLAS's own choice runs, untimed.
+  const int before_large = cuda::measured_gemm_stats().buckets_measured;
+  const DenseCase large = dense_case(cuda::kMeasuredBelowRows, 40, 24, 3);
+  auto la = upload(large.a), lb = upload(large.b);
+  DeviceBuffer lc(large.ref.size() * 4);
+  EXPECT_LT(rel_error(as_values(measured_bytes(lane, large, true, *la, *lb, lc), true), large.ref), 1e-5);
+  EXPECT_EQ(cuda::measured_gemm_stats().buckets_measured, before_large);
+  EXPECT_FALSE(cuda::measured_gemm_stats().last_call_switched);
   EXPECT_NO_THROW(cuda::gemm_nt_measured(lane.ctx, 0, 8, 72, nullptr, 72, nullptr, 72, nullptr, false, 8));
   EXPECT_THROW(cuda::gemm_nt_measured(lane.ctx, 4, 8, 0, nullptr, 72, nullptr, 72, nullptr, false, 8), Error);
 }
