@@ -27,8 +27,8 @@ struct Shape {
 };
 
 struct Choice {
-  bool lt;                   // a cuBLASLt algorithm; false: cuBLAS's own choice (cublasGemmEx)
-  cublasLtMatmulAlgo_t algo;  // where lt
+  bool from_lt;              // a cuBLASLt algorithm; false: cuBLAS's own choice (cublasGemmEx)
+  cublasLtMatmulAlgo_t algo;  // where from_lt
   int measured_rows;         // the row count it was timed at (others of the bucket are checked first)
 };
 
@@ -46,27 +46,27 @@ cublasLtHandle_t lt_handle(int device) {
   return h;
 }
 
-// The column-major form of the row-major product (as the legacy gemm_nt calls cuBLAS): Cᵀ[n, m] =
+// The column-major form of the row-major product (as gemm_nt_default calls cuBLAS): Cᵀ[n, m] =
 // (B[n, k] read as a column-major k×n matrix, transposed) · (A read as a column-major k×m matrix).
 class Problem {
  public:
   Problem(int m, int n, int k, int lda, int ldb, int ldc, bool c_is_f32) {
-    MOEFLOW_CUBLAS_CHECK(cublasLtMatmulDescCreate(&op_, CUBLAS_COMPUTE_32F, CUDA_R_32F));
-    const cublasOperation_t transposed = CUBLAS_OP_T, plain = CUBLAS_OP_N;
-    MOEFLOW_CUBLAS_CHECK(cublasLtMatmulDescSetAttribute(op_, CUBLASLT_MATMUL_DESC_TRANSA, &transposed, sizeof transposed));
-    MOEFLOW_CUBLAS_CHECK(cublasLtMatmulDescSetAttribute(op_, CUBLASLT_MATMUL_DESC_TRANSB, &plain, sizeof plain));
-    MOEFLOW_CUBLAS_CHECK(cublasLtMatrixLayoutCreate(&b_, CUDA_R_16BF, k, n, ldb));
-    MOEFLOW_CUBLAS_CHECK(cublasLtMatrixLayoutCreate(&a_, CUDA_R_16BF, k, m, lda));
-    MOEFLOW_CUBLAS_CHECK(cublasLtMatrixLayoutCreate(&c_, c_is_f32 ? CUDA_R_32F : CUDA_R_16BF, n, m, ldc));
+    try {
+      MOEFLOW_CUBLAS_CHECK(cublasLtMatmulDescCreate(&op_, CUBLAS_COMPUTE_32F, CUDA_R_32F));
+      const cublasOperation_t transposed = CUBLAS_OP_T, plain = CUBLAS_OP_N;
+      MOEFLOW_CUBLAS_CHECK(cublasLtMatmulDescSetAttribute(op_, CUBLASLT_MATMUL_DESC_TRANSA, &transposed, sizeof transposed));
+      MOEFLOW_CUBLAS_CHECK(cublasLtMatmulDescSetAttribute(op_, CUBLASLT_MATMUL_DESC_TRANSB, &plain, sizeof plain));
+      MOEFLOW_CUBLAS_CHECK(cublasLtMatrixLayoutCreate(&b_, CUDA_R_16BF, k, n, ldb));
+      MOEFLOW_CUBLAS_CHECK(cublasLtMatrixLayoutCreate(&a_, CUDA_R_16BF, k, m, lda));
+      MOEFLOW_CUBLAS_CHECK(cublasLtMatrixLayoutCreate(&c_, c_is_f32 ? CUDA_R_32F : CUDA_R_16BF, n, m, ldc));
+    } catch (...) {
+      release();  // the destructor does not run for a constructor that throws
+      throw;
+    }
   }
   Problem(const Problem&) = delete;
   Problem& operator=(const Problem&) = delete;
-  ~Problem() {
-    if (c_) (void)cublasLtMatrixLayoutDestroy(c_);
-    if (a_) (void)cublasLtMatrixLayoutDestroy(a_);
-    if (b_) (void)cublasLtMatrixLayoutDestroy(b_);
-    if (op_) (void)cublasLtMatmulDescDestroy(op_);
-  }
+  ~Problem() { release(); }
 
   // The heuristic's candidates, best first, within the workspace and without reductions in bf16.
   std::vector<cublasLtMatmulHeuristicResult_t> candidates(cublasLtHandle_t lt, std::size_t workspace, int most) const {
@@ -104,6 +104,13 @@ class Problem {
   }
 
  private:
+  void release() {
+    if (c_) (void)cublasLtMatrixLayoutDestroy(c_);
+    if (a_) (void)cublasLtMatrixLayoutDestroy(a_);
+    if (b_) (void)cublasLtMatrixLayoutDestroy(b_);
+    if (op_) (void)cublasLtMatmulDescDestroy(op_);
+  }
+
   cublasLtMatmulDesc_t op_ = nullptr;
   cublasLtMatrixLayout_t a_ = nullptr, b_ = nullptr, c_ = nullptr;
 };
@@ -113,7 +120,10 @@ class Stopwatch {
  public:
   Stopwatch() {
     MOEFLOW_CUDA_CHECK(cudaEventCreate(&start_));
-    MOEFLOW_CUDA_CHECK(cudaEventCreate(&stop_));
+    if (const cudaError_t status = cudaEventCreate(&stop_); status != cudaSuccess) {
+      (void)cudaEventDestroy(start_);  // the destructor does not run for a constructor that throws
+      MOEFLOW_CUDA_CHECK(status);
+    }
   }
   Stopwatch(const Stopwatch&) = delete;
   Stopwatch& operator=(const Stopwatch&) = delete;
@@ -156,7 +166,7 @@ Choice measure(cublasLtHandle_t lt, const Problem& p, const std::vector<cublasLt
     const float t = fastest_of([&] { p.run(lt, candidate.algo, a, b, c, ctx); });
     if (t < best) best = t, choice.algo = candidate.algo;
   }
-  choice.lt = best < own && best <= kMeasuredSwitchGain * own;
+  choice.from_lt = best < own && best <= kMeasuredSwitchGain * own;
   return choice;
 }
 
@@ -194,7 +204,7 @@ void gemm_nt_measured(const LaneContext& ctx, int m, int n, int k, const void* a
     const std::lock_guard<std::mutex> lock(choices_mutex);
     if (const auto it = choices.find(shape); it != choices.end()) choice = it->second, known = true;
   }
-  if (known ? !choice.lt : capturing(ctx.stream)) return run_default();  // nothing is timed under capture
+  if (known ? !choice.from_lt : capturing(ctx.stream)) return run_default();  // nothing is timed under capture
   const cublasLtHandle_t lt = lt_handle(ctx.device);
   const Problem p(m, n, k, lda, ldb, ldc, c_is_f32);
   if (!known) {
@@ -204,7 +214,7 @@ void gemm_nt_measured(const LaneContext& ctx, int m, int n, int k, const void* a
     choice = choices.emplace(shape, choice).first->second;  // another thread's choice, if it came first
   }
   // The result comes from the choice kept (after a measurement, it overwrites the candidates' output).
-  if (!choice.lt || (choice.measured_rows != m && !p.supports(lt, choice.algo))) return run_default();
+  if (!choice.from_lt || (choice.measured_rows != m && !p.supports(lt, choice.algo))) return run_default();
   p.run(lt, choice.algo, a, b, c, ctx);
   last_switched = true;
 }
