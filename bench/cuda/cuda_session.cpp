@@ -14,6 +14,7 @@
 #include "kernels/cuda/cublas_gemm.hpp"
 #include "kernels/cuda/device.hpp"
 #include "kernels/cuda/random_fill.hpp"
+#include "kernels/cuda/stopwatch.hpp"
 #include "scheduler/host_memory.hpp"
 
 namespace moeflow {
@@ -92,21 +93,11 @@ MachineRates measure_cuda_rates(int device) {
   MachineRates r;
   cudaStream_t stream = nullptr;
   MOEFLOW_CUDA_CHECK(cudaStreamCreate(&stream));
-  cudaEvent_t a, b;
-  MOEFLOW_CUDA_CHECK(cudaEventCreate(&a));
-  MOEFLOW_CUDA_CHECK(cudaEventCreate(&b));
+  cuda::Stopwatch watch;
   auto median_ms = [&](int reps, auto&& body) {
     body();  // warm-up
     std::vector<float> t;
-    for (int i = 0; i < reps; ++i) {
-      MOEFLOW_CUDA_CHECK(cudaEventRecord(a, stream));
-      body();
-      MOEFLOW_CUDA_CHECK(cudaEventRecord(b, stream));
-      MOEFLOW_CUDA_CHECK(cudaEventSynchronize(b));
-      float ms = 0;
-      MOEFLOW_CUDA_CHECK(cudaEventElapsedTime(&ms, a, b));
-      t.push_back(ms);
-    }
+    for (int i = 0; i < reps; ++i) t.push_back(watch.milliseconds(stream, body));
     std::sort(t.begin(), t.end());
     return static_cast<double>(t[t.size() / 2]);
   };
@@ -143,8 +134,6 @@ MachineRates measure_cuda_rates(int device) {
     cudaFree(w);
     cudaFree(c);
   }
-  cudaEventDestroy(a);
-  cudaEventDestroy(b);
   cudaStreamDestroy(stream);
   // Per launch inside a layer, beyond its bytes: 50-78 us for 4-11 launches at T=1 on the H100
   // (bench/NOTES.md), about 5 us each.

@@ -12,6 +12,7 @@
 
 #include "kernels/cuda/blas_check.cuh"
 #include "kernels/cuda/check.cuh"
+#include "kernels/cuda/stopwatch.hpp"
 
 namespace moeflow::cuda {
 
@@ -113,37 +114,6 @@ class Problem {
 
   cublasLtMatmulDesc_t op_ = nullptr;
   cublasLtMatrixLayout_t a_ = nullptr, b_ = nullptr, c_ = nullptr;
-};
-
-// Events for timing candidates on the caller's stream, released on every path.
-class Stopwatch {
- public:
-  Stopwatch() {
-    MOEFLOW_CUDA_CHECK(cudaEventCreate(&start_));
-    if (const cudaError_t status = cudaEventCreate(&stop_); status != cudaSuccess) {
-      (void)cudaEventDestroy(start_);  // the destructor does not run for a constructor that throws
-      MOEFLOW_CUDA_CHECK(status);
-    }
-  }
-  Stopwatch(const Stopwatch&) = delete;
-  Stopwatch& operator=(const Stopwatch&) = delete;
-  ~Stopwatch() {
-    (void)cudaEventDestroy(start_);
-    (void)cudaEventDestroy(stop_);
-  }
-  template <class F>
-  float milliseconds(cudaStream_t stream, F&& work) {
-    MOEFLOW_CUDA_CHECK(cudaEventRecord(start_, stream));
-    work();
-    MOEFLOW_CUDA_CHECK(cudaEventRecord(stop_, stream));
-    MOEFLOW_CUDA_CHECK(cudaEventSynchronize(stop_));
-    float ms = 0.0f;
-    MOEFLOW_CUDA_CHECK(cudaEventElapsedTime(&ms, start_, stop_));
-    return ms;
-  }
-
- private:
-  cudaEvent_t start_ = nullptr, stop_ = nullptr;
 };
 
 // Times cuBLAS's own choice and every candidate (one untimed run, then the faster of kTimedRuns)
