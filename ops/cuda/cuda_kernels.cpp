@@ -275,6 +275,8 @@ KernelEntry cutlass_grouped(std::string name, int priority, cuda::CutlassTiles t
 // Below this many rows per expert the 64x256 tiles read the weights packed tile by tile (register_experts).
 constexpr double kTilesBelowRows = 56;
 
+constexpr const char* kNarrowText = "64x256 tiles, ping-pong (an expert's rows padded to 64)";
+constexpr const char* kWideSingleText = "128x256 tiles, no cluster (an expert's rows padded to 128)";
 constexpr const char* kNarrowPairText =
     "64x256 tiles, ping-pong, in 2x1 clusters (each weight tile multicast to two row tiles; rows padded to 128)";
 
@@ -364,29 +366,29 @@ void register_experts(KernelRegistry& r) {
   //    clusters and the 128x256 ones run where forced (or tuned) only.
   r.add(cutlass_grouped("cuda.cutlass_tiles_narrow", 6, cuda::CutlassTiles::narrow,
                         {.huge_min_rows = 128, .preferred_to = kTilesBelowRows, .elsewhere = 1, .preferred_on_huge = false},
-                        "64x256 tiles, ping-pong (an expert's rows padded to 64)", "cuda.cutlass_grouped_narrow", true));
+                        kNarrowText, "cuda.cutlass_grouped_narrow", true));
   r.add(cutlass_grouped("cuda.cutlass_tiles_narrow_pair", 1, cuda::CutlassTiles::narrow_pair,
                         {.huge_min_rows = 128, .elsewhere = 1}, kNarrowPairText, "cuda.cutlass_grouped_narrow_pair", true));
   r.add(cutlass_grouped("cuda.cutlass_tiles_wide_single", 1, cuda::CutlassTiles::wide_single,
-                        {.huge_min_rows = 128, .elsewhere = 1}, "128x256 tiles, no cluster (an expert's rows padded to 128)",
+                        {.huge_min_rows = 128, .elsewhere = 1}, kWideSingleText,
                         "cuda.cutlass_grouped_wide_single", true));
   r.add(cutlass_grouped("cuda.cutlass_swiglu_narrow_pair", 6, cuda::CutlassTiles::narrow_pair,
                         {.huge_min_rows = 128, .preferred_to = 96, .elsewhere = 2},
                         kNarrowPairText, "cuda.cutlass_grouped_narrow_pair"));
   r.add(cutlass_grouped("cuda.cutlass_swiglu_narrow", 6, cuda::CutlassTiles::narrow,
                         {.huge_min_rows = 128, .preferred_from = 96, .preferred_to = 192, .elsewhere = 4},
-                        "64x256 tiles, ping-pong (an expert's rows padded to 64)", "cuda.cutlass_grouped_narrow"));
+                        kNarrowText, "cuda.cutlass_grouped_narrow"));
   r.add(cutlass_grouped("cuda.cutlass_swiglu_wide_single", 6, cuda::CutlassTiles::wide_single,
                         {.huge_min_rows = 128, .preferred_from = 192, .elsewhere = 3, .preferred_on_huge = false},
-                        "128x256 tiles, no cluster (an expert's rows padded to 128)", "cuda.cutlass_grouped_wide_single"));
+                        kWideSingleText, "cuda.cutlass_grouped_wide_single"));
   r.add(cutlass_grouped("cuda.cutlass_grouped_narrow_pair", 6, cuda::CutlassTiles::narrow_pair,
                         {.huge_min_rows = 128, .preferred_to = 96, .elsewhere = 2}, kNarrowPairText));
   r.add(cutlass_grouped("cuda.cutlass_grouped_narrow", 6, cuda::CutlassTiles::narrow,
                         {.huge_min_rows = 128, .preferred_from = 96, .preferred_to = 192, .elsewhere = 4},
-                        "64x256 tiles, ping-pong (an expert's rows padded to 64)"));
+                        kNarrowText));
   r.add(cutlass_grouped("cuda.cutlass_grouped_wide_single", 6, cuda::CutlassTiles::wide_single,
                         {.huge_min_rows = 128, .preferred_from = 192, .elsewhere = 3},
-                        "128x256 tiles, no cluster (an expert's rows padded to 128)"));
+                        kWideSingleText));
   r.add(cutlass_grouped("cuda.cutlass_grouped", 5, cuda::CutlassTiles::general, {.huge_min_rows = 128, .elsewhere = 5},
                         "128x128 tiles"));
   r.add(cutlass_grouped("cuda.cutlass_grouped_wide", 4, cuda::CutlassTiles::wide,

@@ -561,20 +561,33 @@ TEST(CublasExperts, PaddedReplaysFromOneCapturedGraphForAnyRouting) {
 
 namespace {
 
-void check_dense(int64_t m, int64_t n, int64_t k, bool f32, double tolerance) {
-  const std::vector<uint16_t> a = random_bf16(static_cast<std::size_t>(m * k), "x", 1.0f, 3);
-  const std::vector<uint16_t> b = random_bf16(static_cast<std::size_t>(n * k), "gate.weight",
-                                              1.0f / std::sqrt(static_cast<float>(k)), 3);
-  std::vector<double> ref(static_cast<std::size_t>(m * n));
-  for (int64_t i = 0; i < m; ++i)
-    for (int64_t j = 0; j < n; ++j) {
+struct DenseCase {
+  int m, n, k;
+  std::vector<uint16_t> a, b;
+  std::vector<double> ref;
+};
+
+// A[m, k] and B[n, k] from the counter-based generator (B scaled by 1/sqrt(k)) and their fp64 product.
+DenseCase dense_case(int m, int n, int k, uint64_t seed, const char* b_name = "w") {
+  DenseCase d{m, n, k, random_bf16(static_cast<std::size_t>(m) * k, "x", 1.0f, seed),
+              random_bf16(static_cast<std::size_t>(n) * k, b_name, 1.0f / std::sqrt(static_cast<float>(k)), seed), {}};
+  d.ref.assign(static_cast<std::size_t>(m) * n, 0.0);
+  for (int i = 0; i < m; ++i)
+    for (int j = 0; j < n; ++j) {
       double s = 0;
-      for (int64_t l = 0; l < k; ++l)
-        s += static_cast<double>(bf16_to_float(a[i * k + l])) * bf16_to_float(b[j * k + l]);
-      ref[i * n + j] = s;
+      for (int l = 0; l < k; ++l)
+        s += static_cast<double>(bf16_to_float(d.a[static_cast<std::size_t>(i) * k + l])) *
+             bf16_to_float(d.b[static_cast<std::size_t>(j) * k + l]);
+      d.ref[static_cast<std::size_t>(i) * n + j] = s;
     }
+  return d;
+}
+
+void check_dense(int64_t m, int64_t n, int64_t k, bool f32, double tolerance) {
+  const DenseCase d = dense_case(static_cast<int>(m), static_cast<int>(n), static_cast<int>(k), 3, "gate.weight");
+  const std::vector<double>& ref = d.ref;
   Lane lane;
-  auto da = upload(a), db = upload(b);
+  auto da = upload(d.a), db = upload(d.b);
   DeviceBuffer c(static_cast<std::size_t>(m * n) * (f32 ? 4 : 2));
   cuda::gemm_bf16_nt(lane.ctx, m, n, k, da->as<uint16_t>(), db->as<uint16_t>(), c.get(), f32);
   lane.sync();
@@ -616,28 +629,7 @@ TEST(CublasGemm, NoRowsIsANoOp) {
 // capture nothing is timed and the replay is still right.
 namespace {
 
-struct DenseCase {
-  int m, n, k;
-  std::vector<uint16_t> a, b;
-  std::vector<double> ref;
-};
-
-DenseCase dense_case(int m, int n, int k, uint64_t seed) {
-  DenseCase d{m, n, k, random_bf16(static_cast<std::size_t>(m) * k, "x", 1.0f, seed),
-              random_bf16(static_cast<std::size_t>(n) * k, "w", 1.0f / std::sqrt(static_cast<float>(k)), seed), {}};
-  d.ref.assign(static_cast<std::size_t>(m) * n, 0.0);
-  for (int i = 0; i < m; ++i)
-    for (int j = 0; j < n; ++j) {
-      double s = 0;
-      for (int l = 0; l < k; ++l)
-        s += static_cast<double>(bf16_to_float(d.a[static_cast<std::size_t>(i) * k + l])) *
-             bf16_to_float(d.b[static_cast<std::size_t>(j) * k + l]);
-      d.ref[static_cast<std::size_t>(i) * n + j] = s;
-    }
-  return d;
-}
-
-// The product through gemm_nt_measured (queued on the lane, not synchronised), as bytes.
+// The product through gemm_nt_measured on the lane, waited for and read back as bytes.
 std::vector<uint8_t> measured_bytes(const Lane& lane, const DenseCase& d, bool f32, const DeviceBuffer& da,
                                     const DeviceBuffer& db, const DeviceBuffer& c) {
   cuda::gemm_nt_measured(lane.ctx, d.m, d.n, d.k, da.get(), d.k, db.get(), d.k, c.get(), f32, d.n);
