@@ -19,6 +19,10 @@ Prediction predict(const Cost& cost, const MachineRates& r, int launches) {
   return {std::max(cost.flops / r.flops_per_s, cost.bytes / r.bytes_per_s), r.overhead_s * std::max(launches, 1)};
 }
 
+Prediction predict_transfer(const Cost& cost, const MachineRates& r, int launches) {
+  return {cost.bytes / std::min(r.bytes_per_s, r.link_bytes_per_s), r.overhead_s * std::max(launches, 1)};
+}
+
 double predict_seconds(const Cost& cost, const MachineRates& r, int launches) {
   return predict(cost, r, launches).total_s();
 }

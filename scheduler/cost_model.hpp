@@ -33,6 +33,10 @@ struct Prediction {
 };
 
 Prediction predict(const Cost& cost, const MachineRates& rates, int launches = 1);
+// A transfer between ranks: its bytes cross the link, at the slower of the link and the memory it
+// is read from and written to (on a GPU the link, on the host its memory). Its time is its own
+// lane's, not a ceiling that compute shares (contended_makespan leaves it out).
+Prediction predict_transfer(const Cost& cost, const MachineRates& rates, int launches = 1);
 double predict_seconds(const Cost& cost, const MachineRates& rates, int launches = 1);
 
 // Measures this machine with `threads` oneTBB threads, medians of a few repetitions: one large

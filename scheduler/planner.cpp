@@ -132,10 +132,17 @@ void schedule_serial(Plan& plan, std::vector<PlanStep>& by_node) {
   plan.predicted_makespan_s = t;
 }
 
-// Concurrent: list scheduling by bottom level. A node continues the lane of the predecessor that
-// finishes last when that predecessor is still the lane's tail (no wait needed); otherwise it opens a
-// lane while fewer than max_lanes exist, or takes the lane that frees up first. Nodes marked
-// `in_line` never open a lane: they follow their latest predecessor's lane (lane 0 without one).
+// Concurrent: list scheduling. Each round places, of the nodes whose predecessors are placed, the
+// one that can start first on the lane it would take (a non-delay schedule: a lane that frees up
+// takes a node that is ready then rather than idle for a longer chain's node that is not; this is
+// how a shared expert fills the wait for a transfer). Among nodes that can start at the same time:
+// first one whose result a communication node takes (its transfer then runs beside what follows:
+// chunk c's combine before chunk c+1's experts, the two-micro-batch order), then the highest
+// bottom level, then the lower id (deterministic plans).
+// A node continues the lane of the predecessor that finishes last when that predecessor is still
+// the lane's tail (no wait needed); otherwise it opens a lane while fewer than max_lanes exist, or
+// takes the lane that frees up first. Nodes marked `in_line` never open a lane: they follow their
+// latest predecessor's lane (lane 0 without one).
 // Communication between ranks gets a lane of its own, opened when the first such node is placed
 // and used by no other node: it moves bytes over the link, so compute of other chunks and branches
 // can run beside it (the two-micro-batch schedule), and it never counts against max_lanes.
@@ -146,6 +153,10 @@ std::vector<std::vector<NodeId>> schedule_lanes(Plan& plan, std::vector<PlanStep
   const std::vector<double> level = bottom_levels(g, by_node);
   const double critical = *std::max_element(level.begin(), level.end());
   const std::size_t count = g.nodes().size();
+  std::vector<bool> feeds_communication(count, false);
+  for (const Node& n : g.nodes())
+    if (n.op->communicates())
+      for (NodeId p : g.predecessors(n.id)) feeds_communication[static_cast<std::size_t>(p)] = true;
   std::vector<double> finish(count, 0.0);
   std::vector<bool> placed(count, false);
   std::vector<NodeId> lane_tail;      // last node on each lane
@@ -154,38 +165,25 @@ std::vector<std::vector<NodeId>> schedule_lanes(Plan& plan, std::vector<PlanStep
   int comm_lane = -1;
   plan.lanes.clear();
 
-  for (std::size_t done = 0; done < count; ++done) {
-    // Ready node with the highest bottom level (ties: lower id, so plans are deterministic).
-    NodeId best = kNoNode;
-    for (const Node& n : g.nodes()) {
-      if (placed[static_cast<std::size_t>(n.id)]) continue;
-      bool ready = true;
-      for (NodeId p : g.predecessors(n.id)) ready = ready && placed[static_cast<std::size_t>(p)];
-      if (ready && (best == kNoNode || level[static_cast<std::size_t>(n.id)] > level[static_cast<std::size_t>(best)] + 1e-15))
-        best = n.id;
-    }
-    const auto preds = g.predecessors(best);
-    double ready_at = 0.0;
+  // Where a node whose predecessors are placed would go: its lane (kNewLane: one it opens) and
+  // when it could start there.
+  constexpr int kNewLane = -1;
+  struct Placement {
+    int lane = kNewLane;
+    double ready_at = 0.0, start = 0.0;
+  };
+  auto placement_of = [&](NodeId node) {
+    Placement at;
     NodeId latest = kNoNode;
-    for (NodeId p : preds) {
-      if (finish[static_cast<std::size_t>(p)] >= ready_at) latest = p;
-      ready_at = std::max(ready_at, finish[static_cast<std::size_t>(p)]);
+    for (NodeId p : g.predecessors(node)) {
+      if (finish[static_cast<std::size_t>(p)] >= at.ready_at) latest = p;
+      at.ready_at = std::max(at.ready_at, finish[static_cast<std::size_t>(p)]);
     }
-
+    const bool communicates = g.node(node).op->communicates();
     int lane = -1;
     double latest_pred = -1.0;
-    const bool communicates = g.node(best).op->communicates();
-    if (communicates && comm_lane < 0) {
-      comm_lane = static_cast<int>(lane_tail.size());
-      lane_tail.push_back(kNoNode);
-      lane_free.push_back(0.0);
-      lane_nodes.emplace_back();
-      plan.lanes.push_back({"lane" + std::to_string(comm_lane) + " (communication)",
-                            "communication between ranks, in the one order every rank enters it, on a lane of its own: "
-                            "it moves bytes over the link, so compute beside it proceeds"});
-    }
-    if (communicates) lane = comm_lane;
-    for (NodeId p : preds) {
+    if (communicates) lane = comm_lane;  // kNewLane while there is none
+    for (NodeId p : g.predecessors(node)) {
       if (communicates) break;
       const int pl = by_node[static_cast<std::size_t>(p)].lane;
       if (pl == comm_lane) continue;  // compute never continues the communication lane
@@ -195,18 +193,61 @@ std::vector<std::vector<NodeId>> schedule_lanes(Plan& plan, std::vector<PlanStep
       }
     }
     const int compute_lanes = static_cast<int>(lane_tail.size()) - (comm_lane >= 0 ? 1 : 0);
-    const bool may_open = !in_line[static_cast<std::size_t>(best)] || compute_lanes == 0;
-    if (lane < 0 && !may_open) {
+    const bool may_open = !in_line[static_cast<std::size_t>(node)] || compute_lanes == 0;
+    if (communicates) {
+      // its own lane, opened by the first transfer
+    } else if (lane < 0 && !may_open) {
       lane = latest == kNoNode || by_node[static_cast<std::size_t>(latest)].lane == comm_lane
                  ? (comm_lane == 0 ? 1 : 0)
                  : by_node[static_cast<std::size_t>(latest)].lane;
-    } else if (lane < 0 && compute_lanes < plan.options.max_lanes) {
+    } else if (lane < 0 && compute_lanes >= plan.options.max_lanes) {
+      double earliest = std::numeric_limits<double>::infinity();
+      for (int l = 0; l < static_cast<int>(lane_free.size()); ++l)
+        if (l != comm_lane && lane_free[static_cast<std::size_t>(l)] < earliest) {
+          earliest = lane_free[static_cast<std::size_t>(l)];
+          lane = l;
+        }
+    }
+    at.lane = lane;
+    at.start = lane == kNewLane ? at.ready_at : std::max(at.ready_at, lane_free[static_cast<std::size_t>(lane)]);
+    return at;
+  };
+  // a goes before b (both placeable now).
+  auto before = [&](NodeId a, const Placement& pa, NodeId b, const Placement& pb) {
+    if (pa.start != pb.start) return pa.start < pb.start;
+    const auto ia = static_cast<std::size_t>(a), ib = static_cast<std::size_t>(b);
+    if (feeds_communication[ia] != feeds_communication[ib]) return static_cast<bool>(feeds_communication[ia]);
+    if (level[ia] != level[ib]) return level[ia] > level[ib];
+    return a < b;
+  };
+
+  for (std::size_t done = 0; done < count; ++done) {
+    NodeId best = kNoNode;
+    Placement at;
+    for (const Node& n : g.nodes()) {
+      if (placed[static_cast<std::size_t>(n.id)]) continue;
+      bool ready = true;
+      for (NodeId p : g.predecessors(n.id)) ready = ready && placed[static_cast<std::size_t>(p)];
+      if (!ready) continue;
+      const Placement here = placement_of(n.id);
+      if (best == kNoNode || before(n.id, here, best, at)) {
+        best = n.id;
+        at = here;
+      }
+    }
+    int lane = at.lane;
+    if (lane == kNewLane) {
       lane = static_cast<int>(lane_tail.size());
       lane_tail.push_back(kNoNode);
       lane_free.push_back(0.0);
       lane_nodes.emplace_back();
       const Node& n = g.node(best);
-      if (lane == 0) {
+      if (n.op->communicates()) {
+        comm_lane = lane;
+        plan.lanes.push_back({"lane" + std::to_string(lane) + " (communication)",
+                              "communication between ranks, in the one order every rank enters it, on a lane of its own: "
+                              "it moves bytes over the link, so compute beside it proceeds"});
+      } else if (lane == 0) {
         plan.lanes.push_back({"lane0 (" + n.name + ")", "the critical path: " + n.name + " starts the longest chain (" +
                                                             micros(level[static_cast<std::size_t>(best)]) + " predicted)"});
       } else {
@@ -215,17 +256,10 @@ std::vector<std::vector<NodeId>> schedule_lanes(Plan& plan, std::vector<PlanStep
                                   micros(level[static_cast<std::size_t>(best)]) + " on its chain vs " +
                                   micros(critical) + " on the critical path)"});
       }
-    } else if (lane < 0) {
-      double earliest = std::numeric_limits<double>::infinity();
-      for (int l = 0; l < static_cast<int>(lane_free.size()); ++l)
-        if (l != comm_lane && lane_free[static_cast<std::size_t>(l)] < earliest) {
-          earliest = lane_free[static_cast<std::size_t>(l)];
-          lane = l;
-        }
     }
     PlanStep& s = by_node[static_cast<std::size_t>(best)];
     s.lane = lane;
-    s.start_estimate_s = std::max(ready_at, lane_free[static_cast<std::size_t>(lane)]);
+    s.start_estimate_s = at.start;
     finish[static_cast<std::size_t>(best)] = s.start_estimate_s + s.predicted_s;
     lane_free[static_cast<std::size_t>(lane)] = finish[static_cast<std::size_t>(best)];
     lane_tail[static_cast<std::size_t>(lane)] = best;
@@ -237,21 +271,70 @@ std::vector<std::vector<NodeId>> schedule_lanes(Plan& plan, std::vector<PlanStep
 }
 
 // Concurrent lanes share the machine: nodes bound by the same ceiling (flops or bytes) only split
-// it, while launch overheads on different lanes hide behind each other. So a schedule takes at
-// least its list-scheduled makespan, and at least all the work plus the busiest lane's overheads.
-// Where one kernel does not fill the machine (MachineRates::kernels_fill_machine), the list-scheduled
-// makespan stands alone.
-double contended_makespan(const Plan& plan, const std::vector<PlanStep>& by_node) {
+// it, while launch overheads on different lanes hide behind each other. Where one kernel fills the
+// machine (MachineRates::kernels_fill_machine: a GPU), the plan is replayed as a fluid schedule:
+// each lane runs its nodes in order, each node its launch overhead first, then its work, and the
+// nodes in their work at one time share the machine equally; a transfer between ranks moves over
+// the link at its own pace. So two chunks' expert GEMMs on two lanes both end late, each having had
+// half the machine, and what waits for either of them waits longer than the list schedule says.
+// Where one kernel does not fill the machine (the host), the list-scheduled makespan stands alone.
+double contended_makespan(const Plan& plan, const std::vector<PlanStep>& by_node,
+                          const std::vector<std::vector<NodeId>>& lane_nodes) {
   if (!plan.options.rates.kernels_fill_machine) return plan.predicted_makespan_s;
-  double work = 0.0;
-  std::vector<double> overhead(plan.lanes.size(), 0.0);
   const Graph& g = *plan.graph;
-  for (const PlanStep& s : by_node) {
-    if (g.node(s.node).op->communicates()) continue;  // the link, not a ceiling compute shares
-    work += s.work_s;
-    overhead[static_cast<std::size_t>(s.lane)] += s.predicted_s - s.work_s;
+  const std::size_t count = by_node.size();
+  std::vector<bool> finished(count, false);
+  std::vector<double> overhead_left(count), work_left(count);
+  for (std::size_t i = 0; i < count; ++i) {
+    work_left[i] = by_node[i].work_s;
+    overhead_left[i] = by_node[i].predicted_s - by_node[i].work_s;
   }
-  return std::max(plan.predicted_makespan_s, work + *std::max_element(overhead.begin(), overhead.end()));
+  std::vector<std::size_t> next(lane_nodes.size(), 0);  // per lane, its node running or next to run
+  double now = 0.0;
+  for (;;) {
+    // Each lane's node that can run now: its lane reached it and its predecessors are finished.
+    std::vector<NodeId> running;
+    bool left = false;
+    for (std::size_t l = 0; l < lane_nodes.size(); ++l) {
+      if (next[l] >= lane_nodes[l].size()) continue;
+      left = true;
+      const NodeId n = lane_nodes[l][next[l]];
+      bool ready = true;
+      for (NodeId p : g.predecessors(n)) ready = ready && finished[static_cast<std::size_t>(p)];
+      if (ready) running.push_back(n);
+    }
+    if (!left) return now;
+    if (running.empty()) return plan.predicted_makespan_s;  // lanes waiting on each other: not a valid order
+    int sharing = 0;  // nodes in their work on the machine's ceilings
+    for (NodeId n : running) {
+      const auto i = static_cast<std::size_t>(n);
+      if (overhead_left[i] <= 0.0 && work_left[i] > 0.0 && !g.node(n).op->communicates()) ++sharing;
+    }
+    auto rate_of = [&](NodeId n) {
+      const auto i = static_cast<std::size_t>(n);
+      return overhead_left[i] > 0.0 || g.node(n).op->communicates() ? 1.0 : 1.0 / std::max(sharing, 1);
+    };
+    // Advance to the first end of an overhead or a node.
+    double step = std::numeric_limits<double>::infinity();
+    for (NodeId n : running) {
+      const auto i = static_cast<std::size_t>(n);
+      step = std::min(step, overhead_left[i] > 0.0 ? overhead_left[i] : work_left[i] / rate_of(n));
+    }
+    step = std::max(step, 0.0);
+    for (NodeId n : running) {
+      const auto i = static_cast<std::size_t>(n);
+      if (overhead_left[i] > 0.0) {
+        overhead_left[i] = std::max(0.0, overhead_left[i] - step);
+      } else {
+        work_left[i] = std::max(0.0, work_left[i] - step * rate_of(n));
+        if (work_left[i] <= 1e-15) {
+          finished[i] = true;
+          ++next[static_cast<std::size_t>(by_node[i].lane)];
+        }
+      }
+    }
+    now += step;
+  }
 }
 
 // A lane must save at least this much to exist: its fork and join (an event each way) cost about a
@@ -271,7 +354,7 @@ void schedule_concurrent(Plan& plan, std::vector<PlanStep>& by_node) {
     auto lane_nodes = schedule_lanes(plan, by_node, in_line);
     if (first_heads.empty())
       for (const auto& nodes : lane_nodes) first_heads.push_back(nodes.front());
-    const double with_lanes = contended_makespan(plan, by_node);
+    const double with_lanes = contended_makespan(plan, by_node, lane_nodes);
     // Each side lane's branch run in line instead; fold the one whose folding costs least, if that
     // costs too little to keep it.
     std::vector<double> folded(lane_nodes.size(), 0.0);
@@ -286,8 +369,8 @@ void schedule_concurrent(Plan& plan, std::vector<PlanStep>& by_node) {
       std::vector<PlanStep> trial_steps = by_node;
       std::vector<bool> trial_in_line = in_line;
       for (NodeId n : lane_nodes[l]) trial_in_line[static_cast<std::size_t>(n)] = true;
-      schedule_lanes(trial, trial_steps, trial_in_line);
-      folded[l] = contended_makespan(trial, trial_steps);
+      const auto trial_lanes = schedule_lanes(trial, trial_steps, trial_in_line);
+      folded[l] = contended_makespan(trial, trial_steps, trial_lanes);
       if (saving_counts(folded[l] - with_lanes, with_lanes, plan.options.rates)) continue;
       if (fold < 0 || folded[l] < folded[static_cast<std::size_t>(fold)]) fold = static_cast<int>(l);
     }
@@ -584,7 +667,9 @@ Plan plan_fused_graph(std::shared_ptr<const Graph> graph, const PlanOptions& opt
     // Rows laid out as views are copied by nobody: such a step costs nothing.
     const bool viewed = rows_become_views(*graph, n, *s.kernel, options);
     s.cost = viewed ? Cost{} : n.op->cost({in, out}, graph->tokens_of(n, T));
-    const Prediction predicted = predict(s.cost, options.rates, viewed ? 0 : s.kernel->launches);
+    const int launches = viewed ? 0 : s.kernel->launches;
+    const Prediction predicted = n.op->communicates() ? predict_transfer(s.cost, options.rates, launches)
+                                                      : predict(s.cost, options.rates, launches);
     s.predicted_s = predicted.total_s();
     s.work_s = predicted.work_s;
     if (s.kernel->workspace) s.workspace_bytes = s.kernel->workspace(*graph, n, graph->max_tokens_of(n));
