@@ -268,6 +268,39 @@ TEST(Plan, SharedExpertStaysInLineWhenBothBranchesAreBoundByTheSameCeiling) {
     for (NodeId q : g->predecessors(s.node)) EXPECT_LT(plan.step_for(q).order, s.order);
 }
 
+// Rank 0 of two (experts split over the ranks, alltoall), two chunks, a GPU's rates: the two-micro-
+// batch schedule comes out of list scheduling alone. The shared experts fill the wait for the first
+// transfer; chunk 0's combine goes before chunk 1's experts, so chunk 0's results travel while chunk
+// 1 computes; and the two chunks' experts share one lane, since on a machine that one kernel fills,
+// two lanes would only end both late (the fluid replay of the plan).
+TEST(Plan, TwoMicroBatchOrderEmergesWhereRanksExchangeRows) {
+  auto g = std::make_shared<const Graph>(build_moe_layer(load_config("deepseek-v3"), {.max_tokens = 4096}));
+  const Graph chunked = chunk_tokens(*g, {.chunks = 2});
+  ParallelLayout layout{.dp = 2, .tp = 1, .ep = true, .dispatch = DispatchKind::alltoall, .tokens = {4096, 4096}};
+  auto rank0 = std::make_shared<const Graph>(lower_parallel(chunked, layout, 0));
+  PlanOptions options;
+  options.policy = Policy::concurrent;
+  options.rates = {.flops_per_s = 800e12, .bytes_per_s = 3e12, .overhead_s = 5e-6, .kernels_fill_machine = true};
+  Plan plan = make_plan(rank0, options);
+  auto step = [&](const std::string& name) -> const PlanStep& {
+    const auto n = rank0->find_node(name);
+    if (!n) throw std::runtime_error("no node " + name);
+    return plan.step_for(*n);
+  };
+  const PlanStep& experts0 = step("experts·c0");
+  const PlanStep& experts1 = step("experts·c1");
+  EXPECT_EQ(experts0.lane, experts1.lane);
+  EXPECT_LT(step("combine·c0").order, experts1.order);
+  EXPECT_EQ(step("combine·c0").lane, experts0.lane);
+  for (const char* shared : {"shared_expert·c0", "shared_expert·c1"}) EXPECT_LT(step(shared).order, step("dispatch·c0").order);
+  // The transfers: each on the communication lane, chunk 1's way out before chunk 0's way back.
+  EXPECT_LT(step("dispatch_alltoall·c1").order, step("dispatch_alltoall_back·c0").order);
+  EXPECT_NE(step("dispatch_alltoall·c0").lane, experts0.lane);
+  PlanOptions serial = options;
+  serial.policy = Policy::serial;
+  EXPECT_LT(plan.predicted_makespan_s, make_plan(rank0, serial).predicted_makespan_s);
+}
+
 TEST(Plan, SerialPlanIsOneLaneInTopologicalOrder) {
   MoEConfig c = load_config("deepseek-v3", {"hidden_size=128", "moe_intermediate_size=32"});
   auto g = std::make_shared<const Graph>(build_moe_layer(c, {.max_tokens = 16}));
