@@ -39,6 +39,7 @@ std::vector<nlohmann::json> run_cpu_bench(const BenchOptions& o, std::ostream& l
         for (Policy p : o.plans) {
           SessionOptions so;
           so.plan.policy = p;
+          so.plan.max_lanes = o.max_lanes;
           so.plan.rates = rates;  // the planner's cost model on this machine's measured ceilings
           so.threads = o.threads;
           so.seed = o.seed;

@@ -157,6 +157,25 @@ TEST(Cli, BadInputIsOneLineAndStatusTwo) {
   expect_bad_input("bench --backend cpu --models mixtral-8x7b --tokens 4 --plans graph-any", "plan 'graph-any'");
   expect_bad_input("bench --backend cpu --models mixtral-8x7b --tokens 4 --passes 0", "--passes");
   expect_bad_input("bench --backend cpu --models mixtral-8x7b --tokens 4 --passes two", "two");
+  expect_bad_input("bench --backend cpu --models mixtral-8x7b --tokens 4 --max-lanes 0", "--max-lanes");
+}
+
+TEST(Cli, BenchMaxLanesBoundsTheConcurrentPlansLanes) {
+  // The layer with its shared expert: two lanes as planned on this machine, one with --max-lanes 1.
+  auto lanes_of = [](const std::string& flags) {
+    const fs::path json = temp_dir() / "lanes.jsonl";
+    const Result r = run_moeflow(
+        "bench --backend cpu --models qwen1.5-moe-a2.7b --set hidden_size=256 --set moe_intermediate_size=64 "
+        "--set shared_expert_intermediate_size=256 --threads 2 --runs 1 --budget 0 --tokens 64 --plans concurrent "
+        "--scope layer --json " + json.string() + " " + flags);
+    EXPECT_EQ(r.status, 0) << r.output;
+    std::ifstream in(json);
+    std::string line;
+    std::getline(in, line);
+    return nlohmann::json::parse(line).at("lanes").get<int>();
+  };
+  EXPECT_EQ(lanes_of("--max-lanes 1"), 1);
+  EXPECT_GE(lanes_of(""), 2);
 }
 
 TEST(Cli, BenchPassesRepeatTheSweepAndSummariseEachPoint) {

@@ -30,6 +30,7 @@ Command add_bench_command(CLI::App& app) {
     std::vector<std::string> scope{"both"};
     std::vector<int> chunks{1};
     std::string backend = "cpu";
+    int max_lanes = 4;
     int threads = 0;
     uint64_t seed = 0;
     int min_runs = 10;
@@ -57,6 +58,8 @@ Command add_bench_command(CLI::App& app) {
       ->delimiter(',')
       ->check(CLI::PositiveNumber);
   sub->add_option("--backend", f->backend, "cpu | cuda")->check(CLI::IsMember({"cpu", "cuda"}));
+  sub->add_option("--max-lanes", f->max_lanes, "most lanes the concurrent planner opens (1: the concurrent plan keeps one compute lane, and with ranks its communication lane)")
+      ->check(CLI::PositiveNumber);
   sub->add_option("--threads", f->threads, "oneTBB threads (default: every core)")->check(CLI::PositiveNumber);
   sub->add_option("--seed", f->seed, "seed of the random weights and inputs");
   sub->add_option("--runs", f->min_runs, "timed runs per row at least")->check(CLI::PositiveNumber);
@@ -85,6 +88,7 @@ Command add_bench_command(CLI::App& app) {
       b.json = f->json;
       PlanFlags plan;
       plan.backend = f->backend;
+      plan.max_lanes = f->max_lanes;
       b.base.plan = plan.options();
       if (b.base.plan.backend == Backend::cuda && !comm::have_nccl())
         fail_resource("bench --backend cuda with ranks needs the NCCL transport, and this build has none");
@@ -127,6 +131,7 @@ Command add_bench_command(CLI::App& app) {
       o.experts_kernels = f->experts_kernels;
       o.scopes = scopes;
       o.chunks = f->chunks;
+      o.max_lanes = f->max_lanes;
       o.seed = f->seed;
       o.min_runs = std::max(f->min_runs, 50);
       o.input_sets = std::max(f->input_sets, 8);
@@ -146,6 +151,7 @@ Command add_bench_command(CLI::App& app) {
       for (const std::string& p : f->plans) o.plans.push_back(parse_policy(p));
       o.scopes = scopes;
       o.chunks = f->chunks;
+      o.max_lanes = f->max_lanes;
       o.threads = f->threads > 0 ? f->threads : tbb::info::default_concurrency();
       o.seed = f->seed;
       o.min_runs = f->min_runs;
