@@ -11,6 +11,7 @@
 #include "ops/fuse_experts.hpp"
 #include "ops/fused_experts_op.hpp"
 #include "ops/to_host_op.hpp"
+#include "scheduler/fluid_replay.hpp"
 #include "scheduler/memory_planner.hpp"
 #include "scheduler/plan.hpp"
 
@@ -272,69 +273,14 @@ std::vector<std::vector<NodeId>> schedule_lanes(Plan& plan, std::vector<PlanStep
 
 // Concurrent lanes share the machine: nodes bound by the same ceiling (flops or bytes) only split
 // it, while launch overheads on different lanes hide behind each other. Where one kernel fills the
-// machine (MachineRates::kernels_fill_machine: a GPU), the plan is replayed as a fluid schedule:
-// each lane runs its nodes in order, each node its launch overhead first, then its work, and the
-// nodes in their work at one time share the machine equally; a transfer between ranks moves over
-// the link at its own pace. So two chunks' expert GEMMs on two lanes both end late, each having had
-// half the machine, and what waits for either of them waits longer than the list schedule says.
-// Where one kernel does not fill the machine (the host), the list-scheduled makespan stands alone.
+// machine (a GPU), the plan's lanes are replayed as a fluid schedule (scheduler/fluid_replay.hpp):
+// two chunks' expert GEMMs on two lanes both end late, each having had half the machine, and what
+// waits for either of them waits longer than the list schedule says. Where one kernel does not fill
+// the machine (the host), the list-scheduled makespan stands alone.
 double contended_makespan(const Plan& plan, const std::vector<PlanStep>& by_node,
                           const std::vector<std::vector<NodeId>>& lane_nodes) {
   if (!plan.options.rates.kernels_fill_machine) return plan.predicted_makespan_s;
-  const Graph& g = *plan.graph;
-  const std::size_t count = by_node.size();
-  std::vector<bool> finished(count, false);
-  std::vector<double> overhead_left(count), work_left(count);
-  for (std::size_t i = 0; i < count; ++i) {
-    work_left[i] = by_node[i].work_s;
-    overhead_left[i] = by_node[i].predicted_s - by_node[i].work_s;
-  }
-  std::vector<std::size_t> next(lane_nodes.size(), 0);  // per lane, its node running or next to run
-  double now = 0.0;
-  for (;;) {
-    // Each lane's node that can run now: its lane reached it and its predecessors are finished.
-    std::vector<NodeId> running;
-    bool left = false;
-    for (std::size_t l = 0; l < lane_nodes.size(); ++l) {
-      if (next[l] >= lane_nodes[l].size()) continue;
-      left = true;
-      const NodeId n = lane_nodes[l][next[l]];
-      bool ready = true;
-      for (NodeId p : g.predecessors(n)) ready = ready && finished[static_cast<std::size_t>(p)];
-      if (ready) running.push_back(n);
-    }
-    if (!left) return now;
-    if (running.empty()) return plan.predicted_makespan_s;  // lanes waiting on each other: not a valid order
-    int sharing = 0;  // nodes in their work on the machine's ceilings
-    for (NodeId n : running) {
-      const auto i = static_cast<std::size_t>(n);
-      if (overhead_left[i] <= 0.0 && work_left[i] > 0.0 && !g.node(n).op->communicates()) ++sharing;
-    }
-    auto rate_of = [&](NodeId n) {
-      const auto i = static_cast<std::size_t>(n);
-      return overhead_left[i] > 0.0 || g.node(n).op->communicates() ? 1.0 : 1.0 / std::max(sharing, 1);
-    };
-    // Advance to the first end of an overhead or a node.
-    double step = std::numeric_limits<double>::infinity();
-    for (NodeId n : running) {
-      const auto i = static_cast<std::size_t>(n);
-      step = std::min(step, overhead_left[i] > 0.0 ? overhead_left[i] : work_left[i] / rate_of(n));
-    }
-    step = std::max(step, 0.0);
-    for (NodeId n : running) {
-      const auto i = static_cast<std::size_t>(n);
-      if (overhead_left[i] > 0.0) {
-        overhead_left[i] = std::max(0.0, overhead_left[i] - step);
-      } else {
-        work_left[i] = std::max(0.0, work_left[i] - step * rate_of(n));
-        if (work_left[i] <= 1e-15) {
-          finished[i] = true;
-          ++next[static_cast<std::size_t>(by_node[i].lane)];
-        }
-      }
-    }
-    now += step;
-  }
+  return fluid_makespan(*plan.graph, by_node, lane_nodes);
 }
 
 // A lane must save at least this much to exist: its fork and join (an event each way) cost about a

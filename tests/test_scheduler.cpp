@@ -22,6 +22,7 @@
 #include "ops/lower_parallel.hpp"
 #include "ops/moe_layer.hpp"
 #include "scheduler/cpu_executor.hpp"
+#include "scheduler/fluid_replay.hpp"
 #include "tests/buffer_checks.hpp"
 
 using namespace moeflow;
@@ -266,6 +267,42 @@ TEST(Plan, SharedExpertStaysInLineWhenBothBranchesAreBoundByTheSameCeiling) {
   EXPECT_THAT(summary.str(), HasSubstr("note: shared_expert runs in line"));
   for (const PlanStep& s : plan.steps)
     for (NodeId q : g->predecessors(s.node)) EXPECT_LT(plan.step_for(q).order, s.order);
+}
+
+// The fluid replay on a hand-laid plan of probe nodes: work shares the machine, launch overheads
+// and the lanes' order do not.
+TEST(FluidReplay, WorkSharesTheMachineAndOverheadsHideBehindIt) {
+  GraphBuilder b("fluid", 4);
+  const ValueId x = b.input("x", {tokens(), Dim::of(4)}, DType::f32);
+  const ValueId a = b.add("a", std::make_shared<ProbeOp>(0), {x})[0];
+  const ValueId c = b.add("c", std::make_shared<ProbeOp>(0), {x})[0];
+  const ValueId d = b.add("d", std::make_shared<ProbeOp>(0), {a, c})[0];
+  const Graph g = std::move(b).finish({d});
+  std::vector<PlanStep> steps(3);
+  auto set = [&](NodeId n, int lane, double overhead_s, double work_s) {
+    steps[static_cast<std::size_t>(n)].node = n;
+    steps[static_cast<std::size_t>(n)].lane = lane;
+    steps[static_cast<std::size_t>(n)].work_s = work_s;
+    steps[static_cast<std::size_t>(n)].predicted_s = overhead_s + work_s;
+  };
+  // a and c, 1 s of work each, on two lanes: each gets half the machine, both end at 2 s; then d.
+  set(0, 0, 0.0, 1.0);
+  set(1, 1, 0.0, 1.0);
+  set(2, 0, 0.0, 0.5);
+  EXPECT_DOUBLE_EQ(fluid_makespan(g, steps, {{0, 2}, {1}}), 2.5);
+  // The same in one lane: 1 + 1 + 0.5.
+  EXPECT_DOUBLE_EQ(fluid_makespan(g, steps, {{0, 1, 2}}), 2.5);
+  // c all overhead (latency): it hides behind a's work on the other lane.
+  set(1, 1, 0.8, 0.0);
+  EXPECT_DOUBLE_EQ(fluid_makespan(g, steps, {{0, 2}, {1}}), 1.5);
+  EXPECT_DOUBLE_EQ(fluid_makespan(g, steps, {{0, 1, 2}}), 2.3);
+  // c: 0.2 s of overhead, then 0.5 s of work. To 0.2 s a runs alone (0.2 done); then both at half
+  // speed until c's work ends at 1.2 s (a: 0.7 done); a's last 0.3 alone to 1.5 s; d to 2.0 s.
+  set(1, 1, 0.2, 0.5);
+  EXPECT_DOUBLE_EQ(fluid_makespan(g, steps, {{0, 2}, {1}}), 2.0);
+  // An order against the edges (d ahead of a on its lane) never ends, and a node on no lane: refused.
+  EXPECT_THROW(fluid_makespan(g, steps, {{2, 0}, {1}}), Error);
+  EXPECT_THROW(fluid_makespan(g, steps, {{0, 2}}), Error);
 }
 
 // Rank 0 of two (experts split over the ranks, alltoall), two chunks, a GPU's rates: the two-micro-
