@@ -171,47 +171,44 @@ std::vector<std::vector<NodeId>> schedule_lanes(Plan& plan, std::vector<PlanStep
   constexpr int kNewLane = -1;
   struct Placement {
     int lane = kNewLane;
-    double ready_at = 0.0, start = 0.0;
+    double start = 0.0;
   };
   auto placement_of = [&](NodeId node) {
-    Placement at;
+    double ready_at = 0.0;
     NodeId latest = kNoNode;
     for (NodeId p : g.predecessors(node)) {
-      if (finish[static_cast<std::size_t>(p)] >= at.ready_at) latest = p;
-      at.ready_at = std::max(at.ready_at, finish[static_cast<std::size_t>(p)]);
+      if (finish[static_cast<std::size_t>(p)] >= ready_at) latest = p;
+      ready_at = std::max(ready_at, finish[static_cast<std::size_t>(p)]);
     }
-    const bool communicates = g.node(node).op->communicates();
-    int lane = -1;
-    double latest_pred = -1.0;
-    if (communicates) lane = comm_lane;  // kNewLane while there is none
-    for (NodeId p : g.predecessors(node)) {
-      if (communicates) break;
-      const int pl = by_node[static_cast<std::size_t>(p)].lane;
-      if (pl == comm_lane) continue;  // compute never continues the communication lane
-      if (lane_tail[static_cast<std::size_t>(pl)] == p && finish[static_cast<std::size_t>(p)] > latest_pred) {
-        lane = pl;
-        latest_pred = finish[static_cast<std::size_t>(p)];
+    int lane = kNewLane;
+    if (g.node(node).op->communicates()) {
+      lane = comm_lane;  // the lane of its own, opened by the first transfer (kNewLane while there is none)
+    } else {
+      double latest_pred = -1.0;
+      for (NodeId p : g.predecessors(node)) {
+        const int pl = by_node[static_cast<std::size_t>(p)].lane;
+        if (pl == comm_lane) continue;  // compute never continues the communication lane
+        if (lane_tail[static_cast<std::size_t>(pl)] == p && finish[static_cast<std::size_t>(p)] > latest_pred) {
+          lane = pl;
+          latest_pred = finish[static_cast<std::size_t>(p)];
+        }
+      }
+      const int compute_lanes = static_cast<int>(lane_tail.size()) - (comm_lane >= 0 ? 1 : 0);
+      const bool may_open = !in_line[static_cast<std::size_t>(node)] || compute_lanes == 0;
+      if (lane < 0 && !may_open) {
+        lane = latest == kNoNode || by_node[static_cast<std::size_t>(latest)].lane == comm_lane
+                   ? (comm_lane == 0 ? 1 : 0)
+                   : by_node[static_cast<std::size_t>(latest)].lane;
+      } else if (lane < 0 && compute_lanes >= plan.options.max_lanes) {
+        double earliest = std::numeric_limits<double>::infinity();
+        for (int l = 0; l < static_cast<int>(lane_free.size()); ++l)
+          if (l != comm_lane && lane_free[static_cast<std::size_t>(l)] < earliest) {
+            earliest = lane_free[static_cast<std::size_t>(l)];
+            lane = l;
+          }
       }
     }
-    const int compute_lanes = static_cast<int>(lane_tail.size()) - (comm_lane >= 0 ? 1 : 0);
-    const bool may_open = !in_line[static_cast<std::size_t>(node)] || compute_lanes == 0;
-    if (communicates) {
-      // its own lane, opened by the first transfer
-    } else if (lane < 0 && !may_open) {
-      lane = latest == kNoNode || by_node[static_cast<std::size_t>(latest)].lane == comm_lane
-                 ? (comm_lane == 0 ? 1 : 0)
-                 : by_node[static_cast<std::size_t>(latest)].lane;
-    } else if (lane < 0 && compute_lanes >= plan.options.max_lanes) {
-      double earliest = std::numeric_limits<double>::infinity();
-      for (int l = 0; l < static_cast<int>(lane_free.size()); ++l)
-        if (l != comm_lane && lane_free[static_cast<std::size_t>(l)] < earliest) {
-          earliest = lane_free[static_cast<std::size_t>(l)];
-          lane = l;
-        }
-    }
-    at.lane = lane;
-    at.start = lane == kNewLane ? at.ready_at : std::max(at.ready_at, lane_free[static_cast<std::size_t>(lane)]);
-    return at;
+    return Placement{lane, lane == kNewLane ? ready_at : std::max(ready_at, lane_free[static_cast<std::size_t>(lane)])};
   };
   // a goes before b (both placeable now).
   auto before = [&](NodeId a, const Placement& pa, NodeId b, const Placement& pb) {

@@ -540,44 +540,44 @@ TEST(CudaPermute, ZeroTokensWriteZeroOffsets) {
 TEST(CudaPermute, InvalidIdsStayInBoundsAfterTheValidRows) {
   if (moeflow::cuda::device_count() == 0) GTEST_SKIP() << "no CUDA device";
   for (const int64_t tokens : {37, 301}) {  // 148 ids in the small kernel, 1204 in tiles
-  SCOPED_TRACE("T = " + std::to_string(tokens));
-  const int k = 4, experts = 16;
-  std::vector<int32_t> ids = distinct_ids(tokens, k, experts, "invalid");
-  ids[5] = -1;
-  ids[17] = experts;
-  ids[100] = 1 << 30;
-  const DevicePermutation d = permute_on_device(ids, tokens, k, experts, tokens);
-  // The valid entries alone, by the CPU's counting sort; the invalid ones' rows after them in flat
-  // order, with no slot (the combine skips them).
-  std::vector<int32_t> valid_counts(experts + 1, 0);
-  for (int32_t e : ids)
-    if (e >= 0 && e < experts) ++valid_counts[e + 1];
-  for (int e = 0; e < experts; ++e) valid_counts[e + 1] += valid_counts[e];
-  EXPECT_EQ(d.offsets, valid_counts);
-  std::vector<int32_t> cursor(valid_counts.begin(), valid_counts.end() - 1);
-  int32_t next_invalid = valid_counts[experts];
-  for (size_t i = 0; i < ids.size(); ++i) {
-    const bool valid = ids[i] >= 0 && ids[i] < experts;
-    const int32_t row = valid ? cursor[ids[i]]++ : next_invalid++;
-    EXPECT_EQ(d.slot_of[i], valid ? row : -1) << i;
-    EXPECT_EQ(d.row_source[static_cast<size_t>(row)], static_cast<int32_t>(i)) << i;
-  }
-  // The dispatch's row scatter writes every valid choice's row from its token and leaves the rows
-  // after the valid ones (ids outside [0, E): no expert reads them) as they were.
-  const int hidden = 24;
-  const auto x = random_bf16(static_cast<size_t>(tokens * hidden), "invalid.x", 1.0f);
-  const std::vector<uint16_t> marker(static_cast<size_t>(ids.size() * hidden), 0x7fc1);  // a NaN no row holds
-  DeviceBuffer<uint16_t> d_x(x), d_rows(marker);
-  DeviceBuffer<int32_t> d_slot(d.slot_of);
-  cuda::scatter_rows(d_x.get(), d_slot.get(), tokens, k, hidden, d_rows.get(), nullptr);
-  const std::vector<uint16_t> rows = d_rows.download();
-  for (size_t i = 0; i < ids.size(); ++i) {
-    if (d.slot_of[i] < 0) continue;
-    for (int h = 0; h < hidden; ++h)
-      ASSERT_EQ(rows[static_cast<size_t>(d.slot_of[i]) * hidden + h], x[i / k * hidden + h]) << "choice " << i;
-  }
-  for (size_t r = static_cast<size_t>(valid_counts[experts]); r < ids.size(); ++r)
-    for (int h = 0; h < hidden; ++h) ASSERT_EQ(rows[r * hidden + h], 0x7fc1) << "row " << r << " of an invalid id written";
+    SCOPED_TRACE("T = " + std::to_string(tokens));
+    const int k = 4, experts = 16;
+    std::vector<int32_t> ids = distinct_ids(tokens, k, experts, "invalid");
+    ids[5] = -1;
+    ids[17] = experts;
+    ids[100] = 1 << 30;
+    const DevicePermutation d = permute_on_device(ids, tokens, k, experts, tokens);
+    // The valid entries alone, by the CPU's counting sort; the invalid ones' rows after them in flat
+    // order, with no slot (the combine skips them).
+    std::vector<int32_t> valid_counts(experts + 1, 0);
+    for (int32_t e : ids)
+      if (e >= 0 && e < experts) ++valid_counts[e + 1];
+    for (int e = 0; e < experts; ++e) valid_counts[e + 1] += valid_counts[e];
+    EXPECT_EQ(d.offsets, valid_counts);
+    std::vector<int32_t> cursor(valid_counts.begin(), valid_counts.end() - 1);
+    int32_t next_invalid = valid_counts[experts];
+    for (size_t i = 0; i < ids.size(); ++i) {
+      const bool valid = ids[i] >= 0 && ids[i] < experts;
+      const int32_t row = valid ? cursor[ids[i]]++ : next_invalid++;
+      EXPECT_EQ(d.slot_of[i], valid ? row : -1) << i;
+      EXPECT_EQ(d.row_source[static_cast<size_t>(row)], static_cast<int32_t>(i)) << i;
+    }
+    // The dispatch's row scatter writes every valid choice's row from its token and leaves the rows
+    // after the valid ones (ids outside [0, E): no expert reads them) as they were.
+    const int hidden = 24;
+    const auto x = random_bf16(static_cast<size_t>(tokens * hidden), "invalid.x", 1.0f);
+    const std::vector<uint16_t> marker(static_cast<size_t>(ids.size() * hidden), 0x7fc1);  // a NaN no row holds
+    DeviceBuffer<uint16_t> d_x(x), d_rows(marker);
+    DeviceBuffer<int32_t> d_slot(d.slot_of);
+    cuda::scatter_rows(d_x.get(), d_slot.get(), tokens, k, hidden, d_rows.get(), nullptr);
+    const std::vector<uint16_t> rows = d_rows.download();
+    for (size_t i = 0; i < ids.size(); ++i) {
+      if (d.slot_of[i] < 0) continue;
+      for (int h = 0; h < hidden; ++h)
+        ASSERT_EQ(rows[static_cast<size_t>(d.slot_of[i]) * hidden + h], x[i / k * hidden + h]) << "choice " << i;
+    }
+    for (size_t r = static_cast<size_t>(valid_counts[experts]); r < ids.size(); ++r)
+      for (int h = 0; h < hidden; ++h) ASSERT_EQ(rows[r * hidden + h], 0x7fc1) << "row " << r << " of an invalid id written";
   }
 }
 
