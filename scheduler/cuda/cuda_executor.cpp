@@ -467,6 +467,11 @@ void CudaExecutor::capture_graph(const DeviceArena& inputs, const DeviceArena& w
   // Captured kernel nodes carry their stream's priority, but a graph runs at the priority of the
   // stream it is launched into unless told otherwise: keep the critical lane ahead on replay too.
   MOEFLOW_CUDA_CHECK(cudaGraphInstantiateWithFlags(&s.graph_exec, s.graph, cudaGraphInstantiateFlagUseNodePriority));
+  // Uploaded now, not by its first launch: a replay is then timed as a graph that serving replays
+  // again and again (the upload, done once, put ~3 µs into the first launch of every capture; an
+  // H100 probe, bench/probes/single_token_timeline.cu).
+  MOEFLOW_CUDA_CHECK(cudaGraphUpload(s.graph_exec, s.streams[0]));
+  MOEFLOW_CUDA_CHECK(cudaStreamSynchronize(s.streams[0]));
   s.captured_tokens = tokens;
   s.captured_any_tokens = live;
   s.captured_stamped = stamped;

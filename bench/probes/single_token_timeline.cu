@@ -1,0 +1,353 @@
+// Probe, not part of the build: WHEN does each block of the one-token kernel do what? The w2t kernel
+// (kernels/cuda/fused_single_token.cu) measures ~1.55x the floor at T=1 on qwen against ~1.14x for
+// a bare read of the same bytes, and neither its arithmetic (gate/up on the tensor cores changed
+// nothing, bench/NOTES.md) nor its read pattern explains the gap. Here a copy of that kernel writes
+// %globaltimer stamps per block (entry; act values out; partials stored; past the wait for every
+// block; done), and so does a bare read of the same bytes (entry; done), in CUDA-graph replays over
+// 8 routing sets as `moeflow bench` times them; the stamps of ten replays are printed as
+// percentiles over the blocks, in µs from each replay's first block entry. Variants: the graph
+// instantiated again before every replay, with and without cudaGraphUpload (as `moeflow bench`
+// captured until 2026-11-24: ~1.5 µs per replay was the upload); a plain launch instead of a
+// cooperative one; 4 of the 16 w2t rows loaded before the gate/up rows; the reduction's loads
+// batched. Results: bench/results/h100_single_token_timeline*_2026-11-24.txt, bench/NOTES.md.
+// Built and run on the GPU machine from the repository root:
+//   nvcc -O3 -std=c++17 -arch=sm_90a -I. bench/probes/single_token_timeline.cu -o /tmp/timeline && /tmp/timeline
+#include <cuda_runtime.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstdio>
+#include <random>
+#include <vector>
+
+#include "bench/probes/probe_common.cuh"
+#include "kernels/cuda/bf16_vec.cuh"
+#include "kernels/cuda/warp_gemv.cuh"
+
+using namespace moeflow::cuda;
+
+namespace {
+
+constexpr int kThreads = 256, kWarps = 8, kTileJ = 16, kOut = kTileJ / kWarps, kSliceH = 8, kSums = kThreads / kSliceH;
+constexpr int kStamps = 5;
+
+__device__ __forceinline__ uint64_t now_ns() {
+  uint64_t t;
+  asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
+  return t;
+}
+__device__ __forceinline__ int load_acquire(const int* p) {
+  int v;
+  asm volatile("ld.acquire.gpu.global.s32 %0, [%1];" : "=r"(v) : "l"(p) : "memory");
+  return v;
+}
+
+struct Args {
+  const uint16_t* x;    // [H]
+  const int* ids;       // [k]
+  const float* wts;     // [k]
+  const uint16_t* w13;  // [E, 2I, H]
+  const uint16_t* w2t;  // [E, I, H]
+  float* partial;       // [k·I/16, H]
+  uint16_t* out;        // [H]
+  int* counters;        // arrived, left
+  uint64_t* stamps;     // [grid, kStamps]
+  int experts, k, hidden, inter;
+  int early_w2;         // rows of w2t each thread loads before its gate/up (0: as the engine)
+};
+
+// The engine's w2t kernel (fused_single_token_w2t_kernel), stamps added; kEarly of the item's 16
+// w2t vectors per thread are requested before the gate/up rows (0: as the engine); kBatched: each
+// reduction thread loads all its partials before adding any (the engine's loop loads one, adds it,
+// loads the next: a chain of L2 round trips).
+template <int kEarly, bool kBatched = false>
+__global__ void __launch_bounds__(kThreads, 3) w2t_kernel(Args a) {
+  __shared__ float act[kTileJ];
+  __shared__ float red[kSums][kSliceH];
+  const int tid = static_cast<int>(threadIdx.x), warp = tid >> 5, lane = tid & 31;
+  uint64_t* st = a.stamps + static_cast<int64_t>(blockIdx.x) * kStamps;
+  if (tid == 0) st[0] = now_ns();
+  const int tiles = a.inter / kTileJ, items = a.k * tiles, hvecs = a.hidden / 8;
+  for (int item = static_cast<int>(blockIdx.x); item < items; item += static_cast<int>(gridDim.x)) {
+    const int choice = item / tiles, j0 = (item % tiles) * kTileJ;
+    const int e = a.ids[choice];
+    const auto* w2t = reinterpret_cast<const uint4*>(a.w2t + (static_cast<int64_t>(e) * a.inter + j0) * a.hidden);
+    uint4 early[kEarly > 0 ? kEarly : 1];
+#pragma unroll
+    for (int j = 0; j < kEarly; ++j) early[j] = __ldg(w2t + static_cast<int64_t>(j) * hvecs + tid);
+    float gate[1][kOut] = {}, up[1][kOut] = {};
+    GatheredRows<1> x;
+    x.row[0] = reinterpret_cast<const uint4*>(a.x);
+    const auto* w13 = reinterpret_cast<const uint4*>(a.w13 + static_cast<int64_t>(e) * 2 * a.inter * a.hidden);
+    gate_up_dot<1, kOut, ActLoad::read_only>(w13, j0 + warp * kOut, a.inter, hvecs, x, 1, lane, gate, up);
+#pragma unroll
+    for (int o = 0; o < kOut; ++o) {
+      const float gs = warp_sum(gate[0][o]), us = warp_sum(up[0][o]);
+      if (lane == 0) act[warp * kOut + o] = bf16_bits_to_float(float_to_bf16_bits(silu_mul(gs, us)));
+    }
+    __syncthreads();
+    if (tid == 0) st[1] = now_ns();
+    auto* y = reinterpret_cast<float4*>(a.partial + static_cast<int64_t>(item) * a.hidden);
+    for (int hv = tid; hv < hvecs; hv += kThreads) {
+      uint4 raw[kTileJ];
+#pragma unroll
+      for (int j = 0; j < kTileJ; ++j)
+        raw[j] = (j < kEarly && hv == tid) ? early[j < kEarly ? j : 0] : __ldg(w2t + static_cast<int64_t>(j) * hvecs + hv);
+      float sum[8] = {};
+#pragma unroll
+      for (int j = 0; j < kTileJ; ++j) {
+        float w[8];
+        unpack8(raw[j], w);
+#pragma unroll
+        for (int i = 0; i < 8; ++i) sum[i] = fmaf(act[j], w[i], sum[i]);
+      }
+      __stcg(y + 2 * hv, make_float4(sum[0], sum[1], sum[2], sum[3]));
+      __stcg(y + 2 * hv + 1, make_float4(sum[4], sum[5], sum[6], sum[7]));
+    }
+    __syncthreads();
+  }
+  if (tid == 0) st[2] = now_ns();
+  if (tid == 0) {
+    __threadfence();
+    atomicAdd(a.counters, 1);
+    while (load_acquire(a.counters) < static_cast<int>(gridDim.x)) __nanosleep(32);
+    st[3] = now_ns();
+  }
+  __syncthreads();
+  const int hl = tid % kSliceH, r = tid / kSliceH;
+  for (int s = static_cast<int>(blockIdx.x); s < a.hidden / kSliceH; s += static_cast<int>(gridDim.x)) {
+    const int h = s * kSliceH + hl;
+    float sum = 0.0f;
+    if constexpr (kBatched) {
+      constexpr int kBatch = 16;
+      for (int q0 = r; q0 < items; q0 += kBatch * kSums) {
+        float part[kBatch], w[kBatch];
+#pragma unroll
+        for (int i = 0; i < kBatch; ++i) {
+          const int q = q0 + i * kSums;
+          part[i] = q < items ? __ldcg(a.partial + static_cast<int64_t>(q) * a.hidden + h) : 0.0f;
+          w[i] = q < items ? a.wts[q / tiles] : 0.0f;
+        }
+#pragma unroll
+        for (int i = 0; i < kBatch; ++i)
+          if (q0 + i * kSums < items) sum = fmaf(w[i], part[i], sum);
+      }
+    } else {
+      for (int q = r; q < items; q += kSums)
+        sum = fmaf(a.wts[q / tiles], __ldcg(a.partial + static_cast<int64_t>(q) * a.hidden + h), sum);
+    }
+    red[r][hl] = sum;
+    __syncthreads();
+    if (tid < kSliceH) {
+      float total = 0.0f;
+      for (int i = 0; i < kSums; ++i) total += red[i][tid];
+      a.out[s * kSliceH + tid] = float_to_bf16_bits(total);
+    }
+    __syncthreads();
+  }
+  if (tid == 0) {
+    st[4] = now_ns();
+    if (atomicAdd(a.counters + 1, 1) == static_cast<int>(gridDim.x) - 1) {
+      __threadfence();
+      a.counters[0] = 0;
+      a.counters[1] = 0;
+    }
+  }
+}
+
+// A bare read of the routed experts' bytes (the k experts' w13 and w2t, as the items read them:
+// block b reads items b, b + grid, ... whole), stamps at entry and exit.
+__global__ void __launch_bounds__(kThreads, 3) read_items(Args a, unsigned* sink) {
+  const int tid = static_cast<int>(threadIdx.x);
+  uint64_t* st = a.stamps + static_cast<int64_t>(blockIdx.x) * kStamps;
+  if (tid == 0) st[0] = now_ns();
+  const int tiles = a.inter / kTileJ, items = a.k * tiles, hvecs = a.hidden / 8;
+  unsigned acc = 0;
+  for (int item = static_cast<int>(blockIdx.x); item < items; item += static_cast<int>(gridDim.x)) {
+    const int choice = item / tiles, j0 = (item % tiles) * kTileJ, e = a.ids[choice];
+    const auto* w13 = reinterpret_cast<const uint4*>(a.w13 + static_cast<int64_t>(e) * 2 * a.inter * a.hidden);
+    const auto* w2t = reinterpret_cast<const uint4*>(a.w2t + (static_cast<int64_t>(e) * a.inter + j0) * a.hidden);
+    // 32 rows of w13 (16 gate, 16 up) and 16 of w2t, all of H: 48 rows of hvecs vectors.
+    for (int v = tid; v < 48 * hvecs; v += kThreads * 4) {
+      uint4 w[4];
+#pragma unroll
+      for (int u = 0; u < 4; ++u) {
+        const int vv = v + u * kThreads, row = vv / hvecs, col = vv % hvecs;
+        const uint4* p = row < 16 ? w13 + static_cast<int64_t>(j0 + row) * hvecs
+                         : row < 32 ? w13 + static_cast<int64_t>(a.inter + j0 + row - 16) * hvecs
+                                    : w2t + static_cast<int64_t>(row - 32) * hvecs;
+        w[u] = vv < 48 * hvecs ? __ldg(p + col) : make_uint4(0, 0, 0, 0);
+      }
+#pragma unroll
+      for (int u = 0; u < 4; ++u) acc += w[u].x ^ w[u].y ^ w[u].z ^ w[u].w;
+    }
+  }
+  if (acc == 0x9e3779b9u) *sink = acc;
+  __syncthreads();
+  if (tid == 0) st[1] = now_ns();
+}
+
+__global__ void fill(uint16_t* p, size_t n, uint64_t seed, float scale) {
+  for (size_t i = blockIdx.x * static_cast<size_t>(blockDim.x) + threadIdx.x; i < n; i += static_cast<size_t>(gridDim.x) * blockDim.x) {
+    uint64_t z = (i + seed) * 0x9e3779b97f4a7c15ull;
+    z = (z ^ (z >> 31)) * 0xbf58476d1ce4e5b9ull;
+    const float u = static_cast<float>((z >> 40) & 0xffffff) / 16777216.0f * 2.0f - 1.0f;
+    p[i] = static_cast<uint16_t>(__float_as_uint(u * scale) >> 16);
+  }
+}
+
+struct Preset {
+  const char* name;
+  int experts, k, hidden, inter;
+};
+
+void percentiles(const char* what, std::vector<double> v) {
+  std::sort(v.begin(), v.end());
+  const auto at = [&](double q) { return v[static_cast<size_t>(q * (v.size() - 1))]; };
+  std::printf("    %-34s min %6.2f  p10 %6.2f  p50 %6.2f  p90 %6.2f  max %6.2f\n", what, at(0), at(0.1), at(0.5), at(0.9), at(1));
+}
+
+}  // namespace
+
+int main() {
+  int sms = 0;
+  CK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, 0));
+  const Preset presets[] = {{"qwen1.5-moe-a2.7b", 60, 4, 2048, 1408}, {"qwen3-30b-a3b", 128, 8, 2048, 768}};
+  cudaStream_t stream;
+  CK(cudaStreamCreate(&stream));
+  unsigned* sink;
+  CK(cudaMalloc(&sink, 4));
+  constexpr int kSets = 8;
+  for (const Preset& p : presets) {
+    const size_t w13_n = size_t(p.experts) * 2 * p.inter * p.hidden, w2_n = size_t(p.experts) * p.hidden * p.inter;
+    uint16_t *w13, *w2t, *x, *out;
+    CK(cudaMalloc(&w13, w13_n * 2));
+    CK(cudaMalloc(&w2t, w2_n * 2));
+    CK(cudaMalloc(&x, size_t(p.hidden) * 2));
+    CK(cudaMalloc(&out, size_t(p.hidden) * 2));
+    fill<<<1024, 256>>>(w13, w13_n, 1, 1.0f / std::sqrt(float(p.hidden)));
+    fill<<<1024, 256>>>(w2t, w2_n, 2, 1.0f / std::sqrt(float(p.inter)));
+    fill<<<8, 256>>>(x, p.hidden, 3, 1.0f);
+    const int items = p.k * p.inter / kTileJ;
+    int per_sm = 0;
+    CK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, w2t_kernel<0>, kThreads, 0));
+    const int grid = std::min(items, per_sm * sms);
+    float* partial;
+    int* counters;
+    uint64_t* stamps;
+    int *ids;
+    float* wts;
+    CK(cudaMalloc(&partial, size_t(items) * p.hidden * 4));
+    CK(cudaMalloc(&counters, 8));
+    CK(cudaMemset(counters, 0, 8));
+    CK(cudaMalloc(&stamps, size_t(grid) * kStamps * 8));
+    CK(cudaMalloc(&ids, kSets * p.k * 4));
+    CK(cudaMalloc(&wts, kSets * p.k * 4));
+    std::mt19937 rng(42);
+    std::vector<int> hid(kSets * p.k);
+    std::vector<float> hw(kSets * p.k);
+    for (int s = 0; s < kSets; ++s) {
+      std::vector<int> all(p.experts);
+      for (int e = 0; e < p.experts; ++e) all[e] = e;
+      std::shuffle(all.begin(), all.end(), rng);
+      for (int j = 0; j < p.k; ++j) hid[s * p.k + j] = all[j], hw[s * p.k + j] = 0.05f + 0.9f * (rng() % 1000) / 1000.0f;
+    }
+    CK(cudaMemcpy(ids, hid.data(), hid.size() * 4, cudaMemcpyHostToDevice));
+    CK(cudaMemcpy(wts, hw.data(), hw.size() * 4, cudaMemcpyHostToDevice));
+    CK(cudaDeviceSynchronize());
+    const double mb = (3.0 * p.k * p.inter * p.hidden * 2) / 1e6;
+    std::printf("%s: %d items, grid %d (%d per SM), %.1f MB per token\n", p.name, items, grid, per_sm, mb);
+    struct Kernel {
+      const char* name;
+      void (*launch)(const Args&, int, cudaStream_t, unsigned*);
+      int stamps;
+      int fresh = 0;  // 1: the graph captured and instantiated again before every replay; 2: and uploaded
+    };
+    const auto engine = [](const Args& a, int g, cudaStream_t s, unsigned*) {
+      Args b = a;
+      void* params[] = {&b};
+      CK(cudaLaunchCooperativeKernel(reinterpret_cast<const void*>(w2t_kernel<0>), dim3(g), dim3(kThreads), params, 0, s));
+    };
+    const Kernel kernels[] = {
+        {"w2t kernel (engine's)", engine, 5},
+        {"  graph instantiated before each", engine, 5, 1},
+        {"  graph instantiated + uploaded", engine, 5, 2},
+        {"w2t kernel, plain launch", [](const Args& a, int g, cudaStream_t s, unsigned*) {
+           w2t_kernel<0><<<g, kThreads, 0, s>>>(a);
+         }, 5},
+        {"w2t kernel, 4 w2t rows early", [](const Args& a, int g, cudaStream_t s, unsigned*) {
+           w2t_kernel<4><<<g, kThreads, 0, s>>>(a);
+         }, 5},
+        {"w2t kernel, batched reduction", [](const Args& a, int g, cudaStream_t s, unsigned*) {
+           Args b = a;
+           void* params[] = {&b};
+           CK(cudaLaunchCooperativeKernel(reinterpret_cast<const void*>(w2t_kernel<0, true>), dim3(g), dim3(kThreads), params, 0, s));
+         }, 5},
+        {"bare read of the items' bytes", [](const Args& a, int g, cudaStream_t s, unsigned* sink) {
+           read_items<<<g, kThreads, 0, s>>>(a, sink);
+         }, 2},
+    };
+    for (const Kernel& kn : kernels) {
+      const auto instantiate = [&](int s) {
+        Args a{x, ids + s * p.k, wts + s * p.k, w13, w2t, partial, out, counters, stamps, p.experts, p.k, p.hidden, p.inter, 0};
+        cudaGraph_t graph;
+        CK(cudaStreamBeginCapture(stream, cudaStreamCaptureModeGlobal));
+        kn.launch(a, grid, stream, sink);
+        CK(cudaStreamEndCapture(stream, &graph));
+        cudaGraphExec_t exec;
+        CK(cudaGraphInstantiate(&exec, graph, 0));
+        CK(cudaGraphDestroy(graph));
+        if (kn.fresh == 2) {
+          CK(cudaGraphUpload(exec, stream));
+          CK(cudaStreamSynchronize(stream));
+        }
+        return exec;
+      };
+      std::vector<cudaGraphExec_t> execs;
+      for (int s = 0; s < kSets; ++s) execs.push_back(instantiate(s));
+      cudaEvent_t e0, e1;
+      CK(cudaEventCreate(&e0));
+      CK(cudaEventCreate(&e1));
+      std::vector<float> times;
+      std::vector<std::vector<double>> rows(kStamps);
+      for (int r = 0; r < 420; ++r) {
+        if (kn.fresh) {
+          CK(cudaGraphExecDestroy(execs[r % kSets]));
+          execs[r % kSets] = instantiate(r % kSets);
+        }
+        CK(cudaEventRecord(e0, stream));
+        CK(cudaGraphLaunch(execs[r % kSets], stream));
+        CK(cudaEventRecord(e1, stream));
+        CK(cudaEventSynchronize(e1));
+        float ms;
+        CK(cudaEventElapsedTime(&ms, e0, e1));
+        if (r >= 20) times.push_back(ms * 1000);
+        if (r >= 20 && r % 40 == 0) {  // ten replays' stamps, pooled
+          std::vector<uint64_t> h(size_t(grid) * kStamps);
+          CK(cudaMemcpy(h.data(), stamps, h.size() * 8, cudaMemcpyDeviceToHost));
+          uint64_t origin = UINT64_MAX;
+          for (int b = 0; b < grid; ++b) origin = std::min(origin, h[size_t(b) * kStamps]);
+          for (int b = 0; b < grid; ++b)
+            for (int i = 0; i < kn.stamps; ++i) rows[i].push_back((h[size_t(b) * kStamps + i] - origin) * 1e-3);
+        }
+      }
+      std::sort(times.begin(), times.end());
+      std::printf("  %-34s median %6.2f us (events around the replay)\n", kn.name, times[times.size() / 2]);
+      const char* names5[] = {"block entry", "act values out", "partials stored", "past the wait for every block", "done"};
+      const char* names2[] = {"block entry", "done"};
+      for (int i = 0; i < kn.stamps; ++i) percentiles(kn.stamps == 5 ? names5[i] : names2[i], rows[i]);
+      for (cudaGraphExec_t g : execs) CK(cudaGraphExecDestroy(g));
+    }
+    CK(cudaFree(w13));
+    CK(cudaFree(w2t));
+    CK(cudaFree(x));
+    CK(cudaFree(out));
+    CK(cudaFree(partial));
+    CK(cudaFree(counters));
+    CK(cudaFree(stamps));
+    CK(cudaFree(ids));
+    CK(cudaFree(wts));
+  }
+  return 0;
+}
