@@ -11,7 +11,9 @@
 // cooperative one; 4 of the 16 w2t rows loaded before the gate/up rows; the reduction's loads
 // batched. Results: bench/results/h100_single_token_timeline*_2026-11-24.txt, bench/NOTES.md.
 // Built and run on the GPU machine from the repository root:
-//   nvcc -O3 -std=c++17 -arch=sm_90a -I. bench/probes/single_token_timeline.cu -o /tmp/timeline && /tmp/timeline
+//   nvcc -O3 -std=c++17 -arch=sm_90a -I. bench/probes/single_token_timeline.cu kernels/cuda/fused_single_token.cu \
+//        kernels/cuda/device.cu -o /tmp/timeline && /tmp/timeline
+// (the library's own kernel, experts_fused_single_token_w2t, is timed in the same harness too)
 #include <cuda_runtime.h>
 
 #include <algorithm>
@@ -23,6 +25,7 @@
 
 #include "bench/probes/probe_common.cuh"
 #include "kernels/cuda/bf16_vec.cuh"
+#include "kernels/cuda/fused_single_token.hpp"
 #include "kernels/cuda/warp_gemv.cuh"
 
 using namespace moeflow::cuda;
@@ -269,7 +272,26 @@ int main() {
       void* params[] = {&b};
       CK(cudaLaunchCooperativeKernel(reinterpret_cast<const void*>(w2t_kernel<0>), dim3(g), dim3(kThreads), params, 0, s));
     };
+    // The library's kernel itself, called as the engine calls it (no stamps), on a lane of its own.
+    static LaneContext lane;
+    static uint16_t* out_bf16;
+    static Preset shape;
+    static void* scratch;
+    lane.stream = stream;
+    lane.counter_words = kLaneCounterWords;
+    if (lane.counters == nullptr) {
+      CK(cudaMalloc(&lane.counters, kLaneCounterWords * 4));
+      CK(cudaMemset(lane.counters, 0, kLaneCounterWords * 4));
+    }
+    shape = p;
+    out_bf16 = out;
+    const FusedSingleTokenShape fs{p.experts, p.k, p.hidden, p.inter};
+    CK(cudaMalloc(&scratch, fused_single_token_w2t_workspace_bytes(fs)));
     const Kernel kernels[] = {
+        {"library kernel (no stamps)", [](const Args& a, int, cudaStream_t, unsigned*) {
+           experts_fused_single_token_w2t(lane, {shape.experts, shape.k, shape.hidden, shape.inter}, 1, nullptr, a.x, a.ids,
+                                          a.wts, a.w13, a.w2t, out_bf16, scratch);
+         }, 0},
         {"w2t kernel (engine's)", engine, 5},
         {"  graph instantiated before each", engine, 5, 1},
         {"  graph instantiated + uploaded", engine, 5, 2},
@@ -348,6 +370,7 @@ int main() {
     CK(cudaFree(stamps));
     CK(cudaFree(ids));
     CK(cudaFree(wts));
+    CK(cudaFree(scratch));
   }
   return 0;
 }

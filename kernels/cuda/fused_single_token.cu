@@ -74,20 +74,27 @@ __device__ __forceinline__ void wait_for_every_block(int* arrived) {
 }
 
 // out[h] = Σ_rows weight[choice] · partial[row, h] over `rows` partial rows of H, `per_choice`
-// consecutive rows per choice; rows of a choice whose id is outside [0, E) are not read. Slices of
-// kSliceH features of H dealt over the blocks; in a slice, thread (h, r) adds rows r, r + kSums, ...
-// in order, then thread h adds the kSums sums in order: the same bytes on every run.
+// consecutive rows per choice; a choice whose id is outside [0, E) weighs 0 (its partial rows must be
+// zeros). Slices of kSliceH features of H dealt over the blocks; in a slice, thread (h, r) adds rows
+// r, r + kSums, ... in order, then thread h adds the kSums sums in order: the same bytes on every
+// run. The choices' weights are staged in shared memory first, so that no partial's load waits for
+// an id read from L2 (measured on the H100, T=1: that chain cost 0.7-1.6 µs; the probe
+// bench/probes/single_token_timeline.cu times this kernel beside a copy without it).
+constexpr int kMostChoices = 64;
 __device__ __forceinline__ void reduce_partials(const FusedOperands& a, const float* partial, int rows, int per_choice) {
   __shared__ float red[kSums][kSliceH];
+  __shared__ float choice_weight[kMostChoices];
   const int tid = static_cast<int>(threadIdx.x), hl = tid % kSliceH, r = tid / kSliceH;
+  if (tid < a.top_k) {
+    const int e = a.ids[tid];
+    choice_weight[tid] = e >= 0 && e < a.experts ? a.weights[tid] : 0.0f;
+  }
+  __syncthreads();
   for (int s = static_cast<int>(blockIdx.x); s < a.hidden / kSliceH; s += static_cast<int>(gridDim.x)) {
     const int h = s * kSliceH + hl;
     float sum = 0.0f;
-    for (int q = r; q < rows; q += kSums) {
-      const int choice = q / per_choice, e = a.ids[choice];
-      if (e >= 0 && e < a.experts)
-        sum = fmaf(a.weights[choice], __ldcg(partial + static_cast<int64_t>(q) * a.hidden + h), sum);
-    }
+    for (int q = r; q < rows; q += kSums)
+      sum = fmaf(choice_weight[q / per_choice], __ldcg(partial + static_cast<int64_t>(q) * a.hidden + h), sum);
     red[r][hl] = sum;
     __syncthreads();
     if (tid < kSliceH) {
@@ -176,14 +183,20 @@ __global__ void __launch_bounds__(kThreads, 3) fused_single_token_w2t_kernel(Tra
   for (int item = static_cast<int>(blockIdx.x); item < items; item += static_cast<int>(gridDim.x)) {
     const int choice = item / tiles, j0 = (item % tiles) * kTileJ;
     const int e = a.ids[choice];
-    if (e < 0 || e >= a.experts) continue;  // no expert, no contribution: its partial is never read
+    auto* y = reinterpret_cast<float4*>(a.partial + static_cast<int64_t>(item) * a.hidden);
+    if (e < 0 || e >= a.experts) {  // no expert, no contribution: a partial of zeros (weighed 0)
+      for (int hv = tid; hv < hvecs; hv += kThreads) {
+        __stcg(y + 2 * hv, make_float4(0.0f, 0.0f, 0.0f, 0.0f));
+        __stcg(y + 2 * hv + 1, make_float4(0.0f, 0.0f, 0.0f, 0.0f));
+      }
+      continue;
+    }
     warp_act(a, e, j0, warp, lane, [&](int o, float v) { act[warp * kOut + o] = v; });
     __syncthreads();
     // y[h] = Σ_f act_f · w2t[e, j0 + f, h] over the item's 16 features, for all of H: each thread 8
     // neighbouring h at a time (one 16-byte load from each of the 16 rows), stored from its registers
     // with two 16-byte stores.
     const auto* w2t = reinterpret_cast<const uint4*>(a.w2t + (static_cast<int64_t>(e) * a.inter + j0) * a.hidden);
-    auto* y = reinterpret_cast<float4*>(a.partial + static_cast<int64_t>(item) * a.hidden);
     for (int hv = tid; hv < hvecs; hv += kThreads) {
       uint4 raw[kTileJ];
 #pragma unroll
@@ -261,6 +274,9 @@ std::atomic<int> w2t_blocks_per_sm{0};
 std::string shape_unsupported(const FusedSingleTokenShape& s, int hidden_step, const std::string& hidden_why,
                               int inter_step, const std::string& inter_why) {
   if (s.experts <= 0 || s.top_k <= 0) return "E = " + std::to_string(s.experts) + ", k = " + std::to_string(s.top_k);
+  if (s.top_k > kMostChoices)
+    return "k = " + std::to_string(s.top_k) + ": the single-token kernels weigh at most " + std::to_string(kMostChoices) +
+           " choices";
   if (s.hidden <= 0 || s.hidden % hidden_step != 0)
     return "H = " + std::to_string(s.hidden) + ": the single-token kernel needs a multiple of " +
            std::to_string(hidden_step) + " (" + hidden_why + ")";
