@@ -15,7 +15,7 @@ struct PassPoint {
   std::vector<double> time_us;    // one per pass, in pass order
   double median_us = 0.0;
   double spread = 0.0;            // (max - min) / median_us
-  double ratio_floor = 0.0;       // median_us / the floor (the floor of the first pass)
+  double ratio_floor = 0.0;       // median_us / the smallest of the passes' floors (the highest rates measured)
 };
 
 // Rows (with "time_us" and "floor_us") grouped by their identifying fields, in first-seen order.

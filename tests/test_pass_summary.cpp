@@ -39,6 +39,16 @@ TEST(PassSummary, GroupsRowsByPointWithMedianAndSpread) {
   EXPECT_DOUBLE_EQ(points[2].median_us, 21.0);  // one slow pass moves the spread, not the median
   EXPECT_DOUBLE_EQ(points[2].spread, 10.0 / 21.0);
 
+  // Each pass measures the rates again: the ratio is to the smallest floor any pass measured (a
+  // pass whose rates came out low does not flatter the point), whichever pass it was.
+  const std::vector<PassPoint> moved =
+      summarize_passes({row(1, "serial", 33.6, 22.9), row(1, "serial", 36.9, 26.9), row(1, "serial", 36.9, 26.7)});
+  ASSERT_EQ(moved.size(), 1u);
+  EXPECT_DOUBLE_EQ(moved[0].ratio_floor, 36.9 / 22.9);
+  const std::vector<PassPoint> later =
+      summarize_passes({row(1, "serial", 36.9, 26.9), row(1, "serial", 33.6, 22.9), row(1, "serial", 36.9, 0.0)});
+  EXPECT_DOUBLE_EQ(later[0].ratio_floor, 36.9 / 22.9);
+
   // Rows that asked for different kernels stay apart, though the planner chose the same one.
   nlohmann::json asked_auto = row(2, "serial", 5.0), asked_x = row(2, "serial", 9.0);
   asked_auto["experts_kernel_asked"] = "auto";
