@@ -63,8 +63,10 @@ struct Args {
 // The engine's w2t kernel (fused_single_token_w2t_kernel), stamps added; kEarly of the item's 16
 // w2t vectors per thread are requested before the gate/up rows (0: as the engine); kBatched: each
 // reduction thread loads all its partials before adding any (the engine's loop loads one, adds it,
-// loads the next: a chain of L2 round trips).
-template <int kEarly, bool kBatched = false>
+// loads the next: a chain of L2 round trips); kSliceMajor: the partials laid out [H/8][items][8], so
+// that a reduction slice's rows are one contiguous run (11 KB) instead of 8 floats in each of the
+// items' rows 8 KB apart.
+template <int kEarly, bool kBatched = false, bool kSliceMajor = false>
 __global__ void __launch_bounds__(kThreads, 3) w2t_kernel(Args a) {
   __shared__ float act[kTileJ];
   __shared__ float red[kSums][kSliceH];
@@ -105,8 +107,9 @@ __global__ void __launch_bounds__(kThreads, 3) w2t_kernel(Args a) {
 #pragma unroll
         for (int i = 0; i < 8; ++i) sum[i] = fmaf(act[j], w[i], sum[i]);
       }
-      __stcg(y + 2 * hv, make_float4(sum[0], sum[1], sum[2], sum[3]));
-      __stcg(y + 2 * hv + 1, make_float4(sum[4], sum[5], sum[6], sum[7]));
+      float4* dst = kSliceMajor ? reinterpret_cast<float4*>(a.partial + (static_cast<int64_t>(hv) * items + item) * 8) : y + 2 * hv;
+      __stcg(dst, make_float4(sum[0], sum[1], sum[2], sum[3]));
+      __stcg(dst + 1, make_float4(sum[4], sum[5], sum[6], sum[7]));
     }
     __syncthreads();
   }
@@ -138,7 +141,10 @@ __global__ void __launch_bounds__(kThreads, 3) w2t_kernel(Args a) {
       }
     } else {
       for (int q = r; q < items; q += kSums)
-        sum = fmaf(a.wts[q / tiles], __ldcg(a.partial + static_cast<int64_t>(q) * a.hidden + h), sum);
+        sum = fmaf(a.wts[q / tiles],
+                   __ldcg(a.partial + (kSliceMajor ? (static_cast<int64_t>(s) * items + q) * 8 + hl
+                                                   : static_cast<int64_t>(q) * a.hidden + h)),
+                   sum);
     }
     red[r][hl] = sum;
     __syncthreads();
@@ -300,6 +306,11 @@ int main() {
          }, 5},
         {"w2t kernel, 4 w2t rows early", [](const Args& a, int g, cudaStream_t s, unsigned*) {
            w2t_kernel<4><<<g, kThreads, 0, s>>>(a);
+         }, 5},
+        {"w2t kernel, slice-major partials", [](const Args& a, int g, cudaStream_t s, unsigned*) {
+           Args b = a;
+           void* params[] = {&b};
+           CK(cudaLaunchCooperativeKernel(reinterpret_cast<const void*>(w2t_kernel<0, false, true>), dim3(g), dim3(kThreads), params, 0, s));
          }, 5},
         {"w2t kernel, batched reduction", [](const Args& a, int g, cudaStream_t s, unsigned*) {
            Args b = a;
