@@ -22,15 +22,6 @@
 
 namespace {
 
-#define CB(x)                                                                 \
-  do {                                                                        \
-    cublasStatus_t s_ = (x);                                                  \
-    if (s_ != CUBLAS_STATUS_SUCCESS) {                                        \
-      std::printf("%s failed: %d (%s:%d)\n", #x, int(s_), __FILE__, __LINE__); \
-      std::exit(1);                                                           \
-    }                                                                         \
-  } while (0)
-
 __global__ void fill(uint16_t* p, size_t n, uint64_t seed) {
   for (size_t i = blockIdx.x * static_cast<size_t>(blockDim.x) + threadIdx.x; i < n; i += static_cast<size_t>(gridDim.x) * blockDim.x) {
     uint64_t z = (i + seed) * 0x9e3779b97f4a7c15ull;

@@ -18,6 +18,16 @@
     }                                                                                             \
   } while (0)
 
+// The same for a cuBLAS status (probes that call cuBLAS include cublas_v2.h first).
+#define CB(x)                                                                               \
+  do {                                                                                      \
+    const auto status_ = (x);                                                               \
+    if (status_ != CUBLAS_STATUS_SUCCESS) {                                                 \
+      std::printf("%s failed: cuBLAS status %d (%s:%d)\n", #x, int(status_), __FILE__, __LINE__); \
+      std::exit(1);                                                                         \
+    }                                                                                       \
+  } while (0)
+
 // Reads `vecs` 16-byte words once, streaming (no reuse): each thread keeps kUnroll independent loads
 // in flight per step of its grid-stride loop; the xor of the words keeps the loads alive.
 template <int kUnroll>

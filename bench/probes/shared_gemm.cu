@@ -21,15 +21,6 @@
 
 #include "bench/probes/probe_common.cuh"
 
-#define CB(x)                                                              \
-  do {                                                                     \
-    const auto s_ = (x);                                                   \
-    if (s_ != CUBLAS_STATUS_SUCCESS) {                                     \
-      std::printf("%s failed: %d (line %d)\n", #x, int(s_), __LINE__);     \
-      std::exit(1);                                                        \
-    }                                                                      \
-  } while (0)
-
 namespace {
 
 constexpr int kCopies = 4;  // 4 × 46 MB > L2 for the smallest weight here

@@ -468,8 +468,8 @@ void CudaExecutor::capture_graph(const DeviceArena& inputs, const DeviceArena& w
   // stream it is launched into unless told otherwise: keep the critical lane ahead on replay too.
   MOEFLOW_CUDA_CHECK(cudaGraphInstantiateWithFlags(&s.graph_exec, s.graph, cudaGraphInstantiateFlagUseNodePriority));
   // Uploaded now, not by its first launch: a replay is then timed as a graph that serving replays
-  // again and again (the upload, done once, put ~3 µs into the first launch of every capture; an
-  // H100 probe, bench/probes/single_token_timeline.cu).
+  // again and again (the upload, done once, put 1.3-1.9 µs into the first launch of every capture of
+  // a one-kernel graph on the H100, more with more nodes; bench/probes/single_token_timeline.cu).
   MOEFLOW_CUDA_CHECK(cudaGraphUpload(s.graph_exec, s.streams[0]));
   MOEFLOW_CUDA_CHECK(cudaStreamSynchronize(s.streams[0]));
   s.captured_tokens = tokens;
