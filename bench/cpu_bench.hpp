@@ -18,7 +18,7 @@ struct BenchOptions {
   std::vector<Policy> plans;
   std::vector<std::string> scopes;  // "experts", "layer"
   std::vector<int> chunks{1};       // chunk counts (graph/chunk.hpp) measured in turn
-  int max_lanes = 4;                // most lanes the concurrent planner opens
+  int max_lanes = kDefaultMaxLanes;  // most lanes the concurrent planner opens
   int threads = 1;
   uint64_t seed = 0;
   int warmup = 1;

@@ -23,10 +23,13 @@ enum class Policy {
 const char* to_string(Policy p);
 Policy parse_policy(const std::string& text);
 
+// The most lanes the concurrent planner opens unless told otherwise (--max-lanes).
+inline constexpr int kDefaultMaxLanes = 4;
+
 struct PlanOptions {
   Policy policy = Policy::serial;
   Backend backend = Backend::cpu;
-  int max_lanes = 4;
+  int max_lanes = kDefaultMaxLanes;
   std::map<std::string, std::string> forced_kernels;  // op kind -> kernel name (--kernel)
   MachineRates rates;                                 // for the cost model
   int64_t cost_tokens = 0;                            // T the costs are evaluated at; 0: the maximum

@@ -30,7 +30,7 @@ Command add_bench_command(CLI::App& app) {
     std::vector<std::string> scope{"both"};
     std::vector<int> chunks{1};
     std::string backend = "cpu";
-    int max_lanes = 4;
+    int max_lanes = kDefaultMaxLanes;
     int threads = 0;
     uint64_t seed = 0;
     int min_runs = 10;

@@ -31,7 +31,7 @@ struct PlanFlags {
   std::string plan = "serial";
   std::string backend = "cpu";
   std::vector<std::string> kernels;  // op=name
-  int max_lanes = 4;
+  int max_lanes = kDefaultMaxLanes;
   bool no_reuse_memory = false;
   bool no_fuse = false;
   bool no_fold_shared = false;

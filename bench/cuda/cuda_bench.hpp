@@ -8,6 +8,8 @@
 #include <string>
 #include <vector>
 
+#include "scheduler/plan.hpp"
+
 namespace moeflow {
 
 struct CudaBenchOptions {
@@ -18,7 +20,7 @@ struct CudaBenchOptions {
   std::vector<std::string> experts_kernels;  // empty: the planner's choice; else each forced in turn
   std::vector<std::string> scopes;
   std::vector<int> chunks{1};                // chunk counts (graph/chunk.hpp) measured in turn
-  int max_lanes = 4;                         // most lanes the concurrent planner opens
+  int max_lanes = kDefaultMaxLanes;  // most lanes the concurrent planner opens
   uint64_t seed = 0;
   int warmup = 3;
   int min_runs = 50;
