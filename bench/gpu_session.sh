@@ -195,22 +195,24 @@ fi
 if [[ $mode == single ]]; then
   # The one-token kernels (w2 in place, in quads; transposed from a packed copy; $KERNELS to choose):
   # every gpu test, their tests under the three sanitizers, resources, then T=1 side by side (experts
-  # path and, unless LAYER=no, qwen3's layer in CUDA graphs), then where the experts path's time goes
-  # at large T (BREAKDOWN= skips it).
+  # path of $MODELS and, unless LAYER=no, the layer of $LAYER_MODELS in CUDA graphs, its kernels
+  # $LAYER_KERNELS, scopes $LAYER_SCOPES, $LAYER_PASSES passes), then where the experts path's time
+  # goes at large T (BREAKDOWN= skips it).
   tests_and_sanitizers "${SAN:-CudaFusedSingleToken.*}" single
   kernel_profile
   obj=$(find $b -name fused_single_token.cu.o | head -1)
   cuobjdump -res-usage "$obj" 2>/dev/null | awk '/Function/ { name = $2 } /REG:/ { print $1, $2, $3, $4, name }' \
     | cu++filt | cut -c1-160 | tee "$OUT/single_resources.txt"
   echo "== experts path, T=1, CUDA graph"
-  timeout 150 $b/moeflow bench --backend cuda --models qwen1.5-moe-a2.7b,qwen3-30b-a3b,deepseek-v3 --tokens 1 --plans graph \
+  timeout 150 $b/moeflow bench --backend cuda --models ${MODELS:-qwen1.5-moe-a2.7b,qwen3-30b-a3b,deepseek-v3} --tokens 1 --plans graph \
     --experts-kernels ${KERNELS:-auto,cuda.fused_single_token,cuda.fused_single_token_w2t} --scope experts --runs ${RUNS:-300} \
     --passes 3 --json "$OUT/single_experts.jsonl" > "$OUT/single_experts.log" 2>&1; echo "rc=$?"; grep -v "^skipped" "$OUT/single_experts.log" | tail -12
   [[ ${LAYER:-yes} == no ]] && exit 0
-  echo "== qwen3 layer, T=1"
-  timeout 60 $b/moeflow bench --backend cuda --models qwen3-30b-a3b --tokens 1 --plans concurrent,graph \
-    --experts-kernels auto,cuda.fused_single_token --scope layer --runs ${RUNS:-300} --json "$OUT/single_layer.jsonl" \
-    > "$OUT/single_layer.log" 2>&1; echo "rc=$?"; grep -v "^skipped" "$OUT/single_layer.log" | tail -6
+  echo "== ${LAYER_MODELS:-qwen3-30b-a3b} layer, T=1"
+  timeout ${LAYER_S:-60} $b/moeflow bench --backend cuda --models ${LAYER_MODELS:-qwen3-30b-a3b} --tokens 1 --plans concurrent,graph \
+    --experts-kernels ${LAYER_KERNELS:-auto,cuda.fused_single_token} --scope ${LAYER_SCOPES:-layer} --runs ${RUNS:-300} \
+    --passes ${LAYER_PASSES:-1} --json "$OUT/single_layer.jsonl" > "$OUT/single_layer.log" 2>&1; echo "rc=$?"
+  grep -v "^skipped" "$OUT/single_layer.log" | tail -${LAYER_TAIL:-6}
   echo "== where the experts path's time goes (eager concurrent runs with events around each node)"
   for point in ${BREAKDOWN-qwen3-30b-a3b,2048 qwen3-30b-a3b,8192 qwen1.5-moe-a2.7b,2048 qwen1.5-moe-a2.7b,8192 deepseek-v3,2048 deepseek-v3,8192}; do
     timeout 60 $b/moeflow run --backend cuda --model ${point%,*} --scope experts --tokens ${point#*,} --plan concurrent \

@@ -70,6 +70,10 @@ struct PackedWeight {
   // The kernel that computes the same without the copy (e.g. the same tiles unfused): what a plan
   // with packed weights off runs where a tuning cache names this one.
   std::string unpacked_twin;
+  // Where the copy also holds other weights of the node (a folded shared expert's, say): its layout
+  // for that node, which then names it apart from the plain `layout`; null: `layout` everywhere.
+  std::function<std::string(const Graph&, const Node&)> layout_of = {};
+  std::string layout_for(const Graph& g, const Node& n) const { return layout_of ? layout_of(g, n) : layout; }
 };
 
 struct KernelEntry {

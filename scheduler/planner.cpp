@@ -62,12 +62,13 @@ void add_packed_copy(Plan& plan, PlanStep& s) {
   if (g.value(source).role != ValueRole::weight)
     fail_input("node '" + n.name + "': kernel '" + s.kernel->name + "' packs input " + std::to_string(p.input) + " ('" +
                g.value(source).name + "'), which is not a weight bound once");
+  const std::string layout = p.layout_for(g, n);
   for (std::size_t i = 0; i < plan.packed.size(); ++i)
-    if (plan.packed[i].source == source && plan.packed[i].layout == p.layout) {
+    if (plan.packed[i].source == source && plan.packed[i].layout == layout) {
       s.packed = static_cast<int>(i);
       return;
     }
-  PackedCopy c{source, p.layout, s.node, p.bytes(g, n)};
+  PackedCopy c{source, layout, s.node, p.bytes(g, n)};
   plan.packed_bytes += c.bytes;
   s.packed = static_cast<int>(plan.packed.size());
   plan.packed.push_back(c);

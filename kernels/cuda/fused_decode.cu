@@ -3,7 +3,6 @@
 #include <cuda_runtime.h>
 
 #include <algorithm>
-#include <array>
 #include <atomic>
 #include <string>
 #include <type_traits>
@@ -437,30 +436,6 @@ int64_t counter_bytes(const FusedDecodeShape& s) { return align256(counter_words
 
 std::atomic<int> blocks_per_sm{0}, folded_blocks_per_sm{0};
 
-// An early start needs the device's programmatic dependent launch (compute capability 9.0) and this
-// kernel's sm_90 code, whose wait (dependent_launch.cuh) a binary built for older devices lacks:
-// launched early without it, the kernel would read the routing before the gate wrote it. Asked once
-// per device (a host may mix architectures).
-bool early_start_supported(int device) {
-  constexpr int kDevices = 64;
-  static std::array<std::atomic<int>, kDevices> answer{};  // 0: not asked, 1: yes, 2: no
-  if (device < 0 || device >= kDevices) return false;
-  int known = answer[static_cast<std::size_t>(device)].load(std::memory_order_relaxed);
-  if (known == 0) {
-    int major = 0;
-    MOEFLOW_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device));
-    int current = 0;
-    MOEFLOW_CUDA_CHECK(cudaGetDevice(&current));
-    MOEFLOW_CUDA_CHECK(cudaSetDevice(device));
-    cudaFuncAttributes attributes{};
-    const cudaError_t asked = cudaFuncGetAttributes(&attributes, fused_decode_kernel<true>);
-    MOEFLOW_CUDA_CHECK(cudaSetDevice(current));
-    MOEFLOW_CUDA_CHECK(asked);
-    known = major >= 9 && attributes.binaryVersion >= 90 ? 1 : 2;
-    answer[static_cast<std::size_t>(device)].store(known, std::memory_order_relaxed);
-  }
-  return known == 1;
-}
 
 }  // namespace
 
@@ -499,7 +474,7 @@ void experts_fused_decode(const LaneContext& ctx, const FusedDecodeShape& s, int
   // The counters: the lane's, which the kernel leaves zero, where they fit; else the workspace's
   // (shared with other nodes' buffers), zeroed before every run by a memset.
   // Only the folded kernel has work before the routing, and only it waits for it.
-  a.early = start_early && s.shared_intermediate > 0 && early_start_supported(ctx.device);
+  a.early = start_early && s.shared_intermediate > 0 && early_start_supported<fused_decode_kernel<true>>(ctx.device);
   a.up_done = launch_counters(ctx, counter_words(s), reinterpret_cast<int*>(bytes + act_bytes(s) + y_bytes(s)), a.early);
   a.down_done = a.up_done + kMaxPairs;
   a.next_item = a.down_done + down_tile_count(s);
@@ -517,22 +492,8 @@ void experts_fused_decode(const LaneContext& ctx, const FusedDecodeShape& s, int
                               : resident_blocks(fused_decode_kernel<false>, kThreads, ctx.device, blocks_per_sm);
   const int grid = static_cast<int>(
       std::max<int64_t>(1, std::min<int64_t>(std::max<int64_t>(most_items, down_tile_count(s)), resident)));
-  if (!folded) {
-    fused_decode_kernel<false><<<grid, kThreads, 0, ctx.stream>>>(a);
-  } else if (!a.early) {
-    fused_decode_kernel<true><<<grid, kThreads, 0, ctx.stream>>>(a);
-  } else {
-    cudaLaunchAttribute early{};
-    early.id = cudaLaunchAttributeProgrammaticStreamSerialization;
-    early.val.programmaticStreamSerializationAllowed = 1;
-    cudaLaunchConfig_t config{};
-    config.gridDim = dim3(static_cast<unsigned>(grid));
-    config.blockDim = dim3(kThreads);
-    config.stream = ctx.stream;
-    config.attrs = &early;
-    config.numAttrs = 1;
-    MOEFLOW_CUDA_CHECK(cudaLaunchKernelEx(&config, fused_decode_kernel<true>, a));
-  }
+  if (!folded) fused_decode_kernel<false><<<grid, kThreads, 0, ctx.stream>>>(a);
+  else launch_maybe_early(fused_decode_kernel<true>, grid, kThreads, ctx.stream, a.early, a);
   MOEFLOW_CUDA_LAUNCH_CHECK();
 }
 

@@ -9,6 +9,7 @@
 #include "graph/error.hpp"
 #include "kernels/cuda/bf16_vec.cuh"
 #include "kernels/cuda/check.cuh"
+#include "kernels/cuda/dependent_launch.cuh"
 #include "kernels/cuda/device.hpp"
 #include "kernels/cuda/fused_operands.hpp"
 #include "kernels/cuda/grid_sync.cuh"
@@ -37,22 +38,38 @@ struct Args : FusedOperands {  // plus this kernel's scratch and counters
 
 struct TransposedArgs : FusedOperands {  // w2 unused: w2t instead
   const uint16_t* w2t;  // bf16 [E, I, H] (pack_w2_transposed)
-  float* partial;       // [k·I/16, H]: one partial y per item over all of H
-  int* arrived;         // blocks done with their items
-  int* left;            // blocks done with everything: the last one zeroes both counters for the next launch
+  float* partial;       // [k·I/16, H]: one partial y per item over all of H (shared items first where folded)
+  int* arrived;         // blocks done with their items (folded: items done)
+  int* left;            // blocks done with everything: the last one zeroes the counters for the next launch
 };
 
-// act = silu(x·w1ᵀ)·(x·w3ᵀ) of this warp's kOut features j0 + warp·kOut + o of expert e, rounded to
-// bf16 as the chain's act buffer is (so every experts kernel computes the same values), zero where e
-// is outside [0, E) (no expert); lane 0 hands each to store(o, act).
+struct FoldedArgs : TransposedArgs {  // the w2t kernel with a shared expert folded in
+  FusedSingleTokenShared shared;
+  int shared_inter;    // S
+  int early;           // launched to start while the gate runs: the routing is read after its wait
+  int items_per_unit;  // consecutive items one block streams into one partial row (a unit)
+  int* next_item;      // the work counter: units, then the sum's slices
+};
+
+// The rows of one expert's w13 an item reads: a routed expert's [2I, H] (up rows I further), or the
+// shared expert's [2S, H] (up rows S further); null: no expert, an item of zeros.
+__device__ __forceinline__ const uint16_t* routed_w13(const FusedOperands& a, int e) {
+  return e >= 0 && e < a.experts ? a.w13 + static_cast<int64_t>(e) * 2 * a.inter * a.hidden : nullptr;
+}
+
+// act = silu(x·w1ᵀ)·(x·w3ᵀ) of this warp's kOut features j0 + warp·kOut + o of the expert whose w13
+// rows start at `w13` (up rows `up_rows` further), rounded to bf16 as the chain's act buffer is (so
+// every experts kernel computes the same values), zero where w13 is null (no expert); lane 0 hands
+// each to store(o, act).
 template <class Store>
-__device__ __forceinline__ void warp_act(const FusedOperands& a, int e, int j0, int warp, int lane, Store store) {
+__device__ __forceinline__ void warp_act(const FusedOperands& a, const uint16_t* w13, int up_rows, int j0, int warp,
+                                         int lane, Store store) {
   float gate[1][kOut] = {}, up[1][kOut] = {};
-  if (e >= 0 && e < a.experts) {
+  if (w13 != nullptr) {
     GatheredRows<1> x;
     x.row[0] = reinterpret_cast<const uint4*>(a.x);
-    const auto* w13 = reinterpret_cast<const uint4*>(a.w13 + static_cast<int64_t>(e) * 2 * a.inter * a.hidden);
-    gate_up_dot<1, kOut, ActLoad::read_only>(w13, j0 + warp * kOut, a.inter, a.hidden / 8, x, 1, lane, gate, up);
+    gate_up_dot<1, kOut, ActLoad::read_only>(reinterpret_cast<const uint4*>(w13), j0 + warp * kOut, up_rows,
+                                             a.hidden / 8, x, 1, lane, gate, up);
   }
 #pragma unroll
   for (int o = 0; o < kOut; ++o) {
@@ -81,29 +98,43 @@ __device__ __forceinline__ void wait_for_every_block(int* arrived) {
 // an id read from L2 (measured on the H100, T=1: that chain cost 0.7-1.6 µs; the probe
 // bench/probes/single_token_timeline.cu times this kernel beside a copy without it).
 constexpr int kMostChoices = 64;
-__device__ __forceinline__ void reduce_partials(const FusedOperands& a, const float* partial, int rows, int per_choice) {
-  __shared__ float red[kSums][kSliceH];
-  __shared__ float choice_weight[kMostChoices];
-  const int tid = static_cast<int>(threadIdx.x), hl = tid % kSliceH, r = tid / kSliceH;
+
+// The routed choices' weights into `choice_weight` (0 for an id outside [0, E)); the caller
+// synchronises the block before reading them.
+__device__ __forceinline__ void stage_choice_weights(const FusedOperands& a, float* choice_weight) {
+  const int tid = static_cast<int>(threadIdx.x);
   if (tid < a.top_k) {
     const int e = a.ids[tid];
     choice_weight[tid] = e >= 0 && e < a.experts ? a.weights[tid] : 0.0f;
   }
+}
+
+// out over slice s (kSliceH features of H) = Σ_q row_weight(q) · partial[q, h] over `rows` rows, in the
+// fixed order above. Every thread of the block calls it.
+template <class RowWeight>
+__device__ __forceinline__ void reduce_slice(const FusedOperands& a, const float* partial, int rows, int s,
+                                             RowWeight row_weight) {
+  __shared__ float red[kSums][kSliceH];
+  const int tid = static_cast<int>(threadIdx.x), hl = tid % kSliceH, r = tid / kSliceH;
+  const int h = s * kSliceH + hl;
+  float sum = 0.0f;
+  for (int q = r; q < rows; q += kSums) sum = fmaf(row_weight(q), __ldcg(partial + static_cast<int64_t>(q) * a.hidden + h), sum);
+  red[r][hl] = sum;
   __syncthreads();
-  for (int s = static_cast<int>(blockIdx.x); s < a.hidden / kSliceH; s += static_cast<int>(gridDim.x)) {
-    const int h = s * kSliceH + hl;
-    float sum = 0.0f;
-    for (int q = r; q < rows; q += kSums)
-      sum = fmaf(choice_weight[q / per_choice], __ldcg(partial + static_cast<int64_t>(q) * a.hidden + h), sum);
-    red[r][hl] = sum;
-    __syncthreads();
-    if (tid < kSliceH) {
-      float total = 0.0f;
-      for (int i = 0; i < kSums; ++i) total += red[i][tid];
-      a.out[s * kSliceH + tid] = float_to_bf16_bits(total);
-    }
-    __syncthreads();
+  if (tid < kSliceH) {
+    float total = 0.0f;
+    for (int i = 0; i < kSums; ++i) total += red[i][tid];
+    a.out[s * kSliceH + tid] = float_to_bf16_bits(total);
   }
+  __syncthreads();
+}
+
+__device__ __forceinline__ void reduce_partials(const FusedOperands& a, const float* partial, int rows, int per_choice) {
+  __shared__ float choice_weight[kMostChoices];
+  stage_choice_weights(a, choice_weight);
+  __syncthreads();
+  for (int s = static_cast<int>(blockIdx.x); s < a.hidden / kSliceH; s += static_cast<int>(gridDim.x))
+    reduce_slice(a, partial, rows, s, [&](int q) { return choice_weight[q / per_choice]; });
 }
 
 // True in thread 0 of the last block to get here: every other block is past its waits, so the
@@ -129,7 +160,7 @@ __global__ void __launch_bounds__(kThreads, 3) fused_single_token_kernel(Args a)
     const int choice = item / tiles, j0 = (item % tiles) * kTileJ;
     const int e = a.ids[choice];
     const bool routed = e >= 0 && e < a.experts;  // an id outside [0, E): no expert, no contribution
-    warp_act(a, e, j0, warp, lane, [&](int o, float v) {
+    warp_act(a, routed_w13(a, e), a.inter, j0, warp, lane, [&](int o, float v) {
       __stcg(a.act + static_cast<int64_t>(choice) * a.inter + j0 + warp * kOut + o, v);  // read by the quad's blocks
     });
     const int quad = item / kQuad, part = item % kQuad;
@@ -173,52 +204,186 @@ __global__ void __launch_bounds__(kThreads, 3) fused_single_token_kernel(Args a)
   }
 }
 
+// One item of the w2t kernels: y[h] = scale · Σ_f act_f · w2t[f, h] over the item's 16 features f
+// (rows j0 .. j0 + 15 of the expert whose w13 rows start at `w13`, up rows `up_rows` further, and
+// whose w2t rows j0 .. start at `w2t`), for all of H, stored into the partial row, or added to what
+// the block stored there before where `add`; null w13: no expert, a partial of zeros (weighed 0), or
+// nothing where `add`. Each thread takes 8 neighbouring h at a time (one 16-byte load from each of the
+// 16 rows) and stores them from its registers with two 16-byte stores. Every thread of the block calls
+// it; `act` is the block's kTileJ floats of shared memory.
+__device__ __forceinline__ void w2t_item(const FusedOperands& a, const uint16_t* w13, int up_rows, const uint16_t* w2t_rows,
+                                         int j0, float* partial_row, float* act, float scale = 1.0f, bool add = false) {
+  const int tid = static_cast<int>(threadIdx.x), warp = tid >> 5, lane = tid & 31, hvecs = a.hidden / 8;
+  auto* y = reinterpret_cast<float4*>(partial_row);
+  if (w13 == nullptr) {
+    if (add) return;
+    for (int hv = tid; hv < hvecs; hv += kThreads) {
+      __stcg(y + 2 * hv, make_float4(0.0f, 0.0f, 0.0f, 0.0f));
+      __stcg(y + 2 * hv + 1, make_float4(0.0f, 0.0f, 0.0f, 0.0f));
+    }
+    return;
+  }
+  warp_act(a, w13, up_rows, j0, warp, lane, [&](int o, float v) { act[warp * kOut + o] = v; });
+  __syncthreads();
+  const auto* w2t = reinterpret_cast<const uint4*>(w2t_rows);
+  for (int hv = tid; hv < hvecs; hv += kThreads) {
+    uint4 raw[kTileJ];
+#pragma unroll
+    for (int j = 0; j < kTileJ; ++j) raw[j] = __ldg(w2t + static_cast<int64_t>(j) * hvecs + hv);
+    float sum[8] = {};
+#pragma unroll
+    for (int j = 0; j < kTileJ; ++j) {
+      float w[8];
+      unpack8(raw[j], w);
+#pragma unroll
+      for (int i = 0; i < 8; ++i) sum[i] = fmaf(act[j], w[i], sum[i]);
+    }
+    // The same thread stored what it adds to (through L2 both times).
+    const float4 lo = add ? __ldcg(y + 2 * hv) : make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+    const float4 hi = add ? __ldcg(y + 2 * hv + 1) : make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+    const float old[8] = {lo.x, lo.y, lo.z, lo.w, hi.x, hi.y, hi.z, hi.w};
+#pragma unroll
+    for (int i = 0; i < 8; ++i) sum[i] = add ? fmaf(scale, sum[i], old[i]) : scale * sum[i];
+    __stcg(y + 2 * hv, make_float4(sum[0], sum[1], sum[2], sum[3]));
+    __stcg(y + 2 * hv + 1, make_float4(sum[4], sum[5], sum[6], sum[7]));
+  }
+  __syncthreads();  // act[] is rewritten by the block's next item
+}
+
 __global__ void __launch_bounds__(kThreads, 3) fused_single_token_w2t_kernel(TransposedArgs a) {
   __shared__ float act[kTileJ];
   // T = 0 (a graph captured for T <= 1 replayed with none): the same answer in every block.
   if (a.live_tokens != nullptr && *a.live_tokens <= 0) return;
-  const int tid = static_cast<int>(threadIdx.x), warp = tid >> 5, lane = tid & 31;
-  const int tiles = a.inter / kTileJ, items = a.top_k * tiles, hvecs = a.hidden / 8;
+  const int tiles = a.inter / kTileJ, items = a.top_k * tiles;
   // Items by index: block b takes b, b + grid, ...; no item waits for another.
   for (int item = static_cast<int>(blockIdx.x); item < items; item += static_cast<int>(gridDim.x)) {
     const int choice = item / tiles, j0 = (item % tiles) * kTileJ;
     const int e = a.ids[choice];
-    auto* y = reinterpret_cast<float4*>(a.partial + static_cast<int64_t>(item) * a.hidden);
-    if (e < 0 || e >= a.experts) {  // no expert, no contribution: a partial of zeros (weighed 0)
-      for (int hv = tid; hv < hvecs; hv += kThreads) {
-        __stcg(y + 2 * hv, make_float4(0.0f, 0.0f, 0.0f, 0.0f));
-        __stcg(y + 2 * hv + 1, make_float4(0.0f, 0.0f, 0.0f, 0.0f));
-      }
-      continue;
-    }
-    warp_act(a, e, j0, warp, lane, [&](int o, float v) { act[warp * kOut + o] = v; });
-    __syncthreads();
-    // y[h] = Σ_f act_f · w2t[e, j0 + f, h] over the item's 16 features, for all of H: each thread 8
-    // neighbouring h at a time (one 16-byte load from each of the 16 rows), stored from its registers
-    // with two 16-byte stores.
-    const auto* w2t = reinterpret_cast<const uint4*>(a.w2t + (static_cast<int64_t>(e) * a.inter + j0) * a.hidden);
-    for (int hv = tid; hv < hvecs; hv += kThreads) {
-      uint4 raw[kTileJ];
-#pragma unroll
-      for (int j = 0; j < kTileJ; ++j) raw[j] = __ldg(w2t + static_cast<int64_t>(j) * hvecs + hv);
-      float sum[8] = {};
-#pragma unroll
-      for (int j = 0; j < kTileJ; ++j) {
-        float w[8];
-        unpack8(raw[j], w);
-#pragma unroll
-        for (int i = 0; i < 8; ++i) sum[i] = fmaf(act[j], w[i], sum[i]);
-      }
-      __stcg(y + 2 * hv, make_float4(sum[0], sum[1], sum[2], sum[3]));
-      __stcg(y + 2 * hv + 1, make_float4(sum[4], sum[5], sum[6], sum[7]));
-    }
-    __syncthreads();  // act[] is rewritten by the block's next item
+    const bool routed = e >= 0 && e < a.experts;
+    w2t_item(a, routed_w13(a, e), a.inter,
+             routed ? a.w2t + (static_cast<int64_t>(e) * a.inter + j0) * a.hidden : nullptr, j0,
+             a.partial + static_cast<int64_t>(item) * a.hidden, act);
   }
   wait_for_every_block(a.arrived);  // every block's partials before any block sums them
   reduce_partials(a, a.partial, items, tiles);
   if (last_block_out(a.left)) {
     *a.arrived = 0;
     *a.left = 0;
+  }
+}
+
+// σ(x · gate) of a gated shared expert (1 without a gate), summed by warp 0 in a fixed order; every
+// thread of the block calls it and gets the value.
+__device__ __forceinline__ float shared_expert_weight(const FoldedArgs& a) {
+  __shared__ float weight;
+  const int tid = static_cast<int>(threadIdx.x), lane = tid & 31;
+  if (tid < 32) {
+    float v = 1.0f;
+    if (a.shared.gate != nullptr) {
+      const auto* x = reinterpret_cast<const uint4*>(a.x);
+      const auto* g = reinterpret_cast<const uint4*>(a.shared.gate);
+      float acc = 0.0f;
+      for (int i = lane; i < a.hidden / 8; i += 32) {
+        float xv[8], gv[8];
+        unpack8(__ldg(x + i), xv);
+        unpack8(__ldg(g + i), gv);
+        acc = dot8(xv, gv, acc);
+      }
+      v = 1.0f / (1.0f + __expf(-warp_sum(acc)));
+    }
+    if (tid == 0) weight = v;
+  }
+  __syncthreads();
+  return weight;
+}
+
+// The w2t kernel with the layer's shared expert folded in: its S / 16 items first (they need no
+// routing, so a block started early streams them while the gate runs), then the k choices' items.
+// Items come in units of consecutive ones, as many units as blocks fit at once, so that every block
+// streams one unit in one round (items left for a second round after the first ended late: the
+// stream slowed at the round's end and the sum grew with the rows; bench/NOTES.md); a unit's items
+// are weighed (σ(x · gate) or 1 for the shared expert's, the routing weight for a choice's) and added
+// into the unit's one partial row in order. Blocks take units from one counter, then the sum's
+// slices, so every unit is taken before any slice: a block at a slice waits only for units that
+// running blocks hold, and they finish without waiting for any block (the routed ones wait for the
+// gate, which waits for nothing of this kernel). So no block needs another to be resident, and the
+// launch need not be cooperative. Whichever block runs a unit, its row is the same bytes, and the
+// slices add the rows in the fixed order of reduce_slice: repeated runs give identical bytes.
+__global__ void __launch_bounds__(kThreads, 3) fused_single_token_w2t_folded_kernel(FoldedArgs a) {
+  __shared__ float act[kTileJ];
+  __shared__ float choice_weight[kMostChoices];
+  __shared__ int next;
+  const int tid = static_cast<int>(threadIdx.x);
+  // Both round trips issued before either is used. The live T was written before the previous
+  // kernel ran, so it may be read before an early start's wait.
+  const int first = tid == 0 ? atomicAdd(a.next_item, 1) : 0;
+  const int live = a.live_tokens != nullptr ? *a.live_tokens : 1;
+  if (tid == 0) next = first;
+  const int shared_items = a.shared_inter / kTileJ, tiles = a.inter / kTileJ;
+  const int items = shared_items + a.top_k * tiles, per_unit = a.items_per_unit;
+  // T = 0 (a graph captured for T <= 1 replayed with none): no work, only the counters' reset.
+  const int units = live > 0 ? (items + per_unit - 1) / per_unit : 0;
+  const int work = live > 0 ? units + a.hidden / kSliceH : 0;
+  bool routing_known = false;      // the choices' weights staged (after the gate's wait where early)
+  bool shared_known = false;
+  float shared_weight = 0.0f;
+  __syncthreads();
+  int task = next;
+  while (task < work) {
+    __syncthreads();  // every thread has read `next`
+    if (tid == 0) next = atomicAdd(a.next_item, 1);
+    if (task < units) {
+      float* row = a.partial + static_cast<int64_t>(task) * a.hidden;
+      const int begin = task * per_unit, end = min(items, begin + per_unit);
+      for (int item = begin; item < end; ++item) {
+        if (item < shared_items) {
+          if (!shared_known) {
+            shared_weight = shared_expert_weight(a);  // synchronises the block
+            shared_known = true;
+          }
+          const int j0 = item * kTileJ;
+          w2t_item(a, a.shared.w13, a.shared_inter, a.shared.w2t + static_cast<int64_t>(j0) * a.hidden, j0, row, act,
+                   shared_weight, item > begin);
+        } else {
+          if (!routing_known) {
+            if (a.early) wait_for_previous_kernel();  // the gate's ids and weights
+            stage_choice_weights(a, choice_weight);
+            __syncthreads();
+            routing_known = true;
+          }
+          const int choice = (item - shared_items) / tiles, j0 = (item - shared_items) % tiles * kTileJ;
+          const int e = a.ids[choice];
+          const bool routed = e >= 0 && e < a.experts;
+          w2t_item(a, routed_w13(a, e), a.inter,
+                   routed ? a.w2t + (static_cast<int64_t>(e) * a.inter + j0) * a.hidden : nullptr, j0, row, act,
+                   choice_weight[choice], item > begin);
+        }
+      }
+      __syncthreads();  // the block's partial row before its count (CUTLASS's semaphore pattern)
+      if (tid == 0) {
+        __threadfence();
+        atomicAdd(a.arrived, 1);
+      }
+    } else {
+      if (tid == 0)
+        while (load_acquire(a.arrived) < units) __nanosleep(32);
+      __syncthreads();
+      reduce_slice(a, a.partial, units, task - units, [](int) { return 1.0f; });
+    }
+    __syncthreads();  // `next` is written
+    task = next;
+  }
+  // Out: the last block zeroes the counters for the next launch. Every block's last use of them (its
+  // last fetch, its counts, its waits) precedes its arrival here.
+  __syncthreads();
+  if (tid == 0) {
+    __threadfence();
+    if (atomicAdd(a.left, 1) == static_cast<int>(gridDim.x) - 1) {
+      __threadfence();
+      *a.next_item = 0;
+      *a.arrived = 0;
+      *a.left = 0;
+    }
   }
 }
 
@@ -262,12 +427,12 @@ int64_t partial_bytes(const FusedSingleTokenShape& s) { return align256(int64_t{
 int counter_words(const FusedSingleTokenShape& s) { return quad_count(s) + 2; }
 int64_t counter_bytes(const FusedSingleTokenShape& s) { return align256(int64_t{counter_words(s)} * 4); }
 
-int item_count(const FusedSingleTokenShape& s) { return s.top_k * (s.intermediate / kTileJ); }
+int item_count(const FusedSingleTokenShape& s) { return (s.shared_intermediate + s.top_k * s.intermediate) / kTileJ; }
 int64_t item_partial_bytes(const FusedSingleTokenShape& s) { return align256(int64_t{item_count(s)} * s.hidden * 4); }
-constexpr int kTransposedCounterWords = 2;  // arrived, left
+constexpr int kTransposedCounterWords = 3;  // arrived, left (and the folded kernel's next_item)
 
 std::atomic<int> blocks_per_sm{0};  // resident_blocks() of each kernel: the most a cooperative launch may have
-std::atomic<int> w2t_blocks_per_sm{0};
+std::atomic<int> w2t_blocks_per_sm{0}, folded_blocks_per_sm{0};
 
 // Why a single-token kernel whose loads need H a multiple of `hidden_step` and whose items need I a
 // multiple of `inter_step` cannot run `s` (each `why` says what needs it), or empty.
@@ -322,6 +487,9 @@ void experts_fused_single_token(const LaneContext& ctx, const FusedSingleTokenSh
 }
 
 std::string fused_single_token_w2t_unsupported(const FusedSingleTokenShape& s) {
+  if (s.shared_intermediate < 0 || s.shared_intermediate % kTileJ != 0)
+    return "shared S = " + std::to_string(s.shared_intermediate) + ": the single-token kernel needs a multiple of " +
+           std::to_string(kTileJ) + " (items of " + std::to_string(kTileJ) + " features)";
   return shape_unsupported(s, 8, "16-byte loads of the rows of w13 and of w2 transposed", kTileJ,
                            "items of " + std::to_string(kTileJ) + " features");
 }
@@ -333,24 +501,44 @@ int64_t fused_single_token_w2t_workspace_bytes(const FusedSingleTokenShape& s) {
 void experts_fused_single_token_w2t(const LaneContext& ctx, const FusedSingleTokenShape& s, int64_t tokens,
                                     const int32_t* live_tokens, const uint16_t* x, const int32_t* ids,
                                     const float* weights, const uint16_t* w13, const uint16_t* w2t, uint16_t* out,
-                                    void* workspace) {
+                                    void* workspace, const FusedSingleTokenShared& shared, bool start_early) {
   if (const std::string why = fused_single_token_w2t_unsupported(s); !why.empty())
     fail_input("experts_fused_single_token_w2t: " + why);
   if (tokens < 0 || tokens > 1)
     fail_input("experts_fused_single_token_w2t: T = " + std::to_string(tokens) + " outside [0, 1]");
   if (tokens == 0 && !live_tokens) return;
+  if (s.shared_intermediate > 0 && (!shared.w13 || !shared.w2t || s.shared_gated != (shared.gate != nullptr)))
+    fail_input("experts_fused_single_token_w2t: the shared expert's weights do not match its shape (S = " +
+               std::to_string(s.shared_intermediate) + (s.shared_gated ? ", gated" : "") + ")");
   auto* bytes = static_cast<std::byte*>(workspace);
-  TransposedArgs a{};
+  FoldedArgs a{};
   static_cast<FusedOperands&>(a) = {x, ids, weights, w13, nullptr, out, s.experts, s.top_k, s.hidden, s.intermediate, live_tokens};
   a.w2t = w2t;
   a.partial = reinterpret_cast<float*>(bytes);
+  const int items = item_count(s);
+  if (s.shared_intermediate > 0) {
+    a.shared = shared;
+    a.shared_inter = s.shared_intermediate;
+    a.early = start_early && early_start_supported<fused_single_token_w2t_folded_kernel>(ctx.device);
+    a.arrived = launch_counters(ctx, kTransposedCounterWords, reinterpret_cast<int*>(bytes + item_partial_bytes(s)), a.early);
+    a.left = a.arrived + 1;
+    a.next_item = a.arrived + 2;
+    // As many units as blocks fit at once (each streams one unit), at most what is resident.
+    const int resident = resident_blocks(fused_single_token_w2t_folded_kernel, kThreads, ctx.device, folded_blocks_per_sm);
+    a.items_per_unit = (items + resident - 1) / resident;
+    const int units = (items + a.items_per_unit - 1) / a.items_per_unit;
+    const int grid = std::min(units + s.hidden / kSliceH, resident);
+    launch_maybe_early(fused_single_token_w2t_folded_kernel, grid, kThreads, ctx.stream, a.early != 0, a);
+    MOEFLOW_CUDA_LAUNCH_CHECK();
+    return;
+  }
   a.arrived = launch_counters(ctx, kTransposedCounterWords, reinterpret_cast<int*>(bytes + item_partial_bytes(s)));
   a.left = a.arrived + 1;
   // Every block resident at once; more items than blocks take several rounds.
-  const int items = item_count(s);
   const int resident = resident_blocks(fused_single_token_w2t_kernel, kThreads, ctx.device, w2t_blocks_per_sm);
   const int grid = std::min(items, resident);
-  void* params[] = {&a};
+  TransposedArgs routed_only = a;  // the routed-only kernel's arguments
+  void* params[] = {&routed_only};
   MOEFLOW_CUDA_CHECK(cudaLaunchCooperativeKernel(reinterpret_cast<const void*>(fused_single_token_w2t_kernel), dim3(grid),
                                                  dim3(kThreads), params, 0, ctx.stream));
 }

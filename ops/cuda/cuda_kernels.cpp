@@ -565,6 +565,20 @@ cuda::FusedDecodeShape fused_shape(const Graph& g, const Node& n) {
   return s;
 }
 
+// Why folding the node's shared expert into one fused kernel would not pay, or empty: where its
+// weights are a small part of the bytes it hides beside the routed branch as well (kFoldSharedBytes).
+std::string fold_share_declined(const cuda::FusedDecodeShape& shape) {
+  const double touched = expected_touched_experts(shape.experts, shape.top_k, static_cast<double>(shape.max_tokens));
+  const double share = static_cast<double>(expert_bytes(shape.hidden, shape.shared_intermediate)) /
+                       (touched * static_cast<double>(expert_bytes(shape.hidden, shape.intermediate)));
+  if (share >= kFoldSharedBytes) return {};
+  std::ostringstream why;
+  why << std::fixed << std::setprecision(2) << "shared expert folded in: its weights are " << share
+      << " of the routed experts' expected at T=" << shape.max_tokens << " (folded from " << kFoldSharedBytes
+      << "): beside the routed branch it costs as little";
+  return why.str();
+}
+
 // The folded shared expert's weights (inputs 5, 6 and the gate's 7), where the node has one.
 cuda::FusedSharedWeights fused_shared_weights(const KernelCall& c) {
   const auto& shared = static_cast<const FusedExpertsOp&>(*c.node.op).shared();
@@ -597,18 +611,7 @@ void register_fused_experts(KernelRegistry& r) {
              if (shape.max_tokens > cuda::kFusedRowsPerGroup)
                return Support::no("shared expert folded in: " + std::to_string(shape.max_tokens) + " tokens would stream its "
                                   "weights once per " + std::to_string(cuda::kFusedRowsPerGroup) + " of them");
-             // Where its weights are a small part of the bytes it hides beside the routed branch as
-             // well (kFoldSharedBytes).
-             const double touched = expected_touched_experts(shape.experts, shape.top_k, static_cast<double>(shape.max_tokens));
-             const double share = static_cast<double>(expert_bytes(shape.hidden, shape.shared_intermediate)) /
-                                  (touched * static_cast<double>(expert_bytes(shape.hidden, shape.intermediate)));
-             if (share < kFoldSharedBytes) {
-               std::ostringstream why;
-               why << std::fixed << std::setprecision(2) << "shared expert folded in: its weights are " << share
-                   << " of the routed experts' expected at T=" << shape.max_tokens << " (folded from " << kFoldSharedBytes
-                   << "): beside the routed branch it costs as little";
-               return Support::no(why.str());
-             }
+             if (const std::string why = fold_share_declined(shape); !why.empty()) return Support::no(why);
              shared = "; the shared expert (S = " + std::to_string(shape.shared_intermediate) + ") folded in as " +
                       std::to_string(shape.shared_intermediate / shape.intermediate) +
                       " more experts of I every token uses, its weights in the same stream, its add in the combine";
@@ -645,25 +648,29 @@ void register_fused_experts(KernelRegistry& r) {
   constexpr int kSingleTokenMostItems = 512;
   auto single_token_shape = [](const Graph& g, const Node& n) {
     const cuda::FusedDecodeShape f = fused_shape(g, n);
-    return cuda::FusedSingleTokenShape{f.experts, f.top_k, f.hidden, f.intermediate};
+    return cuda::FusedSingleTokenShape{f.experts, f.top_k, f.hidden, f.intermediate, f.shared_intermediate, f.shared_gated};
   };
+  // The routed choices' items (a folded shared expert's come on top).
   auto single_token_items = [single_token_shape](const Graph& g, const Node& n) {
     const cuda::FusedSingleTokenShape shape = single_token_shape(g, n);
     return shape.top_k * shape.intermediate / 16;
   };
   // supports() of either kernel: `unsupported` says which shapes it runs, `how_w2` how it reads w2;
-  // with `w2_packed` it reads a copy of w2, which must then be a weight (bound once, packed once).
+  // with `w2_packed` it reads a copy of w2, which must then be a weight (bound once, packed once);
+  // with `runs_shared` it runs a folded shared expert too.
   auto single_token_supports = [single_token_shape, single_token_items](
                                    std::string (*unsupported)(const cuda::FusedSingleTokenShape&), std::string how_w2,
-                                   bool w2_packed) {
-    return [single_token_shape, single_token_items, unsupported, how_w2 = std::move(how_w2), w2_packed](const Graph& g,
-                                                                                                      const Node& n) {
+                                   bool w2_packed, bool runs_shared) {
+    return [single_token_shape, single_token_items, unsupported, how_w2 = std::move(how_w2), w2_packed,
+            runs_shared](const Graph& g, const Node& n) {
       Support s = cuda_supports_bf16(g, n, "");
       if (!s.ok) return s;
       if (g.max_tokens_of(n) != 1)
         return Support::no("at most " + std::to_string(g.max_tokens_of(n)) + " tokens: it runs one token");
-      if (static_cast<const FusedExpertsOp&>(*n.op).shared())
-        return Support::no("a shared expert folded in: it runs the routed experts only");
+      const bool folded = static_cast<const FusedExpertsOp&>(*n.op).shared().has_value();
+      if (folded && !runs_shared) return Support::no("a shared expert folded in: it runs the routed experts only");
+      if (folded)
+        if (const std::string why = fold_share_declined(fused_shape(g, n)); !why.empty()) return Support::no(why);
       const cuda::FusedSingleTokenShape shape = single_token_shape(g, n);
       if (const std::string why = unsupported(shape); !why.empty()) return Support::no(why);
       if (huge_experts(shape.hidden, shape.intermediate))
@@ -672,11 +679,16 @@ void register_fused_experts(KernelRegistry& r) {
       if (w2_packed && g.value(n.inputs[4]).role != ValueRole::weight)
         return Support::no("w2 ('" + g.value(n.inputs[4]).name + "') is not a weight bound once, so it cannot be packed once");
       const int items = single_token_items(g, n);
+      const std::string shared =
+          folded ? "; the shared expert (S = " + std::to_string(shape.shared_intermediate) + ") folded in as " +
+                       std::to_string(shape.shared_intermediate / 16) + " more items ahead of them, streamed while "
+                       "the gate runs, added in the same ordered sum"
+                 : std::string();
       return Support::yes("one token: its k experts' gate/up and down projections cut into " + std::to_string(items) +
                           " equal items of 16 features (" + how_w2 + "), no item waiting for a whole expert; partials "
-                          "summed in order" +
+                          "summed in order" + shared +
                           (items > kSingleTokenMostItems ? "; behind the two-phase kernel beyond " +
-                                                               std::to_string(kSingleTokenMostItems) + " items"
+                                                               std::to_string(kSingleTokenMostItems) + " routed items"
                                                          : std::string()));
     };
   };
@@ -692,7 +704,7 @@ void register_fused_experts(KernelRegistry& r) {
     return single_token_items(g, n) <= kSingleTokenMostItems;
   };
   KernelEntry single_token = reading_live_tokens(launching(1, {"fused_experts", Backend::cuda, "cuda.fused_single_token", 1,
-         single_token_supports(cuda::fused_single_token_unsupported, "w2 read in quads of 64", false),
+         single_token_supports(cuda::fused_single_token_unsupported, "w2 read in quads of 64", false, false),
          [single_token_shape](const KernelCall& c) {
            cuda::experts_fused_single_token(lane(c), single_token_shape(c.graph, c.node), c.tokens, c.live_tokens,
                                             bf16_in(c, 0), c.in<int32_t>(1), c.in<float>(2), bf16_in(c, 3),
@@ -711,22 +723,37 @@ void register_fused_experts(KernelRegistry& r) {
   // the quads: qwen1.5 / qwen3 32.5 / 34.3 µs against 34.9 / 36.6. The copy costs a third of the routed
   // experts' weights more device memory; where it does not fit, the plan goes without packed weights
   // (PlanOptions::packed_weights) and the quads run. One above the quads wherever they are planned.
-  KernelEntry single_token_w2t = reading_live_tokens(launching(1, {"fused_experts", Backend::cuda,
+  // With a shared expert folded in (a layer's, T=1, where fold_share_declined() says it pays) its w2
+  // is packed transposed too, after the routed experts' in the same copy, and the kernel starts while
+  // the gate runs; ahead of the two-phase kernel's fold. Measured on the H100 (whole layer,
+  // qwen1.5-moe-a2.7b T=1, 300 runs x 2 passes, bench/results/h100_layer_t1_w2t_folded_2026-11-24.jsonl):
+  // CUDA graph 62.2 µs against 71.3, concurrent plan 69.6 against 78.5 (bench/NOTES.md, "The shared
+  // expert in the one-token kernel").
+  KernelEntry single_token_w2t = starting_early(reading_live_tokens(launching(1, {"fused_experts", Backend::cuda,
          "cuda.fused_single_token_w2t", 2,
          single_token_supports(cuda::fused_single_token_w2t_unsupported,
                                "w2 read transposed, from a copy packed once at bind time: each item's 16 rows over all "
                                "of H, no wait per quad",
-                               true),
+                               true, true),
          [single_token_shape](const KernelCall& c) {
            if (c.packed == nullptr)
              fail_input("node '" + c.node.name + "' (cuda.fused_single_token_w2t): w2 was not packed transposed");
-           cuda::experts_fused_single_token_w2t(lane(c), single_token_shape(c.graph, c.node), c.tokens, c.live_tokens,
-                                                bf16_in(c, 0), c.in<int32_t>(1), c.in<float>(2), bf16_in(c, 3),
-                                                static_cast<const uint16_t*>(c.packed), bf16_out(c, 0), c.workspace);
+           const cuda::FusedSingleTokenShape s = single_token_shape(c.graph, c.node);
+           const auto* w2t = static_cast<const uint16_t*>(c.packed);
+           cuda::FusedSingleTokenShared shared;
+           if (s.shared_intermediate > 0) {
+             const cuda::FusedSharedWeights weights = fused_shared_weights(c);
+             shared = {weights.w13, w2t + cuda::packed_w2t_bytes(s.experts, s.hidden, s.intermediate) / 2, weights.gate};
+           }
+           cuda::experts_fused_single_token_w2t(lane(c), s, c.tokens, c.live_tokens, bf16_in(c, 0), c.in<int32_t>(1),
+                                                c.in<float>(2), bf16_in(c, 3), w2t, bf16_out(c, 0), c.workspace, shared,
+                                                c.starts_early);
          },
          [single_token_shape](const Graph& g, const Node& n, int64_t) {
            return cuda::fused_single_token_w2t_workspace_bytes(single_token_shape(g, n));
-         }}));
+         }})),
+         // Where it has work that needs no routing: the folded shared expert's items.
+         [](const Graph&, const Node& n) { return static_cast<const FusedExpertsOp&>(*n.op).shared().has_value(); });
   single_token_w2t.priority_on = [single_token_preferred](const Graph& g, const Node& n) {
     return single_token_preferred(g, n) ? 2 : -1;
   };
@@ -734,14 +761,23 @@ void register_fused_experts(KernelRegistry& r) {
       4, "w2 transposed [E, I, H]",
       [single_token_shape](const Graph& g, const Node& n) {
         const cuda::FusedSingleTokenShape s = single_token_shape(g, n);
-        return cuda::packed_w2t_bytes(s.experts, s.hidden, s.intermediate);
+        return cuda::packed_w2t_bytes(s.experts, s.hidden, s.intermediate) +
+               cuda::packed_w2t_bytes(1, s.hidden, s.shared_intermediate);
       },
       [single_token_shape](const KernelCall& c, void* packed) {
         const cuda::FusedSingleTokenShape s = single_token_shape(c.graph, c.node);
-        cuda::pack_w2_transposed(bf16_in(c, 4), s.experts, s.hidden, s.intermediate, static_cast<uint16_t*>(packed),
-                                 lane(c).stream);
+        auto* w2t = static_cast<uint16_t*>(packed);
+        cuda::pack_w2_transposed(bf16_in(c, 4), s.experts, s.hidden, s.intermediate, w2t, lane(c).stream);
+        if (s.shared_intermediate > 0)  // the shared expert's w2 (input 6, [H, S]) after the routed experts'
+          cuda::pack_w2_transposed(bf16_in(c, 6), 1, s.hidden, s.shared_intermediate,
+                                   w2t + cuda::packed_w2t_bytes(s.experts, s.hidden, s.intermediate) / 2, lane(c).stream);
       },
-      "cuda.fused_single_token"};
+      "cuda.fused_single_token",
+      [single_token_shape](const Graph& g, const Node& n) {
+        const cuda::FusedSingleTokenShape s = single_token_shape(g, n);
+        return s.shared_intermediate > 0 ? "w2 transposed [E, I, H], then the shared expert's w2 transposed [S, H]"
+                                         : "w2 transposed [E, I, H]";
+      }};
   r.add(std::move(single_token_w2t));
 }
 

@@ -230,12 +230,12 @@ TEST(CudaFusedSingleToken, PlannedWhereTheMaximumTIsOneAndTheShapeAllows) {  // 
   // measured faster (deepseek-v3's 1024 items); either single-token kernel can still be forced there.
   const auto many_items = experts_graph("qwen1.5-moe-a2.7b", {"hidden_size=256", "moe_intermediate_size=4096"}, 1);
   EXPECT_EQ(fused_kernel(make_plan(many_items, po)), "cuda.fused_decode");
-  // A layer with a shared expert: folded into the two-phase kernel (the single-token kernels run the
-  // routed experts only).
+  // A layer with a shared expert: folded into the w2t kernel (the quads run the routed experts only;
+  // CudaFusedSingleTokenShared below).
   const MoEConfig shared = load_config("qwen1.5-moe-a2.7b", {"hidden_size=256", "moe_intermediate_size=128",
                                                               "shared_expert_intermediate_size=256"});
   const auto layer = std::make_shared<const Graph>(build_moe_layer(shared, {.max_tokens = 1, .dtype = DType::bf16}));
-  EXPECT_EQ(fused_kernel(make_plan(layer, po)), "cuda.fused_decode");
+  EXPECT_EQ(fused_kernel(make_plan(layer, po)), kW2t);
   const auto routed = std::make_shared<const Graph>(build_scope_graph(shared, "routed", {.max_tokens = 1, .dtype = DType::bf16}));
   EXPECT_EQ(fused_kernel(make_plan(routed, po)), kW2t);
   for (const char* kernel : {kW2t, kQuads}) {
@@ -510,12 +510,13 @@ TEST(CudaFusedDecodeShared, FoldedWhereEveryTokenFitsOneGroupAndThePlanSaysWhyNo
   // S not a multiple of I: apart.
   const SharedCase odd{"odd", "qwen1.5-moe-a2.7b", {"hidden_size=264", "moe_intermediate_size=88", "shared_expert_intermediate_size=120"}};
   EXPECT_FALSE(folds_shared(make_plan(layer_graph(odd, 1), po)));
-  // Either single-token kernel forced: it runs routed experts only, so the shared expert stays apart.
+  // The quads forced: they run routed experts only, so the shared expert stays apart; the w2t kernel
+  // folds it (CudaFusedSingleTokenShared below).
   const SharedCase tiled{"tiled", "qwen1.5-moe-a2.7b", {"hidden_size=256", "moe_intermediate_size=128", "shared_expert_intermediate_size=256"}};
   for (const char* kernel : {kW2t, kQuads}) {
     po.forced_kernels["fused_experts"] = kernel;
     const Plan forced = make_plan(layer_graph(tiled, 1), po);
-    EXPECT_FALSE(folds_shared(forced)) << kernel;
+    EXPECT_EQ(folds_shared(forced), kernel == std::string(kW2t)) << kernel;
     EXPECT_EQ(fused_kernel(forced), kernel);
   }
   po.forced_kernels.clear();
@@ -616,6 +617,145 @@ TEST(CudaFusedDecodeShared, RoutedIdsOutsideTheExpertsContributeNothing) {
   ASSERT_EQ(ids.size(), static_cast<std::size_t>(3 * k));
   for (CudaSession* s : {&folded, &apart}) {
     s->set_tokens(3);
+    s->write_input(*s->graph().find_value("route.ids"), ids.data(), ids.size() * sizeof(int32_t));
+    s->run();
+  }
+  const std::vector<float> mine = folded.output(), theirs = apart.output();
+  EXPECT_LT(reference::compare(mine.data(), std::vector<double>(theirs.begin(), theirs.end())).rel_norm, 1e-2);
+}
+
+// The one-token w2t kernel with the layer's shared expert folded in: S / 16 more items ahead of the
+// routed ones, streamed while the one-launch gate runs (early start), the sigmoid gate (Qwen2-MoE) or
+// 1 (DeepSeek) as their weight in the same ordered sum. Planned at T=1 where the shapes allow;
+// checked against the fp64 reference, against the same layer with the shared expert apart and against
+// the two-phase kernel folded the same way, bit-identical reruns and captured replays; routed ids
+// outside [0, E) contribute nothing.
+namespace {
+
+std::vector<SharedCase> single_token_shared_cases() {
+  return {
+      // gated, S = 4 I (qwen1.5's own ratio), I and S multiples of 16, H of 8 only
+      {"qwen15", "qwen1.5-moe-a2.7b", {"hidden_size=264", "moe_intermediate_size=96", "shared_expert_intermediate_size=384"}},
+      // ungated, 8 shared experts of the routed experts' size (S = 8 I)
+      {"deepseek", "deepseek-v3", {"hidden_size=128", "moe_intermediate_size=48", "n_shared_experts=8"}},
+      // H = 2560: each item's 320 vectors of H take two rounds of its 256 threads
+      {"wide", "qwen1.5-moe-a2.7b", {"hidden_size=2560", "moe_intermediate_size=64", "shared_expert_intermediate_size=256"}},
+  };
+}
+
+}  // namespace
+
+TEST(CudaFusedSingleTokenShared, PlannedAtOneTokenStartingEarlyWithOneCopyOfBothW2Transposed) {  // planning only
+  PlanOptions po;
+  po.backend = Backend::cuda;
+  for (const SharedCase& c : single_token_shared_cases()) {
+    const Plan plan = make_plan(layer_graph(c, 1), po);
+    const PlanStep* step = nullptr;
+    ASSERT_TRUE(fused_node(plan, &step)) << c.name;
+    EXPECT_EQ(step->kernel->name, kW2t) << c.name;
+    EXPECT_TRUE(folds_shared(plan)) << c.name;
+    EXPECT_EQ(count_kind(plan, "shared_expert") + count_kind(plan, "reduce"), 0) << c.name;
+    EXPECT_TRUE(step->starts_early) << step->reason;
+    EXPECT_NE(step->reason.find("folded in as"), std::string::npos) << step->reason;
+    // One packed copy: the routed experts' w2 transposed, then the shared expert's.
+    const MoEConfig config = load_config(c.preset, c.sets);
+    ASSERT_EQ(plan.packed.size(), 1u) << c.name;
+    EXPECT_EQ(plan.packed[0].bytes,
+              (int64_t{config.experts} * config.intermediate + config.shared_intermediate) * config.hidden * 2)
+        << c.name;
+    EXPECT_EQ(plan.packed[0].layout, "w2 transposed [E, I, H], then the shared expert's w2 transposed [S, H]");
+    // Two tokens: the two-phase kernel folds it.
+    const Plan two = make_plan(layer_graph(c, 2), po);
+    ASSERT_TRUE(fused_node(two, &step));
+    EXPECT_EQ(step->kernel->name, "cuda.fused_decode") << c.name;
+  }
+  // The routed experts alone (no shared expert) keep the plain copy's layout, so a plan holding both
+  // kinds of node would keep two copies apart.
+  const SharedCase qwen = single_token_shared_cases()[0];
+  const auto routed = std::make_shared<const Graph>(
+      build_scope_graph(load_config(qwen.preset, qwen.sets), "routed", {.max_tokens = 1, .dtype = DType::bf16}));
+  const Plan alone = make_plan(routed, po);
+  ASSERT_EQ(alone.packed.size(), 1u);
+  EXPECT_EQ(alone.packed[0].layout, "w2 transposed [E, I, H]");
+  // --no-early-start: folded, not early.
+  po.early_start = false;
+  const Plan late = make_plan(layer_graph(qwen, 1), po);
+  const PlanStep* step = nullptr;
+  ASSERT_TRUE(fused_node(late, &step));
+  EXPECT_EQ(step->kernel->name, kW2t);
+  EXPECT_FALSE(step->starts_early);
+}
+
+TEST(CudaFusedSingleTokenShared, MatchesReferenceTheLayerApartAndTheTwoPhaseKernelRepeatsAndReplays) {
+  if (cuda::device_count() == 0) GTEST_SKIP() << "no CUDA device";
+  for (const SharedCase& c : single_token_shared_cases()) {
+    for (const bool early : {true, false}) {
+      SCOPED_TRACE(c.name + (early ? ", early start" : ", no early start"));
+      const auto g = layer_graph(c, 1);
+      CudaSessionOptions so;
+      so.seed = 23;
+      so.plan.capturable = true;
+      so.plan.early_start = early;
+      CudaSession s(g, so);
+      const PlanStep* step = nullptr;
+      ASSERT_TRUE(fused_node(s.plan(), &step));
+      ASSERT_EQ(step->kernel->name, kW2t);
+      ASSERT_TRUE(folds_shared(s.plan()));
+      EXPECT_EQ(step->starts_early, early);
+      CudaSessionOptions apart_options = so;
+      apart_options.plan.fold_shared = false;
+      CudaSession apart(g, apart_options, &s);
+      ASSERT_FALSE(folds_shared(apart.plan()));
+      CudaSessionOptions two_phase_options = so;
+      two_phase_options.plan.forced_kernels["fused_experts"] = "cuda.fused_decode";
+      CudaSession two_phase(g, two_phase_options, &s);
+      ASSERT_TRUE(folds_shared(two_phase.plan()));
+      for (CudaSession* session : {&s, &apart, &two_phase}) session->set_tokens(1);
+      s.run();
+      const CheckReport r = s.check(1e-2);
+      EXPECT_TRUE(r.pass) << "rel_norm " << r.comparison.rel_norm;
+      const std::vector<float> eager = s.output();
+      s.run();
+      const std::vector<float> again = s.output();
+      EXPECT_EQ(0, std::memcmp(again.data(), eager.data(), eager.size() * 4)) << "rerun differs";
+      apart.run();
+      EXPECT_LT(rel_norm(eager, apart.output()), 1e-2) << "folded vs apart";
+      two_phase.run();
+      EXPECT_LT(rel_norm(eager, two_phase.output()), 1e-2) << "against the two-phase kernel";
+      s.capture();
+      for (int replay = 0; replay < 3; ++replay) {  // the kernel leaves its lane counters zero for the next
+        s.replay();
+        const std::vector<float> replayed = s.output();
+        EXPECT_EQ(0, std::memcmp(replayed.data(), eager.data(), eager.size() * 4)) << "replay " << replay;
+      }
+    }
+  }
+}
+
+TEST(CudaFusedSingleTokenShared, RoutedIdsOutsideTheExpertsContributeNothing) {
+  if (cuda::device_count() == 0) GTEST_SKIP() << "no CUDA device";
+  const MoEConfig c = load_config("qwen1.5-moe-a2.7b", {"hidden_size=264", "moe_intermediate_size=96",
+                                                        "shared_expert_intermediate_size=384"});
+  LayerBuilder b("qwen15.route_given", 1);
+  const ValueId x = b.input("x", Shape{Dim::tokens(), Dim::of(c.hidden)}, DType::bf16);
+  const Route route = b.route_input("route", c.experts, c.top_k);
+  const ValueId shared = b.shared_expert(x, {.intermediate = c.shared_intermediate, .gated = c.shared_gate});
+  const ValueId out = b.reduce(b.combine(b.experts(b.dispatch(x, route), {.intermediate = c.intermediate}), route), {shared});
+  const auto g = std::make_shared<const Graph>(std::move(b).finish({out}));
+  CudaSessionOptions so;
+  so.seed = 29;
+  CudaSession folded(g, so);
+  ASSERT_TRUE(folds_shared(folded.plan()));
+  ASSERT_EQ(fused_kernel(folded.plan()), kW2t);
+  CudaSessionOptions apart_options = so;
+  apart_options.plan.fold_shared = false;
+  CudaSession apart(g, apart_options, &folded);
+  ASSERT_FALSE(folds_shared(apart.plan()));
+  const int E = c.experts;
+  ASSERT_EQ(c.top_k, 4);
+  const std::vector<int32_t> ids = {E, -1, 7, 7};  // out of range twice, a repeated real expert
+  for (CudaSession* s : {&folded, &apart}) {
+    s->set_tokens(1);
     s->write_input(*s->graph().find_value("route.ids"), ids.data(), ids.size() * sizeof(int32_t));
     s->run();
   }
