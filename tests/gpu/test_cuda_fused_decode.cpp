@@ -762,3 +762,45 @@ TEST(CudaFusedSingleTokenShared, RoutedIdsOutsideTheExpertsContributeNothing) {
   const std::vector<float> mine = folded.output(), theirs = apart.output();
   EXPECT_LT(reference::compare(mine.data(), std::vector<double>(theirs.begin(), theirs.end())).rel_norm, 1e-2);
 }
+
+// Two chunks of one token each, both folded into the w2t kernel (on two lanes in the concurrent
+// plan, so the two launches may run at once: neither waits for a block that is not running): at
+// T = 2 both chunks run, at T = 1 the second has no token. Against the fp64 reference, reruns and
+// captured replays bit for bit.
+TEST(CudaFusedSingleTokenShared, TwoChunksOfOneTokenMatchTheReferenceAndReplay) {
+  if (cuda::device_count() == 0) GTEST_SKIP() << "no CUDA device";
+  const SharedCase c = single_token_shared_cases()[0];
+  const auto chunked = std::make_shared<const Graph>(chunk_tokens(*layer_graph(c, 2), {.chunks = 2}));
+  for (const Policy policy : {Policy::serial, Policy::concurrent}) {
+    SCOPED_TRACE(policy == Policy::serial ? "serial" : "concurrent");
+    CudaSessionOptions so;
+    so.seed = 31;
+    so.plan.policy = policy;
+    so.plan.capturable = true;
+    CudaSession s(chunked, so);
+    int folded_w2t = 0;
+    for (const PlanStep& step : s.plan().steps) {
+      const Node& n = s.plan().graph->node(step.node);
+      if (n.op->kind() == "fused_experts" && step.kernel->name == kW2t &&
+          static_cast<const FusedExpertsOp&>(*n.op).shared().has_value())
+        ++folded_w2t;
+    }
+    EXPECT_EQ(folded_w2t, 2) << "both chunks fold the shared expert into the one-token kernel";
+    for (int64_t T : {int64_t{2}, int64_t{1}}) {
+      s.set_tokens(T);
+      s.run();
+      const CheckReport r = s.check(1e-2);
+      EXPECT_TRUE(r.pass) << "T=" << T << " rel_norm " << r.comparison.rel_norm;
+      const std::vector<float> eager = s.output();
+      s.run();
+      const std::vector<float> again = s.output();
+      EXPECT_EQ(0, std::memcmp(eager.data(), again.data(), eager.size() * 4)) << "rerun differs, T=" << T;
+      s.capture();
+      for (int replay = 0; replay < 2; ++replay) {
+        s.replay();
+        const std::vector<float> replayed = s.output();
+        EXPECT_EQ(0, std::memcmp(eager.data(), replayed.data(), eager.size() * 4)) << "replay differs, T=" << T;
+      }
+    }
+  }
+}
