@@ -256,19 +256,9 @@ __device__ void down_tile(const Args& a, const WorkListOf<kFolded>& w, int group
 __device__ void shared_scales(const Args& a, int tokens, float* scale) {
   const int warp = static_cast<int>(threadIdx.x) >> 5, lane = static_cast<int>(threadIdx.x) & 31;
   for (int t = warp; t < tokens; t += kWarps) {
-    float v = 1.0f;
-    if (a.shared.gate) {
-      const uint4* x = reinterpret_cast<const uint4*>(a.x + static_cast<int64_t>(t) * a.hidden);
-      const uint4* g = reinterpret_cast<const uint4*>(a.shared.gate);
-      float acc = 0.0f;
-      for (int i = lane; i < a.hidden / 8; i += 32) {
-        float xv[8], gv[8];
-        unpack8(__ldg(x + i), xv);
-        unpack8(__ldg(g + i), gv);
-        acc = dot8(xv, gv, acc);
-      }
-      v = 1.0f / (1.0f + __expf(-warp_sum(acc)));
-    }
+    const float v = a.shared.gate ? warp_sigmoid_gate(reinterpret_cast<const uint4*>(a.x + static_cast<int64_t>(t) * a.hidden),
+                                                      reinterpret_cast<const uint4*>(a.shared.gate), a.hidden / 8, lane)
+                                  : 1.0f;
     if (lane == 0) scale[t] = v;
   }
 }

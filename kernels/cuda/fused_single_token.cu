@@ -38,8 +38,8 @@ struct Args : FusedOperands {  // plus this kernel's scratch and counters
 
 struct TransposedArgs : FusedOperands {  // w2 unused: w2t instead
   const uint16_t* w2t;  // bf16 [E, I, H] (pack_w2_transposed)
-  float* partial;       // [k·I/16, H]: one partial y per item over all of H (shared items first where folded)
-  int* arrived;         // blocks done with their items (folded: items done)
+  float* partial;       // [k·I/16, H]: one partial y per item over all of H (folded: one per unit)
+  int* arrived;         // blocks done with their items (folded: units done)
   int* left;            // blocks done with everything: the last one zeroes the counters for the next launch
 };
 
@@ -51,8 +51,8 @@ struct FoldedArgs : TransposedArgs {  // the w2t kernel with a shared expert fol
   int* next_item;      // the work counter: units, then the sum's slices
 };
 
-// The rows of one expert's w13 an item reads: a routed expert's [2I, H] (up rows I further), or the
-// shared expert's [2S, H] (up rows S further); null: no expert, an item of zeros.
+// Routed expert e's w13 [2I, H] (its up rows I further), or null for an id outside [0, E): no expert,
+// an item of zeros. (A folded shared expert's items read its [2S, H], up rows S further.)
 __device__ __forceinline__ const uint16_t* routed_w13(const FusedOperands& a, int e) {
   return e >= 0 && e < a.experts ? a.w13 + static_cast<int64_t>(e) * 2 * a.inter * a.hidden : nullptr;
 }
@@ -278,19 +278,10 @@ __device__ __forceinline__ float shared_expert_weight(const FoldedArgs& a) {
   __shared__ float weight;
   const int tid = static_cast<int>(threadIdx.x), lane = tid & 31;
   if (tid < 32) {
-    float v = 1.0f;
-    if (a.shared.gate != nullptr) {
-      const auto* x = reinterpret_cast<const uint4*>(a.x);
-      const auto* g = reinterpret_cast<const uint4*>(a.shared.gate);
-      float acc = 0.0f;
-      for (int i = lane; i < a.hidden / 8; i += 32) {
-        float xv[8], gv[8];
-        unpack8(__ldg(x + i), xv);
-        unpack8(__ldg(g + i), gv);
-        acc = dot8(xv, gv, acc);
-      }
-      v = 1.0f / (1.0f + __expf(-warp_sum(acc)));
-    }
+    const float v = a.shared.gate != nullptr ? warp_sigmoid_gate(reinterpret_cast<const uint4*>(a.x),
+                                                                 reinterpret_cast<const uint4*>(a.shared.gate),
+                                                                 a.hidden / 8, lane)
+                                             : 1.0f;
     if (tid == 0) weight = v;
   }
   __syncthreads();

@@ -21,6 +21,19 @@ __device__ __forceinline__ float dot8(const float a[8], const float b[8], float 
   return acc;
 }
 
+// σ(x · gate) of one token's row (Qwen2-MoE's shared-expert gate), `vecs` 16-byte vectors of bf16
+// each, summed by one warp in a fixed order: every lane returns it.
+__device__ __forceinline__ float warp_sigmoid_gate(const uint4* x, const uint4* gate, int vecs, int lane) {
+  float acc = 0.0f;
+  for (int i = lane; i < vecs; i += 32) {
+    float xv[8], gv[8];
+    unpack8(__ldg(x + i), xv);
+    unpack8(__ldg(gate + i), gv);
+    acc = dot8(xv, gv, acc);
+  }
+  return 1.0f / (1.0f + __expf(-warp_sum(acc)));
+}
+
 // Where the activation rows are: one after another (the permuted rows of the decode kernels), or
 // anywhere (the fused kernel reads each choice's token row of x in place). Contiguous rows keep the
 // address arithmetic the compiler strength-reduces (measured on the H100: a pointer per row in the

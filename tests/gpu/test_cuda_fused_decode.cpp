@@ -471,6 +471,17 @@ std::shared_ptr<const Graph> layer_graph(const SharedCase& c, int64_t max_tokens
   return std::make_shared<const Graph>(build_moe_layer(load_config(c.preset, c.sets), {.max_tokens = max_tokens, .dtype = DType::bf16}));
 }
 
+// A layer whose route is a graph input (ids and weights written by the test): x, the shared expert,
+// dispatch, experts, combine and the reduce adding the shared expert.
+std::shared_ptr<const Graph> route_given_layer(const MoEConfig& c, int64_t max_tokens) {
+  LayerBuilder b("qwen15.route_given", max_tokens);
+  const ValueId x = b.input("x", Shape{Dim::tokens(), Dim::of(c.hidden)}, DType::bf16);
+  const Route route = b.route_input("route", c.experts, c.top_k);
+  const ValueId shared = b.shared_expert(x, {.intermediate = c.shared_intermediate, .gated = c.shared_gate});
+  const ValueId out = b.reduce(b.combine(b.experts(b.dispatch(x, route), {.intermediate = c.intermediate}), route), {shared});
+  return std::make_shared<const Graph>(std::move(b).finish({out}));
+}
+
 }  // namespace
 
 TEST(CudaFusedDecodeShared, FoldedWhereEveryTokenFitsOneGroupAndThePlanSaysWhyNotElsewhere) {  // planning only
@@ -596,12 +607,7 @@ TEST(CudaFusedDecodeShared, RoutedIdsOutsideTheExpertsContributeNothing) {
   if (cuda::device_count() == 0) GTEST_SKIP() << "no CUDA device";
   const MoEConfig c = load_config("qwen1.5-moe-a2.7b", {"hidden_size=264", "moe_intermediate_size=88",
                                                         "shared_expert_intermediate_size=352"});
-  LayerBuilder b("qwen15.route_given", 3);
-  const ValueId x = b.input("x", Shape{Dim::tokens(), Dim::of(c.hidden)}, DType::bf16);
-  const Route route = b.route_input("route", c.experts, c.top_k);
-  const ValueId shared = b.shared_expert(x, {.intermediate = c.shared_intermediate, .gated = c.shared_gate});
-  const ValueId out = b.reduce(b.combine(b.experts(b.dispatch(x, route), {.intermediate = c.intermediate}), route), {shared});
-  const auto g = std::make_shared<const Graph>(std::move(b).finish({out}));
+  const auto g = route_given_layer(c, 3);
   CudaSessionOptions so;
   so.seed = 17;
   CudaSession folded(g, so);
@@ -736,12 +742,7 @@ TEST(CudaFusedSingleTokenShared, RoutedIdsOutsideTheExpertsContributeNothing) {
   if (cuda::device_count() == 0) GTEST_SKIP() << "no CUDA device";
   const MoEConfig c = load_config("qwen1.5-moe-a2.7b", {"hidden_size=264", "moe_intermediate_size=96",
                                                         "shared_expert_intermediate_size=384"});
-  LayerBuilder b("qwen15.route_given", 1);
-  const ValueId x = b.input("x", Shape{Dim::tokens(), Dim::of(c.hidden)}, DType::bf16);
-  const Route route = b.route_input("route", c.experts, c.top_k);
-  const ValueId shared = b.shared_expert(x, {.intermediate = c.shared_intermediate, .gated = c.shared_gate});
-  const ValueId out = b.reduce(b.combine(b.experts(b.dispatch(x, route), {.intermediate = c.intermediate}), route), {shared});
-  const auto g = std::make_shared<const Graph>(std::move(b).finish({out}));
+  const auto g = route_given_layer(c, 1);
   CudaSessionOptions so;
   so.seed = 29;
   CudaSession folded(g, so);
