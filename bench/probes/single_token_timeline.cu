@@ -523,6 +523,7 @@ int main() {
       CK(cudaMalloc(&ids2, h2.size() * 4));
       CK(cudaMemcpy(ids2, h2.data(), h2.size() * 4, cudaMemcpyHostToDevice));
     }
+    const int full_grid = per_sm * sms;  // every SM its resident blocks of the w2t kernel (3)
     const Kernel kernels[] = {
         {"library kernel (no stamps)", [](const Args& a, int, cudaStream_t, unsigned*) {
            experts_fused_single_token_w2t(lane, {shape.experts, shape.k, shape.hidden, shape.inter}, 1, nullptr, a.x, a.ids,
@@ -590,6 +591,14 @@ int main() {
         {"  one sweep, unroll 8", [](const Args& a, int g, cudaStream_t s, unsigned* sink) {
            read_sweep<8><<<g, kThreads, 0, s>>>(a, sink);
          }, 2},
+        // Every SM the same number of blocks (3): the grid-stride sweep then deals each SM the same
+        // bytes, where the items' grid (352 on qwen1.5) leaves 44 SMs with two blocks.
+        {"  one sweep, unroll 8, 3 per SM", [](const Args& a, int g, cudaStream_t s, unsigned* sink) {
+           read_sweep<8><<<g, kThreads, 0, s>>>(a, sink);
+         }, 2, 0, full_grid},
+        {"  one sweep, unroll 8, 2 per SM", [](const Args& a, int g, cudaStream_t s, unsigned* sink) {
+           read_sweep<8><<<g, kThreads, 0, s>>>(a, sink);
+         }, 2, 0, full_grid * 2 / 3},
     };
     for (const Kernel& kn : kernels) {
       const int kgrid = kn.own_grid > 0 ? kn.own_grid : grid;
