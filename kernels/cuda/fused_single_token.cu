@@ -38,7 +38,7 @@ struct Args : FusedOperands {  // plus this kernel's scratch and counters
 
 struct TransposedArgs : FusedOperands {  // w2 unused: w2t instead
   const uint16_t* w2t;  // bf16 [E, I, H] (pack_w2_transposed)
-  float* partial;       // [k·I/16, H]: one partial y per item over all of H (folded: one per unit)
+  float* partial;       // [k·I/16, H]: one partial y per item over all of H (folded: [units, H], one per unit)
   int* arrived;         // blocks done with their items (folded: units done)
   int* left;            // blocks done with everything: the last one zeroes the counters for the next launch
 };

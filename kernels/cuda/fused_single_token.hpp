@@ -7,7 +7,8 @@
 //   then a partial y from w2 (below);
 //   then every block sums a slice of H over all partials in a fixed order (no floating-point
 //   atomics: repeated runs give identical bytes), out = Σ_j weight_j · y_j.
-// The launches are cooperative (every block resident at once), which the waits need.
+// The routed-only launches are cooperative (every block resident at once), which their waits need;
+// the w2t variant with a shared expert folded in (below) needs no such guarantee.
 //
 // w2 as it is stored, [E, H, I] (experts_fused_single_token): an item publishes its act values and,
 // with the three neighbouring items of its quad (64 features, running in the same wave), computes the
