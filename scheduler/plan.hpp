@@ -51,6 +51,9 @@ struct PlanOptions {
   // Let a kernel start while the previous one of its lane runs where both allow it (CUDA's
   // programmatic dependent launch; PlanStep::starts_early).
   bool early_start = true;
+  // Let a GPU side lane with room to stretch aim at half the SMs (Lane::sm_share; off:
+  // --side-lanes-every-sm, every lane aims at every SM).
+  bool share_side_lanes = true;
   // Let kernels read a weight packed once at bind time (PackedWeight: w13 interleaved for a SwiGLU
   // epilogue, w2 transposed for the one-token kernel); off (--no-packed-weights, or CudaSession where
   // the copies would not fit in device memory) they are passed over, and the plan holds no packed copy.
@@ -62,6 +65,10 @@ struct PlanOptions {
 struct Lane {
   std::string name;  // "lane0 (routed)", "lane1 (shared_expert)"
   std::string why;   // why this lane exists
+  // The share of the device's SMs the lane's kernels aim at (cuBLAS's SM count target, persistent
+  // grids: LaneContext::sm_count); 1: all of them. The planner halves it for a side lane with room
+  // to stretch (share_sms_with_side_lanes in planner.cpp says why).
+  double sm_share = 1.0;
 };
 
 struct PlanStep {

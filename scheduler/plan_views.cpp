@@ -114,7 +114,9 @@ void Plan::write_dot(std::ostream& out) const {
   auto key = [](const PlanStep& s) { return "s" + std::to_string(s.order); };
   for (std::size_t l = 0; l < lanes.size(); ++l) {
     const std::string cluster = "cluster_lane" + std::to_string(l);
-    doc.subgraph(cluster, {{"label", std::string(to_string(options.backend)) + " " + lanes[l].name},
+    const int percent = static_cast<int>(lanes[l].sm_share * 100 + 0.5);
+    const std::string share = percent < 100 ? ", " + std::to_string(percent) + "% of the SMs" : std::string();
+    doc.subgraph(cluster, {{"label", std::string(to_string(options.backend)) + " " + lanes[l].name + share},
                            {"color", options.backend == Backend::cuda ? "steelblue" : "gray50"}});
     for (const PlanStep* s : per_lane[l]) {
       const Node& n = g.node(s->node);

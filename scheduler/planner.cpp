@@ -380,6 +380,46 @@ void leave_sms_to_communication(Plan& plan, const std::vector<PlanStep>& by_node
                        "), and a GEMM holding every SM would keep it from starting");
 }
 
+// On a GPU, a compute side lane whose work is small beside the plan's (a shared expert beside the
+// gate and the routed experts) has its kernels aim at half the SMs. With every SM, its GEMMs' blocks
+// fill the machine as soon as they launch, and the critical lane's next kernels (the gate, then a
+// routed-experts kernel that wants every SM) wait for them to drain; with half, those kernels always
+// find room, and a memory-bound GEMM on half the SMs still draws most of the bandwidth, well within
+// its slack. So only a lane bound by bandwidth is halved: a compute-bound one would run at half its
+// rate (the shared experts of qwen1.5-moe-a2.7b's four 2048-token chunks, halved: 3280 against 3202
+// µs with every SM). Measured on the H100, CUDA-graph replays, µs
+// (`bench/results/h100_side_lane_sms_sweep_2026-11-24.txt`, `h100_deepseek_t1_side_lane_sms_2026-11-24.txt`,
+// `h100_side_lanes_ab_2026-11-24.txt`): every SM / 64 / 48 / 16 SMs on the side lane, deepseek-v3
+// T=1 280.5 / 272.6 / 278.9 / 298; qwen1.5-moe-a2.7b T = 8 / 128 / 256 202.6 / 200.2 / 194.7 (48),
+// 425.6 / 417.9 / 413.3, 438.2 / 424.0 / 434.7. Stream priorities alone (equal, swapped) moved
+// nothing. A lane carrying a large part of the work (a chunk's experts beside another's) keeps every
+// SM: stretched, it would become the critical path.
+void share_sms_with_side_lanes(Plan& plan, const std::vector<PlanStep>& by_node) {
+  constexpr double kSideShare = 0.5;
+  constexpr double kRoomToStretch = 0.25;  // a side lane's work at most this share of the makespan
+  // Where one kernel fills the machine (a GPU's rates); a CPU executor has no SM target to set.
+  if (!plan.options.rates.kernels_fill_machine || plan.lanes.size() < 2) return;
+  const Graph& g = *plan.graph;
+  const MachineRates& rates = plan.options.rates;
+  std::vector<double> busy(plan.lanes.size(), 0.0), bytes_s(plan.lanes.size(), 0.0), flops_s(plan.lanes.size(), 0.0);
+  std::vector<bool> communicates(plan.lanes.size(), false);
+  for (const PlanStep& s : by_node) {
+    const auto l = static_cast<std::size_t>(s.lane);
+    busy[l] += s.predicted_s;
+    bytes_s[l] += s.cost.bytes / rates.bytes_per_s;
+    flops_s[l] += s.cost.flops / rates.flops_per_s;
+    if (g.node(s.node).op->communicates()) communicates[l] = true;
+  }
+  for (std::size_t l = 1; l < plan.lanes.size(); ++l) {
+    if (communicates[l] || busy[l] > kRoomToStretch * plan.predicted_makespan_s || bytes_s[l] < flops_s[l]) continue;
+    plan.lanes[l].sm_share = kSideShare;
+    plan.notes.push_back(plan.lanes[l].name + " aims at half the SMs: its work (" + micros(busy[l]) +
+                         " predicted) is at most a quarter of the plan's (" + micros(plan.predicted_makespan_s) +
+                         ") and bound by bandwidth, which half the SMs still draw, so it has room to stretch; with "
+                         "every SM its blocks would hold the SMs the critical lane's next kernels need");
+  }
+}
+
 // Issue order by estimated start (then lane, then id); cross-lane waits, skipping a wait already
 // implied by an earlier wait of the same lane on a later node of the other lane.
 void order_and_wait(Plan& plan, std::vector<PlanStep>& by_node) {
@@ -623,6 +663,7 @@ Plan plan_fused_graph(std::shared_ptr<const Graph> graph, const PlanOptions& opt
   if (options.policy == Policy::serial) schedule_serial(plan, by_node);
   else schedule_concurrent(plan, by_node);
   leave_sms_to_communication(plan, by_node);
+  if (options.share_side_lanes) share_sms_with_side_lanes(plan, by_node);
   order_and_wait(plan, by_node);
   if (options.early_start) start_early_where_released(plan);
   lay_out_buffers(plan);

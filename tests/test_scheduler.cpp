@@ -251,6 +251,39 @@ TEST(Plan, SharedExpertGetsALaneWhenItsLaunchesHideBehindTheRoutedChain) {
   EXPECT_THAT(plan.lanes[static_cast<std::size_t>(shared.lane)].why, HasSubstr("overlap pays"));
   EXPECT_TRUE(plan.notes.empty());
   EXPECT_LT(plan.predicted_makespan_s, plan.predicted_serial_s);
+  // Its work is as large as the routed branch's: no room to stretch it over half the SMs.
+  for (const Lane& lane : plan.lanes) EXPECT_EQ(lane.sm_share, 1.0) << lane.name;
+}
+
+TEST(Plan, SideLaneWithRoomToStretchAimsAtHalfTheSms) {
+  GpuLikePlanning p;
+  // T=128: the routed experts stream ~1 GB, the shared expert 69 MB beside them.
+  auto g = std::make_shared<const Graph>(build_moe_layer(load_config("qwen1.5-moe-a2.7b"), {.max_tokens = 128}));
+  Plan plan = make_plan(g, p.options);
+  ASSERT_EQ(plan.lanes.size(), 2u);
+  const int side = plan.step_for(*g->find_node("shared_expert")).lane;
+  ASSERT_EQ(side, 1);
+  EXPECT_EQ(plan.lanes[0].sm_share, 1.0);
+  EXPECT_EQ(plan.lanes[1].sm_share, 0.5);
+  ASSERT_EQ(plan.notes.size(), 1u) << testing::PrintToString(plan.notes);
+  EXPECT_THAT(plan.notes[0], HasSubstr("lane1 (shared_expert) aims at half the SMs"));
+  std::ostringstream dot;
+  plan.write_dot(dot);
+  EXPECT_THAT(dot.str(), HasSubstr("lane1 (shared_expert), 50% of the SMs"));
+  // On the host (one node's kernel does not fill the machine) and in a serial plan nothing is halved.
+  PlanOptions host;
+  host.policy = Policy::concurrent;
+  for (const Lane& lane : make_plan(g, host).lanes) EXPECT_EQ(lane.sm_share, 1.0) << lane.name;
+  PlanOptions serial = p.options;
+  serial.policy = Policy::serial;
+  EXPECT_EQ(make_plan(g, serial).lanes.at(0).sm_share, 1.0);
+  // Asked for (--side-lanes-every-sm), every lane keeps every SM.
+  PlanOptions every_sm = p.options;
+  every_sm.share_side_lanes = false;
+  const Plan kept = make_plan(g, every_sm);
+  ASSERT_EQ(kept.lanes.size(), 2u);
+  EXPECT_EQ(kept.lanes[1].sm_share, 1.0);
+  EXPECT_TRUE(kept.notes.empty());
 }
 
 TEST(Plan, SharedExpertStaysInLineWhenBothBranchesAreBoundByTheSameCeiling) {

@@ -31,6 +31,7 @@ Command add_bench_command(CLI::App& app) {
     std::vector<int> chunks{1};
     std::string backend = "cpu";
     int max_lanes = kDefaultMaxLanes;
+    bool side_lanes_every_sm = false;
     int threads = 0;
     uint64_t seed = 0;
     int min_runs = 10;
@@ -60,6 +61,9 @@ Command add_bench_command(CLI::App& app) {
   sub->add_option("--backend", f->backend, "cpu | cuda")->check(CLI::IsMember({"cpu", "cuda"}));
   sub->add_option("--max-lanes", f->max_lanes, "most lanes the concurrent planner opens (1: the concurrent plan keeps one compute lane, and with ranks its communication lane)")
       ->check(CLI::PositiveNumber);
+  sub->add_flag("--side-lanes-every-sm", f->side_lanes_every_sm,
+                "every lane's kernels aim at every SM (cuda; by default a side lane whose work is at most a quarter "
+                "of the plan's aims at half of them)");
   sub->add_option("--threads", f->threads, "oneTBB threads (default: every core)")->check(CLI::PositiveNumber);
   sub->add_option("--seed", f->seed, "seed of the random weights and inputs");
   sub->add_option("--runs", f->min_runs, "timed runs per row at least")->check(CLI::PositiveNumber);
@@ -89,6 +93,7 @@ Command add_bench_command(CLI::App& app) {
       PlanFlags plan;
       plan.backend = f->backend;
       plan.max_lanes = f->max_lanes;
+      plan.side_lanes_every_sm = f->side_lanes_every_sm;
       b.base.plan = plan.options();
       if (b.base.plan.backend == Backend::cuda && !comm::have_nccl())
         fail_resource("bench --backend cuda with ranks needs the NCCL transport, and this build has none");
@@ -132,6 +137,7 @@ Command add_bench_command(CLI::App& app) {
       o.scopes = scopes;
       o.chunks = f->chunks;
       o.max_lanes = f->max_lanes;
+      o.share_side_lanes = !f->side_lanes_every_sm;
       o.seed = f->seed;
       o.min_runs = std::max(f->min_runs, 50);
       o.input_sets = std::max(f->input_sets, 8);

@@ -44,6 +44,10 @@ void PlanFlags::add_to(CLI::App& app) {
   app.add_flag("--no-early-start", no_early_start,
                "every kernel waits for the previous one of its lane to finish (by default a kernel that can, such as "
                "the fused decode kernel after the one-launch gate, starts while it runs: programmatic dependent launch)");
+  app.add_flag("--side-lanes-every-sm", side_lanes_every_sm,
+               "every lane's kernels aim at every SM (by default a side lane whose work is at most a quarter of the "
+               "plan's, such as the shared expert beside the routed experts, aims at half of them on a GPU, so the "
+               "critical lane's next kernels find room)");
   app.add_flag("--no-packed-weights", no_packed_weights,
                "no kernel that reads a weight packed once at bind time (by default GEMM 1 with SwiGLU in its epilogue "
                "reads w13 interleaved, a copy as large as w13, and the one-token kernel w2 transposed, as large as w2; "
@@ -76,6 +80,7 @@ PlanOptions PlanFlags::options() const {
   o.fuse = !no_fuse;
   o.fold_shared = !no_fold_shared;
   o.early_start = !no_early_start;
+  o.share_side_lanes = !side_lanes_every_sm;
   o.packed_weights = !no_packed_weights;
   for (const std::string& k : kernels) {
     const auto eq = k.find('=');

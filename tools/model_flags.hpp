@@ -36,6 +36,7 @@ struct PlanFlags {
   bool no_fuse = false;
   bool no_fold_shared = false;
   bool no_early_start = false;
+  bool side_lanes_every_sm = false;
   bool no_packed_weights = false;
   std::string tuning_cache;   // `moeflow tune`'s file
   std::string tuning_device;  // the device its entries must match (default: this machine's GPU, if any)

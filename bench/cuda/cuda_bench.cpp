@@ -59,6 +59,7 @@ std::vector<nlohmann::json> run_cuda_bench(const CudaBenchOptions& o, std::ostre
             CudaSessionOptions so;
             so.plan.policy = plan == "serial" ? Policy::serial : Policy::concurrent;
             so.plan.max_lanes = o.max_lanes;
+            so.plan.share_side_lanes = o.share_side_lanes;
             // graph-any: captured once for every T up to the sweep's largest (its plan and kernels
             // are chosen for that T), replayed at this one.
             const bool any_tokens = plan == "graph-any";
@@ -110,6 +111,10 @@ std::vector<nlohmann::json> run_cuda_bench(const CudaBenchOptions& o, std::ostre
             row["experts_kernel_asked"] = kernel.empty() ? "auto" : kernel;  // --experts-kernels (what tells rows apart)
             row["chunks"] = chunks;
             row["gpu"] = gpu;
+            // The share of the SMs each lane aimed at (the planner halves a side lane's with room to stretch).
+            nlohmann::json shares = nlohmann::json::array();
+            for (const Lane& lane : s.plan().lanes) shares.push_back(lane.sm_share);
+            row["lane_sm_shares"] = shares;
             if (serial_time.count(kernel)) row["ratio_serial"] = t.median_s / serial_time[kernel];
             log << std::setw(8) << scope << std::setw(19) << config.name << std::setw(6) << T << std::setw(4) << chunks
                 << std::setw(12) << (any_tokens ? "graph-any" : graph_replay ? "conc+graph" : plan) << std::setw(30) << experts_kernel << std::setw(11)

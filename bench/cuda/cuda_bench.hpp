@@ -21,6 +21,7 @@ struct CudaBenchOptions {
   std::vector<std::string> scopes;
   std::vector<int> chunks{1};                // chunk counts (graph/chunk.hpp) measured in turn
   int max_lanes = kDefaultMaxLanes;  // most lanes the concurrent planner opens
+  bool share_side_lanes = true;      // PlanOptions::share_side_lanes (off: --side-lanes-every-sm)
   uint64_t seed = 0;
   int warmup = 3;
   int min_runs = 50;

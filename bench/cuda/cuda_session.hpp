@@ -82,6 +82,7 @@ class CudaSession {
 
   const Plan& plan() const { return plan_; }
   const Graph& graph() const { return *plan_.graph; }
+  const CudaExecutor& executor() const { return *executor_; }
 
  private:
   Plan plan_;

@@ -135,9 +135,16 @@ CudaExecutor::CudaExecutor(const Plan& plan, const CommGroups* comm)
     ctx.blas_workspace_bytes = blas_bytes;
     ctx.blas = cuda::create_blas_handle(ctx.stream, ctx.blas_workspace, blas_bytes);
     ctx.device = s.device;
-    if (!communicates[l] && compute_sms > 0) {
-      ctx.sm_count = compute_sms;
-      cuda::set_blas_sm_target(ctx.blas, compute_sms);
+    // SMs the lane's kernels aim at: fewer where communication keeps some, or where the plan halves a
+    // side lane's share (Lane::sm_share).
+    int lane_sms = !communicates[l] && compute_sms > 0 ? compute_sms : 0;
+    if (const double share = plan.lanes[l].sm_share; share < 1.0) {
+      const int device_sms = lane_sms > 0 ? lane_sms : cuda::multiprocessor_count(s.device);
+      lane_sms = std::max(1, static_cast<int>(share * device_sms + 0.5));
+    }
+    if (lane_sms > 0) {
+      ctx.sm_count = lane_sms;
+      cuda::set_blas_sm_target(ctx.blas, lane_sms);
     }
     ctx.error_flag = s.error_flag;
     MOEFLOW_CUDA_CHECK(cudaMalloc(&ctx.counters, sizeof(int) * cuda::kLaneCounterWords));
@@ -529,6 +536,8 @@ double CudaExecutor::replay_launch_seconds(int launches) {
   std::sort(times.begin(), times.end());
   return times[times.size() / 2];
 }
+
+int CudaExecutor::lane_sm_count(int lane) const { return s_->lanes.at(static_cast<std::size_t>(lane)).sm_count; }
 
 const void* CudaExecutor::data(ValueId v) const {
   return plan_.buffer(v).arena == Arena::host ? s_->host->data(v) : s_->workspace->data(v);

@@ -53,6 +53,8 @@ class CudaExecutor {
 
   const void* data(ValueId v) const;
   const Plan& plan() const { return plan_; }
+  // The SMs lane `lane`'s kernels aim at (cuBLAS's SM count target, persistent grids); 0: every SM.
+  int lane_sm_count(int lane) const;
 
  private:
   struct State;

@@ -586,6 +586,51 @@ TEST(CudaExpertsKernels, AnIdOutsideTheExpertsContributesNothing) {
   EXPECT_GE(tested, 5);  // decode, per-expert loop, grouped, padded, per-row batched (CUTLASS where built)
 }
 
+// A side lane with room to stretch (the shared expert beside the routed experts, their bytes made
+// dear by a slow memory rate so that the routed chain dwarfs the shared lane) aims at half the SMs:
+// planned so without a device; on one, its cuBLAS handle and persistent grids get half the device's
+// SMs, and the layer still matches the reference and repeats bit for bit; the same layer with every
+// SM on every lane agrees with it within the tolerance.
+TEST(CudaPlan, SideLaneAimsAtHalfTheSmsAndTheLayerStillMatches) {
+  const MoEConfig config = load_config("qwen1.5-moe-a2.7b", family_cases()[1].sets);
+  auto g = std::make_shared<const Graph>(build_moe_layer(config, {.max_tokens = 96, .dtype = DType::bf16}));
+  CudaSessionOptions so;
+  so.plan.backend = Backend::cuda;
+  so.plan.policy = Policy::concurrent;
+  so.plan.rates = {.flops_per_s = 800e12, .bytes_per_s = 1e11, .overhead_s = 5e-6, .kernels_fill_machine = true};
+  so.seed = 21;
+  {
+    const Plan plan = make_plan(g, so.plan);
+    const int side = plan.step_for(*g->find_node("shared_expert")).lane;
+    ASSERT_GT(side, 0) << "the shared expert is not on a side lane";
+    EXPECT_EQ(plan.lanes[static_cast<std::size_t>(side)].sm_share, 0.5);
+    EXPECT_EQ(plan.lanes[0].sm_share, 1.0);
+  }
+  if (cuda::device_count() == 0) GTEST_SKIP() << "no CUDA device";
+  CudaSession halved(g, so);
+  const Plan& plan = halved.plan();
+  const int side = plan.step_for(*g->find_node("shared_expert")).lane;
+  ASSERT_EQ(plan.lanes[static_cast<std::size_t>(side)].sm_share, 0.5);
+  const int sms = cuda::multiprocessor_count(0);
+  EXPECT_EQ(halved.executor().lane_sm_count(side), (sms + 1) / 2);
+  EXPECT_EQ(halved.executor().lane_sm_count(0), 0);
+  halved.set_tokens(96);
+  halved.run();
+  EXPECT_TRUE(halved.check(1e-2).pass);
+  const std::vector<float> first = halved.output();
+  halved.run();
+  const std::vector<float> again = halved.output();
+  EXPECT_EQ(0, std::memcmp(first.data(), again.data(), first.size() * 4));
+  so.plan.share_side_lanes = false;
+  CudaSession every_sm(g, so);
+  EXPECT_EQ(every_sm.executor().lane_sm_count(side), 0);
+  every_sm.set_tokens(96);
+  every_sm.run();
+  const std::vector<float> other = every_sm.output();
+  const double rel_norm = reference::compare(other.data(), std::vector<double>(first.begin(), first.end())).rel_norm;
+  EXPECT_LT(rel_norm, 1e-2);
+}
+
 // Planning only (no device needed): a communication lane beside compute lanes gets SMs of its own
 // where the exchange is at least a third of the compute (qwen3-30b-a3b's rank at 4096 tokens), not
 // where the compute dwarfs it (deepseek-v3's), and never in a serial plan.
