@@ -122,9 +122,14 @@ ReferenceResult reference_run(const Graph& g, int64_t run_tokens, const std::fun
       const Node& experts = g.node(y.experts_node);
       const auto& eop = static_cast<const ExpertsOp&>(*experts.op);
       const std::vector<double> w = weights_of(n.inputs[2]);
-      vals[n.outputs[0]].data =
+      std::vector<double> out =
           reference::experts_path(floats(y.dispatched_x), T, static_cast<int>(H), eop.intermediate(), op.top_k(),
                                   ids_of(y.dispatched_ids), w.data(), floats(experts.inputs[2]), floats(experts.inputs[3]));
+      for (int a = 0; a < op.addends(); ++a) {  // the shared experts' outputs (ops/fold_shared_add.hpp)
+        const std::vector<double>& addend = vals.at(n.inputs[3 + static_cast<std::size_t>(a)]).data;
+        for (std::size_t i = 0; i < out.size(); ++i) out[i] += addend[i];
+      }
+      vals[n.outputs[0]].data = std::move(out);
     } else if (kind == "fused_experts") {  // the fuse pass's dispatch → experts → combine
       const auto& op = static_cast<const FusedExpertsOp&>(*n.op);
       const std::vector<double> w = weights_of(n.inputs[2]);

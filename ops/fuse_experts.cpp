@@ -7,6 +7,7 @@
 #include <string_view>
 
 #include "graph/error.hpp"
+#include "graph/rewrite.hpp"
 #include "ops/combine_op.hpp"
 #include "ops/dispatch_op.hpp"
 #include "ops/experts_op.hpp"
@@ -81,7 +82,7 @@ std::optional<Chain> with_shared_expert(const Graph& g, Chain ch, const std::set
 constexpr std::string_view kFusedPrefix = "fused_";
 std::string fused_name(const Node& experts) { return std::string(kFusedPrefix) + experts.name; }
 
-// g rebuilt with the given chains fused (each fused node where its combine was).
+// g rebuilt with the given chains fused (each fused node where its combine was, or its reduce).
 Graph rebuild(const Graph& g, const std::vector<Chain>& chains) {
   std::map<NodeId, const Chain*> by_anchor;
   std::set<NodeId> dropped;
@@ -94,50 +95,25 @@ Graph rebuild(const Graph& g, const std::vector<Chain>& chains) {
       dropped.insert(ch.shared);
     }
   }
-  Graph out(g.name(), g.max_tokens());
-  out.set_description(g.description());
-  if (g.chunks() > 0) out.set_chunking(g.chunks(), g.chunk_rows());
-  std::map<ValueId, ValueId> value_of;
-  for (ValueId id : g.graph_inputs()) value_of[id] = out.copy_input(g.value(id));
-  std::map<NodeId, NodeId> node_of;
-  for (const Node& n : g.nodes()) {  // ids are topological indices
-    if (dropped.count(n.id)) continue;
-    std::vector<ValueId> inputs, outputs;
-    std::string name = n.name;
-    std::shared_ptr<const OpSchema> op = n.op;
-    if (auto it = by_anchor.find(n.id); it != by_anchor.end()) {
-      const Chain& ch = *it->second;
-      const Node& d = g.node(ch.dispatch);
-      const Node& x = g.node(ch.experts);
-      const Node& c = g.node(ch.combine);
-      const auto& eo = static_cast<const ExpertsOp&>(*x.op);
-      name = fused_name(x);
-      std::optional<FoldedShared> shared;
-      if (ch.folds_shared()) {
-        const auto& so = static_cast<const SharedExpertOp&>(*g.node(ch.shared).op);
-        shared = FoldedShared{so.intermediate(), so.gated()};
-      }
-      op = std::make_shared<FusedExpertsOp>(eo.experts(), eo.top_k(), eo.intermediate(), shared);
-      inputs = {value_of.at(d.inputs[0]), value_of.at(d.inputs[1]), value_of.at(c.inputs[2]),
-                value_of.at(x.inputs[2]), value_of.at(x.inputs[3])};
-      if (ch.folds_shared())  // w13, w2 (and the gate's weight) of the shared expert
-        for (std::size_t i = 1; i < g.node(ch.shared).inputs.size(); ++i) inputs.push_back(value_of.at(g.node(ch.shared).inputs[i]));
-    } else {
-      for (ValueId v : n.inputs) inputs.push_back(value_of.at(v));
+  return rewrite_graph(g, dropped, [&](const Node& n) -> std::optional<NodeReplacement> {
+    const auto it = by_anchor.find(n.id);
+    if (it == by_anchor.end()) return std::nullopt;
+    const Chain& ch = *it->second;
+    const Node& d = g.node(ch.dispatch);
+    const Node& x = g.node(ch.experts);
+    const Node& c = g.node(ch.combine);
+    const auto& eo = static_cast<const ExpertsOp&>(*x.op);
+    std::optional<FoldedShared> shared;
+    if (ch.folds_shared()) {
+      const auto& so = static_cast<const SharedExpertOp&>(*g.node(ch.shared).op);
+      shared = FoldedShared{so.intermediate(), so.gated()};
     }
-    for (ValueId v : n.outputs) {
-      outputs.push_back(out.add_value(g.value(v).name));
-      value_of[v] = outputs.back();
-    }
-    const NodeId copy = out.add_node(name, op, inputs, outputs);
-    node_of[n.id] = copy;
-    if (n.chunk >= 0) out.set_chunk(copy, n.chunk);
-    if (n.fixed_rows >= 0) out.set_fixed_rows(copy, n.fixed_rows);
-    for (NodeId before : n.after) out.add_order(node_of.at(before), copy);
-  }
-  for (ValueId v : g.outputs()) out.mark_output(value_of.at(v));
-  out.validate();
-  return out;
+    NodeReplacement r{fused_name(x), std::make_shared<FusedExpertsOp>(eo.experts(), eo.top_k(), eo.intermediate(), shared),
+                      {d.inputs[0], d.inputs[1], c.inputs[2], x.inputs[2], x.inputs[3]}};
+    if (ch.folds_shared())  // w13, w2 (and the gate's weight) of the shared expert
+      for (std::size_t i = 1; i < g.node(ch.shared).inputs.size(); ++i) r.inputs.push_back(g.node(ch.shared).inputs[i]);
+    return r;
+  });
 }
 
 }  // namespace

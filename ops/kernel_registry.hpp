@@ -98,7 +98,8 @@ struct KernelEntry {
   int launches = 1;
   // (output, input) pairs the kernel may compute in place: output o written over input i's bytes,
   // every element read before it is written. The memory planner uses one only where input i is
-  // read by nothing after this node and both live in the workspace.
+  // read by nothing after this node and both live in the workspace; a pair naming an input the node
+  // does not have (an optional one) is passed over.
   std::vector<std::pair<int, int>> in_place = {};
   // Whether the kernel (of slice_rows or concat_rows) copies nothing where the source and the
   // destination rows are the same bytes, so the memory planner may lay the chunk's rows out as a

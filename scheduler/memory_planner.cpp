@@ -52,6 +52,17 @@ std::vector<std::vector<bool>> happens_before(const Plan& plan) {
 
 using Before = std::vector<std::vector<bool>>;
 
+// The (output, input) values a kernel may compute in place on node n (KernelEntry::in_place); a pair
+// naming an input the node does not have (an optional one, such as a combine's first addend) names
+// nothing.
+std::vector<std::pair<ValueId, ValueId>> in_place_values(const KernelEntry& kernel, const Node& n) {
+  std::vector<std::pair<ValueId, ValueId>> pairs;
+  for (const auto& [o, i] : kernel.in_place)
+    if (static_cast<std::size_t>(i) < n.inputs.size())
+      pairs.push_back({n.outputs.at(static_cast<std::size_t>(o)), n.inputs[static_cast<std::size_t>(i)]});
+  return pairs;
+}
+
 // The steps that touch value v: its producer first, then its consumers.
 std::vector<std::size_t> uses_of(const Plan& plan, const Value& v) {
   std::vector<std::size_t> steps = {static_cast<std::size_t>(plan.step_of_node.at(static_cast<std::size_t>(v.producer)))};
@@ -123,8 +134,7 @@ Views find_views(const Plan& plan, const Before& before) {
   for (std::size_t k = plan.steps.size(); k-- > 0;) {
     const PlanStep& s = plan.steps[k];
     const Node& n = g.node(s.node);
-    for (const auto& [o, i] : s.kernel->in_place) {
-      const ValueId out = n.outputs.at(static_cast<std::size_t>(o)), in = n.inputs.at(static_cast<std::size_t>(i));
+    for (const auto& [out, in] : in_place_values(*s.kernel, n)) {
       if (view[static_cast<std::size_t>(out)].base < 0 || plan.buffer(in).bytes != plan.buffer(out).bytes) continue;
       bool last_use = true;
       for (std::size_t u : uses_of(plan, g.value(in)))
@@ -229,9 +239,9 @@ void plan_workspace_reuse(Plan& plan) {
     if (out.steps.front() != s) return -1;  // a view of it is written before it is
     const PlanStep& step = plan.steps[s];
     const Node& n = g.node(step.node);
-    for (const auto& [o, i] : step.kernel->in_place) {
-      if (n.outputs.at(static_cast<std::size_t>(o)) != out.value) continue;
-      const int source = item_of[static_cast<std::size_t>(n.inputs.at(static_cast<std::size_t>(i)))];
+    for (const auto& [o, i] : in_place_values(*step.kernel, n)) {
+      if (o != out.value) continue;
+      const int source = item_of[static_cast<std::size_t>(i)];
       if (source < 0) continue;
       const Item& in = items[static_cast<std::size_t>(source)];
       if (in.pinned || in.bytes < out.bytes) continue;

@@ -46,7 +46,8 @@ struct PlanOptions {
   // backend can run it (ops/fuse_experts.hpp); a --kernel forced on one of the three keeps them apart.
   bool fuse = true;
   // With `fuse`: offer the fused node the layer's shared expert and the reduce adding it too, kept
-  // where a fused kernel runs both (ops/fuse_experts.hpp).
+  // where a fused kernel runs both (ops/fuse_experts.hpp). A reduce left adding a combine's output
+  // becomes that combine's addends (ops/fold_shared_add.hpp), with or without `fuse`.
   bool fold_shared = true;
   // Let a kernel start while the previous one of its lane runs where both allow it (CUDA's
   // programmatic dependent launch; PlanStep::starts_early).

@@ -8,6 +8,7 @@
 #include <sstream>
 
 #include "graph/error.hpp"
+#include "ops/fold_shared_add.hpp"
 #include "ops/fuse_experts.hpp"
 #include "ops/fused_experts_op.hpp"
 #include "ops/to_host_op.hpp"
@@ -680,7 +681,11 @@ Plan make_plan(std::shared_ptr<const Graph> graph, const PlanOptions& options) {
   const KernelRegistry& registry = options.registry ? *options.registry : KernelRegistry::builtin();
   std::map<std::string, std::string> not_fused;
   auto fused = fused_where_a_kernel_runs_it(registry, *graph, options, not_fused);
-  return plan_fused_graph(fused ? fused : graph, options, not_fused);
+  std::shared_ptr<const Graph> planned = fused ? fused : graph;
+  // A reduce left adding a combine's output and the shared experts' becomes the combine's addends.
+  if (options.fold_shared)
+    if (auto folded = fold_shared_add_into_combine(*planned, options.keep_values)) planned = folded;
+  return plan_fused_graph(planned, options, not_fused);
 }
 
 }  // namespace moeflow

@@ -72,7 +72,9 @@ TEST(Cli, RunJsonCarriesTheCheckAndEveryNode) {
   EXPECT_EQ(j["max_tokens"], 9);
   EXPECT_TRUE(j["check"]["pass"].get<bool>());
   EXPECT_LT(j["check"]["rel_norm"].get<double>(), 1e-5);
-  EXPECT_EQ(j["nodes"].size(), 6u);
+  // gate, shared expert, dispatch, experts, combine: the reduce folded into the combine, which adds
+  // the shared expert's output (ops/fold_shared_add.hpp).
+  EXPECT_EQ(j["nodes"].size(), 5u);
 }
 
 TEST(Cli, TraceOfConcurrentPlanShowsSharedExpertBesideRoutedPath) {
@@ -98,7 +100,7 @@ TEST(Cli, TraceOfConcurrentPlanShowsSharedExpertBesideRoutedPath) {
   // The summary: the span, every lane's busy time, and the shared expert's time on its own row.
   const Result sum = run_moeflow("trace " + trace + " --summary");
   ASSERT_EQ(sum.status, 0) << sum.output;
-  EXPECT_THAT(sum.output, HasSubstr(" us, 6 nodes"));
+  EXPECT_THAT(sum.output, HasSubstr(" us, 5 nodes"));  // the reduce folded into the combine
   EXPECT_THAT(sum.output, HasSubstr("% of the span)"));
   std::ostringstream shared_row;
   shared_row << std::fixed << std::setprecision(1) << shared->duration_us;
@@ -225,7 +227,7 @@ TEST(Cli, ChunkedRunChecksWithEmptyChunksAndNamesItsNodes) {
   for (const auto& n : j["nodes"]) names.insert(n["node"].get<std::string>());
   EXPECT_TRUE(names.count("experts\u00b7c3")) << r.output;
   EXPECT_TRUE(names.count("concat_reduce.out")) << r.output;
-  EXPECT_EQ(j["nodes"].size(), 4u * 7u + 1u);  // slice + six ops per chunk, one concat
+  EXPECT_EQ(j["nodes"].size(), 4u * 6u + 1u);  // slice + five ops per chunk (each reduce in its combine), one concat
 }
 
 TEST(Cli, MalformedIncompleteAndUnsupportedConfigsAreRefusedByField) {

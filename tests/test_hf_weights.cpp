@@ -89,7 +89,7 @@ TEST(HfWeights, EveryFamilyLoadsIntoTheW13W2LayoutAndChecks) {
     const std::string p = "model.layers.1." + std::string(c.family == ModelFamily::mixtral ? "block_sparse_moe." : "mlp.");
     const std::string up = c.family == ModelFamily::mixtral ? "w3" : "up_proj";
     const int64_t e = c.experts - 1, r = 3, h = 5, I = c.intermediate, H = c.hidden;
-    const auto* w13 = static_cast<const float*>(s.value_data(*g->find_value("experts.w13")));
+    const auto* w13 = static_cast<const float*>(s.value_data(*s.plan().graph->find_value("experts.w13")));
     EXPECT_EQ(w13[e * 2 * I * H + (I + r) * H + h], value_of(p + "experts." + std::to_string(e) + "." + up + ".weight", r * H + h));
     s.set_tokens(16);
     s.run();

@@ -209,17 +209,20 @@ TEST(Plan, ConcurrentPlanPutsSharedExpertBesideTheRoutedPath) {
   PlanOptions po;
   po.policy = Policy::concurrent;
   Plan plan = make_plan(g, po);
-  const PlanStep& shared = plan.step_for(*g->find_node("shared_expert"));
-  const PlanStep& experts = plan.step_for(*g->find_node("experts"));
-  const PlanStep& reduce = plan.step_for(*g->find_node("reduce"));
+  // The plan's graph: the reduce folded into the combine, which adds the shared expert's output.
+  const Graph& pg = *plan.graph;
+  EXPECT_FALSE(pg.find_node("reduce"));
+  const PlanStep& shared = plan.step_for(*pg.find_node("shared_expert"));
+  const PlanStep& experts = plan.step_for(*pg.find_node("experts"));
+  const PlanStep& combine = plan.step_for(*pg.find_node("combine"));
   EXPECT_NE(shared.lane, experts.lane);
-  // The reduce waits for whichever branch is not on its own lane, and nothing else.
-  const NodeId other = reduce.lane == shared.lane ? *g->find_node("combine") : *g->find_node("shared_expert");
-  EXPECT_THAT(reduce.waits, testing::ElementsAre(other));
+  // The combine waits for whichever branch is not on its own lane, and nothing else.
+  const NodeId other = combine.lane == shared.lane ? *pg.find_node("experts") : *pg.find_node("shared_expert");
+  EXPECT_THAT(combine.waits, testing::ElementsAre(other));
   EXPECT_THAT(plan.lanes[static_cast<std::size_t>(shared.lane)].why + plan.lanes[0].why, HasSubstr("shared_expert"));
   // Issue order is a topological order.
   for (const PlanStep& s : plan.steps)
-    for (NodeId p : g->predecessors(s.node)) EXPECT_LT(plan.step_for(p).order, s.order);
+    for (NodeId p : pg.predecessors(s.node)) EXPECT_LT(plan.step_for(p).order, s.order);
 }
 
 // The built-in CPU kernels, each declaring the launches its GPU counterpart issues, and rates like an
@@ -678,6 +681,7 @@ TEST(MemoryPlanner, ReduceWritesOverItsFirstAddendOnlyWhenNothingReadsItAfterwar
   for (Policy policy : {Policy::serial, Policy::concurrent}) {
     PlanOptions po;
     po.policy = policy;
+    po.fold_shared = false;  // the reduce kept apart (by default the combine adds the shared output)
     const Plan plan = make_plan(g, po);
     EXPECT_EQ(plan.buffer(sum).in_place_of, first) << to_string(policy);
     EXPECT_EQ(plan.buffer(sum).offset, plan.buffer(first).offset) << to_string(policy);
@@ -695,6 +699,7 @@ TEST(MemoryPlanner, ReduceWritesOverItsFirstAddendOnlyWhenNothingReadsItAfterwar
     SessionOptions so;
     so.plan.policy = Policy::concurrent;
     so.plan.reuse_memory = reuse;
+    so.plan.fold_shared = false;
     so.threads = 2;
     CpuSession s(g, so);
     s.set_tokens(29);

@@ -32,6 +32,7 @@ Command add_bench_command(CLI::App& app) {
     std::string backend = "cpu";
     int max_lanes = kDefaultMaxLanes;
     bool side_lanes_every_sm = false;
+    bool no_fold_shared = false;
     int threads = 0;
     uint64_t seed = 0;
     int min_runs = 10;
@@ -64,6 +65,8 @@ Command add_bench_command(CLI::App& app) {
   sub->add_flag("--side-lanes-every-sm", f->side_lanes_every_sm,
                 "every lane's kernels aim at every SM (cuda; by default a side lane whose work is at most a quarter "
                 "of the plan's aims at half of them)");
+  sub->add_flag("--no-fold-shared", f->no_fold_shared,
+                "keep the shared expert and the reduce adding it apart (cuda; as `run --no-fold-shared`)");
   sub->add_option("--threads", f->threads, "oneTBB threads (default: every core)")->check(CLI::PositiveNumber);
   sub->add_option("--seed", f->seed, "seed of the random weights and inputs");
   sub->add_option("--runs", f->min_runs, "timed runs per row at least")->check(CLI::PositiveNumber);
@@ -94,6 +97,7 @@ Command add_bench_command(CLI::App& app) {
       plan.backend = f->backend;
       plan.max_lanes = f->max_lanes;
       plan.side_lanes_every_sm = f->side_lanes_every_sm;
+      plan.no_fold_shared = f->no_fold_shared;
       b.base.plan = plan.options();
       if (b.base.plan.backend == Backend::cuda && !comm::have_nccl())
         fail_resource("bench --backend cuda with ranks needs the NCCL transport, and this build has none");
@@ -138,6 +142,7 @@ Command add_bench_command(CLI::App& app) {
       o.chunks = f->chunks;
       o.max_lanes = f->max_lanes;
       o.share_side_lanes = !f->side_lanes_every_sm;
+      o.fold_shared = !f->no_fold_shared;
       o.seed = f->seed;
       o.min_runs = std::max(f->min_runs, 50);
       o.input_sets = std::max(f->input_sets, 8);

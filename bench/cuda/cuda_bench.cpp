@@ -60,6 +60,7 @@ std::vector<nlohmann::json> run_cuda_bench(const CudaBenchOptions& o, std::ostre
             so.plan.policy = plan == "serial" ? Policy::serial : Policy::concurrent;
             so.plan.max_lanes = o.max_lanes;
             so.plan.share_side_lanes = o.share_side_lanes;
+            so.plan.fold_shared = o.fold_shared;
             // graph-any: captured once for every T up to the sweep's largest (its plan and kernels
             // are chosen for that T), replayed at this one.
             const bool any_tokens = plan == "graph-any";

@@ -22,6 +22,7 @@ struct CudaBenchOptions {
   std::vector<int> chunks{1};                // chunk counts (graph/chunk.hpp) measured in turn
   int max_lanes = kDefaultMaxLanes;  // most lanes the concurrent planner opens
   bool share_side_lanes = true;      // PlanOptions::share_side_lanes (off: --side-lanes-every-sm)
+  bool fold_shared = true;           // PlanOptions::fold_shared (off: --no-fold-shared)
   uint64_t seed = 0;
   int warmup = 3;
   int min_runs = 50;

@@ -54,10 +54,12 @@ void gather_rows(const float* x, const int32_t* slot_of, int64_t tokens, int top
 }
 
 void combine_rows(const float* y_rows, const int32_t* slot_of, const float* weights, int64_t tokens, int top_k,
-                  int hidden, float* out) {
+                  int hidden, float* out, std::span<const float* const> addends) {
   tbb::parallel_for(tbb::blocked_range<int64_t>(0, tokens, 16), [&](const tbb::blocked_range<int64_t>& r) {
+    // The choices' sum in a row of its own when there are addends: out may then lie over the first.
+    std::vector<float> row(addends.empty() ? 0 : static_cast<std::size_t>(hidden));
     for (int64_t t = r.begin(); t < r.end(); ++t) {
-      float* o = out + t * hidden;
+      float* o = addends.empty() ? out + t * hidden : row.data();
       std::fill(o, o + hidden, 0.0f);
       for (int j = 0; j < top_k; ++j) {
         if (slot_of[t * top_k + j] < 0) continue;
@@ -65,6 +67,9 @@ void combine_rows(const float* y_rows, const int32_t* slot_of, const float* weig
         const float* y = y_rows + static_cast<int64_t>(slot_of[t * top_k + j]) * hidden;
         for (int h = 0; h < hidden; ++h) o[h] += w * y[h];
       }
+      for (const float* a : addends)
+        for (int h = 0; h < hidden; ++h) o[h] += a[t * hidden + h];
+      if (o != out + t * hidden) std::copy(o, o + hidden, out + t * hidden);
     }
   });
 }

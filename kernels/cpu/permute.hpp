@@ -2,6 +2,7 @@
 // Dispatch and combine in one process: rows grouped by expert, and back.
 // Permuted order: expert-major; within an expert, by (token, slot j) ascending. Deterministic.
 #include <cstdint>
+#include <span>
 
 namespace moeflow::cpu {
 
@@ -17,9 +18,10 @@ void build_permutation(const int32_t* ids, int64_t tokens, int top_k, int expert
 // rows[slot_of[t, j], :] = x[t, :] for every (t, j) with slot_of ≥ 0; rows is [T * k, H].
 void gather_rows(const float* x, const int32_t* slot_of, int64_t tokens, int top_k, int hidden, float* rows);
 
-// out[t, :] = Σ_j weights[t, j] · y_rows[slot_of[t, j], :] over slot_of ≥ 0; out is [T, H].
-// Summed in j order.
+// out[t, :] = Σ_j weights[t, j] · y_rows[slot_of[t, j], :] over slot_of ≥ 0, then + addends[a][t, :]
+// for each addend [T, H] in order; out is [T, H]. Summed in j order, then addend order (as a reduce
+// over the combine's output and the addends would sum them). out may lie over addends[0].
 void combine_rows(const float* y_rows, const int32_t* slot_of, const float* weights, int64_t tokens, int top_k,
-                  int hidden, float* out);
+                  int hidden, float* out, std::span<const float* const> addends = {});
 
 }  // namespace moeflow::cpu

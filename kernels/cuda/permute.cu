@@ -302,7 +302,7 @@ template <bool kVec>
 __global__ void __launch_bounds__(kRowThreads)
     combine_kernel(const uint16_t* __restrict__ y_rows, const int32_t* __restrict__ slot_of,
                    const float* __restrict__ weights, int64_t tokens, int top_k, int hidden, int shift,
-                   uint16_t* __restrict__ out, RowWindow window, LiveRows live) {
+                   uint16_t* out, RowWindow window, LiveRows live, RowAddends addends) {  // out may be addends.rows[0]
   uint16_t* const rows = const_cast<uint16_t*>(y_rows);
   const int64_t t = (static_cast<int64_t>(blockIdx.x) << (kRowThreadsLog2 - shift)) + (threadIdx.x >> shift);
   if (t >= live_bound(live, tokens)) return;
@@ -324,6 +324,12 @@ __global__ void __launch_bounds__(kRowThreads)
 #pragma unroll
         for (int i = 0; i < 8; ++i) acc[i] = fmaf(wj, f[i], acc[i]);
       }
+      for (int a = 0; a < addends.count; ++a) {
+        float f[8];
+        unpack8(*reinterpret_cast<const uint4*>(addends.rows[a] + t * hidden + 8 * v), f);
+#pragma unroll
+        for (int i = 0; i < 8; ++i) acc[i] += f[i];
+      }
       *reinterpret_cast<uint4*>(out + t * hidden + 8 * v) = pack8(acc);
     }
   } else {
@@ -332,6 +338,7 @@ __global__ void __launch_bounds__(kRowThreads)
       for (int j = 0; j < top_k; ++j)
         if (slots[j] >= 0)
           acc = fmaf(w ? w[j] : 1.0f, bf16_bits_to_float(row_at(rows, window, slots[j], hidden)[h]), acc);
+      for (int a = 0; a < addends.count; ++a) acc += bf16_bits_to_float(addends.rows[a][t * hidden + h]);
       out[t * hidden + h] = __bfloat16_as_ushort(__float2bfloat16_rn(acc));
     }
   }
@@ -512,19 +519,21 @@ void scatter_rows(const uint16_t* x, const int32_t* slot_of, int64_t tokens, int
 }
 
 void combine_rows(const uint16_t* y_rows, const int32_t* slot_of, const float* weights, int64_t tokens, int top_k,
-                  int hidden, uint16_t* out, Stream stream, RowWindow window, LiveRows live) {
-  if (tokens < 0 || top_k <= 0 || hidden < 0)
+                  int hidden, uint16_t* out, Stream stream, RowWindow window, LiveRows live, RowAddends addends) {
+  if (tokens < 0 || top_k <= 0 || hidden < 0 || addends.count < 0 || addends.count > RowAddends::kMax)
     fail_input("cuda combine_rows: tokens = " + std::to_string(tokens) + ", top_k = " + std::to_string(top_k) +
-               ", hidden = " + std::to_string(hidden));
+               ", hidden = " + std::to_string(hidden) + ", addends = " + std::to_string(addends.count));
   if (tokens == 0 || hidden == 0) return;
-  const bool vec = hidden % 8 == 0 && aligned16(y_rows) && aligned16(out) && aligned16(window.rows);
+  bool addends_aligned = true;
+  for (int a = 0; a < addends.count; ++a) addends_aligned = addends_aligned && aligned16(addends.rows[a]);
+  const bool vec = hidden % 8 == 0 && aligned16(y_rows) && aligned16(out) && aligned16(window.rows) && addends_aligned;
   const RowGrid g = row_grid(tokens, vec ? hidden / 8 : hidden, "cuda combine_rows");
   if (vec)
     combine_kernel<true><<<g.blocks, kRowThreads, 0, stream>>>(y_rows, slot_of, weights, tokens, top_k, hidden,
-                                                               g.shift, out, window, live);
+                                                               g.shift, out, window, live, addends);
   else
     combine_kernel<false><<<g.blocks, kRowThreads, 0, stream>>>(y_rows, slot_of, weights, tokens, top_k, hidden,
-                                                                g.shift, out, window, live);
+                                                                g.shift, out, window, live, addends);
   MOEFLOW_CUDA_LAUNCH_CHECK();
 }
 

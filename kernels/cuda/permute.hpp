@@ -49,13 +49,22 @@ void gather_rows(const uint16_t* x, const int32_t* row_source, int64_t rows, int
 void scatter_rows(const uint16_t* x, const int32_t* slot_of, int64_t tokens, int top_k, int hidden, uint16_t* out,
                   Stream stream, LiveRows live = {});
 
+// Rows [T, H] bf16 added to a combine's sum (the shared experts' outputs), by value: at most four.
+struct RowAddends {
+  static constexpr int kMax = 4;
+  const uint16_t* rows[kMax] = {};
+  int count = 0;
+};
+
 // out[t, :] = Σ_j weights[t, j] · y_rows[slot_of[t, j], :] over slot_of ≥ 0 (a choice with no row
-// here is skipped), fp32 accumulation in j order and one rounding to bf16 at the end. y_rows bf16
-// [T*k, H], out bf16 [T, H]; weights null: every weight 1 (the sum of a token's returned parts).
-// Slots inside `window` are read from window.rows instead of y_rows.
-// With a live count, `tokens` is the bound and tokens past the live ones are left as they are.
+// here is skipped), then + addends.rows[a][t, :] in addend order: fp32 accumulation in j order and
+// one rounding to bf16 at the end. y_rows bf16 [T*k, H], out bf16 [T, H]; weights null: every weight
+// 1 (the sum of a token's returned parts). Slots inside `window` are read from window.rows instead of
+// y_rows. With a live count, `tokens` is the bound and tokens past the live ones are left as they are.
+// out may lie over addends.rows[0] (each element of it is read by the thread that writes it).
 void combine_rows(const uint16_t* y_rows, const int32_t* slot_of, const float* weights, int64_t tokens, int top_k,
-                  int hidden, uint16_t* out, Stream stream, RowWindow window = {}, LiveRows live = {});
+                  int hidden, uint16_t* out, Stream stream, RowWindow window = {}, LiveRows live = {},
+                  RowAddends addends = {});
 
 // A rank's share of the experts (multi-rank): out[i] = ids[i] - first where that is in [0, experts),
 // else -1 (build_permutation moves such ids out of the way and counts them for no expert).

@@ -866,14 +866,19 @@ void register_cuda_kernels(KernelRegistry& r) {
          }})));
   register_experts(r);
   register_fused_experts(r);
-  r.add(reading_live_tokens({"combine", Backend::cuda, "cuda.weighted_sum", 0,
+  KernelEntry weighted_sum = reading_live_tokens({"combine", Backend::cuda, "cuda.weighted_sum", 0,
          bf16_kernel("one pass per token: its top-k expert rows weighted in fp32, no atomics"),
          [](const KernelCall& c) {
            const auto& op = static_cast<const CombineOp&>(*c.node.op);
+           static_assert(CombineOp::kMaxAddends <= cuda::RowAddends::kMax);
+           cuda::RowAddends addends;
+           for (int a = 0; a < op.addends(); ++a) addends.rows[addends.count++] = bf16_in(c, 3 + static_cast<std::size_t>(a));
            cuda::combine_rows(bf16_in(c, 0), c.in<int32_t>(1), c.in<float>(2), c.tokens, op.top_k(), hidden_of(c),
-                              bf16_out(c, 0), lane(c).stream, {}, cuda::LiveRows{c.live_tokens, 1});
+                              bf16_out(c, 0), lane(c).stream, {}, cuda::LiveRows{c.live_tokens, 1}, addends);
          },
-         {}}));
+         {}});
+  weighted_sum.in_place = {{0, 3}};  // over the first addend, where there is one (combine_rows reads it first)
+  r.add(std::move(weighted_sum));
   KernelEntry sum{"reduce", Backend::cuda, "cuda.sum", 0, bf16_kernel("elementwise sum of the addends in fp32"),
                    [](const KernelCall& c) {
                      std::vector<const uint16_t*> addends;

@@ -657,6 +657,34 @@ void check_gather_combine(int64_t tokens, int k, int experts, int hidden) {
     }
   cuda::combine_rows(d_y.get(), slot_of.get(), d_w.get(), tokens, k, hidden, d_out.get(), nullptr);
   EXPECT_EQ(d_out.download(), out) << what << ": rerun";
+  // With two addends (the shared experts' outputs): added in fp32 after the choices, in order, before
+  // the one rounding; against the CPU's fp32 sums of the same bf16 values.
+  {
+    const auto s0 = random_bf16(static_cast<size_t>(tokens * hidden), what + ".s0", 1.0f);
+    const auto s1 = random_bf16(static_cast<size_t>(tokens * hidden), what + ".s1", 1.0f);
+    DeviceBuffer<uint16_t> d_s0(s0), d_s1(s1), d_sum(static_cast<size_t>(tokens * hidden));
+    cuda::RowAddends addends;
+    addends.rows[0] = d_s0.get();
+    addends.rows[1] = d_s1.get();
+    addends.count = 2;
+    cuda::combine_rows(d_y.get(), slot_of.get(), d_w.get(), tokens, k, hidden, d_sum.get(), nullptr, {}, {}, addends);
+    const std::vector<float> s0f = to_f32(s0), s1f = to_f32(s1);
+    const float* const cpu_addends[] = {s0f.data(), s1f.data()};
+    std::vector<float> ref_sum(static_cast<size_t>(tokens * hidden));
+    cpu::combine_rows(yf.data(), h_slot.data(), w.data(), tokens, k, hidden, ref_sum.data(), cpu_addends);
+    const std::vector<uint16_t> sum = d_sum.download();
+    for (int64_t t = 0; t < tokens; ++t)
+      for (int h = 0; h < hidden; ++h) {
+        double mag = std::fabs(s0f[t * hidden + h]) + std::fabs(s1f[t * hidden + h]);
+        for (int j = 0; j < k; ++j)
+          mag += std::fabs(static_cast<double>(w[t * k + j]) * yf[static_cast<size_t>(h_slot[t * k + j]) * hidden + h]);
+        const double r = ref_sum[t * hidden + h], g = bf16_to_float(sum[t * hidden + h]);
+        ASSERT_LE(std::fabs(g - r), std::ldexp(1.0, -8) * std::fabs(r) + 1e-6 * mag) << what << " addends, t " << t << " h " << h;
+      }
+    EXPECT_THROW(cuda::combine_rows(d_y.get(), slot_of.get(), d_w.get(), tokens, k, hidden, d_sum.get(), nullptr, {}, {},
+                                    cuda::RowAddends{{}, cuda::RowAddends::kMax + 1}),
+                 Error);
+  }
 
   // A window of rows kept in another buffer (the alltoall's rows for its own rank): the gather
   // writes them there and nowhere else, the combine reads them there; results are the same bits.

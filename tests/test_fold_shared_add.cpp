@@ -1,0 +1,96 @@
+// The shared add folded into the combine (ops/fold_shared_add.hpp): where it folds and where it
+// leaves the reduce alone, the rewritten graph's shape and names, and on the CPU the same bytes as
+// the layer with the reduce apart (the fp32 sums run in the reduce's order).
+#include <gmock/gmock.h>
+#include <gtest/gtest.h>
+
+#include <cstring>
+
+#include "bench/cpu_session.hpp"
+#include "graph/chunk.hpp"
+#include "ops/combine_op.hpp"
+#include "ops/fold_shared_add.hpp"
+#include "ops/lower_parallel.hpp"
+#include "ops/moe_layer.hpp"
+
+using namespace moeflow;
+
+namespace {
+
+const MoEConfig& small_qwen() {
+  static const MoEConfig c = load_config("qwen1.5-moe-a2.7b", {"hidden_size=64", "moe_intermediate_size=32",
+                                                               "shared_expert_intermediate_size=64"});
+  return c;
+}
+
+int count_kind(const Graph& g, const std::string& kind) {
+  int n = 0;
+  for (const Node& node : g.nodes()) n += node.op->kind() == kind;
+  return n;
+}
+
+}  // namespace
+
+TEST(FoldSharedAdd, TheCombineAddsTheSharedExpertAndTakesTheReducesPlaceAndOutput) {
+  const Graph g = build_moe_layer(small_qwen(), {.max_tokens = 16});
+  const Node& reduce = g.node(*g.find_node("reduce"));
+  const std::string out_name = g.value(reduce.outputs[0]).name;
+  const auto folded = fold_shared_add_into_combine(g);
+  ASSERT_TRUE(folded);
+  EXPECT_EQ(count_kind(*folded, "reduce"), 0);
+  EXPECT_EQ(folded->nodes().size(), g.nodes().size() - 1);
+  const Node& combine = folded->node(*folded->find_node("combine"));
+  const auto& op = static_cast<const CombineOp&>(*combine.op);
+  EXPECT_EQ(op.addends(), 1);
+  EXPECT_THAT(op.summary(), testing::HasSubstr("+ 1 addend"));
+  ASSERT_EQ(combine.inputs.size(), 4u);
+  EXPECT_EQ(folded->value(combine.inputs[3]).producer, *folded->find_node("shared_expert"));
+  EXPECT_EQ(folded->value(combine.outputs[0]).name, out_name);
+  EXPECT_EQ(folded->outputs(), std::vector<ValueId>{combine.outputs[0]});
+  // Each chunk's reduce folds into its own combine.
+  const auto chunked = fold_shared_add_into_combine(chunk_tokens(g, {.chunks = 2}));
+  ASSERT_TRUE(chunked);
+  EXPECT_EQ(count_kind(*chunked, "reduce"), 0);
+  for (const char* name : {"combine\u00b7c0", "combine\u00b7c1"}) {
+    const auto c = chunked->find_node(name);
+    ASSERT_TRUE(c) << name;
+    EXPECT_EQ(static_cast<const CombineOp&>(*chunked->node(*c).op).addends(), 1) << name;
+  }
+}
+
+TEST(FoldSharedAdd, LeavesTheReduceWhereTheRoutedSumIsReadOrOwedAcrossRanks) {
+  const Graph g = build_moe_layer(small_qwen(), {.max_tokens = 16});
+  const Node& reduce = g.node(*g.find_node("reduce"));
+  // The combine's output read after the run (kept): the reduce stays.
+  EXPECT_FALSE(fold_shared_add_into_combine(g, {g.value(reduce.inputs[0]).name}));
+  // A layer without a shared expert has no such reduce.
+  EXPECT_FALSE(fold_shared_add_into_combine(build_moe_layer(load_config("mixtral-8x7b", {"hidden_size=64", "intermediate_size=32"}),
+                                                            {.max_tokens = 16})));
+  // Tensor parallelism: each rank's routed sum is Partial, and the reduce is where the all-reduce is
+  // paid, once: it stays.
+  const ParallelLayout tp{.dp = 1, .tp = 2, .ep = false, .dispatch = DispatchKind::allgather, .tokens = {16}};
+  const Graph rank = lower_parallel(g, tp, 0);
+  ASSERT_GE(count_kind(rank, "reduce"), 1);
+  EXPECT_FALSE(fold_shared_add_into_combine(rank));
+}
+
+TEST(FoldSharedAdd, TheCpuLayerComputesTheBytesOfTheReduceApart) {
+  auto g = std::make_shared<const Graph>(build_moe_layer(small_qwen(), {.max_tokens = 24}));
+  auto output_of = [&](bool fold) {
+    SessionOptions so;
+    so.threads = 2;
+    so.seed = 9;
+    so.plan.policy = Policy::concurrent;
+    so.plan.fold_shared = fold;
+    CpuSession s(g, so);
+    EXPECT_EQ(count_kind(*s.plan().graph, "reduce"), fold ? 0 : 1);
+    s.set_tokens(21);
+    s.run();
+    EXPECT_TRUE(s.check(1e-5).pass);
+    const float* out = s.output();
+    return std::vector<float>(out, out + 21 * small_qwen().hidden);
+  };
+  const std::vector<float> folded = output_of(true), apart = output_of(false);
+  ASSERT_EQ(folded.size(), apart.size());
+  EXPECT_EQ(0, std::memcmp(folded.data(), apart.data(), folded.size() * sizeof(float)));
+}
