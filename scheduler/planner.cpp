@@ -394,25 +394,26 @@ void leave_sms_to_communication(Plan& plan, const std::vector<PlanStep>& by_node
 // T=1 280.5 / 272.6 / 278.9 / 298; qwen1.5-moe-a2.7b T = 8 / 128 / 256 202.6 / 200.2 / 194.7 (48),
 // 425.6 / 417.9 / 413.3, 438.2 / 424.0 / 434.7. Stream priorities alone (equal, swapped) moved
 // nothing. A lane carrying a large part of the work (a chunk's experts beside another's) keeps every
-// SM: stretched, it would become the critical path.
+// SM: stretched, it would become the critical path. Plans that exchange rows between ranks are left
+// as leave_sms_to_communication splits them: the two shares together were never measured.
 void share_sms_with_side_lanes(Plan& plan, const std::vector<PlanStep>& by_node) {
   constexpr double kSideShare = 0.5;
   constexpr double kRoomToStretch = 0.25;  // a side lane's work at most this share of the makespan
   // Where one kernel fills the machine (a GPU's rates); a CPU executor has no SM target to set.
   if (!plan.options.rates.kernels_fill_machine || plan.lanes.size() < 2) return;
   const Graph& g = *plan.graph;
+  for (const PlanStep& s : by_node)
+    if (g.node(s.node).op->communicates()) return;  // leave_sms_to_communication's split stands alone
   const MachineRates& rates = plan.options.rates;
   std::vector<double> busy(plan.lanes.size(), 0.0), bytes_s(plan.lanes.size(), 0.0), flops_s(plan.lanes.size(), 0.0);
-  std::vector<bool> communicates(plan.lanes.size(), false);
   for (const PlanStep& s : by_node) {
     const auto l = static_cast<std::size_t>(s.lane);
     busy[l] += s.predicted_s;
     bytes_s[l] += s.cost.bytes / rates.bytes_per_s;
     flops_s[l] += s.cost.flops / rates.flops_per_s;
-    if (g.node(s.node).op->communicates()) communicates[l] = true;
   }
   for (std::size_t l = 1; l < plan.lanes.size(); ++l) {
-    if (communicates[l] || busy[l] > kRoomToStretch * plan.predicted_makespan_s || bytes_s[l] < flops_s[l]) continue;
+    if (busy[l] > kRoomToStretch * plan.predicted_makespan_s || bytes_s[l] < flops_s[l]) continue;
     plan.lanes[l].sm_share = kSideShare;
     plan.notes.push_back(plan.lanes[l].name + " aims at half the SMs: its work (" + micros(busy[l]) +
                          " predicted) is at most a quarter of the plan's (" + micros(plan.predicted_makespan_s) +

@@ -372,6 +372,8 @@ TEST(Plan, TwoMicroBatchOrderEmergesWhereRanksExchangeRows) {
   PlanOptions serial = options;
   serial.policy = Policy::serial;
   EXPECT_LT(plan.predicted_makespan_s, make_plan(rank0, serial).predicted_makespan_s);
+  // With ranks, the SMs are split only for the communication lane (share_sms_with_side_lanes).
+  for (const Lane& lane : plan.lanes) EXPECT_EQ(lane.sm_share, 1.0) << lane.name;
 }
 
 TEST(Plan, SerialPlanIsOneLaneInTopologicalOrder) {
