@@ -12,22 +12,14 @@
 #include "ops/fold_shared_add.hpp"
 #include "ops/lower_parallel.hpp"
 #include "ops/moe_layer.hpp"
+#include "tests/layer_helpers.hpp"
 
 using namespace moeflow;
 
 namespace {
 
-const MoEConfig& small_qwen() {
-  static const MoEConfig c = load_config("qwen1.5-moe-a2.7b", {"hidden_size=64", "moe_intermediate_size=32",
-                                                               "shared_expert_intermediate_size=64"});
-  return c;
-}
-
-int count_kind(const Graph& g, const std::string& kind) {
-  int n = 0;
-  for (const Node& node : g.nodes()) n += node.op->kind() == kind;
-  return n;
-}
+using testing_layers::count_kind;
+using testing_layers::small_qwen;
 
 }  // namespace
 
