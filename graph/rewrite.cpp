@@ -1,8 +1,20 @@
 #include "graph/rewrite.hpp"
 
+#include <algorithm>
 #include <map>
 
 namespace moeflow {
+
+bool plain_node(const Node& n) { return n.after.empty() && n.fixed_rows < 0; }
+
+bool whole_value(const Value& v) { return v.type && v.type->dist.kind == Distribution::Kind::replicated; }
+
+bool internal_value(const Graph& g, ValueId v, const std::set<std::string>& keep) {
+  const Value& val = g.value(v);
+  const auto& outputs = g.outputs();
+  return val.consumers.size() == 1 && !keep.count(val.name) &&
+         std::find(outputs.begin(), outputs.end(), v) == outputs.end();
+}
 
 Graph rewrite_graph(const Graph& g, const std::set<NodeId>& dropped,
                     const std::function<std::optional<NodeReplacement>(const Node&)>& replace) {

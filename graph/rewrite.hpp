@@ -12,6 +12,15 @@
 
 namespace moeflow {
 
+// What a rewriting pass asks of the nodes and values it would merge:
+// a node with no order-only edges and no fixed rows (a rewrite would have to carry those);
+bool plain_node(const Node& n);
+// a value that is whole on this process (no sum over ranks still owed on it);
+bool whole_value(const Value& v);
+// an intermediate a merged node may swallow: read by exactly one node, not a graph output, not named
+// in `keep` (read after a run).
+bool internal_value(const Graph& g, ValueId v, const std::set<std::string>& keep);
+
 // What a node becomes: its name, op and inputs (values of the graph being copied). Its outputs keep
 // the original node's values' names.
 struct NodeReplacement {

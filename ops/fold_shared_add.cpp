@@ -1,6 +1,5 @@
 #include "ops/fold_shared_add.hpp"
 
-#include <algorithm>
 #include <map>
 #include <set>
 
@@ -12,26 +11,20 @@ namespace moeflow {
 
 namespace {
 
-bool plain(const Node& n) { return n.after.empty() && n.fixed_rows < 0; }
-bool whole(const Value& v) { return v.type && v.type->dist.kind == Distribution::Kind::replicated; }
-
 // The combine node whose output reduce `r` adds, where the reduce may be folded into it.
 std::optional<NodeId> foldable_combine(const Graph& g, const Node& r, const std::set<std::string>& keep) {
-  if (r.op->kind() != "reduce" || r.inputs.size() < 2 || !plain(r) || !whole(g.value(r.outputs[0]))) return std::nullopt;
+  if (r.op->kind() != "reduce" || r.inputs.size() < 2 || !plain_node(r) || !whole_value(g.value(r.outputs[0]))) return std::nullopt;
   const Value& routed = g.value(r.inputs[0]);
   if (routed.producer == kNoNode) return std::nullopt;
   const Node& c = g.node(routed.producer);
-  if (c.op->kind() != "combine" || !plain(c) || c.chunk != r.chunk) return std::nullopt;
+  if (c.op->kind() != "combine" || !plain_node(c) || c.chunk != r.chunk) return std::nullopt;
   const auto* op = dynamic_cast<const CombineOp*>(c.op.get());
   if (op == nullptr || op->addends() > 0) return std::nullopt;
   const auto addends = static_cast<int>(r.inputs.size()) - 1;
   if (addends > CombineOp::kMaxAddends) return std::nullopt;
-  const auto& outputs = g.outputs();
-  if (routed.consumers.size() != 1 || keep.count(routed.name) ||
-      std::find(outputs.begin(), outputs.end(), r.inputs[0]) != outputs.end())
-    return std::nullopt;
+  if (!internal_value(g, r.inputs[0], keep)) return std::nullopt;
   for (ValueId v : r.inputs)
-    if (!whole(g.value(v))) return std::nullopt;
+    if (!whole_value(g.value(v))) return std::nullopt;
   return c.id;
 }
 

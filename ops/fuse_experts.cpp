@@ -27,16 +27,6 @@ struct Chain {
   NodeId anchor() const { return folds_shared() ? reduce : combine; }
 };
 
-bool plain(const Node& n) { return n.after.empty() && n.fixed_rows < 0; }
-
-// An intermediate the fused node may swallow: read by exactly one node, not a graph output, not kept.
-bool internal(const Graph& g, ValueId v, const std::set<std::string>& keep) {
-  const Value& val = g.value(v);
-  const auto& outputs = g.outputs();
-  return val.consumers.size() == 1 && !keep.count(val.name) &&
-         std::find(outputs.begin(), outputs.end(), v) == outputs.end();
-}
-
 // The chain that ends at combine node `c`, if it is one the pass may fuse.
 std::optional<Chain> chain_ending_at(const Graph& g, const Node& c, const std::set<std::string>& keep) {
   if (c.op->kind() != "combine" || c.inputs.size() != 3) return std::nullopt;
@@ -50,13 +40,12 @@ std::optional<Chain> chain_ending_at(const Graph& g, const Node& c, const std::s
   if (d.op->kind() != "dispatch" || static_cast<const DispatchOp&>(*d.op).shared_out()) return std::nullopt;
   // dispatch outputs: rows, offsets, slot_of; the experts read the first two, the combine the third.
   if (x.inputs[1] != d.outputs[1] || c.inputs[1] != d.outputs[2]) return std::nullopt;
-  if (!plain(d) || !plain(x) || !plain(c) || d.chunk != x.chunk || x.chunk != c.chunk) return std::nullopt;
+  if (!plain_node(d) || !plain_node(x) || !plain_node(c) || d.chunk != x.chunk || x.chunk != c.chunk) return std::nullopt;
   for (ValueId v : {d.outputs[0], d.outputs[1], d.outputs[2], x.outputs[0]})
-    if (!internal(g, v, keep)) return std::nullopt;
+    if (!internal_value(g, v, keep)) return std::nullopt;
   return Chain{d.id, x.id, c.id};
 }
 
-bool whole(const Value& v) { return v.type && v.type->dist.kind == Distribution::Kind::replicated; }
 
 // The chain with the layer's shared expert folded in, where the combine's output feeds only a reduce
 // that adds exactly one shared expert of the same x, every value involved is whole (no sum over ranks
@@ -64,16 +53,16 @@ bool whole(const Value& v) { return v.type && v.type->dist.kind == Distribution:
 std::optional<Chain> with_shared_expert(const Graph& g, Chain ch, const std::set<std::string>& keep) {
   const Node& c = g.node(ch.combine);
   const ValueId routed = c.outputs[0];
-  if (!internal(g, routed, keep)) return std::nullopt;
+  if (!internal_value(g, routed, keep)) return std::nullopt;
   const Node& r = g.node(g.value(routed).consumers[0]);
-  if (r.op->kind() != "reduce" || r.inputs.size() != 2 || !plain(r) || r.chunk != c.chunk) return std::nullopt;
+  if (r.op->kind() != "reduce" || r.inputs.size() != 2 || !plain_node(r) || r.chunk != c.chunk) return std::nullopt;
   const ValueId other = r.inputs[0] == routed ? r.inputs[1] : r.inputs[0];
   const Value& y = g.value(other);
-  if (other == routed || y.producer == kNoNode || !internal(g, other, keep)) return std::nullopt;
+  if (other == routed || y.producer == kNoNode || !internal_value(g, other, keep)) return std::nullopt;
   const Node& s = g.node(y.producer);
-  if (s.op->kind() != "shared_expert" || !plain(s) || s.chunk != c.chunk) return std::nullopt;
+  if (s.op->kind() != "shared_expert" || !plain_node(s) || s.chunk != c.chunk) return std::nullopt;
   if (s.inputs[0] != g.node(ch.dispatch).inputs[0]) return std::nullopt;  // the routed experts' x
-  if (!whole(g.value(routed)) || !whole(y) || !whole(g.value(r.outputs[0]))) return std::nullopt;
+  if (!whole_value(g.value(routed)) || !whole_value(y) || !whole_value(g.value(r.outputs[0]))) return std::nullopt;
   ch.shared = s.id;
   ch.reduce = r.id;
   return ch;

@@ -189,37 +189,60 @@ __global__ void __launch_bounds__(kThreads, 3) w2t_kernel(Args a) {
   }
 }
 
+// What the bare reads below share: an item's three runs of rows (16 gate, 16 up, 16 of w2t, each
+// row H long, in 16-byte vectors), the block's entry and exit stamps, and a sum of the words that
+// keeps the loads alive (it never equals the constant, so nothing is written).
+struct ItemRows {
+  const uint4 *gate, *up, *down;
+  int64_t hvecs;
+  __device__ ItemRows(const Args& a, int item) {
+    const int tiles = a.inter / kTileJ, choice = item / tiles, j0 = (item % tiles) * kTileJ, e = a.ids[choice];
+    hvecs = a.hidden / 8;
+    gate = reinterpret_cast<const uint4*>(a.w13 + static_cast<int64_t>(e) * 2 * a.inter * a.hidden) + j0 * hvecs;
+    up = gate + static_cast<int64_t>(a.inter) * hvecs;
+    down = reinterpret_cast<const uint4*>(a.w2t + (static_cast<int64_t>(e) * a.inter + j0) * a.hidden);
+  }
+  // Row r of the item's 48: 0-15 gate, 16-31 up, 32-47 w2t.
+  __device__ const uint4* row(int r) const {
+    return r < 16 ? gate + r * hvecs : r < 32 ? up + (r - 16) * hvecs : down + (r - 32) * hvecs;
+  }
+};
+
+__device__ uint64_t* stamp_entry(const Args& a) {
+  uint64_t* st = a.stamps + static_cast<int64_t>(blockIdx.x) * kStamps;
+  if (threadIdx.x == 0) st[0] = now_ns();
+  return st;
+}
+
+__device__ void stamp_exit(uint64_t* st, unsigned acc, unsigned* sink) {
+  if (acc == 0x9e3779b9u) *sink = acc;
+  __syncthreads();
+  if (threadIdx.x == 0) st[1] = now_ns();
+}
+
 // A bare read of the routed experts' bytes (the k experts' w13 and w2t, as the items read them:
 // block b reads items b, b + grid, ... whole), stamps at entry and exit.
 template <int kUnroll>
 __global__ void __launch_bounds__(kThreads, 3) read_items(Args a, unsigned* sink) {
   const int tid = static_cast<int>(threadIdx.x);
-  uint64_t* st = a.stamps + static_cast<int64_t>(blockIdx.x) * kStamps;
-  if (tid == 0) st[0] = now_ns();
-  const int tiles = a.inter / kTileJ, items = a.k * tiles, hvecs = a.hidden / 8;
+  uint64_t* st = stamp_entry(a);
+  const int items = a.k * (a.inter / kTileJ), hvecs = a.hidden / 8;
   unsigned acc = 0;
   for (int item = static_cast<int>(blockIdx.x); item < items; item += static_cast<int>(gridDim.x)) {
-    const int choice = item / tiles, j0 = (item % tiles) * kTileJ, e = a.ids[choice];
-    const auto* w13 = reinterpret_cast<const uint4*>(a.w13 + static_cast<int64_t>(e) * 2 * a.inter * a.hidden);
-    const auto* w2t = reinterpret_cast<const uint4*>(a.w2t + (static_cast<int64_t>(e) * a.inter + j0) * a.hidden);
+    const ItemRows rows(a, item);
     // 32 rows of w13 (16 gate, 16 up) and 16 of w2t, all of H: 48 rows of hvecs vectors.
     for (int v = tid; v < 48 * hvecs; v += kThreads * kUnroll) {
       uint4 w[kUnroll];
 #pragma unroll
       for (int u = 0; u < kUnroll; ++u) {
-        const int vv = v + u * kThreads, row = vv / hvecs, col = vv % hvecs;
-        const uint4* p = row < 16 ? w13 + static_cast<int64_t>(j0 + row) * hvecs
-                         : row < 32 ? w13 + static_cast<int64_t>(a.inter + j0 + row - 16) * hvecs
-                                    : w2t + static_cast<int64_t>(row - 32) * hvecs;
-        w[u] = vv < 48 * hvecs ? __ldg(p + col) : make_uint4(0, 0, 0, 0);
+        const int vv = v + u * kThreads;
+        w[u] = vv < 48 * hvecs ? __ldg(rows.row(vv / hvecs) + vv % hvecs) : make_uint4(0, 0, 0, 0);
       }
 #pragma unroll
       for (int u = 0; u < kUnroll; ++u) acc += w[u].x ^ w[u].y ^ w[u].z ^ w[u].w;
     }
   }
-  if (acc == 0x9e3779b9u) *sink = acc;
-  __syncthreads();
-  if (tid == 0) st[1] = now_ns();
+  stamp_exit(st, acc, sink);
 }
 
 // The same items' bytes read column by column: thread t reads the 16-byte slice t (t + 256, ...) of
@@ -229,34 +252,21 @@ __global__ void __launch_bounds__(kThreads, 3) read_items(Args a, unsigned* sink
 template <int kBatch>
 __global__ void __launch_bounds__(kThreads, 3) read_items_by_column(Args a, unsigned* sink) {
   const int tid = static_cast<int>(threadIdx.x);
-  uint64_t* st = a.stamps + static_cast<int64_t>(blockIdx.x) * kStamps;
-  if (tid == 0) st[0] = now_ns();
-  const int tiles = a.inter / kTileJ, items = a.k * tiles, hvecs = a.hidden / 8;
+  uint64_t* st = stamp_entry(a);
+  const int items = a.k * (a.inter / kTileJ), hvecs = a.hidden / 8;
   unsigned acc = 0;
   for (int item = static_cast<int>(blockIdx.x); item < items; item += static_cast<int>(gridDim.x)) {
-    const int choice = item / tiles, j0 = (item % tiles) * kTileJ, e = a.ids[choice];
-    const auto* gate = reinterpret_cast<const uint4*>(a.w13 + static_cast<int64_t>(e) * 2 * a.inter * a.hidden) +
-                       static_cast<int64_t>(j0) * hvecs;
-    const auto* up = gate + static_cast<int64_t>(a.inter) * hvecs;
-    const auto* down = reinterpret_cast<const uint4*>(a.w2t + (static_cast<int64_t>(e) * a.inter + j0) * a.hidden);
+    const ItemRows rows(a, item);
     for (int c = tid; c < hvecs; c += kThreads)
       for (int r0 = 0; r0 < 48; r0 += kBatch) {
         uint4 w[kBatch];
 #pragma unroll
-        for (int u = 0; u < kBatch; ++u) {
-          const int r = r0 + u;
-          const uint4* row = r < 16 ? gate + static_cast<int64_t>(r) * hvecs
-                             : r < 32 ? up + static_cast<int64_t>(r - 16) * hvecs
-                                      : down + static_cast<int64_t>(r - 32) * hvecs;
-          w[u] = __ldg(row + c);
-        }
+        for (int u = 0; u < kBatch; ++u) w[u] = __ldg(rows.row(r0 + u) + c);
 #pragma unroll
         for (int u = 0; u < kBatch; ++u) acc += w[u].x ^ w[u].y ^ w[u].z ^ w[u].w;
       }
   }
-  if (acc == 0x9e3779b9u) *sink = acc;
-  __syncthreads();
-  if (tid == 0) st[1] = now_ns();
+  stamp_exit(st, acc, sink);
 }
 
 // The same bytes as one sweep: every thread of the grid walks the k experts' w13 and w2t (2k
@@ -264,8 +274,7 @@ __global__ void __launch_bounds__(kThreads, 3) read_items_by_column(Args a, unsi
 template <int kUnroll>
 __global__ void __launch_bounds__(kThreads, 3) read_sweep(Args a, unsigned* sink) {
   const int tid = static_cast<int>(threadIdx.x);
-  uint64_t* st = a.stamps + static_cast<int64_t>(blockIdx.x) * kStamps;
-  if (tid == 0) st[0] = now_ns();
+  uint64_t* st = stamp_entry(a);
   const int64_t hvecs = a.hidden / 8, per13 = 2 * a.inter * hvecs, per2 = a.inter * hvecs, per = per13 + per2;
   const int64_t total = a.k * per, stride = static_cast<int64_t>(gridDim.x) * kThreads;
   unsigned acc = 0;
@@ -286,9 +295,7 @@ __global__ void __launch_bounds__(kThreads, 3) read_sweep(Args a, unsigned* sink
 #pragma unroll
     for (int u = 0; u < kUnroll; ++u) acc += w[u].x ^ w[u].y ^ w[u].z ^ w[u].w;
   }
-  if (acc == 0x9e3779b9u) *sink = acc;
-  __syncthreads();
-  if (tid == 0) st[1] = now_ns();
+  stamp_exit(st, acc, sink);
 }
 
 // No grid-wide sum after the stream: each block weighs and sums its items' partial y in registers
