@@ -21,6 +21,7 @@
 #include "cutlass/gemm/dispatch_policy.hpp"
 #include "cutlass/gemm/group_array_problem_shape.hpp"
 #include "cutlass/gemm/kernel/gemm_universal.hpp"
+#include "kernels/cuda/cutlass_gather_rows.cuh"
 #include "kernels/cuda/cutlass_weight_tiles.cuh"
 #endif
 
@@ -325,6 +326,14 @@ using WideSingleSwigluTiles =
 using WideSingleTiles = GroupedGemm<Shape<_128, _256, _64>, Shape<_1, _1, _1>, Cooperative, false, WeightTilesMainloop>;
 using NarrowPairSwigluTiles = GroupedGemm<Shape<_64, _256, _64>, Shape<_2, _1, _1>, Pingpong, true, WeightTilesMainloop>;
 using NarrowPairTiles = GroupedGemm<Shape<_64, _256, _64>, Shape<_2, _1, _1>, Pingpong, false, WeightTilesMainloop>;
+// GEMM 1 of the 64x256 tiles with SwiGLU in its epilogue, its rows gathered from x
+// (cutlass_gather_rows.cuh): B as CUTLASS loads it, or from the packed weight tiles.
+template <class Collective>
+using GatherRows = cutlass_detail::GatherRowsMainloop<Collective, false>;
+template <class Collective>
+using GatherRowsTiles = cutlass_detail::GatherRowsMainloop<WeightTilesMainloop<Collective>, true>;
+using NarrowSwigluGather = GroupedGemm<Shape<_64, _256, _64>, Shape<_1, _1, _1>, Pingpong, true, GatherRows>;
+using NarrowSwigluTilesGather = GroupedGemm<Shape<_64, _256, _64>, Shape<_1, _1, _1>, Pingpong, true, GatherRowsTiles>;
 // Both builders give the same operand strides (a row pitch and unit steps).
 using StrideA = typename General::Kernel::InternalStrideA;
 using StrideB = typename General::Kernel::InternalStrideB;
@@ -336,7 +345,8 @@ constexpr bool kSameStrides = std::is_same_v<StrideA, typename Config::Kernel::I
 static_assert(kSameStrides<Wide> && kSameStrides<Narrow> && kSameStrides<WideSingle> && kSameStrides<NarrowSwiglu> &&
               kSameStrides<WideSingleSwiglu> && kSameStrides<NarrowPair> && kSameStrides<NarrowPairSwiglu> &&
               kSameStrides<NarrowSwigluTiles> && kSameStrides<NarrowTiles> && kSameStrides<WideSingleSwigluTiles> &&
-              kSameStrides<WideSingleTiles> && kSameStrides<NarrowPairSwigluTiles> && kSameStrides<NarrowPairTiles>);
+              kSameStrides<WideSingleTiles> && kSameStrides<NarrowPairSwigluTiles> && kSameStrides<NarrowPairTiles> &&
+              kSameStrides<NarrowSwigluGather> && kSameStrides<NarrowSwigluTilesGather>);
 
 // One GEMM's per-group arrays, each E long, carved from the workspace.
 struct GroupArrays {
@@ -600,8 +610,43 @@ void experts_cutlass_weight_tiles(const LaneContext& ctx, const uint16_t* rows, 
   }
 }
 
+void experts_cutlass_gathered(const LaneContext& ctx, const GatheredRows& rows, const int32_t* offsets, int experts,
+                              int hidden, int intermediate, const uint16_t* w13_packed, bool weight_tiles,
+                              const uint16_t* w2, uint16_t* act, uint16_t* out, void* workspace) {
+  if (rows.x == nullptr || rows.row_source == nullptr || rows.top_k <= 0 || w13_packed == nullptr)
+    fail_input("experts_cutlass_gathered: x, row_source, top_k > 0 (got " + std::to_string(rows.top_k) +
+               ") and the packed w13 must be given");
+  const int64_t H = hidden, I = intermediate, w13_rows = 2 * packed_w13_features(intermediate);
+  // GEMM 1's A pointers (x + each group's first row · H) only feed CUTLASS's per-group tensor maps,
+  // which then load nothing: A is gathered.
+  const Groups g = prepare_groups("experts_cutlass_gathered", ctx, rows.x, offsets, experts, hidden, intermediate,
+                                  w13_packed, w13_rows, w2, act, I, act, out, workspace);
+  const cutlass_detail::RowGather gather{rows.x, hidden, rows.row_source, offsets, rows.top_k};
+  const SwigluEpilogueArray::Arguments swiglu{g.g1.d, intermediate, intermediate};
+  std::byte* ws = g.cutlass_workspace;
+  if (weight_tiles) {
+    const WeightTiles w13_tiles{w13_packed, experts, static_cast<int>(tiles_n(w13_rows)), static_cast<int>(blocks_k(H))};
+    const WeightTiles w2_tiles{w13_packed + tiles_bytes(experts, w13_rows, H) / 2, experts,
+                               static_cast<int>(tiles_n(H)), static_cast<int>(blocks_k(I))};
+    run_group<NarrowSwigluTilesGather>(ctx, experts, g.g1, ws, swiglu,
+                                       [&](typename NarrowSwigluTilesGather::Gemm::Arguments& args) {
+                                         args.mainloop.weights = w13_tiles;
+                                         args.mainloop.gather = gather;
+                                       });
+    run_tiles<NarrowTiles>(ctx, experts, g.g2, ws, plain_epilogue<NarrowTiles>(g.g2), w2_tiles);
+  } else {
+    run_group<NarrowSwigluGather>(ctx, experts, g.g1, ws, swiglu,
+                                  [&](typename NarrowSwigluGather::Gemm::Arguments& args) { args.mainloop.gather = gather; });
+    run_plain<Narrow>(ctx, experts, g.g2, ws);
+  }
+}
+
 #else  // built without CUTLASS's headers
 
+void experts_cutlass_gathered(const LaneContext&, const GatheredRows&, const int32_t*, int, int, int, const uint16_t*,
+                              bool, const uint16_t*, uint16_t*, uint16_t*, void*) {
+  fail_input("experts_cutlass_gathered: built without CUTLASS");
+}
 void experts_cutlass_weight_tiles(const LaneContext&, const uint16_t*, const int32_t*, int, int, int, const uint16_t*,
                                   const uint16_t*, uint16_t*, uint16_t*, void*, CutlassTiles) {
   fail_input("experts_cutlass_weight_tiles: built without CUTLASS");

@@ -71,4 +71,21 @@ void experts_cutlass_weight_tiles(const LaneContext& ctx, const uint16_t* rows, 
                                   int hidden, int intermediate, const uint16_t* weight_tiles, const uint16_t* w2,
                                   uint16_t* act, uint16_t* out, void* workspace, CutlassTiles tiles);
 
+// The routed experts' MLP with GEMM 1 gathering its rows from the tokens themselves
+// (cutlass_gather_rows.cuh): permuted row r is x[row_source[r] / top_k], copied straight into the
+// tile, so no permuted copy of x is written or read back (the dispatch's scatter). SwiGLU in GEMM 1's
+// epilogue, on the 64x256 tiles (narrow). w13 is the packed copy: pack_weight_tiles' where
+// `weight_tiles` (both GEMMs then read the tiles; w2 is only named), else pack_w13_interleaved's. Bit
+// for bit experts_cutlass_weight_tiles / experts_cutlass_grouped (fused) on the same tiles.
+// offsets [E + 1] and row_source [T·k] as build_permutation writes them; act [T·k, I] and out
+// [T·k, H] as in experts_cutlass_grouped; workspace of cutlass_grouped_workspace_bytes(experts).
+struct GatheredRows {
+  const uint16_t* x = nullptr;          // [T, H], the layer's input as it is
+  const int32_t* row_source = nullptr;  // [T·k]: the flat index t·k + j each permuted row holds
+  int top_k = 0;
+};
+void experts_cutlass_gathered(const LaneContext& ctx, const GatheredRows& rows, const int32_t* offsets, int experts,
+                              int hidden, int intermediate, const uint16_t* w13_packed, bool weight_tiles,
+                              const uint16_t* w2, uint16_t* act, uint16_t* out, void* workspace);
+
 }  // namespace moeflow::cuda

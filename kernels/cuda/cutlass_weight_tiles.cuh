@@ -123,12 +123,8 @@ struct WeightTilesMainloop : Base {
     auto block_tma_a = params.tma_load_a.get_slice(0);
     Tensor tAgA = block_tma_a.partition_S(gA);
     Tensor tAsA = block_tma_a.partition_D(sA);
-    // B: the tile's first packed row; k-blocks follow one another.
     const int32_t group = get<2>(load_inputs);
-    const int32_t n_tile = static_cast<int32_t>(get<1>(blk_coord));
-    const int32_t tile_first_row = (group * params.tiles_n + n_tile) * params.blocks_k * kWeightTileRows;
-    const int box = static_cast<int>(block_rank_in_cluster % kClusterM);  // this CTA's share of the tile's rows
-    auto* smem_b = shared_tensors.smem_B.data() + box * (kBoxRows * kWeightTileCols);
+    const auto n_tile = static_cast<int32_t>(get<1>(blk_coord));
     CUTLASS_PRAGMA_NO_UNROLL
     for (; k_tile_count > 0; --k_tile_count) {
       pipeline.producer_acquire(smem_pipe_write);
@@ -136,17 +132,30 @@ struct WeightTilesMainloop : Base {
       const int stage = smem_pipe_write.index();
       copy(params.tma_load_a.with(get<0>(input_tensormaps), *barrier, uint16_t{0}), tAgA(_, _, _, *k_tile_iter),
            tAsA(_, _, _, stage));
-      const int32_t row = tile_first_row + static_cast<int32_t>(*k_tile_iter) * kWeightTileRows + box * kBoxRows;
-      auto* destination = smem_b + stage * (kWeightTileRows * kWeightTileCols);
-      constexpr auto hint = static_cast<uint64_t>(TMA::CacheHintSm90::EVICT_NORMAL);
-      if constexpr (kClusterM == 1)
-        SM90_TMA_LOAD_2D::copy(&params.tiles_map, barrier, hint, destination, 0, row);
-      else  // to the same offset of every CTA of the cluster, completing on each one's barrier
-        SM90_TMA_LOAD_MULTICAST_2D::copy(&params.tiles_map, barrier, uint16_t((1u << kClusterM) - 1), hint,
-                                         destination, 0, row);
+      load_weight_tile(params, barrier, group, n_tile, static_cast<int32_t>(*k_tile_iter), stage, block_rank_in_cluster,
+                       shared_tensors);
       ++k_tile_iter;
       ++smem_pipe_write;
     }
+  }
+
+  // B's k-block k_tile of weight tile n_tile of `group` into `stage`, completing on `barrier` (one
+  // lane issues it). The tile's packed rows follow one another k-block by k-block.
+  CUTLASS_DEVICE void load_weight_tile(Params const& params, uint64_t* barrier, int32_t group, int32_t n_tile,
+                                       int32_t k_tile, int stage, uint32_t block_rank_in_cluster,
+                                       TensorStorage& shared_tensors) const {
+    using namespace cute;
+    const int32_t tile_first_row = (group * params.tiles_n + n_tile) * params.blocks_k * kWeightTileRows;
+    const int box = static_cast<int>(block_rank_in_cluster % kClusterM);  // this CTA's share of the tile's rows
+    const int32_t row = tile_first_row + k_tile * kWeightTileRows + box * kBoxRows;
+    auto* destination =
+        shared_tensors.smem_B.data() + box * (kBoxRows * kWeightTileCols) + stage * (kWeightTileRows * kWeightTileCols);
+    constexpr auto hint = static_cast<uint64_t>(TMA::CacheHintSm90::EVICT_NORMAL);
+    if constexpr (kClusterM == 1)
+      SM90_TMA_LOAD_2D::copy(&params.tiles_map, barrier, hint, destination, 0, row);
+    else  // to the same offset of every CTA of the cluster, completing on each one's barrier
+      SM90_TMA_LOAD_MULTICAST_2D::copy(&params.tiles_map, barrier, uint16_t((1u << kClusterM) - 1), hint, destination,
+                                       0, row);
   }
 };
 

@@ -6,6 +6,7 @@
 #include <iomanip>
 #include <limits>
 #include <sstream>
+#include <vector>
 
 #include "kernels/cuda/check.cuh"
 #include "kernels/cuda/cublas_gemm.hpp"
@@ -176,18 +177,41 @@ struct RowRange {
   bool preferred_on_huge = true;  // false: `elsewhere` on huge experts (huge_experts()) whatever the rows
 };
 
-// A copy of an experts node's weights made once at bind time, keyed on w13 (input 2): `layout` names
-// it, `bytes` (E, H, I) sizes it, `write` fills it from the call's weights; `twin` runs without it.
-PackedWeight packed_experts_weights(std::string layout, int64_t (*bytes)(int experts, int hidden, int intermediate),
-                                    void (*write)(const KernelCall&, const ExpertsOp&, uint16_t* packed), std::string twin) {
+// E, H and I of an experts node or of the fused node made from its chain (H: input 0's columns, the
+// permuted rows' or x's).
+struct ExpertSizes {
+  int experts, hidden, intermediate;
+};
+ExpertSizes expert_sizes(const Graph& g, const Node& n) {
+  const int hidden = static_cast<int>(g.value(n.inputs[0]).shape()[1].fixed);
+  if (n.op->kind() == "fused_experts") {
+    const auto& op = static_cast<const FusedExpertsOp&>(*n.op);
+    return {op.experts(), hidden, op.intermediate()};
+  }
+  const auto& op = static_cast<const ExpertsOp&>(*n.op);
+  return {op.experts(), hidden, op.intermediate()};
+}
+
+// The experts' weights packed once at bind time, keyed on w13 (input `w13_input`, w2 the next one):
+// w13 for the SwiGLU epilogue (cuda::pack_w13_interleaved), or with `weight_tiles` w13 so and w2 tile
+// by tile in one copy (cuda::pack_weight_tiles). `twin` runs without the copy.
+PackedWeight packed_expert_weights(int w13_input, bool weight_tiles, std::string twin) {
+  const std::string interleaved = "w13 gate/up interleaved by " + std::to_string(cuda::kSwigluHalf) + " rows";
   return PackedWeight{
-      2, std::move(layout),
-      [bytes](const Graph& g, const Node& n) {
-        const auto& op = static_cast<const ExpertsOp&>(*n.op);
-        return bytes(op.experts(), static_cast<int>(g.value(n.inputs[0]).shape()[1].fixed), op.intermediate());
+      w13_input, weight_tiles ? interleaved + ", then w2, in 256x64 tiles" : interleaved,
+      [weight_tiles](const Graph& g, const Node& n) {
+        const ExpertSizes s = expert_sizes(g, n);
+        return weight_tiles ? cuda::weight_tiles_bytes(s.experts, s.hidden, s.intermediate)
+                            : cuda::packed_w13_bytes(s.experts, s.hidden, s.intermediate);
       },
-      [write](const KernelCall& c, void* packed) {
-        write(c, static_cast<const ExpertsOp&>(*c.node.op), static_cast<uint16_t*>(packed));
+      [w13_input, weight_tiles](const KernelCall& c, void* packed) {
+        const ExpertSizes s = expert_sizes(c.graph, c.node);
+        auto* out = static_cast<uint16_t*>(packed);
+        if (weight_tiles)
+          cuda::pack_weight_tiles(bf16_in(c, w13_input), bf16_in(c, w13_input + 1), s.experts, s.hidden, s.intermediate,
+                                  out, lane(c).stream);
+        else
+          cuda::pack_w13_interleaved(bf16_in(c, w13_input), s.experts, s.hidden, s.intermediate, out, lane(c).stream);
       },
       std::move(twin)};
 }
@@ -253,27 +277,15 @@ KernelEntry cutlass_grouped(std::string name, int priority, cuda::CutlassTiles t
     if (!range.preferred_on_huge && huge_experts(g, n)) return range.elsewhere;
     return mean >= range.preferred_from && mean < range.preferred_to ? priority : range.elsewhere;
   };
-  if (weight_tiles)
-    e.packed_weight = packed_experts_weights(
-        "w13 gate/up interleaved by " + std::to_string(cuda::kSwigluHalf) + " rows, then w2, in 256x64 tiles",
-        cuda::weight_tiles_bytes,
-        [](const KernelCall& c, const ExpertsOp& op, uint16_t* packed) {
-          cuda::pack_weight_tiles(bf16_in(c, 2), bf16_in(c, 3), op.experts(), hidden_of(c), op.intermediate(), packed,
-                                  lane(c).stream);
-        },
-        std::move(swiglu_twin));
-  else if (swiglu_epilogue)
-    e.packed_weight = packed_experts_weights(
-        "w13 gate/up interleaved by " + std::to_string(cuda::kSwigluHalf) + " rows", cuda::packed_w13_bytes,
-        [](const KernelCall& c, const ExpertsOp& op, uint16_t* packed) {
-          cuda::pack_w13_interleaved(bf16_in(c, 2), op.experts(), hidden_of(c), op.intermediate(), packed, lane(c).stream);
-        },
-        std::move(swiglu_twin));
+  if (swiglu_epilogue) e.packed_weight = packed_expert_weights(2, weight_tiles, std::move(swiglu_twin));
   return e;
 }
 
 // Below this many rows per expert the 64x256 tiles read the weights packed tile by tile (register_experts).
 constexpr double kTilesBelowRows = 56;
+// From 96 rows per expert the gathering kernel reads the packed tiles only up to this H (K of GEMM 1):
+// measured ahead on qwen's 2048, and the packed tiles re-read their operands on deepseek-v3's 7168.
+constexpr int kTilesMostHiddenFrom96 = 4096;
 
 constexpr const char* kNarrowText = "64x256 tiles, ping-pong (an expert's rows padded to 64)";
 constexpr const char* kWideSingleText = "128x256 tiles, no cluster (an expert's rows padded to 128)";
@@ -586,6 +598,90 @@ cuda::FusedSharedWeights fused_shared_weights(const KernelCall& c) {
   return {bf16_in(c, 5), bf16_in(c, 6), shared->gated ? bf16_in(c, 7) : nullptr};
 }
 
+// The fused node (dispatch -> experts -> combine) on the 64x256 tiles with SwiGLU in GEMM 1's
+// epilogue, GEMM 1 gathering its rows from x in its loads (cuda::experts_cutlass_gathered): the
+// chain's work less the dispatch's scatter, which writes T*k rows of H that GEMM 1 reads back. Steps:
+// the permutation on the device (offsets, slot_of, row_source: no row copied), GEMM 1 from x into act,
+// GEMM 2 into y [T*k, H], the chain's combine (fixed order, no atomics). Bit for bit the chain on the
+// same tiles (cuda.cutlass_tiles_narrow with `weight_tiles`, else cuda.cutlass_swiglu_narrow).
+// It runs only where `preferred` says (register_fused_experts has the measurements): elsewhere the
+// fuse pass keeps the chain, since a fused kernel that runs a node takes it.
+struct GatheredScratch {
+  int32_t *offsets, *slot_of, *row_source;
+  void* sort;
+  std::size_t sort_bytes;
+  uint16_t *act, *y;
+  void* cutlass;
+  int64_t bytes;
+};
+GatheredScratch gathered_scratch(const cuda::FusedDecodeShape& s, int64_t tokens, void* workspace) {
+  auto* base = static_cast<std::byte*>(workspace);
+  int64_t at = 0;
+  auto take = [&](int64_t bytes) {
+    std::byte* p = base ? base + at : nullptr;
+    at += align256(bytes);
+    return p;
+  };
+  const int64_t rows = tokens * s.top_k;
+  GatheredScratch w{};
+  w.offsets = reinterpret_cast<int32_t*>(take((s.experts + 1) * 4));
+  w.slot_of = reinterpret_cast<int32_t*>(take(rows * 4));
+  w.row_source = reinterpret_cast<int32_t*>(take(rows * 4));
+  w.sort_bytes = cuda::permutation_workspace_bytes(tokens, s.top_k, s.experts);
+  w.sort = take(static_cast<int64_t>(w.sort_bytes));
+  w.act = reinterpret_cast<uint16_t*>(take(rows * s.intermediate * 2));
+  w.y = reinterpret_cast<uint16_t*>(take(rows * s.hidden * 2));
+  w.cutlass = take(static_cast<int64_t>(cuda::cutlass_grouped_workspace_bytes(s.experts)));
+  w.bytes = at;
+  return w;
+}
+
+// Why a gathering kernel is not the one to run `shape` at `mean` rows per expert (at the maximum T),
+// or empty where it is.
+using GatherPreferred = std::string (*)(const cuda::FusedDecodeShape& shape, double mean);
+
+KernelEntry cutlass_gathered(std::string name, bool weight_tiles, GatherPreferred preferred) {
+  KernelEntry e = reading_live_tokens(launching(7, {"fused_experts", Backend::cuda, std::move(name), 3,
+      [preferred, weight_tiles](const Graph& g, const Node& n) {
+        Support s = cuda_supports_bf16(g, n, "");
+        if (!s.ok) return s;
+        const cuda::FusedDecodeShape shape = fused_shape(g, n);
+        if (shape.shared_intermediate > 0) return Support::no("a shared expert folded in: it runs the routed experts only");
+        if (const std::string why = cuda::cutlass_grouped_unbuildable(shape.hidden, shape.intermediate); !why.empty())
+          return Support::no(why);
+        if (huge_experts(shape.hidden, shape.intermediate))
+          return Support::no(expert_mib(shape.hidden, shape.intermediate) + ": not measured on such experts");
+        for (int input : weight_tiles ? std::vector<int>{3, 4} : std::vector<int>{3})
+          if (g.value(n.inputs[input]).role != ValueRole::weight)
+            return Support::no("'" + g.value(n.inputs[input]).name + "' is not a weight bound once, so it cannot be packed once");
+        const int64_t rows = shape.max_tokens * shape.top_k;
+        if (rows <= shape.experts)
+          return Support::no("T*k = " + std::to_string(rows) + " <= E: at most one row per expert, the decode kernels'");
+        const double mean = static_cast<double>(rows) / shape.experts;
+        if (const std::string why = preferred(shape, mean); !why.empty()) return Support::no(why);
+        return Support::yes(fmt(mean) + " rows/expert at max T -> the chain on CUTLASS's " + std::string(kNarrowText) +
+                            " with SwiGLU in GEMM 1's epilogue" +
+                            (weight_tiles ? ", w13 and w2 packed tile by tile" : ", w13 packed once") +
+                            ", GEMM 1 gathering its rows from x (two producer warps, cp.async): no permuted copy of x");
+      },
+      [weight_tiles](const KernelCall& c) {
+        const cuda::FusedDecodeShape shape = fused_shape(c.graph, c.node);
+        const GatheredScratch w = gathered_scratch(shape, c.max_tokens(), c.workspace);
+        if (c.packed == nullptr) fail_input("node '" + c.node.name + "': w13 was not packed");
+        const int k = shape.top_k;
+        cuda::build_permutation(c.in<int32_t>(1), c.tokens, k, shape.experts, w.offsets, w.slot_of, w.row_source, w.sort,
+                                w.sort_bytes, lane(c).stream, cuda::LiveRows{c.live_tokens, k});
+        cuda::experts_cutlass_gathered(lane(c), {bf16_in(c, 0), w.row_source, k}, w.offsets, shape.experts, shape.hidden,
+                                       shape.intermediate, static_cast<const uint16_t*>(c.packed), weight_tiles,
+                                       bf16_in(c, 4), w.act, w.y, w.cutlass);
+        cuda::combine_rows(w.y, w.slot_of, c.in<float>(2), c.tokens, k, shape.hidden, bf16_out(c, 0), lane(c).stream, {},
+                           cuda::LiveRows{c.live_tokens, 1});
+      },
+      [](const Graph& g, const Node& n, int64_t tokens) { return gathered_scratch(fused_shape(g, n), tokens, nullptr).bytes; }}));
+  e.packed_weight = packed_expert_weights(3, weight_tiles, {});
+  return e;
+}
+
 // The fuse pass (ops/fuse_experts.hpp) makes a fused_experts node wherever this kernel supports it.
 void register_fused_experts(KernelRegistry& r) {
   r.add(starting_early(reading_live_tokens(launching(1, {"fused_experts", Backend::cuda, "cuda.fused_decode", 0,
@@ -779,6 +875,32 @@ void register_fused_experts(KernelRegistry& r) {
                                          : "w2 transposed [E, I, H]";
       }};
   r.add(std::move(single_token_w2t));
+  // Above one row per expert, the chain on the 64x256 tiles less its scatter: GEMM 1 gathers its rows
+  // from x (cutlass_gathered above). Measured on the H100 (experts path in a CUDA graph, every kernel
+  // forced in the same call, 2-3 passes; bench/NOTES.md "Gathering x in GEMM 1's loads"), µs, gather
+  // / the chain on the same tiles: with the packed weight tiles, qwen3-30b-a3b T = 32 / 64 / 128 / 512
+  // (2 / 4 / 8 / 32 rows per expert) 388-390 / 428-430 / 440-443 / 469 against 388-389 / 433-435 /
+  // 446-451 / 481, qwen1.5-moe-a2.7b T = 32 / 64 / 512 340-344 / 374-382 / 400 against 345-351 /
+  // 379-381 / 407, deepseek-v3 T = 128 / 512 / 1024 7277-7295 / 7606-7616 / 7833-7836 against
+  // 7338-7348 / 7732-7743 / 7977-8001. From 96 rows (where the chain plans the unpacked 64x256 tiles),
+  // on qwen's H = 2048 the packed tiles too: qwen3 T=2048 (128 rows) 563-565 against 579 (gather,
+  // unpacked) and 598-601 (the chain as planned), qwen1.5 T=2048 (137) 477-478 against 492-494 and
+  // 496; on deepseek-v3's H = 7168 the packed tiles re-read their operands from 64 rows ("Weights
+  // packed tile by tile"), so there the unpacked ones: T = 3072 / 4096 (96 / 128 rows) 8488-8496 /
+  // 9329-9356 against 8690-8715 / 9380-9472. Between 56 and 96 rows the chain's tile pairs stay.
+  r.add(cutlass_gathered("cuda.cutlass_gather_tiles_narrow", true, [](const cuda::FusedDecodeShape& s, double mean) {
+    if (mean < kTilesBelowRows || (mean >= 96 && mean < 192 && s.hidden <= kTilesMostHiddenFrom96)) return std::string();
+    return fmt(mean) + " rows/expert at max T" +
+           (mean >= 96 && mean < 192 ? " with H = " + std::to_string(s.hidden) + " > " + std::to_string(kTilesMostHiddenFrom96)
+                                     : std::string()) +
+           ": the chain's tiles there";
+  }));
+  r.add(cutlass_gathered("cuda.cutlass_gather_swiglu_narrow", false, [](const cuda::FusedDecodeShape& s, double mean) {
+    if (mean >= 96 && mean < 192 && s.hidden > kTilesMostHiddenFrom96) return std::string();
+    return fmt(mean) + " rows/expert at max T with H = " + std::to_string(s.hidden) +
+           ": outside [96, 192) rows with H above " + std::to_string(kTilesMostHiddenFrom96) + " (the gather reads the "
+           "packed tiles there, or the chain's tiles run)";
+  }));
 }
 
 }  // namespace

@@ -336,7 +336,11 @@ TEST(CudaPlan, PackedWeightsAreListedOnceAndSharedByChunks) {
     o.policy = Policy::concurrent;
     const Plan plan = make_plan(std::make_shared<const Graph>(std::move(g)), o);
     ASSERT_EQ(plan.packed.size(), 1u) << chunks << " chunks";
-    const int64_t bytes = int64_t{128} * 2 * 768 * 2048 * 2;  // I = 768 is six whole blocks of 128 features
+    // 512 rows per expert: the 128x256 tiles' chain, w13 packed for the SwiGLU epilogue (I = 768 is
+    // six whole blocks of 128 features); 128 per chunk: the fused node of each chunk's chain, GEMM 1
+    // gathering its rows, w13 and w2 packed tile by tile (one copy for the four chunks).
+    const bool tiles = chunks > 1;
+    const int64_t bytes = tiles ? cuda::weight_tiles_bytes(128, 2048, 768) : int64_t{128} * 2 * 768 * 2048 * 2;
     EXPECT_EQ(plan.packed[0].bytes, bytes);
     EXPECT_EQ(plan.packed_bytes, bytes);
     EXPECT_EQ(plan.graph->value(plan.packed[0].source).name, "experts.w13");
@@ -345,17 +349,18 @@ TEST(CudaPlan, PackedWeightsAreListedOnceAndSharedByChunks) {
       if (s.packed >= 0) {
         ++readers;
         EXPECT_EQ(s.packed, 0);
-        EXPECT_EQ(s.kernel->name.rfind("cuda.cutlass_swiglu_", 0), 0u) << s.kernel->name;
+        EXPECT_EQ(s.kernel->name, tiles ? "cuda.cutlass_gather_tiles_narrow" : "cuda.cutlass_swiglu_wide_single");
       }
     EXPECT_EQ(readers, chunks);
     std::ostringstream summary, memory, dot;
     plan.write_summary(summary);
     plan.write_memory(memory);
     plan.write_dot(dot);
-    EXPECT_NE(summary.str().find("once, when the weights are bound: experts.w13 packed as w13 gate/up interleaved by 128 rows"),
+    EXPECT_NE(summary.str().find(tiles ? "experts.w13 packed as w13 gate/up interleaved by 128 rows, then w2, in 256x64 tiles"
+                                       : "once, when the weights are bound: experts.w13 packed as w13 gate/up interleaved by 128 rows"),
               std::string::npos) << summary.str();
     EXPECT_NE(summary.str().find("read by " + std::to_string(chunks) + " step(s)"), std::string::npos) << summary.str();
-    EXPECT_NE(summary.str().find("(+ 768.00 MiB packed)"), std::string::npos) << summary.str();
+    if (!tiles) EXPECT_NE(summary.str().find("(+ 768.00 MiB packed)"), std::string::npos) << summary.str();
     EXPECT_NE(memory.str().find("packed     total " + std::to_string(bytes) + " bytes"), std::string::npos) << memory.str();
     EXPECT_NE(dot.str().find("cluster_bind"), std::string::npos);
   }
@@ -376,6 +381,7 @@ TEST(CudaPlan, WeightTilesBelow56RowsPerExpertFromOneCopyOfBothWeights) {
   auto graph = std::make_shared<const Graph>(build_experts_graph(qwen3, {.max_tokens = 512, .dtype = DType::bf16}));
   PlanOptions o;
   o.backend = Backend::cuda;
+  o.fuse = false;  // the chain's experts kernel (fused, the gather runs the same tiles: test_cuda_gather_rows.cpp)
   const Plan plan = make_plan(graph, o);
   EXPECT_EQ(plan.step_for(*graph->find_node("experts")).kernel->name, "cuda.cutlass_tiles_narrow");
   ASSERT_EQ(plan.packed.size(), 1u);
@@ -397,6 +403,7 @@ TEST(CudaPlan, WeightTilesBelow56RowsPerExpertFromOneCopyOfBothWeights) {
   PlanOptions graph_options;
   graph_options.backend = Backend::cuda;
   graph_options.capturable = true;
+  graph_options.fuse = false;
   EXPECT_EQ(make_plan(huge, graph_options).step_for(*huge->find_node("experts")).kernel->name,
             "cuda.cutlass_swiglu_narrow");
 }

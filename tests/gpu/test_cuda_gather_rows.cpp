@@ -1,0 +1,202 @@
+// GEMM 1 gathering its rows from x (cuda.cutlass_gather_tiles_narrow, cuda.cutlass_gather_swiglu_narrow;
+// kernels/cuda/cutlass_gather_rows.cuh): the fused node runs the chain on the 64x256 tiles without
+// the dispatch's permuted copy of x. Planned below 56 and from 96 to 192 rows per expert (planning
+// only, no device needed); on the GPU bit for bit the chain forced onto the same tiles, on random and skewed
+// routing (most experts empty, a few with hundreds of rows), with H and I of no tile's multiple
+// (K's last k-block and the packed I zero-filled), every T from 1 up; reruns bit-identical; one
+// capture replayed at several T gives the eager bytes.
+#include <gtest/gtest.h>
+
+#include <cstring>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "bench/cuda/cuda_session.hpp"
+#include "kernels/cuda/device.hpp"
+#include "ops/layer_builder.hpp"
+#include "ops/moe_layer.hpp"
+#include "scheduler/plan.hpp"
+
+using namespace moeflow;
+
+namespace {
+
+constexpr const char* kGatherTiles = "cuda.cutlass_gather_tiles_narrow";
+constexpr const char* kGatherSwiglu = "cuda.cutlass_gather_swiglu_narrow";
+
+std::shared_ptr<const Graph> experts_graph(const std::string& preset, const std::vector<std::string>& sets,
+                                           int64_t max_tokens) {
+  return std::make_shared<const Graph>(
+      build_experts_graph(load_config(preset, sets), {.max_tokens = max_tokens, .dtype = DType::bf16}));
+}
+
+// The kernel of the plan's fused node, or of its experts node where the chain stayed.
+std::string experts_kernel(const Plan& plan) {
+  for (const PlanStep& step : plan.steps) {
+    const std::string& kind = plan.graph->node(step.node).op->kind();
+    if (kind == "fused_experts" || kind == "experts") return step.kernel->name;
+  }
+  return "(none)";
+}
+
+// qwen3-30b-a3b's routing (E = 128, k = 8: T / 16 rows per expert) at test sizes: H = 200 is no
+// multiple of the 64-column k-block, I = 136 none of the 128 features the packed w13 pads to.
+const std::vector<std::string> kQwen3Small = {"hidden_size=200", "moe_intermediate_size=136"};
+
+}  // namespace
+
+TEST(CudaGatherRows, PlannedWhereTheChainPlansTheNarrowTiles) {  // planning only: no device needed
+  PlanOptions po;
+  po.backend = Backend::cuda;
+  // 1 row per expert: the decode kernel; 4, 40 and 128: the gather with the packed tiles; 64 (the
+  // 64-row tiles in pairs) and 256 (128x256 tiles): the chain.
+  EXPECT_EQ(experts_kernel(make_plan(experts_graph("qwen3-30b-a3b", kQwen3Small, 16), po)), "cuda.fused_decode");
+  EXPECT_EQ(experts_kernel(make_plan(experts_graph("qwen3-30b-a3b", kQwen3Small, 64), po)), kGatherTiles);
+  EXPECT_EQ(experts_kernel(make_plan(experts_graph("qwen3-30b-a3b", kQwen3Small, 640), po)), kGatherTiles);
+  EXPECT_EQ(experts_kernel(make_plan(experts_graph("qwen3-30b-a3b", kQwen3Small, 1024), po)), "cuda.cutlass_swiglu_narrow_pair");
+  EXPECT_EQ(experts_kernel(make_plan(experts_graph("qwen3-30b-a3b", kQwen3Small, 2048), po)), kGatherTiles);
+  // From 96 rows with H above 4096: the unpacked tiles (the packed ones re-read their operands there).
+  EXPECT_EQ(experts_kernel(make_plan(experts_graph("qwen3-30b-a3b", {"hidden_size=4104", "moe_intermediate_size=136"}, 2048), po)),
+            kGatherSwiglu);
+  EXPECT_EQ(experts_kernel(make_plan(experts_graph("qwen3-30b-a3b", {"hidden_size=4104", "moe_intermediate_size=136"}, 640), po)),
+            kGatherTiles);
+  EXPECT_EQ(experts_kernel(make_plan(experts_graph("qwen3-30b-a3b", kQwen3Small, 4096), po)), "cuda.cutlass_swiglu_wide_single");
+  // The gather reads the packed copies: with packed weights off, or fusion off, the chain runs.
+  PlanOptions unpacked = po;
+  unpacked.packed_weights = false;
+  EXPECT_EQ(experts_kernel(make_plan(experts_graph("qwen3-30b-a3b", kQwen3Small, 64), unpacked)),
+            "cuda.cutlass_grouped_narrow_pair");
+  PlanOptions unfused = po;
+  unfused.fuse = false;
+  EXPECT_EQ(experts_kernel(make_plan(experts_graph("qwen3-30b-a3b", kQwen3Small, 64), unfused)), "cuda.cutlass_tiles_narrow");
+  // Huge experts (mixtral-8x7b's own sizes) keep the chain.
+  EXPECT_NE(experts_kernel(make_plan(experts_graph("mixtral-8x7b", {}, 2048), po)), kGatherSwiglu);
+  // A layer with a shared expert: the routed chain is fused, the shared expert stays apart and its
+  // reduce with it (the gather runs the routed experts only).
+  const MoEConfig shared = load_config("qwen1.5-moe-a2.7b", {"hidden_size=256", "moe_intermediate_size=128",
+                                                              "shared_expert_intermediate_size=256"});
+  const Plan layer = make_plan(std::make_shared<const Graph>(build_moe_layer(shared, {.max_tokens = 64, .dtype = DType::bf16})), po);
+  EXPECT_EQ(experts_kernel(layer), kGatherTiles);
+  bool shared_apart = false, reduce = false;
+  for (const PlanStep& step : layer.steps) {
+    shared_apart = shared_apart || layer.graph->node(step.node).op->kind() == "shared_expert";
+    reduce = reduce || layer.graph->node(step.node).op->kind() == "reduce";
+  }
+  EXPECT_TRUE(shared_apart);
+  EXPECT_TRUE(reduce);
+}
+
+namespace {
+
+struct GatherCase {
+  std::string name, preset;
+  std::vector<std::string> sets;
+  int64_t max_tokens;
+  const char* gather;  // the fused kernel planned at max_tokens
+  const char* chain;   // the experts kernel of the same tiles, forced on the chain
+};
+
+std::vector<GatherCase> gather_cases() {
+  return {
+      {"qwen3 tiles", "qwen3-30b-a3b", kQwen3Small, 96, kGatherTiles, "cuda.cutlass_tiles_narrow"},
+      // E 16, k 8: T / 2 rows per expert, 128 at T = 256; H = 4104 > 4096 takes the unpacked tiles.
+      {"qwen3 swiglu", "qwen3-30b-a3b", {"hidden_size=4104", "moe_intermediate_size=40", "num_experts=16"}, 256,
+       kGatherSwiglu, "cuda.cutlass_swiglu_narrow"},
+      // E 256, k 8; I = 40 pads to 128 packed features.
+      {"deepseek tiles", "deepseek-v3", {"hidden_size=128", "moe_intermediate_size=40"}, 160, kGatherTiles,
+       "cuda.cutlass_tiles_narrow"},
+      // E 60, k 4: 133 rows per expert at T = 2000; H = 264 leaves an 8-column last k-block.
+      {"qwen1.5 tiles", "qwen1.5-moe-a2.7b", {"hidden_size=264", "moe_intermediate_size=88"}, 2000, kGatherTiles,
+       "cuda.cutlass_tiles_narrow"},
+  };
+}
+
+std::string planned(const CudaSession& s) { return experts_kernel(s.plan()); }
+
+}  // namespace
+
+TEST(CudaGatherRows, BitsEqualTheChainOnTheSameTilesAndRepeat) {
+  if (cuda::device_count() == 0) GTEST_SKIP() << "no CUDA device";
+  for (const GatherCase& gc : gather_cases()) {
+    const MoEConfig config = load_config(gc.preset, gc.sets);
+    auto g = std::make_shared<const Graph>(build_experts_graph(config, {.max_tokens = gc.max_tokens, .dtype = DType::bf16}));
+    CudaSessionOptions so;
+    so.seed = 5;
+    CudaSession s(g, so);
+    ASSERT_EQ(planned(s), gc.gather) << gc.name;
+    CudaSessionOptions forced = so;
+    forced.plan.forced_kernels["experts"] = gc.chain;
+    CudaSession chain(g, forced, &s);  // the same weights and inputs
+    ASSERT_EQ(planned(chain), gc.chain) << gc.name;
+    for (int64_t T : {gc.max_tokens, gc.max_tokens - 3, int64_t{1}, int64_t{7}}) {
+      s.set_tokens(T);
+      s.run();
+      const CheckReport r = s.check(1e-2);
+      EXPECT_TRUE(r.pass) << gc.name << " T=" << T << " rel_norm " << r.comparison.rel_norm;
+      const std::vector<float> gathered = s.output();
+      s.run();
+      const std::vector<float> again = s.output();
+      EXPECT_EQ(0, std::memcmp(gathered.data(), again.data(), again.size() * 4)) << gc.name << " rerun differs, T=" << T;
+      chain.set_tokens(T);
+      chain.run();
+      const std::vector<float> chained = chain.output();
+      ASSERT_EQ(gathered.size(), chained.size());
+      EXPECT_EQ(0, std::memcmp(gathered.data(), chained.data(), chained.size() * 4)) << gc.name << " T=" << T;
+    }
+  }
+}
+
+// Every token on the same k experts (in a rotating order): T rows on each of them, several 64-row
+// tiles with a partial last one, and every other expert empty.
+TEST(CudaGatherRows, SkewedRoutingFillsSomeExpertsAndLeavesTheRestEmpty) {
+  if (cuda::device_count() == 0) GTEST_SKIP() << "no CUDA device";
+  for (const GatherCase& gc : {gather_cases()[0], gather_cases()[1]}) {
+    const MoEConfig config = load_config(gc.preset, gc.sets);
+    auto g = std::make_shared<const Graph>(build_experts_graph(config, {.max_tokens = gc.max_tokens, .dtype = DType::bf16}));
+    CudaSession s(g, {});
+    ASSERT_EQ(planned(s), gc.gather) << gc.name;
+    CudaSessionOptions forced;
+    forced.plan.forced_kernels["experts"] = gc.chain;
+    CudaSession chain(g, forced, &s);
+    const int k = config.top_k;
+    for (const int64_t T : {gc.max_tokens, int64_t{77}}) {
+      std::vector<int32_t> ids(static_cast<std::size_t>(T * k));
+      for (int64_t t = 0; t < T; ++t)
+        for (int j = 0; j < k; ++j) ids[static_cast<std::size_t>(t * k + j)] = static_cast<int32_t>((t + j) % k);
+      for (CudaSession* session : {&s, &chain}) {
+        session->set_tokens(T);
+        session->write_input(*session->graph().find_value("route.ids"), ids.data(), ids.size() * sizeof(int32_t));
+        session->run();
+      }
+      const CheckReport r = s.check(1e-2);
+      EXPECT_TRUE(r.pass) << gc.name << " T=" << T << " rel_norm " << r.comparison.rel_norm;
+      const std::vector<float> gathered = s.output(), chained = chain.output();
+      EXPECT_EQ(0, std::memcmp(gathered.data(), chained.data(), chained.size() * 4)) << gc.name << " T=" << T;
+    }
+  }
+}
+
+TEST(CudaGatherRows, OneCaptureServesEveryTWithTheEagerBytes) {
+  if (cuda::device_count() == 0) GTEST_SKIP() << "no CUDA device";
+  for (const GatherCase& gc : {gather_cases()[0], gather_cases()[3]}) {
+    const MoEConfig config = load_config(gc.preset, gc.sets);
+    auto g = std::make_shared<const Graph>(build_experts_graph(config, {.max_tokens = gc.max_tokens, .dtype = DType::bf16}));
+    CudaSessionOptions so;
+    so.plan.capturable = true;
+    so.seed = 11;
+    CudaSession s(g, so);
+    ASSERT_EQ(planned(s), gc.gather) << gc.name;
+    s.set_tokens(gc.max_tokens);
+    s.capture_any_tokens();
+    for (int64_t T : {gc.max_tokens, int64_t{1}, int64_t{45}, gc.max_tokens / 2}) {
+      s.set_tokens(T);
+      s.replay();
+      const std::vector<float> replayed = s.output();
+      EXPECT_TRUE(s.check(1e-2).pass) << gc.name << " T=" << T;
+      s.run();
+      const std::vector<float> eager = s.output();
+      EXPECT_EQ(0, std::memcmp(replayed.data(), eager.data(), eager.size() * 4)) << gc.name << " T=" << T;
+    }
+  }
+}
