@@ -142,6 +142,10 @@ ReferenceResult reference_run(const Graph& g, int64_t run_tokens, const std::fun
         const std::vector<double> y = reference::shared_mlp(floats(n.inputs[0]), T, static_cast<int>(H), mlp);
         for (std::size_t i = 0; i < out.size(); ++i) out[i] += y[i];
       }
+      for (int a = 0; a < op.addends(); ++a) {  // the shared experts' outputs, their add folded in
+        const std::vector<double>& addend = vals.at(n.inputs[5 + static_cast<std::size_t>(a)]).data;
+        for (std::size_t i = 0; i < out.size(); ++i) out[i] += addend[i];
+      }
       vals[n.outputs[0]].data = std::move(out);
     } else if (kind == "reduce") {
       std::vector<double> sum(static_cast<std::size_t>(T * H), 0.0);

@@ -12,6 +12,12 @@
 // input (so the fp32 sums run in the order the reduce ran them: on the CPU, the same bits), read by
 // the reduce alone, not a graph output and not named in `keep_values`, and there are at most
 // CombineOp::kMaxAddends addends. Returns the rewritten, validated graph, or null where none was folded.
+//
+// Where the fuse pass made the combine part of a fused_experts node (without a shared expert folded
+// in), the reduce folds into that node the same way (FusedExpertsOp's addends), where `accept_fused`
+// says a kernel runs the folded node (it sees a graph with that one fold made); without it, fused
+// nodes keep their reduce.
+#include <functional>
 #include <memory>
 #include <string>
 #include <vector>
@@ -20,6 +26,8 @@
 
 namespace moeflow {
 
-std::shared_ptr<const Graph> fold_shared_add_into_combine(const Graph& g, const std::vector<std::string>& keep_values = {});
+using FoldFilter = std::function<bool(const Graph& folded_graph, const Node& folded_node)>;
+std::shared_ptr<const Graph> fold_shared_add_into_combine(const Graph& g, const std::vector<std::string>& keep_values = {},
+                                                          const FoldFilter& accept_fused = {});
 
 }  // namespace moeflow

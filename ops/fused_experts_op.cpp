@@ -5,8 +5,8 @@
 
 namespace moeflow {
 
-FusedExpertsOp::FusedExpertsOp(int experts, int top_k, int intermediate, std::optional<FoldedShared> shared)
-    : experts_(experts), top_k_(top_k), intermediate_(intermediate), shared_(shared) {
+FusedExpertsOp::FusedExpertsOp(int experts, int top_k, int intermediate, std::optional<FoldedShared> shared, int addends)
+    : experts_(experts), top_k_(top_k), intermediate_(intermediate), shared_(shared), addends_(addends) {
   if (intermediate_ <= 0)
     fail_input("fused_experts: intermediate size = " + std::to_string(intermediate_) + " must be > 0");
   if (experts_ <= 0 || top_k_ <= 0 || top_k_ > experts_)
@@ -14,12 +14,17 @@ FusedExpertsOp::FusedExpertsOp(int experts, int top_k, int intermediate, std::op
                std::to_string(experts_) + "]");
   if (shared_ && shared_->intermediate <= 0)
     fail_input("fused_experts: shared expert intermediate size = " + std::to_string(shared_->intermediate) + " must be > 0");
+  if (addends_ < 0 || addends_ > kMaxAddends)
+    fail_input("fused_experts: " + std::to_string(addends_) + " addends (0 to " + std::to_string(kMaxAddends) + ")");
+  if (shared_ && addends_ > 0)
+    fail_input("fused_experts: a folded shared expert and addends at once (the shared add is one or the other)");
 }
 
 std::string FusedExpertsOp::summary() const {
   return "dispatch+swiglu+combine E=" + std::to_string(experts_) + " k=" + std::to_string(top_k_) +
          " I=" + std::to_string(intermediate_) +
-         (shared_ ? " +shared I=" + std::to_string(shared_->intermediate) + (shared_->gated ? " sigmoid-gated" : "") : "");
+         (shared_ ? " +shared I=" + std::to_string(shared_->intermediate) + (shared_->gated ? " sigmoid-gated" : "") : "") +
+         (addends_ > 0 ? " + " + std::to_string(addends_) + " addend(s)" : "");
 }
 
 std::vector<ValueType> FusedExpertsOp::infer(const Node& n, std::span<const Value* const> in) const {
@@ -36,6 +41,7 @@ std::vector<ValueType> FusedExpertsOp::infer(const Node& n, std::span<const Valu
     expect_type(n, *in[6], Shape{Dim::of(H), Dim::of(S)}, x.dtype());
     if (shared_->gated) expect_type(n, *in[7], Shape{Dim::of(1), Dim::of(H)}, x.dtype());
   }
+  for (int a = 0; a < addends_; ++a) expect_type(n, *in[5 + static_cast<std::size_t>(a)], x.shape(), x.dtype());
   return {ValueType{x.shape(), x.dtype(), {}}};
 }
 
@@ -50,6 +56,8 @@ Cost FusedExpertsOp::cost(const OpOperands& ops, int64_t tokens) const {
     c.flops += 6.0 * T * H * S + T * H + (shared_->gated ? 2.0 * T * H : 0.0);
     c.bytes += b * (3.0 * H * S + (shared_->gated ? H : 0.0));
   }
+  c.flops += addends_ * T * H;
+  c.bytes += b * addends_ * T * H;
   return c;
 }
 

@@ -12,6 +12,10 @@
 // whole tail:
 //   out_t = Σ_j weight[t,j] · MLP_ids[t,j](x_t) + g_t · MLP_shared(x_t),  g_t = σ(x_t · gate_w) or 1,
 // with three (four, gated) more inputs: shared w13 [2S,H], shared w2 [H,S] (and gate_w [1,H]).
+//
+// With `addends` instead (the shared add folded into the fused node as into a combine,
+// ops/fold_shared_add.hpp): that many more inputs [T,H] of x's type, added after the routed sum:
+//   out_t = Σ_j weight[t,j] · MLP_ids[t,j](x_t) + Σ_a addend_a[t].
 #include <cstddef>
 #include <optional>
 
@@ -29,11 +33,15 @@ struct FoldedShared {
 
 class FusedExpertsOp final : public OpSchema {
  public:
-  FusedExpertsOp(int experts, int top_k, int intermediate, std::optional<FoldedShared> shared = std::nullopt);
+  // Most addends a fused node takes (as a combine: ops/combine_op.hpp).
+  static constexpr int kMaxAddends = 4;
+  FusedExpertsOp(int experts, int top_k, int intermediate, std::optional<FoldedShared> shared = std::nullopt,
+                 int addends = 0);
   int experts() const { return experts_; }
   int top_k() const { return top_k_; }
   int intermediate() const { return intermediate_; }
   const std::optional<FoldedShared>& shared() const { return shared_; }
+  int addends() const { return addends_; }  // inputs 5 .. 5 + addends - 1
 
   std::string kind() const override { return "fused_experts"; }
   std::string summary() const override;
@@ -41,14 +49,15 @@ class FusedExpertsOp final : public OpSchema {
   std::vector<ValueType> infer(const Node& node, std::span<const Value* const> inputs) const override;
   // The chain's flops and only the bytes that cross memory in one piece: the touched experts'
   // weights, x, ids, weights and the output (no permuted rows, no y); plus the shared expert's
-  // weights and flops where it is folded in.
+  // weights and flops where it is folded in, or the addends read.
   Cost cost(const OpOperands& operands, int64_t tokens) const override;
   bool token_parallel() const override { return true; }
-  int min_inputs() const override { return shared_ ? (shared_->gated ? 8 : 7) : 5; }
+  int min_inputs() const override { return shared_ ? (shared_->gated ? 8 : 7) : 5 + addends_; }
 
  private:
   int experts_, top_k_, intermediate_;
   std::optional<FoldedShared> shared_;
+  int addends_;
 };
 
 // The routed experts' MLP a node runs, whichever op runs it (experts, or fused_experts after the

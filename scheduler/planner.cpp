@@ -683,9 +683,23 @@ Plan make_plan(std::shared_ptr<const Graph> graph, const PlanOptions& options) {
   std::map<std::string, std::string> not_fused;
   auto fused = fused_where_a_kernel_runs_it(registry, *graph, options, not_fused);
   std::shared_ptr<const Graph> planned = fused ? fused : graph;
-  // A reduce left adding a combine's output and the shared experts' becomes the combine's addends.
-  if (options.fold_shared)
-    if (auto folded = fold_shared_add_into_combine(*planned, options.keep_values)) planned = folded;
+  // A reduce left adding a combine's output and the shared experts' becomes the combine's addends,
+  // or a fused node's where the kernel chosen for it runs it with them too.
+  if (options.fold_shared) {
+    auto chosen = [&](const Graph& g, const Node& n) -> const KernelEntry* {
+      const auto forced = options.forced_kernels.find(n.op->kind());
+      const auto c = forced != options.forced_kernels.end()
+                         ? registry.select_named(g, n, options.backend, forced->second, options.limits())
+                         : registry.select_any(g, n, options.backend, options.limits(), nullptr);
+      return c ? c->kernel : nullptr;
+    };
+    const Graph& unfolded = *planned;
+    auto same_kernel = [&](const Graph& folded, const Node& n) {
+      const KernelEntry* k = chosen(folded, n);
+      return k != nullptr && k == chosen(unfolded, unfolded.node(*unfolded.find_node(n.name)));
+    };
+    if (auto folded = fold_shared_add_into_combine(unfolded, options.keep_values, same_kernel)) planned = folded;
+  }
   return plan_fused_graph(planned, options, not_fused);
 }
 

@@ -8,8 +8,11 @@
 
 #include "bench/cpu_session.hpp"
 #include "graph/chunk.hpp"
+#include "graph/error.hpp"
 #include "ops/combine_op.hpp"
 #include "ops/fold_shared_add.hpp"
+#include "ops/fuse_experts.hpp"
+#include "ops/fused_experts_op.hpp"
 #include "ops/lower_parallel.hpp"
 #include "ops/moe_layer.hpp"
 #include "tests/layer_helpers.hpp"
@@ -85,4 +88,36 @@ TEST(FoldSharedAdd, TheCpuLayerComputesTheBytesOfTheReduceApart) {
   const std::vector<float> folded = output_of(true), apart = output_of(false);
   ASSERT_EQ(folded.size(), apart.size());
   EXPECT_EQ(0, std::memcmp(folded.data(), apart.data(), folded.size() * sizeof(float)));
+}
+
+// Where the fuse pass made the chain one fused_experts node (its shared expert left apart), the
+// reduce folds into that node as its addends, only where the filter says a kernel runs it so.
+TEST(FoldSharedAdd, AFusedNodeTakesTheAddendsWhereAKernelRunsThem) {
+  const Graph g = build_moe_layer(small_qwen(), {.max_tokens = 16});
+  const auto fused = fuse_experts_chains(g, [](const Graph&, const Node&) { return true; }, {}, /*fold_shared=*/false);
+  ASSERT_TRUE(fused);
+  ASSERT_EQ(count_kind(*fused, "fused_experts"), 1);
+  ASSERT_EQ(count_kind(*fused, "reduce"), 1);
+  const std::string out_name = fused->value(fused->node(*fused->find_node("reduce")).outputs[0]).name;
+  // No filter, or one that declines: the reduce stays.
+  EXPECT_FALSE(fold_shared_add_into_combine(*fused));
+  int asked = 0;
+  EXPECT_FALSE(fold_shared_add_into_combine(*fused, {}, [&](const Graph&, const Node&) { return ++asked, false; }));
+  EXPECT_EQ(asked, 1);
+  const auto folded = fold_shared_add_into_combine(*fused, {}, [](const Graph& trial, const Node& n) {
+    return trial.validated() && static_cast<const FusedExpertsOp&>(*n.op).addends() == 1;
+  });
+  ASSERT_TRUE(folded);
+  EXPECT_EQ(count_kind(*folded, "reduce"), 0);
+  const Node& node = folded->node(*folded->find_node("fused_experts"));  // the fuse pass's name for it
+  const auto& op = static_cast<const FusedExpertsOp&>(*node.op);
+  EXPECT_EQ(op.addends(), 1);
+  EXPECT_THAT(op.summary(), testing::HasSubstr("+ 1 addend"));
+  ASSERT_EQ(node.inputs.size(), 6u);
+  EXPECT_EQ(folded->value(node.inputs[5]).producer, *folded->find_node("shared_expert"));
+  EXPECT_EQ(folded->value(node.outputs[0]).name, out_name);
+  EXPECT_EQ(folded->outputs(), std::vector<ValueId>{node.outputs[0]});
+  // A node already folding its shared expert, or given both, is refused.
+  EXPECT_THROW(FusedExpertsOp(60, 4, 32, FoldedShared{64, true}, 1), Error);
+  EXPECT_THROW(FusedExpertsOp(60, 4, 32, std::nullopt, FusedExpertsOp::kMaxAddends + 1), Error);
 }

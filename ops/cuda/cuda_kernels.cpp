@@ -577,6 +577,13 @@ cuda::FusedDecodeShape fused_shape(const Graph& g, const Node& n) {
   return s;
 }
 
+// The fused kernels other than the gathering ones end in their own sum: the shared add stays a reduce.
+Support refuses_addends(const Node& n) {
+  const int addends = static_cast<const FusedExpertsOp&>(*n.op).addends();
+  if (addends > 0) return Support::no(std::to_string(addends) + " addend(s) folded in: it sums the routed choices only");
+  return Support::yes("");
+}
+
 // Why folding the node's shared expert into one fused kernel would not pay, or empty: where its
 // weights are a small part of the bytes it hides beside the routed branch as well (kFoldSharedBytes).
 std::string fold_share_declined(const cuda::FusedDecodeShape& shape) {
@@ -636,6 +643,8 @@ GatheredScratch gathered_scratch(const cuda::FusedDecodeShape& s, int64_t tokens
   return w;
 }
 
+int op_addends(const Node& n) { return static_cast<const FusedExpertsOp&>(*n.op).addends(); }
+
 // Why a gathering kernel is not the one to run `shape` at `mean` rows per expert (at the maximum T),
 // or empty where it is.
 using GatherPreferred = std::string (*)(const cuda::FusedDecodeShape& shape, double mean);
@@ -662,7 +671,8 @@ KernelEntry cutlass_gathered(std::string name, bool weight_tiles, GatherPreferre
         return Support::yes(fmt(mean) + " rows/expert at max T -> the chain on CUTLASS's " + std::string(kNarrowText) +
                             " with SwiGLU in GEMM 1's epilogue" +
                             (weight_tiles ? ", w13 and w2 packed tile by tile" : ", w13 packed once") +
-                            ", GEMM 1 gathering its rows from x (two producer warps, cp.async): no permuted copy of x");
+                            ", GEMM 1 gathering its rows from x (two producer warps, cp.async): no permuted copy of x" +
+                            (op_addends(n) > 0 ? "; the shared add in its combine" : ""));
       },
       [weight_tiles](const KernelCall& c) {
         const cuda::FusedDecodeShape shape = fused_shape(c.graph, c.node);
@@ -674,11 +684,16 @@ KernelEntry cutlass_gathered(std::string name, bool weight_tiles, GatherPreferre
         cuda::experts_cutlass_gathered(lane(c), {bf16_in(c, 0), w.row_source, k}, w.offsets, shape.experts, shape.hidden,
                                        shape.intermediate, static_cast<const uint16_t*>(c.packed), weight_tiles,
                                        bf16_in(c, 4), w.act, w.y, w.cutlass);
+        static_assert(FusedExpertsOp::kMaxAddends <= cuda::RowAddends::kMax);
+        cuda::RowAddends addends;  // the shared experts' outputs, where their add was folded in
+        addends.count = op_addends(c.node);
+        for (int a = 0; a < addends.count; ++a) addends.rows[a] = bf16_in(c, 5 + static_cast<std::size_t>(a));
         cuda::combine_rows(w.y, w.slot_of, c.in<float>(2), c.tokens, k, shape.hidden, bf16_out(c, 0), lane(c).stream, {},
-                           cuda::LiveRows{c.live_tokens, 1});
+                           cuda::LiveRows{c.live_tokens, 1}, addends);
       },
       [](const Graph& g, const Node& n, int64_t tokens) { return gathered_scratch(fused_shape(g, n), tokens, nullptr).bytes; }}));
   e.packed_weight = packed_expert_weights(3, weight_tiles, {});
+  e.in_place = {{0, 5}};  // over the first addend, where there is one (combine_rows reads it first)
   return e;
 }
 
@@ -688,6 +703,7 @@ void register_fused_experts(KernelRegistry& r) {
          [](const Graph& g, const Node& n) {
            Support s = cuda_supports_bf16(g, n, "");
            if (!s.ok) return s;
+           if (Support a = refuses_addends(n); !a.ok) return a;
            const cuda::FusedDecodeShape shape = fused_shape(g, n);
            if (const std::string why = cuda::fused_decode_unsupported(shape); !why.empty()) return Support::no(why);
            // Where experts get more than one row on average a GEMM reuses each weight better (the
@@ -761,6 +777,7 @@ void register_fused_experts(KernelRegistry& r) {
             runs_shared](const Graph& g, const Node& n) {
       Support s = cuda_supports_bf16(g, n, "");
       if (!s.ok) return s;
+      if (Support a = refuses_addends(n); !a.ok) return a;
       if (g.max_tokens_of(n) != 1)
         return Support::no("at most " + std::to_string(g.max_tokens_of(n)) + " tokens: it runs one token");
       const bool folded = static_cast<const FusedExpertsOp&>(*n.op).shared().has_value();

@@ -14,9 +14,11 @@
 
 #include "bench/cuda/cuda_session.hpp"
 #include "kernels/cuda/device.hpp"
+#include "ops/fused_experts_op.hpp"
 #include "ops/layer_builder.hpp"
 #include "ops/moe_layer.hpp"
 #include "scheduler/plan.hpp"
+#include "tests/reference/reference.hpp"
 
 using namespace moeflow;
 
@@ -43,6 +45,15 @@ std::string experts_kernel(const Plan& plan) {
 // qwen3-30b-a3b's routing (E = 128, k = 8: T / 16 rows per expert) at test sizes: H = 200 is no
 // multiple of the 64-column k-block, I = 136 none of the 128 features the packed w13 pads to.
 const std::vector<std::string> kQwen3Small = {"hidden_size=200", "moe_intermediate_size=136"};
+
+std::string planned(const CudaSession& s) { return experts_kernel(s.plan()); }
+
+// qwen1.5-moe-a2.7b's layer (E = 60, k = 4) with its shared expert, at a test size.
+const MoEConfig& kSharedSmall() {
+  static const MoEConfig c = load_config("qwen1.5-moe-a2.7b", {"hidden_size=256", "moe_intermediate_size=128",
+                                                               "shared_expert_intermediate_size=256"});
+  return c;
+}
 
 }  // namespace
 
@@ -72,19 +83,62 @@ TEST(CudaGatherRows, PlannedWhereTheChainPlansTheNarrowTiles) {  // planning onl
   EXPECT_EQ(experts_kernel(make_plan(experts_graph("qwen3-30b-a3b", kQwen3Small, 64), unfused)), "cuda.cutlass_tiles_narrow");
   // Huge experts (mixtral-8x7b's own sizes) keep the chain.
   EXPECT_NE(experts_kernel(make_plan(experts_graph("mixtral-8x7b", {}, 2048), po)), kGatherSwiglu);
-  // A layer with a shared expert: the routed chain is fused, the shared expert stays apart and its
-  // reduce with it (the gather runs the routed experts only).
-  const MoEConfig shared = load_config("qwen1.5-moe-a2.7b", {"hidden_size=256", "moe_intermediate_size=128",
-                                                              "shared_expert_intermediate_size=256"});
-  const Plan layer = make_plan(std::make_shared<const Graph>(build_moe_layer(shared, {.max_tokens = 64, .dtype = DType::bf16})), po);
-  EXPECT_EQ(experts_kernel(layer), kGatherTiles);
-  bool shared_apart = false, reduce = false;
-  for (const PlanStep& step : layer.steps) {
-    shared_apart = shared_apart || layer.graph->node(step.node).op->kind() == "shared_expert";
-    reduce = reduce || layer.graph->node(step.node).op->kind() == "reduce";
+  // A layer with a shared expert: the routed chain is fused, the shared expert stays apart (the
+  // gather runs the routed experts only) and its add goes into the fused node's combine; with the
+  // fold off (--no-fold-shared) the reduce stays.
+  const auto layer_graph = std::make_shared<const Graph>(build_moe_layer(kSharedSmall(), {.max_tokens = 64, .dtype = DType::bf16}));
+  for (bool fold : {true, false}) {
+    PlanOptions o = po;
+    o.fold_shared = fold;
+    const Plan layer = make_plan(layer_graph, o);
+    EXPECT_EQ(experts_kernel(layer), kGatherTiles);
+    int shared_apart = 0, reduces = 0, addends = -1;
+    for (const PlanStep& step : layer.steps) {
+      const Node& n = layer.graph->node(step.node);
+      shared_apart += n.op->kind() == "shared_expert";
+      reduces += n.op->kind() == "reduce";
+      if (n.op->kind() == "fused_experts") addends = static_cast<const FusedExpertsOp&>(*n.op).addends();
+    }
+    EXPECT_EQ(shared_apart, 1) << fold;
+    EXPECT_EQ(reduces, fold ? 0 : 1);
+    EXPECT_EQ(addends, fold ? 1 : 0);
   }
-  EXPECT_TRUE(shared_apart);
-  EXPECT_TRUE(reduce);
+}
+
+// The layer with its shared add in the fused node's combine: right against the reference, reruns
+// bit-identical, one capture replayed at several T the eager bytes, and the chain (forced experts
+// kernel, its combine adding the shared expert) within bf16 rounding of it.
+TEST(CudaGatherRows, TheLayersSharedAddInTheFusedCombine) {
+  if (cuda::device_count() == 0) GTEST_SKIP() << "no CUDA device";
+  auto g = std::make_shared<const Graph>(build_moe_layer(kSharedSmall(), {.max_tokens = 64, .dtype = DType::bf16}));
+  CudaSessionOptions so;
+  so.plan.capturable = true;
+  so.seed = 13;
+  CudaSession s(g, so);
+  ASSERT_EQ(planned(s), kGatherTiles);
+  CudaSessionOptions forced = so;
+  forced.plan.forced_kernels["experts"] = "cuda.cutlass_tiles_narrow";
+  CudaSession chain(g, forced, &s);
+  s.set_tokens(64);
+  s.capture_any_tokens();
+  for (int64_t T : {int64_t{64}, int64_t{1}, int64_t{37}}) {
+    s.set_tokens(T);
+    s.run();
+    const CheckReport r = s.check(1e-2);
+    EXPECT_TRUE(r.pass) << "T=" << T << " rel_norm " << r.comparison.rel_norm;
+    const std::vector<float> eager = s.output();
+    s.run();
+    const std::vector<float> again = s.output();
+    EXPECT_EQ(0, std::memcmp(eager.data(), again.data(), eager.size() * 4)) << "rerun, T=" << T;
+    s.replay();
+    const std::vector<float> replayed = s.output();
+    EXPECT_EQ(0, std::memcmp(eager.data(), replayed.data(), eager.size() * 4)) << "replay, T=" << T;
+    chain.set_tokens(T);
+    chain.run();
+    const std::vector<float> chained = chain.output();
+    EXPECT_LT(reference::compare(eager.data(), std::vector<double>(chained.begin(), chained.end())).rel_norm, 1e-3)
+        << "T=" << T;
+  }
 }
 
 namespace {
@@ -111,8 +165,6 @@ std::vector<GatherCase> gather_cases() {
        "cuda.cutlass_tiles_narrow"},
   };
 }
-
-std::string planned(const CudaSession& s) { return experts_kernel(s.plan()); }
 
 }  // namespace
 
