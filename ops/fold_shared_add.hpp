@@ -16,7 +16,8 @@
 // Where the fuse pass made the combine part of a fused_experts node (without a shared expert folded
 // in), the reduce folds into that node the same way (FusedExpertsOp's addends), where `accept_fused`
 // says a kernel runs the folded node (it sees a graph with that one fold made); without it, fused
-// nodes keep their reduce.
+// nodes keep their reduce. The folded node then waits for the shared experts as a whole, not only
+// its sum, so the planner (make_plan) plans the graph both ways and keeps the one predicted faster.
 #include <functional>
 #include <memory>
 #include <string>

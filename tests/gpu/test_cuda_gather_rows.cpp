@@ -84,8 +84,8 @@ TEST(CudaGatherRows, PlannedWhereTheChainPlansTheNarrowTiles) {  // planning onl
   // Huge experts (mixtral-8x7b's own sizes) keep the chain.
   EXPECT_NE(experts_kernel(make_plan(experts_graph("mixtral-8x7b", {}, 2048), po)), kGatherSwiglu);
   // A layer with a shared expert: the routed chain is fused, the shared expert stays apart (the
-  // gather runs the routed experts only) and its add goes into the fused node's combine; with the
-  // fold off (--no-fold-shared) the reduce stays.
+  // gather runs the routed experts only) and, one lane in order, its add goes into the fused node's
+  // combine; with the fold off (--no-fold-shared) the reduce stays.
   const auto layer_graph = std::make_shared<const Graph>(build_moe_layer(kSharedSmall(), {.max_tokens = 64, .dtype = DType::bf16}));
   for (bool fold : {true, false}) {
     PlanOptions o = po;
@@ -103,24 +103,33 @@ TEST(CudaGatherRows, PlannedWhereTheChainPlansTheNarrowTiles) {  // planning onl
     EXPECT_EQ(reduces, fold ? 0 : 1);
     EXPECT_EQ(addends, fold ? 1 : 0);
   }
+  // Concurrent: folded, the add would make the whole fused node wait for the shared expert, so both
+  // graphs are planned, the one predicted faster kept, and a note says which and why.
+  PlanOptions concurrent = po;
+  concurrent.policy = Policy::concurrent;
+  const Plan layer = make_plan(layer_graph, concurrent);
+  std::string note;
+  for (const std::string& n : layer.notes)
+    if (n.find("the shared add") != std::string::npos) note = n;
+  ASSERT_FALSE(note.empty());
+  int reduces = 0;
+  for (const PlanStep& step : layer.steps) reduces += layer.graph->node(step.node).op->kind() == "reduce";
+  EXPECT_NE(note.find(reduces == 1 ? "kept as a reduce" : "folded into the fused node's combine"), std::string::npos) << note;
 }
 
 // The layer with its shared add in the fused node's combine: right against the reference, reruns
-// bit-identical, one capture replayed at several T the eager bytes, and the chain (forced experts
-// kernel, its combine adding the shared expert) within bf16 rounding of it.
+// bit-identical, a graph captured at each T (the gate reads T on the host) replaying the eager bytes,
+// and the chain (forced experts kernel, its combine adding the shared expert) within bf16 rounding.
 TEST(CudaGatherRows, TheLayersSharedAddInTheFusedCombine) {
   if (cuda::device_count() == 0) GTEST_SKIP() << "no CUDA device";
   auto g = std::make_shared<const Graph>(build_moe_layer(kSharedSmall(), {.max_tokens = 64, .dtype = DType::bf16}));
   CudaSessionOptions so;
-  so.plan.capturable = true;
   so.seed = 13;
   CudaSession s(g, so);
   ASSERT_EQ(planned(s), kGatherTiles);
   CudaSessionOptions forced = so;
   forced.plan.forced_kernels["experts"] = "cuda.cutlass_tiles_narrow";
   CudaSession chain(g, forced, &s);
-  s.set_tokens(64);
-  s.capture_any_tokens();
   for (int64_t T : {int64_t{64}, int64_t{1}, int64_t{37}}) {
     s.set_tokens(T);
     s.run();
@@ -130,6 +139,7 @@ TEST(CudaGatherRows, TheLayersSharedAddInTheFusedCombine) {
     s.run();
     const std::vector<float> again = s.output();
     EXPECT_EQ(0, std::memcmp(eager.data(), again.data(), eager.size() * 4)) << "rerun, T=" << T;
+    s.capture();
     s.replay();
     const std::vector<float> replayed = s.output();
     EXPECT_EQ(0, std::memcmp(eager.data(), replayed.data(), eager.size() * 4)) << "replay, T=" << T;
