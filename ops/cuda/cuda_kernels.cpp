@@ -896,9 +896,9 @@ void register_fused_experts(KernelRegistry& r) {
   // from x (cutlass_gathered above). Measured on the H100 (experts path in a CUDA graph, every kernel
   // forced in the same call, 2-3 passes; bench/NOTES.md "Gathering x in GEMM 1's loads"), µs, gather
   // / the chain on the same tiles: with the packed weight tiles, qwen3-30b-a3b T = 32 / 64 / 128 / 512
-  // (2 / 4 / 8 / 32 rows per expert) 388-390 / 428-430 / 440-443 / 469 against 388-389 / 433-435 /
-  // 446-451 / 481, qwen1.5-moe-a2.7b T = 32 / 64 / 512 340-344 / 374-382 / 400 against 345-351 /
-  // 379-381 / 407, deepseek-v3 T = 128 / 512 / 1024 7277-7295 / 7606-7616 / 7833-7836 against
+  // (2 / 4 / 8 / 32 rows per expert) 388-390 / 428-430 / 440-443 / 469-473 against 388-389 / 433-435 /
+  // 446-451 / 481-486, qwen1.5-moe-a2.7b T = 32 / 64 / 512 340-344 / 374-382 / 400-401 against 345-351 /
+  // 379-381 / 407-409, deepseek-v3 T = 128 / 512 / 1024 7277-7295 / 7606-7616 / 7833-7836 against
   // 7338-7348 / 7732-7743 / 7977-8001. From 96 rows (where the chain plans the unpacked 64x256 tiles),
   // on qwen's H = 2048 the packed tiles too: qwen3 T=2048 (128 rows) 563-565 against 579 (gather,
   // unpacked) and 598-601 (the chain as planned), qwen1.5 T=2048 (137) 477-478 against 492-494 and
