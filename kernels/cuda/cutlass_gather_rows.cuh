@@ -29,6 +29,7 @@
 #include "cutlass/arch/barrier.h"
 #include "cutlass/cutlass.h"
 #include "cutlass/gemm/dispatch_policy.hpp"
+#include "kernels/cuda/cutlass_group_index.cuh"
 
 namespace moeflow::cuda::cutlass_detail {
 
@@ -56,9 +57,9 @@ struct HasAuxiliaryLoad<moeflow::cuda::cutlass_detail::WithAuxiliaryLoad<Policy>
 namespace moeflow::cuda::cutlass_detail {
 
 // `Base`: CUTLASS's pointer-array collective, or (kPackedB) WeightTilesMainloop over one, whose
-// load_weight_tile then loads B.
+// load_weight_tile then loads B and which carries the group index to load already.
 template <class Base, bool kPackedB>
-struct GatherRowsMainloop : Base {
+struct GatherRowsMainloop : std::conditional_t<kPackedB, Base, WithGroupIndex<Base>> {
   using typename Base::TileShape;
   using typename Base::MainloopPipeline;
   using typename Base::PipelineState;
@@ -103,18 +104,6 @@ struct GatherRowsMainloop : Base {
            g.hidden > 0 && g.hidden % 8 == 0 && g.row_source != nullptr && g.offsets != nullptr && g.top_k > 0;
   }
 
-  // CUTLASS's (A, B) tiled views plus the group being loaded (the kernel passes load a block
-  // coordinate without it).
-  template <class ProblemShape_MNKL>
-  CUTLASS_DEVICE auto load_init(ProblemShape_MNKL const& problem_shape_MNKL, Params const& params) const {
-    auto base = Base::load_init(problem_shape_MNKL, params);
-    return cute::make_tuple(cute::get<0>(base), cute::get<1>(base), int32_t{0});
-  }
-  template <class InputTensors, class ProblemShape_MNKL>
-  CUTLASS_DEVICE InputTensors tensors_perform_update(InputTensors const& inputs, Params const&, ProblemShape_MNKL,
-                                                     int32_t next_group) {
-    return cute::make_tuple(cute::get<0>(inputs), cute::get<1>(inputs), next_group);
-  }
 
   // The mainloop warp: the tile's first half of the rows, and B.
   template <class TensorA, class TensorB, class TensorMapA, class TensorMapB, class KTileIterator, class BlockCoord>

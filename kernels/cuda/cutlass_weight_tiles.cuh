@@ -12,9 +12,8 @@
 // The box is loaded by one 2-D TMA with the 128-byte swizzle of the stage's layout, on the stage's
 // barrier, its bytes those CUTLASS expects for B (in a cluster along M each CTA loads its share of
 // the rows and multicasts it, as CUTLASS does B); A is loaded exactly as CUTLASS does. Everything
-// else is CUTLASS's: this class derives from the collective it replaces and hides load_init, load and
-// tensors_perform_update (which carries the group index to load: the kernel passes load a block
-// coordinate without it) and the arguments.
+// else is CUTLASS's: this class derives from the collective it replaces (with the group index carried
+// to load, cutlass_group_index.cuh) and hides load and the arguments.
 #include <cuda.h>
 
 #include <cstdint>
@@ -25,6 +24,7 @@
 #include "cute/tensor.hpp"
 #include "cutlass/cuda_host_adapter.hpp"
 #include "cutlass/cutlass.h"
+#include "kernels/cuda/cutlass_group_index.cuh"
 #include "kernels/cuda/cutlass_grouped.hpp"  // kWeightTileRows, kWeightTileCols
 
 namespace moeflow::cuda::cutlass_detail {
@@ -36,7 +36,7 @@ struct WeightTiles {
 };
 
 template <class Base>
-struct WeightTilesMainloop : Base {
+struct WeightTilesMainloop : WithGroupIndex<Base> {
   using typename Base::TileShape;
   using typename Base::DispatchPolicy;
   using typename Base::MainloopPipeline;
@@ -96,18 +96,6 @@ struct WeightTilesMainloop : Base {
            static_cast<int64_t>(w.experts) * w.tiles_n * w.blocks_k * kWeightTileRows <= INT32_MAX;
   }
 
-  // CUTLASS's (A, B) tiled views plus the group being loaded.
-  template <class ProblemShape_MNKL>
-  CUTLASS_DEVICE auto load_init(ProblemShape_MNKL const& problem_shape_MNKL, Params const& params) const {
-    auto base = Base::load_init(problem_shape_MNKL, params);
-    return cute::make_tuple(cute::get<0>(base), cute::get<1>(base), int32_t{0});
-  }
-
-  template <class InputTensors, class ProblemShape_MNKL>
-  CUTLASS_DEVICE InputTensors tensors_perform_update(InputTensors const& inputs, Params const&, ProblemShape_MNKL,
-                                                     int32_t next_group) {
-    return cute::make_tuple(cute::get<0>(inputs), cute::get<1>(inputs), next_group);
-  }
 
   template <class TensorA, class TensorB, class TensorMapA, class TensorMapB, class KTileIterator, class BlockCoord>
   CUTLASS_DEVICE void load(Params const& params, MainloopPipeline pipeline, PipelineState smem_pipe_write,

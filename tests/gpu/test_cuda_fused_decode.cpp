@@ -14,6 +14,7 @@
 #include <tuple>
 
 #include "bench/cuda/cuda_session.hpp"
+#include "tests/gpu/bf16_graphs.hpp"
 #include "graph/chunk.hpp"
 #include "graph/error.hpp"
 #include "kernels/cuda/device.hpp"
@@ -204,9 +205,7 @@ std::string fused_kernel(const Plan& plan) {
   return "(not fused)";
 }
 
-std::shared_ptr<const Graph> experts_graph(const std::string& preset, const std::vector<std::string>& sets, int64_t max_tokens) {
-  return std::make_shared<const Graph>(build_experts_graph(load_config(preset, sets), {.max_tokens = max_tokens, .dtype = DType::bf16}));
-}
+using testing_gpu::experts_graph;
 
 double rel_norm(const std::vector<float>& got, const std::vector<float>& want) {
   return reference::compare(got.data(), std::vector<double>(want.begin(), want.end())).rel_norm;

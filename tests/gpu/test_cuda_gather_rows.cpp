@@ -13,6 +13,7 @@
 #include <vector>
 
 #include "bench/cuda/cuda_session.hpp"
+#include "tests/gpu/bf16_graphs.hpp"
 #include "kernels/cuda/device.hpp"
 #include "ops/fused_experts_op.hpp"
 #include "ops/layer_builder.hpp"
@@ -27,20 +28,8 @@ namespace {
 constexpr const char* kGatherTiles = "cuda.cutlass_gather_tiles_narrow";
 constexpr const char* kGatherSwiglu = "cuda.cutlass_gather_swiglu_narrow";
 
-std::shared_ptr<const Graph> experts_graph(const std::string& preset, const std::vector<std::string>& sets,
-                                           int64_t max_tokens) {
-  return std::make_shared<const Graph>(
-      build_experts_graph(load_config(preset, sets), {.max_tokens = max_tokens, .dtype = DType::bf16}));
-}
-
-// The kernel of the plan's fused node, or of its experts node where the chain stayed.
-std::string experts_kernel(const Plan& plan) {
-  for (const PlanStep& step : plan.steps) {
-    const std::string& kind = plan.graph->node(step.node).op->kind();
-    if (kind == "fused_experts" || kind == "experts") return step.kernel->name;
-  }
-  return "(none)";
-}
+using testing_gpu::experts_graph;
+std::string experts_kernel(const Plan& plan) { return testing_gpu::routed_experts_kernel(plan); }
 
 // qwen3-30b-a3b's routing (E = 128, k = 8: T / 16 rows per expert) at test sizes: H = 200 is no
 // multiple of the 64-column k-block, I = 136 none of the 128 features the packed w13 pads to.
