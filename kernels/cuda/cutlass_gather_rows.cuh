@@ -104,7 +104,6 @@ struct GatherRowsMainloop : std::conditional_t<kPackedB, Base, WithGroupIndex<Ba
            g.hidden > 0 && g.hidden % 8 == 0 && g.row_source != nullptr && g.offsets != nullptr && g.top_k > 0;
   }
 
-
   // The mainloop warp: the tile's first half of the rows, and B.
   template <class TensorA, class TensorB, class TensorMapA, class TensorMapB, class KTileIterator, class BlockCoord>
   CUTLASS_DEVICE void load(Params const& params, MainloopPipeline pipeline, PipelineState smem_pipe_write,

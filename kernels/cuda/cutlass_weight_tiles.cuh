@@ -96,7 +96,6 @@ struct WeightTilesMainloop : WithGroupIndex<Base> {
            static_cast<int64_t>(w.experts) * w.tiles_n * w.blocks_k * kWeightTileRows <= INT32_MAX;
   }
 
-
   template <class TensorA, class TensorB, class TensorMapA, class TensorMapB, class KTileIterator, class BlockCoord>
   CUTLASS_DEVICE void load(Params const& params, MainloopPipeline pipeline, PipelineState smem_pipe_write,
                            cute::tuple<TensorA, TensorB, int32_t> const& load_inputs,
