@@ -177,19 +177,14 @@ struct RowRange {
   bool preferred_on_huge = true;  // false: `elsewhere` on huge experts (huge_experts()) whatever the rows
 };
 
-// E, H and I of an experts node or of the fused node made from its chain (H: input 0's columns, the
-// permuted rows' or x's).
+// E, H and I of an experts node or of the fused node made from its chain (routed_experts(); H: input
+// 0's columns, the permuted rows' or x's).
 struct ExpertSizes {
   int experts, hidden, intermediate;
 };
 ExpertSizes expert_sizes(const Graph& g, const Node& n) {
-  const int hidden = static_cast<int>(g.value(n.inputs[0]).shape()[1].fixed);
-  if (n.op->kind() == "fused_experts") {
-    const auto& op = static_cast<const FusedExpertsOp&>(*n.op);
-    return {op.experts(), hidden, op.intermediate()};
-  }
-  const auto& op = static_cast<const ExpertsOp&>(*n.op);
-  return {op.experts(), hidden, op.intermediate()};
+  const RoutedExperts r = *routed_experts(n);
+  return {r.experts, static_cast<int>(g.value(n.inputs[0]).shape()[1].fixed), r.intermediate};
 }
 
 // The experts' weights packed once at bind time, keyed on w13 (input `w13_input`, w2 the next one):

@@ -6,6 +6,7 @@
 #include <vector>
 
 #include "graph/graph.hpp"
+#include "ops/fused_experts_op.hpp"  // routed_experts
 #include "ops/model_config.hpp"
 #include "ops/moe_layer.hpp"
 #include "scheduler/plan.hpp"
@@ -21,10 +22,8 @@ inline std::shared_ptr<const Graph> experts_graph(const std::string& preset, con
 
 // The kernel of the plan's fused_experts node, or of its experts node where the chain stayed.
 inline std::string routed_experts_kernel(const Plan& plan) {
-  for (const PlanStep& step : plan.steps) {
-    const std::string& kind = plan.graph->node(step.node).op->kind();
-    if (kind == "fused_experts" || kind == "experts") return step.kernel->name;
-  }
+  for (const PlanStep& step : plan.steps)
+    if (routed_experts(plan.graph->node(step.node))) return step.kernel->name;
   return "(none)";
 }
 

@@ -170,8 +170,7 @@ std::vector<GatherCase> gather_cases() {
 TEST(CudaGatherRows, BitsEqualTheChainOnTheSameTilesAndRepeat) {
   if (cuda::device_count() == 0) GTEST_SKIP() << "no CUDA device";
   for (const GatherCase& gc : gather_cases()) {
-    const MoEConfig config = load_config(gc.preset, gc.sets);
-    auto g = std::make_shared<const Graph>(build_experts_graph(config, {.max_tokens = gc.max_tokens, .dtype = DType::bf16}));
+    const auto g = experts_graph(gc.preset, gc.sets, gc.max_tokens);
     CudaSessionOptions so;
     so.seed = 5;
     CudaSession s(g, so);
@@ -231,8 +230,7 @@ TEST(CudaGatherRows, SkewedRoutingFillsSomeExpertsAndLeavesTheRestEmpty) {
 TEST(CudaGatherRows, OneCaptureServesEveryTWithTheEagerBytes) {
   if (cuda::device_count() == 0) GTEST_SKIP() << "no CUDA device";
   for (const GatherCase& gc : {gather_cases()[0], gather_cases()[3]}) {
-    const MoEConfig config = load_config(gc.preset, gc.sets);
-    auto g = std::make_shared<const Graph>(build_experts_graph(config, {.max_tokens = gc.max_tokens, .dtype = DType::bf16}));
+    const auto g = experts_graph(gc.preset, gc.sets, gc.max_tokens);
     CudaSessionOptions so;
     so.plan.capturable = true;
     so.seed = 11;
