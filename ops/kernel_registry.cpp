@@ -80,6 +80,13 @@ KernelChoice KernelRegistry::select(const Graph& g, const Node& n, Backend backe
   fail_input("node '" + n.name + "': no " + std::string(to_string(backend)) + " kernel supports it; " + refusals);
 }
 
+std::optional<KernelChoice> KernelRegistry::try_select(const Graph& g, const Node& n, Backend backend,
+                                                       const std::map<std::string, std::string>& forced,
+                                                       const KernelLimits& limits) const {
+  const auto it = forced.find(n.op->kind());
+  return it != forced.end() ? select_named(g, n, backend, it->second, limits) : select_any(g, n, backend, limits);
+}
+
 const KernelEntry* KernelRegistry::find(const std::string& name, Backend backend) const {
   for (const KernelEntry& e : entries_)
     if (e.name == name && e.backend == backend) return &e;
@@ -105,8 +112,12 @@ std::optional<KernelChoice> KernelRegistry::select_any(const Graph& g, const Nod
   std::stable_sort(ranked.begin(), ranked.end(), [](const auto& a, const auto& b) { return a.first > b.first; });
   std::string why;
   for (const auto& [priority, k] : ranked) {
-    const Support s = usable(*k, g, n, limits);
-    if (s.ok) return KernelChoice{k, s.reason};
+    Support s = usable(*k, g, n, limits);
+    if (s.ok) {
+      const std::string passed_over = k->passed_over_for(g, n);
+      if (passed_over.empty()) return KernelChoice{k, s.reason};
+      s.reason = passed_over + " (it runs here where forced or tuned)";
+    }
     why += (why.empty() ? "" : "; ") + k->name + ": " + s.reason;
   }
   if (refusals) *refusals = why.empty() ? "no " + std::string(to_string(backend)) + " kernel for '" + n.op->kind() + "'" : why;

@@ -111,6 +111,11 @@ struct KernelEntry {
   // Where the kernel is the better choice on some shapes only (a measured crossover): its priority
   // on this node. Empty: `priority` everywhere. Candidates are ordered per node by priority_for().
   std::function<int(const Graph&, const Node&)> priority_on = {};
+  // Where the kernel runs a node correctly but is not what the planner should pick on its own there
+  // (measured slower than its other choices, or never measured on such shapes): why; empty where it
+  // may. The planner then passes it over (a fused kernel passed over leaves the chain unfused), while
+  // `--kernel` or a tuning cache still runs it there: what `moeflow tune` measures, it can choose.
+  std::function<std::string(const Graph&, const Node&)> passed_over_on = {};
   // Programmatic dependent launch (CUDA, Hopper): a kernel that `releases_next` lets the next kernel
   // of its lane start while it runs; one that `starts_early` on a node can make use of that there
   // (work that needs none of the previous kernel's outputs goes first, then it waits for them;
@@ -122,6 +127,9 @@ struct KernelEntry {
   std::optional<PackedWeight> packed_weight = {};
 
   int priority_for(const Graph& g, const Node& n) const { return priority_on ? priority_on(g, n) : priority; }
+  std::string passed_over_for(const Graph& g, const Node& n) const {
+    return passed_over_on ? passed_over_on(g, n) : std::string();
+  }
 };
 
 struct KernelChoice {
@@ -149,13 +157,19 @@ class KernelRegistry {
   // Kernels the `limits` rule out are passed over (a forced one is an error).
   KernelChoice select(const Graph& g, const Node& n, Backend backend,
                       const std::map<std::string, std::string>& forced = {}, const KernelLimits& limits = {}) const;
+  // What select() returns, or none where it would throw: for callers that compare choices (the
+  // planner's fold decision) rather than report them.
+  std::optional<KernelChoice> try_select(const Graph& g, const Node& n, Backend backend,
+                                         const std::map<std::string, std::string>& forced = {},
+                                         const KernelLimits& limits = {}) const;
   // The kernel called `name` where it exists, can run the node and is within `limits`; its reason is
   // its supports() reason. None otherwise: the caller falls back.
   std::optional<KernelChoice> select_named(const Graph& g, const Node& n, Backend backend, const std::string& name,
                                            const KernelLimits& limits = {}) const;
-  // The highest-priority kernel (priority_for the node) that can run the node within `limits`, or
-  // none: for callers that have another way (the fuse pass leaves a chain unfused). Where there is
-  // none and `refusals` is given, it gets every candidate's reason ("name: why; ...").
+  // The highest-priority kernel (priority_for the node) that can run the node within `limits` and
+  // is not passed_over_on it, or none: for callers that have another way (the fuse pass leaves a chain
+  // unfused). Where there is none and `refusals` is given, it gets every candidate's reason
+  // ("name: why; ...").
   std::optional<KernelChoice> select_any(const Graph& g, const Node& n, Backend backend, const KernelLimits& limits = {},
                                          std::string* refusals = nullptr) const;
 

@@ -536,13 +536,20 @@ std::string runnable_tuned_kernel(const KernelRegistry& registry, const std::str
   return k && k->packed_weight && !k->packed_weight->unpacked_twin.empty() ? k->packed_weight->unpacked_twin : name;
 }
 
-// The kernel a tuning cache measured fastest for this node near its T, where it can run the node
-// within the plan's limits (captured under --cuda-graph; its unpacked twin where packed weights are
-// off); none where --kernel forces the op or nothing was measured.
+// Cache entries `moeflow tune` recorded for a chain's experts node (it measures the chain's kernels
+// and the fused ones side by side) that name a fused kernel, by the name of the fused node the fuse
+// pass made of that chain: the fused node has a signature of its own, which no entry names.
+using TunedChains = std::map<std::string, TunedKernel>;
+
+// The kernel a tuning cache measured fastest for this node near its T (for a fused node, its chain's
+// entry in `chains`), where it can run the node within the plan's limits (captured under
+// --cuda-graph; its unpacked twin where packed weights are off); none where --kernel forces the op
+// or nothing was measured.
 std::optional<KernelChoice> tuned_choice(const KernelRegistry& registry, const Graph& g, const Node& n,
-                                         const PlanOptions& options, int64_t T) {
+                                         const PlanOptions& options, int64_t T, const TunedChains& chains) {
   if (!options.tuning || options.forced_kernels.count(n.op->kind())) return std::nullopt;
   const TunedKernel* t = options.tuning->find(options.tuning_device, tuning_signature(g, n), g.tokens_of(n, T));
+  if (const auto chain = chains.find(n.name); !t && chain != chains.end()) t = &chain->second;
   if (!t) return std::nullopt;
   const std::string name = runnable_tuned_kernel(registry, t->kernel, options);
   std::optional<KernelChoice> c = registry.select_named(g, n, options.backend, name, options.limits());
@@ -555,15 +562,25 @@ std::optional<KernelChoice> tuned_choice(const KernelRegistry& registry, const G
   return c;
 }
 
+// The kernel the plan runs a node with: the tuned one where there is one, else the forced or the
+// highest-priority one; none where select() would refuse the node.
+std::optional<KernelChoice> planned_choice(const KernelRegistry& registry, const Graph& g, const Node& n,
+                                           const PlanOptions& options, int64_t T, const TunedChains& chains) {
+  if (auto tuned = tuned_choice(registry, g, n, options, T, chains)) return tuned;
+  return registry.try_select(g, n, options.backend, options.forced_kernels, options.limits());
+}
+
 constexpr const char* kNotFused = "not fused with its dispatch and combine: ";
 
 // The graph with its dispatch → experts → combine chains fused where a kernel of the backend runs
 // the fused node; null where nothing is fused (fusion off, a kernel forced on the chain, no kernel).
 // `declined` gets, per experts node left in a chain, why no fused kernel took it, and per fused node
-// whose shared expert stayed apart, why no kernel took it folded in.
+// whose shared expert stayed apart, why no kernel took it folded in; `tuned_chains` the cache
+// entries naming a fused kernel, per fused node, where that kernel runs it.
 std::shared_ptr<const Graph> fused_where_a_kernel_runs_it(const KernelRegistry& registry, const Graph& g,
                                                           const PlanOptions& options,
-                                                          std::map<std::string, std::string>& declined) {
+                                                          std::map<std::string, std::string>& declined,
+                                                          TunedChains& tuned_chains) {
   if (!options.fuse) return nullptr;
   for (const char* op : {"dispatch", "experts", "combine"})
     if (options.forced_kernels.count(op)) return nullptr;
@@ -594,13 +611,19 @@ std::shared_ptr<const Graph> fused_where_a_kernel_runs_it(const KernelRegistry& 
                                                               g.tokens_of(g.node(*experts), tuned_tokens(g, options)))
                                       : nullptr;
         // (select_named answers for the experts node, so a cached fused kernel never matches here.)
-        if (tuned && registry.select_named(g, g.node(*experts), options.backend,
-                                           runnable_tuned_kernel(registry, tuned->kernel, options), options.limits())) {
+        const std::string tuned_kernel = tuned ? runnable_tuned_kernel(registry, tuned->kernel, options) : "";
+        if (tuned && registry.select_named(g, g.node(*experts), options.backend, tuned_kernel, options.limits())) {
           std::ostringstream why;
           why << "tuned: " << tuned->kernel << " on the chain measured fastest at T=" << tuned->tokens << " ("
               << std::fixed << std::setprecision(1) << tuned->time_us << " us, " << options.tuning->source() << ")";
           declined[source] = kNotFused + why.str();
           return false;
+        }
+        // A fused kernel measured fastest runs the node even where the planner would pass it over
+        // (KernelEntry::passed_over_on): the measurement is the better guide.
+        if (tuned && registry.select_named(fused, n, options.backend, tuned_kernel, options.limits())) {
+          tuned_chains[n.name] = *tuned;
+          return true;
         }
         std::string why;
         if (registry.select_any(fused, n, options.backend, options.limits(), &why)) return true;
@@ -616,7 +639,7 @@ std::shared_ptr<const Graph> fused_where_a_kernel_runs_it(const KernelRegistry& 
 // The plan of a graph the fuse pass has already seen; `not_fused` (node -> why its chain, or its
 // shared expert, stayed apart) goes into the steps' reasons. Re-entered with the graph that host copies rewrite.
 Plan plan_fused_graph(std::shared_ptr<const Graph> graph, const PlanOptions& options,
-                      const std::map<std::string, std::string>& not_fused) {
+                      const std::map<std::string, std::string>& not_fused, const TunedChains& tuned_chains) {
   Plan plan;
   plan.graph = graph;
   plan.options = options;
@@ -630,13 +653,14 @@ Plan plan_fused_graph(std::shared_ptr<const Graph> graph, const PlanOptions& opt
 
   std::vector<KernelChoice> choices;
   for (const Node& n : graph->nodes()) {
-    if (auto tuned = tuned_choice(registry, *graph, n, options, T)) choices.push_back(std::move(*tuned));
+    if (auto tuned = tuned_choice(registry, *graph, n, options, T, tuned_chains)) choices.push_back(std::move(*tuned));
     else choices.push_back(registry.select(*graph, n, options.backend, options.forced_kernels, options.limits()));
   }
   {
     std::vector<const KernelEntry*> chosen;
     for (const KernelChoice& c : choices) chosen.push_back(c.kernel);
-    if (auto rewritten = with_host_copies(*graph, chosen)) return plan_fused_graph(rewritten, options, not_fused);
+    if (auto rewritten = with_host_copies(*graph, chosen))
+      return plan_fused_graph(rewritten, options, not_fused, tuned_chains);
   }
 
   std::vector<PlanStep> by_node(graph->nodes().size());
@@ -681,7 +705,8 @@ Plan make_plan(std::shared_ptr<const Graph> graph, const PlanOptions& options) {
   if (options.max_lanes < 1) fail_input("make_plan: max_lanes must be >= 1");
   const KernelRegistry& registry = options.registry ? *options.registry : KernelRegistry::builtin();
   std::map<std::string, std::string> not_fused;
-  auto fused = fused_where_a_kernel_runs_it(registry, *graph, options, not_fused);
+  TunedChains tuned_chains;
+  auto fused = fused_where_a_kernel_runs_it(registry, *graph, options, not_fused, tuned_chains);
   std::shared_ptr<const Graph> planned = fused ? fused : graph;
   // A reduce left adding a combine's output and the shared experts' becomes the combine's addends.
   // Folded into a fused node instead (where the kernel chosen for it runs it so), the add makes the
@@ -693,10 +718,7 @@ Plan make_plan(std::shared_ptr<const Graph> graph, const PlanOptions& options) {
     const Graph& unfused = *planned;
     std::shared_ptr<const Graph> combines_only = fold_shared_add_into_combine(unfused, options.keep_values);
     auto chosen = [&](const Graph& g, const Node& n) -> const KernelEntry* {
-      const auto forced = options.forced_kernels.find(n.op->kind());
-      const auto c = forced != options.forced_kernels.end()
-                         ? registry.select_named(g, n, options.backend, forced->second, options.limits())
-                         : registry.select_any(g, n, options.backend, options.limits(), nullptr);
+      const auto c = planned_choice(registry, g, n, options, tuned_tokens(g, options), tuned_chains);
       return c ? c->kernel : nullptr;
     };
     auto same_kernel = [&](const Graph& folded, const Node& n) {
@@ -706,8 +728,8 @@ Plan make_plan(std::shared_ptr<const Graph> graph, const PlanOptions& options) {
     std::shared_ptr<const Graph> with_fused = fold_shared_add_into_combine(unfused, options.keep_values, same_kernel);
     if (combines_only) planned = combines_only;
     if (with_fused && (!combines_only || with_fused->nodes().size() < combines_only->nodes().size())) {
-      Plan a = plan_fused_graph(with_fused, options, not_fused);
-      Plan b = plan_fused_graph(planned, options, not_fused);
+      Plan a = plan_fused_graph(with_fused, options, not_fused, tuned_chains);
+      Plan b = plan_fused_graph(planned, options, not_fused, tuned_chains);
       const bool fold = a.predicted_makespan_s < b.predicted_makespan_s;
       std::ostringstream note;
       note << std::fixed << std::setprecision(1) << "the shared add "
@@ -719,7 +741,7 @@ Plan make_plan(std::shared_ptr<const Graph> graph, const PlanOptions& options) {
       return std::move(kept);
     }
   }
-  return plan_fused_graph(planned, options, not_fused);
+  return plan_fused_graph(planned, options, not_fused, tuned_chains);
 }
 
 }  // namespace moeflow

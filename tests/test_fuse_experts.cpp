@@ -351,3 +351,57 @@ TEST(FuseExperts, ATuningCacheDecidesBetweenTheFusedKernelAndTheChain) {
   po.tuning_device = "";
   EXPECT_EQ(count_kind(*make_plan(g, po).graph, "fused_experts"), 1);
 }
+
+// A fused kernel the planner passes over (KernelEntry::passed_over_on: measured slower there, say)
+// leaves the chain unfused and says why; --kernel runs it, and so does a tuning cache that measured it
+// fastest, even where another fused kernel would be the planner's own choice: the cache's fused
+// kernel is the one the fused node runs, not only a reason to fuse. The results stay the chain's.
+TEST(FuseExperts, AKernelPassedOverRunsWhereForcedOrTuned) {
+  const auto g = std::make_shared<const Graph>(build_experts_graph(small_qwen(), {.max_tokens = 8}));
+  const std::string signature = tuning_signature(*g, g->node(*g->find_node("experts")));
+  KernelEntry passed_over = *registry_with_cpu_fused_kernel().find("test.fused_chain", Backend::cpu);
+  passed_over.name = "test.fused_passed_over";
+  passed_over.passed_over_on = [](const Graph&, const Node&) { return std::string("measured slower here"); };
+  KernelRegistry alone = KernelRegistry::builtin();
+  alone.add(passed_over);
+  PlanOptions po;
+  po.registry = &alone;
+  auto step_of = [](const Plan& p, const std::string& kind) {
+    for (const PlanStep& step : p.steps)
+      if (p.graph->node(step.node).op->kind() == kind) return step;
+    ADD_FAILURE() << "no " << kind << " step";
+    return PlanStep{};
+  };
+
+  const Plan chain = make_plan(g, po);
+  EXPECT_EQ(count_kind(*chain.graph, "fused_experts"), 0);
+  EXPECT_NE(step_of(chain, "experts").reason.find("not fused with its dispatch and combine: test.fused_passed_over: "
+                                                  "measured slower here (it runs here where forced or tuned)"),
+            std::string::npos)
+      << step_of(chain, "experts").reason;
+  const std::vector<float> unfused = run_once(g, po, 7);
+
+  PlanOptions forced = po;
+  forced.forced_kernels = {{"fused_experts", "test.fused_passed_over"}};
+  const Plan forced_plan = make_plan(g, forced);
+  EXPECT_EQ(step_of(forced_plan, "fused_experts").kernel->name, "test.fused_passed_over");
+  EXPECT_EQ(run_once(g, forced, 7), unfused);
+
+  // With the planner's own fused kernel registered too, a cache naming the passed-over one chooses it.
+  KernelRegistry both = registry_with_cpu_fused_kernel();
+  both.add(passed_over);
+  PlanOptions tuned = po;
+  tuned.registry = &both;
+  EXPECT_EQ(step_of(make_plan(g, tuned), "fused_experts").kernel->name, "test.fused_chain");
+  auto cache = std::make_shared<TuningCache>();
+  cache->record({"Some GPU", signature, 8, "test.fused_passed_over", 9.0});
+  tuned.tuning = cache;
+  const Plan tuned_plan = make_plan(g, tuned);
+  const PlanStep fused = step_of(tuned_plan, "fused_experts");
+  EXPECT_EQ(fused.kernel->name, "test.fused_passed_over");
+  EXPECT_EQ(fused.reason.rfind("tuned: fastest measured at T=8 on Some GPU (9.0 us", 0), 0u) << fused.reason;
+  EXPECT_EQ(run_once(g, tuned, 7), unfused);
+  // Where it is the only fused kernel, the cache still fuses the chain for it.
+  tuned.registry = &alone;
+  EXPECT_EQ(step_of(make_plan(g, tuned), "fused_experts").kernel->name, "test.fused_passed_over");
+}

@@ -640,29 +640,31 @@ GatheredScratch gathered_scratch(const cuda::FusedDecodeShape& s, int64_t tokens
 
 int op_addends(const Node& n) { return static_cast<const FusedExpertsOp&>(*n.op).addends(); }
 
-// Why a gathering kernel is not the one to run `shape` at `mean` rows per expert (at the maximum T),
-// or empty where it is.
+// Why a gathering kernel is not the planner's choice for `shape` at `mean` rows per expert (at the
+// maximum T), or empty where it is.
 using GatherPreferred = std::string (*)(const cuda::FusedDecodeShape& shape, double mean);
 
+// Rows per expert the node gets at its maximum T, on average.
+double mean_rows_per_expert(const cuda::FusedDecodeShape& shape) {
+  return static_cast<double>(shape.max_tokens * shape.top_k) / shape.experts;
+}
+
+// It runs any routed-experts node CUTLASS's tiles can build; the planner takes it on its own only
+// where `preferred` says (the measurements are at register_fused_experts), so elsewhere the fuse
+// pass keeps the chain, while --kernel or `moeflow tune` may still run it there.
 KernelEntry cutlass_gathered(std::string name, bool weight_tiles, GatherPreferred preferred) {
   KernelEntry e = reading_live_tokens(launching(7, {"fused_experts", Backend::cuda, std::move(name), 3,
-      [preferred, weight_tiles](const Graph& g, const Node& n) {
+      [weight_tiles](const Graph& g, const Node& n) {
         Support s = cuda_supports_bf16(g, n, "");
         if (!s.ok) return s;
         const cuda::FusedDecodeShape shape = fused_shape(g, n);
         if (shape.shared_intermediate > 0) return Support::no("a shared expert folded in: it runs the routed experts only");
         if (const std::string why = cuda::cutlass_grouped_unbuildable(shape.hidden, shape.intermediate); !why.empty())
           return Support::no(why);
-        if (huge_experts(shape.hidden, shape.intermediate))
-          return Support::no(expert_mib(shape.hidden, shape.intermediate) + ": not measured on such experts");
         for (int input : weight_tiles ? std::vector<int>{3, 4} : std::vector<int>{3})
           if (g.value(n.inputs[input]).role != ValueRole::weight)
             return Support::no("'" + g.value(n.inputs[input]).name + "' is not a weight bound once, so it cannot be packed once");
-        const int64_t rows = shape.max_tokens * shape.top_k;
-        if (rows <= shape.experts)
-          return Support::no("T*k = " + std::to_string(rows) + " <= E: at most one row per expert, the decode kernels'");
-        const double mean = static_cast<double>(rows) / shape.experts;
-        if (const std::string why = preferred(shape, mean); !why.empty()) return Support::no(why);
+        const double mean = mean_rows_per_expert(shape);
         return Support::yes(fmt(mean) + " rows/expert at max T -> the chain on CUTLASS's " + std::string(kNarrowText) +
                             " with SwiGLU in GEMM 1's epilogue" +
                             (weight_tiles ? ", w13 and w2 packed tile by tile" : ", w13 packed once") +
@@ -689,6 +691,15 @@ KernelEntry cutlass_gathered(std::string name, bool weight_tiles, GatherPreferre
       [](const Graph& g, const Node& n, int64_t tokens) { return gathered_scratch(fused_shape(g, n), tokens, nullptr).bytes; }}));
   e.packed_weight = packed_expert_weights(3, weight_tiles, {});
   e.in_place = {{0, 5}};  // over the first addend, where there is one (combine_rows reads it first)
+  e.passed_over_on = [preferred](const Graph& g, const Node& n) {
+    const cuda::FusedDecodeShape shape = fused_shape(g, n);
+    if (huge_experts(shape.hidden, shape.intermediate))
+      return expert_mib(shape.hidden, shape.intermediate) + ": not measured on such experts";
+    const int64_t rows = shape.max_tokens * shape.top_k;
+    if (rows <= shape.experts)
+      return "T*k = " + std::to_string(rows) + " <= E: at most one row per expert, the decode kernels'";
+    return preferred(shape, mean_rows_per_expert(shape));
+  };
   return e;
 }
 
