@@ -296,7 +296,9 @@ void register_experts(KernelRegistry& r) {
   // there only on huge ones: mixtral-8x7b T=8 (16 rows on 8 experts of 336 MiB) 922-927 µs = 1.09x
   // the floor eager and in a CUDA graph, against the padded GEMM (the capturable alternative, which
   // reads every expert) 1022-1033 µs and cuBLAS's grouped GEMM with its host sync 910 µs (2026-11-23,
-  // bench/NOTES.md "Our decode kernel"): 1.7% behind that one, without stalling the host.
+  // bench/NOTES.md "Our decode kernel"): 1.7% behind that one, without stalling the host. Where the
+  // chain may be fused, above one row per expert, the gathering fused node runs it instead
+  // (register_fused_experts: 843 µs there).
   KernelEntry decode = reading_live_tokens(launching(2, {"experts", Backend::cuda, "cuda.decode_gemv", 7,
          [](const Graph& g, const Node& n) {
            Support s = cuda_supports_bf16(g, n, "");
@@ -693,8 +695,6 @@ KernelEntry cutlass_gathered(std::string name, bool weight_tiles, GatherPreferre
   e.in_place = {{0, 5}};  // over the first addend, where there is one (combine_rows reads it first)
   e.passed_over_on = [preferred](const Graph& g, const Node& n) {
     const cuda::FusedDecodeShape shape = fused_shape(g, n);
-    if (huge_experts(shape.hidden, shape.intermediate))
-      return expert_mib(shape.hidden, shape.intermediate) + ": not measured on such experts";
     const int64_t rows = shape.max_tokens * shape.top_k;
     if (rows <= shape.experts)
       return "T*k = " + std::to_string(rows) + " <= E: at most one row per expert, the decode kernels'";
@@ -911,6 +911,10 @@ void register_fused_experts(KernelRegistry& r) {
   // 496; on deepseek-v3's H = 7168 the packed tiles re-read their operands from 64 rows ("Weights
   // packed tile by tile"), so there the unpacked ones: T = 3072 / 4096 (96 / 128 rows) 8488-8496 /
   // 9329-9356 against 8690-8715 / 9380-9472. Between 56 and 96 rows the chain's tile pairs stay.
+  // On huge experts too (`moeflow tune`, nvidia-h100-x1, 2026-11-24, bench/NOTES.md "Gathering x in
+  // GEMM 1's loads"): mixtral-8x7b T = 8 / 32 / 128 (2 / 8 / 32 rows per expert) 843 / 946 / 967 µs in
+  // a CUDA graph against the decode kernel's 917 at T=8 and cuBLAS's grouped GEMM (host sync) 1041 /
+  // 1071, and even with the chain's 64x256 tiles at T=512 (128 rows): 1103 against 1106.
   r.add(cutlass_gathered("cuda.cutlass_gather_tiles_narrow", true, [](const cuda::FusedDecodeShape& s, double mean) {
     if (mean < kTilesBelowRows || (mean >= 96 && mean < 192 && s.hidden <= kTilesMostHiddenFrom96)) return std::string();
     return fmt(mean) + " rows/expert at max T" +
@@ -919,6 +923,7 @@ void register_fused_experts(KernelRegistry& r) {
            ": the chain's tiles there";
   }));
   r.add(cutlass_gathered("cuda.cutlass_gather_swiglu_narrow", false, [](const cuda::FusedDecodeShape& s, double mean) {
+    if (huge_experts(s.hidden, s.intermediate)) return expert_mib(s.hidden, s.intermediate) + ": not measured on such experts";
     if (mean >= 96 && mean < 192 && s.hidden > kTilesMostHiddenFrom96) return std::string();
     return fmt(mean) + " rows/expert at max T with H = " + std::to_string(s.hidden) +
            ": outside [96, 192) rows with H above " + std::to_string(kTilesMostHiddenFrom96) + " (the gather reads the "

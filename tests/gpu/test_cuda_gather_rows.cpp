@@ -1,10 +1,10 @@
 // GEMM 1 gathering its rows from x (cuda.cutlass_gather_tiles_narrow, cuda.cutlass_gather_swiglu_narrow;
 // kernels/cuda/cutlass_gather_rows.cuh): the fused node runs the chain on the 64x256 tiles without
-// the dispatch's permuted copy of x. Planned below 56 and from 96 to 192 rows per expert (planning
-// only, no device needed); on the GPU bit for bit the chain forced onto the same tiles, on random and skewed
-// routing (most experts empty, a few with hundreds of rows), with H and I of no tile's multiple
-// (K's last k-block and the packed I zero-filled), every T from 1 up; reruns bit-identical; one
-// capture replayed at several T gives the eager bytes.
+// the dispatch's permuted copy of x. Planned below 56 and from 96 to 192 rows per expert, huge experts
+// included (planning only, no device needed); on the GPU bit for bit the chain forced onto the same
+// tiles, on random and skewed routing (most experts empty, a few with hundreds of rows), with H and I
+// of no tile's multiple (K's last k-block and the packed I zero-filled), every T from 1 up; reruns
+// bit-identical; one capture replayed at several T gives the eager bytes.
 #include <gtest/gtest.h>
 
 #include <cstring>
@@ -70,8 +70,13 @@ TEST(CudaGatherRows, PlannedWhereTheChainPlansTheNarrowTiles) {  // planning onl
   PlanOptions unfused = po;
   unfused.fuse = false;
   EXPECT_EQ(experts_kernel(make_plan(experts_graph("qwen3-30b-a3b", kQwen3Small, 64), unfused)), "cuda.cutlass_tiles_narrow");
-  // Huge experts (mixtral-8x7b's own sizes) keep the chain.
+  // Huge experts (mixtral-8x7b's own sizes): the packed tiles' gather from two rows per expert (T=8)
+  // below 56, the decode kernel at one (T=4), the chain at 512 rows (T=2048).
+  EXPECT_EQ(experts_kernel(make_plan(experts_graph("mixtral-8x7b", {}, 4), po)), "cuda.decode_gemv");
+  EXPECT_EQ(experts_kernel(make_plan(experts_graph("mixtral-8x7b", {}, 8), po)), kGatherTiles);
+  EXPECT_EQ(experts_kernel(make_plan(experts_graph("mixtral-8x7b", {}, 128), po)), kGatherTiles);
   EXPECT_NE(experts_kernel(make_plan(experts_graph("mixtral-8x7b", {}, 2048), po)), kGatherSwiglu);
+  EXPECT_NE(experts_kernel(make_plan(experts_graph("mixtral-8x7b", {}, 2048), po)), kGatherTiles);
   // Outside those ranges the planner passes the gathering kernels over (it does not refuse them):
   // --kernel runs one there, and so may a tuning cache, so `moeflow tune` measures them everywhere.
   PlanOptions forced = po;
