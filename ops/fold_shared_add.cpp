@@ -26,9 +26,14 @@ bool folds_into(const Node& n) {
   return false;
 }
 
+// Which reduces a fold takes: those adding the shared experts' outputs, or those adding nothing.
+enum class ReduceInputs { with_addends, alone };
+
 // The combine (or fused_experts) node whose output reduce `r` adds, where the reduce may be folded into it.
-std::optional<NodeId> foldable_combine(const Graph& g, const Node& r, const std::set<std::string>& keep) {
-  if (r.op->kind() != "reduce" || r.inputs.size() < 2 || !plain_node(r) || !whole_value(g.value(r.outputs[0]))) return std::nullopt;
+std::optional<NodeId> foldable_combine(const Graph& g, const Node& r, const std::set<std::string>& keep,
+                                       ReduceInputs which) {
+  if (r.op->kind() != "reduce" || !plain_node(r) || !whole_value(g.value(r.outputs[0]))) return std::nullopt;
+  if (which == ReduceInputs::alone ? r.inputs.size() != 1 : r.inputs.size() < 2) return std::nullopt;
   const Value& routed = g.value(r.inputs[0]);
   if (routed.producer == kNoNode) return std::nullopt;
   const Node& c = g.node(routed.producer);
@@ -72,7 +77,7 @@ std::shared_ptr<const Graph> fold_shared_add_into_combine(const Graph& g, const 
   const std::set<std::string> keep(keep_values.begin(), keep_values.end());
   std::map<NodeId, NodeId> combine_of;  // reduce -> the combine (or fused node) it folds into
   for (const Node& n : g.nodes()) {
-    const auto c = foldable_combine(g, n, keep);
+    const auto c = foldable_combine(g, n, keep, ReduceInputs::with_addends);
     if (!c) continue;
     const Node& target = g.node(*c);
     if (target.op->kind() == "fused_experts") {
@@ -83,6 +88,16 @@ std::shared_ptr<const Graph> fold_shared_add_into_combine(const Graph& g, const 
     }
     combine_of[n.id] = *c;
   }
+  if (combine_of.empty()) return nullptr;
+  return std::make_shared<const Graph>(fold(g, combine_of));
+}
+
+std::shared_ptr<const Graph> fold_lone_reduces(const Graph& g, const std::vector<std::string>& keep_values) {
+  if (!g.validated()) fail_input("fold_lone_reduces: graph '" + g.name() + "' is not validated");
+  const std::set<std::string> keep(keep_values.begin(), keep_values.end());
+  std::map<NodeId, NodeId> combine_of;
+  for (const Node& n : g.nodes())
+    if (const auto c = foldable_combine(g, n, keep, ReduceInputs::alone)) combine_of[n.id] = *c;
   if (combine_of.empty()) return nullptr;
   return std::make_shared<const Graph>(fold(g, combine_of));
 }

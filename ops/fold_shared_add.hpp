@@ -31,4 +31,9 @@ using FoldFilter = std::function<bool(const Graph& folded_graph, const Node& fol
 std::shared_ptr<const Graph> fold_shared_add_into_combine(const Graph& g, const std::vector<std::string>& keep_values = {},
                                                           const FoldFilter& accept_fused = {});
 
+// A reduce with nothing to add (one input: a layer without shared experts, on one process) folded the
+// same way, into its combine or fused node, under the same conditions: the node then writes the
+// layer's output itself, one launch and one copy of [T, H] fewer, the same bits. Null where none was.
+std::shared_ptr<const Graph> fold_lone_reduces(const Graph& g, const std::vector<std::string>& keep_values = {});
+
 }  // namespace moeflow

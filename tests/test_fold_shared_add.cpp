@@ -121,3 +121,57 @@ TEST(FoldSharedAdd, AFusedNodeTakesTheAddendsWhereAKernelRunsThem) {
   EXPECT_THROW(FusedExpertsOp(60, 4, 32, FoldedShared{64, true}, 1), Error);
   EXPECT_THROW(FusedExpertsOp(60, 4, 32, std::nullopt, FusedExpertsOp::kMaxAddends + 1), Error);
 }
+
+// A layer without a shared expert ends in a reduce that adds nothing: it folds into the combine (or
+// the fused node) the same way, the layer's output then written by that node, with the same bytes
+// on the CPU; a reduce owed across ranks, or one with addends, is not such a reduce.
+TEST(FoldSharedAdd, AReduceWithNothingToAddFoldsAway) {
+  const MoEConfig mixtral = load_config("mixtral-8x7b", {"hidden_size=64", "intermediate_size=32"});
+  const Graph g = build_moe_layer(mixtral, {.max_tokens = 16});
+  const Node& reduce = g.node(*g.find_node("reduce"));
+  ASSERT_EQ(reduce.inputs.size(), 1u);
+  const std::string out_name = g.value(reduce.outputs[0]).name;
+  const auto folded = fold_lone_reduces(g);
+  ASSERT_TRUE(folded);
+  EXPECT_EQ(count_kind(*folded, "reduce"), 0);
+  EXPECT_EQ(folded->nodes().size(), g.nodes().size() - 1);
+  const Node& combine = folded->node(*folded->find_node("combine"));
+  EXPECT_EQ(static_cast<const CombineOp&>(*combine.op).addends(), 0);
+  EXPECT_EQ(folded->value(combine.outputs[0]).name, out_name);
+  EXPECT_EQ(folded->outputs(), std::vector<ValueId>{combine.outputs[0]});
+  // Into a fused node too, and per chunk.
+  const auto fused = fuse_experts_chains(g, [](const Graph&, const Node&) { return true; });
+  ASSERT_TRUE(fused);
+  const auto fused_folded = fold_lone_reduces(*fused);
+  ASSERT_TRUE(fused_folded);
+  EXPECT_EQ(count_kind(*fused_folded, "reduce"), 0);
+  EXPECT_EQ(fused_folded->value(fused_folded->outputs()[0]).producer, *fused_folded->find_node("fused_experts"));
+  const auto chunked = fold_lone_reduces(chunk_tokens(g, {.chunks = 2}));
+  ASSERT_TRUE(chunked);
+  EXPECT_EQ(count_kind(*chunked, "reduce"), 0);
+  // Not: a reduce with the shared experts' outputs to add, a kept routed sum, a sum owed across ranks.
+  EXPECT_FALSE(fold_lone_reduces(build_moe_layer(small_qwen(), {.max_tokens = 16})));
+  EXPECT_FALSE(fold_lone_reduces(g, {g.value(reduce.inputs[0]).name}));
+  const ParallelLayout tp{.dp = 1, .tp = 2, .ep = false, .dispatch = DispatchKind::allgather, .tokens = {16}};
+  const Graph rank = lower_parallel(g, tp, 0);
+  ASSERT_GE(count_kind(rank, "reduce"), 1);
+  EXPECT_FALSE(fold_lone_reduces(rank));
+  // The planner folds it; on the CPU the layer's bytes are those of the plan that keeps the reduce
+  // (here because the routed sum is kept for reading).
+  auto layer = std::make_shared<const Graph>(g);
+  auto run = [&](const std::vector<std::string>& keep, int reduces) {
+    SessionOptions so;
+    so.threads = 2;
+    so.seed = 9;
+    so.plan.keep_values = keep;
+    CpuSession s(layer, so);
+    EXPECT_EQ(count_kind(*s.plan().graph, "reduce"), reduces);
+    s.set_tokens(13);
+    s.run();
+    EXPECT_TRUE(s.check(1e-5).pass);
+    return std::vector<float>(s.output(), s.output() + 13 * mixtral.hidden);
+  };
+  const std::vector<float> planned = run({}, 0), kept = run({g.value(reduce.inputs[0]).name}, 1);
+  ASSERT_EQ(planned.size(), kept.size());
+  EXPECT_EQ(0, std::memcmp(planned.data(), kept.data(), planned.size() * sizeof(float)));
+}
