@@ -708,7 +708,9 @@ Plan make_plan(std::shared_ptr<const Graph> graph, const PlanOptions& options) {
   TunedChains tuned_chains;
   auto fused = fused_where_a_kernel_runs_it(registry, *graph, options, not_fused, tuned_chains);
   std::shared_ptr<const Graph> planned = fused ? fused : graph;
-  if (auto folded = fold_lone_reduces(*planned, options.keep_values)) planned = folded;
+  // A reduce that adds nothing (no shared experts) goes too, unless the reduce is to stay apart.
+  if (options.fold_shared)
+    if (auto folded = fold_lone_reduces(*planned, options.keep_values)) planned = folded;
   // A reduce left adding a combine's output and the shared experts' becomes the combine's addends.
   // Folded into a fused node instead (where the kernel chosen for it runs it so), the add makes the
   // whole node wait for the shared experts, not only its sum: measured on the H100 (qwen1.5-moe-a2.7b

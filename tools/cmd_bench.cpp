@@ -66,7 +66,8 @@ Command add_bench_command(CLI::App& app) {
                 "every lane's kernels aim at every SM (cuda; by default a side lane whose work is at most a quarter "
                 "of the plan's aims at half of them)");
   sub->add_flag("--no-fold-shared", f->no_fold_shared,
-                "keep the shared expert and the reduce adding it apart (cuda; as `run --no-fold-shared`)");
+                "keep the shared expert and the reduce adding it apart, and a layer's reduce apart from its "
+                "combine (cuda; as `run --no-fold-shared`)");
   sub->add_option("--threads", f->threads, "oneTBB threads (default: every core)")->check(CLI::PositiveNumber);
   sub->add_option("--seed", f->seed, "seed of the random weights and inputs");
   sub->add_option("--runs", f->min_runs, "timed runs per row at least")->check(CLI::PositiveNumber);

@@ -41,7 +41,8 @@ void PlanFlags::add_to(CLI::App& app) {
   app.add_flag("--no-fold-shared", no_fold_shared,
                "keep the shared expert (and the reduce adding it) apart from the fused experts node (by default a "
                "kernel that streams both in one launch takes them), and the reduce apart from the combine (by "
-               "default the combine adds the shared experts' outputs)");
+               "default the combine adds the shared experts' outputs, and a layer without shared experts ends in "
+               "its combine)");
   app.add_flag("--no-early-start", no_early_start,
                "every kernel waits for the previous one of its lane to finish (by default a kernel that can, such as "
                "the fused decode kernel after the one-launch gate, starts while it runs: programmatic dependent launch)");
