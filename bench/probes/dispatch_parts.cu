@@ -121,6 +121,38 @@ void probe(const Shape& s) {
   }));
   const int wpb = warps_per_block(s.experts);
   const size_t smem = sizeof(int32_t) * (static_cast<size_t>(s.experts) + 1) * wpb;
+  {
+    // The library's three kernels as one CUDA graph (as the engine replays them), its scan taking
+    // kScanItems entries per thread against 16 (one chunk up to kScanEntries; measured slower).
+    const int64_t tile = tile_length(n, s.experts), num_tiles = (n + tile - 1) / tile;
+    const int64_t entries = (static_cast<int64_t>(s.experts) + 1) * num_tiles;
+    const unsigned blocks = static_cast<unsigned>((num_tiles + wpb - 1) / wpb);
+    auto graph_us = [&](auto scan) {
+      cudaStream_t st;
+      CK(cudaStreamCreateWithFlags(&st, cudaStreamNonBlocking));
+      cudaGraph_t g;
+      cudaGraphExec_t exec;
+      CK(cudaStreamBeginCapture(st, cudaStreamCaptureModeGlobal));
+      perm_count_kernel<<<blocks, wpb * 32, smem, st>>>(d_ids, n, s.experts, tile, num_tiles, hist, {});
+      scan(st, entries, num_tiles);
+      perm_rank_kernel<<<blocks, wpb * 32, smem, st>>>(d_ids, n, s.experts, tile, num_tiles, hist, slot_of, row_source, {});
+      CK(cudaStreamEndCapture(st, &g));
+      CK(cudaGraphInstantiate(&exec, g, 0));
+      const float us = median_us([&] { CK(cudaGraphLaunch(exec, 0)); });
+      cudaGraphExecDestroy(exec);
+      cudaGraphDestroy(g);
+      cudaStreamDestroy(st);
+      return us;
+    };
+    const float library = graph_us([&](cudaStream_t st, int64_t m, int64_t tiles) {
+      perm_scan_kernel<kScanItems><<<1, kScanThreads, 0, st>>>(hist, m, tiles, offsets);
+    });
+    const float items16 = graph_us([&](cudaStream_t st, int64_t m, int64_t tiles) {
+      perm_scan_kernel<16><<<1, kScanThreads, 0, st>>>(hist, m, tiles, offsets);
+    });
+    std::printf("  count + scan + rank as a CUDA graph: scan of %d per thread %6.1f us, of 16 %6.1f us (%lld entries)\n",
+                kScanItems, library, items16, static_cast<long long>(entries));
+  }
   for (int64_t tile : {tile_length(n, s.experts), int64_t{512}, int64_t{256}, int64_t{128}}) {
     const int64_t num_tiles = (n + tile - 1) / tile, entries = (static_cast<int64_t>(s.experts) + 1) * num_tiles;
     if (entries * 4 > (64 << 20)) continue;
@@ -128,15 +160,16 @@ void probe(const Shape& s) {
     const float count = median_us([&] {
       perm_count_kernel<<<blocks, wpb * 32, smem>>>(d_ids, n, s.experts, tile, num_tiles, hist, {});
     });
-    const float scan = median_us([&] { perm_scan_kernel<<<1, kScanThreads>>>(hist, entries, num_tiles, offsets); });
+    const float scan = median_us([&] { perm_scan_kernel<kScanItems><<<1, kScanThreads>>>(hist, entries, num_tiles, offsets); });
+    const float scan16 = median_us([&] { perm_scan_kernel<16><<<1, kScanThreads>>>(hist, entries, num_tiles, offsets); });
     perm_count_kernel<<<blocks, wpb * 32, smem>>>(d_ids, n, s.experts, tile, num_tiles, hist, {});
-    perm_scan_kernel<<<1, kScanThreads>>>(hist, entries, num_tiles, offsets);
+    perm_scan_kernel<kScanItems><<<1, kScanThreads>>>(hist, entries, num_tiles, offsets);
     const float rank = median_us([&] {
       perm_rank_kernel<<<blocks, wpb * 32, smem>>>(d_ids, n, s.experts, tile, num_tiles, hist, slot_of, row_source, {});
     });
-    std::printf("  tile %5lld (%4lld warps, %6lld scan entries): count %6.1f  scan %6.1f  rank %6.1f us\n",
+    std::printf("  tile %5lld (%4lld warps, %6lld scan entries): count %6.1f  scan %6.1f (16 per thread: %6.1f)  rank %6.1f us\n",
                 static_cast<long long>(tile), static_cast<long long>(num_tiles), static_cast<long long>(entries), count,
-                scan, rank);
+                scan, scan16, rank);
   }
   build_permutation(d_ids, s.tokens, s.k, s.experts, offsets, slot_of, row_source, hist, ws, nullptr);
   CK(cudaDeviceSynchronize());
@@ -221,6 +254,7 @@ void probe(const Shape& s) {
 int main() {
   using dispatch_probe::Shape;
   for (const Shape& s : {Shape{"qwen3-30b-a3b", 8192, 8, 128, 2048}, Shape{"qwen3-30b-a3b", 2048, 8, 128, 2048},
+                         Shape{"qwen3-30b-a3b", 512, 8, 128, 2048}, Shape{"qwen3-30b-a3b", 128, 8, 128, 2048},
                          Shape{"qwen1.5-moe-a2.7b", 8192, 4, 60, 2048}, Shape{"deepseek-v3", 8192, 8, 256, 7168}})
     dispatch_probe::probe(s);
   return 0;

@@ -39,6 +39,9 @@ constexpr int64_t kMaxScan = 65536;     // hist entries the single-block scan ha
 constexpr int kMaxWarpsPerBlock = 4;
 constexpr size_t kSharedBudget = 48 * 1024;  // per block, without opting in to more
 constexpr int kScanThreads = 1024;
+// Entries per scan thread, contiguous: 4 at a time keep a warp's loads within 512 bytes. 16 (one
+// chunk up to kScanEntries) was slower: 23.8 against 15.6 µs at qwen3 T=8192 alone, the sort as a
+// CUDA graph 33.6 against 25.4 (bench/probes/dispatch_parts.cu, bench/NOTES.md "Where the time still goes").
 constexpr int kScanItems = 4;
 
 int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
@@ -107,8 +110,9 @@ __global__ void perm_count_kernel(const int32_t* __restrict__ ids, int64_t n, in
   for (int e = lane; e <= experts; e += 32) hist[static_cast<int64_t>(e) * num_tiles + w] = cnt[e];
 }
 
-// Exclusive scan of data[0, m) in place by one block, in chunks of kScanThreads * kScanItems with a
+// Exclusive scan of data[0, m) in place by one block, in chunks of kScanThreads * kItems with a
 // carry; offsets[idx / num_tiles] takes every entry whose idx is a multiple of num_tiles.
+template <int kItems>
 __global__ void __launch_bounds__(kScanThreads)
     perm_scan_kernel(int32_t* __restrict__ data, int64_t m, int64_t num_tiles, int32_t* __restrict__ offsets) {
   __shared__ int32_t warp_sums[kScanThreads / 32];
@@ -116,12 +120,12 @@ __global__ void __launch_bounds__(kScanThreads)
   const int lane = tid % 32;
   const int warp = tid / 32;
   int32_t carry = 0;
-  for (int64_t base = 0; base < m; base += static_cast<int64_t>(kScanThreads) * kScanItems) {
-    int32_t v[kScanItems];
+  for (int64_t base = 0; base < m; base += static_cast<int64_t>(kScanThreads) * kItems) {
+    int32_t v[kItems];
     int32_t local = 0;
 #pragma unroll
-    for (int q = 0; q < kScanItems; ++q) {
-      const int64_t idx = base + static_cast<int64_t>(tid) * kScanItems + q;
+    for (int q = 0; q < kItems; ++q) {
+      const int64_t idx = base + static_cast<int64_t>(tid) * kItems + q;
       v[q] = idx < m ? data[idx] : 0;
       local += v[q];
     }
@@ -145,8 +149,8 @@ __global__ void __launch_bounds__(kScanThreads)
     __syncthreads();
     int32_t prefix = carry + (warp > 0 ? warp_sums[warp - 1] : 0) + incl - local;
 #pragma unroll
-    for (int q = 0; q < kScanItems; ++q) {
-      const int64_t idx = base + static_cast<int64_t>(tid) * kScanItems + q;
+    for (int q = 0; q < kItems; ++q) {
+      const int64_t idx = base + static_cast<int64_t>(tid) * kItems + q;
       if (idx < m) {
         data[idx] = prefix;
         if (idx % num_tiles == 0) offsets[idx / num_tiles] = prefix;
@@ -485,7 +489,7 @@ void build_permutation(const int32_t* ids, int64_t tokens, int top_k, int expert
   const size_t smem = sizeof(int32_t) * (static_cast<size_t>(experts) + 1) * wpb;
   perm_count_kernel<<<blocks, wpb * 32, smem, stream>>>(ids, n, experts, tile, num_tiles, hist, live);
   MOEFLOW_CUDA_LAUNCH_CHECK();
-  perm_scan_kernel<<<1, kScanThreads, 0, stream>>>(hist, entries, num_tiles, offsets);
+  perm_scan_kernel<kScanItems><<<1, kScanThreads, 0, stream>>>(hist, entries, num_tiles, offsets);
   MOEFLOW_CUDA_LAUNCH_CHECK();
   perm_rank_kernel<<<blocks, wpb * 32, smem, stream>>>(ids, n, experts, tile, num_tiles, hist, slot_of, row_source,
                                                        live);
