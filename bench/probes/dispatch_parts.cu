@@ -18,6 +18,58 @@ namespace dispatch_probe {  // named: nvcc's stubs cannot tell two anonymous nam
 
 using namespace moeflow::cuda;
 
+// The library's scan before the fifteenth session (kept here to compare): chunks of kScanThreads *
+// kItems entries one after another, each thread's kItems entries contiguous and loaded one by one.
+template <int kItems>
+__global__ void __launch_bounds__(kScanThreads)
+    scan_before(int32_t* __restrict__ data, int64_t m, int64_t num_tiles, int32_t* __restrict__ offsets) {
+  __shared__ int32_t warp_sums[kScanThreads / 32];
+  const int tid = static_cast<int>(threadIdx.x);
+  const int lane = tid % 32;
+  const int warp = tid / 32;
+  int32_t carry = 0;
+  for (int64_t base = 0; base < m; base += static_cast<int64_t>(kScanThreads) * kItems) {
+    int32_t v[kItems];
+    int32_t local = 0;
+#pragma unroll
+    for (int q = 0; q < kItems; ++q) {
+      const int64_t idx = base + static_cast<int64_t>(tid) * kItems + q;
+      v[q] = idx < m ? data[idx] : 0;
+      local += v[q];
+    }
+    int32_t incl = local;
+#pragma unroll
+    for (int o = 1; o < 32; o *= 2) {
+      const int32_t y = __shfl_up_sync(0xffffffffu, incl, o);
+      if (lane >= o) incl += y;
+    }
+    if (lane == 31) warp_sums[warp] = incl;
+    __syncthreads();
+    if (warp == 0) {
+      int32_t s = warp_sums[lane];
+#pragma unroll
+      for (int o = 1; o < 32; o *= 2) {
+        const int32_t y = __shfl_up_sync(0xffffffffu, s, o);
+        if (lane >= o) s += y;
+      }
+      warp_sums[lane] = s;
+    }
+    __syncthreads();
+    int32_t prefix = carry + (warp > 0 ? warp_sums[warp - 1] : 0) + incl - local;
+#pragma unroll
+    for (int q = 0; q < kItems; ++q) {
+      const int64_t idx = base + static_cast<int64_t>(tid) * kItems + q;
+      if (idx < m) {
+        data[idx] = prefix;
+        if (idx % num_tiles == 0) offsets[idx / num_tiles] = prefix;
+      }
+      prefix += v[q];
+    }
+    carry += warp_sums[kScanThreads / 32 - 1];
+    __syncthreads();
+  }
+}
+
 // The library's scatter (one token per 256 threads at H = 2048) with each thread moving kPer words
 // spaced a row's worth of threads apart (loads first, then stores; a warp's stores stay contiguous),
 // and optionally streaming stores (evict-first: the rows are not read again soon from L2).
@@ -122,8 +174,9 @@ void probe(const Shape& s) {
   const int wpb = warps_per_block(s.experts);
   const size_t smem = sizeof(int32_t) * (static_cast<size_t>(s.experts) + 1) * wpb;
   {
-    // The library's three kernels as one CUDA graph (as the engine replays them), its scan taking
-    // kScanItems entries per thread against 16 (one chunk up to kScanEntries; measured slower).
+    // The library's three kernels as one CUDA graph (as the engine replays them), against the same
+    // with the scan before (4 contiguous entries per thread, loaded one by one, chunk after chunk), and
+    // with 16 contiguous entries per thread (one chunk up to kScanEntries; measured slower).
     const int64_t tile = tile_length(n, s.experts), num_tiles = (n + tile - 1) / tile;
     const int64_t entries = (static_cast<int64_t>(s.experts) + 1) * num_tiles;
     const unsigned blocks = static_cast<unsigned>((num_tiles + wpb - 1) / wpb);
@@ -145,13 +198,16 @@ void probe(const Shape& s) {
       return us;
     };
     const float library = graph_us([&](cudaStream_t st, int64_t m, int64_t tiles) {
-      perm_scan_kernel<kScanItems><<<1, kScanThreads, 0, st>>>(hist, m, tiles, offsets);
+      launch_scan(hist, m, tiles, offsets, st);
+    });
+    const float before = graph_us([&](cudaStream_t st, int64_t m, int64_t tiles) {
+      scan_before<4><<<1, kScanThreads, 0, st>>>(hist, m, tiles, offsets);
     });
     const float items16 = graph_us([&](cudaStream_t st, int64_t m, int64_t tiles) {
-      perm_scan_kernel<16><<<1, kScanThreads, 0, st>>>(hist, m, tiles, offsets);
+      scan_before<16><<<1, kScanThreads, 0, st>>>(hist, m, tiles, offsets);
     });
-    std::printf("  count + scan + rank as a CUDA graph: scan of %d per thread %6.1f us, of 16 %6.1f us (%lld entries)\n",
-                kScanItems, library, items16, static_cast<long long>(entries));
+    std::printf("  count + scan + rank as a CUDA graph: library %6.1f us, scan before %6.1f, 16 per thread %6.1f (%lld entries)\n",
+                library, before, items16, static_cast<long long>(entries));
   }
   for (int64_t tile : {tile_length(n, s.experts), int64_t{512}, int64_t{256}, int64_t{128}}) {
     const int64_t num_tiles = (n + tile - 1) / tile, entries = (static_cast<int64_t>(s.experts) + 1) * num_tiles;
@@ -160,16 +216,16 @@ void probe(const Shape& s) {
     const float count = median_us([&] {
       perm_count_kernel<<<blocks, wpb * 32, smem>>>(d_ids, n, s.experts, tile, num_tiles, hist, {});
     });
-    const float scan = median_us([&] { perm_scan_kernel<kScanItems><<<1, kScanThreads>>>(hist, entries, num_tiles, offsets); });
-    const float scan16 = median_us([&] { perm_scan_kernel<16><<<1, kScanThreads>>>(hist, entries, num_tiles, offsets); });
+    const float scan = median_us([&] { launch_scan(hist, entries, num_tiles, offsets, 0); });
+    const float scan4 = median_us([&] { scan_before<4><<<1, kScanThreads>>>(hist, entries, num_tiles, offsets); });
     perm_count_kernel<<<blocks, wpb * 32, smem>>>(d_ids, n, s.experts, tile, num_tiles, hist, {});
-    perm_scan_kernel<kScanItems><<<1, kScanThreads>>>(hist, entries, num_tiles, offsets);
+    launch_scan(hist, entries, num_tiles, offsets, 0);
     const float rank = median_us([&] {
       perm_rank_kernel<<<blocks, wpb * 32, smem>>>(d_ids, n, s.experts, tile, num_tiles, hist, slot_of, row_source, {});
     });
-    std::printf("  tile %5lld (%4lld warps, %6lld scan entries): count %6.1f  scan %6.1f (16 per thread: %6.1f)  rank %6.1f us\n",
+    std::printf("  tile %5lld (%4lld warps, %6lld scan entries): count %6.1f  scan %6.1f (before: %6.1f)  rank %6.1f us\n",
                 static_cast<long long>(tile), static_cast<long long>(num_tiles), static_cast<long long>(entries), count,
-                scan, scan16, rank);
+                scan, scan4, rank);
   }
   build_permutation(d_ids, s.tokens, s.k, s.experts, offsets, slot_of, row_source, hist, ws, nullptr);
   CK(cudaDeviceSynchronize());

@@ -39,10 +39,10 @@ constexpr int64_t kMaxScan = 65536;     // hist entries the single-block scan ha
 constexpr int kMaxWarpsPerBlock = 4;
 constexpr size_t kSharedBudget = 48 * 1024;  // per block, without opting in to more
 constexpr int kScanThreads = 1024;
-// Entries per scan thread, contiguous: 4 at a time keep a warp's loads within 512 bytes. 16 (one
-// chunk up to kScanEntries) was slower: 23.8 against 15.6 µs at qwen3 T=8192 alone, the sort as a
-// CUDA graph 33.6 against 25.4 (bench/probes/dispatch_parts.cu, bench/NOTES.md "Where the time still goes").
-constexpr int kScanItems = 4;
+// Chunks of kScanThreads * 4 entries one pass of the scan covers: 16K, what kScanEntries aims at.
+// (16 contiguous entries per thread instead, one chunk, was slower than 4: a warp's loads then span
+// 2 KB; bench/NOTES.md "Where the time still goes".)
+constexpr int kScanChunks = 4;
 
 int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 int64_t target_tiles(int experts) { return std::max<int64_t>(1, kScanEntries / (static_cast<int64_t>(experts) + 1)); }
@@ -110,56 +110,91 @@ __global__ void perm_count_kernel(const int32_t* __restrict__ ids, int64_t n, in
   for (int e = lane; e <= experts; e += 32) hist[static_cast<int64_t>(e) * num_tiles + w] = cnt[e];
 }
 
-// Exclusive scan of data[0, m) in place by one block, in chunks of kScanThreads * kItems with a
-// carry; offsets[idx / num_tiles] takes every entry whose idx is a multiple of num_tiles.
-template <int kItems>
+// Exclusive scan of data[0, m) in place by one block; offsets[idx / num_tiles] takes every entry
+// whose idx is a multiple of num_tiles. A pass covers kChunks chunks of kScanThreads * 4 entries:
+// each thread loads its four entries of every chunk as one 16-byte vector (a warp's 512 bytes in one
+// request), all of the pass's loads in flight before any is used, and the chunks are scanned side by
+// side, so a pass costs one round trip to L2 and two barriers whatever its chunks.
+template <int kChunks>
 __global__ void __launch_bounds__(kScanThreads)
     perm_scan_kernel(int32_t* __restrict__ data, int64_t m, int64_t num_tiles, int32_t* __restrict__ offsets) {
-  __shared__ int32_t warp_sums[kScanThreads / 32];
+  __shared__ int32_t warp_sums[kChunks][kScanThreads / 32];
   const int tid = static_cast<int>(threadIdx.x);
   const int lane = tid % 32;
   const int warp = tid / 32;
+  const bool vec = (reinterpret_cast<uintptr_t>(data) & 15u) == 0;
+  constexpr int64_t kChunk = int64_t{kScanThreads} * 4;
   int32_t carry = 0;
-  for (int64_t base = 0; base < m; base += static_cast<int64_t>(kScanThreads) * kItems) {
-    int32_t v[kItems];
-    int32_t local = 0;
+  for (int64_t base = 0; base < m; base += kChunk * kChunks) {
+    int32_t v[kChunks][4], local[kChunks], incl[kChunks];
 #pragma unroll
-    for (int q = 0; q < kItems; ++q) {
-      const int64_t idx = base + static_cast<int64_t>(tid) * kItems + q;
-      v[q] = idx < m ? data[idx] : 0;
-      local += v[q];
-    }
-    int32_t incl = local;
+    for (int c = 0; c < kChunks; ++c) {
+      const int64_t idx = base + c * kChunk + static_cast<int64_t>(tid) * 4;
+      if (vec && idx + 3 < m) {
+        const int4 q = *reinterpret_cast<const int4*>(data + idx);
+        v[c][0] = q.x, v[c][1] = q.y, v[c][2] = q.z, v[c][3] = q.w;
+      } else {
 #pragma unroll
-    for (int o = 1; o < 32; o *= 2) {
-      const int32_t y = __shfl_up_sync(0xffffffffu, incl, o);
-      if (lane >= o) incl += y;
+        for (int q = 0; q < 4; ++q) v[c][q] = idx + q < m ? data[idx + q] : 0;
+      }
     }
-    if (lane == 31) warp_sums[warp] = incl;
+#pragma unroll
+    for (int c = 0; c < kChunks; ++c) {
+      local[c] = v[c][0] + v[c][1] + v[c][2] + v[c][3];
+      incl[c] = local[c];
+    }
+#pragma unroll
+    for (int o = 1; o < 32; o *= 2)
+#pragma unroll
+      for (int c = 0; c < kChunks; ++c) {
+        const int32_t y = __shfl_up_sync(0xffffffffu, incl[c], o);
+        if (lane >= o) incl[c] += y;
+      }
+    if (lane == 31)
+#pragma unroll
+      for (int c = 0; c < kChunks; ++c) warp_sums[c][warp] = incl[c];
     __syncthreads();
-    if (warp == 0) {
-      int32_t s = warp_sums[lane];
+    if (warp < kChunks) {  // warp c scans chunk c's warp sums
+      int32_t s = warp_sums[warp][lane];
 #pragma unroll
       for (int o = 1; o < 32; o *= 2) {
         const int32_t y = __shfl_up_sync(0xffffffffu, s, o);
         if (lane >= o) s += y;
       }
-      warp_sums[lane] = s;
+      warp_sums[warp][lane] = s;
     }
     __syncthreads();
-    int32_t prefix = carry + (warp > 0 ? warp_sums[warp - 1] : 0) + incl - local;
+    int32_t chunk_base = carry;
 #pragma unroll
-    for (int q = 0; q < kItems; ++q) {
-      const int64_t idx = base + static_cast<int64_t>(tid) * kItems + q;
-      if (idx < m) {
-        data[idx] = prefix;
-        if (idx % num_tiles == 0) offsets[idx / num_tiles] = prefix;
+    for (int c = 0; c < kChunks; ++c) {
+      int32_t prefix = chunk_base + (warp > 0 ? warp_sums[c][warp - 1] : 0) + incl[c] - local[c];
+      const int64_t idx = base + c * kChunk + static_cast<int64_t>(tid) * 4;
+      int32_t out[4];
+#pragma unroll
+      for (int q = 0; q < 4; ++q) {
+        out[q] = prefix;
+        if (idx + q < m && (idx + q) % num_tiles == 0) offsets[(idx + q) / num_tiles] = prefix;
+        prefix += v[c][q];
       }
-      prefix += v[q];
+      if (vec && idx + 3 < m) {
+        *reinterpret_cast<int4*>(data + idx) = make_int4(out[0], out[1], out[2], out[3]);
+      } else {
+#pragma unroll
+        for (int q = 0; q < 4; ++q)
+          if (idx + q < m) data[idx + q] = out[q];
+      }
+      chunk_base += warp_sums[c][kScanThreads / 32 - 1];
     }
-    carry += warp_sums[kScanThreads / 32 - 1];
-    __syncthreads();  // warp_sums is rewritten by the next chunk
+    carry = chunk_base;
+    __syncthreads();  // warp_sums is rewritten by the next pass
   }
+}
+
+// The scan of m hist entries on `stream`: one chunk per pass where one holds them all (the pass's
+// other chunks would only cost their shuffles), else kScanChunks.
+void launch_scan(int32_t* hist, int64_t m, int64_t num_tiles, int32_t* offsets, cudaStream_t stream) {
+  if (m <= int64_t{kScanThreads} * 4) perm_scan_kernel<1><<<1, kScanThreads, 0, stream>>>(hist, m, num_tiles, offsets);
+  else perm_scan_kernel<kScanChunks><<<1, kScanThreads, 0, stream>>>(hist, m, num_tiles, offsets);
 }
 
 __global__ void perm_rank_kernel(const int32_t* __restrict__ ids, int64_t n, int experts, int64_t tile,
@@ -489,7 +524,7 @@ void build_permutation(const int32_t* ids, int64_t tokens, int top_k, int expert
   const size_t smem = sizeof(int32_t) * (static_cast<size_t>(experts) + 1) * wpb;
   perm_count_kernel<<<blocks, wpb * 32, smem, stream>>>(ids, n, experts, tile, num_tiles, hist, live);
   MOEFLOW_CUDA_LAUNCH_CHECK();
-  perm_scan_kernel<kScanItems><<<1, kScanThreads, 0, stream>>>(hist, entries, num_tiles, offsets);
+  launch_scan(hist, entries, num_tiles, offsets, stream);
   MOEFLOW_CUDA_LAUNCH_CHECK();
   perm_rank_kernel<<<blocks, wpb * 32, smem, stream>>>(ids, n, experts, tile, num_tiles, hist, slot_of, row_source,
                                                        live);

@@ -455,15 +455,17 @@ struct DevicePermutation {
   std::vector<int32_t> offsets, slot_of, row_source;
 };
 
+// `ws_offset`: the workspace that many bytes past an aligned allocation (the scan then takes its
+// entries one by one instead of 16 bytes at a time).
 DevicePermutation permute_on_device(const std::vector<int32_t>& ids, int64_t tokens, int k, int experts,
-                                    int64_t max_tokens) {
+                                    int64_t max_tokens, size_t ws_offset = 0) {
   DeviceBuffer<int32_t> d_ids(ids);
   DeviceBuffer<int32_t> offsets(static_cast<size_t>(experts) + 1);
   DeviceBuffer<int32_t> slot_of(ids.size()), row_source(ids.size());
   const size_t ws_bytes = cuda::permutation_workspace_bytes(max_tokens, k, experts);
-  DeviceBuffer<unsigned char> ws(std::max<size_t>(ws_bytes, 1));
-  cuda::build_permutation(d_ids.get(), tokens, k, experts, offsets.get(), slot_of.get(), row_source.get(), ws.get(),
-                          ws_bytes, nullptr);
+  DeviceBuffer<unsigned char> ws(std::max<size_t>(ws_bytes, 1) + ws_offset);
+  cuda::build_permutation(d_ids.get(), tokens, k, experts, offsets.get(), slot_of.get(), row_source.get(),
+                          ws.get() + ws_offset, ws_bytes, nullptr);
   return {offsets.download(), slot_of.download(), row_source.download()};
 }
 
@@ -481,6 +483,9 @@ void check_permutation(const std::vector<int32_t>& ids, int64_t tokens, int k, i
     EXPECT_EQ(again.slot_of, d.slot_of) << what << ": rerun";
     EXPECT_EQ(again.row_source, d.row_source) << what << ": rerun";
   }
+  const DevicePermutation off16 = permute_on_device(ids, tokens, k, experts, tokens, 4);
+  EXPECT_EQ(off16.offsets, offsets) << what << ": workspace off 16-byte alignment";
+  EXPECT_EQ(off16.slot_of, slot_of) << what << ": workspace off 16-byte alignment";
 }
 
 // k distinct experts per token, uniformly (a partial Fisher-Yates per token).
