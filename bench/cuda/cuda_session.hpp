@@ -26,7 +26,8 @@ struct CudaSessionOptions {
 };
 
 // The device's two ceilings (DESIGN.md): median device-to-device copy of 2 GiB (bytes read +
-// written) and median cuBLAS bf16 8192^3 product on random data.
+// written) and median cuBLAS bf16 8192^3 product on random data; measured on a process's first call
+// for a device, the same figures after.
 MachineRates measure_cuda_rates(int device);
 
 // Device bytes a session of `plan` allocates: the weights unless `weights_held` by another session,
