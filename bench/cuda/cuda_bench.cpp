@@ -49,6 +49,12 @@ std::vector<nlohmann::json> run_cuda_bench(const CudaBenchOptions& o, std::ostre
         so.seed = o.seed;
         owner = std::make_unique<CudaSession>(build(1), so);
       }
+      // The last model's sessions were freed and this one's weights drawn: no point measured until
+      // the device's bandwidth is back (settle_device_bandwidth).
+      if (const double waited = settle_device_bandwidth(o.device, rates.bytes_per_s); waited > 0.0)
+        log << "settled " << std::setprecision(1) << waited << " s before " << model << " " << scope
+            << ": the device copied below " << std::setprecision(2) << kSettledShare
+            << " of its ceiling after the last sessions' memory was freed\n";
       const int64_t most = *std::max_element(o.tokens.begin(), o.tokens.end());
       for (int64_t T : o.tokens) {
         auto graph = build(T);

@@ -4,9 +4,11 @@
 
 #include <algorithm>
 #include <cstring>
+#include <chrono>
 #include <map>
 #include <mutex>
 #include <sstream>
+#include <thread>
 
 #include "graph/error.hpp"
 #include "kernels/common/random.hpp"
@@ -92,30 +94,38 @@ uint64_t set_seed(uint64_t seed, int set) { return seed + 0x9e3779b9ull * static
 
 namespace {
 
+// Median milliseconds of `body` (work queued on `stream`) over `reps` runs after a warm-up.
+template <class Body>
+double median_ms(cudaStream_t stream, int reps, Body&& body) {
+  cuda::Stopwatch watch;
+  body();  // warm-up
+  std::vector<float> t;
+  for (int i = 0; i < reps; ++i) t.push_back(watch.milliseconds(stream, body));
+  std::sort(t.begin(), t.end());
+  return static_cast<double>(t[t.size() / 2]);
+}
+
+// Bytes read + written per second by a device-to-device copy of `bytes`, the median of `reps`.
+double copy_rate(std::size_t bytes, int reps, cudaStream_t stream) {
+  void *src = nullptr, *dst = nullptr;
+  MOEFLOW_CUDA_CHECK(cudaMalloc(&src, bytes));
+  if (const cudaError_t status = cudaMalloc(&dst, bytes); status != cudaSuccess) {
+    cudaFree(src);
+    MOEFLOW_CUDA_CHECK(status);
+  }
+  cuda::fill_uniform_f32(static_cast<float*>(src), static_cast<int64_t>(bytes / 4), 1, rng::name_key("calib.copy"), 1.0f, 0, stream);
+  const double ms = median_ms(stream, reps, [&] { MOEFLOW_CUDA_CHECK(cudaMemcpyAsync(dst, src, bytes, cudaMemcpyDeviceToDevice, stream)); });
+  cudaFree(src);
+  cudaFree(dst);
+  return 2.0 * static_cast<double>(bytes) / (ms * 1e-3);
+}
+
 MachineRates measure_cuda_rates_now(int device) {
   MOEFLOW_CUDA_CHECK(cudaSetDevice(device));
   MachineRates r;
   cudaStream_t stream = nullptr;
   MOEFLOW_CUDA_CHECK(cudaStreamCreate(&stream));
-  cuda::Stopwatch watch;
-  auto median_ms = [&](int reps, auto&& body) {
-    body();  // warm-up
-    std::vector<float> t;
-    for (int i = 0; i < reps; ++i) t.push_back(watch.milliseconds(stream, body));
-    std::sort(t.begin(), t.end());
-    return static_cast<double>(t[t.size() / 2]);
-  };
-  {
-    const std::size_t bytes = std::size_t{2} << 30;
-    void *src = nullptr, *dst = nullptr;
-    MOEFLOW_CUDA_CHECK(cudaMalloc(&src, bytes));
-    MOEFLOW_CUDA_CHECK(cudaMalloc(&dst, bytes));
-    cuda::fill_uniform_f32(static_cast<float*>(src), static_cast<int64_t>(bytes / 4), 1, rng::name_key("calib.copy"), 1.0f, 0, stream);
-    const double ms = median_ms(10, [&] { MOEFLOW_CUDA_CHECK(cudaMemcpyAsync(dst, src, bytes, cudaMemcpyDeviceToDevice, stream)); });
-    r.bytes_per_s = 2.0 * static_cast<double>(bytes) / (ms * 1e-3);
-    cudaFree(src);
-    cudaFree(dst);
-  }
+  r.bytes_per_s = copy_rate(std::size_t{2} << 30, 10, stream);
   {
     const int64_t n = 8192;
     uint16_t *x = nullptr, *w = nullptr, *c = nullptr;
@@ -130,7 +140,7 @@ MachineRates measure_cuda_rates_now(int device) {
     cuda::LaneContext ctx;
     ctx.stream = stream;
     ctx.blas = cuda::create_blas_handle(stream, ws, ws_bytes);
-    const double ms = median_ms(10, [&] { cuda::gemm_bf16_nt(ctx, n, n, n, x, w, c, false); });
+    const double ms = median_ms(stream, 10, [&] { cuda::gemm_bf16_nt(ctx, n, n, n, x, w, c, false); });
     r.flops_per_s = 2.0 * static_cast<double>(n) * n * n / (ms * 1e-3);
     cuda::destroy_blas_handle(ctx.blas);
     cudaFree(ws);
@@ -165,6 +175,21 @@ MachineRates measure_cuda_rates(int device) {
     return it->second;
   }
   return measured[device] = measure_cuda_rates_now(device);
+}
+
+double settle_device_bandwidth(int device, double ceiling_bytes_per_s) {
+  MOEFLOW_CUDA_CHECK(cudaSetDevice(device));
+  cudaStream_t stream = nullptr;
+  MOEFLOW_CUDA_CHECK(cudaStreamCreate(&stream));
+  const auto start = std::chrono::steady_clock::now();
+  auto since_start_s = [&] { return std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count(); };
+  double waited_s = 0.0;
+  while (copy_rate(std::size_t{1} << 30, 5, stream) < kSettledShare * ceiling_bytes_per_s && since_start_s() < kMostSettle_s) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(200));
+    waited_s = since_start_s();
+  }
+  cudaStreamDestroy(stream);
+  return waited_s;
 }
 
 int64_t session_device_bytes(const Plan& plan, bool weights_held) {
