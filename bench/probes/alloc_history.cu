@@ -3,7 +3,7 @@
 // machine's bandwidth read 2.6 TB/s right after a pass that ended with deepseek-v3 (tens of GB
 // allocated and freed), against 3.0 at the start, and the first points measured after such a pass
 // were slower (mixtral-8x7b T=1 290 against 247 µs; qwen1.5's one-token kernel after deepseek-v3,
-// bench/NOTES.md). Here, in one process: a 2 GiB copy and a bare read of 75 MB (the one-token
+// bench/NOTES.md). Here, in one process: a 1 GiB copy and a bare read of 75 MB (the one-token
 // kernel's bytes at qwen3 T=1) in fresh cudaMalloc memory; then after allocating and freeing
 // deepseek-v3-sized buffers (cudaMalloc / cudaFree of 22 GB of weights, 10 GB of workspace, a few
 // small ones); then in memory mapped through the virtual memory API at the granularity it asks for
@@ -28,46 +28,16 @@
 
 namespace {
 
-#define CU(x)                                                                          \
-  do {                                                                                 \
-    const CUresult status_ = (x);                                                      \
-    if (status_ != CUDA_SUCCESS) {                                                     \
-      std::printf("%s failed: CUresult %d (%s:%d)\n", #x, int(status_), __FILE__, __LINE__); \
-      std::exit(1);                                                                    \
-    }                                                                                  \
-  } while (0)
-
-template <class Launch>
-float median_us(Launch launch, int runs = 30) {
-  cudaEvent_t a, b;
-  CK(cudaEventCreate(&a));
-  CK(cudaEventCreate(&b));
-  std::vector<float> t;
-  for (int r = 0; r < runs + 3; ++r) {
-    CK(cudaEventRecord(a));
-    launch();
-    CK(cudaEventRecord(b));
-    CK(cudaEventSynchronize(b));
-    float ms = 0;
-    CK(cudaEventElapsedTime(&ms, a, b));
-    if (r >= 3) t.push_back(ms * 1000.0f);
-  }
-  std::sort(t.begin(), t.end());
-  cudaEventDestroy(a);
-  cudaEventDestroy(b);
-  return t[t.size() / 2];
-}
-
-// A 2 GiB copy (TB/s read + written) and a bare read of 75 MB spread as 8 blocks of 9.4 MB over
+// A 1 GiB copy (TB/s read + written) and a bare read of 75 MB spread as 8 blocks of 9.4 MB over
 // 1.2 GB (TB/s read), in `base`, which holds at least 3.3 GB.
 void measure(const char* what, std::byte* base, unsigned* sink) {
   const size_t copy = size_t{1} << 30;
-  const float copy_us = median_us([&] { CK(cudaMemcpyAsync(base + copy, base, copy, cudaMemcpyDeviceToDevice)); });
+  const float copy_us = median_us([&] { CK(cudaMemcpyAsync(base + copy, base, copy, cudaMemcpyDeviceToDevice)); }, 30, 3);
   const size_t expert = 9437184, spread = 150994944;  // 9 MiB read from every 144 MiB
   const float read_us = median_us([&] {
     for (int e = 0; e < 8; ++e)
       read_all<4><<<264, 512>>>(reinterpret_cast<const uint4*>(base + 2 * copy + e * spread), expert / 16, sink);
-  });
+  }, 30, 3);
   std::printf("%-58s copy %5.2f TB/s   8 x 9 MiB read %6.1f us (%4.2f TB/s)\n", what, 2.0 * copy / copy_us / 1e6,
               read_us, 8.0 * expert / read_us / 1e6);
   std::fflush(stdout);

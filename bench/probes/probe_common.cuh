@@ -28,6 +28,17 @@
     }                                                                                       \
   } while (0)
 
+#ifdef CUDA_VERSION  // cuda.h included first: the same for a driver API status
+#define CU(x)                                                                                 \
+  do {                                                                                        \
+    const CUresult status_ = (x);                                                             \
+    if (status_ != CUDA_SUCCESS) {                                                            \
+      std::printf("%s failed: CUresult %d (%s:%d)\n", #x, int(status_), __FILE__, __LINE__); \
+      std::exit(1);                                                                           \
+    }                                                                                         \
+  } while (0)
+#endif
+
 // Reads `vecs` 16-byte words once, streaming (no reuse): each thread keeps kUnroll independent loads
 // in flight per step of its grid-stride loop; the xor of the words keeps the loads alive.
 template <int kUnroll>
