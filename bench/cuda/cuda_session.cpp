@@ -179,12 +179,18 @@ MachineRates measure_cuda_rates(int device) {
 
 double settle_device_bandwidth(int device, double ceiling_bytes_per_s) {
   MOEFLOW_CUDA_CHECK(cudaSetDevice(device));
+  // Its 1 GiB copy needs 2 GiB; where the sessions leave less than twice that free, no wait (the
+  // check must not make a session that fits fail).
+  const std::size_t bytes = std::size_t{1} << 30;
+  int64_t free_bytes = 0, total = 0;
+  cuda::device_memory(device, free_bytes, total);
+  if (free_bytes < 4 * static_cast<int64_t>(bytes)) return 0.0;
   cudaStream_t stream = nullptr;
   MOEFLOW_CUDA_CHECK(cudaStreamCreate(&stream));
   const auto start = std::chrono::steady_clock::now();
   auto since_start_s = [&] { return std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count(); };
   double waited_s = 0.0;
-  while (copy_rate(std::size_t{1} << 30, 5, stream) < kSettledShare * ceiling_bytes_per_s && since_start_s() < kMostSettle_s) {
+  while (copy_rate(bytes, 5, stream) < kSettledShare * ceiling_bytes_per_s && since_start_s() < kMostSettle_s) {
     std::this_thread::sleep_for(std::chrono::milliseconds(200));
     waited_s = since_start_s();
   }

@@ -34,8 +34,9 @@ MachineRates measure_cuda_rates(int device);
 // the next model's), the device copies 14% slower for a second or more, then recovers while idle;
 // neither memory temperature, clocks nor power change (bench/probes/alloc_history.cu). Waits, in
 // steps of 200 ms and at most kMostSettle_s, until a 1 GiB copy reads at kSettledShare of the
-// ceiling again; returns the seconds it waited (0: the first copy read that fast). The bench calls
-// it where a model's weights were just drawn, so that no point is measured in that state.
+// ceiling again; returns the seconds it waited (0: the first copy read that fast, or less than 4 GiB
+// is free for the check). The bench calls it where a model's weights were just drawn, so that no
+// point is measured in that state.
 constexpr double kSettledShare = 0.95;
 constexpr double kMostSettle_s = 10.0;
 double settle_device_bandwidth(int device, double ceiling_bytes_per_s);
