@@ -15,6 +15,7 @@
 
 #include "bench/cuda/cuda_session.hpp"
 #include "tests/gpu/bf16_graphs.hpp"
+#include "tests/gpu/session_checks.hpp"
 #include "graph/chunk.hpp"
 #include "graph/error.hpp"
 #include "kernels/cuda/device.hpp"
@@ -787,20 +788,10 @@ TEST(CudaFusedSingleTokenShared, TwoChunksOfOneTokenMatchTheReferenceAndReplay) 
     }
     EXPECT_EQ(folded_w2t, 2) << "both chunks fold the shared expert into the one-token kernel";
     for (int64_t T : {int64_t{2}, int64_t{1}}) {
-      s.set_tokens(T);
-      s.run();
-      const CheckReport r = s.check(1e-2);
-      EXPECT_TRUE(r.pass) << "T=" << T << " rel_norm " << r.comparison.rel_norm;
-      const std::vector<float> eager = s.output();
-      s.run();
-      const std::vector<float> again = s.output();
-      EXPECT_EQ(0, std::memcmp(eager.data(), again.data(), eager.size() * 4)) << "rerun differs, T=" << T;
-      s.capture();
-      for (int replay = 0; replay < 2; ++replay) {
-        s.replay();
-        const std::vector<float> replayed = s.output();
-        EXPECT_EQ(0, std::memcmp(eager.data(), replayed.data(), eager.size() * 4)) << "replay differs, T=" << T;
-      }
+      const std::string at = "T=" + std::to_string(T);
+      const std::vector<float> eager = testing_gpu::run_checked(s, T, at);
+      testing_gpu::expect_rerun_same(s, eager, at);
+      testing_gpu::expect_replays_same(s, eager, at, 2);
     }
   }
 }

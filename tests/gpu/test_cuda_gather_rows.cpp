@@ -14,6 +14,7 @@
 
 #include "bench/cuda/cuda_session.hpp"
 #include "tests/gpu/bf16_graphs.hpp"
+#include "tests/gpu/session_checks.hpp"
 #include "kernels/cuda/device.hpp"
 #include "ops/fused_experts_op.hpp"
 #include "ops/layer_builder.hpp"
@@ -28,7 +29,12 @@ namespace {
 constexpr const char* kGatherTiles = "cuda.cutlass_gather_tiles_narrow";
 constexpr const char* kGatherSwiglu = "cuda.cutlass_gather_swiglu_narrow";
 
+using testing_gpu::expect_checked;
+using testing_gpu::expect_replays_same;
+using testing_gpu::expect_rerun_same;
+using testing_gpu::expect_same_bytes;
 using testing_gpu::experts_graph;
+using testing_gpu::run_checked;
 std::string experts_kernel(const Plan& plan) { return testing_gpu::routed_experts_kernel(plan); }
 
 // qwen3-30b-a3b's routing (E = 128, k = 8: T / 16 rows per expert) at test sizes: H = 200 is no
@@ -141,18 +147,10 @@ TEST(CudaGatherRows, TheLayersSharedAddInTheFusedCombine) {
   forced.plan.forced_kernels["experts"] = "cuda.cutlass_tiles_narrow";
   CudaSession chain(g, forced, &s);
   for (int64_t T : {int64_t{64}, int64_t{1}, int64_t{37}}) {
-    s.set_tokens(T);
-    s.run();
-    const CheckReport r = s.check(1e-2);
-    EXPECT_TRUE(r.pass) << "T=" << T << " rel_norm " << r.comparison.rel_norm;
-    const std::vector<float> eager = s.output();
-    s.run();
-    const std::vector<float> again = s.output();
-    EXPECT_EQ(0, std::memcmp(eager.data(), again.data(), eager.size() * 4)) << "rerun, T=" << T;
-    s.capture();
-    s.replay();
-    const std::vector<float> replayed = s.output();
-    EXPECT_EQ(0, std::memcmp(eager.data(), replayed.data(), eager.size() * 4)) << "replay, T=" << T;
+    const std::string at = "T=" + std::to_string(T);
+    const std::vector<float> eager = run_checked(s, T, at);
+    expect_rerun_same(s, eager, at);
+    expect_replays_same(s, eager, at);
     chain.set_tokens(T);
     chain.run();
     const std::vector<float> chained = chain.output();
@@ -201,19 +199,12 @@ TEST(CudaGatherRows, BitsEqualTheChainOnTheSameTilesAndRepeat) {
     CudaSession chain(g, forced, &s);  // the same weights and inputs
     ASSERT_EQ(planned(chain), gc.chain) << gc.name;
     for (int64_t T : {gc.max_tokens, gc.max_tokens - 3, int64_t{1}, int64_t{7}}) {
-      s.set_tokens(T);
-      s.run();
-      const CheckReport r = s.check(1e-2);
-      EXPECT_TRUE(r.pass) << gc.name << " T=" << T << " rel_norm " << r.comparison.rel_norm;
-      const std::vector<float> gathered = s.output();
-      s.run();
-      const std::vector<float> again = s.output();
-      EXPECT_EQ(0, std::memcmp(gathered.data(), again.data(), again.size() * 4)) << gc.name << " rerun differs, T=" << T;
+      const std::string at = gc.name + " T=" + std::to_string(T);
+      const std::vector<float> gathered = run_checked(s, T, at);
+      expect_rerun_same(s, gathered, at);
       chain.set_tokens(T);
       chain.run();
-      const std::vector<float> chained = chain.output();
-      ASSERT_EQ(gathered.size(), chained.size());
-      EXPECT_EQ(0, std::memcmp(gathered.data(), chained.data(), chained.size() * 4)) << gc.name << " T=" << T;
+      expect_same_bytes(gathered, chain.output(), at + ": the chain differs");
     }
   }
 }
@@ -240,10 +231,9 @@ TEST(CudaGatherRows, SkewedRoutingFillsSomeExpertsAndLeavesTheRestEmpty) {
         session->write_input(*session->graph().find_value("route.ids"), ids.data(), ids.size() * sizeof(int32_t));
         session->run();
       }
-      const CheckReport r = s.check(1e-2);
-      EXPECT_TRUE(r.pass) << gc.name << " T=" << T << " rel_norm " << r.comparison.rel_norm;
-      const std::vector<float> gathered = s.output(), chained = chain.output();
-      EXPECT_EQ(0, std::memcmp(gathered.data(), chained.data(), chained.size() * 4)) << gc.name << " T=" << T;
+      const std::string at = gc.name + " T=" + std::to_string(T);
+      expect_checked(s, at);
+      expect_same_bytes(s.output(), chain.output(), at + ": the chain differs");
     }
   }
 }
@@ -261,12 +251,12 @@ TEST(CudaGatherRows, OneCaptureServesEveryTWithTheEagerBytes) {
     s.capture_any_tokens();
     for (int64_t T : {gc.max_tokens, int64_t{1}, int64_t{45}, gc.max_tokens / 2}) {
       s.set_tokens(T);
+      const std::string at = gc.name + " T=" + std::to_string(T);
       s.replay();
       const std::vector<float> replayed = s.output();
-      EXPECT_TRUE(s.check(1e-2).pass) << gc.name << " T=" << T;
+      expect_checked(s, at);
       s.run();
-      const std::vector<float> eager = s.output();
-      EXPECT_EQ(0, std::memcmp(replayed.data(), eager.data(), eager.size() * 4)) << gc.name << " T=" << T;
+      expect_same_bytes(replayed, s.output(), at + ": the eager run differs from the replay");
     }
   }
 }
