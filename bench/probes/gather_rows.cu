@@ -320,16 +320,6 @@ __global__ void scatter(const uint4* __restrict__ x, const int32_t* __restrict__
   }
 }
 
-__global__ void fill_random(uint16_t* p, size_t n, uint32_t seed) {
-  for (size_t i = blockIdx.x * size_t(blockDim.x) + threadIdx.x; i < n; i += size_t(gridDim.x) * blockDim.x) {
-    uint32_t h = static_cast<uint32_t>(i) * 2654435761u ^ seed;
-    h ^= h >> 13;
-    h *= 0x5bd1e995u;
-    h ^= h >> 15;
-    const float v = (static_cast<float>(h & 0xffff) / 65535.0f - 0.5f) * 0.25f;
-    p[i] = __bfloat16_as_ushort(__float2bfloat16(v));
-  }
-}
 
 template <class F>
 float median_us(F&& f, int runs) {
@@ -351,13 +341,6 @@ float median_us(F&& f, int runs) {
   return t[t.size() / 2];
 }
 
-template <class T>
-T* upload(const std::vector<T>& v) {
-  T* p = nullptr;
-  CK(cudaMalloc(&p, sizeof(T) * std::max<size_t>(v.size(), 1)));
-  CK(cudaMemcpy(p, v.data(), sizeof(T) * v.size(), cudaMemcpyHostToDevice));
-  return p;
-}
 
 template <class TileShape, class Schedule>
 void run_point(const char* name, int tokens, int experts, int top_k, int hidden, int n, const char* tiles) {

@@ -280,22 +280,23 @@ Stride pitch(int64_t elements) {
   return s;
 }
 
-template <class T>
-T* upload(const std::vector<T>& v) {
-  T* p = nullptr;
-  CK(cudaMalloc(&p, sizeof(T) * std::max<size_t>(v.size(), 1)));
-  CK(cudaMemcpy(p, v.data(), sizeof(T) * v.size(), cudaMemcpyHostToDevice));
-  return p;
-}
 
-__global__ void fill_random(uint16_t* p, size_t n, uint32_t seed) {
-  for (size_t i = blockIdx.x * size_t(blockDim.x) + threadIdx.x; i < n; i += size_t(gridDim.x) * blockDim.x) {
-    uint32_t h = static_cast<uint32_t>(i) * 2654435761u ^ seed;
-    h ^= h >> 13;
-    h *= 0x5bd1e995u;
-    h ^= h >> 15;
-    p[i] = __bfloat16_as_ushort(__float2bfloat16((static_cast<float>(h & 0xffff) / 65535.0f - 0.5f) * 0.25f));
+
+// CUTLASS's can_implement -> workspace -> initialize for `gemm`, stopping the probe on a refusal; the
+// workspace (at least 256 bytes) is the caller's to free.
+template <class Adapter>
+void* initialized(Adapter& gemm, typename Adapter::Arguments& args, const char* what) {
+  if (gemm.can_implement(args) != cutlass::Status::kSuccess) {
+    std::printf("%s: can_implement failed\n", what);
+    std::exit(1);
   }
+  void* workspace = nullptr;
+  CK(cudaMalloc(&workspace, std::max<size_t>(Adapter::get_workspace_size(args), 256)));
+  if (gemm.initialize(args, workspace) != cutlass::Status::kSuccess) {
+    std::printf("%s: initialize failed\n", what);
+    std::exit(1);
+  }
+  return workspace;
 }
 
 // One grouped GEMM over `counts` (rows per group, laid out one after another in a and d); group e
@@ -338,17 +339,10 @@ float time_grouped(const std::vector<int>& counts, int n, int k, const uint16_t*
   }
   args.hw_info.device_id = 0;
   CK(cudaDeviceGetAttribute(&args.hw_info.sm_count, cudaDevAttrMultiProcessorCount, 0));
-  if (gemm.can_implement(args) != cutlass::Status::kSuccess) {
-    std::printf("grouped: can_implement failed\n");
-    std::exit(1);
-  }
-  void* workspace = nullptr;
-  CK(cudaMalloc(&workspace, std::max<size_t>(Adapter::get_workspace_size(args), 256)));
-  if (gemm.initialize(args, workspace) != cutlass::Status::kSuccess) {
-    std::printf("grouped: initialize failed\n");
-    std::exit(1);
-  }
-  return median_us([&] { gemm.run(); }, 30, 5);
+  void* workspace = initialized(gemm, args, "grouped");
+  const float us = median_us([&] { gemm.run(); }, 30, 5);
+  CK(cudaFree(workspace));
+  return us;
 }
 
 float time_plain(int rows, int n, int k, const uint16_t* a, const uint16_t* w, uint16_t* d) {
@@ -363,17 +357,10 @@ float time_plain(int rows, int n, int k, const uint16_t* a, const uint16_t* w, u
        pitch<typename Plain::Kernel::StrideC>(n),
        reinterpret_cast<Element*>(d),
        pitch<typename Plain::Kernel::StrideD>(n)}};
-  if (gemm.can_implement(args) != cutlass::Status::kSuccess) {
-    std::printf("plain: can_implement failed\n");
-    std::exit(1);
-  }
-  void* workspace = nullptr;
-  CK(cudaMalloc(&workspace, std::max<size_t>(Plain::Adapter::get_workspace_size(args), 256)));
-  if (gemm.initialize(args, workspace) != cutlass::Status::kSuccess) {
-    std::printf("plain: initialize failed\n");
-    std::exit(1);
-  }
-  return median_us([&] { gemm.run(); }, 30, 5);
+  void* workspace = initialized(gemm, args, "plain");
+  const float us = median_us([&] { gemm.run(); }, 30, 5);
+  CK(cudaFree(workspace));
+  return us;
 }
 
 // The padded layout: expert e's rows start at a multiple of 128; one plain GEMM over them all, B
@@ -408,16 +395,7 @@ float time_padded(const std::vector<int>& counts, int n, int k, const uint16_t* 
   args.scheduler.raster_order = RasterOrderOptions::AlongN;
   args.hw_info.device_id = 0;
   CK(cudaDeviceGetAttribute(&args.hw_info.sm_count, cudaDevAttrMultiProcessorCount, 0));
-  if (gemm.can_implement(args) != cutlass::Status::kSuccess) {
-    std::printf("padded: can_implement failed\n");
-    std::exit(1);
-  }
-  void* workspace = nullptr;
-  CK(cudaMalloc(&workspace, std::max<size_t>(Adapter::get_workspace_size(args), 256)));
-  if (gemm.initialize(args, workspace) != cutlass::Status::kSuccess) {
-    std::printf("padded: initialize failed\n");
-    std::exit(1);
-  }
+  void* workspace = initialized(gemm, args, "padded");
   const float us = median_us([&] { gemm.run(); }, 30, 5);
   if (check != nullptr) {  // three experts' rows against cuBLAS on the same operands
     uint16_t* ref;

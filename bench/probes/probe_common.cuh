@@ -1,6 +1,8 @@
 #pragma once
 // What the probes in bench/probes share (each is one standalone .cu file built by hand on the GPU
-// machine): a CUDA status check that stops the probe, and the bare read every probe compares with.
+// machine): a CUDA status check that stops the probe, the bare read every probe compares with, a
+// timing loop, random bf16 operands and a host-to-device upload.
+#include <cuda_bf16.h>
 #include <cuda_runtime.h>
 
 #include <algorithm>
@@ -81,4 +83,24 @@ float median_us(Launch launch, int runs = 50, int warmup = 5) {
   cudaEventDestroy(a);
   cudaEventDestroy(b);
   return t[t.size() / 2];
+}
+
+// Fills n bf16 values (as their bits) with a hash of the index and `seed`, uniform in [-0.125, 0.125].
+__global__ inline void fill_random(uint16_t* p, size_t n, uint32_t seed) {
+  for (size_t i = blockIdx.x * size_t(blockDim.x) + threadIdx.x; i < n; i += size_t(gridDim.x) * blockDim.x) {
+    uint32_t h = static_cast<uint32_t>(i) * 2654435761u ^ seed;
+    h ^= h >> 13;
+    h *= 0x5bd1e995u;
+    h ^= h >> 15;
+    p[i] = __bfloat16_as_ushort(__float2bfloat16((static_cast<float>(h & 0xffff) / 65535.0f - 0.5f) * 0.25f));
+  }
+}
+
+// A device copy of v (at least one element allocated), never freed: probes allocate once per point.
+template <class T>
+T* upload(const std::vector<T>& v) {
+  T* p = nullptr;
+  CK(cudaMalloc(&p, sizeof(T) * std::max<size_t>(v.size(), 1)));
+  CK(cudaMemcpy(p, v.data(), sizeof(T) * v.size(), cudaMemcpyHostToDevice));
+  return p;
 }
