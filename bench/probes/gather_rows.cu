@@ -11,7 +11,7 @@
 //             (CUTLASS's MainloopAux role, which its blockwise-scaling mainloops use for scales); the
 //             library's version on the 64-row tiles (kernels/cuda/cutlass_gather_rows.cuh);
 //   3 warps (cooperative tiles): the epilogue's producer warp copies too, in a kernel of its own
-//             (epilogue_warp_loads.hpp; rows 44 / 44 / 40). That warp is free only where the
+//             (kernels/cuda/cutlass_epilogue_warp_loads.hpp; rows 44 / 44 / 40). That warp is free only where the
 //             epilogue loads nothing: CUTLASS's TMA-store epilogue counts as loading even without a
 //             source (its consumers wait on the load pipeline), so the 3-warp kernel hung with it;
 //   2 warps, offsets once (ping-pong tiles): each lane's copy offsets computed once per tile.
@@ -22,7 +22,7 @@
 // a scatter of x into the permuted rows (what the gather saves).
 //
 // Build and run on the GPU machine (from the repository root, the CUTLASS headers in cutlass/include):
-//   nvcc -O3 -DNDEBUG -std=c++20 -arch=sm_90a --expt-relaxed-constexpr -Icutlass/include -Ibench/probes \
+//   nvcc -O3 -DNDEBUG -std=c++20 -arch=sm_90a --expt-relaxed-constexpr -I. -Icutlass/include -Ibench/probes \
 //     bench/probes/gather_rows.cu -lcuda -o /tmp/gather_rows && /tmp/gather_rows
 #include <cuda.h>
 #include <cuda_bf16.h>
@@ -46,7 +46,7 @@
 #include "cutlass/gemm/group_array_problem_shape.hpp"
 #include "cutlass/gemm/kernel/gemm_universal.hpp"
 #include "probe_common.cuh"
-#include "epilogue_warp_loads.hpp"
+#include "kernels/cuda/cutlass_epilogue_warp_loads.hpp"
 
 namespace probe {
 

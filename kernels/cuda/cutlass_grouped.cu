@@ -21,6 +21,7 @@
 #include "cutlass/gemm/dispatch_policy.hpp"
 #include "cutlass/gemm/group_array_problem_shape.hpp"
 #include "cutlass/gemm/kernel/gemm_universal.hpp"
+#include "kernels/cuda/cutlass_epilogue_warp_loads.hpp"
 #include "kernels/cuda/cutlass_gather_rows.cuh"
 #include "kernels/cuda/cutlass_weight_tiles.cuh"
 #endif
@@ -279,9 +280,11 @@ using AsBuilt = Collective;
 using cutlass_detail::WeightTiles;
 using cutlass_detail::WeightTilesMainloop;
 
-// `Wrap` may replace parts of the mainloop CUTLASS's builder makes (WeightTilesMainloop).
+// `Wrap` may replace parts of the mainloop CUTLASS's builder makes (WeightTilesMainloop);
+// kEpilogueWarpLoads runs it in EpilogueWarpLoadsCooperative (the epilogue's producer warp loading
+// for the mainloop too: the three-warp gather) instead of CUTLASS's kernel.
 template <class TileShape, class ClusterShape, class Schedule = Cooperative, bool kSwiglu = false,
-          template <class> class Wrap = AsBuilt>
+          template <class> class Wrap = AsBuilt, bool kEpilogueWarpLoads = false>
 struct GroupedGemm {
   using PlainEpilogue = typename cutlass::epilogue::collective::CollectiveBuilder<
       cutlass::arch::Sm90, cutlass::arch::OpClassTensorOp, TileShape, ClusterShape,
@@ -295,7 +298,9 @@ struct GroupedGemm {
       kElementsPer16B, float, TileShape, ClusterShape,
       cutlass::gemm::collective::StageCountAutoCarveout<static_cast<int>(sizeof(typename Epilogue::SharedStorage))>,
       typename Schedule::Mainloop>::CollectiveOp>;
-  using Kernel = cutlass::gemm::kernel::GemmUniversal<ProblemShape, Mainloop, Epilogue>;
+  using Kernel =
+      std::conditional_t<kEpilogueWarpLoads, cutlass::gemm::kernel::EpilogueWarpLoadsCooperative<ProblemShape, Mainloop, Epilogue>,
+                         cutlass::gemm::kernel::GemmUniversal<ProblemShape, Mainloop, Epilogue>>;
   using Gemm = cutlass::gemm::device::GemmUniversalAdapter<Kernel>;
 };
 
@@ -333,6 +338,12 @@ using GatherRows = cutlass_detail::GatherRowsMainloop<Collective, false>;
 template <class Collective>
 using GatherRowsTiles = cutlass_detail::GatherRowsMainloop<WeightTilesMainloop<Collective>, true>;
 using NarrowSwigluGather = GroupedGemm<Shape<_64, _256, _64>, Shape<_1, _1, _1>, Pingpong, true, GatherRows>;
+// GEMM 1 of the 128x256 tiles with SwiGLU in its epilogue, its rows gathered from x by three warps
+// (the epilogue's producer warp too, EpilogueWarpLoadsCooperative), B as CUTLASS loads it.
+template <class Collective>
+using GatherRowsThreeWarps = cutlass_detail::GatherRowsMainloop<Collective, false, 3>;
+using WideSingleSwigluGather =
+    GroupedGemm<Shape<_128, _256, _64>, Shape<_1, _1, _1>, Cooperative, true, GatherRowsThreeWarps, true>;
 using NarrowSwigluTilesGather = GroupedGemm<Shape<_64, _256, _64>, Shape<_1, _1, _1>, Pingpong, true, GatherRowsTiles>;
 // Both builders give the same operand strides (a row pitch and unit steps).
 using StrideA = typename General::Kernel::InternalStrideA;
@@ -346,7 +357,8 @@ static_assert(kSameStrides<Wide> && kSameStrides<Narrow> && kSameStrides<WideSin
               kSameStrides<WideSingleSwiglu> && kSameStrides<NarrowPair> && kSameStrides<NarrowPairSwiglu> &&
               kSameStrides<NarrowSwigluTiles> && kSameStrides<NarrowTiles> && kSameStrides<WideSingleSwigluTiles> &&
               kSameStrides<WideSingleTiles> && kSameStrides<NarrowPairSwigluTiles> && kSameStrides<NarrowPairTiles> &&
-              kSameStrides<NarrowSwigluGather> && kSameStrides<NarrowSwigluTilesGather>);
+              kSameStrides<NarrowSwigluGather> && kSameStrides<NarrowSwigluTilesGather> &&
+              kSameStrides<WideSingleSwigluGather>);
 
 // One GEMM's per-group arrays, each E long, carved from the workspace.
 struct GroupArrays {
@@ -612,10 +624,13 @@ void experts_cutlass_weight_tiles(const LaneContext& ctx, const uint16_t* rows, 
 
 void experts_cutlass_gathered(const LaneContext& ctx, const GatheredRows& rows, const int32_t* offsets, int experts,
                               int hidden, int intermediate, const uint16_t* w13_packed, bool weight_tiles,
-                              const uint16_t* w2, uint16_t* act, uint16_t* out, void* workspace) {
+                              const uint16_t* w2, uint16_t* act, uint16_t* out, void* workspace, CutlassTiles tiles) {
   if (rows.x == nullptr || rows.row_source == nullptr || rows.top_k <= 0 || w13_packed == nullptr)
     fail_input("experts_cutlass_gathered: x, row_source, top_k > 0 (got " + std::to_string(rows.top_k) +
                ") and the packed w13 must be given");
+  if (tiles != CutlassTiles::narrow && (tiles != CutlassTiles::wide_single || weight_tiles))
+    fail_input("experts_cutlass_gathered: the gather runs on the 64x256 tiles (w13 packed once or both weights packed "
+               "tile by tile) and on the 128x256 tiles with w13 packed once");
   const int64_t H = hidden, I = intermediate, w13_rows = 2 * packed_w13_features(intermediate);
   // GEMM 1's A pointers (x + each group's first row · H) only feed CUTLASS's per-group tensor maps,
   // which then load nothing: A is gathered.
@@ -624,7 +639,13 @@ void experts_cutlass_gathered(const LaneContext& ctx, const GatheredRows& rows, 
   const cutlass_detail::RowGather gather{rows.x, hidden, rows.row_source, offsets, rows.top_k};
   const SwigluEpilogueArray::Arguments swiglu{g.g1.d, intermediate, intermediate};
   std::byte* ws = g.cutlass_workspace;
-  if (weight_tiles) {
+  if (tiles == CutlassTiles::wide_single) {
+    run_group<WideSingleSwigluGather>(ctx, experts, g.g1, ws, swiglu,
+                                      [&](typename WideSingleSwigluGather::Gemm::Arguments& args) {
+                                        args.mainloop.gather = gather;
+                                      });
+    run_plain<WideSingle>(ctx, experts, g.g2, ws);
+  } else if (weight_tiles) {
     const WeightTiles w13_tiles{w13_packed, experts, static_cast<int>(tiles_n(w13_rows)), static_cast<int>(blocks_k(H))};
     const WeightTiles w2_tiles{w13_packed + tiles_bytes(experts, w13_rows, H) / 2, experts,
                                static_cast<int>(tiles_n(H)), static_cast<int>(blocks_k(I))};
@@ -644,7 +665,7 @@ void experts_cutlass_gathered(const LaneContext& ctx, const GatheredRows& rows, 
 #else  // built without CUTLASS's headers
 
 void experts_cutlass_gathered(const LaneContext&, const GatheredRows&, const int32_t*, int, int, int, const uint16_t*,
-                              bool, const uint16_t*, uint16_t*, uint16_t*, void*) {
+                              bool, const uint16_t*, uint16_t*, uint16_t*, void*, CutlassTiles) {
   fail_input("experts_cutlass_gathered: built without CUTLASS");
 }
 void experts_cutlass_weight_tiles(const LaneContext&, const uint16_t*, const int32_t*, int, int, int, const uint16_t*,

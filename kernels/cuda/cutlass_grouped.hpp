@@ -74,7 +74,8 @@ void experts_cutlass_weight_tiles(const LaneContext& ctx, const uint16_t* rows, 
 // The routed experts' MLP with GEMM 1 gathering its rows from the tokens themselves
 // (cutlass_gather_rows.cuh): permuted row r is x[row_source[r] / top_k], copied straight into the
 // tile, so no permuted copy of x is written or read back (the dispatch's scatter). SwiGLU in GEMM 1's
-// epilogue, on the 64x256 tiles (narrow). w13 is the packed copy: pack_weight_tiles' where
+// epilogue, on the 64x256 tiles (`tiles` narrow, two copying warps) or the 128x256 ones (wide_single,
+// three copying warps; w13 packed once only). w13 is the packed copy: pack_weight_tiles' where
 // `weight_tiles` (both GEMMs then read the tiles; w2 is only named), else pack_w13_interleaved's. Bit
 // for bit experts_cutlass_weight_tiles / experts_cutlass_grouped (fused) on the same tiles.
 // offsets [E + 1] and row_source [T·k] as build_permutation writes them; act [T·k, I] and out
@@ -86,6 +87,7 @@ struct GatheredRows {
 };
 void experts_cutlass_gathered(const LaneContext& ctx, const GatheredRows& rows, const int32_t* offsets, int experts,
                               int hidden, int intermediate, const uint16_t* w13_packed, bool weight_tiles,
-                              const uint16_t* w2, uint16_t* act, uint16_t* out, void* workspace);
+                              const uint16_t* w2, uint16_t* act, uint16_t* out, void* workspace,
+                              CutlassTiles tiles = CutlassTiles::narrow);
 
 }  // namespace moeflow::cuda

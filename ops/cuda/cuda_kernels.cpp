@@ -654,9 +654,10 @@ double mean_rows_per_expert(const cuda::FusedDecodeShape& shape) {
 // It runs any routed-experts node CUTLASS's tiles can build; the planner takes it on its own only
 // where `preferred` says (the measurements are at register_fused_experts), so elsewhere the fuse
 // pass keeps the chain, while --kernel or `moeflow tune` may still run it there.
-KernelEntry cutlass_gathered(std::string name, bool weight_tiles, GatherPreferred preferred) {
+KernelEntry cutlass_gathered(std::string name, bool weight_tiles, cuda::CutlassTiles tiles, GatherPreferred preferred) {
+  const bool wide = tiles == cuda::CutlassTiles::wide_single;
   KernelEntry e = reading_live_tokens(launching(7, {"fused_experts", Backend::cuda, std::move(name), 3,
-      [weight_tiles](const Graph& g, const Node& n) {
+      [weight_tiles, wide](const Graph& g, const Node& n) {
         Support s = cuda_supports_bf16(g, n, "");
         if (!s.ok) return s;
         const cuda::FusedDecodeShape shape = fused_shape(g, n);
@@ -667,13 +668,14 @@ KernelEntry cutlass_gathered(std::string name, bool weight_tiles, GatherPreferre
           if (g.value(n.inputs[input]).role != ValueRole::weight)
             return Support::no("'" + g.value(n.inputs[input]).name + "' is not a weight bound once, so it cannot be packed once");
         const double mean = mean_rows_per_expert(shape);
-        return Support::yes(fmt(mean) + " rows/expert at max T -> the chain on CUTLASS's " + std::string(kNarrowText) +
-                            " with SwiGLU in GEMM 1's epilogue" +
+        return Support::yes(fmt(mean) + " rows/expert at max T -> the chain on CUTLASS's " +
+                            std::string(wide ? kWideSingleText : kNarrowText) + " with SwiGLU in GEMM 1's epilogue" +
                             (weight_tiles ? ", w13 and w2 packed tile by tile" : ", w13 packed once") +
-                            ", GEMM 1 gathering its rows from x (two producer warps, cp.async): no permuted copy of x" +
+                            ", GEMM 1 gathering its rows from x (" + (wide ? "three" : "two") +
+                            " producer warps, cp.async): no permuted copy of x" +
                             (op_addends(n) > 0 ? "; the shared add in its combine" : ""));
       },
-      [weight_tiles](const KernelCall& c) {
+      [weight_tiles, tiles](const KernelCall& c) {
         const cuda::FusedDecodeShape shape = fused_shape(c.graph, c.node);
         const GatheredScratch w = gathered_scratch(shape, c.max_tokens(), c.workspace);
         if (c.packed == nullptr) fail_input("node '" + c.node.name + "': w13 was not packed");
@@ -682,7 +684,7 @@ KernelEntry cutlass_gathered(std::string name, bool weight_tiles, GatherPreferre
                                 w.sort_bytes, lane(c).stream, cuda::LiveRows{c.live_tokens, k});
         cuda::experts_cutlass_gathered(lane(c), {bf16_in(c, 0), w.row_source, k}, w.offsets, shape.experts, shape.hidden,
                                        shape.intermediate, static_cast<const uint16_t*>(c.packed), weight_tiles,
-                                       bf16_in(c, 4), w.act, w.y, w.cutlass);
+                                       bf16_in(c, 4), w.act, w.y, w.cutlass, tiles);
         static_assert(FusedExpertsOp::kMaxAddends <= cuda::RowAddends::kMax);
         cuda::RowAddends addends;  // the shared experts' outputs, where their add was folded in
         addends.count = op_addends(c.node);
@@ -915,19 +917,34 @@ void register_fused_experts(KernelRegistry& r) {
   // GEMM 1's loads"): mixtral-8x7b T = 8 / 32 / 128 (2 / 8 / 32 rows per expert) 843 / 946 / 967 µs in
   // a CUDA graph against the decode kernel's 917 at T=8 and cuBLAS's grouped GEMM (host sync) 1041 /
   // 1071, and even with the chain's 64x256 tiles at T=512 (128 rows): 1103 against 1106.
-  r.add(cutlass_gathered("cuda.cutlass_gather_tiles_narrow", true, [](const cuda::FusedDecodeShape& s, double mean) {
+  r.add(cutlass_gathered("cuda.cutlass_gather_tiles_narrow", true, cuda::CutlassTiles::narrow,
+                         [](const cuda::FusedDecodeShape& s, double mean) {
     if (mean < kTilesBelowRows || (mean >= 96 && mean < 192 && s.hidden <= kTilesMostHiddenFrom96)) return std::string();
     return fmt(mean) + " rows/expert at max T" +
            (mean >= 96 && mean < 192 ? " with H = " + std::to_string(s.hidden) + " > " + std::to_string(kTilesMostHiddenFrom96)
                                      : std::string()) +
            ": the chain's tiles there";
   }));
-  r.add(cutlass_gathered("cuda.cutlass_gather_swiglu_narrow", false, [](const cuda::FusedDecodeShape& s, double mean) {
+  r.add(cutlass_gathered("cuda.cutlass_gather_swiglu_narrow", false, cuda::CutlassTiles::narrow,
+                         [](const cuda::FusedDecodeShape& s, double mean) {
     if (huge_experts(s.hidden, s.intermediate)) return expert_mib(s.hidden, s.intermediate) + ": not measured on such experts";
     if (mean >= 96 && mean < 192 && s.hidden > kTilesMostHiddenFrom96) return std::string();
     return fmt(mean) + " rows/expert at max T with H = " + std::to_string(s.hidden) +
            ": outside [96, 192) rows with H above " + std::to_string(kTilesMostHiddenFrom96) + " (the gather reads the "
            "packed tiles there, or the chain's tiles run)";
+  }));
+  // GEMM 1 of the 128x256 tiles gathering its rows with three warps (the epilogue's producer warp too:
+  // cutlass_epilogue_warp_loads.hpp). GEMM 1 alone it beat the dispatch's scatter + the TMA GEMM where
+  // H = 2048 (bench/probes/gather_rows.cu, D from the registers for every variant: qwen3-30b-a3b T =
+  // 8192 / 4096 816-851 / 535-536 against 880-891 / 610-621 µs, qwen1.5-moe-a2.7b T=8192 755-771
+  // against 811-846), but the whole experts path in a CUDA graph did not (three passes,
+  // bench/results/h100_wide_gather_engine_2026-11-24.txt), µs, the fused node / the chain on the same
+  // tiles: qwen3 T = 4096 / 8192 833 / 1453 against 824 / 1412, qwen1.5 767 / 1236 against 741 / 1221.
+  // So it is passed over everywhere: it runs where forced or tuned, and `moeflow tune` measures it.
+  r.add(cutlass_gathered("cuda.cutlass_gather_swiglu_wide_single", false, cuda::CutlassTiles::wide_single,
+                         [](const cuda::FusedDecodeShape&, double mean) {
+    return fmt(mean) + " rows/expert at max T: measured behind the chain on the same tiles (qwen3-30b-a3b, "
+           "qwen1.5-moe-a2.7b at T = 4096 and 8192, 1-4%)";
   }));
 }
 

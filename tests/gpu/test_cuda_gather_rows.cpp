@@ -1,7 +1,9 @@
-// GEMM 1 gathering its rows from x (cuda.cutlass_gather_tiles_narrow, cuda.cutlass_gather_swiglu_narrow;
-// kernels/cuda/cutlass_gather_rows.cuh): the fused node runs the chain on the 64x256 tiles without
-// the dispatch's permuted copy of x. Planned below 56 and from 96 to 192 rows per expert, huge experts
-// included (planning only, no device needed); on the GPU bit for bit the chain forced onto the same
+// GEMM 1 gathering its rows from x (cuda.cutlass_gather_tiles_narrow, cuda.cutlass_gather_swiglu_narrow,
+// cuda.cutlass_gather_swiglu_wide_single; kernels/cuda/cutlass_gather_rows.cuh): the fused node runs
+// the chain on the 64x256 tiles (two copying warps) or the 128x256 ones (three) without the
+// dispatch's permuted copy of x. Planned below 56 and from 96 to 192 rows per expert, huge experts
+// included; the 128x256 tiles' gather passed over everywhere (measured behind the chain), run where
+// forced (planning only, no device needed); on the GPU bit for bit the chain forced onto the same
 // tiles, on random and skewed routing (most experts empty, a few with hundreds of rows), with H and I
 // of no tile's multiple (K's last k-block and the packed I zero-filled), every T from 1 up; reruns
 // bit-identical; one capture replayed at several T gives the eager bytes.
@@ -28,6 +30,7 @@ namespace {
 
 constexpr const char* kGatherTiles = "cuda.cutlass_gather_tiles_narrow";
 constexpr const char* kGatherSwiglu = "cuda.cutlass_gather_swiglu_narrow";
+constexpr const char* kGatherWide = "cuda.cutlass_gather_swiglu_wide_single";
 
 using testing_gpu::expect_checked;
 using testing_gpu::expect_replays_same;
@@ -67,6 +70,7 @@ TEST(CudaGatherRows, PlannedWhereTheChainPlansTheNarrowTiles) {  // planning onl
             kGatherSwiglu);
   EXPECT_EQ(experts_kernel(make_plan(experts_graph("qwen3-30b-a3b", {"hidden_size=4104", "moe_intermediate_size=136"}, 640), po)),
             kGatherTiles);
+  // From 192 rows (256 here) the chain on the 128x256 tiles: their three-warp gather is passed over.
   EXPECT_EQ(experts_kernel(make_plan(experts_graph("qwen3-30b-a3b", kQwen3Small, 4096), po)), "cuda.cutlass_swiglu_wide_single");
   // The gather reads the packed copies: with packed weights off, or fusion off, the chain runs.
   PlanOptions unpacked = po;
@@ -86,7 +90,7 @@ TEST(CudaGatherRows, PlannedWhereTheChainPlansTheNarrowTiles) {  // planning onl
   // Outside those ranges the planner passes the gathering kernels over (it does not refuse them):
   // --kernel runs one there, and so may a tuning cache, so `moeflow tune` measures them everywhere.
   PlanOptions forced = po;
-  for (const char* kernel : {kGatherTiles, kGatherSwiglu}) {
+  for (const char* kernel : {kGatherTiles, kGatherSwiglu, kGatherWide}) {
     forced.forced_kernels = {{"fused_experts", kernel}};
     EXPECT_EQ(experts_kernel(make_plan(experts_graph("qwen3-30b-a3b", kQwen3Small, 16), forced)), kernel);
     EXPECT_EQ(experts_kernel(make_plan(experts_graph("qwen3-30b-a3b", kQwen3Small, 4096), forced)), kernel);
@@ -165,9 +169,16 @@ struct GatherCase {
   std::string name, preset;
   std::vector<std::string> sets;
   int64_t max_tokens;
-  const char* gather;  // the fused kernel planned at max_tokens
+  const char* gather;  // the fused kernel planned at max_tokens (or forced, below)
   const char* chain;   // the experts kernel of the same tiles, forced on the chain
+  bool forced = false;  // the gather is passed over there: forced onto the fused node
 };
+
+// The session options that plan (or force) the case's gathering kernel.
+CudaSessionOptions gathering(const GatherCase& gc, CudaSessionOptions so) {
+  if (gc.forced) so.plan.forced_kernels["fused_experts"] = gc.gather;
+  return so;
+}
 
 std::vector<GatherCase> gather_cases() {
   return {
@@ -181,6 +192,11 @@ std::vector<GatherCase> gather_cases() {
       // E 60, k 4: 133 rows per expert at T = 2000; H = 264 leaves an 8-column last k-block.
       {"qwen1.5 tiles", "qwen1.5-moe-a2.7b", {"hidden_size=264", "moe_intermediate_size=88"}, 2000, kGatherTiles,
        "cuda.cutlass_tiles_narrow"},
+      // The 128x256 tiles' three-warp gather (forced): 256 rows per expert at T = 4096 (qwen3's
+      // routing; rows 44 / 44 / 40 of each tile by the three warps), 273 at T = 4096 on qwen1.5's.
+      {"qwen3 wide", "qwen3-30b-a3b", kQwen3Small, 4096, kGatherWide, "cuda.cutlass_swiglu_wide_single", true},
+      {"qwen1.5 wide", "qwen1.5-moe-a2.7b", {"hidden_size=264", "moe_intermediate_size=88"}, 4096, kGatherWide,
+       "cuda.cutlass_swiglu_wide_single", true},
   };
 }
 
@@ -192,7 +208,7 @@ TEST(CudaGatherRows, BitsEqualTheChainOnTheSameTilesAndRepeat) {
     const auto g = experts_graph(gc.preset, gc.sets, gc.max_tokens);
     CudaSessionOptions so;
     so.seed = 5;
-    CudaSession s(g, so);
+    CudaSession s(g, gathering(gc, so));
     ASSERT_EQ(planned(s), gc.gather) << gc.name;
     CudaSessionOptions forced = so;
     forced.plan.forced_kernels["experts"] = gc.chain;
@@ -209,14 +225,14 @@ TEST(CudaGatherRows, BitsEqualTheChainOnTheSameTilesAndRepeat) {
   }
 }
 
-// Every token on the same k experts (in a rotating order): T rows on each of them, several 64-row
-// tiles with a partial last one, and every other expert empty.
+// Every token on the same k experts (in a rotating order): T rows on each of them, several row tiles
+// with a partial last one, and every other expert empty.
 TEST(CudaGatherRows, SkewedRoutingFillsSomeExpertsAndLeavesTheRestEmpty) {
   if (cuda::device_count() == 0) GTEST_SKIP() << "no CUDA device";
-  for (const GatherCase& gc : {gather_cases()[0], gather_cases()[1]}) {
+  for (const GatherCase& gc : {gather_cases()[0], gather_cases()[1], gather_cases()[4]}) {
     const MoEConfig config = load_config(gc.preset, gc.sets);
     auto g = std::make_shared<const Graph>(build_experts_graph(config, {.max_tokens = gc.max_tokens, .dtype = DType::bf16}));
-    CudaSession s(g, {});
+    CudaSession s(g, gathering(gc, {}));
     ASSERT_EQ(planned(s), gc.gather) << gc.name;
     CudaSessionOptions forced;
     forced.plan.forced_kernels["experts"] = gc.chain;
@@ -240,12 +256,12 @@ TEST(CudaGatherRows, SkewedRoutingFillsSomeExpertsAndLeavesTheRestEmpty) {
 
 TEST(CudaGatherRows, OneCaptureServesEveryTWithTheEagerBytes) {
   if (cuda::device_count() == 0) GTEST_SKIP() << "no CUDA device";
-  for (const GatherCase& gc : {gather_cases()[0], gather_cases()[3]}) {
+  for (const GatherCase& gc : {gather_cases()[0], gather_cases()[3], gather_cases()[5]}) {
     const auto g = experts_graph(gc.preset, gc.sets, gc.max_tokens);
     CudaSessionOptions so;
     so.plan.capturable = true;
     so.seed = 11;
-    CudaSession s(g, so);
+    CudaSession s(g, gathering(gc, so));
     ASSERT_EQ(planned(s), gc.gather) << gc.name;
     s.set_tokens(gc.max_tokens);
     s.capture_any_tokens();

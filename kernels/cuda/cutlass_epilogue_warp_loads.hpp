@@ -1,13 +1,15 @@
-// For bench/probes/gather_rows.cu: CUTLASS 4.2's pointer-array cooperative kernel
+// EpilogueWarpLoadsCooperative: CUTLASS 4.2's pointer-array cooperative kernel
 // (cutlass/gemm/kernel/sm90_gemm_array_tma_warpspecialized_cooperative.hpp, BSD-3-Clause, NVIDIA;
-// its licence text follows) as a class of its own, in which the epilogue's producer warp (warp 2 of
-// the producer warp group) runs the collective's load_auxiliary beside warp 1 wherever the epilogue
-// loads nothing (is_producer_load_needed() false; CUTLASS's TMA-store epilogue says true even with no
-// source, and its consumers then wait for warp 2's load pipeline, so with it warp 2 stays the
-// epilogue's). Warp 3 stays the group scheduler's warp (it feeds the other warps their tiles), whose
-// pipeline counts warp 2 among its consumers either way. Changes from CUTLASS's file: the class name,
-// the mainloop pipeline's producer role for warp 2, the scheduler pipeline's consumer count, and the
-// auxiliary branch's condition.
+// its licence text follows) as a class of its own, so that GEMM 1's gather (cutlass_gather_rows.cuh)
+// has a third copying warp on the 128x256 tiles: the epilogue's producer warp (warp 2 of the producer
+// warp group) runs the collective's load_auxiliary beside warp 1 wherever the epilogue loads nothing
+// (is_producer_load_needed() false, as for the SwiGLU epilogue; CUTLASS's TMA-store epilogue says true
+// even with no source, and its consumers then wait on warp 2's load pipeline, so with it warp 2
+// stays the epilogue's). Warp 3 stays the group scheduler's warp (it feeds the other warps their
+// tiles), whose pipeline counts warp 2 among its consumers either way. The changes from CUTLASS's
+// file: the class name (not a GemmUniversal specialisation), the mainloop pipeline's producer role
+// for warp 2, the scheduler pipeline's consumer count, and the auxiliary branch's condition.
+// Measured in bench/probes/gather_rows.cu (bench/NOTES.md "Gathering x in GEMM 1's loads").
 /***************************************************************************************************
  * Copyright (c) 2023 - 2025 NVIDIA CORPORATION & AFFILIATES. All rights reserved.
  * SPDX-License-Identifier: BSD-3-Clause
