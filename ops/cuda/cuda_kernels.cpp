@@ -939,8 +939,10 @@ void register_fused_experts(KernelRegistry& r) {
   // 8192 / 4096 816-851 / 535-536 against 880-891 / 610-621 µs, qwen1.5-moe-a2.7b T=8192 755-771
   // against 811-846), but the whole experts path in a CUDA graph did not (three passes,
   // bench/results/h100_wide_gather_engine_2026-11-24.txt), µs, the fused node / the chain on the same
-  // tiles: qwen3 T = 4096 / 8192 833 / 1453 against 824 / 1412, qwen1.5 767 / 1236 against 741 / 1221.
-  // So it is passed over everywhere: it runs where forced or tuned, and `moeflow tune` measures it.
+  // tiles: qwen3 T = 4096 / 8192 833 / 1453 against 824 / 1412, qwen1.5 767 / 1236 against 741 / 1221;
+  // under Nsight Compute its GEMM 1 took 864 µs against the TMA GEMM 1's 754 at qwen3 T=8192, as much
+  // as the scatter it saves (106). So it is passed over everywhere: it runs where forced or tuned, and
+  // `moeflow tune` measures it.
   r.add(cutlass_gathered("cuda.cutlass_gather_swiglu_wide_single", false, cuda::CutlassTiles::wide_single,
                          [](const cuda::FusedDecodeShape&, double mean) {
     return fmt(mean) + " rows/expert at max T: measured behind the chain on the same tiles (qwen3-30b-a3b, "
