@@ -9,36 +9,29 @@
 #include <cstdint>
 #include <cstdio>
 #include <cstdlib>
+#include <string>
 #include <vector>
 
-#define CK(x)                                                                                     \
-  do {                                                                                            \
-    cudaError_t status_ = (x);                                                                    \
-    if (status_ != cudaSuccess) {                                                                 \
-      std::printf("%s failed: %s (%s:%d)\n", #x, cudaGetErrorString(status_), __FILE__, __LINE__); \
-      std::exit(1);                                                                               \
-    }                                                                                             \
+// Stops the probe where `x` does not return `ok`, naming the call, the status (printed by `describe`,
+// a function of the status) and the place. CK for the runtime API, CB for cuBLAS (probes that call it
+// include cublas_v2.h first), CU for the driver API (cuda.h included first).
+#define PROBE_CHECK(x, ok, describe)                                                                     \
+  do {                                                                                                   \
+    const auto status_ = (x);                                                                            \
+    if (status_ != (ok)) {                                                                               \
+      std::printf("%s failed: %s (%s:%d)\n", #x, describe(status_).c_str(), __FILE__, __LINE__);        \
+      std::exit(1);                                                                                      \
+    }                                                                                                    \
   } while (0)
-
-// The same for a cuBLAS status (probes that call cuBLAS include cublas_v2.h first).
-#define CB(x)                                                                               \
-  do {                                                                                      \
-    const auto status_ = (x);                                                               \
-    if (status_ != CUBLAS_STATUS_SUCCESS) {                                                 \
-      std::printf("%s failed: cuBLAS status %d (%s:%d)\n", #x, int(status_), __FILE__, __LINE__); \
-      std::exit(1);                                                                         \
-    }                                                                                       \
-  } while (0)
-
-#ifdef CUDA_VERSION  // cuda.h included first: the same for a driver API status
-#define CU(x)                                                                                 \
-  do {                                                                                        \
-    const CUresult status_ = (x);                                                             \
-    if (status_ != CUDA_SUCCESS) {                                                            \
-      std::printf("%s failed: CUresult %d (%s:%d)\n", #x, int(status_), __FILE__, __LINE__); \
-      std::exit(1);                                                                           \
-    }                                                                                         \
-  } while (0)
+inline std::string describe_cuda(cudaError_t s) { return cudaGetErrorString(s); }
+template <class Status>
+std::string describe_code(const char* kind, Status s) {
+  return std::string(kind) + " " + std::to_string(static_cast<int>(s));
+}
+#define CK(x) PROBE_CHECK(x, cudaSuccess, describe_cuda)
+#define CB(x) PROBE_CHECK(x, CUBLAS_STATUS_SUCCESS, [](auto s) { return describe_code("cuBLAS status", s); })
+#ifdef CUDA_VERSION
+#define CU(x) PROBE_CHECK(x, CUDA_SUCCESS, [](auto s) { return describe_code("CUresult", s); })
 #endif
 
 // Reads `vecs` 16-byte words once, streaming (no reuse): each thread keeps kUnroll independent loads
@@ -85,8 +78,9 @@ float median_us(Launch launch, int runs = 50, int warmup = 5) {
   return t[t.size() / 2];
 }
 
-// Fills n bf16 values (as their bits) with a hash of the index and `seed`, uniform in [-0.125, 0.125].
-__global__ inline void fill_random(uint16_t* p, size_t n, uint32_t seed) {
+// Fills n bf16 values (as their bits) with a hash of the index and `seed`, uniform in [-0.125,
+// 0.125]. Defined here: each probe is one translation unit.
+__global__ void fill_random(uint16_t* p, size_t n, uint32_t seed) {
   for (size_t i = blockIdx.x * size_t(blockDim.x) + threadIdx.x; i < n; i += size_t(gridDim.x) * blockDim.x) {
     uint32_t h = static_cast<uint32_t>(i) * 2654435761u ^ seed;
     h ^= h >> 13;

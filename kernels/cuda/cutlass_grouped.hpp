@@ -87,7 +87,6 @@ struct GatheredRows {
 };
 void experts_cutlass_gathered(const LaneContext& ctx, const GatheredRows& rows, const int32_t* offsets, int experts,
                               int hidden, int intermediate, const uint16_t* w13_packed, bool weight_tiles,
-                              const uint16_t* w2, uint16_t* act, uint16_t* out, void* workspace,
-                              CutlassTiles tiles = CutlassTiles::narrow);
+                              const uint16_t* w2, uint16_t* act, uint16_t* out, void* workspace, CutlassTiles tiles);
 
 }  // namespace moeflow::cuda
