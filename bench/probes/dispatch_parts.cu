@@ -3,7 +3,8 @@
 // 268 MB of permuted rows alone should take ~95 µs (bench/NOTES.md, "Where the experts path's time
 // goes"). Each part is timed alone (CUDA events, median of 50 after 5): the counting sort's three
 // kernels at the tile length the library picks and at shorter ones, the row scatter (by token) and
-// gather (by permuted row), the combine, and a device memset / copy of as many bytes for comparison.
+// gather (by permuted row), the combine, and a device memset / copy of as many bytes for comparison;
+// the sort by tiles against the sort by buckets (one block per expert, one launch), as CUDA graphs.
 // It includes kernels/cuda/permute.cu to call its kernels with other tile lengths.
 // Built and run on the GPU machine from the repository root:
 //   nvcc -O3 -std=c++17 -arch=sm_90a -I. bench/probes/dispatch_parts.cu -o /tmp/dp && /tmp/dp
@@ -171,6 +172,50 @@ void probe(const Shape& s) {
   std::printf("  build_permutation (library)       %8.1f us\n", median_us([&] {
     build_permutation(d_ids, s.tokens, s.k, s.experts, offsets, slot_of, row_source, hist, ws, nullptr);
   }));
+  {
+    // The sort by tiles and by buckets, each as a CUDA graph (as the engine replays them), the buckets'
+    // result checked equal to the tiles'. graph_us: issue(stream) captured once and replayed; the
+    // outputs (slot_of, row_source, offsets) into *result.
+    auto graph_us = [&](auto issue, std::vector<int32_t>* result) {
+      cudaStream_t st;
+      CK(cudaStreamCreateWithFlags(&st, cudaStreamNonBlocking));
+      cudaGraph_t g;
+      cudaGraphExec_t exec;
+      CK(cudaStreamBeginCapture(st, cudaStreamCaptureModeGlobal));
+      issue(st);
+      CK(cudaStreamEndCapture(st, &g));
+      CK(cudaGraphInstantiate(&exec, g, 0));
+      CK(cudaMemset(slot_of, 0xff, n * 4));
+      CK(cudaMemset(row_source, 0xff, n * 4));
+      const float us = median_us([&] { CK(cudaGraphLaunch(exec, 0)); });
+      CK(cudaDeviceSynchronize());
+      result->assign(static_cast<size_t>(n * 2 + s.experts + 1), 0);
+      CK(cudaMemcpy(result->data(), slot_of, n * 4, cudaMemcpyDeviceToHost));
+      CK(cudaMemcpy(result->data() + n, row_source, n * 4, cudaMemcpyDeviceToHost));
+      CK(cudaMemcpy(result->data() + 2 * n, offsets, (s.experts + 1) * 4, cudaMemcpyDeviceToHost));
+      cudaGraphExecDestroy(exec);
+      cudaGraphDestroy(g);
+      cudaStreamDestroy(st);
+      return us;
+    };
+    std::vector<int32_t> tiled, buckets;
+    const float t_tiles = graph_us([&](cudaStream_t st) {
+      build_permutation(d_ids, s.tokens, s.k, s.experts, offsets, slot_of, row_source, hist, ws, st, {}, SortMethod::tiles);
+    }, &tiled);
+    if (n <= kBucketMaxIds) {
+      // The kernel itself, so that shapes past kBucketMaxReads are measured too (where the bound lies).
+      const float t_buckets = graph_us([&](cudaStream_t st) {
+        perm_bucket_kernel<<<s.experts + 1, kBucketThreads, 512 * bucket_groups_per_warp(n), st>>>(
+            d_ids, n, s.experts, offsets, slot_of, row_source, {});
+      }, &buckets);
+      std::printf("  sort as a CUDA graph: tiles %6.1f us, buckets %6.1f us (%s the tiles' result; the library: %s)\n",
+                  t_tiles, t_buckets, buckets == tiled ? "same as" : "DIFFERENT from",
+                  sort_method_name(sort_method_for(n, s.experts)));
+    } else {
+      std::printf("  sort as a CUDA graph: tiles %6.1f us (buckets do not take %lld ids)\n", t_tiles,
+                  static_cast<long long>(n));
+    }
+  }
   const int wpb = warps_per_block(s.experts);
   const size_t smem = sizeof(int32_t) * (static_cast<size_t>(s.experts) + 1) * wpb;
   {
@@ -311,7 +356,10 @@ int main() {
   using dispatch_probe::Shape;
   for (const Shape& s : {Shape{"qwen3-30b-a3b", 8192, 8, 128, 2048}, Shape{"qwen3-30b-a3b", 2048, 8, 128, 2048},
                          Shape{"qwen3-30b-a3b", 512, 8, 128, 2048}, Shape{"qwen3-30b-a3b", 128, 8, 128, 2048},
-                         Shape{"qwen1.5-moe-a2.7b", 8192, 4, 60, 2048}, Shape{"deepseek-v3", 8192, 8, 256, 7168}})
+                         Shape{"qwen1.5-moe-a2.7b", 8192, 4, 60, 2048}, Shape{"qwen1.5-moe-a2.7b", 512, 4, 60, 2048},
+                         Shape{"deepseek-v3", 8192, 8, 256, 7168}, Shape{"deepseek-v3", 2048, 8, 256, 7168},
+                         Shape{"deepseek-v3", 128, 8, 256, 7168}, Shape{"mixtral-8x7b", 8192, 2, 8, 4096},
+                         Shape{"mixtral-8x7b", 512, 2, 8, 4096}})
     dispatch_probe::probe(s);
   return 0;
 }

@@ -10,6 +10,17 @@
 
 namespace moeflow::cuda {
 
+// How build_permutation sorts. automatic: by size, as sort_method_for says (what the engine uses);
+// tests and probes name a method to cover or time it.
+//   small   one block, quadratic in n: up to 256 ids (a few tokens), one launch;
+//   buckets one block per expert (and one for ids outside [0, E)), each reading every id: one launch
+//           and no workspace, while n ≤ 131072 and (E + 1)·n ≤ 2^25;
+//   tiles   count, scan and rank over tiles of the ids: three launches and the workspace, any n.
+enum class SortMethod { automatic, small, buckets, tiles };
+const char* sort_method_name(SortMethod method);
+bool sort_method_takes(SortMethod method, int64_t ids, int experts);
+SortMethod sort_method_for(int64_t ids, int experts);
+
 // Device workspace build_permutation needs for up to max_tokens tokens (a pure host computation).
 std::size_t permutation_workspace_bytes(int64_t max_tokens, int top_k, int experts);
 
@@ -27,7 +38,7 @@ std::size_t permutation_workspace_bytes(int64_t max_tokens, int top_k, int exper
 // first live tokens are sorted: offsets[E] is then their row count.
 void build_permutation(const int32_t* ids, int64_t tokens, int top_k, int experts, int32_t* offsets,
                        int32_t* slot_of, int32_t* row_source, void* workspace, std::size_t workspace_bytes,
-                       Stream stream, LiveRows live = {});
+                       Stream stream, LiveRows live = {}, SortMethod method = SortMethod::automatic);
 
 // Rows [lo, hi) of a row-indexed buffer kept in another buffer, row lo first: the alltoall keeps
 // the rows a rank routes to itself out of the transport (written, or read, where they are used).

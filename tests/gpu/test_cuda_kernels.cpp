@@ -455,37 +455,66 @@ struct DevicePermutation {
   std::vector<int32_t> offsets, slot_of, row_source;
 };
 
-// `ws_offset`: the workspace that many bytes past an aligned allocation (the scan then takes its
-// entries one by one instead of 16 bytes at a time).
+// `ws_offset` (a multiple of 4): the workspace and the ids that many bytes past an aligned
+// allocation (the kernels then load them one by one instead of 16 bytes at a time).
+// `live_tokens` ≥ 0: a live count of that many tokens (the launch sized for `tokens`); the entries
+// past the live ones are returned as the marker -7 they were filled with.
 DevicePermutation permute_on_device(const std::vector<int32_t>& ids, int64_t tokens, int k, int experts,
-                                    int64_t max_tokens, size_t ws_offset = 0) {
-  DeviceBuffer<int32_t> d_ids(ids);
+                                    int64_t max_tokens, size_t ws_offset = 0,
+                                    cuda::SortMethod method = cuda::SortMethod::automatic, int32_t live_tokens = -1) {
+  std::vector<int32_t> shifted(ws_offset / sizeof(int32_t), 0);
+  shifted.insert(shifted.end(), ids.begin(), ids.end());
+  DeviceBuffer<int32_t> d_ids(shifted);
   DeviceBuffer<int32_t> offsets(static_cast<size_t>(experts) + 1);
-  DeviceBuffer<int32_t> slot_of(ids.size()), row_source(ids.size());
+  DeviceBuffer<int32_t> slot_of(std::vector<int32_t>(ids.size(), -7)), row_source(std::vector<int32_t>(ids.size(), -7));
   const size_t ws_bytes = cuda::permutation_workspace_bytes(max_tokens, k, experts);
   DeviceBuffer<unsigned char> ws(std::max<size_t>(ws_bytes, 1) + ws_offset);
-  cuda::build_permutation(d_ids.get(), tokens, k, experts, offsets.get(), slot_of.get(), row_source.get(),
-                          ws.get() + ws_offset, ws_bytes, nullptr);
+  DeviceBuffer<int32_t> live(std::vector<int32_t>{live_tokens});
+  cuda::build_permutation(d_ids.get() + ws_offset / sizeof(int32_t), tokens, k, experts, offsets.get(), slot_of.get(), row_source.get(),
+                          ws.get() + ws_offset, ws_bytes, nullptr,
+                          live_tokens >= 0 ? cuda::LiveRows{live.get(), k} : cuda::LiveRows{}, method);
   return {offsets.download(), slot_of.download(), row_source.download()};
 }
 
+// Every sort method that takes these ids (and the engine's automatic choice) against the CPU's
+// counting sort: with the workspace sized for exactly T and for more, rerun, the workspace off
+// 16-byte alignment, and (where T > 1) with a live count of half the tokens.
 void check_permutation(const std::vector<int32_t>& ids, int64_t tokens, int k, int experts, const std::string& what) {
   std::vector<int32_t> offsets(static_cast<size_t>(experts) + 1), slot_of(ids.size());
   cpu::build_permutation(ids.data(), tokens, k, experts, offsets.data(), slot_of.data());
-  for (int64_t max_tokens : {tokens, tokens * 3 + 5}) {  // the workspace sized for exactly T, and for more
-    const DevicePermutation d = permute_on_device(ids, tokens, k, experts, max_tokens);
-    EXPECT_EQ(d.offsets, offsets) << what;
-    EXPECT_EQ(d.slot_of, slot_of) << what;
-    for (size_t i = 0; i < ids.size(); ++i) {
-      ASSERT_EQ(d.row_source[static_cast<size_t>(slot_of[i])], static_cast<int32_t>(i)) << what << ": row of " << i;
+  const int64_t live_tokens = tokens / 2;
+  std::vector<int32_t> live_offsets(static_cast<size_t>(experts) + 1), live_slot_of(ids.size(), -7);
+  cpu::build_permutation(ids.data(), live_tokens, k, experts, live_offsets.data(), live_slot_of.data());
+  const int64_t n = tokens * k;
+  for (const cuda::SortMethod method : {cuda::SortMethod::automatic, cuda::SortMethod::small,
+                                        cuda::SortMethod::buckets, cuda::SortMethod::tiles}) {
+    if (!cuda::sort_method_takes(method, n, experts)) continue;
+    const std::string how = what + " (" + cuda::sort_method_name(method) + ")";
+    for (int64_t max_tokens : {tokens, tokens * 3 + 5}) {  // the workspace sized for exactly T, and for more
+      const DevicePermutation d = permute_on_device(ids, tokens, k, experts, max_tokens, 0, method);
+      EXPECT_EQ(d.offsets, offsets) << how;
+      EXPECT_EQ(d.slot_of, slot_of) << how;
+      for (size_t i = 0; i < ids.size(); ++i) {
+        ASSERT_EQ(d.row_source[static_cast<size_t>(slot_of[i])], static_cast<int32_t>(i)) << how << ": row of " << i;
+      }
+      const DevicePermutation again = permute_on_device(ids, tokens, k, experts, max_tokens, 0, method);
+      EXPECT_EQ(again.slot_of, d.slot_of) << how << ": rerun";
+      EXPECT_EQ(again.row_source, d.row_source) << how << ": rerun";
     }
-    const DevicePermutation again = permute_on_device(ids, tokens, k, experts, max_tokens);
-    EXPECT_EQ(again.slot_of, d.slot_of) << what << ": rerun";
-    EXPECT_EQ(again.row_source, d.row_source) << what << ": rerun";
+    const DevicePermutation off16 = permute_on_device(ids, tokens, k, experts, tokens, 4, method);
+    EXPECT_EQ(off16.offsets, offsets) << how << ": ids and workspace off 16-byte alignment";
+    EXPECT_EQ(off16.slot_of, slot_of) << how << ": ids and workspace off 16-byte alignment";
+    if (live_tokens == 0) continue;
+    const DevicePermutation live =
+        permute_on_device(ids, tokens, k, experts, tokens, 0, method, static_cast<int32_t>(live_tokens));
+    EXPECT_EQ(live.offsets, live_offsets) << how << ": live count of " << live_tokens << " tokens";
+    EXPECT_EQ(live.slot_of, live_slot_of) << how << ": live count of " << live_tokens << " tokens";
+    for (int64_t i = 0; i < live_tokens * k; ++i)
+      ASSERT_EQ(live.row_source[static_cast<size_t>(live_slot_of[static_cast<size_t>(i)])], static_cast<int32_t>(i))
+          << how << ": live row of " << i;
+    for (size_t r = static_cast<size_t>(live_tokens * k); r < ids.size(); ++r)
+      ASSERT_EQ(live.row_source[r], -7) << how << ": row " << r << " past the live ones written";
   }
-  const DevicePermutation off16 = permute_on_device(ids, tokens, k, experts, tokens, 4);
-  EXPECT_EQ(off16.offsets, offsets) << what << ": workspace off 16-byte alignment";
-  EXPECT_EQ(off16.slot_of, slot_of) << what << ": workspace off 16-byte alignment";
 }
 
 // k distinct experts per token, uniformly (a partial Fisher-Yates per token).
