@@ -100,8 +100,9 @@ __global__ void __launch_bounds__(256) scatter_per_thread(const uint4* __restric
   }
 }
 
-// The library's combine with every choice's 16-byte word loaded before any is added (up to 8
-// choices), the adds in the same order: the same bits.
+// The combine with every choice's 16-byte word loaded before any is added (up to 8 choices), the
+// adds in the same order: the same bits. Until the seventeenth session the library's loaded choice
+// by choice (129 against this 108 µs at qwen3 T=8192); it now batches its loads the same way.
 __global__ void __launch_bounds__(256) combine_loads_first(const uint4* __restrict__ y, const int32_t* __restrict__ slot_of,
                                                            const float* __restrict__ weights, int64_t tokens, int top_k,
                                                            int hvecs, int tpt, uint4* __restrict__ out) {

@@ -759,6 +759,7 @@ TEST(CudaPermute, GatherAndCombineMatchCpu) {
   check_gather_combine(1, 8, 64, 8);
   check_gather_combine(300, 8, 256, 2056);  // more vectors than threads per row
   check_gather_combine(5, 2, 8, 7);
+  check_gather_combine(40, 10, 32, 64);  // top-k past the combine's batch of 8 loads: two batches
 }
 
 // ---------------------------------------------------------------------------------------------
