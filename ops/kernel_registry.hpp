@@ -122,6 +122,14 @@ struct KernelEntry {
   // empty: never). The planner pairs them (PlanStep::starts_early) where nothing else comes between.
   bool releases_next = false;
   std::function<bool(const Graph&, const Node&)> starts_early = {};
+  // Whether the kernel's grid is persistent over every SM of its lane (CUTLASS's tile schedulers: one
+  // block per SM, each walking its share of the tiles). Two such grids on two lanes do not share the
+  // machine as the cost model's fluid replay assumes: the blocks of the one launched second wait for
+  // SMs the first holds, and the tiles those blocks own run late, after the first grid ends (qwen3-
+  // 30b-a3b T=8192 layer in 4 chunks in a CUDA graph, H100: 2698-2701 µs with the chunks' experts on
+  // four lanes, 2219-2233 one after another; bench/NOTES.md "Chunking"). So the planner never lets
+  // two of them run at once (PlanStep::holds_after).
+  bool holds_every_sm = false;
 
   // A weight the kernel reads packed (see PackedWeight); empty: none.
   std::optional<PackedWeight> packed_weight = {};

@@ -35,6 +35,8 @@ double fluid_makespan(const Graph& g, const std::vector<PlanStep>& steps,
       const NodeId n = lane_nodes[l][next[l]];
       bool ready = true;
       for (NodeId p : g.predecessors(n)) ready = ready && finished[static_cast<std::size_t>(p)];
+      if (const NodeId h = steps[static_cast<std::size_t>(n)].holds_after; h != kNoNode)
+        ready = ready && finished[static_cast<std::size_t>(h)];  // two grids holding every SM never share it
       if (ready) running.push_back(n);
     }
     if (!left) return now;

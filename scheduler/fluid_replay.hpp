@@ -3,7 +3,8 @@
 // cost once the kernels running at the same time share the machine.
 //
 // Each lane runs its nodes in its order; a node starts when its lane has finished the one before
-// and its predecessors (on any lane) have finished. A node first spends its launch overhead
+// and its predecessors (on any lane) have finished, and, where its kernel holds every SM, the step
+// holding them before it (PlanStep::holds_after) has too. A node first spends its launch overhead
 // (predicted_s - work_s: latency, which lanes hide behind each other), then its work (work_s, bound
 // by a machine ceiling); the nodes in their work at one time share the machine equally, so two
 // equal GEMMs on two lanes both end at twice one's time. A transfer between ranks (an op that
@@ -11,9 +12,8 @@
 //
 // The planner weighs each side lane by it (scheduler/planner.cpp): a lane is kept where the replay
 // ends sooner with it than with its branch in line. What it leaves out: kernels that share the
-// machine also slow each other (caches; a persistent GEMM's blocks waiting for SMs another grid
-// holds), which it does not charge (bench/NOTES.md, tenth session: two chunks' persistent CUTLASS
-// GEMMs on two lanes cost 16% on mixtral-8x7b where the replay saw a small gain).
+// machine also slow each other (caches), which it does not charge. Persistent grids it does not let
+// share the machine at all (KernelEntry::holds_every_sm): the planner runs them one at a time.
 #include <vector>
 
 #include "graph/graph.hpp"

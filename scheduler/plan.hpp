@@ -90,6 +90,10 @@ struct PlanStep {
   // Starts while the previous step of its lane still runs (KernelEntry::starts_early and that step's
   // releases_next, no cross-lane wait): the memory planner keeps its buffers apart from that step's.
   bool starts_early = false;
+  // Where the kernel holds every SM (KernelEntry::holds_every_sm): the step before it, in placement
+  // order, whose kernel does too, or kNoNode. It starts after that one ends, on whatever lane; where
+  // the lanes differ, `waits` carries it like a predecessor.
+  NodeId holds_after = kNoNode;
   int packed = -1;  // index into Plan::packed of the packed weight the kernel reads, or -1
 };
 

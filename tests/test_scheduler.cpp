@@ -341,6 +341,98 @@ TEST(FluidReplay, WorkSharesTheMachineAndOverheadsHideBehindIt) {
   EXPECT_THROW(fluid_makespan(g, steps, {{0, 2}}), Error);
 }
 
+// A step whose kernel holds every SM (PlanStep::holds_after) starts only when the one holding them
+// before it has ended, which may let latency on its predecessor's lane hide behind it: a and c
+// (holders, 1 s of work each) on two lanes; d (after a, 1 s of latency) and out (after d and c).
+TEST(FluidReplay, GridsHoldingEverySmRunOneAfterTheOther) {
+  GraphBuilder b("holders", 4);
+  const ValueId x = b.input("x", {tokens(), Dim::of(4)}, DType::f32);
+  const ValueId a = b.add("a", std::make_shared<ProbeOp>(0), {x})[0];
+  const ValueId c = b.add("c", std::make_shared<ProbeOp>(0), {x})[0];
+  const ValueId d = b.add("d", std::make_shared<ProbeOp>(0), {a})[0];
+  const ValueId out = b.add("out", std::make_shared<ProbeOp>(0), {d, c})[0];
+  const Graph g = std::move(b).finish({out});
+  std::vector<PlanStep> steps(4);
+  auto set = [&](NodeId n, int lane, double overhead_s, double work_s) {
+    steps[static_cast<std::size_t>(n)].node = n;
+    steps[static_cast<std::size_t>(n)].lane = lane;
+    steps[static_cast<std::size_t>(n)].work_s = work_s;
+    steps[static_cast<std::size_t>(n)].predicted_s = overhead_s + work_s;
+  };
+  set(0, 0, 0.0, 1.0);
+  set(1, 1, 0.0, 1.0);
+  set(2, 0, 1.0, 0.0);
+  set(3, 0, 0.0, 0.0);
+  // Sharing the machine, a and c both end at 2 s; d's latency follows to 3 s.
+  EXPECT_DOUBLE_EQ(fluid_makespan(g, steps, {{0, 2, 3}, {1}}), 3.0);
+  // c after a: a alone to 1 s, then c's work beside d's latency, all done at 2 s.
+  steps[1].holds_after = 0;
+  EXPECT_DOUBLE_EQ(fluid_makespan(g, steps, {{0, 2, 3}, {1}}), 2.0);
+}
+
+// qwen3-30b-a3b at T=8192 in four chunks with GPU-like rates, the experts kernels holding every SM (as
+// CUTLASS's persistent grids do): whatever lanes the plan opens, no two of those steps can run at
+// once. Each is ordered after the one before it by its lane or by a wait (closure over both), and
+// says so in its reason where the lanes differ.
+TEST(Plan, StepsHoldingEverySmNeverRunAtOnce) {
+  GpuLikePlanning p;
+  KernelRegistry holding;
+  for (const char* kind : {"gate", "shared_expert", "dispatch", "experts", "combine", "reduce"})
+    for (const KernelEntry* e : p.registry.candidates(kind, Backend::cpu)) {
+      KernelEntry copy = *e;
+      copy.holds_every_sm = std::string(kind) == "experts";
+      holding.add(copy);
+    }
+  for (const char* kind : {"slice_rows", "concat_rows"})  // the chunk pass's row views
+    for (const KernelEntry* e : KernelRegistry::builtin().candidates(kind, Backend::cpu)) {
+      holding.add(*e);
+      p.registry.add(*e);
+    }
+  p.options.registry = &holding;
+  p.options.fuse = false;
+  auto layer = build_moe_layer(load_config("qwen3-30b-a3b"), {.max_tokens = 8192});
+  auto g = std::make_shared<const Graph>(chunk_tokens(layer, {.chunks = 4}));
+  const Plan plan = make_plan(g, p.options);
+  const std::size_t n = plan.steps.size();
+  // after[i][j]: step j ends before step i starts (lane order and waits, transitively).
+  std::vector<std::vector<bool>> after(n, std::vector<bool>(n, false));
+  std::vector<int> last_on_lane(plan.lanes.size(), -1);
+  for (std::size_t i = 0; i < n; ++i) {
+    const PlanStep& s = plan.steps[i];
+    std::vector<std::size_t> direct;
+    if (int& last = last_on_lane[static_cast<std::size_t>(s.lane)]; last >= 0) direct.push_back(static_cast<std::size_t>(last));
+    for (NodeId w : s.waits) direct.push_back(static_cast<std::size_t>(plan.step_of_node[static_cast<std::size_t>(w)]));
+    for (std::size_t j : direct) {
+      after[i][j] = true;
+      for (std::size_t k = 0; k < n; ++k) after[i][k] = after[i][k] || after[j][k];
+    }
+    last_on_lane[static_cast<std::size_t>(s.lane)] = static_cast<int>(i);
+  }
+  std::vector<std::size_t> holders;
+  for (std::size_t i = 0; i < n; ++i)
+    if (plan.steps[i].kernel->holds_every_sm) holders.push_back(i);
+  ASSERT_EQ(holders.size(), 4u);
+  for (std::size_t a = 1; a < holders.size(); ++a) {
+    const PlanStep& s = plan.steps[holders[a]];
+    const PlanStep& previous = plan.steps[holders[a - 1]];
+    EXPECT_EQ(s.holds_after, previous.node) << g->node(s.node).name;
+    EXPECT_TRUE(after[holders[a]][holders[a - 1]]) << g->node(s.node).name << " may overlap " << g->node(previous.node).name;
+    if (s.lane != previous.lane) EXPECT_THAT(s.reason, HasSubstr("both hold every SM"));
+  }
+  // Without the flag the same registry lets two chunks' experts run on two lanes at once (the
+  // fluid replay alone sees no harm in it), so the test above is not vacuous.
+  p.options.registry = &p.registry;
+  const Plan free = make_plan(g, p.options);
+  bool any_overlap_possible = false;
+  for (const PlanStep& s : free.steps)
+    if (s.holds_after != kNoNode) ADD_FAILURE() << "holds_after set without a holding kernel";
+  std::vector<int> experts_lanes;
+  for (const PlanStep& s : free.steps)
+    if (g->node(s.node).op->kind() == "experts") experts_lanes.push_back(s.lane);
+  for (std::size_t a = 1; a < experts_lanes.size(); ++a) any_overlap_possible |= experts_lanes[a] != experts_lanes[0];
+  EXPECT_TRUE(any_overlap_possible) << "the unflagged plan keeps every chunk's experts on one lane";
+}
+
 // Rank 0 of two (experts split over the ranks, alltoall), two chunks, a GPU's rates: the two-micro-
 // batch schedule comes out of list scheduling alone. The shared experts fill the wait for the first
 // transfer; chunk 0's combine goes before chunk 1's experts, so chunk 0's results travel while chunk

@@ -273,6 +273,7 @@ KernelEntry cutlass_grouped(std::string name, int priority, cuda::CutlassTiles t
     return mean >= range.preferred_from && mean < range.preferred_to ? priority : range.elsewhere;
   };
   if (swiglu_epilogue) e.packed_weight = packed_expert_weights(2, weight_tiles, std::move(swiglu_twin));
+  e.holds_every_sm = true;  // CUTLASS's persistent tile scheduler (KernelEntry::holds_every_sm)
   return e;
 }
 
@@ -702,6 +703,7 @@ KernelEntry cutlass_gathered(std::string name, bool weight_tiles, cuda::CutlassT
       return "T*k = " + std::to_string(rows) + " <= E: at most one row per expert, the decode kernels'";
     return preferred(shape, mean_rows_per_expert(shape));
   };
+  e.holds_every_sm = true;  // CUTLASS's persistent tile scheduler (KernelEntry::holds_every_sm)
   return e;
 }
 
