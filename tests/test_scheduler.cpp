@@ -305,6 +305,17 @@ TEST(Plan, SharedExpertStaysInLineWhenBothBranchesAreBoundByTheSameCeiling) {
     for (NodeId q : g->predecessors(s.node)) EXPECT_LT(plan.step_for(q).order, s.order);
 }
 
+// set(n, lane, overhead_s, work_s): step n of a hand-laid plan for the fluid replay.
+static auto hand_laid(std::vector<PlanStep>& steps) {
+  return [&steps](NodeId n, int lane, double overhead_s, double work_s) {
+    PlanStep& s = steps[static_cast<std::size_t>(n)];
+    s.node = n;
+    s.lane = lane;
+    s.work_s = work_s;
+    s.predicted_s = overhead_s + work_s;
+  };
+}
+
 // The fluid replay on a hand-laid plan of probe nodes: work shares the machine, launch overheads
 // and the lanes' order do not.
 TEST(FluidReplay, WorkSharesTheMachineAndOverheadsHideBehindIt) {
@@ -315,12 +326,7 @@ TEST(FluidReplay, WorkSharesTheMachineAndOverheadsHideBehindIt) {
   const ValueId d = b.add("d", std::make_shared<ProbeOp>(0), {a, c})[0];
   const Graph g = std::move(b).finish({d});
   std::vector<PlanStep> steps(3);
-  auto set = [&](NodeId n, int lane, double overhead_s, double work_s) {
-    steps[static_cast<std::size_t>(n)].node = n;
-    steps[static_cast<std::size_t>(n)].lane = lane;
-    steps[static_cast<std::size_t>(n)].work_s = work_s;
-    steps[static_cast<std::size_t>(n)].predicted_s = overhead_s + work_s;
-  };
+  auto set = hand_laid(steps);
   // a and c, 1 s of work each, on two lanes: each gets half the machine, both end at 2 s; then d.
   set(0, 0, 0.0, 1.0);
   set(1, 1, 0.0, 1.0);
@@ -353,12 +359,7 @@ TEST(FluidReplay, GridsHoldingEverySmRunOneAfterTheOther) {
   const ValueId out = b.add("out", std::make_shared<ProbeOp>(0), {d, c})[0];
   const Graph g = std::move(b).finish({out});
   std::vector<PlanStep> steps(4);
-  auto set = [&](NodeId n, int lane, double overhead_s, double work_s) {
-    steps[static_cast<std::size_t>(n)].node = n;
-    steps[static_cast<std::size_t>(n)].lane = lane;
-    steps[static_cast<std::size_t>(n)].work_s = work_s;
-    steps[static_cast<std::size_t>(n)].predicted_s = overhead_s + work_s;
-  };
+  auto set = hand_laid(steps);
   set(0, 0, 0.0, 1.0);
   set(1, 1, 0.0, 1.0);
   set(2, 0, 1.0, 0.0);
@@ -417,15 +418,18 @@ TEST(Plan, StepsHoldingEverySmNeverRunAtOnce) {
     const PlanStep& previous = plan.steps[holders[a - 1]];
     EXPECT_EQ(s.holds_after, previous.node) << g->node(s.node).name;
     EXPECT_TRUE(after[holders[a]][holders[a - 1]]) << g->node(s.node).name << " may overlap " << g->node(previous.node).name;
-    if (s.lane != previous.lane) EXPECT_THAT(s.reason, HasSubstr("both hold every SM"));
+    if (s.lane != previous.lane) {
+      EXPECT_THAT(s.reason, HasSubstr("both hold every SM"));
+    }
   }
   // Without the flag the same registry lets two chunks' experts run on two lanes at once (the
   // fluid replay alone sees no harm in it), so the test above is not vacuous.
   p.options.registry = &p.registry;
   const Plan free = make_plan(g, p.options);
   bool any_overlap_possible = false;
-  for (const PlanStep& s : free.steps)
-    if (s.holds_after != kNoNode) ADD_FAILURE() << "holds_after set without a holding kernel";
+  for (const PlanStep& s : free.steps) {
+    EXPECT_EQ(s.holds_after, kNoNode) << "holds_after set without a holding kernel";
+  }
   std::vector<int> experts_lanes;
   for (const PlanStep& s : free.steps)
     if (g->node(s.node).op->kind() == "experts") experts_lanes.push_back(s.lane);
