@@ -206,7 +206,7 @@ void probe(const Shape& s) {
     if (n <= kBucketMaxIds) {
       // The kernel itself, so that shapes past kBucketMaxReads are measured too (where the bound lies).
       const float t_buckets = graph_us([&](cudaStream_t st) {
-        perm_bucket_kernel<<<s.experts + 1, kBucketThreads, 512 * bucket_groups_per_warp(n), st>>>(
+        perm_bucket_kernel<<<s.experts + 1, kBucketThreads, bucket_masks_bytes(n), st>>>(
             d_ids, n, s.experts, offsets, slot_of, row_source, {});
       }, &buckets);
       std::printf("  sort as a CUDA graph: tiles %6.1f us, buckets %6.1f us (%s the tiles' result; the library: %s)\n",

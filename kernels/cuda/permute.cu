@@ -279,6 +279,11 @@ __host__ __device__ __forceinline__ int64_t bucket_groups_per_warp(int64_t n) {
   return (n + int64_t{kGroupIds} * kBucketWarps - 1) / (int64_t{kGroupIds} * kBucketWarps);
 }
 
+// The kernel's dynamic shared memory for n ids: four masks per group of every warp.
+size_t bucket_masks_bytes(int64_t n) {
+  return sizeof(uint32_t) * 4 * kBucketWarps * static_cast<size_t>(bucket_groups_per_warp(n));
+}
+
 __device__ __forceinline__ int warp_total(int v) {
 #pragma unroll
   for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
@@ -678,8 +683,7 @@ void build_permutation(const int32_t* ids, int64_t tokens, int top_k, int expert
                std::to_string(sizeof(int32_t) * static_cast<size_t>(entries)) + " needed for " +
                std::to_string(tokens) + " tokens (see permutation_workspace_bytes)");
   if (method == SortMethod::buckets) {
-    const size_t smem = sizeof(uint32_t) * 4 * kBucketWarps * static_cast<size_t>(bucket_groups_per_warp(n));
-    perm_bucket_kernel<<<static_cast<unsigned>(experts) + 1, kBucketThreads, smem, stream>>>(
+    perm_bucket_kernel<<<static_cast<unsigned>(experts) + 1, kBucketThreads, bucket_masks_bytes(n), stream>>>(
         ids, n, experts, offsets, slot_of, row_source, live);
     MOEFLOW_CUDA_LAUNCH_CHECK();
     return;
