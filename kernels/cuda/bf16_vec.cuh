@@ -28,7 +28,14 @@ __device__ __forceinline__ uint4 pack8(const float f[8]) {
   return v;
 }
 
-// silu(g)·u written as the CPU MLP writes it (swiglu_mlp.cpp), so the fp32 values agree.
-__device__ __forceinline__ float silu_mul(float g, float u) { return g / (1.0f + expf(-g)) * u; }
+// silu(g)·u, the CPU MLP's formula (swiglu_mlp.cpp) with the hardware's approximate exp and division
+// (__expf, __fdividef: a few fp32 ulps, far inside the bf16 rounding every caller applies next; where
+// e^-g overflows, __fdividef gives g / inf = -0, as the exact formula does). Every GPU SwiGLU calls
+// this one function (the unfused kernel, the decode kernels, GEMM 1's epilogue), so their bits agree
+// with one another. Why approximate: in GEMM 1's epilogue on the 128x256 cooperative tiles these
+// instructions run while both consumer warp groups leave the tensor cores idle, and the exact
+// expf and division measured 3.5-5% of the whole experts path at qwen T = 4096..8192 (H100,
+// bench/NOTES.md "SwiGLU in GEMM 1's epilogue", eighteenth session).
+__device__ __forceinline__ float silu_mul(float g, float u) { return __fdividef(g, 1.0f + __expf(-g)) * u; }
 
 }  // namespace moeflow::cuda

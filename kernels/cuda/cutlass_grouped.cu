@@ -7,6 +7,7 @@
 #include <type_traits>
 
 #include "graph/error.hpp"
+#include "kernels/cuda/bf16_vec.cuh"
 #include "kernels/cuda/check.cuh"
 #include "kernels/cuda/device.hpp"
 #include "kernels/cuda/elementwise.hpp"
@@ -260,7 +261,7 @@ class SwigluEpilogueArray {
           for (int v = 0; v < 2; ++v) {
             const float gate = static_cast<float>(Element(acc(make_coord(v, half, g), mi, 0)));
             const float up = static_cast<float>(Element(acc(make_coord(v, half, g + kGroups / 2), mi, 0)));
-            a[v] = gate / (1.0f + expf(-gate)) * up;  // silu_mul of bf16_vec.cuh
+            a[v] = silu_mul(gate, up);  // as the unfused SwiGLU kernel: the same bits
           }
           cutlass::Array<Element, 2> pair;
           pair[0] = Element(a[0]);
