@@ -256,17 +256,15 @@ class SwigluEpilogueArray {
           const int m = get<0>(crd), n = get<1>(crd);
           const int col = n / kTileN * (kTileN / 2) + n % kTileN;
           if (m >= M || col >= params.out_cols) continue;
-          float a[2];
-          CUTLASS_PRAGMA_UNROLL
-          for (int v = 0; v < 2; ++v) {
-            const float gate = static_cast<float>(Element(acc(make_coord(v, half, g), mi, 0)));
-            const float up = static_cast<float>(Element(acc(make_coord(v, half, g + kGroups / 2), mi, 0)));
-            a[v] = silu_mul(gate, up);  // as the unfused SwiGLU kernel: the same bits
-          }
-          cutlass::Array<Element, 2> pair;
-          pair[0] = Element(a[0]);
-          pair[1] = Element(a[1]);
-          *reinterpret_cast<cutlass::Array<Element, 2>*>(out + static_cast<int64_t>(m) * params.pitch + col) = pair;
+          // Both columns' gate and up rounded to bf16 (as h holds them) and the result packed, two
+          // values per conversion: this epilogue runs between mainloops with the tensor cores idle,
+          // so its instructions are the time (bf16_vec.cuh, silu_mul).
+          const float2 gate = __bfloat1622float2(__floats2bfloat162_rn(acc(make_coord(0, half, g), mi, 0),
+                                                                       acc(make_coord(1, half, g), mi, 0)));
+          const float2 up = __bfloat1622float2(__floats2bfloat162_rn(acc(make_coord(0, half, g + kGroups / 2), mi, 0),
+                                                                     acc(make_coord(1, half, g + kGroups / 2), mi, 0)));
+          *reinterpret_cast<__nv_bfloat162*>(out + static_cast<int64_t>(m) * params.pitch + col) =
+              __floats2bfloat162_rn(silu_mul(gate.x, up.x), silu_mul(gate.y, up.y));  // 4-byte aligned: col, pitch even
         }
       }
     }
