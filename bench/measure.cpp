@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <fstream>
+#include <map>
 #include <set>
 #include <vector>
 
@@ -52,6 +53,7 @@ Floor roofline_floor(const Graph& g, int64_t T, const int32_t* ids, const Machin
       if (!ids) fail_input("floor: graph '" + g.name() + "' routes rows but no routing was given");
       std::set<int32_t> touched(ids, ids + T * routed->top_k);
       f.touched_experts = static_cast<int64_t>(touched.size());
+      f.fewest_expert_rows = fewest_expert_rows(g, T, ids);
       const double per_expert =
           (weight_bytes(n.inputs[routed->w13_input]) + weight_bytes(n.inputs[routed->w13_input + 1])) / routed->experts;
       f.bytes += per_expert * static_cast<double>(touched.size());
@@ -72,6 +74,20 @@ Floor roofline_floor(const Graph& g, int64_t T, const int32_t* ids, const Machin
   f.memory_bound = memory_s >= compute_s;
   f.seconds = std::max(memory_s, compute_s);
   return f;
+}
+
+int64_t fewest_expert_rows(const Graph& g, int64_t tokens, const int32_t* ids) {
+  int64_t fewest = 0;
+  for (ValueId v : routing_ids(g)) {
+    const Value& val = g.value(v);
+    const int64_t rows = val.shape().elements(val.tokens_in(tokens));
+    std::map<int32_t, int64_t> rows_of;  // touched expert -> its rows in this chunk
+    for (int64_t i = 0; i < rows; ++i) ++rows_of[ids[i]];
+    for (const auto& [expert, count] : rows_of)
+      if (expert >= 0) fewest = fewest == 0 ? count : std::min(fewest, count);
+    ids += rows;
+  }
+  return fewest;
 }
 
 std::vector<ValueId> routing_ids(const Graph& g) {
@@ -111,6 +127,9 @@ Floor mean_floor(const Graph& g, int64_t tokens, int sets, const std::function<s
     mean.flops += f.flops / sets;
     mean.seconds += f.seconds / sets;
     mean.touched_experts += f.touched_experts;
+    if (f.fewest_expert_rows > 0)
+      mean.fewest_expert_rows = mean.fewest_expert_rows == 0 ? f.fewest_expert_rows
+                                                             : std::min(mean.fewest_expert_rows, f.fewest_expert_rows);
     mean.memory_bound = f.memory_bound;
   }
   mean.touched_experts /= sets;
@@ -135,7 +154,8 @@ nlohmann::json bench_row(const std::string& scope, const std::string& preset, in
           {"ratio_serial", nullptr},
           {"tflops", floor.flops / t.median_s / 1e12},
           {"gbps", floor.bytes / t.median_s / 1e9},
-          {"touched_experts", floor.touched_experts}};
+          {"touched_experts", floor.touched_experts},
+          {"fewest_expert_rows", floor.fewest_expert_rows}};
 }
 
 std::string cpu_name(int threads) {

@@ -34,14 +34,24 @@ struct Floor {
   double bytes = 0.0;
   double flops = 0.0;
   int64_t touched_experts = 0;
+  // The fewest rows any expert gets within one chunk among the experts that chunk routes to (the
+  // whole T where unchunked; 0 when nothing is routed). Every chunk re-reads its touched experts'
+  // weights and pads each one's rows to a GEMM tile, so a chunked layer keeps pace with the unchunked
+  // one only while this stays in the hundreds (issue 5 asks ≤ 1.05 where it is ≥ 512).
+  int64_t fewest_expert_rows = 0;
   double seconds = 0.0;
   bool memory_bound = false;
 };
 Floor roofline_floor(const Graph& g, int64_t tokens, const int32_t* ids, const MachineRates& rates);
 
-// The floor averaged over a session's input sets, each routing to its own experts. `ids_of(set)`
-// selects that set and returns its routing ([T, k] ids in host memory): an input of an experts-only
-// graph, or what the gate produced when the set last ran.
+// Floor::fewest_expert_rows of `ids` ([T, k], each chunk's rows in order, as gather_routing returns
+// them) for graph `g`, whose routing_ids say how many rows each chunk holds.
+int64_t fewest_expert_rows(const Graph& g, int64_t tokens, const int32_t* ids);
+
+// The floor averaged over a session's input sets, each routing to its own experts (its
+// fewest_expert_rows: the fewest over the sets). `ids_of(set)` selects that set and returns its
+// routing ([T, k] ids in host memory): an input of an experts-only graph, or what the gate produced
+// when the set last ran.
 Floor mean_floor(const Graph& g, int64_t tokens, int sets, const std::function<std::vector<int32_t>(int set)>& ids_of,
                  const MachineRates& rates);
 // The values holding the routing the floor counts: the ids each dispatch node reads, in chunk order

@@ -7,6 +7,7 @@
 #include <cmath>
 
 #include "bench/cpu_session.hpp"
+#include "bench/measure.hpp"
 #include "graph/chunk.hpp"
 #include "graph/error.hpp"
 #include "ops/moe_layer.hpp"
@@ -252,3 +253,24 @@ TEST(Chunk, TheFloorIsTheLayersHoweverItIsChunked) {
   EXPECT_DOUBLE_EQ(parts.flops, whole.flops);
 }
 
+
+TEST(Chunk, FewestExpertRowsCountsEachChunkApart) {
+  // 12 tokens in 3 chunks of 4; choice j of every token goes to expert j, except token 11's first,
+  // which goes to the last expert: chunk 2 gives that expert 1 row and expert 0 three.
+  const MoEConfig& config = small_qwen();
+  const int k = config.top_k, E = config.experts;
+  ASSERT_GT(E, k);
+  const Graph whole = build_moe_layer(config, {.max_tokens = 12});
+  const Graph parts = chunk_tokens(whole, {.chunks = 3});
+  std::vector<int32_t> ids(12 * k);
+  for (int t = 0; t < 12; ++t)
+    for (int j = 0; j < k; ++j) ids[t * k + j] = j;
+  EXPECT_EQ(fewest_expert_rows(whole, 12, ids.data()), 12);
+  EXPECT_EQ(fewest_expert_rows(parts, 12, ids.data()), 4);
+  EXPECT_EQ(fewest_expert_rows(parts, 10, ids.data()), 2);  // chunks of 4, 4 and 2 tokens
+  ids[11 * k] = E - 1;
+  EXPECT_EQ(fewest_expert_rows(whole, 12, ids.data()), 1);
+  EXPECT_EQ(fewest_expert_rows(parts, 12, ids.data()), 1);
+  ids[11 * k] = -1;  // no expert: not counted
+  EXPECT_EQ(fewest_expert_rows(parts, 12, ids.data()), 3);
+}

@@ -17,6 +17,7 @@
 #include "kernels/comm/communicator.hpp"
 #include "kernels/comm/nccl_communicator.hpp"
 #include "tools/model_flags.hpp"
+#include "tools/number_checks.hpp"
 #include "tools/run_ranks.hpp"
 
 namespace moeflow::cli {
@@ -160,22 +161,22 @@ Command add_run_command(CLI::App& app) {
   sub->add_option("--tokens", f->token_list, "tokens T of this run (under mpirun: one T, or one per DP rank: 5,9)")
       ->delimiter(',');
   sub->add_option("--max-tokens", f->max_tokens, "maximum T the graph and plan are built for (default: --tokens)");
-  sub->add_option("--threads", f->threads, "oneTBB threads (default: every core)")->check(CLI::PositiveNumber);
+  sub->add_option("--threads", f->threads, "oneTBB threads (default: every core)")->check(cli::Positive);
   sub->add_option("--seed", f->seed, "seed of the random weights and inputs");
   sub->add_option("--trace", f->trace, "write the last run as Chrome-trace JSON (Perfetto)");
   sub->add_flag("--json", f->json, "print the result as JSON");
   sub->add_flag("--check", f->check, "compare with the fp64 reference; exit 1 on failure");
-  sub->add_option("--warmup", f->warmup, "untimed runs first")->check(CLI::NonNegativeNumber);
+  sub->add_option("--warmup", f->warmup, "untimed runs first")->check(cli::NonNegative);
   sub->add_option("--runs", f->min_runs, "timed runs at least (more while --budget lasts, up to 200)")
-      ->check(CLI::PositiveNumber);
-  sub->add_option("--budget", f->budget_s, "seconds of timed runs to aim for")->check(CLI::NonNegativeNumber);
+      ->check(cli::Positive);
+  sub->add_option("--budget", f->budget_s, "seconds of timed runs to aim for")->check(cli::NonNegative);
   sub->add_option("--input-sets", f->input_sets, "input sets the timed runs rotate over (caches do not keep the touched weights)")
-      ->check(CLI::PositiveNumber);
+      ->check(cli::Positive);
   sub->add_flag("--cuda-graph", f->cuda_graph, "capture the plan as a CUDA graph and time its replays (backend cuda)");
   sub->add_option("--weights", f->weights,
                   "load layer --layer's MoE weights from a Hugging Face safetensors file or checkpoint folder "
                   "(config: --hf-config, else the folder's config.json)");
-  sub->add_option("--layer", f->layer, "the layer --weights reads")->check(CLI::NonNegativeNumber);
+  sub->add_option("--layer", f->layer, "the layer --weights reads")->check(cli::NonNegative);
   return [f] {
     if (f->parallel.requested()) return run_on_ranks(*f);
     if (f->token_list.size() != 1)
@@ -272,6 +273,7 @@ Command add_run_command(CLI::App& app) {
                           {"floor_us", floor.seconds * 1e6},
                           {"ratio_floor", timing.median_s / floor.seconds},
                           {"touched_experts", floor.touched_experts},
+                          {"fewest_expert_rows", floor.fewest_expert_rows},
                           {"nodes", nodes}};
     if (f->check) {
       result["check"] = {{"rel_norm", report.comparison.rel_norm},
