@@ -151,13 +151,15 @@ TEST(Cli, BadInputIsOneLineAndStatusTwo) {
   expect_bad_input(std::string("run ") + kSmallQwen + " --tokens 4 --plan sideways", "sideways");
   expect_bad_input(std::string("run ") + kSmallQwen + " --tokens 4 --kernel experts=nope", "nope");
   expect_bad_input("dot --model mixtral-8x7b --hf-config x.json", "not both");
-  expect_bad_input(std::string("run ") + kSmallQwen + " --tokens 4 --chunks 0", "--chunks");
-  expect_bad_input(std::string("run ") + kSmallQwen + " --tokens 4 --chunk-tokens -2", "--chunk-tokens");
+  expect_bad_input(std::string("run ") + kSmallQwen + " --tokens 4 --chunks 0", "--chunks: 0 is not positive");
+  expect_bad_input(std::string("run ") + kSmallQwen + " --tokens 4 --chunk-tokens -2", "--chunk-tokens: -2 is not positive");
   expect_bad_input(std::string("run ") + kSmallQwen + " --tokens 4 --chunks 2 --chunk-tokens 2", "excludes");
-  expect_bad_input(std::string("run ") + kSmallQwen + " --tokens 4 --chunks two", "two");
+  expect_bad_input(std::string("run ") + kSmallQwen + " --tokens 4 --chunks two", "--chunks: 'two' is not a number");
   expect_bad_input(std::string("run ") + kSmallQwen + " --tokens 4 --max-tokens 8 --chunk-tokens 9", "exceeds the maximum tokens 8");
   expect_bad_input("bench --backend cpu --models mixtral-8x7b --tokens 4 --plans graph-any", "plan 'graph-any'");
   expect_bad_input("bench --backend cpu --models mixtral-8x7b --tokens 4 --passes 0", "--passes");
+  expect_bad_input(std::string("run ") + kSmallQwen + " --tokens 4 --warmup -1", "--warmup: -1 is negative");
+  expect_bad_input(std::string("run ") + kSmallQwen + " --tokens 4 --budget 1e", "--budget: '1e' is not a number");
   expect_bad_input("bench --backend cpu --models mixtral-8x7b --tokens 4 --passes two", "two");
   expect_bad_input("bench --backend cpu --models mixtral-8x7b --tokens 4 --max-lanes 0", "--max-lanes");
 }

@@ -15,6 +15,7 @@
 #include "kernels/comm/nccl_communicator.hpp"
 #include "tools/commands.hpp"
 #include "tools/model_flags.hpp"
+#include "tools/number_checks.hpp"
 #include "tools/run_ranks.hpp"
 
 namespace moeflow::cli {
@@ -52,28 +53,28 @@ Command add_bench_command(CLI::App& app) {
       ->check(CLI::IsMember({"serial", "concurrent", "graph", "graph-any"}));
   sub->add_option("--experts-kernels", f->experts_kernels, "experts kernels to force in turn, comma-separated (cuda); 'auto' is the planner's choice (fusion included), a fused kernel (cuda.fused_decode) is forced on the fused node")
       ->delimiter(',');
-  sub->add_option("--input-sets", f->input_sets, "input sets the runs rotate over")->check(CLI::PositiveNumber);
+  sub->add_option("--input-sets", f->input_sets, "input sets the runs rotate over")->check(cli::Positive);
   sub->add_option("--scope", f->scope, "experts | layer | both (= experts,layer) | routed | shared, comma-separated")
       ->delimiter(',')
       ->check(CLI::IsMember({"experts", "layer", "both", "routed", "shared"}));
   sub->add_option("--chunks", f->chunks, "chunk counts to measure in turn, comma-separated (1 = unchunked)")
       ->delimiter(',')
-      ->check(CLI::PositiveNumber);
+      ->check(cli::Positive);
   sub->add_option("--backend", f->backend, "cpu | cuda")->check(CLI::IsMember({"cpu", "cuda"}));
   sub->add_option("--max-lanes", f->max_lanes, "most lanes the concurrent planner opens (1: the concurrent plan keeps one compute lane, and with ranks its communication lane)")
-      ->check(CLI::PositiveNumber);
+      ->check(cli::Positive);
   sub->add_flag("--side-lanes-every-sm", f->side_lanes_every_sm,
                 "every lane's kernels aim at every SM (cuda; by default a side lane whose work is at most a quarter "
                 "of the plan's aims at half of them)");
   sub->add_flag("--no-fold-shared", f->no_fold_shared,
                 "keep the shared expert and the reduce adding it apart, and a layer's reduce apart from its "
                 "combine (cuda; as `run --no-fold-shared`)");
-  sub->add_option("--threads", f->threads, "oneTBB threads (default: every core)")->check(CLI::PositiveNumber);
+  sub->add_option("--threads", f->threads, "oneTBB threads (default: every core)")->check(cli::Positive);
   sub->add_option("--seed", f->seed, "seed of the random weights and inputs");
-  sub->add_option("--runs", f->min_runs, "timed runs per row at least")->check(CLI::PositiveNumber);
-  sub->add_option("--budget", f->budget_s, "seconds of timed runs per row to aim for")->check(CLI::NonNegativeNumber);
+  sub->add_option("--runs", f->min_runs, "timed runs per row at least")->check(cli::Positive);
+  sub->add_option("--budget", f->budget_s, "seconds of timed runs per row to aim for")->check(cli::NonNegative);
   sub->add_option("--passes", f->passes, "run the whole sweep this many times over and summarise each point's median over the passes and their spread (drift of the machine then shows as spread, not as a bias against the rows measured last)")
-      ->check(CLI::PositiveNumber);
+      ->check(cli::Positive);
   sub->add_option("--json", f->json, "write the rows, one JSON object per line, as they are measured (with their pass)");
   f->parallel.add_to(*sub, false);
   sub->add_option("--dispatches", f->dispatches, "dispatch kinds to measure in turn under mpirun (default: all three)")

@@ -17,6 +17,7 @@
 #include "scheduler/plan.hpp"
 #include "scheduler/tuning_cache.hpp"
 #include "tools/commands.hpp"
+#include "tools/number_checks.hpp"
 
 namespace moeflow::cli {
 
@@ -52,11 +53,11 @@ Command add_tune_command(CLI::App& app) {
   CLI::App* sub = app.add_subcommand("tune", "measure the experts kernels per model and T; write the fastest to a tuning cache");
   sub->add_option("--models", f->models, "presets or config.json paths, comma-separated")->delimiter(',');
   sub->add_option("--set", f->sets, "override a field of every model: field=value (repeatable)");
-  sub->add_option("--tokens", f->tokens, "T values, comma-separated")->delimiter(',')->check(CLI::PositiveNumber);
+  sub->add_option("--tokens", f->tokens, "T values, comma-separated")->delimiter(',')->check(cli::Positive);
   sub->add_option("--kernels", f->kernels, "candidate experts kernels (default: every CUDA experts kernel)")->delimiter(',');
   sub->add_option("--cache", f->cache, "the tuning cache to update (JSON; created if missing)");
-  sub->add_option("--runs", f->runs, "timed runs per candidate")->check(CLI::PositiveNumber);
-  sub->add_option("--device", f->device, "CUDA device")->check(CLI::NonNegativeNumber);
+  sub->add_option("--runs", f->runs, "timed runs per candidate")->check(cli::Positive);
+  sub->add_option("--device", f->device, "CUDA device")->check(cli::NonNegative);
   return [f]() -> int {
 #ifdef MOEFLOW_HAVE_CUDA
     if (cuda::device_count() == 0) fail_resource("tune: no CUDA device here");

@@ -2,6 +2,7 @@
 
 #include "graph/error.hpp"
 #include "ops/moe_layer.hpp"
+#include "tools/number_checks.hpp"
 #ifdef MOEFLOW_HAVE_CUDA
 #include "kernels/cuda/device.hpp"
 #endif
@@ -19,9 +20,9 @@ void ModelFlags::add_to(CLI::App& app) {
                  "experts) or shared (shared experts alone)")
       ->check(CLI::IsMember({"layer", "experts", "routed", "shared"}));
   auto* n = app.add_option("--chunks", chunks, "split the token dimension into N chunks (sub-DAGs the planner pipelines)")
-                ->check(CLI::PositiveNumber);
+                ->check(cli::Positive);
   auto* c = app.add_option("--chunk-tokens", chunk_tokens, "split the token dimension into chunks of C tokens")
-                ->check(CLI::PositiveNumber);
+                ->check(cli::Positive);
   n->excludes(c);
 }
 
@@ -34,7 +35,7 @@ void PlanFlags::add_to(CLI::App& app) {
   app.add_option("--plan", plan, "serial | concurrent")->check(CLI::IsMember({"serial", "concurrent"}));
   app.add_option("--backend", backend, "cpu | cuda")->check(CLI::IsMember({"cpu", "cuda"}));
   app.add_option("--kernel", kernels, "force a kernel: op=name (repeatable)");
-  app.add_option("--max-lanes", max_lanes, "most lanes the concurrent planner opens")->check(CLI::PositiveNumber);
+  app.add_option("--max-lanes", max_lanes, "most lanes the concurrent planner opens")->check(cli::Positive);
   app.add_flag("--no-fuse", no_fuse,
                "keep dispatch, experts and combine as three nodes (by default they become one fused_experts node "
                "where the backend has a kernel for it)");
@@ -98,15 +99,15 @@ PlanOptions PlanFlags::options() const {
 }
 
 void ParallelFlags::add_to(CLI::App& app, bool with_rank) {
-  app.add_option("--dp", dp, "data-parallel ranks (tokens differ across them)")->check(CLI::PositiveNumber);
-  app.add_option("--tp", tp, "tensor-parallel ranks per DP rank (tokens replicated across them)")->check(CLI::PositiveNumber);
+  app.add_option("--dp", dp, "data-parallel ranks (tokens differ across them)")->check(cli::Positive);
+  app.add_option("--tp", tp, "tensor-parallel ranks per DP rank (tokens replicated across them)")->check(cli::Positive);
   app.add_flag("--ep", ep, "split the routed experts over all ranks (otherwise every expert's I is split)");
   app.add_option("--dispatch", dispatch, "allgather | topk-allgather | alltoall (default allgather)")
       ->check(CLI::IsMember({"allgather", "topk-allgather", "alltoall"}));
   app.add_option("--tp-dispatch", tp_dispatch,
                  "which TP rank dispatches which rows: slices (sequence-parallel) or leader (TP rank 0)")
       ->check(CLI::IsMember({"slices", "leader"}));
-  if (with_rank) app.add_option("--rank", rank, "the rank whose graph to show (0 .. dp*tp-1)")->check(CLI::NonNegativeNumber);
+  if (with_rank) app.add_option("--rank", rank, "the rank whose graph to show (0 .. dp*tp-1)")->check(cli::NonNegative);
 }
 
 ParallelLayout ParallelFlags::layout(const std::vector<int64_t>& tokens, const MoEConfig& config, int world_size) const {
