@@ -14,8 +14,8 @@ int64_t CpuSession::bytes_needed(const Plan& plan) {
 CpuSession::CpuSession(std::shared_ptr<const Graph> graph, const SessionOptions& options,
                        const CpuSession* share_weights)
     : plan_(make_plan(graph, observing(*graph, options.plan))), options_(options) {
-  if (share_weights && share_weights->plan_.graph != plan_.graph)
-    fail_input("CpuSession: weights can only be shared between plans of one graph");
+  if (share_weights && (!plan_.weights_laid_out_as(share_weights->plan_) || share_weights->options_.seed != options.seed))
+    fail_input("CpuSession: weights can only be shared between plans of one layer and seed");
   std::ostringstream what;
   what.setf(std::ios::fixed);
   what.precision(2);

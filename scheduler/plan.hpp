@@ -150,6 +150,10 @@ class Plan {
   // True when some node waits for the device on the host (a to_host node): no CUDA-graph capture.
   bool has_host_sync() const;
   int64_t bytes(Arena a) const;
+  // True when `other` lays out the same weights (by name) at the same offsets and sizes, so one
+  // weights arena serves both: plans of one layer for different policies, whose planned graphs are
+  // different objects (fusion and folding rewrite the graph for each plan).
+  bool weights_laid_out_as(const Plan& other) const;
 
   // One line per step: order, lane, node, kernel, reason, predicted time.
   void write_summary(std::ostream& out) const;

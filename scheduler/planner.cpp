@@ -41,6 +41,18 @@ int64_t Plan::bytes(Arena a) const {
   return it == arena_bytes.end() ? 0 : it->second;
 }
 
+bool Plan::weights_laid_out_as(const Plan& other) const {
+  if (bytes(Arena::weights) != other.bytes(Arena::weights)) return false;
+  for (const Buffer& b : buffers) {
+    if (b.arena != Arena::weights) continue;
+    const auto twin = other.graph->find_value(graph->value(b.value).name);
+    if (!twin || other.buffer(*twin).arena != Arena::weights || other.buffer(*twin).offset != b.offset ||
+        other.buffer(*twin).bytes != b.bytes)
+      return false;
+  }
+  return true;
+}
+
 Arena arena_of(const Value& v) {
   return v.role == ValueRole::weight  ? Arena::weights
          : v.role == ValueRole::input ? Arena::inputs

@@ -182,6 +182,25 @@ TEST(Cli, BenchMaxLanesBoundsTheConcurrentPlansLanes) {
   EXPECT_GE(lanes_of(""), 2);
 }
 
+TEST(Cli, BenchLayerScopeTimesEveryPlanOnOneSetOfWeights) {
+  // Each plan's graph is rewritten by its own fusion and folding, so the sessions' planned graphs are
+  // different objects; they still share the first one's weights (once refused: only plans of one
+  // graph object could share, and a layer with a shared expert failed on its second plan).
+  const fs::path json = temp_dir() / "layer_plans.jsonl";
+  const Result r = run_moeflow(
+      "bench --backend cpu --models qwen1.5-moe-a2.7b --set hidden_size=128 --set moe_intermediate_size=32 "
+      "--set shared_expert_intermediate_size=64 --threads 2 --runs 1 --budget 0 --tokens 4 --plans serial,concurrent "
+      "--scope layer --json " + json.string());
+  EXPECT_EQ(r.status, 0) << r.output;
+  std::ifstream in(json);
+  std::vector<nlohmann::json> rows;
+  for (std::string line; std::getline(in, line);) rows.push_back(nlohmann::json::parse(line));
+  ASSERT_EQ(rows.size(), 2u) << r.output;
+  EXPECT_EQ(rows[0].at("plan"), "serial");
+  EXPECT_EQ(rows[1].at("plan"), "concurrent");
+  EXPECT_TRUE(rows[1].at("ratio_serial").is_number());
+}
+
 TEST(Cli, BenchPassesRepeatTheSweepAndSummariseEachPoint) {
   const fs::path json = temp_dir() / "passes.jsonl";
   const Result r = run_moeflow(

@@ -824,7 +824,8 @@ TEST(CpuExecutor, PackedWeightsAreWrittenOnceAndReadInsteadOfTheirSource) {
   packed.packed_weight = PackedWeight{2, "a copy of w13", w13_bytes, [writes, w13_bytes](const KernelCall& c, void* to) {
                                         ++*writes;
                                         std::memcpy(to, c.inputs[2], static_cast<std::size_t>(w13_bytes(c.graph, c.node)));
-                                      }};
+                                      },
+                                      /*unpacked_twin=*/""};
   packed.run = [run = plain->run](const KernelCall& c) {
     ASSERT_NE(c.packed, nullptr);
     std::vector<void*> in(c.inputs.begin(), c.inputs.end());

@@ -236,14 +236,8 @@ CudaSession::CudaSession(std::shared_ptr<const Graph> graph, CudaSessionOptions 
   what << "'" << plan_.graph->name() << "' (weights " << static_cast<double>(plan_.bytes(Arena::weights)) / (1 << 30)
        << " GiB in bf16 + workspace at T=" << plan_.graph->max_tokens() << ")";
   if (share_weights) {
-    const Plan& other = share_weights->plan_;
-    bool same = other.bytes(Arena::weights) == plan_.bytes(Arena::weights) && share_weights->options_.seed == options_.seed;
-    for (const Buffer& b : plan_.buffers) {
-      if (!same || b.arena != Arena::weights) continue;
-      const auto twin = other.graph->find_value(plan_.graph->value(b.value).name);
-      same = twin && other.buffer(*twin).offset == b.offset && other.buffer(*twin).bytes == b.bytes;
-    }
-    if (!same) fail_input("CudaSession: weights can only be shared between plans of one layer and seed");
+    if (!plan_.weights_laid_out_as(share_weights->plan_) || share_weights->options_.seed != options_.seed)
+      fail_input("CudaSession: weights can only be shared between plans of one layer and seed");
     weights_ = share_weights->weights_;
     loaded_ = share_weights->loaded_;
   }
