@@ -97,12 +97,14 @@ TEST(CudaGatherRows, PlannedWhereTheChainPlansTheNarrowTiles) {  // planning onl
     EXPECT_EQ(experts_kernel(make_plan(experts_graph("mixtral-8x7b", {}, 2048), forced)), kernel);
   }
   const Plan pairs = make_plan(experts_graph("qwen3-30b-a3b", kQwen3Small, 1024), po);
-  for (const PlanStep& step : pairs.steps)
-    if (pairs.graph->node(step.node).op->kind() == "experts")
+  for (const PlanStep& step : pairs.steps) {
+    if (pairs.graph->node(step.node).op->kind() == "experts") {
       EXPECT_NE(step.reason.find(std::string(kGatherTiles) + ": 64 rows/expert at max T: the chain's tiles there (it runs "
                                  "here where forced or tuned)"),
                 std::string::npos)
           << step.reason;
+    }
+  }
   // A layer with a shared expert: the routed chain is fused, the shared expert stays apart (the
   // gather runs the routed experts only) and, one lane in order, its add goes into the fused node's
   // combine; with the fold off (--no-fold-shared) the reduce stays.
