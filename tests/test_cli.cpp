@@ -159,6 +159,7 @@ TEST(Cli, BadInputIsOneLineAndStatusTwo) {
   expect_bad_input("bench --backend cpu --models mixtral-8x7b --tokens 4 --plans graph-any", "plan 'graph-any'");
   expect_bad_input("bench --backend cpu --models mixtral-8x7b --tokens 4 --passes 0", "--passes");
   expect_bad_input(std::string("run ") + kSmallQwen + " --tokens 4 --warmup -1", "--warmup: -1 is negative");
+  expect_bad_input(std::string("run ") + kSmallQwen + " --tokens 4 --seed -1", "--seed: -1 is negative");  // not 2^64 - 1
   expect_bad_input(std::string("run ") + kSmallQwen + " --tokens 4 --budget 1e", "--budget: '1e' is not a number");
   expect_bad_input("bench --backend cpu --models mixtral-8x7b --tokens 4 --passes two", "two");
   expect_bad_input("bench --backend cpu --models mixtral-8x7b --tokens 4 --max-lanes 0", "--max-lanes");

@@ -70,7 +70,7 @@ Command add_bench_command(CLI::App& app) {
                 "keep the shared expert and the reduce adding it apart, and a layer's reduce apart from its "
                 "combine (cuda; as `run --no-fold-shared`)");
   sub->add_option("--threads", f->threads, "oneTBB threads (default: every core)")->check(cli::Positive);
-  sub->add_option("--seed", f->seed, "seed of the random weights and inputs");
+  sub->add_option("--seed", f->seed, "seed of the random weights and inputs")->check(cli::NonNegative);
   sub->add_option("--runs", f->min_runs, "timed runs per row at least")->check(cli::Positive);
   sub->add_option("--budget", f->budget_s, "seconds of timed runs per row to aim for")->check(cli::NonNegative);
   sub->add_option("--passes", f->passes, "run the whole sweep this many times over and summarise each point's median over the passes and their spread (drift of the machine then shows as spread, not as a bias against the rows measured last)")

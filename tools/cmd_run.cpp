@@ -162,7 +162,7 @@ Command add_run_command(CLI::App& app) {
       ->delimiter(',');
   sub->add_option("--max-tokens", f->max_tokens, "maximum T the graph and plan are built for (default: --tokens)");
   sub->add_option("--threads", f->threads, "oneTBB threads (default: every core)")->check(cli::Positive);
-  sub->add_option("--seed", f->seed, "seed of the random weights and inputs");
+  sub->add_option("--seed", f->seed, "seed of the random weights and inputs")->check(cli::NonNegative);
   sub->add_option("--trace", f->trace, "write the last run as Chrome-trace JSON (Perfetto)");
   sub->add_flag("--json", f->json, "print the result as JSON");
   sub->add_flag("--check", f->check, "compare with the fp64 reference; exit 1 on failure");
