@@ -183,41 +183,43 @@ TEST(Cli, BenchMaxLanesBoundsTheConcurrentPlansLanes) {
   EXPECT_GE(lanes_of(""), 2);
 }
 
+// `moeflow bench` on the CPU over the small qwen1.5 layer with `flags`, and the JSON rows it wrote.
+struct BenchRun {
+  Result result;
+  std::vector<nlohmann::json> rows;
+};
+BenchRun bench_small_qwen(const std::string& flags) {
+  const fs::path json = temp_dir() / "bench_rows.jsonl";
+  fs::remove(json);
+  BenchRun b{run_moeflow("bench --backend cpu --models qwen1.5-moe-a2.7b --set hidden_size=128 --set "
+                         "moe_intermediate_size=32 --set shared_expert_intermediate_size=64 --threads 2 --runs 1 "
+                         "--budget 0 " + flags + " --json " + json.string()),
+             {}};
+  std::ifstream in(json);
+  for (std::string line; std::getline(in, line);) b.rows.push_back(nlohmann::json::parse(line));
+  return b;
+}
+
 TEST(Cli, BenchLayerScopeTimesEveryPlanOnOneSetOfWeights) {
   // Each plan's graph is rewritten by its own fusion and folding, so the sessions' planned graphs are
   // different objects; they still share the first one's weights (once refused: only plans of one
   // graph object could share, and a layer with a shared expert failed on its second plan).
-  const fs::path json = temp_dir() / "layer_plans.jsonl";
-  const Result r = run_moeflow(
-      "bench --backend cpu --models qwen1.5-moe-a2.7b --set hidden_size=128 --set moe_intermediate_size=32 "
-      "--set shared_expert_intermediate_size=64 --threads 2 --runs 1 --budget 0 --tokens 4 --plans serial,concurrent "
-      "--scope layer --json " + json.string());
-  EXPECT_EQ(r.status, 0) << r.output;
-  std::ifstream in(json);
-  std::vector<nlohmann::json> rows;
-  for (std::string line; std::getline(in, line);) rows.push_back(nlohmann::json::parse(line));
-  ASSERT_EQ(rows.size(), 2u) << r.output;
-  EXPECT_EQ(rows[0].at("plan"), "serial");
-  EXPECT_EQ(rows[1].at("plan"), "concurrent");
-  EXPECT_TRUE(rows[1].at("ratio_serial").is_number());
+  const BenchRun b = bench_small_qwen("--tokens 4 --plans serial,concurrent --scope layer");
+  EXPECT_EQ(b.result.status, 0) << b.result.output;
+  ASSERT_EQ(b.rows.size(), 2u) << b.result.output;
+  EXPECT_EQ(b.rows[0].at("plan"), "serial");
+  EXPECT_EQ(b.rows[1].at("plan"), "concurrent");
+  EXPECT_TRUE(b.rows[1].at("ratio_serial").is_number());
 }
 
 TEST(Cli, BenchPassesRepeatTheSweepAndSummariseEachPoint) {
-  const fs::path json = temp_dir() / "passes.jsonl";
-  const Result r = run_moeflow(
-      "bench --backend cpu --models qwen1.5-moe-a2.7b --set hidden_size=128 --set moe_intermediate_size=32 "
-      "--set shared_expert_intermediate_size=64 --threads 2 --runs 1 --budget 0 --tokens 4,9 --plans serial "
-      "--scope experts --passes 3 --json " + json.string());
-  EXPECT_EQ(r.status, 0) << r.output;
-  EXPECT_THAT(r.output, HasSubstr("== pass 3 of 3"));
-  EXPECT_THAT(r.output, HasSubstr("over passes"));
-  EXPECT_THAT(r.output, HasSubstr("scope=experts preset=qwen1.5-moe-a2.7b T=9 chunks=1 plan=serial"));
-  std::ifstream in(json);
+  const BenchRun b = bench_small_qwen("--tokens 4,9 --plans serial --scope experts --passes 3");
+  EXPECT_EQ(b.result.status, 0) << b.result.output;
+  EXPECT_THAT(b.result.output, HasSubstr("== pass 3 of 3"));
+  EXPECT_THAT(b.result.output, HasSubstr("over passes"));
+  EXPECT_THAT(b.result.output, HasSubstr("scope=experts preset=qwen1.5-moe-a2.7b T=9 chunks=1 plan=serial"));
   std::multiset<std::pair<int, int>> seen;  // (pass, T)
-  for (std::string line; std::getline(in, line);) {
-    const auto row = nlohmann::json::parse(line);
-    seen.insert({row.at("pass").get<int>(), row.at("T").get<int>()});
-  }
+  for (const auto& row : b.rows) seen.insert({row.at("pass").get<int>(), row.at("T").get<int>()});
   EXPECT_EQ(seen, (std::multiset<std::pair<int, int>>{{0, 4}, {0, 9}, {1, 4}, {1, 9}, {2, 4}, {2, 9}}));
 }
 
