@@ -5,6 +5,7 @@
 #include <map>
 
 #include "bench/cpu_session.hpp"
+#include "bench/measure.hpp"
 #include "graph/chunk.hpp"
 #include "graph/error.hpp"
 #include "ops/moe_layer.hpp"
@@ -23,7 +24,7 @@ std::vector<nlohmann::json> run_cpu_bench(const BenchOptions& o, std::ostream& l
   log << "bench on " << machine << ": measured " << std::fixed << std::setprecision(1) << rates.flops_per_s / 1e9
       << " GFLOP/s (one SGEMM per thread), " << rates.bytes_per_s / 1e9 << " GB/s (copy, read + write)\n";
   log << std::left << std::setw(9) << "scope" << std::setw(20) << "model" << std::setw(7) << "T" << std::setw(4) << "ch" << std::setw(12) << "plan"
-      << std::setw(12) << "median us" << std::setw(12) << "floor us" << std::setw(9) << "x floor" << "x serial\n";
+      << std::setw(12) << "median us" << std::setw(12) << "floor us" << std::setw(9) << "x floor" << kPrintedRowTailHeader << "\n";
   std::vector<nlohmann::json> rows;
   for (const std::string& model : o.models) {
     const MoEConfig config = load_config(model, o.sets);
@@ -75,7 +76,7 @@ std::vector<nlohmann::json> run_cpu_bench(const BenchOptions& o, std::ostream& l
           log << std::setw(9) << scope << std::setw(20) << config.name << std::setw(7) << T << std::setw(4) << chunks << std::setw(12)
               << to_string(o.plans[i]) << std::setw(12) << std::setprecision(1) << t.median_s * 1e6 << std::setw(12)
               << floor.seconds * 1e6 << std::setw(9) << std::setprecision(2) << t.median_s / floor.seconds
-              << (row["ratio_serial"].is_null() ? std::string("-") : std::to_string(row["ratio_serial"].get<double>()))
+              << printed_row_tail(row)
               << "\n";
           if (on_row) on_row(row);
           rows.push_back(std::move(row));

@@ -2,8 +2,10 @@
 
 #include <algorithm>
 #include <fstream>
+#include <iomanip>
 #include <map>
 #include <set>
+#include <sstream>
 #include <vector>
 
 #include "graph/error.hpp"
@@ -156,6 +158,14 @@ nlohmann::json bench_row(const std::string& scope, const std::string& preset, in
           {"gbps", floor.bytes / t.median_s / 1e9},
           {"touched_experts", floor.touched_experts},
           {"fewest_expert_rows", floor.fewest_expert_rows}};
+}
+
+std::string printed_row_tail(const nlohmann::json& row) {
+  const nlohmann::json& serial = row.at("ratio_serial");
+  std::ostringstream out;
+  out << std::left << std::setw(10) << (serial.is_null() ? std::string("-") : std::to_string(serial.get<double>()))
+      << row.at("fewest_expert_rows").get<int64_t>();
+  return out.str();
 }
 
 std::string cpu_name(int threads) {

@@ -75,6 +75,12 @@ nlohmann::json bench_row(const std::string& scope, const std::string& preset, in
                          std::size_t lanes, const std::string& kernels, const Timing& t, const Floor& floor,
                          int input_sets);
 
+// The last columns of a printed bench row, shared by both backends' tables: time / the serial plan's
+// ("-" where no serial row came first) and the fewest rows a touched expert gets in one chunk
+// (Floor::fewest_expert_rows: issue 5 holds chunked runs to the unchunked pace only from 512).
+constexpr const char* kPrintedRowTailHeader = "x serial  fewest rows";
+std::string printed_row_tail(const nlohmann::json& row);
+
 // "Intel(R) Xeon(R) ..." from /proc/cpuinfo, with the thread count.
 std::string cpu_name(int threads);
 

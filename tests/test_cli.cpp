@@ -210,6 +210,9 @@ TEST(Cli, BenchLayerScopeTimesEveryPlanOnOneSetOfWeights) {
   EXPECT_EQ(b.rows[0].at("plan"), "serial");
   EXPECT_EQ(b.rows[1].at("plan"), "concurrent");
   EXPECT_TRUE(b.rows[1].at("ratio_serial").is_number());
+  // The printed table ends in the fewest rows a touched expert got (4 tokens, top-4 of 60: a few).
+  EXPECT_THAT(b.result.output, HasSubstr("x serial  fewest rows"));
+  EXPECT_GE(b.rows[1].at("fewest_expert_rows").get<int>(), 1);
 }
 
 TEST(Cli, BenchPassesRepeatTheSweepAndSummariseEachPoint) {

@@ -5,6 +5,7 @@
 #include <map>
 
 #include "bench/cuda/cuda_session.hpp"
+#include "bench/measure.hpp"
 #include "graph/chunk.hpp"
 #include "graph/error.hpp"
 #include "kernels/cuda/device.hpp"
@@ -24,7 +25,7 @@ std::vector<nlohmann::json> run_cuda_bench(const CudaBenchOptions& o, std::ostre
       << " TFLOP/s (cuBLAS bf16 8192^3), " << rates.bytes_per_s / 1e12 << " TB/s (2 GiB copy, read + write)\n";
   log << std::left << std::setw(8) << "scope" << std::setw(19) << "model" << std::setw(6) << "T" << std::setw(4) << "ch" << std::setw(12) << "plan"
       << std::setw(30) << "experts kernel" << std::setw(11) << "median us" << std::setw(10) << "floor us" << std::setw(9)
-      << "x floor" << "x serial\n";
+      << "x floor" << kPrintedRowTailHeader << "\n";
   std::vector<nlohmann::json> rows;
   // "" (or "auto" in the list): the planner's own choice, fusion included.
   std::vector<std::string> kernels = o.experts_kernels.empty() ? std::vector<std::string>{""} : o.experts_kernels;
@@ -127,7 +128,7 @@ std::vector<nlohmann::json> run_cuda_bench(const CudaBenchOptions& o, std::ostre
                 << std::setw(12) << (any_tokens ? "graph-any" : graph_replay ? "conc+graph" : plan) << std::setw(30) << experts_kernel << std::setw(11)
                 << std::setprecision(1) << t.median_s * 1e6 << std::setw(10) << floor.seconds * 1e6 << std::setw(9)
                 << std::setprecision(2) << t.median_s / floor.seconds
-                << (row["ratio_serial"].is_null() ? std::string("-") : std::to_string(row["ratio_serial"].get<double>()))
+                << printed_row_tail(row)
                 << std::endl;
             if (on_row) on_row(row);
             rows.push_back(std::move(row));
