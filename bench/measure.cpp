@@ -78,6 +78,11 @@ Floor roofline_floor(const Graph& g, int64_t T, const int32_t* ids, const Machin
   return f;
 }
 
+namespace {
+// The smaller of two row counts where 0 means "none seen yet" (Floor::fewest_expert_rows).
+int64_t fewer_rows(int64_t a, int64_t b) { return a == 0 ? b : b == 0 ? a : std::min(a, b); }
+}  // namespace
+
 int64_t fewest_expert_rows(const Graph& g, int64_t tokens, const int32_t* ids) {
   int64_t fewest = 0;
   for (ValueId v : routing_ids(g)) {
@@ -86,7 +91,7 @@ int64_t fewest_expert_rows(const Graph& g, int64_t tokens, const int32_t* ids) {
     std::map<int32_t, int64_t> rows_of;  // touched expert -> its rows in this chunk
     for (int64_t i = 0; i < rows; ++i) ++rows_of[ids[i]];
     for (const auto& [expert, count] : rows_of)
-      if (expert >= 0) fewest = fewest == 0 ? count : std::min(fewest, count);
+      if (expert >= 0) fewest = fewer_rows(fewest, count);
     ids += rows;
   }
   return fewest;
@@ -129,9 +134,7 @@ Floor mean_floor(const Graph& g, int64_t tokens, int sets, const std::function<s
     mean.flops += f.flops / sets;
     mean.seconds += f.seconds / sets;
     mean.touched_experts += f.touched_experts;
-    if (f.fewest_expert_rows > 0)
-      mean.fewest_expert_rows = mean.fewest_expert_rows == 0 ? f.fewest_expert_rows
-                                                             : std::min(mean.fewest_expert_rows, f.fewest_expert_rows);
+    mean.fewest_expert_rows = fewer_rows(mean.fewest_expert_rows, f.fewest_expert_rows);
     mean.memory_bound = f.memory_bound;
   }
   mean.touched_experts /= sets;
