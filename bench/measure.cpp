@@ -166,8 +166,10 @@ nlohmann::json bench_row(const std::string& scope, const std::string& preset, in
 std::string printed_row_tail(const nlohmann::json& row) {
   const nlohmann::json& serial = row.at("ratio_serial");
   std::ostringstream out;
-  out << std::left << std::setw(10) << (serial.is_null() ? std::string("-") : std::to_string(serial.get<double>()))
-      << row.at("fewest_expert_rows").get<int64_t>();
+  std::ostringstream ratio;
+  if (serial.is_null()) ratio << "-";
+  else ratio << std::fixed << std::setprecision(3) << serial.get<double>();
+  out << std::left << std::setw(10) << ratio.str() << row.at("fewest_expert_rows").get<int64_t>();
   return out.str();
 }
 

@@ -3,6 +3,7 @@
 #include <gmock/gmock.h>
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <array>
 #include <cstdio>
 #include <filesystem>
@@ -224,6 +225,22 @@ TEST(Cli, BenchPassesRepeatTheSweepAndSummariseEachPoint) {
   std::multiset<std::pair<int, int>> seen;  // (pass, T)
   for (const auto& row : b.rows) seen.insert({row.at("pass").get<int>(), row.at("T").get<int>()});
   EXPECT_EQ(seen, (std::multiset<std::pair<int, int>>{{0, 4}, {0, 9}, {1, 4}, {1, 9}, {2, 4}, {2, 9}}));
+}
+
+TEST(Cli, BenchChunksPrintTheBestChunkedOverTheBestUnchunkedRow) {
+  const BenchRun b = bench_small_qwen("--tokens 64 --plans serial,concurrent --scope experts --chunks 1,2 --passes 2");
+  EXPECT_EQ(b.result.status, 0) << b.result.output;
+  // The ratio the summary prints is the JSON rows' best 2-chunk time over their best unchunked one.
+  std::vector<double> best[2] = {{1e300, 1e300}, {1e300, 1e300}};  // [chunks - 1][pass]
+  for (const auto& row : b.rows)
+    best[row.at("chunks").get<int>() - 1][row.at("pass").get<int>()] =
+        std::min(best[row.at("chunks").get<int>() - 1][row.at("pass").get<int>()], row.at("time_us").get<double>());
+  std::ostringstream expected;
+  expected << std::fixed << std::setprecision(3) << " over 2 passes: " << best[1][0] / best[0][0] << " "
+           << best[1][1] / best[0][1] << ")  fewest rows ";
+  EXPECT_THAT(b.result.output, HasSubstr("chunked / unchunked"));
+  EXPECT_THAT(b.result.output, HasSubstr("experts qwen1.5-moe-a2.7b  T=64      2 chunks "));
+  EXPECT_THAT(b.result.output, HasSubstr(expected.str()));
 }
 
 TEST(Cli, TuningCacheFlagsAndTuneWithoutAGpu) {

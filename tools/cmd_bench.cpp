@@ -4,6 +4,7 @@
 #include <iostream>
 #include <tbb/info.h>
 
+#include "bench/chunk_ratios.hpp"
 #include "bench/cpu_bench.hpp"
 #include "bench/pass_summary.hpp"
 #ifdef MOEFLOW_HAVE_CUDA
@@ -171,13 +172,17 @@ Command add_bench_command(CLI::App& app) {
       o.budget_s = f->budget_s;
       sweep = [o, &on_row] { return run_cpu_bench(o, std::cout, on_row); };
     }
-    std::vector<nlohmann::json> all_rows;
+    std::vector<std::vector<nlohmann::json>> passes;
     for (pass = 0; pass < f->passes; ++pass) {
       if (f->passes > 1) std::cout << "== pass " << pass + 1 << " of " << f->passes << "\n";
-      const std::vector<nlohmann::json> rows = sweep();
-      all_rows.insert(all_rows.end(), rows.begin(), rows.end());
+      passes.push_back(sweep());
     }
-    if (f->passes > 1) print_pass_summary(summarize_passes(all_rows), std::cout);
+    if (f->passes > 1) {
+      std::vector<nlohmann::json> all_rows;
+      for (const auto& rows : passes) all_rows.insert(all_rows.end(), rows.begin(), rows.end());
+      print_pass_summary(summarize_passes(all_rows), std::cout);
+    }
+    print_chunk_ratios(chunk_ratios(passes), std::cout);
     return 0;
   };
 }
