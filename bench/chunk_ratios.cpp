@@ -26,7 +26,7 @@ std::string label_of(const nlohmann::json& row) {
 struct Best {
   double time_us = 0.0;
   std::string label;
-  int64_t fewest_expert_rows = -1;
+  int64_t fewest_expert_rows = 0;  // 0: none (fewer_rows)
 };
 
 }  // namespace
@@ -50,8 +50,7 @@ std::vector<ChunkRatio> chunk_ratios(const std::vector<std::vector<nlohmann::jso
         b.time_us = time;
         b.label = label_of(row);
       }
-      if (const int64_t rows_ = row.value("fewest_expert_rows", int64_t{-1}); rows_ >= 0)
-        b.fewest_expert_rows = b.fewest_expert_rows < 0 ? rows_ : std::min(b.fewest_expert_rows, rows_);
+      b.fewest_expert_rows = fewer_rows(b.fewest_expert_rows, row.value("fewest_expert_rows", int64_t{0}));
     }
     for (const auto& [point, chunks] : order) {
       if (chunks == 1) continue;
@@ -69,9 +68,7 @@ std::vector<ChunkRatio> chunk_ratios(const std::vector<std::vector<nlohmann::jso
         it = ratios.end() - 1;
       }
       it->per_pass.push_back(b.time_us / unchunked->second.time_us);
-      if (b.fewest_expert_rows >= 0)
-        it->fewest_expert_rows =
-            it->fewest_expert_rows < 0 ? b.fewest_expert_rows : std::min(it->fewest_expert_rows, b.fewest_expert_rows);
+      it->fewest_expert_rows = fewer_rows(it->fewest_expert_rows, b.fewest_expert_rows);
       ++labels[static_cast<std::size_t>(it - ratios.begin())][b.label];
     }
   }
@@ -111,7 +108,7 @@ void print_chunk_ratios(const std::vector<ChunkRatio>& ratios, std::ostream& out
       for (double v : r.per_pass) out << " " << v;
       out << ")";
     }
-    if (r.fewest_expert_rows >= 0) out << "  fewest rows " << r.fewest_expert_rows;
+    if (r.fewest_expert_rows > 0) out << "  fewest rows " << r.fewest_expert_rows;
     out << "  best: " << r.best << "\n";
   }
 }

@@ -23,7 +23,7 @@ struct ChunkRatio {
   std::vector<double> per_pass;      // best chunked / best unchunked time, each pass that measured both
   double median = 0.0;               // of per_pass (an even count: the mean of the middle two)
   double low = 0.0, high = 0.0;      // of per_pass
-  int64_t fewest_expert_rows = -1;   // the fewest over the chunked rows (-1: no row said)
+  int64_t fewest_expert_rows = 0;    // the fewest over the chunked rows (0: none, as fewer_rows counts)
   std::string best;                  // plan and experts kernel of the best chunked row, most often over the passes
 };
 

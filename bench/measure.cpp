@@ -80,8 +80,9 @@ Floor roofline_floor(const Graph& g, int64_t T, const int32_t* ids, const Machin
 
 namespace {
 // The smaller of two row counts where 0 means "none seen yet" (Floor::fewest_expert_rows).
-int64_t fewer_rows(int64_t a, int64_t b) { return a == 0 ? b : b == 0 ? a : std::min(a, b); }
 }  // namespace
+
+int64_t fewer_rows(int64_t a, int64_t b) { return a == 0 ? b : b == 0 ? a : std::min(a, b); }
 
 int64_t fewest_expert_rows(const Graph& g, int64_t tokens, const int32_t* ids) {
   int64_t fewest = 0;

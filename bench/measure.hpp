@@ -44,6 +44,9 @@ struct Floor {
 };
 Floor roofline_floor(const Graph& g, int64_t tokens, const int32_t* ids, const MachineRates& rates);
 
+// The fewer of two counts of Floor::fewest_expert_rows, 0 standing for none (nothing routed).
+int64_t fewer_rows(int64_t a, int64_t b);
+
 // Floor::fewest_expert_rows of `ids` ([T, k], each chunk's rows in order, as gather_routing returns
 // them) for graph `g`, whose routing_ids say how many rows each chunk holds.
 int64_t fewest_expert_rows(const Graph& g, int64_t tokens, const int32_t* ids);

@@ -67,6 +67,15 @@ TEST(ChunkRatios, BestChunkedOverBestUnchunkedPerPass) {
   EXPECT_EQ(sorted[2].point["T"], 64);
   EXPECT_EQ(sorted[2].chunks, 2);
 
+  // Nothing routed (0 rows) is no count: the line leaves the rows out.
+  const std::vector<ChunkRatio> unrouted =
+      chunk_ratios({{row(8, 1, "serial", "k", 10.0, 0), row(8, 2, "serial", "k", 11.0, 0)}});
+  ASSERT_EQ(unrouted.size(), 1u);
+  EXPECT_EQ(unrouted[0].fewest_expert_rows, 0);
+  std::ostringstream unrouted_out;
+  print_chunk_ratios(unrouted, unrouted_out);
+  EXPECT_EQ(unrouted_out.str().find("fewest rows"), std::string::npos) << unrouted_out.str();
+
   std::ostringstream none;
   print_chunk_ratios(chunk_ratios({{row(8, 1, "serial", "k", 1.0)}}), none);
   EXPECT_EQ(none.str(), "");  // nothing chunked, nothing printed
