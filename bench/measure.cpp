@@ -78,10 +78,6 @@ Floor roofline_floor(const Graph& g, int64_t T, const int32_t* ids, const Machin
   return f;
 }
 
-namespace {
-// The smaller of two row counts where 0 means "none seen yet" (Floor::fewest_expert_rows).
-}  // namespace
-
 int64_t fewer_rows(int64_t a, int64_t b) { return a == 0 ? b : b == 0 ? a : std::min(a, b); }
 
 int64_t fewest_expert_rows(const Graph& g, int64_t tokens, const int32_t* ids) {
@@ -167,10 +163,10 @@ nlohmann::json bench_row(const std::string& scope, const std::string& preset, in
 std::string printed_row_tail(const nlohmann::json& row) {
   const nlohmann::json& serial = row.at("ratio_serial");
   std::ostringstream out;
-  std::ostringstream ratio;
-  if (serial.is_null()) ratio << "-";
-  else ratio << std::fixed << std::setprecision(3) << serial.get<double>();
-  out << std::left << std::setw(10) << ratio.str() << row.at("fewest_expert_rows").get<int64_t>();
+  out << std::left << std::fixed << std::setprecision(3) << std::setw(10);
+  if (serial.is_null()) out << "-";
+  else out << serial.get<double>();
+  out << row.at("fewest_expert_rows").get<int64_t>();
   return out.str();
 }
 
