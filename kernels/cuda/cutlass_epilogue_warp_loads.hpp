@@ -10,6 +10,14 @@
 // file: the class name (not a GemmUniversal specialisation), the mainloop pipeline's producer role
 // for warp 2, the scheduler pipeline's consumer count, and the auxiliary branch's condition.
 // Measured in bench/probes/gather_rows.cu (bench/NOTES.md "Gathering x in GEMM 1's loads").
+// Without auxiliary loads warp 2 only takes its tiles from the scheduler.
+//
+// kStoresDuringMainloop (a second change, for the SwiGLU epilogue of the 128x256 tiles): the
+// consumers call the epilogue's hold() instead of store(), which writes most of the tile's act and
+// keeps the rest in registers, and the mainloop (StoresDuringMainloop,
+// cutlass_stores_during_mainloop.cuh) calls back after each of the next tile's first kPendingSlices
+// k-tiles are on the tensor cores to write a slice of it (the rest after the last tile). CUTLASS's
+// cooperative kernel runs the whole epilogue with the tensor cores idle.
 /***************************************************************************************************
  * Copyright (c) 2023 - 2025 NVIDIA CORPORATION & AFFILIATES. All rights reserved.
  * SPDX-License-Identifier: BSD-3-Clause
@@ -71,7 +79,8 @@ template <
   class ProblemShape_,
   class CollectiveMainloop_,
   class CollectiveEpilogue_,
-  class TileScheduler_ = void
+  class TileScheduler_ = void,
+  bool kStoresDuringMainloop = false
 >
 class EpilogueWarpLoadsCooperative
 {
@@ -172,6 +181,14 @@ public:
   static constexpr uint32_t MinBlocksPerMultiprocessor = 1;
   static constexpr uint32_t NumProducerThreads = CollectiveMainloop::NumProducerThreadEvents;
   static constexpr bool     IsMainloopAuxiliaryLoadNeeded = detail::HasAuxiliaryLoad_v<typename CollectiveMainloop::DispatchPolicy>;
+
+  // kStoresDuringMainloop: how many parts of a tile's held output are written, one after each of the
+  // next tile's first k-tiles (cutlass_stores_during_mainloop.cuh).
+  static constexpr int kPendingSlices = 4;
+  template <class Epilogue, bool kHolds>
+  struct PendingOf { template <class> using Type = bool; };
+  template <class Epilogue>
+  struct PendingOf<Epilogue, true> { template <class FrgLayout> using Type = typename Epilogue::template Pending<FrgLayout>; };
 
   /// Register requirement for Load and Math WGs
   static constexpr uint32_t LoadRegisterRequirement = 40;
@@ -792,6 +809,17 @@ public:
             }
           } while (work_tile_info.is_valid()); // Scheduler work fetch loop
         } // End of auxiliary load needed check
+        else if (producer_warp_role == ProducerWarpRole::Epilogue) {
+          // No auxiliary loads (kStoresDuringMainloop without a gather): warp 2 still takes its tiles,
+          // since the scheduler pipeline counts it among its consumers and would otherwise wait on it.
+          do {
+            auto [next_work_tile_info, increment_pipe] = scheduler.fetch_next_work(work_tile_info, tile_scheduler_pipeline, tile_scheduler_pipe_consumer_state);
+            work_tile_info = next_work_tile_info;
+            if (increment_pipe) {
+              ++tile_scheduler_pipe_consumer_state;
+            }
+          } while (work_tile_info.is_valid());
+        }
       } // Mainloop Auxiliary Load Producer Warp End
       // Epilogue Producer Warp
       else if (producer_warp_role == ProducerWarpRole::Epilogue && collective_epilogue.is_producer_load_needed()) {
@@ -904,6 +932,17 @@ public:
       bool did_batch_change = true;
       constexpr bool IsEpiLoad = false;
 
+      // kStoresDuringMainloop: the last tile's output as the epilogue holds it (hold, write_slice).
+      using AccumulatorLayout = decltype(partition_fragment_C(tiled_mma, take<0,2>(blk_shape)).layout());
+      using Pending = cute::conditional_t<kStoresDuringMainloop,
+          typename PendingOf<CollectiveEpilogue, kStoresDuringMainloop>::template Type<AccumulatorLayout>, bool>;
+      [[maybe_unused]] Pending pending{};
+      [[maybe_unused]] auto write_pending_slice = [&](int slice) {
+        if constexpr (kStoresDuringMainloop) {
+          collective_epilogue.template write_slice<kPendingSlices, TileShape>(pending, slice, tiled_mma, mma_thread_idx);
+        }
+      };
+
       if (warp_idx_in_warp_group == 0) {
         collective_epilogue.template tensormaps_perform_update<IsEpiLoad>(
           shared_storage.tensormaps.epilogue,
@@ -942,15 +981,38 @@ public:
 
         if (TileScheduler::valid_warpgroup_in_work_tile(work_tile_info)) {
 
-          collective_mainloop.mma(
-            mainloop_pipeline,
-            mainloop_pipe_consumer_state,
-            accumulators,
-            work_k_tile_count,
-            mma_thread_idx,
-            shared_storage.tensors.mainloop,
-            params.mainloop
-          );
+          if constexpr (kStoresDuringMainloop) {
+            // The previous tile's output, slice by slice, after each of this tile's first k-tiles
+            // is on the tensor cores; what is left (a tile of fewer k-tiles) right after.
+            const int k_tiles = static_cast<int>(work_k_tile_count);
+            const int callbacks = k_tiles < int{kPendingSlices} ? k_tiles : int{kPendingSlices};
+            collective_mainloop.mma(
+              mainloop_pipeline,
+              mainloop_pipe_consumer_state,
+              accumulators,
+              work_k_tile_count,
+              mma_thread_idx,
+              shared_storage.tensors.mainloop,
+              params.mainloop,
+              pending.live ? callbacks : 0,
+              [&](int slice) { write_pending_slice(slice); }
+            );
+            for (int slice = callbacks; pending.live && slice < kPendingSlices; ++slice) {
+              write_pending_slice(slice);
+            }
+            pending.live = false;
+          }
+          else {
+            collective_mainloop.mma(
+              mainloop_pipeline,
+              mainloop_pipe_consumer_state,
+              accumulators,
+              work_k_tile_count,
+              mma_thread_idx,
+              shared_storage.tensors.mainloop,
+              params.mainloop
+            );
+          }
 
           // Make sure the math instructions are done and free buffers before entering the epilogue
           collective_mainloop.mma_tail(
@@ -971,7 +1033,11 @@ public:
           collective_epilogue.template tensormaps_fence_acquire<IsEpiLoad>(epi_store_tensormap);
         }
 
-        if (TileScheduler::compute_epilogue(work_tile_info, params.scheduler)) {
+        if constexpr (kStoresDuringMainloop) {
+          // Most of the tile's output stored now, the rest held for the next tile's mainloop (or the end).
+          collective_epilogue.hold(pending, problem_shape_MNKL, blk_shape, blk_coord, accumulators, tiled_mma, mma_thread_idx);
+        }
+        else if (TileScheduler::compute_epilogue(work_tile_info, params.scheduler)) {
 
           // Epilogue and write to gD
           auto [epi_load_pipe_consumer_state_next, epi_store_pipe_producer_state_next] =
@@ -1027,6 +1093,12 @@ public:
         }
 
       } while (work_tile_info.is_valid()); // Scheduler work fetch loop
+
+      if constexpr (kStoresDuringMainloop) {
+        for (int slice = 0; pending.live && slice < kPendingSlices; ++slice) {
+          write_pending_slice(slice);
+        }
+      }
 
       // Cooperative only needs TMA to complete at the very end of the kernel
       if (do_store_tail) {

@@ -24,6 +24,7 @@
 #include "cutlass/gemm/kernel/gemm_universal.hpp"
 #include "kernels/cuda/cutlass_epilogue_warp_loads.hpp"
 #include "kernels/cuda/cutlass_gather_rows.cuh"
+#include "kernels/cuda/cutlass_stores_during_mainloop.cuh"
 #include "kernels/cuda/cutlass_weight_tiles.cuh"
 #endif
 
@@ -185,7 +186,8 @@ using StrideRowMajor = cutlass::detail::TagToStrideC_t<LayoutD*>;
 // so h [m, 2I] is never written nor read back. Gate and up are rounded to bf16 first, as h would have
 // been: the result is bit for bit the unfused path's (same mainloop, same accumulation order).
 // The shape of CUTLASS's DefaultEpilogueArray (no shared memory, stores from the registers), run
-// through its Sm90TmaWarpSpecializedAdapter like the ptr-array no-smem schedule.
+// through its Sm90TmaWarpSpecializedAdapter like the ptr-array no-smem schedule. A kernel may instead
+// call hold() and later write_slice() to issue some of the stores while its next tile's MMAs run.
 class SwigluEpilogueArray {
  public:
   using EpilogueSchedule = cutlass::epilogue::PtrArrayNoSmemWarpSpecialized;
@@ -231,11 +233,81 @@ class SwigluEpilogueArray {
   CUTLASS_HOST_DEVICE explicit SwigluEpilogueArray(Params const& p) : params(p) {}
   CUTLASS_DEVICE bool is_source_needed() { return false; }
 
+  // The last kHeldPairs of a tile's act pairs as a thread holds them between hold() and write_slice():
+  // EpilogueWarpLoadsCooperative with kStoresDuringMainloop writes them while the next tile's first
+  // MMAs run. Only some: the kernel has 168 registers per thread and the accumulators take 128.
+  // Pair i of a thread is (row block mi, gate group g, rows r / r + 8 by `half`) with
+  // i = (mi · kGroups / 2 + g) · 2 + half, as operator() walks them.
+  static constexpr int kHeldPairs = 8;
+  template <class FrgLayout>
+  struct Pending {
+    static constexpr int kGroups = cute::size<0, 2>(FrgLayout{});  // 8-column groups a thread holds across the tile
+    static constexpr int kFirst = cute::size<1>(FrgLayout{}) * kGroups - kHeldPairs;  // pair index of value[0]
+    static_assert(kFirst >= 0, "more held pairs than a thread has");
+    __nv_bfloat162 value[kHeldPairs];
+    Element* out = nullptr;  // the tile's first row, its first act column
+    int rows = 0, cols = 0;  // rows of the tile inside the group, act columns inside I
+    bool live = false;
+  };
+
+  // operator() but for the held pairs, which go to p.
+  template <class ProblemShapeMNKL, class BlockShapeMNK, class BlockCoordMNKL, class FrgEngine, class FrgLayout,
+            class TiledMma>
+  CUTLASS_DEVICE void hold(Pending<FrgLayout>& p, ProblemShapeMNKL problem_shape_mnkl, BlockShapeMNK blk_shape_MNK,
+                           BlockCoordMNKL blk_coord_mnkl, cute::Tensor<FrgEngine, FrgLayout> const& acc,
+                           TiledMma tiled_mma, int thread_idx) const {
+    constexpr int kTileM = size<0>(BlockShapeMNK{}), kTileN = size<1>(BlockShapeMNK{});
+    const auto [m_coord, n_coord, k_coord, l_coord] = blk_coord_mnkl;
+    const int m0 = static_cast<int>(m_coord) * kTileM, col0 = static_cast<int>(n_coord) * (kTileN / 2);
+    p.out = params.ptr_D[l_coord] + static_cast<int64_t>(m0) * params.pitch + col0;
+    p.rows = get<0>(problem_shape_mnkl) - m0;
+    p.cols = params.out_cols - col0;
+    p.live = true;
+    walk_pairs(problem_shape_mnkl, blk_shape_MNK, blk_coord_mnkl, acc, tiled_mma, thread_idx,
+               [&](int i, auto value) { p.value[i - Pending<FrgLayout>::kFirst] = value(); }, Pending<FrgLayout>::kFirst);
+  }
+
+  // Slice `slice` of kSlices equal parts of the held pairs (a run-time index into compile-time
+  // ranges, so that the registers are never indexed dynamically).
+  template <int kSlices, class BlockShapeMNK, int kSlice = 0, class FrgLayout, class TiledMma>
+  CUTLASS_DEVICE void write_slice(Pending<FrgLayout> const& p, int slice, TiledMma tiled_mma, int thread_idx) const {
+    static_assert(kHeldPairs % kSlices == 0, "equal slices");
+    constexpr int kPer = kHeldPairs / kSlices, kGroups = Pending<FrgLayout>::kGroups;
+    if constexpr (kSlice < kSlices) {
+      if (slice != kSlice) {
+        write_slice<kSlices, BlockShapeMNK, kSlice + 1>(p, slice, tiled_mma, thread_idx);
+        return;
+      }
+      Tensor in_tile = tiled_mma.get_thread_slice(thread_idx)
+                           .partition_C(make_identity_tensor(take<0, 2>(BlockShapeMNK{})));  // -> (m, n) in the tile
+      CUTLASS_PRAGMA_UNROLL
+      for (int j = kSlice * kPer; j < (kSlice + 1) * kPer; ++j) {
+        const int i = Pending<FrgLayout>::kFirst + j;
+        const auto crd = in_tile(make_coord(0, i % 2, i / 2 % (kGroups / 2)), i / 2 / (kGroups / 2), 0);
+        const int m = get<0>(crd), col = get<1>(crd);  // col < 128: the gate half of the tile
+        if (m < p.rows && col < p.cols)
+          *reinterpret_cast<__nv_bfloat162*>(p.out + static_cast<int64_t>(m) * params.pitch + col) = p.value[j];
+      }
+    }
+  }
+
   template <class ProblemShapeMNKL, class BlockShapeMNK, class BlockCoordMNKL, class FrgEngine, class FrgLayout,
             class TiledMma, class ResidueMNK>
   CUTLASS_DEVICE void operator()(ProblemShapeMNKL problem_shape_mnkl, BlockShapeMNK blk_shape_MNK,
-                                      BlockCoordMNKL blk_coord_mnkl, cute::Tensor<FrgEngine, FrgLayout> const& acc,
-                                      TiledMma tiled_mma, ResidueMNK, int thread_idx, char*) {
+                                 BlockCoordMNKL blk_coord_mnkl, cute::Tensor<FrgEngine, FrgLayout> const& acc,
+                                 TiledMma tiled_mma, ResidueMNK, int thread_idx, char*) {
+    walk_pairs(problem_shape_mnkl, blk_shape_MNK, blk_coord_mnkl, acc, tiled_mma, thread_idx, [](int, auto) {},
+               std::numeric_limits<int>::max());
+  }
+
+ private:
+  // Every pair of the thread's fragment in turn: stored to act where it lies inside the group's rows
+  // and I, from pair `first_held` on computed and handed to `held(i, value)` instead.
+  template <class ProblemShapeMNKL, class BlockShapeMNK, class BlockCoordMNKL, class FrgEngine, class FrgLayout,
+            class TiledMma, class Held>
+  CUTLASS_DEVICE void walk_pairs(ProblemShapeMNKL problem_shape_mnkl, BlockShapeMNK blk_shape_MNK,
+                                 BlockCoordMNKL blk_coord_mnkl, cute::Tensor<FrgEngine, FrgLayout> const& acc,
+                                 TiledMma tiled_mma, int thread_idx, Held&& held, int first_held) const {
     constexpr int kTileN = size<1>(BlockShapeMNK{});
     constexpr int kGroups = size<0, 2>(FrgLayout{});  // 8-column groups a thread holds across the tile
     static_assert(kTileN == 256 && kGroups * 8 == kTileN && size<2>(FrgLayout{}) == 1,
@@ -252,25 +324,32 @@ class SwigluEpilogueArray {
       for (int g = 0; g < kGroups / 2; ++g) {
         CUTLASS_PRAGMA_UNROLL
         for (int half = 0; half < 2; ++half) {  // rows r and r + 8
+          // Both columns' gate and up rounded to bf16 (as h holds them) and the result packed, two
+          // values per conversion: this epilogue runs between mainloops with the tensor cores idle,
+          // so its instructions are the time (bf16_vec.cuh, silu_mul).
+          auto value = [&] {
+            const float2 gate = __bfloat1622float2(__floats2bfloat162_rn(acc(make_coord(0, half, g), mi, 0),
+                                                                         acc(make_coord(1, half, g), mi, 0)));
+            const float2 up = __bfloat1622float2(__floats2bfloat162_rn(
+                acc(make_coord(0, half, g + kGroups / 2), mi, 0), acc(make_coord(1, half, g + kGroups / 2), mi, 0)));
+            return __floats2bfloat162_rn(silu_mul(gate.x, up.x), silu_mul(gate.y, up.y));
+          };
+          const int i = (mi * (kGroups / 2) + g) * 2 + half;
+          if (i >= first_held) {
+            held(i, value);
+            continue;
+          }
           const auto crd = tCcD(make_coord(0, half, g), mi, 0);
           const int m = get<0>(crd), n = get<1>(crd);
           const int col = n / kTileN * (kTileN / 2) + n % kTileN;
           if (m >= M || col >= params.out_cols) continue;
-          // Both columns' gate and up rounded to bf16 (as h holds them) and the result packed, two
-          // values per conversion: this epilogue runs between mainloops with the tensor cores idle,
-          // so its instructions are the time (bf16_vec.cuh, silu_mul).
-          const float2 gate = __bfloat1622float2(__floats2bfloat162_rn(acc(make_coord(0, half, g), mi, 0),
-                                                                       acc(make_coord(1, half, g), mi, 0)));
-          const float2 up = __bfloat1622float2(__floats2bfloat162_rn(acc(make_coord(0, half, g + kGroups / 2), mi, 0),
-                                                                     acc(make_coord(1, half, g + kGroups / 2), mi, 0)));
           *reinterpret_cast<__nv_bfloat162*>(out + static_cast<int64_t>(m) * params.pitch + col) =
-              __floats2bfloat162_rn(silu_mul(gate.x, up.x), silu_mul(gate.y, up.y));  // 4-byte aligned: col, pitch even
+              value();  // 4-byte aligned: col, pitch even
         }
       }
     }
   }
 
- private:
   Params params;
 };
 
@@ -279,11 +358,13 @@ using AsBuilt = Collective;
 using cutlass_detail::WeightTiles;
 using cutlass_detail::WeightTilesMainloop;
 
-// `Wrap` may replace parts of the mainloop CUTLASS's builder makes (WeightTilesMainloop);
-// kEpilogueWarpLoads runs it in EpilogueWarpLoadsCooperative (the epilogue's producer warp loading
+// `Wrap` may replace parts of the mainloop CUTLASS's builder makes (WeightTilesMainloop,
+// StoresDuringMainloop); kEpilogueWarpLoads runs it in EpilogueWarpLoadsCooperative (the epilogue's producer warp loading
 // for the mainloop too: the three-warp gather) instead of CUTLASS's kernel.
+// kStoresDuringMainloop (with kEpilogueWarpLoads and a StoresDuringMainloop mainloop) holds the SwiGLU
+// epilogue's output in registers and writes it during the next tile's first MMAs.
 template <class TileShape, class ClusterShape, class Schedule = Cooperative, bool kSwiglu = false,
-          template <class> class Wrap = AsBuilt, bool kEpilogueWarpLoads = false>
+          template <class> class Wrap = AsBuilt, bool kEpilogueWarpLoads = false, bool kStoresDuringMainloop = false>
 struct GroupedGemm {
   using PlainEpilogue = typename cutlass::epilogue::collective::CollectiveBuilder<
       cutlass::arch::Sm90, cutlass::arch::OpClassTensorOp, TileShape, ClusterShape,
@@ -298,7 +379,9 @@ struct GroupedGemm {
       cutlass::gemm::collective::StageCountAutoCarveout<static_cast<int>(sizeof(typename Epilogue::SharedStorage))>,
       typename Schedule::Mainloop>::CollectiveOp>;
   using Kernel =
-      std::conditional_t<kEpilogueWarpLoads, cutlass::gemm::kernel::EpilogueWarpLoadsCooperative<ProblemShape, Mainloop, Epilogue>,
+      std::conditional_t<kEpilogueWarpLoads,
+                         cutlass::gemm::kernel::EpilogueWarpLoadsCooperative<ProblemShape, Mainloop, Epilogue, void,
+                                                                             kStoresDuringMainloop>,
                          cutlass::gemm::kernel::GemmUniversal<ProblemShape, Mainloop, Epilogue>>;
   using Gemm = cutlass::gemm::device::GemmUniversalAdapter<Kernel>;
 };
@@ -315,7 +398,13 @@ using Narrow = GroupedGemm<Shape<_64, _256, _64>, Shape<_1, _1, _1>, Pingpong>;
 using WideSingle = GroupedGemm<Shape<_128, _256, _64>, Shape<_1, _1, _1>>;
 // GEMM 1 of the two 256-column configurations with SwiGLU in its epilogue (SwigluEpilogueArray).
 using NarrowSwiglu = GroupedGemm<Shape<_64, _256, _64>, Shape<_1, _1, _1>, Pingpong, true>;
-using WideSingleSwiglu = GroupedGemm<Shape<_128, _256, _64>, Shape<_1, _1, _1>, Cooperative, true>;
+// Its cooperative warp groups run the epilogue between mainloops, so the last SwigluEpilogueArray::
+// kHeldPairs of each thread's act pairs wait in registers and go out during the next tile's first
+// MMAs (EpilogueWarpLoadsCooperative with kStoresDuringMainloop): −1% at T=8192 (bench/NOTES.md).
+template <class Collective>
+using StoresDuringMainloop = cutlass_detail::StoresDuringMainloop<Collective>;
+using WideSingleSwiglu =
+    GroupedGemm<Shape<_128, _256, _64>, Shape<_1, _1, _1>, Cooperative, true, StoresDuringMainloop, true, true>;
 // 64x256x64 ping-pong tiles in 2x1 clusters: the narrow tiles with each weight tile multicast to the
 // cluster's two row tiles (an expert's rows padded to 128). Ahead of the narrow tiles alone below
 // ~100 rows per expert, behind from 128 (measurements where they are registered).

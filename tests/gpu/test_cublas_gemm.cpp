@@ -407,12 +407,15 @@ TEST(CublasExperts, MoreRowsThanATileAndSizesThatAreNoTileMultiple) {
 
 // Random counts over many experts, a few hundred rows each (several row tiles, ragged), I neither a
 // multiple of the packing's 128 features nor of a tile: the fused GEMM 1 against the unfused one.
+// H = 136 is three k-tiles, fewer than the 128x256 tiles' held stores have slices (the rest follow
+// the mainloop), with more tiles than SMs so that blocks take several.
 TEST(CublasExperts, SwigluEpilogueMatchesTheUnfusedGemmsOnLargeRandomShapes) {
   if (moeflow::cuda::device_count() == 0) GTEST_SKIP() << "no CUDA device";
   if (const std::string why = cuda::cutlass_grouped_unsupported(520, 200); !why.empty()) GTEST_SKIP() << why;
   std::mt19937 rng(20261123);
   Lane lane;
-  for (const auto& [hidden, inter] : {std::pair{520, 200}, std::pair{1024, 384}, std::pair{264, 520}}) {
+  for (const auto& [hidden, inter] :
+       {std::pair{520, 200}, std::pair{1024, 384}, std::pair{264, 520}, std::pair{136, 520}}) {
     std::vector<int> counts(12);
     for (int& c : counts) c = std::uniform_int_distribution<int>(0, 5)(rng) == 0 ? 0 : std::uniform_int_distribution<int>(1, 700)(rng);
     SCOPED_TRACE("H = " + std::to_string(hidden) + ", I = " + std::to_string(inter));
