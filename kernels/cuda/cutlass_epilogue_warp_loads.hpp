@@ -981,11 +981,8 @@ public:
 
         if (TileScheduler::valid_warpgroup_in_work_tile(work_tile_info)) {
 
-          if constexpr (kStoresDuringMainloop) {
-            // The previous tile's output, slice by slice, after each of this tile's first k-tiles
-            // is on the tensor cores; what is left (a tile of fewer k-tiles) right after.
-            const int k_tiles = static_cast<int>(work_k_tile_count);
-            const int callbacks = k_tiles < int{kPendingSlices} ? k_tiles : int{kPendingSlices};
+          // CUTLASS's arguments, then StoresDuringMainloop's callback ones where it has them.
+          auto run_mma = [&](auto&&... callback) {
             collective_mainloop.mma(
               mainloop_pipeline,
               mainloop_pipe_consumer_state,
@@ -994,24 +991,22 @@ public:
               mma_thread_idx,
               shared_storage.tensors.mainloop,
               params.mainloop,
-              pending.live ? callbacks : 0,
-              [&](int slice) { write_pending_slice(slice); }
+              callback...
             );
+          };
+          if constexpr (kStoresDuringMainloop) {
+            // The previous tile's output, slice by slice, after each of this tile's first k-tiles
+            // is on the tensor cores; what is left (a tile of fewer k-tiles) right after.
+            const int k_tiles = static_cast<int>(work_k_tile_count);
+            const int callbacks = k_tiles < int{kPendingSlices} ? k_tiles : int{kPendingSlices};
+            run_mma(pending.live ? callbacks : 0, [&](int slice) { write_pending_slice(slice); });
             for (int slice = callbacks; pending.live && slice < kPendingSlices; ++slice) {
               write_pending_slice(slice);
             }
             pending.live = false;
           }
           else {
-            collective_mainloop.mma(
-              mainloop_pipeline,
-              mainloop_pipe_consumer_state,
-              accumulators,
-              work_k_tile_count,
-              mma_thread_idx,
-              shared_storage.tensors.mainloop,
-              params.mainloop
-            );
+            run_mma();
           }
 
           // Make sure the math instructions are done and free buffers before entering the epilogue
