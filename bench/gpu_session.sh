@@ -186,6 +186,19 @@ if [[ $mode == sweep ]]; then
   timeout 260 $b/moeflow bench --backend cuda --models $models --tokens ${TOKENS:-1,8,32,128,512,2048,8192} \
     --plans concurrent,graph --scope experts --runs ${RUNS:-30} --json "$OUT/sweep_experts.jsonl" > "$OUT/sweep_experts.log" 2>&1
   echo "rc=$?"; grep -v "^skipped" "$OUT/sweep_experts.log" | tail -58
+  # Issues 7 and 8's figures: the best plan per point, their geometric mean and the worst point.
+  [[ -s $OUT/sweep_experts.jsonl ]] && python3 - "$OUT/sweep_experts.jsonl" <<'PY'
+import json, math, sys
+best = {}
+for line in open(sys.argv[1]):
+    r = json.loads(line)
+    key = (r["preset"], r["T"])
+    best[key] = min(best.get(key, math.inf), r["ratio_floor"])
+if best:
+    worst = max(best, key=best.get)
+    print("best plan per point: %d points, geomean %.3f, max %.2f (%s T=%d)" % (
+        len(best), math.exp(sum(map(math.log, best.values())) / len(best)), best[worst], *worst))
+PY
   echo "== layer, chunks 1,2,4"
   timeout ${CHUNKS_S:-150} $b/moeflow bench --backend cuda --models $models --tokens 2048,8192 --chunks 1,2,4 \
     --plans concurrent,graph --scope layer --runs 10 --json "$OUT/sweep_chunks.jsonl" > "$OUT/sweep_chunks.log" 2>&1
