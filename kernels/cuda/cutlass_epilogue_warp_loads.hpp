@@ -185,6 +185,7 @@ public:
   // kStoresDuringMainloop: how many parts of a tile's held output are written, one after each of the
   // next tile's first k-tiles (cutlass_stores_during_mainloop.cuh).
   static constexpr int kPendingSlices = 4;
+  // The epilogue's Pending where it holds (a placeholder otherwise, since other epilogues have none).
   template <class Epilogue, bool kHolds>
   struct PendingOf { template <class> using Type = bool; };
   template <class Epilogue>
@@ -934,8 +935,7 @@ public:
 
       // kStoresDuringMainloop: the last tile's output as the epilogue holds it (hold, write_slice).
       using AccumulatorLayout = decltype(partition_fragment_C(tiled_mma, take<0,2>(blk_shape)).layout());
-      using Pending = cute::conditional_t<kStoresDuringMainloop,
-          typename PendingOf<CollectiveEpilogue, kStoresDuringMainloop>::template Type<AccumulatorLayout>, bool>;
+      using Pending = typename PendingOf<CollectiveEpilogue, kStoresDuringMainloop>::template Type<AccumulatorLayout>;
       [[maybe_unused]] Pending pending{};
       [[maybe_unused]] auto write_pending_slice = [&](int slice) {
         if constexpr (kStoresDuringMainloop) {

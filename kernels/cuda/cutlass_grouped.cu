@@ -302,7 +302,9 @@ class SwigluEpilogueArray {
 
  private:
   // Every pair of the thread's fragment in turn: stored to act where it lies inside the group's rows
-  // and I, from pair `first_held` on computed and handed to `held(i, value)` instead.
+  // and I, from pair `first_held` on computed and handed to `held(i, value)` instead. Each stored pair
+  // is checked before it is computed, as this epilogue always did: computing all pairs first (with
+  // write_slice's tile coordinates) made ptxas spill ~120 bytes in every SwiGLU kernel.
   template <class ProblemShapeMNKL, class BlockShapeMNK, class BlockCoordMNKL, class FrgEngine, class FrgLayout,
             class TiledMma, class Held>
   CUTLASS_DEVICE void walk_pairs(ProblemShapeMNKL problem_shape_mnkl, BlockShapeMNK blk_shape_MNK,

@@ -11,9 +11,9 @@
 // after a commit overlap the next tile's tensor work instead of delaying it.
 //
 // Everything but the callback is CUTLASS's collective (sm90_mma_array_tma_gmma_ss_warpspecialized):
-// `mma` below is its mma with `after_commit(k_tile)` after the commits of k-tiles 0 .. kCallbacks-1,
-// so a kernel can spread the stores over the first kCallbacks k-tiles (each slice a fixed part of the
-// registers: no dynamic indexing, so nothing goes to local memory).
+// `mma` below is its mma with `after_commit(k_tile)` after the commits of k-tiles 0 .. callbacks - 1,
+// so a kernel can spread the stores over the first k-tiles (each slice a fixed part of the registers:
+// no dynamic indexing, so nothing goes to local memory).
 #include "cute/tensor.hpp"
 #include "cutlass/cutlass.h"
 
