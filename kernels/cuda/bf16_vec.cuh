@@ -36,6 +36,18 @@ __device__ __forceinline__ uint4 pack8(const float f[8]) {
 // instructions run while both consumer warp groups leave the tensor cores idle, and the exact
 // expf and division measured 3.5-5% of the whole experts path at qwen T = 4096..8192 (H100,
 // bench/NOTES.md "SwiGLU in GEMM 1's epilogue", eighteenth session).
-__device__ __forceinline__ float silu_mul(float g, float u) { return __fdividef(g, 1.0f + __expf(-g)) * u; }
+//
+// e^-g as __expf computes it (2^(-g·log2 e), the same fp32 constant), but flushing denormals: __expf's
+// non-flushing form adds a compare and two predicated multiplies around each MUFU.EX2 (SASS), for
+// results below 2^-126, where 1 + e^-g rounds to 1 either way. So the bits are __expf's, with three
+// instructions fewer per value in that epilogue.
+__device__ __forceinline__ float exp2_approx_ftz(float x) {
+  float y;
+  asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
+  return y;
+}
+__device__ __forceinline__ float silu_mul(float g, float u) {
+  return __fdividef(g, 1.0f + exp2_approx_ftz(g * -1.4426950408889634f)) * u;
+}
 
 }  // namespace moeflow::cuda

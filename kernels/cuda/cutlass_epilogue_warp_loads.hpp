@@ -13,8 +13,8 @@
 // Without auxiliary loads warp 2 only takes its tiles from the scheduler.
 //
 // kStoresDuringMainloop (a second change, for the SwiGLU epilogue of the 128x256 tiles): the
-// consumers call the epilogue's hold() instead of store(), which writes most of the tile's act and
-// keeps the rest in registers, and the mainloop (StoresDuringMainloop,
+// consumers call the epilogue's hold() instead of store(), which computes the tile's act and keeps
+// it in registers, and the mainloop (StoresDuringMainloop,
 // cutlass_stores_during_mainloop.cuh) calls back after each of the next tile's first kPendingSlices
 // k-tiles are on the tensor cores to write a slice of it (the rest after the last tile). CUTLASS's
 // cooperative kernel runs the whole epilogue with the tensor cores idle.
@@ -183,8 +183,10 @@ public:
   static constexpr bool     IsMainloopAuxiliaryLoadNeeded = detail::HasAuxiliaryLoad_v<typename CollectiveMainloop::DispatchPolicy>;
 
   // kStoresDuringMainloop: how many parts of a tile's held output are written, one after each of the
-  // next tile's first k-tiles (cutlass_stores_during_mainloop.cuh).
-  static constexpr int kPendingSlices = 4;
+  // next tile's first k-tiles (cutlass_stores_during_mainloop.cuh). Eight slices of 4 pairs per thread
+  // measured 2-6% faster at T=8192 than four of 8, which were even with the epilogue's own stores
+  // (bench/NOTES.md, "SwiGLU in GEMM 1's epilogue", twenty-second session).
+  static constexpr int kPendingSlices = 8;
   // The epilogue's Pending where it holds (a placeholder otherwise, since other epilogues have none).
   template <class Epilogue, bool kHolds>
   struct PendingOf { template <class> using Type = bool; };
@@ -939,7 +941,7 @@ public:
       [[maybe_unused]] Pending pending{};
       [[maybe_unused]] auto write_pending_slice = [&](int slice) {
         if constexpr (kStoresDuringMainloop) {
-          collective_epilogue.template write_slice<kPendingSlices, TileShape>(pending, slice, tiled_mma, mma_thread_idx);
+          collective_epilogue.template write_slice<kPendingSlices>(pending, slice);
         }
       };
 

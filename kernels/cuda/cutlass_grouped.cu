@@ -187,7 +187,7 @@ using StrideRowMajor = cutlass::detail::TagToStrideC_t<LayoutD*>;
 // been: the result is bit for bit the unfused path's (same mainloop, same accumulation order).
 // The shape of CUTLASS's DefaultEpilogueArray (no shared memory, stores from the registers), run
 // through its Sm90TmaWarpSpecializedAdapter like the ptr-array no-smem schedule. A kernel may instead
-// call hold() and later write_slice() to issue some of the stores while its next tile's MMAs run.
+// call hold() and later write_slice() to issue the stores while its next tile's MMAs run.
 class SwigluEpilogueArray {
  public:
   using EpilogueSchedule = cutlass::epilogue::PtrArrayNoSmemWarpSpecialized;
@@ -233,20 +233,44 @@ class SwigluEpilogueArray {
   CUTLASS_HOST_DEVICE explicit SwigluEpilogueArray(Params const& p) : params(p) {}
   CUTLASS_DEVICE bool is_source_needed() { return false; }
 
-  // The last kHeldPairs of a tile's act pairs as a thread holds them between hold() and write_slice():
+  // Where a thread's pairs in one row of the tile go: a thread's pairs in a row lie 8 columns apart
+  // (wgmma's accumulator groups), so one row pointer and one row check serve them all, and each store
+  // is a predicated instruction on an immediate offset rather than 64-bit address arithmetic per pair.
+  struct RowTarget {
+    Element* row = nullptr;  // act at the row's first pair (a valid address even outside the group)
+    int cols_left = 0;       // act columns inside I from there: the pair of group g is inside iff 8·g < cols_left
+    bool inside = false;     // the row is one of the group's
+    CUTLASS_DEVICE void store(int g, __nv_bfloat162 v) const {
+      if (inside && 8 * g < cols_left) *reinterpret_cast<__nv_bfloat162*>(row + 8 * g) = v;  // 4-byte aligned
+    }
+  };
+
+  // A pair's gate and up, each two columns rounded to bf16 as h would hold them.
+  struct Operands {
+    __nv_bfloat162 gate, up;
+  };
+  // silu(gate)·up of both columns, packed (bf16 is an fp32's high half: two bit operations unpack it).
+  static CUTLASS_DEVICE __nv_bfloat162 swiglu(Operands o) {
+    const uint32_t g = reinterpret_cast<const uint32_t&>(o.gate), u = reinterpret_cast<const uint32_t&>(o.up);
+    return __floats2bfloat162_rn(silu_mul(__uint_as_float(g << 16), __uint_as_float(u << 16)),
+                                 silu_mul(__uint_as_float(g & 0xffff0000u), __uint_as_float(u & 0xffff0000u)));
+  }
+
+  // A tile's act pairs as a thread holds them between hold() and write_slice():
   // EpilogueWarpLoadsCooperative with kStoresDuringMainloop writes them while the next tile's first
-  // MMAs run. Only some: the kernel has 168 registers per thread and the accumulators take 128.
+  // MMAs run, so the epilogue between two mainloops only computes. All of them fit: the consumers
+  // have 232 registers (setmaxnreg), the accumulators take 128, and with one row pointer per row
+  // (RowTarget) the highest register ptxas uses in this kernel is R205, with no spills.
   // Pair i of a thread is (row block mi, gate group g, rows r / r + 8 by `half`) with
   // i = (mi · kGroups / 2 + g) · 2 + half, as operator() walks them.
-  static constexpr int kHeldPairs = 8;
+  static constexpr int kHeldPairs = 32;
   template <class FrgLayout>
   struct Pending {
     static constexpr int kGroups = cute::size<0, 2>(FrgLayout{});  // 8-column groups a thread holds across the tile
     static constexpr int kFirst = cute::size<1>(FrgLayout{}) * kGroups - kHeldPairs;  // pair index of value[0]
-    static_assert(kFirst >= 0, "more held pairs than a thread has");
+    static_assert(kFirst >= 0 && kHeldPairs <= kGroups, "the held pairs lie in the thread's last row block");
     __nv_bfloat162 value[kHeldPairs];
-    Element* out = nullptr;  // the tile's first row, its first act column
-    int rows = 0, cols = 0;  // rows of the tile inside the group, act columns inside I
+    RowTarget row[2];  // rows r and r + 8 of the last row block
     bool live = false;
   };
 
@@ -256,37 +280,33 @@ class SwigluEpilogueArray {
   CUTLASS_DEVICE void hold(Pending<FrgLayout>& p, ProblemShapeMNKL problem_shape_mnkl, BlockShapeMNK blk_shape_MNK,
                            BlockCoordMNKL blk_coord_mnkl, cute::Tensor<FrgEngine, FrgLayout> const& acc,
                            TiledMma tiled_mma, int thread_idx) const {
-    constexpr int kTileM = size<0>(BlockShapeMNK{}), kTileN = size<1>(BlockShapeMNK{});
-    const auto [m_coord, n_coord, k_coord, l_coord] = blk_coord_mnkl;
-    const int m0 = static_cast<int>(m_coord) * kTileM, col0 = static_cast<int>(n_coord) * (kTileN / 2);
-    p.out = params.ptr_D[l_coord] + static_cast<int64_t>(m0) * params.pitch + col0;
-    p.rows = get<0>(problem_shape_mnkl) - m0;
-    p.cols = params.out_cols - col0;
     p.live = true;
     walk_pairs(problem_shape_mnkl, blk_shape_MNK, blk_coord_mnkl, acc, tiled_mma, thread_idx,
-               [&](int i, auto value) { p.value[i - Pending<FrgLayout>::kFirst] = value(); }, Pending<FrgLayout>::kFirst);
+               [&](int i, int g, RowTarget const& target, auto operands) {
+                 if (i < Pending<FrgLayout>::kFirst) {  // not held: stored now
+                   target.store(g, swiglu(operands()));
+                   return;
+                 }
+                 p.value[i - Pending<FrgLayout>::kFirst] = swiglu(operands());
+                 p.row[i % 2] = target;
+               });
   }
 
   // Slice `slice` of kSlices equal parts of the held pairs (a run-time index into compile-time
   // ranges, so that the registers are never indexed dynamically).
-  template <int kSlices, class BlockShapeMNK, int kSlice = 0, class FrgLayout, class TiledMma>
-  CUTLASS_DEVICE void write_slice(Pending<FrgLayout> const& p, int slice, TiledMma tiled_mma, int thread_idx) const {
+  template <int kSlices, int kSlice = 0, class FrgLayout>
+  CUTLASS_DEVICE static void write_slice(Pending<FrgLayout> const& p, int slice) {
     static_assert(kHeldPairs % kSlices == 0, "equal slices");
     constexpr int kPer = kHeldPairs / kSlices, kGroups = Pending<FrgLayout>::kGroups;
     if constexpr (kSlice < kSlices) {
       if (slice != kSlice) {
-        write_slice<kSlices, BlockShapeMNK, kSlice + 1>(p, slice, tiled_mma, thread_idx);
+        write_slice<kSlices, kSlice + 1>(p, slice);
         return;
       }
-      Tensor in_tile = tiled_mma.get_thread_slice(thread_idx)
-                           .partition_C(make_identity_tensor(take<0, 2>(BlockShapeMNK{})));  // -> (m, n) in the tile
       CUTLASS_PRAGMA_UNROLL
       for (int j = kSlice * kPer; j < (kSlice + 1) * kPer; ++j) {
         const int i = Pending<FrgLayout>::kFirst + j;
-        const auto crd = in_tile(make_coord(0, i % 2, i / 2 % (kGroups / 2)), i / 2 / (kGroups / 2), 0);
-        const int m = get<0>(crd), col = get<1>(crd);  // col < 128: the gate half of the tile
-        if (m < p.rows && col < p.cols)
-          *reinterpret_cast<__nv_bfloat162*>(p.out + static_cast<int64_t>(m) * params.pitch + col) = p.value[j];
+        p.row[i % 2].store(i / 2 % (kGroups / 2), p.value[j]);
       }
     }
   }
@@ -296,20 +316,18 @@ class SwigluEpilogueArray {
   CUTLASS_DEVICE void operator()(ProblemShapeMNKL problem_shape_mnkl, BlockShapeMNK blk_shape_MNK,
                                  BlockCoordMNKL blk_coord_mnkl, cute::Tensor<FrgEngine, FrgLayout> const& acc,
                                  TiledMma tiled_mma, ResidueMNK, int thread_idx, char*) {
-    walk_pairs(problem_shape_mnkl, blk_shape_MNK, blk_coord_mnkl, acc, tiled_mma, thread_idx, [](int, auto) {},
-               std::numeric_limits<int>::max());
+    walk_pairs(problem_shape_mnkl, blk_shape_MNK, blk_coord_mnkl, acc, tiled_mma, thread_idx,
+               [](int, int g, RowTarget const& target, auto operands) { target.store(g, swiglu(operands())); });
   }
 
  private:
-  // Every pair of the thread's fragment in turn: stored to act where it lies inside the group's rows
-  // and I, from pair `first_held` on computed and handed to `held(i, value)` instead. Each stored pair
-  // is checked before it is computed, as this epilogue always did: computing all pairs first (with
-  // write_slice's tile coordinates) made ptxas spill ~120 bytes in every SwiGLU kernel.
+  // Every pair of the thread's fragment in turn, handed to each(i, g, its row, operands), where
+  // operands() rounds the pair's gate and up accumulators (computed when called).
   template <class ProblemShapeMNKL, class BlockShapeMNK, class BlockCoordMNKL, class FrgEngine, class FrgLayout,
-            class TiledMma, class Held>
+            class TiledMma, class Each>
   CUTLASS_DEVICE void walk_pairs(ProblemShapeMNKL problem_shape_mnkl, BlockShapeMNK blk_shape_MNK,
                                  BlockCoordMNKL blk_coord_mnkl, cute::Tensor<FrgEngine, FrgLayout> const& acc,
-                                 TiledMma tiled_mma, int thread_idx, Held&& held, int first_held) const {
+                                 TiledMma tiled_mma, int thread_idx, Each&& each) const {
     constexpr int kTileN = size<1>(BlockShapeMNK{});
     constexpr int kGroups = size<0, 2>(FrgLayout{});  // 8-column groups a thread holds across the tile
     static_assert(kTileN == 256 && kGroups * 8 == kTileN && size<2>(FrgLayout{}) == 1,
@@ -319,34 +337,29 @@ class SwigluEpilogueArray {
     Tensor coords = local_tile(make_identity_tensor(make_shape(M, N)), take<0, 2>(blk_shape_MNK),
                                make_coord(m_coord, n_coord));
     Tensor tCcD = tiled_mma.get_thread_slice(thread_idx).partition_C(coords);  // (VEC, MMA_M, MMA_N) -> (m, n)
-    Element* out = params.ptr_D[l_coord];
+    Element* const out = params.ptr_D[l_coord];
     CUTLASS_PRAGMA_UNROLL
     for (int mi = 0; mi < size<1>(acc); ++mi) {
       CUTLASS_PRAGMA_UNROLL
-      for (int g = 0; g < kGroups / 2; ++g) {
+      for (int half = 0; half < 2; ++half) {  // rows r and r + 8
+        const auto first = tCcD(make_coord(0, half, 0), mi, 0);
+        const int m = get<0>(first), n = get<1>(first);
+        const int col0 = n / kTileN * (kTileN / 2) + n % kTileN;
+        RowTarget target;
+        target.inside = m < M;
+        target.cols_left = params.out_cols - col0;
+        target.row = out + static_cast<int64_t>(target.inside ? m : 0) * params.pitch + col0;
         CUTLASS_PRAGMA_UNROLL
-        for (int half = 0; half < 2; ++half) {  // rows r and r + 8
-          // Both columns' gate and up rounded to bf16 (as h holds them) and the result packed, two
-          // values per conversion: this epilogue runs between mainloops with the tensor cores idle,
-          // so its instructions are the time (bf16_vec.cuh, silu_mul).
-          auto value = [&] {
-            const float2 gate = __bfloat1622float2(__floats2bfloat162_rn(acc(make_coord(0, half, g), mi, 0),
-                                                                         acc(make_coord(1, half, g), mi, 0)));
-            const float2 up = __bfloat1622float2(__floats2bfloat162_rn(
-                acc(make_coord(0, half, g + kGroups / 2), mi, 0), acc(make_coord(1, half, g + kGroups / 2), mi, 0)));
-            return __floats2bfloat162_rn(silu_mul(gate.x, up.x), silu_mul(gate.y, up.y));
+        for (int g = 0; g < kGroups / 2; ++g) {
+          // Both columns' gate and up rounded to bf16 (as h holds them), then (swiglu) the result
+          // packed, two values per conversion: in the cooperative tiles this epilogue runs between
+          // mainloops with the tensor cores idle, so its instructions are the time (bf16_vec.cuh).
+          auto operands = [&] {
+            return Operands{__floats2bfloat162_rn(acc(make_coord(0, half, g), mi, 0), acc(make_coord(1, half, g), mi, 0)),
+                            __floats2bfloat162_rn(acc(make_coord(0, half, g + kGroups / 2), mi, 0),
+                                                  acc(make_coord(1, half, g + kGroups / 2), mi, 0))};
           };
-          const int i = (mi * (kGroups / 2) + g) * 2 + half;
-          if (i >= first_held) {
-            held(i, value);
-            continue;
-          }
-          const auto crd = tCcD(make_coord(0, half, g), mi, 0);
-          const int m = get<0>(crd), n = get<1>(crd);
-          const int col = n / kTileN * (kTileN / 2) + n % kTileN;
-          if (m >= M || col >= params.out_cols) continue;
-          *reinterpret_cast<__nv_bfloat162*>(out + static_cast<int64_t>(m) * params.pitch + col) =
-              value();  // 4-byte aligned: col, pitch even
+          each((mi * (kGroups / 2) + g) * 2 + half, g, target, operands);
         }
       }
     }
@@ -400,9 +413,9 @@ using Narrow = GroupedGemm<Shape<_64, _256, _64>, Shape<_1, _1, _1>, Pingpong>;
 using WideSingle = GroupedGemm<Shape<_128, _256, _64>, Shape<_1, _1, _1>>;
 // GEMM 1 of the two 256-column configurations with SwiGLU in its epilogue (SwigluEpilogueArray).
 using NarrowSwiglu = GroupedGemm<Shape<_64, _256, _64>, Shape<_1, _1, _1>, Pingpong, true>;
-// Its cooperative warp groups run the epilogue between mainloops, so the last SwigluEpilogueArray::
-// kHeldPairs of each thread's act pairs wait in registers and go out during the next tile's first
-// MMAs (EpilogueWarpLoadsCooperative with kStoresDuringMainloop): −1% at T=8192 (bench/NOTES.md).
+// Its cooperative warp groups run the epilogue between mainloops, so each thread's act pairs wait in
+// registers and go out during the next tile's first MMAs (EpilogueWarpLoadsCooperative with
+// kStoresDuringMainloop): 3-6% faster on qwen at T=8192 than the epilogue's own stores (bench/NOTES.md).
 template <class Collective>
 using StoresDuringMainloop = cutlass_detail::StoresDuringMainloop<Collective>;
 using WideSingleSwiglu =
