@@ -359,10 +359,13 @@ void register_experts(KernelRegistry& r) {
   //    (bench/NOTES.md "SwiGLU in GEMM 1's epilogue"): 64x256 qwen3 / qwen1.5 T=2048 616-621 / 514-519
   //    against 651 / 547 µs, T=512 527 / 454 against 536 / 463; deepseek-v3 T=2048 8763 against
   //    8925; 128x256 at T=8192: qwen3 1447-1460 against 1474, deepseek-v3 12834 against 12987,
-  //    qwen1.5 even (1244-1271 against 1270). The 128x256 ones not on huge experts: mixtral-8x7b
-  //    T=8192 9421-9638 against 9274 µs, so the unfused tiles keep them there; the 64x256 ones on
-  //    huge experts too: mixtral-8x7b T=512 / 640 / 736 (128-184 rows) 1124 / 1147 / 1267 against
-  //    1163-1165 / 1170-1180 / 1308-1310 µs (2026-11-23, seventh session, same call, CUDA graph).
+  //    qwen1.5 even (1244-1271 against 1270). The 64x256 ones on huge experts too: mixtral-8x7b
+  //    T=512 / 640 / 736 (128-184 rows) 1124 / 1147 / 1267 against 1163-1165 / 1170-1180 /
+  //    1308-1310 µs (2026-11-23, seventh session, same call, CUDA graph). The 128x256 ones on huge
+  //    experts since their epilogue's stores wait for the next tile's MMAs (twenty-second session;
+  //    before, mixtral-8x7b T=8192 9421-9638 against 9274 µs kept the unfused tiles there): mixtral-8x7b
+  //    T = 1024 / 2048 / 4096 / 8192 1465-1474 / 2340-2363 / 4513-4552 / 8735-8821 against the unfused
+  //    tiles' 1513-1516 / 2448-2544 / 4868-4875 / 9109-9235 µs (h100_mixtral_fused_wide_2026-11-25.txt).
   //  - Ahead of all of them below 56 rows per expert: the 64x256 tiles reading w13 and w2 packed tile
   //    by tile (each weight tile a k-block loads one contiguous 32 KB), where the GEMMs stream the
   //    weights. Same call, CUDA graph, 20 runs x 2 passes (2026-11-23, eighth session, bench/NOTES.md
@@ -389,7 +392,7 @@ void register_experts(KernelRegistry& r) {
                         {.huge_min_rows = 128, .preferred_from = 96, .preferred_to = 192, .elsewhere = 4},
                         kNarrowText, "cuda.cutlass_grouped_narrow"));
   r.add(cutlass_grouped("cuda.cutlass_swiglu_wide_single", 6, cuda::CutlassTiles::wide_single,
-                        {.huge_min_rows = 128, .preferred_from = 192, .elsewhere = 3, .preferred_on_huge = false},
+                        {.huge_min_rows = 128, .preferred_from = 192, .elsewhere = 3},
                         kWideSingleText, "cuda.cutlass_grouped_wide_single"));
   r.add(cutlass_grouped("cuda.cutlass_grouped_narrow_pair", 6, cuda::CutlassTiles::narrow_pair,
                         {.huge_min_rows = 128, .preferred_to = 96, .elsewhere = 2}, kNarrowPairText));

@@ -257,10 +257,10 @@ TEST(CudaExpertsChoice, HugeExpertsTakeThePaddedGemmUnlessCaptured) {
       EXPECT_EQ(eager.kernel->name, "cuda.cublas_padded_to_max") << tokens << ": " << eager.reason;
       EXPECT_NE(eager.reason.find("ahead of CUTLASS on 336 MiB per expert"), std::string::npos) << eager.reason;
     }
-    // In a graph: 64-row tiles below 192 rows per expert (T=512: 128), with the SwiGLU epilogue;
-    // 128-row ones from there, on such huge experts without it.
+    // In a graph: 64-row tiles below 192 rows per expert (T=512: 128), 128-row ones from there, both
+    // with the SwiGLU epilogue (on huge experts too since its stores wait for the next tile's MMAs).
     EXPECT_EQ(experts_kernel(mixtral, tokens, true).kernel->name,
-              tokens == 512 ? "cuda.cutlass_swiglu_narrow" : "cuda.cutlass_grouped_wide_single")
+              tokens == 512 ? "cuda.cutlass_swiglu_narrow" : "cuda.cutlass_swiglu_wide_single")
         << tokens;
   }
   // Below 128 rows per expert the padded GEMM declines, as before.
