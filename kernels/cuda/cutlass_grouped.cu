@@ -303,6 +303,44 @@ class SwigluEpilogueArray {
         write_slice<kSlices, kSlice + 1>(p, slice);
         return;
       }
+      if constexpr (kPer == 4 && Pending<FrgLayout>::kFirst == 0 && kHeldPairs == kGroups) {
+        // One 16-byte store per lane: slice s is groups g0 .. g0 + 3 of row `half`, and the quad's four
+        // lanes (one row; lane q holds columns 2q, 2q + 1 of every group) trade pairs so that lane q
+        // gets all four of group g0 + q. A warp then writes 64 contiguous bytes per row where its 4-byte
+        // stores wrote 16 and half-filled 32-byte sectors: 0.2-0.8% faster at T = 4096 and 8192 (the
+        // exchange runs while the MMAs do; bench/NOTES.md, "SwiGLU in GEMM 1's epilogue").
+        constexpr int half = kSlice % 2, g0 = 4 * (kSlice / 2);
+        const int q = static_cast<int>(threadIdx.x % 4);
+        // Choices by bit masks, not by conditionals: the compiler turned `hi ? value[a] : value[b]` into
+        // an indexed load and moved the held pairs to local memory.
+        const uint32_t hi = 0u - static_cast<uint32_t>(q >> 1 & 1), lo = 0u - static_cast<uint32_t>(q & 1);
+        auto choose = [](uint32_t if_clear, uint32_t if_set, uint32_t mask) { return if_clear ^ ((if_clear ^ if_set) & mask); };
+        uint32_t a[4];  // this lane's pair of groups g0 .. g0 + 3
+        CUTLASS_PRAGMA_UNROLL
+        for (int t = 0; t < 4; ++t) {
+          const __nv_bfloat162 v = p.value[2 * (g0 + t) + half];
+          memcpy(&a[t], &v, sizeof a[t]);
+        }
+        // A 4x4 transpose in two butterfly steps (lane masks, not lane indices, so nothing is hoisted).
+        // Step 1, lanes q and q ^ 2: each keeps the groups whose bit 1 is its own and gets its partner's.
+        const uint32_t k0 = choose(a[0], a[2], hi), k1 = choose(a[1], a[3], hi);
+        const uint32_t r0 = __shfl_xor_sync(0xffffffffu, choose(a[2], a[0], hi), 2);
+        const uint32_t r1 = __shfl_xor_sync(0xffffffffu, choose(a[3], a[1], hi), 2);
+        // Step 2, lanes q and q ^ 1: each keeps group g0 + q (from itself: w0, from lane q ^ 2: w1) and
+        // gets it from lanes q ^ 1 (v0) and q ^ 3 (v1).
+        const uint32_t w0 = choose(k0, k1, lo), w1 = choose(r0, r1, lo);
+        const uint32_t v0 = __shfl_xor_sync(0xffffffffu, choose(k1, k0, lo), 1);
+        const uint32_t v1 = __shfl_xor_sync(0xffffffffu, choose(r1, r0, lo), 1);
+        // Column pair s of the group came from lane s, that is d = s ^ q: d = 0 w0, 1 v0, 2 w1, 3 v1.
+        const uint32_t even = choose(w0, v0, lo), odd = choose(v0, w0, lo);   // d & 1 = 0 for s = 0 / 1
+        const uint32_t even2 = choose(w1, v1, lo), odd2 = choose(v1, w1, lo);  // the same from d & 2 = 2
+        const uint4 whole = make_uint4(choose(even, even2, hi), choose(odd, odd2, hi), choose(even2, even, hi),
+                                       choose(odd2, odd, hi));
+        RowTarget const& target = p.row[half];
+        if (target.inside && 8 * (g0 + q) < target.cols_left + 2 * q)  // the group's first column inside I
+          *reinterpret_cast<uint4*>(target.row - 2 * q + 8 * (g0 + q)) = whole;
+        return;
+      }
       CUTLASS_PRAGMA_UNROLL
       for (int j = kSlice * kPer; j < (kSlice + 1) * kPer; ++j) {
         const int i = Pending<FrgLayout>::kFirst + j;
