@@ -260,7 +260,7 @@ class SwigluEpilogueArray {
   // EpilogueWarpLoadsCooperative with kStoresDuringMainloop writes them while the next tile's first
   // MMAs run, so the epilogue between two mainloops only computes. All of them fit: the consumers
   // have 232 registers (setmaxnreg), the accumulators take 128, and with one row pointer per row
-  // (RowTarget) the highest register ptxas uses in this kernel is R205, with no spills.
+  // (RowTarget) the highest register ptxas uses in this kernel is R208 (with the 16-byte stores), with no spills.
   // Pair i of a thread is (row block mi, gate group g, rows r / r + 8 by `half`) with
   // i = (mi · kGroups / 2 + g) · 2 + half, as operator() walks them.
   static constexpr int kHeldPairs = 32;
