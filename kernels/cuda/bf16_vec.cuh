@@ -9,6 +9,17 @@ namespace moeflow::cuda {
 
 __device__ __forceinline__ float bf16_bits_to_float(uint16_t b) { return __uint_as_float(static_cast<uint32_t>(b) << 16); }
 __device__ __forceinline__ uint16_t float_to_bf16_bits(float f) { return __bfloat16_as_ushort(__float2bfloat16_rn(f)); }
+// A bf16 pair's 32 bits (copied by value: reinterpreting a reference into an array of held pairs
+// made the compiler keep that array in local memory), and back to two floats with one bit operation
+// each (bf16 is an fp32's high half; __bfloat1622float2 spends a byte permute more on the high one).
+__device__ __forceinline__ uint32_t bf16x2_bits(__nv_bfloat162 v) {
+  uint32_t bits;
+  memcpy(&bits, &v, sizeof bits);
+  return bits;
+}
+__device__ __forceinline__ float2 bf16x2_bits_to_float2(uint32_t bits) {
+  return make_float2(__uint_as_float(bits << 16), __uint_as_float(bits & 0xffff0000u));
+}
 
 __device__ __forceinline__ void unpack8(const uint4& v, float f[8]) {
   const __nv_bfloat162* h = reinterpret_cast<const __nv_bfloat162*>(&v);

@@ -1031,7 +1031,7 @@ public:
         }
 
         if constexpr (kStoresDuringMainloop) {
-          // Most of the tile's output stored now, the rest held for the next tile's mainloop (or the end).
+          // The tile's output computed now and held for the next tile's mainloop (or the end).
           collective_epilogue.hold(pending, problem_shape_MNKL, blk_shape, blk_coord, accumulators, tiled_mma, mma_thread_idx);
         }
         else if (TileScheduler::compute_epilogue(work_tile_info, params.scheduler)) {

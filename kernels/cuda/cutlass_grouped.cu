@@ -249,28 +249,24 @@ class SwigluEpilogueArray {
   struct Operands {
     __nv_bfloat162 gate, up;
   };
-  // silu(gate)·up of both columns, packed (bf16 is an fp32's high half: two bit operations unpack it).
+  // silu(gate)·up of both columns, packed.
   static CUTLASS_DEVICE __nv_bfloat162 swiglu(Operands o) {
-    const uint32_t g = reinterpret_cast<const uint32_t&>(o.gate), u = reinterpret_cast<const uint32_t&>(o.up);
-    return __floats2bfloat162_rn(silu_mul(__uint_as_float(g << 16), __uint_as_float(u << 16)),
-                                 silu_mul(__uint_as_float(g & 0xffff0000u), __uint_as_float(u & 0xffff0000u)));
+    const float2 gate = bf16x2_bits_to_float2(bf16x2_bits(o.gate)), up = bf16x2_bits_to_float2(bf16x2_bits(o.up));
+    return __floats2bfloat162_rn(silu_mul(gate.x, up.x), silu_mul(gate.y, up.y));
   }
 
   // A tile's act pairs as a thread holds them between hold() and write_slice():
   // EpilogueWarpLoadsCooperative with kStoresDuringMainloop writes them while the next tile's first
   // MMAs run, so the epilogue between two mainloops only computes. All of them fit: the consumers
   // have 232 registers (setmaxnreg), the accumulators take 128, and with one row pointer per row
-  // (RowTarget) the highest register ptxas uses in this kernel is R208 (with the 16-byte stores), with no spills.
-  // Pair i of a thread is (row block mi, gate group g, rows r / r + 8 by `half`) with
-  // i = (mi · kGroups / 2 + g) · 2 + half, as operator() walks them.
-  static constexpr int kHeldPairs = 32;
+  // (RowTarget) the highest register ptxas uses is R208, with no spills. Pair i of a thread is (gate
+  // group g, rows r / r + 8 by `half`) with i = g · 2 + half, as walk_pairs visits them.
   template <class FrgLayout>
   struct Pending {
     static constexpr int kGroups = cute::size<0, 2>(FrgLayout{});  // 8-column groups a thread holds across the tile
-    static constexpr int kFirst = cute::size<1>(FrgLayout{}) * kGroups - kHeldPairs;  // pair index of value[0]
-    static_assert(kFirst >= 0 && kHeldPairs <= kGroups, "the held pairs lie in the thread's last row block");
-    __nv_bfloat162 value[kHeldPairs];
-    RowTarget row[2];  // rows r and r + 8 of the last row block
+    static_assert(cute::size<1>(FrgLayout{}) == 1, "one row block per thread (64 rows per warp group)");
+    __nv_bfloat162 value[kGroups];  // kGroups / 2 act groups, two rows
+    RowTarget row[2];               // rows r and r + 8
     bool live = false;
   };
 
@@ -282,70 +278,55 @@ class SwigluEpilogueArray {
                            TiledMma tiled_mma, int thread_idx) const {
     p.live = true;
     walk_pairs(problem_shape_mnkl, blk_shape_MNK, blk_coord_mnkl, acc, tiled_mma, thread_idx,
-               [&](int i, int g, RowTarget const& target, auto operands) {
-                 if (i < Pending<FrgLayout>::kFirst) {  // not held: stored now
-                   target.store(g, swiglu(operands()));
-                   return;
-                 }
-                 p.value[i - Pending<FrgLayout>::kFirst] = swiglu(operands());
+               [&](int i, int, RowTarget const& target, auto operands) {
+                 p.value[i] = swiglu(operands());
                  p.row[i % 2] = target;
                });
   }
 
   // Slice `slice` of kSlices equal parts of the held pairs (a run-time index into compile-time
-  // ranges, so that the registers are never indexed dynamically).
+  // ranges, so that the registers are never indexed dynamically): four act groups of one row each.
+  //
+  // One 16-byte store per lane: slice s is groups g0 .. g0 + 3 of row `half`, and the quad's four
+  // lanes (one row; lane q holds columns 2q, 2q + 1 of every group) trade pairs so that lane q gets
+  // all four of group g0 + q. A warp then writes 64 contiguous bytes per row where 4-byte stores wrote
+  // 16 and half-filled 32-byte sectors: 0.2-0.8% faster at T = 4096 and 8192 (the exchange runs while
+  // the MMAs do; bench/NOTES.md, "SwiGLU in GEMM 1's epilogue").
   template <int kSlices, int kSlice = 0, class FrgLayout>
   CUTLASS_DEVICE static void write_slice(Pending<FrgLayout> const& p, int slice) {
-    static_assert(kHeldPairs % kSlices == 0, "equal slices");
-    constexpr int kPer = kHeldPairs / kSlices, kGroups = Pending<FrgLayout>::kGroups;
+    static_assert(Pending<FrgLayout>::kGroups == 4 * kSlices, "a slice is four groups of one row");
     if constexpr (kSlice < kSlices) {
       if (slice != kSlice) {
         write_slice<kSlices, kSlice + 1>(p, slice);
         return;
       }
-      if constexpr (kPer == 4 && Pending<FrgLayout>::kFirst == 0 && kHeldPairs == kGroups) {
-        // One 16-byte store per lane: slice s is groups g0 .. g0 + 3 of row `half`, and the quad's four
-        // lanes (one row; lane q holds columns 2q, 2q + 1 of every group) trade pairs so that lane q
-        // gets all four of group g0 + q. A warp then writes 64 contiguous bytes per row where its 4-byte
-        // stores wrote 16 and half-filled 32-byte sectors: 0.2-0.8% faster at T = 4096 and 8192 (the
-        // exchange runs while the MMAs do; bench/NOTES.md, "SwiGLU in GEMM 1's epilogue").
-        constexpr int half = kSlice % 2, g0 = 4 * (kSlice / 2);
-        const int q = static_cast<int>(threadIdx.x % 4);
-        // Choices by bit masks, not by conditionals: the compiler turned `hi ? value[a] : value[b]` into
-        // an indexed load and moved the held pairs to local memory.
-        const uint32_t hi = 0u - static_cast<uint32_t>(q >> 1 & 1), lo = 0u - static_cast<uint32_t>(q & 1);
-        auto choose = [](uint32_t if_clear, uint32_t if_set, uint32_t mask) { return if_clear ^ ((if_clear ^ if_set) & mask); };
-        uint32_t a[4];  // this lane's pair of groups g0 .. g0 + 3
-        CUTLASS_PRAGMA_UNROLL
-        for (int t = 0; t < 4; ++t) {
-          const __nv_bfloat162 v = p.value[2 * (g0 + t) + half];
-          memcpy(&a[t], &v, sizeof a[t]);
-        }
-        // A 4x4 transpose in two butterfly steps (lane masks, not lane indices, so nothing is hoisted).
-        // Step 1, lanes q and q ^ 2: each keeps the groups whose bit 1 is its own and gets its partner's.
-        const uint32_t k0 = choose(a[0], a[2], hi), k1 = choose(a[1], a[3], hi);
-        const uint32_t r0 = __shfl_xor_sync(0xffffffffu, choose(a[2], a[0], hi), 2);
-        const uint32_t r1 = __shfl_xor_sync(0xffffffffu, choose(a[3], a[1], hi), 2);
-        // Step 2, lanes q and q ^ 1: each keeps group g0 + q (from itself: w0, from lane q ^ 2: w1) and
-        // gets it from lanes q ^ 1 (v0) and q ^ 3 (v1).
-        const uint32_t w0 = choose(k0, k1, lo), w1 = choose(r0, r1, lo);
-        const uint32_t v0 = __shfl_xor_sync(0xffffffffu, choose(k1, k0, lo), 1);
-        const uint32_t v1 = __shfl_xor_sync(0xffffffffu, choose(r1, r0, lo), 1);
-        // Column pair s of the group came from lane s, that is d = s ^ q: d = 0 w0, 1 v0, 2 w1, 3 v1.
-        const uint32_t even = choose(w0, v0, lo), odd = choose(v0, w0, lo);   // d & 1 = 0 for s = 0 / 1
-        const uint32_t even2 = choose(w1, v1, lo), odd2 = choose(v1, w1, lo);  // the same from d & 2 = 2
-        const uint4 whole = make_uint4(choose(even, even2, hi), choose(odd, odd2, hi), choose(even2, even, hi),
-                                       choose(odd2, odd, hi));
-        RowTarget const& target = p.row[half];
-        if (target.inside && 8 * (g0 + q) < target.cols_left + 2 * q)  // the group's first column inside I
-          *reinterpret_cast<uint4*>(target.row - 2 * q + 8 * (g0 + q)) = whole;
-        return;
-      }
+      constexpr int half = kSlice % 2, g0 = 4 * (kSlice / 2);
+      const int q = static_cast<int>(threadIdx.x % 4);
+      // Choices by bit masks, not by conditionals: the compiler turned `hi ? value[a] : value[b]` into
+      // an indexed load and moved the held pairs to local memory.
+      const uint32_t hi = 0u - static_cast<uint32_t>(q >> 1 & 1), lo = 0u - static_cast<uint32_t>(q & 1);
+      auto choose = [](uint32_t if_clear, uint32_t if_set, uint32_t mask) { return if_clear ^ ((if_clear ^ if_set) & mask); };
+      uint32_t a[4];  // this lane's pair of groups g0 .. g0 + 3
       CUTLASS_PRAGMA_UNROLL
-      for (int j = kSlice * kPer; j < (kSlice + 1) * kPer; ++j) {
-        const int i = Pending<FrgLayout>::kFirst + j;
-        p.row[i % 2].store(i / 2 % (kGroups / 2), p.value[j]);
-      }
+      for (int t = 0; t < 4; ++t) a[t] = bf16x2_bits(p.value[2 * (g0 + t) + half]);
+      // A 4x4 transpose in two butterfly steps (lane masks, not lane indices, so nothing is hoisted).
+      // Step 1, lanes q and q ^ 2: each keeps the groups whose bit 1 is its own and gets its partner's.
+      const uint32_t k0 = choose(a[0], a[2], hi), k1 = choose(a[1], a[3], hi);
+      const uint32_t r0 = __shfl_xor_sync(0xffffffffu, choose(a[2], a[0], hi), 2);
+      const uint32_t r1 = __shfl_xor_sync(0xffffffffu, choose(a[3], a[1], hi), 2);
+      // Step 2, lanes q and q ^ 1: each keeps group g0 + q (from itself: w0, from lane q ^ 2: w1) and
+      // gets it from lanes q ^ 1 (v0) and q ^ 3 (v1).
+      const uint32_t w0 = choose(k0, k1, lo), w1 = choose(r0, r1, lo);
+      const uint32_t v0 = __shfl_xor_sync(0xffffffffu, choose(k1, k0, lo), 1);
+      const uint32_t v1 = __shfl_xor_sync(0xffffffffu, choose(r1, r0, lo), 1);
+      // Column pair s of the group came from lane s, that is d = s ^ q: d = 0 w0, 1 v0, 2 w1, 3 v1.
+      const uint32_t even = choose(w0, v0, lo), odd = choose(v0, w0, lo);   // d & 1 = 0 for s = 0 / 1
+      const uint32_t even2 = choose(w1, v1, lo), odd2 = choose(v1, w1, lo);  // the same from d & 2 = 2
+      const uint4 whole = make_uint4(choose(even, even2, hi), choose(odd, odd2, hi), choose(even2, even, hi),
+                                     choose(odd2, odd, hi));
+      RowTarget const& target = p.row[half];
+      if (target.inside && 8 * (g0 + q) < target.cols_left + 2 * q)  // the group's first column inside I
+        *reinterpret_cast<uint4*>(target.row - 2 * q + 8 * (g0 + q)) = whole;
     }
   }
 
