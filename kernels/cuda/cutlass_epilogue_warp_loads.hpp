@@ -498,6 +498,8 @@ public:
     int warp_idx = canonical_warp_idx_sync();
     int warp_idx_in_warp_group = warp_idx % NumWarpsPerWarpGroup;
     int warp_group_thread_idx = thread_idx % NumThreadsPerWarpGroup;
+    // The tiled MMA's thread index, so its warp group is mma_thread_idx / 128: Consumer0 (threads
+    // 128-255) computes the tile's rows 64-127 and Consumer1 rows 0-63 (bench/NOTES.md, twenty-third session).
     int mma_thread_idx = thread_idx % size(TiledMma{});
     auto warp_group_idx = canonical_warp_group_idx();
     auto warp_group_role = WarpGroupRole(warp_group_idx);
