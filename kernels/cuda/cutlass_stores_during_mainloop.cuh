@@ -4,16 +4,19 @@
 // (EpilogueWarpLoadsCooperative with kStoresDuringMainloop, SwigluEpilogueArray's pending pairs).
 //
 // Why: in the cooperative schedule both consumer warp groups run a tile's epilogue between two
-// mainloops, with the tensor cores idle. GEMM 1's SwiGLU epilogue writes act from the registers
-// (4-byte stores, half-filled sectors), and issuing those stores is most of its cost (bench/NOTES.md,
-// "SwiGLU in GEMM 1's epilogue": 71-84 µs over a TMA store of twice the bytes at qwen T=8192). An
+// mainloops, with the tensor cores idle. GEMM 1's SwiGLU epilogue writes act from the registers, and
+// issuing those stores was most of its cost (bench/NOTES.md, "SwiGLU in GEMM 1's epilogue": with
+// 4-byte stores, 71-84 µs over a TMA store of twice the bytes at qwen T=8192; write_slice now trades
+// pairs within each quad so that each lane writes 16 bytes). An
 // asynchronous wgmma batch leaves the warps free to issue other instructions, so stores issued right
 // after a commit overlap the next tile's tensor work instead of delaying it.
 //
 // Everything but the callback is CUTLASS's collective (sm90_mma_array_tma_gmma_ss_warpspecialized):
 // `mma` below is its mma with `after_commit(k_tile)` after the commits of k-tiles 0 .. callbacks - 1,
 // so a kernel can spread the stores over the first k-tiles (each slice a fixed part of the registers:
-// no dynamic indexing, so nothing goes to local memory).
+// no dynamic indexing, so nothing goes to local memory). Keep the wgmma code free of branches: a
+// condition around it, or a second path beside it that joins with a batch in flight, makes ptxas wait
+// for every batch (C7515, C7519; bench/NOTES.md, twenty-third session).
 #include "cute/tensor.hpp"
 #include "cutlass/cutlass.h"
 
